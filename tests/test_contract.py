@@ -1,0 +1,423 @@
+"""The optimizer contract, run over every wrapper in ``WRAPPERS``."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tram
+from tests.wrappers_table import WRAPPERS, WrapperCase
+
+BaseFactory = Callable[..., torch.optim.Optimizer]
+
+BASES: dict[str, BaseFactory] = {
+    "SGD": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "AdamW": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),
+}
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+
+
+def batch(step: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 5, generator=generator).to(dtype)
+    y = torch.randint(0, 3, (16,), generator=generator)
+    return x, y
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).float(), y)
+
+
+def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, step: int, counter=None):
+    x, y = batch(step, next(model.parameters()).dtype)
+
+    def closure() -> torch.Tensor:
+        if counter is not None:
+            counter.append(step)
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def reference_run(case: WrapperCase, base_factory: BaseFactory, steps: int) -> nn.Module:
+    """SAM by hand: the paper's algorithm, not the library's code."""
+    model = make_model()
+    base = base_factory(model.parameters())
+    for step in range(steps):
+        x, y = batch(step)
+        base.zero_grad()
+        loss_of(model, x, y).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        epsilon = case.reference(
+            [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+        )
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, epsilon):
+                p.add_(e)
+        base.zero_grad()
+        loss_of(model, x, y).backward()
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        base.step()
+    return model
+
+
+def library_run(
+    case: WrapperCase, base_factory: BaseFactory, steps: int, *, explicit: bool = False, **kwargs
+) -> tuple[nn.Module, tram.TwoPassOptimizer]:
+    model = make_model()
+    optimizer = case.make(base_factory(model.parameters()), **kwargs)
+    for step in range(steps):
+        closure = closure_for(optimizer, model, step)
+        if explicit:
+            closure()
+            if optimizer.first_step():
+                closure()
+            optimizer.second_step()
+        else:
+            optimizer.step(closure)
+        assert not optimizer.is_perturbed
+    return model, optimizer
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p, q), (p - q).abs().max()
+        else:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+pytestmark = pytest.mark.parametrize("case", WRAPPERS, ids=str)
+
+
+@pytest.mark.parametrize("base_name", list(BASES))
+@pytest.mark.parametrize("explicit", [False, True], ids=["closure", "explicit"])
+def test_equals_reference_loop(case: WrapperCase, base_name: str, explicit: bool) -> None:
+    reference = reference_run(case, BASES[base_name], steps=6)
+    model, _ = library_run(case, BASES[base_name], steps=6, explicit=explicit)
+    assert_same_params(model, reference)
+    # The perturbation must matter, or this test could not fail.
+    plain = make_model()
+    base = BASES[base_name](plain.parameters())
+    for step in range(6):
+        base.step(closure_for(base, plain, step))
+    assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), plain.parameters()))
+
+
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_zero_radius_is_the_bare_base_optimizer(case: WrapperCase, base_name: str) -> None:
+    model, optimizer = library_run(case, BASES[base_name], steps=5, **case.zero_radius)
+    plain = make_model()
+    base = BASES[base_name](plain.parameters())
+    for step in range(5):
+        base.step(closure_for(base, plain, step))
+    assert_same_params(model, plain, exact=True)
+    assert optimizer.steps == 5
+
+
+def test_step_returns_the_first_pass_loss_and_calls_the_closure_twice(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    calls: list[int] = []
+    x, y = batch(0)
+    expected = loss_of(model, x, y).item()
+    loss = optimizer.step(closure_for(optimizer, model, 0, calls))
+    assert loss.item() == expected
+    assert calls == [0, 0]
+
+
+@pytest.mark.parametrize("base_name", list(BASES))
+def test_resume_is_bit_exact(case: WrapperCase, base_name: str) -> None:
+    straight, straight_optimizer = library_run(case, BASES[base_name], steps=6)
+
+    model, optimizer = library_run(case, BASES[base_name], steps=3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer = case.make(BASES[base_name](resumed.parameters()))
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    assert resumed_optimizer.steps == 3
+    for step in range(3, 6):
+        resumed_optimizer.step(closure_for(resumed_optimizer, resumed, step))
+
+    assert_same_params(resumed, straight, exact=True)
+    for p, q in zip(resumed.parameters(), straight.parameters()):
+        for key, value in straight_optimizer.state[q].items():
+            resumed_value = torch.as_tensor(resumed_optimizer.state[p][key])
+            assert torch.equal(resumed_value, torch.as_tensor(value))
+
+
+def test_state_dict_holds_base_state_and_no_weight_backup(case: WrapperCase) -> None:
+    model, optimizer = library_run(case, BASES["AdamW"], steps=2)
+    state_dict = optimizer.state_dict()
+    per_param = state_dict["state"][0]
+    assert set(per_param) == {"step", "exp_avg", "exp_avg_sq"}
+    assert state_dict["tram"] == {"steps": 2, "skipped_ascents": 0}
+    for key, value in case.kwargs.items():
+        assert state_dict["param_groups"][0][key] == value
+    # A checkpoint taken while perturbed still holds no backup.
+    closure_for(optimizer, model, 0)()
+    optimizer.first_step()
+    assert set(optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    optimizer.restore()
+
+
+def test_shares_groups_and_state_with_the_base_and_relinks(case: WrapperCase) -> None:
+    model = make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = case.make(base)
+    assert optimizer.param_groups is base.param_groups
+    assert optimizer.state is base.state
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert optimizer.param_groups is base.param_groups
+    # accelerate's prepare() reloads the base directly; the next step must re-link.
+    base.load_state_dict(base.state_dict())
+    assert optimizer.param_groups is not base.param_groups
+    optimizer.step(closure_for(optimizer, model, 0))
+    assert optimizer.param_groups is base.param_groups
+    for key in case.kwargs:
+        assert key in base.param_groups[0]
+
+
+def test_scheduler_on_the_wrapper_drives_the_base_without_warnings(case: WrapperCase) -> None:
+    for explicit in (False, True):
+        model = make_model()
+        base = torch.optim.SGD(model.parameters(), lr=1.0)
+        optimizer = case.make(base)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            for step in range(3):
+                closure = closure_for(optimizer, model, step)
+                if explicit:
+                    closure()
+                    if optimizer.first_step():
+                        closure()
+                    optimizer.second_step()
+                else:
+                    optimizer.step(closure)
+                scheduler.step()
+        assert base.param_groups[0]["lr"] == 0.125
+
+
+def test_weights_restored_when_the_second_pass_raises(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(0)
+    calls = []
+
+    def closure() -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory at theta + epsilon")
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        optimizer.step(closure)
+    assert not optimizer.is_perturbed
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_first_step_perturbs_by_the_reference_epsilon_and_restore_is_exact(
+    case: WrapperCase,
+) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    closure_for(optimizer, model, 0)()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    epsilon = case.reference(before, [p.grad.clone() for p in params])
+    assert optimizer.first_step()
+    assert optimizer.is_perturbed
+    for p, b, e in zip(params, before, epsilon):
+        torch.testing.assert_close(p - b, e, rtol=1e-4, atol=1e-7)
+    for p in params:
+        assert torch.count_nonzero(p.grad) == 0
+    optimizer.restore()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def test_foreach_equals_the_loop(case: WrapperCase) -> None:
+    loop, _ = library_run(case, BASES["AdamW"], steps=4, foreach=False)
+    fused, _ = library_run(case, BASES["AdamW"], steps=4, foreach=True)
+    assert_same_params(loop, fused)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_restore_is_exact_in_bfloat16(case: WrapperCase, foreach: bool) -> None:
+    model = make_model(dtype=torch.bfloat16)
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), foreach=foreach)
+    closure_for(optimizer, model, 0)()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert optimizer.first_step()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    optimizer.restore()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize(
+    "base_factory",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+        pytest.param("Lamb", id="torch_optimizer.Lamb"),
+        pytest.param("RAdam", id="torch_optimizer.RAdam"),
+    ],
+)
+def test_wraps_common_optimizers(case: WrapperCase, base_factory) -> None:
+    if isinstance(base_factory, str):
+        torch_optimizer = pytest.importorskip("torch_optimizer")
+        name = base_factory
+        base_factory = lambda p: getattr(torch_optimizer, name)(p, lr=1e-2)  # noqa: E731
+    reference = reference_run(case, base_factory, steps=3)
+    model, optimizer = library_run(case, base_factory, steps=3)
+    assert_same_params(model, reference)
+    assert optimizer.param_groups is optimizer.base_optimizer.param_groups
+
+
+def test_frozen_and_unused_parameters_are_left_alone(case: WrapperCase) -> None:
+    torch.manual_seed(0)
+    used = nn.Linear(5, 3)
+    unused = nn.Linear(5, 3)
+    frozen = nn.Linear(3, 3)
+    frozen.requires_grad_(False)
+    params = [*used.parameters(), *unused.parameters(), *frozen.parameters()]
+    optimizer = case.make(torch.optim.SGD(params, lr=0.1))
+    snapshots = {id(p): p.detach().clone() for p in params}
+    x, y = batch(0)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(frozen(used(x)), y)
+        loss.backward()
+        return loss
+
+    closure()
+    assert optimizer.first_step()
+    for p in [*unused.parameters(), *frozen.parameters()]:
+        assert torch.equal(p, snapshots[id(p)])
+        assert p.grad is None
+    optimizer.restore()
+    optimizer.step(closure)
+    for p in [*unused.parameters(), *frozen.parameters()]:
+        assert torch.equal(p, snapshots[id(p)])
+
+
+def test_per_group_radius(case: WrapperCase) -> None:
+    model = make_model()
+    first, second = model[0], model[2]
+    base = torch.optim.SGD(
+        [{"params": first.parameters()}, {"params": second.parameters(), "rho": 0.0}], lr=0.1
+    )
+    optimizer = case.make(base)
+    assert base.param_groups[0]["rho"] == case.kwargs["rho"]
+    closure_for(optimizer, model, 0)()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.first_step()
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+    assert moved == [True, True, False, False]
+    optimizer.restore()
+
+
+def test_add_param_group_goes_through_the_base(case: WrapperCase) -> None:
+    model = make_model()
+    base = torch.optim.AdamW(model[0].parameters(), lr=1e-3, betas=(0.8, 0.9))
+    optimizer = case.make(base)
+    optimizer.add_param_group({"params": model[2].parameters()})
+    assert len(base.param_groups) == 2
+    assert base.param_groups[1]["betas"] == (0.8, 0.9)
+    assert base.param_groups[1]["rho"] == case.kwargs["rho"]
+    optimizer.step(closure_for(optimizer, model, 0))
+    assert len(base.state) == 4
+
+
+def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), ascent_every=3)
+    calls: list[int] = []
+    for step in range(6):
+        optimizer.step(closure_for(optimizer, model, step, calls))
+    assert calls == [0, 0, 1, 2, 3, 3, 4, 5]
+    # Off-steps are plain base steps: check step 1 against SGD on the same weights.
+    model_a = make_model()
+    optimizer_a = case.make(torch.optim.SGD(model_a.parameters(), lr=0.1), ascent_every=3)
+    optimizer_a.step(closure_for(optimizer_a, model_a, 0))
+    model_b = copy.deepcopy(model_a)
+    sgd = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    optimizer_a.step(closure_for(optimizer_a, model_a, 1))
+    sgd.step(closure_for(sgd, model_b, 1))
+    assert_same_params(model_a, model_b, exact=True)
+
+
+def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    closure_for(optimizer, model, 0)()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="gradient norm is not finite"):
+        assert optimizer.first_step() is False
+    assert optimizer.skipped_ascents == 1
+    assert not optimizer.is_perturbed
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p, b)
+        assert torch.equal(p.grad, g)
+    assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
+
+
+def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    fired: list[str] = []
+    optimizer.register_step_pre_hook(lambda *_: fired.append("pre"))
+    optimizer.register_step_post_hook(lambda *_: fired.append("post"))
+    optimizer.step(closure_for(optimizer, model, 0))
+    assert fired == ["pre", "post"]
+
+
+def test_eval_restores_the_weights(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    closure_for(optimizer, model, 0)()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.first_step()
+    optimizer.eval()
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_deepcopy_keeps_working(case: WrapperCase) -> None:
+    _, optimizer = library_run(case, BASES["AdamW"], steps=1)
+    clone = copy.deepcopy(optimizer)
+    assert clone.param_groups is clone.base_optimizer.param_groups
+    assert clone.steps == 1

@@ -1,0 +1,176 @@
+r"""The ascent step of the SAM family, as pure in-place tensor functions.
+
+Every method in this library perturbs the weights by
+
+.. math::
+
+    \epsilon = \rho \, \frac{T^2 \nabla L}{\lVert T \nabla L \rVert_2 + 10^{-12}}
+
+and differs only in the diagonal operator :math:`T` (and in where :math:`\rho` comes from):
+
+- ``"identity"``: :math:`T = I`, SAM (Foret et al. 2021, Eq. 2).
+- ``"adaptive"``: :math:`T = |\theta| + \eta`, ASAM (Kwon et al. 2021, Eq. 11) and TRAM's default
+  (Sherborne et al. 2024, Eq. 7, where :math:`\eta = 0`).
+- ``"fisher"``: :math:`T = (1 + \eta g^2)^{-1/2}`, so :math:`T^2 g = g / (1 + \eta g^2)`, Fisher SAM
+  (Kim et al. 2022) with the diagonal Fisher :math:`g^2` regularised as :math:`1 + \eta g^2`.
+
+The functions work in place on lists of tensors, in two phases, so that the step allocates no
+parameter-sized temporaries: :func:`scaled_squared_norm` uses the backup buffers as scratch
+and leaves parameters and gradients untouched (so a non-finite norm can still be skipped with
+the gradient intact), then :func:`apply_ascent_` overwrites the gradients with
+:math:`T^2 g`, copies the parameters into the backups and moves the parameters. Each has a
+loop implementation (the readable reference) and a ``torch._foreach_*`` one; the tests check
+they agree.
+
+``inverse_scale`` is ``1 / s`` for gradients multiplied by a loss scale ``s`` (fp16 with a
+``GradScaler``). The identity and adaptive directions are invariant to ``s``; the Fisher
+operator is not, so it is evaluated on the unscaled gradient ``g / s``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["Scaling", "apply_ascent_", "restore_", "scaled_squared_norm"]
+
+Scaling = Literal["identity", "adaptive", "fisher"]
+
+NORM_EPSILON = 1e-12
+"""Added to the norm before dividing, as in the SAM reference code; keeps a zero gradient finite."""
+
+
+def scaled_squared_norm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    scratch: list[Tensor],
+    *,
+    scaling: Scaling,
+    eta: float,
+    inverse_scale: float = 1.0,
+    foreach: bool = False,
+) -> Tensor:
+    r"""Return :math:`\sum_i \lVert T_i g_i \rVert^2` in float32, using ``scratch`` as workspace.
+
+    ``params`` and ``grads`` are not modified. ``scratch`` (same shapes as ``params``) is
+    overwritten. The result is a 0-dim tensor on the device of the first parameter.
+    """
+    if not params:
+        raise ValueError("scaled_squared_norm() needs at least one tensor")
+    if scaling == "identity":
+        norms = (
+            list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            if foreach
+            else [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        )
+    else:
+        _write_operator_(
+            params,
+            grads,
+            scratch,
+            scaling=scaling,
+            eta=eta,
+            inverse_scale=inverse_scale,
+            foreach=foreach,
+        )
+        if foreach:
+            torch._foreach_mul_(scratch, grads)
+            norms = list(torch._foreach_norm(scratch, 2, dtype=torch.float32))
+        else:
+            norms = []
+            for work, g in zip(scratch, grads, strict=True):
+                work.mul_(g)
+                norms.append(torch.linalg.vector_norm(work, dtype=torch.float32))
+    device = norms[0].device
+    stacked = torch.stack([n.to(device) for n in norms])
+    return (stacked * stacked).sum()
+
+
+def apply_ascent_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    backups: list[Tensor],
+    *,
+    scaling: Scaling,
+    eta: float,
+    coefficient: float,
+    inverse_scale: float = 1.0,
+    foreach: bool = False,
+) -> None:
+    r"""Save ``params`` into ``backups``, then move them by ``coefficient * T^2 g``.
+
+    ``coefficient`` is :math:`\rho / (\lVert T g \rVert + 10^{-12})`. The gradients are
+    overwritten with :math:`T^2 g` and are meaningless afterwards; the caller clears them.
+    """
+    if scaling != "identity":
+        # The backups are free until the copy below: hold the operator T there.
+        _write_operator_(
+            params,
+            grads,
+            backups,
+            scaling=scaling,
+            eta=eta,
+            inverse_scale=inverse_scale,
+            foreach=foreach,
+        )
+        if foreach:
+            torch._foreach_mul_(grads, backups)
+            torch._foreach_mul_(grads, backups)
+        else:
+            for g, operator in zip(grads, backups, strict=True):
+                g.mul_(operator).mul_(operator)
+    if foreach:
+        torch._foreach_copy_(backups, params)
+        torch._foreach_add_(params, grads, alpha=coefficient)
+    else:
+        for p, g, backup in zip(params, grads, backups, strict=True):
+            backup.copy_(p)
+            p.add_(g, alpha=coefficient)
+
+
+def restore_(params: list[Tensor], backups: list[Tensor], *, foreach: bool = False) -> None:
+    """Copy ``backups`` back into ``params``: exact in every dtype, unlike subtracting epsilon."""
+    if foreach:
+        torch._foreach_copy_(params, backups)
+    else:
+        for p, backup in zip(params, backups, strict=True):
+            p.copy_(backup)
+
+
+def _write_operator_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    out: list[Tensor],
+    *,
+    scaling: Scaling,
+    eta: float,
+    inverse_scale: float,
+    foreach: bool,
+) -> None:
+    """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors."""
+    if scaling == "adaptive":
+        if foreach:
+            torch._foreach_copy_(out, params)
+            torch._foreach_abs_(out)
+            torch._foreach_add_(out, eta)
+        else:
+            for o, p in zip(out, params, strict=True):
+                o.copy_(p).abs_().add_(eta)
+    elif scaling == "fisher":
+        # T = (1 + eta * (g / s)^2) ** -1/2
+        factor = eta * inverse_scale * inverse_scale
+        if foreach:
+            torch._foreach_copy_(out, grads)
+            torch._foreach_mul_(out, grads)
+            torch._foreach_mul_(out, factor)
+            torch._foreach_add_(out, 1.0)
+            torch._foreach_rsqrt_(out)
+        else:
+            for o, g in zip(out, grads, strict=True):
+                o.copy_(g).mul_(g).mul_(factor).add_(1.0).rsqrt_()
+    else:
+        raise ValueError(
+            f"Invalid scaling: {scaling!r}. Expected 'identity', 'adaptive' or 'fisher'"
+        )

@@ -1,0 +1,467 @@
+"""The two-pass optimizer base: the optimizer contract every method in tram honours.
+
+A method subclasses :class:`TwoPassOptimizer` and chooses two things only: the diagonal operator
+``T`` of its ascent direction (:meth:`TwoPassOptimizer._scaling`) and its radius
+(:meth:`TwoPassOptimizer._radii`). Everything else lives here once: sharing state with the
+wrapped optimizer, the closure protocol, backups and exact restore, loss scaling, skipping
+non-finite ascents, ``ascent_every``, BatchNorm statistics, distributed ascent modes and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
+from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
+
+__all__ = ["TwoPassOptimizer"]
+
+WRAPPER_STATE_KEY = "tram"
+"""Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
+
+_T = TypeVar("_T")
+
+
+def check_non_negative(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise ``ValueError("Invalid <name>: <value>")``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a non-negative number)")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1, or raise ``ValueError("Invalid <name>: <value>")``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+    return value
+
+
+class _Bucket:
+    """Parameters of one group that share an operator, a device and a dtype."""
+
+    __slots__ = ("backups", "eta", "grads", "group_index", "params", "scaling")
+
+    def __init__(self, group_index: int, scaling: Scaling, eta: float) -> None:
+        self.group_index = group_index
+        self.scaling: Scaling = scaling
+        self.eta = eta
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.backups: list[Tensor] = []
+
+
+class TwoPassOptimizer(Optimizer):
+    """Base class of the two-pass (sharpness-aware) optimizer wrappers.
+
+    It wraps an optimizer *instance* and shares its ``param_groups`` and ``state``: a learning
+    rate scheduler, a ``GradScaler``, gradient clipping or a checkpoint see one object graph.
+    The wrapper's own hyperparameters (``rho`` and so on) are stored in every param group, so
+    they can be set per group and are saved with the base optimizer's state.
+
+    Three ways to drive it:
+
+    - ``loss = opt.step(closure)``: the torch contract. The closure (zero the gradients,
+      forward, backward, return the loss) is called at the weights θ, the weights ascend to
+      θ+ε, the closure is called again, the weights are restored and the base optimizer steps
+      with the gradient from θ+ε. Returns the loss of the first call.
+    - explicit: ``loss.backward(); if opt.first_step(): <forward+backward at θ+ε>;
+      opt.second_step()``. ``first_step`` returns False when it did not perturb (an
+      ``ascent_every`` off-step, or a non-finite gradient norm or radius); the gradient is then
+      untouched and the second pass must be skipped.
+    - ``opt.step()`` with no closure restores the weights if they are perturbed, then takes the
+      base step. This is how the Hugging Face ``Trainer``, accelerate, ``GradScaler.step`` and
+      distributed checkpointing call an optimizer.
+
+    ``first_step`` consumes the gradient: it is overwritten while the ascent is computed and
+    then zeroed in place (buffers are kept, so the second backward allocates nothing).
+
+    Args:
+        base_optimizer: the optimizer to wrap, any ``torch.optim.Optimizer`` instance.
+        defaults: the method's hyperparameters, stored in every param group.
+        model: optional. When given, BatchNorm running statistics are frozen while the weights
+            are perturbed (they keep the first pass's update only), and ``local_ascent`` can
+            use its ``no_sync``.
+        ascent_every: run the two-pass step on every ``ascent_every``-th step only; the other
+            steps are plain base steps with one forward and backward (Composer's ``interval``).
+        local_ascent: with ``step(closure)`` and a ``DistributedDataParallel`` ``model``, run the
+            first pass under ``model.no_sync()``: each worker ascends along its own gradient
+            (the SAM paper's m-sharpness with m the per-worker batch; one all-reduce per step
+            instead of two). The default is the synchronised ascent of the global batch.
+        foreach: use the ``torch._foreach_*`` implementation. ``None`` picks it when all
+            parameters are on CUDA, as ``torch.optim`` does.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        defaults: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        ascent_every: int = 1,
+        local_ascent: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        if isinstance(base_optimizer, type):
+            raise TypeError(
+                f"base_optimizer must be an optimizer instance, but got the class "
+                f"{base_optimizer.__name__}; construct it first, e.g. "
+                f"{type(self).__name__}({base_optimizer.__name__}(model.parameters(), lr=...))"
+            )
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                "base_optimizer must be a torch.optim.Optimizer instance, but got "
+                f"{type(base_optimizer).__name__}"
+            )
+        if isinstance(base_optimizer, TwoPassOptimizer):
+            raise TypeError(
+                "base_optimizer is already a two-pass optimizer "
+                f"({type(base_optimizer).__name__}); wrap the underlying optimizer instead"
+            )
+        if not any(group["params"] for group in base_optimizer.param_groups):
+            raise ValueError("base_optimizer has an empty parameter list")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+        self.base_optimizer = base_optimizer
+        self.model = model
+        self.ascent_every = check_positive_int("ascent_every", ascent_every)
+        self.local_ascent = bool(local_ascent)
+        self.foreach = foreach
+        self._method_defaults = dict(defaults)
+        for group in base_optimizer.param_groups:
+            self._validate_group({**defaults, **group})
+        self._initializing = True
+        # torch's Optimizer.__init__ adds the *same* group dicts: they are shared with the base.
+        super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, **defaults})
+        self._initializing = False
+        self._relink()
+        self._backups: dict[Tensor, Tensor] = {}
+        self._perturbed_buckets: list[_Bucket] = []
+        self._frozen_batchnorms: list[_BatchNorm] = []
+        self._first_step_called = False
+        self.steps = 0
+        """Base optimizer steps taken through this wrapper (saved in checkpoints)."""
+        self.skipped_ascents = 0
+        """Ascents skipped because the gradient norm or the radius was not finite."""
+        self.last_ascent_norm: float | None = None
+        """‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."""
+
+    # ------------------------------------------------------------------ sharing with the base
+    def _relink(self) -> None:
+        """Share ``param_groups`` and ``state`` with the base optimizer again.
+
+        ``Optimizer.load_state_dict`` builds new group dicts, and accelerate calls it inside
+        ``prepare()``; a wrapper that kept the old objects would silently drive stale groups.
+        """
+        base = self.base_optimizer
+        if self.param_groups is not base.param_groups:
+            self.param_groups = base.param_groups
+        if self.state is not base.state:
+            self.state = base.state
+        for group in self.param_groups:
+            for key, value in self._method_defaults.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group through the base optimizer, which fills in its own defaults."""
+        if getattr(self, "_initializing", False):
+            super().add_param_group(param_group)
+            return
+        self._validate_group({**self._method_defaults, **param_group})
+        self.base_optimizer.add_param_group(param_group)
+        self._relink()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients through the base optimizer."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ what a method chooses
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for invalid hyperparameters in ``group``."""
+
+    def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
+        """The operator ``T`` for ``param``: its kind and its ``eta``."""
+        return "identity", 0.0
+
+    def _radii(self) -> list[float] | None:
+        """The ascent radius of each param group, or None to skip this ascent."""
+        return [float(group["rho"]) for group in self.param_groups]
+
+    def _after_base_step(self) -> None:
+        """Called after every base optimizer step (TRAM updates its references here)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Method state to save besides the base optimizer's (weights-only-loadable values)."""
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`_extra_state` saved."""
+
+    # ------------------------------------------------------------------ the two passes
+    @property
+    def is_perturbed(self) -> bool:
+        """True between a successful :meth:`first_step` and :meth:`restore`."""
+        return bool(self._perturbed_buckets)
+
+    def _ascent_due(self) -> bool:
+        return self.steps % self.ascent_every == 0
+
+    @torch.no_grad()
+    def first_step(self, *, grad_scale: float | Tensor | None = None) -> bool:
+        """Move the weights from θ to θ+ε along the current gradient.
+
+        Args:
+            grad_scale: the loss scale the gradients are multiplied by (``scaler.get_scale()``
+                under fp16 with a ``GradScaler``). Do not unscale before calling this; the
+                ascent is computed from the scaled gradients.
+
+        Returns:
+            True if the weights were perturbed. False on an ``ascent_every`` off-step and when
+            the gradient norm or the radius is not finite (counted in ``skipped_ascents``, with
+            a warning); the gradients are then left untouched.
+        """
+        self._relink()
+        if self.is_perturbed:
+            raise RuntimeError(
+                "first_step() called while the weights are perturbed; call second_step() or "
+                "restore() first"
+            )
+        buckets = self._collect_buckets()
+        if not buckets:
+            raise RuntimeError(
+                "first_step() found no gradients: call loss.backward() before first_step()"
+            )
+        self._first_step_called = True
+        if not self._ascent_due():
+            return False
+        inverse_scale = self._inverse_scale(grad_scale)
+        radii = self._radii()
+        if radii is None:
+            return self._skip("the ascent radius is not finite")
+        total = None
+        for bucket in buckets:
+            scratch = [self._backup_for(p) for p in bucket.params]
+            part = scaled_squared_norm(
+                bucket.params,
+                bucket.grads,
+                scratch,
+                scaling=bucket.scaling,
+                eta=bucket.eta,
+                inverse_scale=inverse_scale,
+                foreach=self._use_foreach(bucket.params),
+            )
+            total = part if total is None else total + part.to(total.device)
+        assert total is not None
+        norm = math.sqrt(_to_float(total))
+        if not math.isfinite(norm):
+            return self._skip("the gradient norm is not finite")
+        self.last_ascent_norm = norm * inverse_scale
+        for bucket in buckets:
+            bucket.backups = [self._backup_for(p) for p in bucket.params]
+            foreach = self._use_foreach(bucket.params)
+            apply_ascent_(
+                bucket.params,
+                bucket.grads,
+                bucket.backups,
+                scaling=bucket.scaling,
+                eta=bucket.eta,
+                coefficient=radii[bucket.group_index] / (norm + NORM_EPSILON),
+                inverse_scale=inverse_scale,
+                foreach=foreach,
+            )
+            if foreach:
+                torch._foreach_zero_(bucket.grads)
+            else:
+                for grad in bucket.grads:
+                    grad.zero_()
+        self._perturbed_buckets = buckets
+        if self.model is not None:
+            self._frozen_batchnorms = freeze_running_stats(self.model)
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights θ back (exact in every dtype). A no-op when not perturbed."""
+        for bucket in self._perturbed_buckets:
+            restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
+        self._perturbed_buckets = []
+        unfreeze_running_stats(self._frozen_batchnorms)
+        self._frozen_batchnorms = []
+
+    def second_step(self) -> None:
+        """Restore the weights and take the base optimizer step with the current gradient."""
+        if not self._first_step_called:
+            raise RuntimeError("second_step() called without first_step(); call first_step() first")
+        self.step()
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], _T]) -> _T: ...
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimizer step; see the class docstring for the two forms."""
+        self._relink()
+        if closure is None:
+            self.restore()
+            self._base_step()
+            return None
+        with self._first_pass_context(), torch.enable_grad():
+            loss = closure()
+        if loss is None or not isinstance(loss, (Tensor, float, int)):
+            raise TypeError(
+                "closure must return the loss (a Tensor or a float), but it returned "
+                f"{type(loss).__name__}"
+            )
+        try:
+            if self.first_step():
+                with torch.enable_grad():
+                    closure()
+        finally:
+            self.restore()
+        self._base_step()
+        return loss
+
+    def _base_step(self) -> None:
+        self._first_step_called = False
+        self.base_optimizer.step()
+        self.steps += 1
+        self._after_base_step()
+
+    def _first_pass_context(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.local_ascent or not self._ascent_due():
+            return contextlib.nullcontext()
+        no_sync = getattr(self.model, "no_sync", None)
+        if no_sync is None:
+            raise ValueError(
+                "local_ascent=True needs model= with a no_sync() context "
+                "(DistributedDataParallel); FSDP2 supports the synchronised ascent only"
+            )
+        return no_sync()
+
+    # ------------------------------------------------------------------ plumbing
+    def _collect_buckets(self) -> list[_Bucket]:
+        buckets: dict[tuple[Any, ...], _Bucket] = {}
+        for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                scaling, eta = self._scaling(group, param)
+                key = (index, scaling, eta, param.device, param.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = _Bucket(index, scaling, eta)
+                bucket.params.append(param)
+                bucket.grads.append(grad)
+        return list(buckets.values())
+
+    def _backup_for(self, param: Tensor) -> Tensor:
+        backup = self._backups.get(param)
+        if backup is None:
+            backup = torch.empty_like(param, memory_format=torch.preserve_format)
+            self._backups[param] = backup
+        return backup
+
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        if self.foreach is not None:
+            return self.foreach
+        return all(p.device.type == "cuda" for p in params)
+
+    @staticmethod
+    def _inverse_scale(grad_scale: float | Tensor | None) -> float:
+        if grad_scale is None:
+            return 1.0
+        value = float(grad_scale)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"Invalid grad_scale: {value}")
+        return 1.0 / value
+
+    def _skip(self, reason: str) -> bool:
+        self.skipped_ascents += 1
+        warnings.warn(
+            f"{type(self).__name__}: skipped the ascent because {reason} "
+            f"({self.skipped_ascents} skipped so far)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+    # ------------------------------------------------------------------ train / eval
+    def train(self) -> None:
+        """Forwarded to the base optimizer when it has ``train`` (schedule-free optimizers)."""
+        method = getattr(self.base_optimizer, "train", None)
+        if callable(method):
+            method()
+
+    def eval(self) -> None:
+        """Restore the weights if perturbed (never evaluate at θ+ε), then forward to the base."""
+        self.restore()
+        method = getattr(self.base_optimizer, "eval", None)
+        if callable(method):
+            method()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict, plus the wrapper's own state under ``"tram"``.
+
+        The weight backups are never saved. Everything is loadable with ``weights_only=True``.
+        """
+        self._relink()
+        state_dict = self.base_optimizer.state_dict()
+        state_dict[WRAPPER_STATE_KEY] = {
+            "steps": self.steps,
+            "skipped_ascents": self.skipped_ascents,
+            **self._extra_state(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        self.restore()
+        state_dict = dict(state_dict)
+        wrapper_state = state_dict.pop(WRAPPER_STATE_KEY, None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self._relink()
+        if wrapper_state is not None:
+            self.steps = int(wrapper_state.get("steps", 0))
+            self.skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
+            self._load_extra_state(wrapper_state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # Backups are scratch space tied to live parameters; never pickle them.
+        state["_backups"] = {}
+        state["_perturbed_buckets"] = []
+        state["_frozen_batchnorms"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._relink()
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{key}={value}" for key, value in self._method_defaults.items())
+        return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _to_float(value: Tensor) -> float:
+    """A Python float from a 0-dim tensor, gathering a DTensor (FSDP2) first."""
+    full_tensor = getattr(value, "full_tensor", None)
+    if callable(full_tensor):
+        value = full_tensor()
+    return float(value.item())
