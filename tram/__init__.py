@@ -6,20 +6,35 @@ in subpackages that import their dependencies lazily.
 
 from tram._fisher import FisherSAM
 from tram._sam import ASAM, SAM
+from tram._tram import TRAM, TRUST_REGIONS
 from tram._wrapper import TwoPassOptimizer
 from tram.accumulation import accumulating_closure
 from tram.amp import scaled_step
 from tram.batchnorm import frozen_running_stats
+from tram.divergence import get_divergence
+from tram.noise import find_input_embeddings, representation_noise
+from tram.regularizers import MESA, R3F, R4F, TRPO
+from tram.targets import ReferenceWeights
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ASAM",
+    "MESA",
+    "R3F",
+    "R4F",
     "SAM",
+    "TRAM",
+    "TRPO",
+    "TRUST_REGIONS",
     "FisherSAM",
+    "ReferenceWeights",
     "TwoPassOptimizer",
     "__version__",
     "accumulating_closure",
+    "find_input_embeddings",
     "frozen_running_stats",
+    "get_divergence",
+    "representation_noise",
     "scaled_step",
 ]

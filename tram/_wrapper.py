@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
 import torch
@@ -198,8 +198,11 @@ class TwoPassOptimizer(Optimizer):
         """The ascent radius of each param group, or None to skip this ascent."""
         return [float(group["rho"]) for group in self.param_groups]
 
+    def _before_base_step(self) -> None:
+        """Called before every base step, with the weights at θ (TRAM snapshots θt−1 here)."""
+
     def _after_base_step(self) -> None:
-        """Called after every base optimizer step (TRAM updates its references here)."""
+        """Called after every base optimizer step (TRAM updates its EMA here)."""
 
     def _extra_state(self) -> dict[str, Any]:
         """Method state to save besides the base optimizer's (weights-only-loadable values)."""
@@ -318,7 +321,7 @@ class TwoPassOptimizer(Optimizer):
             self.restore()
             self._base_step()
             return None
-        with self._first_pass_context(), torch.enable_grad():
+        with self.first_pass(), torch.enable_grad():
             loss = closure()
         if loss is None or not isinstance(loss, (Tensor, float, int)):
             raise TypeError(
@@ -336,20 +339,42 @@ class TwoPassOptimizer(Optimizer):
 
     def _base_step(self) -> None:
         self._first_step_called = False
+        self._before_base_step()
         self.base_optimizer.step()
         self.steps += 1
         self._after_base_step()
 
-    def _first_pass_context(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.local_ascent or not self._ascent_due():
-            return contextlib.nullcontext()
-        no_sync = getattr(self.model, "no_sync", None)
-        if no_sync is None:
-            raise ValueError(
-                "local_ascent=True needs model= with a no_sync() context "
-                "(DistributedDataParallel); FSDP2 supports the synchronised ascent only"
-            )
-        return no_sync()
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Context for the first forward and backward of a step (at θ).
+
+        ``step(closure)`` enters it itself. In the explicit form, wrap the first pass in it::
+
+            with optimizer.first_pass():
+                loss_fn(model(x), y).backward()
+            if optimizer.first_step():
+                loss_fn(model(x), y).backward()
+            optimizer.second_step()
+
+        It runs the pass under ``model.no_sync()`` when ``local_ascent=True``, and lets a method
+        observe the pass (TRAM records the forward to measure its trust region). For SAM, ASAM
+        and Fisher SAM without ``local_ascent`` it does nothing.
+        """
+        with contextlib.ExitStack() as stack:
+            if self.local_ascent and self._ascent_due():
+                no_sync = getattr(self.model, "no_sync", None)
+                if no_sync is None:
+                    raise ValueError(
+                        "local_ascent=True needs model= with a no_sync() context "
+                        "(DistributedDataParallel); FSDP2 supports the synchronised ascent only"
+                    )
+                stack.enter_context(no_sync())
+            stack.enter_context(self._observe_first_pass())
+            yield
+
+    def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
+        """What a method does around the first pass (TRAM: record the forward)."""
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ plumbing
     def _collect_buckets(self) -> list[_Bucket]:

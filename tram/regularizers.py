@@ -1,0 +1,305 @@
+r"""Loss-side trust regions: penalties added to the task loss, for any optimizer.
+
+Each regularizer is a callable ``penalty = regularizer(model, inputs, logits)`` that returns the
+*weighted* scalar to add to the loss, where ``inputs`` is the batch as the model was called on it
+(a mapping of keyword arguments, a tuple of positional arguments, or a single tensor) and
+``logits`` the logits of that forward pass. ``last_value`` holds the unweighted divergence of the
+last call, for logging. ``after_step(model)`` must be called after every optimizer step (TRPO
+and MESA update their references there); ``state_dict()``/``load_state_dict()`` checkpoint them.
+They combine with any optimizer, the SAM family included (paper §C.3: "ASAM+R3F" and so on).
+
+Defaults follow the TRAM paper's baselines (App. B.2: σ = 0.1, λ = 0.1, EMA decay 0.999); the
+original papers' defaults are given beside them. The paper does not state R3F's noise
+distribution or symmetry, nor MESA's temperature: here R3F uses the symmetric KL and Gaussian
+noise, MESA τ = 1; both are options.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tram._wrapper import check_non_negative
+from tram.divergence import get_divergence
+from tram.noise import NoiseDistribution, representation_noise, resolve_module
+from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model
+
+__all__ = ["MESA", "R3F", "R4F", "TRPO", "Regularizer", "spectral_normalize"]
+
+
+class Regularizer:
+    """Base class: weight, naming, logging and the (empty) step/checkpoint hooks."""
+
+    name = "regularizer"
+
+    def __init__(self, *, weight: float, divergence: str) -> None:
+        self.weight = check_non_negative("weight", weight)
+        self.divergence_name = divergence
+        self.divergence = get_divergence(divergence)
+        self.last_value: float | None = None
+
+    def __call__(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        value = self.penalty(model, inputs, logits)
+        self.last_value = float(value.detach())
+        return self.weight * value
+
+    def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        """The unweighted divergence."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (weights-only loadable)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight}, divergence={self.divergence_name!r})"
+
+
+def _mask_for(inputs: Any, logits: Tensor) -> Tensor | None:
+    return logits_mask(inputs, logits) if isinstance(inputs, Mapping) else None
+
+
+class R3F(Regularizer):
+    r"""R3F: a divergence between the outputs on clean and on noised input embeddings.
+
+    .. math::
+
+        \mathcal{L} = L(\theta) + \lambda\, \mathrm{KL}_S\big(f(x) \,\Vert\, f(x + z)\big),
+        \quad z \sim \mathcal{N}(0, \sigma^2 I)\ \text{or}\ \mathcal{U}(-\sigma, \sigma)
+
+    The noised forward runs the model again, with gradients, through the representation noise
+    hook on the token embeddings; gradients flow through both logits, as in the original.
+    Defaults are the TRAM paper's baseline (σ = 0.1, λ = 0.1); the original's fairseq code uses
+    σ = 1e-5, λ = 1.0 and uniform noise for classification.
+
+    References:
+        Aghajanyan et al. Better Fine-Tuning by Reducing Representational Collapse. ICLR 2021.
+    """
+
+    name = "r3f"
+
+    def __init__(
+        self,
+        *,
+        sigma: float = 0.1,
+        weight: float = 0.1,
+        noise: NoiseDistribution = "gaussian",
+        embeddings: nn.Module | str | None = None,
+        divergence: str = "symmetric_kl",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(weight=weight, divergence=divergence)
+        self.sigma = check_non_negative("sigma", sigma)
+        self.noise: NoiseDistribution = noise
+        self.embeddings = embeddings
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        generator = self._generator_for(logits.device)
+        with representation_noise(
+            model,
+            sigma=self.sigma,
+            distribution=self.noise,
+            module=self.embeddings,
+            generator=generator,
+        ):
+            noised = extract_logits(call_model(model, inputs))
+        return self.divergence(logits, noised, mask=_mask_for(inputs, logits))
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._generator is None else {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "generator" in state and self.seed is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
+
+
+def spectral_normalize(module: nn.Module) -> nn.Module:
+    """Apply spectral normalisation (W / σ_max(W)) to every ``nn.Linear`` weight in ``module``."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(module).__name__} has no nn.Linear to spectrally normalise")
+    for linear in linears:
+        if not nn.utils.parametrize.is_parametrized(linear, "weight"):
+            nn.utils.parametrizations.spectral_norm(linear)
+    return module
+
+
+class R4F(R3F):
+    """R4F: R3F with a spectrally normalised classification head (Lip{g} ≤ 1).
+
+    Construction applies ``torch.nn.utils.parametrizations.spectral_norm`` to every linear layer
+    of ``head`` (in place, before the optimizer is built). ``head`` is a module or a submodule
+    name; by default the model's ``classifier`` or ``score`` attribute. Not applicable to
+    generation, whose output layer is tied to the embeddings (as the R3F paper notes).
+    """
+
+    name = "r4f"
+
+    def __init__(self, model: nn.Module, *, head: nn.Module | str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        inner = unwrap_model(model)
+        if head is None:
+            head = next(
+                (getattr(inner, n) for n in ("classifier", "score") if hasattr(inner, n)), None
+            )
+            if head is None:
+                raise ValueError(
+                    f"cannot find the classification head of {type(inner).__name__} "
+                    "(no .classifier or .score); pass head="
+                )
+        self.head = resolve_module(inner, head)
+        spectral_normalize(self.head)
+
+
+class _ReferenceRegularizer(Regularizer):
+    """A divergence from a reference model's outputs, run in eval mode without gradients.
+
+    The reference forward runs in eval mode (no dropout): a deterministic target, as MESA's EMA
+    teacher does. The current forward is the caller's, in whatever mode it ran.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weight: float,
+        divergence: str,
+        temperature: float = 1.0,
+        reference_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(weight=weight, divergence=divergence)
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"Invalid temperature: {temperature}")
+        self.temperature = temperature
+        self.reference = ReferenceWeights(model, dtype=reference_dtype)
+
+    def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        module = self.reference.model
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                target = extract_logits(self.reference.forward(inputs))
+        finally:
+            module.train(was_training)
+        tau = self.temperature
+        value = self.divergence(target / tau, logits / tau, mask=_mask_for(inputs, logits))
+        return value * tau * tau
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reference.load_state_dict(state["reference"])
+
+
+class TRPO(_ReferenceRegularizer):
+    r"""TRPO-style trust region: KL to the previous step's model (paper Eq. 3-4, penalised).
+
+    .. math::
+
+        \mathcal{L} = L(\theta_t) + \lambda\, \mathbb{E}_x\,
+        \mathrm{KL}\big(p(\cdot\mid x, \theta_{t-1}) \,\Vert\, p(\cdot\mid x, \theta_t)\big)
+
+    θt−1 is the weights before the last optimizer step. Two copies of the trainable weights are
+    kept: the target θt−1 and θt captured at the first call of a step (with gradient accumulation
+    every micro-batch of the step compares against the same θt−1). At the first step θt−1 = θ0.
+
+    References:
+        Schulman et al. Trust Region Policy Optimization. ICML 2015; TRAM paper App. B.2 (λ = 0.1).
+    """
+
+    name = "trpo"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weight: float = 0.1,
+        divergence: str = "forward_kl",
+        reference_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            model, weight=weight, divergence=divergence, reference_dtype=reference_dtype
+        )
+        self._current = ReferenceWeights(model, dtype=reference_dtype)
+        self._captured = False
+
+    def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        if not self._captured:
+            self._current.copy_from_model()
+            self._captured = True
+        return super().penalty(model, inputs, logits)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self._captured:
+            self.reference.tensors, self._current.tensors = (
+                self._current.tensors,
+                self.reference.tensors,
+            )
+            self._captured = False
+
+
+class MESA(_ReferenceRegularizer):
+    r"""MESA: KL to an exponential moving average of the weights, with a temperature.
+
+    .. math::
+
+        \mathcal{L} = L(\theta) + \lambda\, \tau^2\,
+        \mathrm{KL}\big(p_{\bar\theta}^{\tau} \,\Vert\, p_{\theta}^{\tau}\big), \qquad
+        \bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta \text{ after every step}
+
+    Defaults: the TRAM paper's λ = 0.1 and decay 0.999, τ = 1 (not stated there); the original
+    code uses τ = 5, λ = 0.3-0.8 and decay 0.9998, starting after 5 epochs.
+
+    References:
+        Du et al. Sharpness-Aware Training for Free. NeurIPS 2022.
+    """
+
+    name = "mesa"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weight: float = 0.1,
+        decay: float = 0.999,
+        temperature: float = 1.0,
+        divergence: str = "forward_kl",
+        reference_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            weight=weight,
+            divergence=divergence,
+            temperature=temperature,
+            reference_dtype=reference_dtype,
+        )
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"Invalid decay: {decay}")
+        self.decay = decay
+
+    def after_step(self, model: nn.Module) -> None:
+        self.reference.update_ema(self.decay)
