@@ -250,7 +250,7 @@ class TwoPassOptimizer(Optimizer):
             return False
         inverse_scale = self._inverse_scale(grad_scale)
         radii = self._radii()
-        if radii is None:
+        if radii is None or not all(math.isfinite(radius) for radius in radii):
             return self._skip("the ascent radius is not finite")
         total = None
         for bucket in buckets:
