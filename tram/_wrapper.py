@@ -235,6 +235,7 @@ class TwoPassOptimizer(Optimizer):
             a warning); the gradients are then left untouched.
         """
         self._relink()
+        inverse_scale = self._inverse_scale(grad_scale)
         if self.is_perturbed:
             raise RuntimeError(
                 "first_step() called while the weights are perturbed; call second_step() or "
@@ -248,7 +249,6 @@ class TwoPassOptimizer(Optimizer):
         self._first_step_called = True
         if not self._ascent_due():
             return False
-        inverse_scale = self._inverse_scale(grad_scale)
         radii = self._radii()
         if radii is None or not all(math.isfinite(radius) for radius in radii):
             return self._skip("the ascent radius is not finite")
@@ -411,6 +411,10 @@ class TwoPassOptimizer(Optimizer):
     def _inverse_scale(grad_scale: float | Tensor | None) -> float:
         if grad_scale is None:
             return 1.0
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, Tensor)):
+            raise ValueError(
+                f"Invalid grad_scale: {grad_scale!r} (expected a positive number or tensor)"
+            )
         value = float(grad_scale)
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"Invalid grad_scale: {value}")
