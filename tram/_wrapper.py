@@ -364,9 +364,11 @@ class TwoPassOptimizer(Optimizer):
             if self.local_ascent and self._ascent_due():
                 no_sync = getattr(self.model, "no_sync", None)
                 if no_sync is None:
+                    got = "None" if self.model is None else type(self.model).__name__
                     raise ValueError(
                         "local_ascent=True needs model= with a no_sync() context "
-                        "(DistributedDataParallel); FSDP2 supports the synchronised ascent only"
+                        f"(DistributedDataParallel), but got model={got}; FSDP2 supports the "
+                        "synchronised ascent only"
                     )
                 stack.enter_context(no_sync())
             stack.enter_context(self._observe_first_pass())
