@@ -29,6 +29,7 @@ operator is not, so it is evaluated on the unscaled gradient ``g / s``.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -52,18 +53,21 @@ def scaled_squared_norm(
     inverse_scale: float = 1.0,
     foreach: bool = False,
 ) -> Tensor:
-    r"""Return :math:`\sum_i \lVert T_i g_i \rVert^2` in float32, using ``scratch`` as workspace.
+    r"""Return :math:`\sum_i \lVert T_i g_i \rVert^2`, using ``scratch`` as workspace.
 
     ``params`` and ``grads`` are not modified. ``scratch`` (same shapes as ``params``) is
-    overwritten. The result is a 0-dim tensor on the device of the first parameter.
+    overwritten. The result is a 0-dim tensor on the device of the first parameter, in float32
+    (float64 for float64 gradients).
     """
     if not params:
         raise ValueError("scaled_squared_norm() needs at least one tensor")
+    # At least float32; float64 stays float64 (a norm may not narrow its input's dtype).
+    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
     if scaling == "identity":
         norms = (
-            list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            list(torch._foreach_norm(grads, 2, dtype=dtype))
             if foreach
-            else [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+            else [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
         )
     else:
         _write_operator_(
@@ -77,12 +81,12 @@ def scaled_squared_norm(
         )
         if foreach:
             torch._foreach_mul_(scratch, grads)
-            norms = list(torch._foreach_norm(scratch, 2, dtype=torch.float32))
+            norms = list(torch._foreach_norm(scratch, 2, dtype=dtype))
         else:
             norms = []
             for work, g in zip(scratch, grads, strict=True):
                 work.mul_(g)
-                norms.append(torch.linalg.vector_norm(work, dtype=torch.float32))
+                norms.append(torch.linalg.vector_norm(work, dtype=dtype))
     device = norms[0].device
     stacked = torch.stack([n.to(device) for n in norms])
     return (stacked * stacked).sum()
