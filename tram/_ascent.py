@@ -126,7 +126,7 @@ def apply_ascent_(
             for g, operator in zip(grads, backups, strict=True):
                 g.mul_(operator).mul_(operator)
     if foreach:
-        torch._foreach_copy_(backups, params)
+        _foreach_copy_(backups, params)
         torch._foreach_add_(params, grads, alpha=coefficient)
     else:
         for p, g, backup in zip(params, grads, backups, strict=True):
@@ -137,7 +137,7 @@ def apply_ascent_(
 def restore_(params: list[Tensor], backups: list[Tensor], *, foreach: bool = False) -> None:
     """Copy ``backups`` back into ``params``: exact in every dtype, unlike subtracting epsilon."""
     if foreach:
-        torch._foreach_copy_(params, backups)
+        _foreach_copy_(params, backups)
     else:
         for p, backup in zip(params, backups, strict=True):
             p.copy_(backup)
@@ -156,7 +156,7 @@ def _write_operator_(
     """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors."""
     if scaling == "adaptive":
         if foreach:
-            torch._foreach_copy_(out, params)
+            _foreach_copy_(out, params)
             torch._foreach_abs_(out)
             torch._foreach_add_(out, eta)
         else:
@@ -166,7 +166,7 @@ def _write_operator_(
         # T = (1 + eta * (g / s)^2) ** -1/2
         factor = eta * inverse_scale * inverse_scale
         if foreach:
-            torch._foreach_copy_(out, grads)
+            _foreach_copy_(out, grads)
             torch._foreach_mul_(out, grads)
             torch._foreach_mul_(out, factor)
             torch._foreach_add_(out, 1.0)
@@ -178,3 +178,18 @@ def _write_operator_(
         raise ValueError(
             f"Invalid scaling: {scaling!r}. Expected 'identity', 'adaptive' or 'fisher'"
         )
+
+
+def _foreach_copy_(destinations: list[Tensor], sources: list[Tensor]) -> None:
+    """``torch._foreach_copy_``, except for tensor subclasses, which are copied one by one.
+
+    ``DTensor`` (the parameters and gradients of FSDP2) has a sharding rule for every other
+    foreach op used here but none for ``aten._foreach_copy_`` (torch 2.13: NotImplementedError),
+    and ``foreach`` is chosen automatically for CUDA parameters, so FSDP2 on GPU would fail.
+    ``Tensor.copy_`` goes through the subclass's own dispatch.
+    """
+    if all(type(t) in (Tensor, torch.nn.Parameter) for t in (*destinations, *sources)):
+        torch._foreach_copy_(destinations, sources)
+    else:
+        for destination, source in zip(destinations, sources, strict=True):
+            destination.copy_(source)
