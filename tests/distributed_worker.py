@@ -1,0 +1,272 @@
+"""One rank of the two-process gloo run behind ``tests/test_distributed.py``.
+
+Launched by the tests, once per rank, as::
+
+    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python distributed_worker.py SPEC OUT
+
+``SPEC`` is a ``torch.save`` file written by the tests: the initial weights of a small MLP, every
+rank's data shard for every step and the hyperparameters. The worker runs every scenario in one
+process group (one launch for the whole test module), records what the tests check and writes
+``OUT/rank<r>.pt``. A scenario that raises records its traceback instead of its results, so that
+one failing scenario fails its own test and not the others.
+
+Nothing here computes a reference: the tests do that, single-process, with plain tensor maths.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+import tram
+
+Spec = dict[str, Any]
+Record = dict[str, Any]
+
+
+def build_model(spec: Spec) -> nn.Sequential:
+    """The MLP of the tests, loaded with the spec's initial weights (identical on every rank)."""
+    model = nn.Sequential(
+        nn.Linear(spec["in_features"], spec["hidden"]),
+        nn.Tanh(),
+        nn.Linear(spec["hidden"], spec["classes"]),
+    )
+    model.load_state_dict(spec["weights"])
+    return model
+
+
+def full(tensor: Tensor) -> Tensor:
+    """A detached, full (gathered, for an FSDP2 ``DTensor``) copy of ``tensor``."""
+    gather = getattr(tensor, "full_tensor", None)
+    value = gather() if callable(gather) else tensor
+    return value.detach().clone()
+
+
+def run_steps(
+    spec: Spec,
+    rank: int,
+    model: nn.Module,
+    optimizer: tram.TwoPassOptimizer,
+    *,
+    micro_batches: int = 1,
+    allreduce_counter: dict[str, Any] | None = None,
+) -> Record:
+    """Run ``spec["steps"]`` steps of ``optimizer.step(closure)`` on this rank's shards."""
+    record: Record = {
+        "params": [],
+        "perturbed": [],
+        "norms": [],
+        "local_shard_norms": [],
+        "losses": [],
+        "closure_calls": [],
+        "allreduces": [],
+    }
+    params = list(model.parameters())
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(model(inputs), targets)
+
+    for step in range(spec["steps"]):
+        x, y = spec["x"][step, rank], spec["y"][step, rank]
+        if micro_batches > 1:
+            batches = list(zip(x.chunk(micro_batches), y.chunk(micro_batches)))
+            inner = tram.accumulating_closure(optimizer, batches, loss_fn, model=model)
+        else:
+
+            def inner(x: Tensor = x, y: Tensor = y) -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_fn((x, y))
+                loss.backward()
+                return loss
+
+        calls: list[int] = []
+
+        def closure(inner: Callable[[], Tensor] = inner, calls: list[int] = calls) -> Tensor:
+            calls.append(len(calls))
+            if len(calls) == 2:
+                # Called by the wrapper at θ+ε: these are the perturbed weights.
+                record["perturbed"].append([full(p) for p in params])
+            loss = inner()
+            if len(calls) == 1:
+                # The gradient norm of this rank's own shard (FSDP2) or replica (DDP).
+                local = [g.to_local() if hasattr(g, "to_local") else g for g in _grads(params)]
+                record["local_shard_norms"].append(
+                    float(torch.sqrt(sum((g.double() ** 2).sum() for g in local)))
+                )
+            return loss
+
+        before = allreduce_counter["calls"] if allreduce_counter is not None else 0
+        loss = optimizer.step(closure)
+        if allreduce_counter is not None:
+            record["allreduces"].append(allreduce_counter["calls"] - before)
+        assert not optimizer.is_perturbed
+        record["closure_calls"].append(len(calls))
+        record["losses"].append(float(loss.detach()))
+        record["norms"].append(optimizer.last_ascent_norm)
+        record["params"].append([full(p) for p in params])
+    return record
+
+
+def _grads(params: list[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def ddp_scenario(
+    spec: Spec,
+    rank: int,
+    method: str,
+    *,
+    local_ascent: bool = False,
+    micro_batches: int = 1,
+) -> Record:
+    """DDP with a comm hook that counts the bucket all-reduces."""
+    model = build_model(spec)
+    ddp = DistributedDataParallel(model)
+    counter: dict[str, Any] = {"calls": 0, "buckets": set()}
+
+    # No annotations: DDP checks them against the real classes, and this module's are strings.
+    def counting_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        state["calls"] += 1
+        state["buckets"].add(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+
+    ddp.register_comm_hook(counter, counting_allreduce)
+    base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+    optimizer = make_wrapper(spec, method, base, model=ddp, local_ascent=local_ascent)
+    record = run_steps(
+        spec, rank, ddp, optimizer, micro_batches=micro_batches, allreduce_counter=counter
+    )
+    record["buckets"] = sorted(counter["buckets"])
+    return record
+
+
+def fsdp_model(spec: Spec) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = build_model(spec)
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_scenario(spec: Spec, rank: int, method: str, base_name: str, *, foreach: bool) -> Record:
+    model = fsdp_model(spec)
+    record_kinds = sorted({type(p).__name__ for p in model.parameters()})
+    if base_name == "sgd":
+        base: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=spec["lr"], momentum=spec["momentum"]
+        )
+    else:
+        base = torch.optim.AdamW(
+            model.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
+        )
+    optimizer = make_wrapper(spec, method, base, model=model, foreach=foreach)
+    record = run_steps(spec, rank, model, optimizer)
+    record["param_types"] = record_kinds
+    return record
+
+
+def fsdp_local_ascent_error(spec: Spec, rank: int) -> Record:
+    """``local_ascent=True`` on FSDP2 (no ``no_sync``) must raise before touching anything."""
+    model = fsdp_model(spec)
+    base = torch.optim.SGD(model.parameters(), lr=spec["lr"])
+    optimizer = tram.SAM(base, rho=spec["rho"], model=model, local_ascent=True)
+    before = [full(p) for p in model.parameters()]
+    calls: list[int] = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(spec["x"][0, rank]), spec["y"][0, rank])
+        loss.backward()
+        return loss
+
+    try:
+        optimizer.step(closure)
+    except ValueError as error:
+        message: str | None = str(error)
+    else:
+        message = None
+    after = [full(p) for p in model.parameters()]
+    return {
+        "message": message,
+        "closure_calls": len(calls),
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
+    }
+
+
+def make_wrapper(
+    spec: Spec, method: str, base: torch.optim.Optimizer, **kwargs: Any
+) -> tram.TwoPassOptimizer:
+    if method == "SAM":
+        return tram.SAM(base, rho=spec["rho"], **kwargs)
+    if method == "ASAM":
+        return tram.ASAM(base, rho=spec["asam_rho"], eta=spec["asam_eta"], **kwargs)
+    if method == "FisherSAM":
+        return tram.FisherSAM(base, rho=spec["fisher_rho"], eta=spec["fisher_eta"], **kwargs)
+    raise ValueError(method)
+
+
+SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
+    "ddp_sam_sync": lambda spec, rank: ddp_scenario(spec, rank, "SAM"),
+    "ddp_asam_sync": lambda spec, rank: ddp_scenario(spec, rank, "ASAM"),
+    "ddp_sam_local": lambda spec, rank: ddp_scenario(spec, rank, "SAM", local_ascent=True),
+    "ddp_asam_local": lambda spec, rank: ddp_scenario(spec, rank, "ASAM", local_ascent=True),
+    "ddp_sam_accumulate": lambda spec, rank: ddp_scenario(spec, rank, "SAM", micro_batches=2),
+    "fsdp_sam_sgd": lambda spec, rank: fsdp_scenario(spec, rank, "SAM", "sgd", foreach=False),
+    "fsdp_asam_adamw_foreach": lambda spec, rank: fsdp_scenario(
+        spec, rank, "ASAM", "adamw", foreach=True
+    ),
+    "fsdp_fishersam_sgd_foreach": lambda spec, rank: fsdp_scenario(
+        spec, rank, "FisherSAM", "sgd", foreach=True
+    ),
+    "fsdp_local_ascent_error": fsdp_local_ascent_error,
+}
+
+
+def main() -> None:
+    spec_path, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    spec: Spec = torch.load(spec_path, weights_only=True)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=spec["timeout_s"]))
+    rank = dist.get_rank()
+    results: dict[str, Any] = {}
+    try:
+        for name, scenario in SCENARIOS.items():
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            try:
+                results[name] = scenario(spec, rank)
+                results[name]["seconds"] = time.perf_counter() - start
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+                print(f"[rank {rank}] scenario {name} failed:", file=sys.stderr)
+                traceback.print_exc()
+            # Keep the ranks in step, so that a failure stays inside its scenario.
+            dist.barrier()
+    finally:
+        torch.save(results, out_dir / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if "RANK" not in os.environ:
+        sys.exit("distributed_worker.py is launched by tests/test_distributed.py")
+    main()

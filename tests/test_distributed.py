@@ -1,0 +1,510 @@
+"""Distributed training with the wrappers: DDP and FSDP2, two processes on CPU with gloo.
+
+One launch of ``tests/distributed_worker.py`` (two ranks, started here as two processes with
+``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``) runs every scenario and saves what it
+saw; the tests below compare it with single-process references written here with plain tensor
+maths (autograd for the gradients, the ascent and the base optimizers by hand, not the library):
+
+- synchronised ascent (the default): SAM over the global batch, the exact algorithm;
+- ``local_ascent=True``: each worker ascends along its own shard's gradient, the update averages
+  the workers' gradients at their own θ+ε (the SAM paper's m-sharpness, m = per-worker batch);
+- gradient accumulation with ``tram.accumulating_closure`` under DDP;
+- FSDP2 (``fully_shard``, ``DTensor`` parameters): the ascent norm must be global, not a shard's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tram
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 150.0
+SPEC: dict[str, Any] = {
+    "steps": 4,
+    "world_size": WORLD_SIZE,
+    "batch_per_rank": 8,
+    "in_features": 5,
+    "hidden": 8,
+    "classes": 3,
+    "lr": 0.1,
+    "momentum": 0.9,
+    "rho": 0.2,
+    "asam_rho": 0.5,
+    "asam_eta": 0.01,
+    "fisher_rho": 0.1,
+    "fisher_eta": 5.0,
+    "adam_lr": 0.01,
+    "weight_decay": 0.01,
+    "timeout_s": 60,
+}
+# The per-step tolerance against the references: float32 round-off only (measured ~3e-8).
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _fsdp2_available() -> bool:
+    try:
+        from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_gloo = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available in this build",
+)
+needs_fsdp2 = pytest.mark.skipif(
+    not _fsdp2_available(), reason="torch.distributed.fsdp.fully_shard (FSDP2) is not available"
+)
+
+
+# ---------------------------------------------------------------------------- the inputs
+def make_spec() -> dict[str, Any]:
+    spec = dict(SPEC)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(spec["in_features"], spec["hidden"]),
+        nn.Tanh(),
+        nn.Linear(spec["hidden"], spec["classes"]),
+    )
+    spec["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1234)
+    shape = (spec["steps"], WORLD_SIZE, spec["batch_per_rank"])
+    spec["x"] = torch.randn(*shape, spec["in_features"], generator=generator)
+    spec["y"] = torch.randint(0, spec["classes"], shape, generator=generator)
+    return spec
+
+
+# ---------------------------------------------------------------------------- the references
+def forward(params: list[Tensor], x: Tensor) -> Tensor:
+    w1, b1, w2, b2 = params
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def gradient(params: list[Tensor], x: Tensor, y: Tensor) -> list[Tensor]:
+    """∇ of the mean cross-entropy of the batch (x, y) at ``params``."""
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    loss = F.cross_entropy(forward(leaves, x), y)
+    return list(torch.autograd.grad(loss, leaves))
+
+
+def ascent(
+    spec: dict[str, Any], method: str, params: list[Tensor], grads: list[Tensor]
+) -> tuple[list[Tensor], float]:
+    """ε = ρ T² g / (‖T g‖ + 1e-12); returns ε and ‖T g‖.
+
+    T = 1 (SAM), |θ| + η (ASAM) or (1 + η g²)^(-1/2) (Fisher SAM).
+    """
+    if method == "SAM":
+        rho, scales = spec["rho"], [torch.ones_like(p) for p in params]
+    elif method == "ASAM":
+        rho, scales = spec["asam_rho"], [p.abs() + spec["asam_eta"] for p in params]
+    else:
+        rho = spec["fisher_rho"]
+        scales = [1 / torch.sqrt(1 + spec["fisher_eta"] * g * g) for g in grads]
+    norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scales, grads)))
+    return [rho * t * t * g / (norm + 1e-12) for t, g in zip(scales, grads)], float(norm)
+
+
+class SGDByHand:
+    """torch.optim.SGD with momentum, no dampening, no weight decay."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.lr, self.momentum = spec["lr"], spec["momentum"]
+        self.buffers: list[Tensor] | None = None
+
+    def step(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        if self.buffers is None:
+            self.buffers = [g.clone() for g in grads]
+        else:
+            self.buffers = [self.momentum * b + g for b, g in zip(self.buffers, grads)]
+        return [p - self.lr * b for p, b in zip(params, self.buffers)]
+
+
+class AdamWByHand:
+    """torch.optim.AdamW with its defaults (betas 0.9/0.999, eps 1e-8), decoupled decay."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.lr, self.decay = spec["adam_lr"], spec["weight_decay"]
+        self.t = 0
+        self.m: list[Tensor] = []
+        self.v: list[Tensor] = []
+
+    def step(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        if self.t == 0:
+            self.m = [torch.zeros_like(g) for g in grads]
+            self.v = [torch.zeros_like(g) for g in grads]
+        self.t += 1
+        self.m = [beta1 * m + (1 - beta1) * g for m, g in zip(self.m, grads)]
+        self.v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(self.v, grads)]
+        correction1, correction2 = 1 - beta1**self.t, 1 - beta2**self.t
+        return [
+            p * (1 - self.lr * self.decay)
+            - (self.lr / correction1) * m / ((v / correction2).sqrt() + eps)
+            for p, m, v in zip(params, self.m, self.v)
+        ]
+
+
+def reference(
+    spec: dict[str, Any], method: str, *, local: bool = False, base: str = "sgd"
+) -> dict[str, list[Any]]:
+    """SAM/ASAM by hand in one process, on the global batch or per worker shard.
+
+    Returns, per step: ``params`` after the step, ``perturbed`` (θ+ε, one list per worker) and
+    ``norms`` (‖T g‖, one per worker).
+    """
+    params = [spec["weights"][k].clone() for k in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    optimizer = SGDByHand(spec) if base == "sgd" else AdamWByHand(spec)
+    out: dict[str, list[Any]] = {"params": [], "perturbed": [], "norms": []}
+    for step in range(spec["steps"]):
+        xs, ys = spec["x"][step], spec["y"][step]
+        if local:
+            shards = [(xs[k], ys[k]) for k in range(WORLD_SIZE)]
+        else:
+            shards = [(xs.flatten(0, 1), ys.flatten(0, 1))] * WORLD_SIZE
+        perturbed, norms, second = [], [], []
+        for x, y in shards:
+            epsilon, norm = ascent(spec, method, params, gradient(params, x, y))
+            moved = [p + e for p, e in zip(params, epsilon)]
+            perturbed.append(moved)
+            norms.append(norm)
+            second.append(gradient(moved, x, y))
+        update = [sum(gs) / WORLD_SIZE for gs in zip(*second)]
+        params = optimizer.step(params, update)
+        out["params"].append(params)
+        out["perturbed"].append(perturbed)
+        out["norms"].append(norms)
+    return out
+
+
+def no_ascent_reference(spec: dict[str, Any]) -> list[Tensor]:
+    """Plain SGD on the global batch: what the wrappers must differ from."""
+    params = [spec["weights"][k].clone() for k in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    optimizer = SGDByHand(spec)
+    for step in range(spec["steps"]):
+        x, y = spec["x"][step].flatten(0, 1), spec["y"][step].flatten(0, 1)
+        params = optimizer.step(params, gradient(params, x, y))
+    return params
+
+
+def max_difference(a: list[Tensor], b: list[Tensor]) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------------------- the launch
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_workers(spec_path: Path, out_dir: Path, log_dir: Path) -> float:
+    """Run the two ranks to completion; fail with their stderr if one fails or hangs."""
+    for attempt in range(3):
+        port = free_port()
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(WORLD_SIZE),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        logs = [log_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(WORLD_SIZE)]
+        start = time.monotonic()
+        processes = []
+        for rank, log in enumerate(logs):
+            with log.open("w") as stream:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), str(spec_path), str(out_dir)],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                        cwd=ROOT,
+                        stdout=stream,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = start + LAUNCH_TIMEOUT_S
+        failed_at: float | None = None
+        try:
+            while any(p.poll() is None for p in processes):
+                now = time.monotonic()
+                if any(p.returncode not in (None, 0) for p in processes):
+                    failed_at = failed_at or now
+                # A failed rank leaves the other waiting in a collective: a short grace only.
+                if now > deadline or (failed_at is not None and now - failed_at > 15):
+                    break
+                time.sleep(0.05)
+        finally:
+            # Also on an interrupt: never leave a rank behind.
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+            for p in processes:
+                p.wait(timeout=10)
+        elapsed = time.monotonic() - start
+        codes = [p.returncode for p in processes]
+        if all(code == 0 for code in codes):
+            return elapsed
+        output = {rank: log.read_text(errors="replace") for rank, log in enumerate(logs)}
+        if any(
+            "EADDRINUSE" in text or "address already in use" in text.lower()
+            for text in output.values()
+        ):
+            continue  # The free port was taken between the probe and the bind: retry.
+        report = "\n".join(
+            f"----- rank {rank} (exit code {codes[rank]}) -----\n{output[rank][-6000:]}"
+            for rank in range(WORLD_SIZE)
+        )
+        timed_out = " (killed at the time limit)" if elapsed >= LAUNCH_TIMEOUT_S else ""
+        pytest.fail(
+            f"the distributed worker failed after {elapsed:.1f}s{timed_out}:\n{report}",
+            pytrace=False,
+        )
+    pytest.fail("the distributed worker could not bind a free port in 3 attempts", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """The references are tiny: intra-op threads only slow them (30x on a loaded 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    return make_spec()
+
+
+@pytest.fixture(scope="module")
+def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """The records of every scenario, one dict per rank, from a single two-process launch."""
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    directory = tmp_path_factory.mktemp("distributed")
+    spec_path = directory / "spec.pt"
+    torch.save(spec, spec_path)
+    elapsed = launch_workers(spec_path, directory, directory)
+    print(f"distributed worker: {elapsed:.1f}s for {WORLD_SIZE} ranks")
+    return [
+        torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
+    ]
+
+
+def scenario(results: list[dict], name: str) -> list[dict]:
+    records = [r[name] for r in results]
+    for rank, record in enumerate(records):
+        if "error" in record:
+            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
+    return records
+
+
+def assert_replicas_identical(records: list[dict], key: str = "params") -> None:
+    for step, (mine, other) in enumerate(zip(records[0][key], records[1][key], strict=True)):
+        for p, q in zip(mine, other, strict=True):
+            assert torch.equal(p, q), (
+                f"{key} differ across ranks at step {step}: {(p - q).abs().max()}"
+            )
+
+
+def assert_matches(actual: list[list[Tensor]], expected: list[list[Tensor]], what: str) -> None:
+    assert len(actual) == len(expected) == SPEC["steps"]
+    for step, (mine, theirs) in enumerate(zip(actual, expected, strict=True)):
+        for index, (p, q) in enumerate(zip(mine, theirs, strict=True)):
+            torch.testing.assert_close(
+                p,
+                q,
+                **TOLERANCE,
+                msg=lambda m, s=step, i=index: f"{what}, step {s}, tensor {i}: {m}",
+            )
+
+
+# ---------------------------------------------------------------------------- in-process checks
+def test_references_are_discriminative(spec: dict[str, Any]) -> None:
+    """The references differ from each other far beyond the tolerance, so the tests can fail."""
+    sync = reference(spec, "SAM")
+    local = reference(spec, "SAM", local=True)
+    assert max_difference(sync["params"][-1], no_ascent_reference(spec)) > 1e-3
+    assert max_difference(sync["params"][-1], local["params"][-1]) > 1e-3
+    assert max_difference(sync["params"][-1], reference(spec, "ASAM")["params"][-1]) > 1e-3
+    # Per-worker perturbations differ, synchronised ones are one.
+    assert max_difference(*local["perturbed"][0]) > 1e-3
+    assert max_difference(*sync["perturbed"][0]) == 0
+
+
+def test_reference_optimizers_match_torch(spec: dict[str, Any]) -> None:
+    """The hand-written base optimizers of the references are torch's SGD and AdamW."""
+    params = [spec["weights"][k].clone() for k in ("0.weight", "0.bias", "2.weight", "2.bias")]
+    for by_hand, make in [
+        (SGDByHand(spec), lambda ps: torch.optim.SGD(ps, lr=spec["lr"], momentum=spec["momentum"])),
+        (
+            AdamWByHand(spec),
+            lambda ps: torch.optim.AdamW(ps, lr=spec["adam_lr"], weight_decay=spec["weight_decay"]),
+        ),
+    ]:
+        leaves = [nn.Parameter(p.clone()) for p in params]
+        torch_optimizer = make(leaves)
+        mine = params
+        for step in range(3):
+            x, y = spec["x"][step].flatten(0, 1), spec["y"][step].flatten(0, 1)
+            grads = gradient(mine, x, y)
+            mine = by_hand.step(mine, grads)
+            for leaf, g in zip(leaves, gradient([leaf.detach() for leaf in leaves], x, y)):
+                leaf.grad = g
+            torch_optimizer.step()
+        for p, q in zip(mine, leaves):
+            torch.testing.assert_close(p, q.detach(), **TOLERANCE)
+
+
+def test_local_ascent_without_no_sync_raises() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = tram.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, local_ascent=True
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure() -> Tensor:
+        loss = model(torch.ones(4, 3)).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"local_ascent=True needs model= with a no_sync\(\)"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("method", ["SAM", "ASAM"])
+def test_ddp_synchronised_ascent_is_global_batch_sam(
+    results: list[dict], spec: dict[str, Any], method: str
+) -> None:
+    records = scenario(results, f"ddp_{method.lower()}_sync")
+    expected = reference(spec, method)
+    assert_replicas_identical(records)
+    assert_replicas_identical(records, "perturbed")
+    for rank, record in enumerate(records):
+        assert record["closure_calls"] == [2] * spec["steps"]
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+        assert_matches(
+            record["perturbed"], [p[rank] for p in expected["perturbed"]], f"rank {rank} θ+ε"
+        )
+        assert record["norms"] == pytest.approx([n[rank] for n in expected["norms"]], rel=1e-5)
+        # One bucket; it is all-reduced in both passes.
+        assert record["buckets"] == [0]
+        assert record["allreduces"] == [2] * spec["steps"]
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("method", ["SAM", "ASAM"])
+def test_ddp_local_ascent_is_per_worker_sam(
+    results: list[dict], spec: dict[str, Any], method: str
+) -> None:
+    records = scenario(results, f"ddp_{method.lower()}_local")
+    expected = reference(spec, method, local=True)
+    assert_replicas_identical(records)
+    for step in range(spec["steps"]):
+        spread = max_difference(records[0]["perturbed"][step], records[1]["perturbed"][step])
+        assert spread > 1e-4, f"step {step}: the workers' perturbations are the same ({spread})"
+    for rank, record in enumerate(records):
+        assert record["closure_calls"] == [2] * spec["steps"]
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+        assert_matches(
+            record["perturbed"], [p[rank] for p in expected["perturbed"]], f"rank {rank} θ+ε"
+        )
+        assert record["norms"] == pytest.approx([n[rank] for n in expected["norms"]], rel=1e-5)
+        # The first pass runs under no_sync: one all-reduce per step, the second pass's.
+        assert record["buckets"] == [0]
+        assert record["allreduces"] == [1] * spec["steps"]
+
+
+@pytest.mark.distributed
+@needs_gloo
+def test_ddp_gradient_accumulation_is_large_batch_sam(
+    results: list[dict], spec: dict[str, Any]
+) -> None:
+    records = scenario(results, "ddp_sam_accumulate")
+    expected = reference(spec, "SAM")
+    assert_replicas_identical(records)
+    assert_replicas_identical(records, "perturbed")
+    for rank, record in enumerate(records):
+        assert record["closure_calls"] == [2] * spec["steps"]
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+        assert_matches(
+            record["perturbed"], [p[rank] for p in expected["perturbed"]], f"rank {rank} θ+ε"
+        )
+        # Two micro-batches per pass, all but the last under no_sync: one all-reduce per pass.
+        assert record["allreduces"] == [2] * spec["steps"]
+
+
+# ---------------------------------------------------------------------------- FSDP2
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+@pytest.mark.parametrize(
+    ("name", "method", "base"),
+    [
+        ("fsdp_sam_sgd", "SAM", "sgd"),
+        ("fsdp_asam_adamw_foreach", "ASAM", "adamw"),
+        ("fsdp_fishersam_sgd_foreach", "FisherSAM", "sgd"),
+    ],
+    ids=["SAM-SGD-loop", "ASAM-AdamW-foreach", "FisherSAM-SGD-foreach"],
+)
+def test_fsdp2_synchronised_ascent_is_global_batch_sam(
+    results: list[dict], spec: dict[str, Any], name: str, method: str, base: str
+) -> None:
+    records = scenario(results, name)
+    expected = reference(spec, method, base=base)
+    for rank, record in enumerate(records):
+        assert record["param_types"] == ["DTensor"]
+        assert record["closure_calls"] == [2] * spec["steps"]
+        # The ascent norm is the global one on every rank, not the norm of the local shard.
+        global_norms = [n[rank] for n in expected["norms"]]
+        assert record["norms"] == pytest.approx(global_norms, rel=1e-5)
+        for step, (local, norm) in enumerate(zip(record["local_shard_norms"], global_norms)):
+            assert abs(local - norm) > 1e-3 * norm, f"rank {rank} step {step}: a shard's norm"
+        assert_matches(
+            record["perturbed"], [p[rank] for p in expected["perturbed"]], f"rank {rank} θ+ε"
+        )
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+    if method == "SAM":
+        # The shards partition the global gradient: their squared norms add up to its square.
+        for step in range(spec["steps"]):
+            shards = sum(r["local_shard_norms"][step] ** 2 for r in records)
+            assert shards == pytest.approx(records[0]["norms"][step] ** 2, rel=1e-5)
+
+
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_local_ascent_raises(results: list[dict]) -> None:
+    for record in scenario(results, "fsdp_local_ascent_error"):
+        assert record["message"] is not None, "local_ascent=True on FSDP2 did not raise"
+        assert "local_ascent=True needs model= with a no_sync() context" in record["message"]
+        assert "FSDP2 supports the synchronised ascent only" in record["message"]
+        assert record["closure_calls"] == 0
+        assert record["unchanged"]
