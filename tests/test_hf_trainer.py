@@ -1,0 +1,702 @@
+"""TramTrainer: the Hugging Face Trainer with tram methods and regularizers.
+
+Everything runs on a tiny randomly initialised BERT on CPU. The distributed test launches this
+file with torchrun (``python tests/test_hf_trainer.py --ddp-worker OUT``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torch.utils.data import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    get_scheduler,
+)
+
+import tram  # noqa: E402
+from tram import factory  # noqa: E402
+from tram.integrations.hf import REGULARIZERS_NAME, TramTrainer  # noqa: E402
+
+VOCAB = 100
+SEQ = 12
+
+
+def tiny_config(dropout: float = 0.0) -> BertConfig:
+    return BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_config(dropout))
+
+
+class TinyDataset(Dataset):
+    """Deterministic token sequences with a learnable label (is token 7 present?)."""
+
+    def __init__(self, size: int = 32, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, VOCAB, (size, SEQ), generator=generator)
+        self.lengths = torch.randint(SEQ // 2, SEQ + 1, (size,), generator=generator)
+        self.labels = (self.input_ids[:, :4] < 30).any(dim=1).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        mask = (torch.arange(SEQ) < self.lengths[index]).long()
+        return {
+            "input_ids": self.input_ids[index] * mask,
+            "attention_mask": mask,
+            "labels": self.labels[index],
+        }
+
+
+def make_args(output_dir: Path | str, **overrides: Any) -> TrainingArguments:
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "use_cpu": True,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 4,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 1,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 0,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class FakeRegularizer:
+    """Follows the tram.regularizers protocol; its state changes the loss (an EMA centre)."""
+
+    name = "fake"
+
+    def __init__(self, weight: float = 0.1, decay: float = 0.5) -> None:
+        self.weight = weight
+        self.decay = decay
+        self.center: torch.Tensor | None = None
+        self.calls = 0
+        self.steps = 0
+
+    def __call__(self, model, inputs, logits):
+        assert isinstance(inputs, Mapping)
+        assert "input_ids" in inputs
+        assert not hasattr(model, "module")  # the unwrapped model
+        self.calls += 1
+        head = model.classifier.weight
+        if self.center is None:
+            self.center = head.detach().clone()
+        return self.weight * (logits.float().pow(2).mean() + (head - self.center).pow(2).sum())
+
+    def after_step(self, model) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            self.center.mul_(self.decay).add_(model.classifier.weight, alpha=1 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"center": self.center, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.center = state["center"].clone()
+        self.steps = state["steps"]
+
+
+class ForwardCounter:
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.count = 0
+        model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if module.training:
+            self.count += 1
+
+
+def method_cases() -> list[tuple[str, dict[str, Any]]]:
+    cases = [("sam", {"rho": 0.05}), ("asam", {"rho": 0.5}), ("fisher_sam", {"rho": 0.1})]
+    if "tram" in factory.list_methods():
+        cases.append(("tram", {"trust_region": "noise"}))
+    return cases
+
+
+def method_ids() -> list[str]:
+    return [name for name, _ in method_cases()]
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype, path
+        assert torch.equal(a, b), f"{path}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, Mapping):
+        assert set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{index}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+def reference_run(
+    method: str,
+    method_kwargs: dict[str, Any],
+    args: TrainingArguments,
+    dataset: Dataset,
+    *,
+    ga_divisor: int,
+):
+    """The two-pass step with gradient accumulation written out by hand.
+
+    Data order: the Trainer's sequential sampler, i.e. batches of consecutive examples. Loss
+    normalisation mirrors the Trainer's (integration.md §1.1): BertForSequenceClassification
+    takes ``**kwargs``, so the Trainer treats its loss as already scaled for accumulation and
+    does not divide it (ga_divisor=1).
+    """
+    model = tiny_bert()
+    model.train()
+    no_decay = [n for n, _ in model.named_parameters() if "bias" in n or "LayerNorm" in n]
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if n not in no_decay],
+            "weight_decay": args.weight_decay,
+        },
+        {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
+    ]
+    base = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = factory.wrap_optimizer(method, base, model=model, **method_kwargs)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps
+    )
+    batch = args.per_device_train_batch_size
+    ga = args.gradient_accumulation_steps
+    cursor = 0
+    for _ in range(args.max_steps):
+        window = []
+        for _ in range(ga):
+            indices = [(cursor + i) % len(dataset) for i in range(batch)]
+            cursor += batch
+            window.append(default_data_collator([dataset[i] for i in indices]))
+        for micro_batch in window:
+            (model(**micro_batch).loss / ga_divisor).backward()
+        if optimizer.first_step():
+            for micro_batch in window:
+                (model(**micro_batch).loss / ga_divisor).backward()
+            optimizer.restore()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        model.zero_grad()
+    return model, optimizer
+
+
+@pytest.mark.parametrize(("method", "method_kwargs"), method_cases(), ids=method_ids())
+def test_gradient_accumulation_equals_the_hand_written_loop(tmp_path, method, method_kwargs):
+    dataset = TinyDataset()
+    args = make_args(tmp_path, train_sampling_strategy="sequential")
+    model = tiny_bert()
+    counter = ForwardCounter(model)
+    trainer = TramTrainer(
+        model=model, args=args, train_dataset=dataset, method=method, method_kwargs=method_kwargs
+    )
+    trainer.train()
+    # 2 forwards per micro-batch, GA=2: 4 per optimizer step (no TRAM extra forward counted:
+    # its reference forward, where it has one, runs in no_grad on the same module).
+    assert counter.count >= 4 * args.max_steps
+    if method != "tram":
+        assert counter.count == 4 * args.max_steps
+    ga_divisor = 1 if trainer.model_accepts_loss_kwargs else args.gradient_accumulation_steps
+    reference, reference_optimizer = reference_run(
+        method, method_kwargs, args, dataset, ga_divisor=ga_divisor
+    )
+    difference = (flat_params(model) - flat_params(reference)).abs().max().item()
+    assert difference == 0.0
+    wrapper = trainer.two_pass_optimizer
+    assert type(wrapper) is factory.get_method(method)
+    assert not wrapper.is_perturbed
+    assert wrapper.steps == args.max_steps
+    assert_same_state(wrapper.state_dict(), reference_optimizer.state_dict())
+
+
+def test_without_a_method_it_is_the_plain_trainer(tmp_path):
+    dataset = TinyDataset()
+    models = []
+    for cls in (Trainer, TramTrainer):
+        model = tiny_bert()
+        cls(model=model, args=make_args(tmp_path / cls.__name__), train_dataset=dataset).train()
+        models.append(model)
+    assert torch.equal(flat_params(models[0]), flat_params(models[1]))
+
+
+# --------------------------------------------------------------------------- optimizer setup
+
+
+def test_the_trainer_configured_base_optimizer_is_wrapped(tmp_path):
+    model = tiny_bert()
+    args = make_args(tmp_path, optim="sgd", learning_rate=0.25, weight_decay=0.1)
+    trainer = TramTrainer(
+        model=model,
+        args=args,
+        train_dataset=TinyDataset(),
+        method="asam",
+        method_kwargs={"rho": 0.3},
+    )
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, tram.ASAM)
+    assert type(optimizer.base_optimizer) is torch.optim.SGD
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == 0.25 and g["rho"] == 0.3 for g in optimizer.param_groups)
+    assert optimizer.model is model
+    assert trainer.create_optimizer() is optimizer  # idempotent
+
+
+def test_optimizer_cls_and_kwargs_and_a_passed_optimizer_are_wrapped(tmp_path):
+    model = tiny_bert()
+    trainer = TramTrainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=TinyDataset(),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.5, "momentum": 0.9}),
+        method="sam",
+    )
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer.base_optimizer) is torch.optim.SGD
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = TramTrainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=TinyDataset(),
+        optimizers=(base, None),
+        method="fisher_sam",
+    )
+    assert trainer.create_optimizer().base_optimizer is base
+
+    ready = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer = TramTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=TinyDataset(), optimizers=(ready, None)
+    )
+    assert trainer.create_optimizer() is ready
+
+
+def test_the_schedule_reaches_the_base_optimizer(tmp_path):
+    seen = []
+
+    class Watch(TrainerCallback):
+        def _check(self, when, kwargs):
+            trainer_scheduler = kwargs["lr_scheduler"]
+            base = wrapper_of(kwargs["optimizer"]).base_optimizer
+            seen.append(
+                (when, list(trainer_scheduler.get_last_lr()), [g["lr"] for g in base.param_groups])
+            )
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self._check("pre", kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._check("end", kwargs)
+
+    def wrapper_of(optimizer):
+        from tram.integrations.accelerate import unwrap_optimizer
+
+        return unwrap_optimizer(optimizer)
+
+    args = make_args(tmp_path, max_steps=5, warmup_steps=2)
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=TinyDataset(),
+        method="sam",
+        callbacks=[Watch()],
+    )
+    trainer.train()
+    wrapper = trainer.two_pass_optimizer
+    assert wrapper.param_groups is wrapper.base_optimizer.param_groups
+    assert len(seen) == 2 * args.max_steps
+    for _, scheduled, base_lrs in seen:
+        assert scheduled == base_lrs
+    learning_rates = [lrs[0] for when, lrs, _ in seen if when == "pre"]
+    assert learning_rates == pytest.approx([0.0, 5e-4, 1e-3, 2e-3 / 3, 1e-3 / 3])  # warmup 2 of 5
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == pytest.approx(learning_rates)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
+    dataset = TinyDataset(size=40)
+
+    def run(output_dir, resume=None):
+        model = tiny_bert(dropout=0.1)
+        regularizer = FakeRegularizer()
+        args = make_args(
+            output_dir, max_steps=6, save_strategy="steps", save_steps=3, warmup_steps=2
+        )
+        trainer = TramTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            method="asam",
+            method_kwargs={"rho": 0.5},
+            regularizers=[regularizer],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model, regularizer
+
+    full, full_model, full_regularizer = run(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert saved["tram"]["steps"] == 3
+    assert (checkpoint / REGULARIZERS_NAME).is_file()
+
+    resumed, resumed_model, resumed_regularizer = run(tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed.state.global_step == 6
+    assert (flat_params(full_model) - flat_params(resumed_model)).abs().max().item() == 0.0
+    assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict())
+    assert_same_state(full.lr_scheduler.state_dict(), resumed.lr_scheduler.state_dict())
+    assert resumed_regularizer.steps == full_regularizer.steps == 6
+    assert torch.equal(resumed_regularizer.center, full_regularizer.center)
+    # The resumed history starts with the checkpoint's first three entries.
+    losses = [e["loss"] for e in full.state.log_history if "loss" in e]
+    resumed_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e]
+    assert resumed_losses == losses
+
+
+# --------------------------------------------------------------------------- regularizers
+
+
+def test_regularizers_enter_the_training_loss_and_are_logged(tmp_path):
+    regularizer = FakeRegularizer(weight=0.5)
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=TinyDataset(),
+        eval_dataset=TinyDataset(size=8, seed=1),
+        regularizers=[regularizer],
+    )
+    trainer.train()
+    # No method: one pass per micro-batch.
+    assert regularizer.calls == 3 * 2
+    assert regularizer.steps == 3
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["tram/fake"] > 0
+        # Trainer's loss (GA x, see reference_run) = task + penalty.
+        assert entry["loss"] == pytest.approx(
+            2 * (entry["tram/task_loss"] + entry["tram/fake"]), rel=1e-5
+        )
+        assert "tram/skipped_ascents" not in entry
+    metrics = trainer.evaluate()
+    assert regularizer.calls == 3 * 2  # not in evaluation
+    assert "eval_loss" in metrics
+
+
+def test_regularizers_combine_with_a_method(tmp_path):
+    regularizer = FakeRegularizer()
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=TinyDataset(),
+        method="sam",
+        regularizers=[regularizer],
+    )
+    trainer.train()
+    assert regularizer.calls == 2 * 2 * 2  # both passes
+    assert regularizer.steps == 2
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert {"tram/fake", "tram/task_loss", "tram/ascent_grad_norm", "tram/skipped_ascents"} <= set(
+        entry
+    )
+
+
+# --------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_finish_finite(tmp_path, precision):
+    methods = ["sam", "tram"] if "tram" in factory.list_methods() else ["sam"]
+    for method in methods:
+        model = tiny_bert()
+        trainer = TramTrainer(
+            model=model,
+            args=make_args(tmp_path / method, max_steps=3, **{precision: True}),
+            train_dataset=TinyDataset(),
+            method=method,
+            regularizers=[FakeRegularizer()],
+        )
+        result = trainer.train()
+        assert math.isfinite(result.training_loss)
+        assert torch.isfinite(flat_params(model)).all()
+        assert trainer.two_pass_optimizer.skipped_ascents == 0
+
+
+class InjectInf:
+    """Make the logits non-finite in one pass of one optimizer step."""
+
+    def __init__(self, trainer: TramTrainer, step: int, perturbed: bool) -> None:
+        self.trainer, self.step, self.perturbed = trainer, step, perturbed
+        trainer.model.classifier.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        optimizer = self.trainer.two_pass_optimizer
+        if (
+            module.training
+            and self.trainer.state.global_step == self.step
+            and optimizer.is_perturbed == self.perturbed
+        ):
+            return output * float("inf")
+        return output
+
+
+@pytest.mark.parametrize("perturbed", [True, False], ids=["pass2", "pass1"])
+def test_fp16_grad_scaler_overflow_skips_the_step_with_the_weights_restored(tmp_path, perturbed):
+    """fp16 through the Trainer with a CPU GradScaler.
+
+    accelerate creates no GradScaler on CPU (it refuses CPU fp16 loss scaling); the GPU path is
+    reproduced by giving the Trainer's accelerator a ``GradScaler("cpu")`` before training:
+    accelerate then autocasts to fp16, scales in ``backward`` and steps through the scaler.
+    """
+    args = make_args(tmp_path, fp16=True, max_steps=3, warmup_steps=0, lr_scheduler_type="constant")
+    trainer = TramTrainer(model=tiny_bert(), args=args, train_dataset=TinyDataset(), method="sam")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    trainer.accelerator.scaler = scaler
+    trainer.accelerator.native_amp = True
+    InjectInf(trainer, step=1, perturbed=perturbed)
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            snapshots.append(("begin", state.global_step, flat_params(kwargs["model"]).clone()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append(("end", state.global_step, flat_params(kwargs["model"]).clone()))
+            snapshots.append(("scale", state.global_step, scaler.get_scale()))
+
+    trainer.add_callback(Snapshot())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.train()
+    wrapper = trainer.two_pass_optimizer
+    assert not wrapper.is_perturbed
+    assert wrapper.skipped_ascents == (0 if perturbed else 1)
+    by_key = {(kind, step): value for kind, step, value in snapshots}
+    # Step 1 (global_step 1 -> 2) was skipped: weights exactly as before it, scale halved.
+    assert torch.equal(by_key[("begin", 1)], by_key[("end", 2)])
+    assert not torch.equal(by_key[("begin", 0)], by_key[("end", 1)])
+    assert not torch.equal(by_key[("begin", 2)], by_key[("end", 3)])
+    assert by_key[("scale", 2)] == by_key[("scale", 1)] / 2
+    assert wrapper.steps == 2
+    assert torch.isfinite(flat_params(trainer.model)).all()
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def read_scalars(log_root: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    files = sorted(log_root.rglob("events.out.tfevents.*"))
+    assert files, f"no event files under {log_root}"
+    for path in files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def test_tensorboard_receives_the_radius_the_norms_and_the_regularizers(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    method = "tram" if "tram" in factory.list_methods() else "sam"
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path / "out", max_steps=3, report_to=["tensorboard"]),
+        train_dataset=TinyDataset(),
+        method=method,
+        regularizers=[FakeRegularizer()],
+    )
+    trainer.train()
+    scalars = read_scalars(tmp_path / "tb")
+    expected = {
+        "train/loss",
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tram/ascent_grad_norm",
+        "train/tram/skipped_ascents",
+        "train/tram/task_loss",
+        "train/tram/fake",
+    }
+    if method == "tram":
+        expected.add("train/tram/radius")
+    assert expected <= set(scalars), sorted(scalars)
+    for tag in expected:
+        assert len(scalars[tag]) == 3, tag
+        assert all(math.isfinite(v) for v in scalars[tag]), tag
+    assert scalars["train/tram/skipped_ascents"] == [0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    common = {"model": tiny_bert(), "args": make_args(tmp_path), "train_dataset": TinyDataset()}
+    with pytest.raises(ValueError, match=r"Unknown optimizer method 'adamsam'; known methods: "):
+        TramTrainer(**common, method="adamsam")
+    with pytest.raises(TypeError, match=r"'sam' \(SAM\) got unexpected argument 'eta'"):
+        TramTrainer(**common, method="sam", method_kwargs={"rho": 0.05, "eta": 0.1})
+    with pytest.raises(ValueError, match="Invalid rho"):
+        TramTrainer(**common, method="asam", method_kwargs={"rho": -0.5})
+    with pytest.raises(ValueError, match="method_kwargs given without a method"):
+        TramTrainer(**common, method_kwargs={"rho": 0.05})
+    with pytest.raises(TypeError, match="regularizer must be callable"):
+        TramTrainer(**common, regularizers=["r3f"])
+    ready = tram.SAM(torch.optim.SGD(common["model"].parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="already holds a tram optimizer"):
+        TramTrainer(**common, optimizers=(ready, None), method="sam")
+
+
+def test_a_regularizer_on_a_model_without_logits_fails_before_the_first_step(tmp_path):
+    torch.manual_seed(0)
+    model = BertModel(tiny_config(), add_pooling_layer=True)
+    before = flat_params(model).clone()
+    regularizer = FakeRegularizer()
+    trainer = TramTrainer(
+        model=model,
+        args=make_args(tmp_path),
+        train_dataset=TinyDataset(),
+        method="sam",
+        regularizers=[regularizer],
+    )
+    with pytest.raises(
+        ValueError, match=r"regularizer needs the model's logits.*last_hidden_state"
+    ):
+        trainer.train()
+    assert regularizer.calls == 0
+    assert trainer.state.global_step == 0
+    assert torch.equal(before, flat_params(model))
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _ddp_worker(out_path: str) -> None:
+    """Run under torchrun: train in both ascent modes and compare the replicas."""
+    import torch.distributed as dist
+
+    results: dict[str, Any] = {}
+    finals: dict[str, torch.Tensor] = {}
+    for mode in ("sync", "local"):
+        model = tiny_bert()
+        trainer = TramTrainer(
+            model=model,
+            args=make_args(f"{out_path}-{mode}", max_steps=3, ddp_backend="gloo"),
+            train_dataset=TinyDataset(size=48),
+            method="sam",
+            method_kwargs={"rho": 0.1, "local_ascent": mode == "local"},
+            regularizers=[FakeRegularizer()],
+        )
+        trainer.train()
+        params = flat_params(model)
+        gathered = [torch.empty_like(params) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, params)
+        finals[mode] = params
+        results[mode] = {
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "world": dist.get_world_size(),
+            "replica_diff": max((g - gathered[0]).abs().max().item() for g in gathered),
+            "moved": (params - flat_params(tiny_bert())).abs().max().item(),
+            "steps": trainer.two_pass_optimizer.steps,
+            "logged": sorted(next(e for e in trainer.state.log_history if "loss" in e)),
+        }
+    results["mode_diff"] = (finals["sync"] - finals["local"]).abs().max().item()
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.mark.distributed
+def test_ddp_replicas_stay_identical_in_both_ascent_modes(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        __file__,
+        "--ddp-worker",
+        str(out),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    results = json.loads(out.read_text())
+    for mode in ("sync", "local"):
+        result = results[mode]
+        assert result["world"] == 2
+        assert result["wrapped"] == "DistributedDataParallel"
+        assert result["replica_diff"] == 0.0
+        assert result["moved"] > 0
+        assert result["steps"] == 3
+        assert "tram/fake" in result["logged"]
+    # The modes are different algorithms: per-worker ascents differ from the global one.
+    assert results["mode_diff"] > 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp-worker":
+    with contextlib.suppress(AttributeError):
+        torch.set_num_threads(1)
+    _ddp_worker(sys.argv[2])
