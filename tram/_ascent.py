@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Scaling", "apply_ascent_", "restore_", "scaled_squared_norm"]
+__all__ = ["Scaling", "apply_ascent_", "foreach_copy_", "restore_", "scaled_squared_norm"]
 
 Scaling = Literal["identity", "adaptive", "fisher"]
 
@@ -126,7 +126,7 @@ def apply_ascent_(
             for g, operator in zip(grads, backups, strict=True):
                 g.mul_(operator).mul_(operator)
     if foreach:
-        _foreach_copy_(backups, params)
+        foreach_copy_(backups, params)
         torch._foreach_add_(params, grads, alpha=coefficient)
     else:
         for p, g, backup in zip(params, grads, backups, strict=True):
@@ -137,7 +137,7 @@ def apply_ascent_(
 def restore_(params: list[Tensor], backups: list[Tensor], *, foreach: bool = False) -> None:
     """Copy ``backups`` back into ``params``: exact in every dtype, unlike subtracting epsilon."""
     if foreach:
-        _foreach_copy_(params, backups)
+        foreach_copy_(params, backups)
     else:
         for p, backup in zip(params, backups, strict=True):
             p.copy_(backup)
@@ -156,7 +156,7 @@ def _write_operator_(
     """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors."""
     if scaling == "adaptive":
         if foreach:
-            _foreach_copy_(out, params)
+            foreach_copy_(out, params)
             torch._foreach_abs_(out)
             torch._foreach_add_(out, eta)
         else:
@@ -166,7 +166,7 @@ def _write_operator_(
         # T = (1 + eta * (g / s)^2) ** -1/2
         factor = eta * inverse_scale * inverse_scale
         if foreach:
-            _foreach_copy_(out, grads)
+            foreach_copy_(out, grads)
             torch._foreach_mul_(out, grads)
             torch._foreach_mul_(out, factor)
             torch._foreach_add_(out, 1.0)
@@ -180,7 +180,7 @@ def _write_operator_(
         )
 
 
-def _foreach_copy_(destinations: list[Tensor], sources: list[Tensor]) -> None:
+def foreach_copy_(destinations: list[Tensor], sources: list[Tensor]) -> None:
     """``torch._foreach_copy_``, except for tensor subclasses, which are copied one by one.
 
     ``DTensor`` (the parameters and gradients of FSDP2) has a sharding rule for every other

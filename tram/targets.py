@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from tram._ascent import foreach_copy_
+
 __all__ = [
     "ReferenceWeights",
     "call_model",
@@ -119,7 +121,7 @@ class ReferenceWeights:
     @torch.no_grad()
     def copy_from_model(self) -> None:
         """Set the reference to the live weights (θt−1 snapshots)."""
-        torch._foreach_copy_(list(self.tensors.values()), self.live)
+        foreach_copy_(list(self.tensors.values()), self.live)
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
