@@ -1,0 +1,188 @@
+"""TwoPassBackward: the two-pass step in a hand-written accelerate loop."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+
+import tram  # noqa: E402
+from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer  # noqa: E402
+
+GA = 2
+BATCH = 4
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def make_data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(steps * GA * BATCH, 6, generator=generator)
+    y = torch.randint(0, 3, (steps * GA * BATCH,), generator=generator)
+    return list(zip(x, y))
+
+
+def make_optimizer(method: type[tram.TwoPassOptimizer], model: nn.Module) -> tram.TwoPassOptimizer:
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    return method(base)
+
+
+def loss_fn(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x).float(), y)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def reference_run(method, steps: int) -> nn.Module:
+    """By hand: accumulate GA micro-batches (loss / GA, as accelerator.backward divides),
+    one ascent, replay, restore, clip, base step, schedule."""
+    model = make_model()
+    optimizer = make_optimizer(method, model)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=steps)
+    data = make_data(steps)
+    for step in range(steps):
+        window = []
+        for micro in range(GA):
+            start = (step * GA + micro) * BATCH
+            rows = data[start : start + BATCH]
+            window.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
+        for batch in window:
+            (loss_fn(model, batch) / GA).backward()
+        if optimizer.first_step():
+            for batch in window:
+                (loss_fn(model, batch) / GA).backward()
+            optimizer.restore()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return model
+
+
+def accelerate_run(method, steps: int, accelerator: Accelerator, inject=None):
+    model = make_model()
+    optimizer = make_optimizer(method, model)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=steps)
+    loader = torch.utils.data.DataLoader(make_data(steps), batch_size=BATCH, shuffle=False)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    wrapper = unwrap_optimizer(optimizer)
+    compute = loss_fn
+    if inject is not None:
+
+        def compute(model, batch):
+            loss = loss_fn(model, batch)
+            if inject(wrapper, len(history)):
+                loss = loss * float("inf")
+            return loss
+
+    backward = TwoPassBackward(accelerator, model, optimizer, compute)
+    history = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            before = flat(model).clone()
+            loss = backward(batch)
+            assert not wrapper.is_perturbed
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                history.append((before, flat(model).clone(), optimizer.step_was_skipped))
+        assert torch.isfinite(loss) or inject is not None
+    return accelerator.unwrap_model(model), wrapper, history
+
+
+@pytest.mark.parametrize("method", [tram.SAM, tram.ASAM, tram.FisherSAM])
+def test_accelerate_loop_equals_the_hand_written_loop(method):
+    steps = 3
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    model, wrapper, history = accelerate_run(method, steps, accelerator)
+    reference = reference_run(method, steps)
+    assert (flat(model) - flat(reference)).abs().max().item() == 0.0
+    assert wrapper.steps == steps
+    assert len(history) == steps
+    assert wrapper.param_groups is wrapper.base_optimizer.param_groups  # re-linked after prepare
+
+
+def fp16_accelerator() -> tuple[Accelerator, torch.amp.GradScaler]:
+    """accelerate refuses fp16 loss scaling on CPU; give it a CPU GradScaler as on a GPU."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, mixed_precision="fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    accelerator.scaler = scaler
+    accelerator.native_amp = True
+    return accelerator, scaler
+
+
+def test_fp16_runs_with_a_grad_scaler():
+    accelerator, scaler = fp16_accelerator()
+    model, wrapper, history = accelerate_run(tram.SAM, 3, accelerator)
+    assert wrapper.steps == 3
+    assert not any(skipped for _, _, skipped in history)
+    assert torch.isfinite(flat(model)).all()
+    assert scaler.get_scale() == 2.0**8
+
+
+@pytest.mark.parametrize("perturbed", [True, False], ids=["pass2", "pass1"])
+def test_fp16_overflow_skips_the_step_with_the_weights_restored(perturbed):
+    accelerator, scaler = fp16_accelerator()
+
+    def inject(wrapper, window):
+        return window == 1 and wrapper.is_perturbed == perturbed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        model, wrapper, history = accelerate_run(tram.SAM, 3, accelerator, inject=inject)
+    assert [skipped for _, _, skipped in history] == [False, True, False]
+    before, after, _ = history[1]
+    assert torch.equal(before, after)  # restored exactly, no step
+    assert not torch.equal(*history[0][:2])
+    assert not torch.equal(*history[2][:2])
+    assert wrapper.skipped_ascents == (0 if perturbed else 1)
+    assert wrapper.steps == 2
+    assert scaler.get_scale() == 2.0**7
+    assert torch.isfinite(flat(model)).all()
+
+
+def test_a_plain_optimizer_is_refused():
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert unwrap_optimizer(optimizer) is None
+    with pytest.raises(TypeError, match="needs a tram two-pass optimizer"):
+        TwoPassBackward(accelerator, model, optimizer, loss_fn)
+
+
+def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    wrapper = make_optimizer(tram.SAM, model)
+    model, prepared = accelerator.prepare(model, wrapper)
+    assert prepared is not wrapper
+    assert not hasattr(prepared, "first_step")  # accelerate does not forward attributes
+    assert unwrap_optimizer(prepared) is wrapper
+    assert unwrap_optimizer(wrapper) is wrapper
