@@ -1,0 +1,270 @@
+"""Mixed precision: fp16 with ``torch.amp.GradScaler`` through ``tram.scaled_step``, and bf16.
+
+Run on CPU (fp16 autocast and ``GradScaler("cpu")`` work there in torch 2.13). The references
+are SAM written by hand around the *base* optimizer, following the recipe of
+``reference/integration.md`` §4: scaled backward, ascent from the scaled gradient, scaled
+backward at θ+ε, restore by copy, ``unscale_``, ``step``, ``update``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tram
+
+INIT_SCALE = 4096.0
+RHO = 0.05
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4))
+
+
+def batch(step: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 8, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+
+
+def loss_of(model: nn.Module, x: Tensor, y: Tensor, dtype: torch.dtype | None) -> Tensor:
+    if dtype is None:
+        return F.cross_entropy(model(x), y)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(x)
+        assert logits.dtype == dtype
+        return F.cross_entropy(logits, y)
+
+
+def scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+
+
+def weights(model: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def hand_sam_step(
+    model: nn.Module,
+    base: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    *,
+    rho: float = RHO,
+    dtype: torch.dtype | None = torch.float16,
+    grad_scaler: torch.amp.GradScaler | None = None,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """SAM by hand, with or without a scaler. Returns the loss, g(θ) and g(θ+ε), unscaled."""
+    scale = grad_scaler.get_scale() if grad_scaler is not None else 1.0
+    params = list(model.parameters())
+    base.zero_grad()
+    loss = loss_of(model, x, y, dtype)
+    (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+    first = [p.grad.clone() for p in params]
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in first)).item()
+    second = first
+    if math.isfinite(norm):
+        saved = weights(model)
+        with torch.no_grad():
+            for p, g in zip(params, first):
+                p.add_(g, alpha=rho / norm)  # scale-invariant: g and norm carry the same scale
+        base.zero_grad()
+        second_loss = loss_of(model, x, y, dtype)
+        (grad_scaler.scale(second_loss) if grad_scaler is not None else second_loss).backward()
+        second = [p.grad.clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    if grad_scaler is not None:
+        grad_scaler.unscale_(base)
+        grad_scaler.step(base)
+        grad_scaler.update()
+    else:
+        base.step()
+    return loss.detach(), [g / scale for g in first], [g / scale for g in second]
+
+
+def loss_fn_for(
+    model: nn.Module, x: Tensor, y: Tensor, calls: list[int], poison: int | None = None
+):
+    """A ``scaled_step`` loss function; its call number ``poison`` (1-based) returns inf·loss."""
+
+    def loss_fn() -> Tensor:
+        calls.append(1)
+        loss = loss_of(model, x, y, torch.float16)
+        return loss * math.inf if len(calls) == poison else loss
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------- (a)
+@pytest.mark.parametrize(
+    "make_base",
+    [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.AdamW(p, lr=1e-2)],
+    ids=["SGD", "AdamW"],
+)
+def test_scaled_step_equals_the_hand_written_recipe(make_base: Callable) -> None:
+    model = make_model()
+    optimizer = tram.SAM(make_base(model.parameters()), rho=RHO)
+    reference = make_model()
+    reference_base = make_base(reference.parameters())
+    plain = make_model()
+    plain_base = make_base(plain.parameters())
+    scalers = scaler(), scaler(), scaler()
+    for step in range(4):
+        x, y = batch(step)
+        loss = tram.scaled_step(
+            optimizer, scalers[0], lambda x=x, y=y: loss_of(model, x, y, torch.float16)
+        )
+        reference_loss, _, _ = hand_sam_step(
+            reference, reference_base, x, y, grad_scaler=scalers[1]
+        )
+        assert loss.item() == reference_loss.item()
+        assert not optimizer.is_perturbed
+        # A plain scaled step, to show the perturbation matters.
+        plain_base.zero_grad()
+        scalers[2].scale(loss_of(plain, x, y, torch.float16)).backward()
+        scalers[2].step(plain_base)
+        scalers[2].update()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert any(
+        not torch.allclose(p, q, atol=1e-4) for p, q in zip(model.parameters(), plain.parameters())
+    )
+    assert optimizer.steps == 4
+    assert optimizer.skipped_ascents == 0
+    assert scalers[0].get_scale() == scalers[1].get_scale() == INIT_SCALE
+
+
+# ---------------------------------------------------------------------------------- (b) (c)
+def test_inf_in_the_first_pass_skips_the_ascent_and_backs_off() -> None:
+    model = make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = tram.SAM(base, rho=RHO)
+    grad_scaler = scaler()
+    before = weights(model)
+    x, y = batch(0)
+    calls: list[int] = []
+    with pytest.warns(
+        RuntimeWarning, match="skipped the ascent because the gradient norm is not finite"
+    ):
+        loss = tram.scaled_step(optimizer, grad_scaler, loss_fn_for(model, x, y, calls, poison=1))
+    assert not math.isfinite(loss.item())
+    assert len(calls) == 1  # no second pass
+    assert optimizer.skipped_ascents == 1
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert grad_scaler.get_scale() == INIT_SCALE / 2
+    assert optimizer.steps == 0
+    assert len(base.state) == 0  # AdamW never stepped
+
+    # The next, finite step runs normally at the backed-off scale (no "unscale_() has already
+    # been called" from the skipped iteration).
+    calls.clear()
+    tram.scaled_step(optimizer, grad_scaler, loss_fn_for(model, x, y, calls))
+    assert len(calls) == 2
+    assert optimizer.steps == 1
+    assert grad_scaler.get_scale() == INIT_SCALE / 2
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_inf_in_the_second_pass_restores_and_skips_the_step() -> None:
+    model = make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = tram.SAM(base, rho=RHO)
+    grad_scaler = scaler()
+    before = weights(model)
+    x, y = batch(0)
+    calls: list[int] = []
+    loss = tram.scaled_step(optimizer, grad_scaler, loss_fn_for(model, x, y, calls, poison=2))
+    assert math.isfinite(loss.item())
+    assert len(calls) == 2
+    assert not optimizer.is_perturbed
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)  # θ exactly, not θ+ε and not a step
+    assert grad_scaler.get_scale() == INIT_SCALE / 2
+    assert optimizer.skipped_ascents == 0
+    assert optimizer.steps == 0
+    assert len(base.state) == 0
+
+
+# ---------------------------------------------------------------------------------- (d)
+def test_update_is_unscaled_exactly_once() -> None:
+    """SGD without momentum: Δθ = −lr·g(θ+ε), with g the true (unscaled) gradient."""
+    lr = 0.5
+    model = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=lr), rho=RHO)
+    reference = make_model()
+    reference_base = torch.optim.SGD(reference.parameters(), lr=lr)
+    before = weights(model)
+    x, y = batch(0)
+    tram.scaled_step(optimizer, scaler(), lambda: loss_of(model, x, y, torch.float16))
+    _, _, second = hand_sam_step(reference, reference_base, x, y, grad_scaler=None)
+
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    expected = torch.cat([(-lr * g).flatten() for g in second])
+    ratio = (update.norm() / expected.norm()).item()
+    assert ratio == pytest.approx(1.0, rel=1e-4)  # not 1/4096 (unscaled twice), not 4096
+    assert ((update - expected).norm() / expected.norm()).item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------- (e)
+def closure_for(
+    optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, dtype
+) -> Callable[[], Tensor]:
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y, dtype)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_bf16_autocast_with_step_closure_matches_fp32() -> None:
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        model = make_model()
+        optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=RHO)
+        for step in range(3):
+            optimizer.step(closure_for(optimizer, model, *batch(step), dtype))
+        assert all(
+            p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters()
+        )
+        results[dtype] = weights(model)
+    start = weights(make_model())
+    for fp32, bf16, w0 in zip(results[None], results[torch.bfloat16], start):
+        torch.testing.assert_close(bf16, fp32, rtol=0.0, atol=2e-3)
+        # Both moved far more than they differ.
+        assert (fp32 - w0).abs().max() > 10 * (bf16 - fp32).abs().max()
+
+
+# ---------------------------------------------------------------------------------- (f)
+def test_max_grad_norm_clips_the_unscaled_second_pass_gradient() -> None:
+    lr, max_norm, rho = 1.0, 1e-3, 0.5
+    model = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=lr), rho=rho)
+    reference = make_model()
+    before = weights(model)
+    x, y = batch(0)
+    tram.scaled_step(
+        optimizer, scaler(), lambda: loss_of(model, x, y, torch.float16), max_grad_norm=max_norm
+    )
+    _, first, second = hand_sam_step(
+        reference, torch.optim.SGD(reference.parameters(), lr=0.0), x, y, rho=rho, grad_scaler=None
+    )
+
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    g2 = torch.cat([g.flatten() for g in second])
+    g1 = torch.cat([g.flatten() for g in first])
+    assert g2.norm() > 100 * max_norm  # the clip is active
+    assert update.norm().item() == pytest.approx(lr * max_norm, rel=1e-3)
+    error = (update + lr * max_norm * g2 / g2.norm()).norm() / update.norm()
+    assert error < 1e-3
+    # The first-pass gradient points elsewhere: the clip did not act on it.
+    assert (update + lr * max_norm * g1 / g1.norm()).norm() / update.norm() > 10 * error
