@@ -345,7 +345,9 @@ class TwoPassOptimizer(Optimizer):
         self._after_base_step()
 
     @contextlib.contextmanager
-    def first_pass(self) -> Iterator[None]:
+    def first_pass(
+        self, *, no_sync: contextlib.AbstractContextManager[Any] | None = None
+    ) -> Iterator[None]:
         """Context for the first forward and backward of a step (at θ).
 
         ``step(closure)`` enters it itself. In the explicit form, wrap the first pass in it::
@@ -358,19 +360,27 @@ class TwoPassOptimizer(Optimizer):
 
         It runs the pass under ``model.no_sync()`` when ``local_ascent=True``, and lets a method
         observe the pass (TRAM records the forward to measure its trust region). For SAM, ASAM
-        and Fisher SAM without ``local_ascent`` it does nothing.
+        and Fisher SAM without ``local_ascent`` it does nothing. With gradient accumulation,
+        enter it for every micro-batch of the first pass.
+
+        Args:
+            no_sync: the context that suspends gradient synchronisation, used instead of
+                ``model.no_sync()`` when ``local_ascent=True`` (e.g. ``accelerator.no_sync(model)``
+                when the optimizer was built before the model was wrapped).
         """
         with contextlib.ExitStack() as stack:
             if self.local_ascent and self._ascent_due():
-                no_sync = getattr(self.model, "no_sync", None)
                 if no_sync is None:
-                    got = "None" if self.model is None else type(self.model).__name__
-                    raise ValueError(
-                        "local_ascent=True needs model= with a no_sync() context "
-                        f"(DistributedDataParallel), but got model={got}; FSDP2 supports the "
-                        "synchronised ascent only"
-                    )
-                stack.enter_context(no_sync())
+                    model_no_sync = getattr(self.model, "no_sync", None)
+                    if model_no_sync is None:
+                        got = "None" if self.model is None else type(self.model).__name__
+                        raise ValueError(
+                            "local_ascent=True needs model= with a no_sync() context "
+                            f"(DistributedDataParallel), but got model={got}; FSDP2 supports "
+                            "the synchronised ascent only"
+                        )
+                    no_sync = model_no_sync()
+                stack.enter_context(no_sync)
             stack.enter_context(self._observe_first_pass())
             yield
 
