@@ -265,6 +265,10 @@ class TRAM(TwoPassOptimizer):
         ]
         try:
             yield
+        except BaseException:
+            # A failed first pass is never measured: its records must not leak into the next.
+            self._records = []
+            raise
         finally:
             for handle in handles:
                 handle.remove()
@@ -278,8 +282,10 @@ class TRAM(TwoPassOptimizer):
                 "TRAM.first_step() found no recorded forward pass: run the first forward and "
                 "backward inside `with optimizer.first_pass():`, or use optimizer.step(closure)"
             )
-        radius = self.measure_radius()
-        self._records = []
+        try:
+            radius = self.measure_radius()
+        finally:
+            self._records = []
         if not math.isfinite(radius):
             return None
         if self.max_radius is not None:
