@@ -1,0 +1,212 @@
+"""BatchNorm running statistics keep the first pass's update only.
+
+With ``model=`` a wrapper freezes every BatchNorm's running statistics between ``first_step``
+and ``restore``, so after ``step(closure)`` they equal those after a single training-mode
+forward at θ, exactly, for any ``momentum`` (``None`` is the cumulative average).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import tram
+
+WRAPPERS = [
+    lambda base, **kw: tram.SAM(base, rho=0.05, **kw),
+    lambda base, **kw: tram.ASAM(base, rho=0.5, **kw),
+    lambda base, **kw: tram.FisherSAM(base, rho=0.1, **kw),
+]
+WRAPPER_IDS = ["SAM", "ASAM", "FisherSAM"]
+
+
+def make_cnn(momentum: float | None = 0.1, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4, momentum=momentum),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 6),
+        nn.BatchNorm1d(6, momentum=momentum),
+        nn.Linear(6, 3),
+    )
+
+
+def data(seed: int = 0) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 6, 6, generator=generator) * 2 + 0.5
+    return x, torch.randint(0, 3, (8,), generator=generator)
+
+
+def batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def assert_same_buffers(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor):
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("make", WRAPPERS, ids=WRAPPER_IDS)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+def test_with_model_the_statistics_are_those_of_the_first_pass(make, momentum) -> None:
+    model = make_cnn(momentum)
+    reference = copy.deepcopy(model)
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x, y = data()
+    for step in range(2):
+        # One training-mode forward at θ, the weights the wrapper's first pass sees.
+        reference.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            reference(x)
+        expected = buffers(reference)
+        optimizer.step(closure_for(optimizer, model, x, y))
+        assert_same_buffers(buffers(model), expected)
+        assert int(batchnorms(model)[0].num_batches_tracked) == step + 1
+        assert all(m.track_running_stats for m in batchnorms(model))
+        assert not optimizer.is_perturbed
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+def test_without_model_both_passes_update_the_statistics(momentum) -> None:
+    model = make_cnn(momentum)
+    reference = copy.deepcopy(model)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    x, y = data()
+    with torch.no_grad():
+        reference(x)
+    optimizer.step(closure_for(optimizer, model, x, y))
+    assert int(batchnorms(model)[0].num_batches_tracked) == 2
+    after, once = buffers(model), buffers(reference)
+    assert not torch.equal(after["1.running_mean"], once["1.running_mean"])
+    assert not torch.equal(after["6.running_var"], once["6.running_var"])
+
+
+def test_explicit_form_freezes_between_first_step_and_second_step() -> None:
+    model = make_cnn()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x, y = data()
+    closure = closure_for(optimizer, model, x, y)
+    closure()
+    after_first = buffers(model)
+    assert optimizer.first_step()
+    assert not any(m.track_running_stats for m in batchnorms(model))
+    closure()
+    assert_same_buffers(buffers(model), after_first)
+    optimizer.second_step()
+    assert all(m.track_running_stats for m in batchnorms(model))
+    # The next step's first pass updates them again.
+    closure()
+    assert int(batchnorms(model)[0].num_batches_tracked) == 2
+
+
+def test_statistics_unfrozen_when_the_second_pass_raises() -> None:
+    model = make_cnn()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x, y = data()
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("second pass failed")
+        return closure_for(optimizer, model, x, y)()
+
+    with pytest.raises(RuntimeError, match="second pass failed"):
+        optimizer.step(closure)
+    assert all(m.track_running_stats for m in batchnorms(model))
+    assert not optimizer.is_perturbed
+
+
+def test_modules_without_running_statistics_are_left_alone() -> None:
+    model = make_cnn()
+    untracked = nn.BatchNorm1d(6, track_running_stats=False)
+    model[6] = untracked
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x, y = data()
+    optimizer.step(closure_for(optimizer, model, x, y))
+    assert untracked.track_running_stats is False
+    assert untracked.running_mean is None
+    assert model[1].track_running_stats is True
+
+
+# ---------------------------------------------------------------------------------- context
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
+def test_frozen_running_stats_is_exact(momentum) -> None:
+    model = make_cnn(momentum)
+    x, _ = data()
+    with torch.no_grad():
+        model(x)  # non-trivial statistics to start from
+    twin = copy.deepcopy(model)
+    before = buffers(model)
+    with torch.no_grad(), tram.frozen_running_stats(model) as frozen:
+        assert frozen == batchnorms(model)
+        inside = model(x * 3 - 1)
+    assert_same_buffers(buffers(model), before)
+    assert all(m.track_running_stats for m in batchnorms(model))
+    # The output inside is the ordinary training-mode output (batch statistics)...
+    with torch.no_grad():
+        outside = twin(x * 3 - 1)
+    assert torch.equal(inside, outside)
+    # ...and only the twin's statistics moved.
+    assert not torch.equal(buffers(twin)["1.running_mean"], before["1.running_mean"])
+
+
+def test_frozen_running_stats_restores_when_the_block_raises() -> None:
+    model = make_cnn()
+    model[6].track_running_stats = False
+    model[6].running_mean = model[6].running_var = model[6].num_batches_tracked = None
+    seen = []
+
+    def fail_inside() -> None:
+        with tram.frozen_running_stats(model):
+            seen.append(model[1].track_running_stats)
+            raise ValueError("inside")
+
+    with pytest.raises(ValueError, match="inside"):
+        fail_inside()
+    assert seen == [False]
+    assert model[1].track_running_stats is True
+    assert model[6].track_running_stats is False  # it was not frozen by us: not turned on
+
+
+def test_eval_mode_forward_inside_is_unaffected() -> None:
+    model = make_cnn()
+    x, _ = data()
+    with torch.no_grad():
+        model(x)
+        model(x + 1)
+    model.eval()
+    before = buffers(model)
+    with torch.no_grad():
+        outside = model(x)
+        with tram.frozen_running_stats(model):
+            inside = model(x)
+    # Eval mode normalises with the running statistics in both cases, not the batch's.
+    assert torch.equal(inside, outside)
+    assert_same_buffers(buffers(model), before)
+    model.train()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), outside)
