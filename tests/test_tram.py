@@ -1,0 +1,969 @@
+"""TRAM against a plain implementation of the paper's Algorithm 1, and its contract.
+
+The reference (:func:`reference_tram`) is written here from the paper (Sherborne et al., ICLR
+2024, Algorithm 1 with Eq. 4, 5 and 7; Algorithm 2 for TRAM-Fisher) with ``torch.nn.functional``
+and deep copies of the model: it shares no maths with the library. It follows the choices that
+``tram/_tram.py`` documents where the paper is silent: d is the mean forward KL(target || current)
+per example (per non-padding token for language models); the noise is added to the output of the
+token embedding and drawn from a ``torch.Generator`` seeded like TRAM's, one draw per noised
+forward; θt−1 is a snapshot of the weights taken before the base update; the EMA is updated
+after it; TRAM-Fisher's first pass runs on noised embeddings and its ascent is Fisher SAM's.
+
+Dropout is off wherever two runs are compared, so that the comparisons are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tram
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 100
+HIDDEN = 32
+SIGMA = 1.0
+EMA_DECAY = 0.5
+STEPS = 3
+VARIANTS = ["noise", "pretrained", "previous", "ema", "fisher"]
+# float32 round-off between two orders of summation, over three AdamW steps (measured <= 2e-6);
+# the ascent itself moves the weights by more than 1e-2 over the same steps.
+TIGHT = {"rtol": 1e-5, "atol": 5e-6}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models: threads only contend (10x slower on a busy two-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- models
+def bert(dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        initializer_range=0.2,
+    )
+    model = transformers.BertForSequenceClassification(config).train()
+    # Softmax is shift invariant: the key bias has a zero gradient in exact arithmetic, and AdamW
+    # would turn its round-off (~1e-7) into steps of about ±lr. Frozen, it is also a frozen
+    # parameter that the reference weights must share with the live model.
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.key.bias.requires_grad_(False)
+    return model
+
+
+def gpt2(dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=HIDDEN,
+        n_layer=2,
+        n_head=2,
+        vocab_size=VOCAB,
+        n_positions=16,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    model = transformers.GPT2LMHeadModel(config).train()
+    # The key third of c_attn.bias has a zero gradient in exact arithmetic (see bert()).
+    for block in model.transformer.h:
+        block.attn.c_attn.bias.requires_grad_(False)
+    return model
+
+
+class Plain(nn.Module):
+    """Embedding, mean over positions, linear: a plain module whose forward takes a tensor."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, 4)
+        nn.init.normal_(self.head.weight, std=1.0)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def classification_batches(steps: int, seed: int = 1) -> list[dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, VOCAB, (4, 6), generator=g)
+        mask = torch.ones(4, 6, dtype=torch.long)
+        mask[1, 4:] = 0
+        labels = torch.randint(0, 3, (4,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def lm_batches(steps: int, seed: int = 2, pad_id: int = 0) -> list[dict[str, Tensor]]:
+    """Right-padded causal-LM batches: rows of 7, 4 and 6 tokens; labels -100 on padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(1, VOCAB, (3, 7), generator=g)
+        mask = torch.ones(3, 7, dtype=torch.long)
+        mask[1, 4:] = 0
+        mask[2, 6:] = 0
+        ids = ids.masked_fill(mask == 0, pad_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def plain_batches(steps: int, seed: int = 3) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(0, VOCAB, (8, 5), generator=g), torch.randint(0, 4, (8,), generator=g))
+        for _ in range(steps)
+    ]
+
+
+@dataclasses.dataclass
+class Task:
+    """A model and its batches: the loss of the user's closure, and the reference's forward."""
+
+    name: str
+    make_model: Callable[..., nn.Module]
+    batches: Callable[[int], list[Any]]
+    lr: float
+
+    @property
+    def hf(self) -> bool:
+        return self.name != "plain"
+
+    def loss(self, model: nn.Module, batch: Any) -> Tensor:
+        """What the user's closure computes: the same closure as for SAM."""
+        if self.hf:
+            return model(**batch).loss
+        ids, y = batch
+        return F.cross_entropy(model(ids), y)
+
+    def embedding_shape(self, batch: Any) -> tuple[int, ...]:
+        ids = batch["input_ids"] if self.hf else batch[0]
+        return (*ids.shape, HIDDEN if self.hf else 16)
+
+    def forward(
+        self, model: nn.Module, batch: Any, z: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(logits, loss) with ``z`` added to the token embeddings, written without hooks."""
+        if self.hf:
+            if z is None:
+                out = model(**batch)
+            else:
+                embeds = model.get_input_embeddings()(batch["input_ids"]) + z
+                rest = {k: v for k, v in batch.items() if k != "input_ids"}
+                out = model(inputs_embeds=embeds, **rest)
+            return out.logits, out.loss
+        ids, y = batch
+        h = model.embed(ids)
+        if z is not None:
+            h = h + z
+        logits = model.head(h.mean(dim=1))
+        return logits, F.cross_entropy(logits, y)
+
+    @staticmethod
+    def mask(batch: Any, logits: Tensor) -> Tensor | None:
+        return batch["attention_mask"].bool() if logits.dim() == 3 else None
+
+
+TASKS = {
+    "bert": Task("bert", bert, classification_batches, lr=1e-2),
+    "gpt2": Task("gpt2", gpt2, lm_batches, lr=1e-2),
+    "plain": Task("plain", Plain, plain_batches, lr=0.1),
+}
+
+
+# ----------------------------------------------------------------------------- the reference
+def adamw(model: nn.Module, lr: float) -> torch.optim.AdamW:
+    """The base optimizer of every run here.
+
+    eps = 1e-3: on its first steps AdamW moves an element by lr · g / (|g| + eps), so with the
+    default 1e-8 an element whose gradient is ~1e-6 amplifies the round-off between two correct
+    implementations by lr / eps into a difference far above any tight tolerance.
+    """
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, eps=1e-3)
+
+
+def mean_forward_kl(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over positions of KL(softmax(target) || softmax(current)), summed over classes."""
+    log_p = F.log_softmax(target.float(), dim=-1)
+    log_q = F.log_softmax(current.float(), dim=-1)
+    per_position = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    return per_position.mean() if mask is None else per_position[mask].mean()
+
+
+@dataclasses.dataclass
+class Run:
+    model: nn.Module
+    radii: list[float]
+    optimizer: Any = None
+
+
+def reference_tram(
+    task: Task,
+    trust_region: str,
+    steps: int = STEPS,
+    *,
+    sigma: float = SIGMA,
+    adaptive: bool = True,
+    eta: float = 0.0,
+    rho: float = 0.1,
+    fisher_eta: float = 0.1,
+    ema_decay: float = EMA_DECAY,
+    max_radius: float | None = None,
+    seed: int = 0,
+) -> Run:
+    """Algorithm 1 (Algorithm 2 for "fisher") by hand, with AdamW as the base optimizer."""
+    model = task.make_model()
+    base = adamw(model, task.lr)
+    generator = torch.Generator().manual_seed(seed)
+    target_model = copy.deepcopy(model)  # θ0, θt−1 or the EMA
+    radii: list[float] = []
+
+    def draw(batch: Any) -> Tensor:
+        return torch.randn(task.embedding_shape(batch), generator=generator) * sigma
+
+    for batch in task.batches(steps):
+        # (2) The predictive distribution and the gradient at θt (on x + z for TRAM-Fisher).
+        base.zero_grad()
+        logits, loss = task.forward(model, batch, draw(batch) if trust_region == "fisher" else None)
+        loss.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad.detach().clone() for p in params]
+        with torch.no_grad():
+            if trust_region == "fisher":
+                # ε = ρ F⁻¹ g / sqrt(gᵀ F⁻¹ g) with the diagonal F = 1 + η g² (FSAM, γ = ρ).
+                fisher = [1 + fisher_eta * g * g for g in grads]
+                norm = torch.sqrt(sum((g * g / f).sum() for g, f in zip(grads, fisher)))
+                epsilon = [rho * (g / f) / (norm + 1e-12) for g, f in zip(grads, fisher)]
+            else:
+                # (3) The trust-region distance: Eq. 5 (noise) or Eq. 4 (reference weights).
+                if trust_region == "noise":
+                    target_logits, _ = task.forward(model, batch, draw(batch))
+                else:
+                    target_logits, _ = task.forward(target_model, batch)
+                d = mean_forward_kl(target_logits, logits, task.mask(batch, logits)).item()
+                if max_radius is not None:
+                    d = min(d, max_radius)
+                radii.append(d)
+                # (4) Eq. 7: ε = d T² g / ‖T g‖ with T = |θ| + η (ASAM form) or T = 1 (SAM form).
+                scales = [p.abs() + eta if adaptive else torch.ones_like(p) for p in params]
+                norm = torch.sqrt(sum(((t * g) ** 2).sum() for t, g in zip(scales, grads)))
+                epsilon = [d * t * t * g / (norm + 1e-12) for t, g in zip(scales, grads)]
+            # (5) The ascent.
+            saved = [p.detach().clone() for p in params]
+            for p, e in zip(params, epsilon):
+                p.add_(e)
+        # (6) The gradient at θ + ε, on the clean batch.
+        base.zero_grad()
+        task.forward(model, batch)[1].backward()
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+            if trust_region == "previous":
+                target_model.load_state_dict(model.state_dict())  # θt, before the update
+        # (7) The descent, by the base optimizer, from θ.
+        base.step()
+        if trust_region == "ema":
+            with torch.no_grad():
+                for t, p in zip(target_model.parameters(), model.parameters()):
+                    t.mul_(ema_decay).add_(p, alpha=1 - ema_decay)
+    return Run(model, radii)
+
+
+# ----------------------------------------------------------------------------- the library
+def make_tram(task: Task, model: nn.Module, trust_region: str, **kwargs: Any) -> tram.TRAM:
+    options = {"sigma": SIGMA, "ema_decay": EMA_DECAY, **kwargs}
+    return tram.TRAM(adamw(model, task.lr), model, trust_region=trust_region, **options)
+
+
+def closure_for(task: Task, optimizer: Any, model: nn.Module, batch: Any) -> Callable[[], Tensor]:
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def library_tram(
+    task: Task,
+    trust_region: str,
+    steps: int = STEPS,
+    *,
+    explicit: bool = False,
+    model: nn.Module | None = None,
+    **kwargs: Any,
+) -> Run:
+    model = task.make_model() if model is None else model
+    optimizer = make_tram(task, model, trust_region, **kwargs)
+    for batch in task.batches(steps):
+        closure = closure_for(task, optimizer, model, batch)
+        if explicit:
+            with optimizer.first_pass():
+                closure()
+            if optimizer.first_step():
+                closure()
+            optimizer.second_step()
+        else:
+            optimizer.step(closure)
+        assert not optimizer.is_perturbed
+    return Run(model, list(optimizer.radius_history), optimizer)
+
+
+def plain_adamw(task: Task, steps: int = STEPS) -> nn.Module:
+    model = task.make_model()
+    base = adamw(model, task.lr)
+    for batch in task.batches(steps):
+        base.step(closure_for(task, base, model, batch))
+    return model
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in pairs)
+
+
+def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, **TIGHT, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def hook_count(model: nn.Module) -> int:
+    """Every module hook of ``model`` and every global module hook."""
+    count = 0
+    for module in model.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
+            count += len(getattr(module, name, {}))
+    globals_ = torch.nn.modules.module
+    for name in (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    ):
+        count += len(getattr(globals_, name, {}))
+    return count
+
+
+# ============================================================================= Algorithm 1
+@pytest.mark.parametrize("trust_region", VARIANTS)
+@pytest.mark.parametrize("task_name", list(TASKS))
+def test_equals_algorithm_1(task_name: str, trust_region: str) -> None:
+    task = TASKS[task_name]
+    reference = reference_tram(task, trust_region)
+    library = library_tram(task, trust_region)
+    assert_same_params(library.model, reference.model)
+    if trust_region == "fisher":
+        assert library.radii == []  # no d: the radius is rho
+    else:
+        assert len(library.radii) == STEPS
+        torch.testing.assert_close(library.radii, reference.radii, rtol=1e-5, atol=0)
+        # A trust region that is there: d is not negligible (θt−1 and θ0 equal θ at step 1).
+        assert min(library.radii[1:]) > 1e-3
+        if trust_region in ("pretrained", "previous"):
+            assert library.radii[0] == 0.0
+    # The ascent matters: without it the weights are far from TRAM's (the test can fail).
+    assert max_diff(library.model, plain_adamw(task)) > 100 * TIGHT["atol"]
+
+
+@pytest.mark.parametrize("trust_region", ["noise", "pretrained"])
+@pytest.mark.parametrize("options", [{"adaptive": False}, {"eta": 0.05}], ids=["sam", "eta"])
+def test_sam_form_and_eta_equal_algorithm_1(trust_region: str, options: dict[str, Any]) -> None:
+    task = TASKS["bert"]
+    reference = reference_tram(task, trust_region, **options)
+    library = library_tram(task, trust_region, **options)
+    assert_same_params(library.model, reference.model)
+    torch.testing.assert_close(library.radii, reference.radii, rtol=1e-5, atol=0)
+    default = reference_tram(task, trust_region)
+    assert max_diff(library.model, default.model) > 100 * TIGHT["atol"]
+
+
+def test_max_radius_clips_d() -> None:
+    task = TASKS["plain"]
+    unclipped = reference_tram(task, "noise").radii
+    limit = 0.4
+    assert max(unclipped) > limit > min(unclipped)
+    reference = reference_tram(task, "noise", max_radius=limit)
+    library = library_tram(task, "noise", max_radius=limit)
+    assert library.radii == pytest.approx(reference.radii, rel=1e-5)
+    assert library.radii[:2] == [limit, limit]
+    assert library.radii[2] < limit
+    assert_same_params(library.model, reference.model)
+    assert max_diff(library.model, reference_tram(task, "noise").model) > 100 * TIGHT["atol"]
+
+
+@pytest.mark.parametrize(
+    ("task_name", "trust_region"),
+    [(name, variant) for variant in VARIANTS for name in ("plain",)] + [("bert", "noise")],
+)
+def test_explicit_form_equals_step_closure(task_name: str, trust_region: str) -> None:
+    task = TASKS[task_name]
+    closure_run = library_tram(task, trust_region)
+    explicit_run = library_tram(task, trust_region, explicit=True)
+    assert_same_params(explicit_run.model, closure_run.model, exact=True)
+    assert explicit_run.radii == closure_run.radii
+
+
+def test_first_step_without_first_pass_raises() -> None:
+    task = TASKS["plain"]
+    model = task.make_model()
+    optimizer = make_tram(task, model, "noise")
+    closure_for(task, optimizer, model, task.batches(1)[0])()
+    with pytest.raises(RuntimeError, match=r"no recorded forward pass.*first_pass\(\)"):
+        optimizer.first_step()
+    assert not optimizer.is_perturbed
+
+
+# ============================================================================= causal LM padding
+def test_lm_radius_is_the_mean_over_non_pad_tokens() -> None:
+    """d with right padding equals d over the real tokens only, run row by row unpadded."""
+    model = gpt2()
+    optimizer = make_tram(TASKS["gpt2"], model, "pretrained")
+    pretrained = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # frozen parameters are shared with the reference
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    current = copy.deepcopy(model)
+    batch = lm_batches(1)[0]
+    optimizer.step(closure_for(TASKS["gpt2"], optimizer, model, batch))
+
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in range(3):
+            length = int(batch["attention_mask"][row].sum())
+            ids = batch["input_ids"][row : row + 1, :length]
+            kl = mean_forward_kl(pretrained(ids).logits, current(ids).logits)
+            total += float(kl) * length
+            tokens += length
+        padded = mean_forward_kl(pretrained(**batch).logits, current(**batch).logits)
+    assert tokens == 17
+    assert optimizer.last_radius == pytest.approx(total / tokens, rel=1e-5)
+    # Averaging over every position (padding included) would give another number.
+    assert abs(float(padded) - total / tokens) > 0.01 * total / tokens
+
+
+def test_lm_radius_ignores_what_padding_holds() -> None:
+    radii = []
+    for pad_id in (0, 57):
+        model = gpt2()
+        optimizer = make_tram(TASKS["gpt2"], model, "noise")
+        batch = lm_batches(1, pad_id=pad_id)[0]
+        optimizer.step(closure_for(TASKS["gpt2"], optimizer, model, batch))
+        radii.append(optimizer.last_radius)
+    assert radii[0] == pytest.approx(radii[1], rel=1e-6)
+
+
+def test_lm_labels_mask_when_there_is_no_attention_mask() -> None:
+    """Without attention_mask, the positions whose label is -100 are left out of d."""
+    task = TASKS["gpt2"]
+    model = gpt2()
+    optimizer = make_tram(task, model, "noise")
+    batch = lm_batches(1)[0]
+    no_mask = {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    reference_model = copy.deepcopy(model)
+    optimizer.step(closure_for(task, optimizer, model, no_mask))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        clean = reference_model(**no_mask).logits
+        z = torch.randn(task.embedding_shape(batch), generator=generator) * SIGMA
+        embeds = reference_model.get_input_embeddings()(batch["input_ids"]) + z
+        noised = reference_model(inputs_embeds=embeds, labels=batch["labels"]).logits
+    expected = mean_forward_kl(noised, clean, batch["labels"] != -100)
+    assert optimizer.last_radius == pytest.approx(float(expected), rel=1e-5)
+
+
+# ============================================================================= dropout
+@pytest.mark.parametrize("make_model", [bert, gpt2], ids=["bert", "gpt2"])
+def test_sigma_zero_gives_exactly_zero_radius_with_dropout(make_model: Callable) -> None:
+    task = TASKS["bert" if make_model is bert else "gpt2"]
+    model = make_model(dropout=0.1)
+    run = library_tram(task, "noise", model=model, sigma=0.0)
+    assert run.radii == [0.0] * STEPS
+
+
+def test_previous_at_the_first_step_is_exactly_zero_with_dropout() -> None:
+    run = library_tram(TASKS["bert"], "previous", model=bert(dropout=0.1))
+    assert run.radii[0] == 0.0
+    assert min(run.radii[1:]) > 0.0
+
+
+def test_without_replay_dropout_counts_in_d() -> None:
+    """replay_dropout=False is the paper's behaviour: fresh masks, so d > 0 even for σ = 0."""
+    run = library_tram(
+        TASKS["bert"], "noise", model=bert(dropout=0.1), sigma=0.0, replay_dropout=False
+    )
+    assert min(run.radii) > 1e-4
+
+
+@pytest.mark.parametrize("sigma", [0.0, SIGMA])
+def test_reference_forward_leaves_the_training_rng_stream_alone(sigma: float) -> None:
+    """A TRAM step draws from the global RNG exactly what a SAM step with the same closure does.
+
+    Both run the closure twice; the reference forward of TRAM replays the first pass's dropout
+    under a forked RNG and draws its noise from its own generator, so the global stream after
+    the step (and with it every later dropout mask) is the same as SAM's.
+    """
+    task = TASKS["bert"]
+    batch = classification_batches(1)[0]
+    states = {}
+    for name in ("sam", "tram", "tram_no_replay"):
+        model = bert(dropout=0.1)
+        base = adamw(model, task.lr)
+        if name == "sam":
+            optimizer: Any = tram.SAM(base, rho=0.05)
+        else:
+            replay = name == "tram"
+            optimizer = tram.TRAM(base, model, sigma=sigma, replay_dropout=replay)
+        torch.manual_seed(1234)
+        optimizer.step(closure_for(task, optimizer, model, batch))
+        states[name] = torch.get_rng_state()
+    assert torch.equal(states["tram"], states["sam"])
+    assert not torch.equal(states["tram_no_replay"], states["sam"])
+
+
+def test_sigma_zero_with_dropout_is_sam_with_zero_radius_bit_for_bit() -> None:
+    """d = 0 exactly and the second pass sees SAM's dropout masks: the same weights, bitwise."""
+    task = TASKS["bert"]
+    models = {}
+    for name in ("sam", "tram"):
+        model = bert(dropout=0.1)
+        base = adamw(model, task.lr)
+        if name == "sam":
+            optimizer: Any = tram.SAM(base, rho=0.0)
+        else:
+            optimizer = tram.TRAM(base, model, sigma=0.0)
+        torch.manual_seed(99)
+        for batch in task.batches(STEPS):
+            optimizer.step(closure_for(task, optimizer, model, batch))
+        models[name] = model
+    assert_same_params(models["tram"], models["sam"], exact=True)
+
+
+# ============================================================================= batch and hooks
+@pytest.mark.parametrize(
+    ("task_name", "trust_region"),
+    [("bert", "noise"), ("bert", "pretrained"), ("bert", "fisher"), ("gpt2", "noise")],
+)
+def test_caller_batch_is_unchanged(task_name: str, trust_region: str) -> None:
+    task = TASKS[task_name]
+    model = task.make_model()
+    optimizer = make_tram(task, model, trust_region)
+    batch = task.batches(1)[0]
+    keys = list(batch)
+    tensors = {k: v for k, v in batch.items()}
+    values = {k: v.clone() for k, v in batch.items()}
+    optimizer.step(closure_for(task, optimizer, model, batch))
+    assert list(batch) == keys
+    for key in keys:
+        assert batch[key] is tensors[key]
+        assert torch.equal(batch[key], values[key])
+        assert not batch[key].requires_grad
+
+
+@pytest.mark.parametrize("trust_region", VARIANTS)
+def test_no_hooks_remain_after_a_step(trust_region: str) -> None:
+    for task in (TASKS["plain"], TASKS["bert"]):
+        model = task.make_model()
+        before = hook_count(model)
+        run = library_tram(task, trust_region, steps=1, model=model)
+        assert hook_count(run.model) == before
+
+
+class RaisesWithoutGrad(Plain):
+    """Fails in any forward run without gradients: TRAM's reference forward."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            raise RuntimeError("reference forward failed")
+        return super().forward(ids)
+
+
+@pytest.mark.parametrize("trust_region", VARIANTS)
+@pytest.mark.parametrize("where", ["pass 1", "pass 2", "first_step"])
+def test_no_hooks_remain_after_an_exception(trust_region: str, where: str) -> None:
+    if where == "first_step" and trust_region == "fisher":
+        pytest.skip("TRAM-Fisher runs no reference forward")
+    task = TASKS["plain"]
+    model = RaisesWithoutGrad() if where == "first_step" else task.make_model()
+    before_hooks = hook_count(model)
+    optimizer = make_tram(task, model, trust_region)
+    ids, y = task.batches(1)[0]
+    weights = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure() -> Tensor:
+        calls.append(1)
+        optimizer.zero_grad()
+        logits = model(ids)
+        if (where == "pass 1" and len(calls) == 1) or (where == "pass 2" and len(calls) == 2):
+            raise RuntimeError(f"failed in {where}")
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="failed"):
+        optimizer.step(closure)
+    assert hook_count(model) == before_hooks
+    assert not optimizer.is_perturbed
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+
+
+class FailsOnce(Plain):
+    """Its next forward without gradients (TRAM's reference forward) raises, once."""
+
+    fail_reference = False
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.fail_reference and not torch.is_grad_enabled():
+            self.fail_reference = False
+            raise RuntimeError("reference forward failed")
+        return super().forward(ids)
+
+
+@pytest.mark.parametrize("trust_region", ["noise", "pretrained"])
+@pytest.mark.parametrize("where", ["pass 1", "first_step"])
+def test_a_failed_step_leaves_nothing_behind_for_the_next(trust_region: str, where: str) -> None:
+    """After a step that raised, the next step measures d on its own batch only."""
+    task = TASKS["plain"]
+    batches = task.batches(2)
+    radii = []
+    for fail in (False, True):
+        model = FailsOnce()
+        optimizer = make_tram(task, model, trust_region)
+        with torch.no_grad():  # so that θ0 differs from θ
+            model.head.weight.mul_(1.5)
+        if fail:
+            ids, y = batches[1]
+
+            def failing(optimizer=optimizer, model=model, ids=ids, y=y) -> Tensor:
+                optimizer.zero_grad()
+                logits = model(ids)
+                if where == "pass 1":
+                    raise RuntimeError("failed after the forward")
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+                return loss
+
+            model.fail_reference = where == "first_step"
+            with pytest.raises(RuntimeError, match="failed"):
+                optimizer.step(failing)
+        optimizer.step(closure_for(task, optimizer, model, batches[0]))
+        radii.append(optimizer.last_radius)
+    assert radii[1] == radii[0]
+
+
+# ============================================================================= resume
+def _checkpoint(model: nn.Module, optimizer: tram.TRAM) -> dict[str, Any]:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("trust_region", VARIANTS)
+def test_resume_is_bit_exact(trust_region: str) -> None:
+    task = TASKS["bert"]
+    batches = task.batches(6)
+    straight = library_tram(task, trust_region, steps=6)
+
+    first = library_tram(task, trust_region, steps=3)
+    checkpoint = _checkpoint(first.model, first.optimizer)
+    # A fresh model and optimizer, built from other weights: θ0 must come from the checkpoint.
+    model = bert(seed=7)
+    optimizer = make_tram(task, model, trust_region)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    assert optimizer.steps == 3
+    for batch in batches[3:]:
+        optimizer.step(closure_for(task, optimizer, model, batch))
+
+    assert_same_params(model, straight.model, exact=True)
+    assert optimizer.radius_history == straight.radii[3:]
+    for p, q in zip(model.parameters(), straight.model.parameters()):
+        assert set(optimizer.state[p]) == set(straight.optimizer.state[q])
+        for key, value in straight.optimizer.state[q].items():
+            assert torch.equal(torch.as_tensor(optimizer.state[p][key]), torch.as_tensor(value))
+    assert torch.equal(optimizer._generator.get_state(), straight.optimizer._generator.get_state())
+    if optimizer.reference is not None:
+        for name, tensor in straight.optimizer.reference.tensors.items():
+            assert torch.equal(optimizer.reference.tensors[name], tensor), name
+
+
+def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:
+    task = TASKS["plain"]
+    noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["tram"]
+    assert set(noise) == {"steps", "skipped_ascents", "generator"}
+    previous = library_tram(task, "previous", steps=2)
+    state = previous.optimizer.state_dict()["tram"]
+    assert set(state["reference"]) == {"embed.weight", "head.weight", "head.bias"}
+    # θt−1 is saved, not θt.
+    assert not torch.equal(state["reference"]["head.weight"], previous.model.head.weight)
+
+
+# ============================================================================= options
+class NanWithoutGrad(Plain):
+    """Returns NaN only in forwards without gradients, i.e. in TRAM's reference forward."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = super().forward(ids)
+        return out if torch.is_grad_enabled() else out * math.nan
+
+
+@pytest.mark.parametrize("how", ["logits_fn", "model"])
+def test_non_finite_radius_skips_the_ascent(how: str) -> None:
+    task = TASKS["plain"]
+    if how == "logits_fn":
+        model = task.make_model()
+
+        def logits_fn(output: Tensor) -> Tensor:
+            return output if torch.is_grad_enabled() else output * math.nan
+
+        optimizer = make_tram(task, model, "noise", logits_fn=logits_fn)
+    else:
+        model = NanWithoutGrad()
+        optimizer = make_tram(task, model, "pretrained")
+    plain = task.make_model()
+    plain.load_state_dict(model.state_dict())
+    base = adamw(plain, task.lr)
+    batch = task.batches(1)[0]
+    calls = []
+    closure = closure_for(task, optimizer, model, batch)
+
+    def counted() -> Tensor:
+        calls.append(1)
+        return closure()
+
+    with pytest.warns(RuntimeWarning, match="radius is not finite"):
+        optimizer.step(counted)
+    assert calls == [1]
+    assert optimizer.skipped_ascents == 1
+    assert optimizer.radius_history == []
+    assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
+    # The step was a plain base step with the first pass's gradient.
+    base.step(closure_for(task, base, plain, batch))
+    assert_same_params(model, plain, exact=True)
+
+
+def test_reference_dtype_bfloat16_halves_the_memory_and_keeps_d() -> None:
+    task = TASKS["bert"]
+    model = bert()
+    radii, optimizers = {}, {}
+    g = torch.Generator().manual_seed(3)
+    shift = [torch.randn(p.shape, generator=g) * 0.1 * p.requires_grad for p in model.parameters()]
+    for dtype in (None, torch.bfloat16):
+        copy_ = copy.deepcopy(model)
+        optimizer = make_tram(task, copy_, "pretrained", reference_dtype=dtype)
+        with torch.no_grad():
+            for p, s in zip(copy_.parameters(), shift):
+                p.add_(s)
+        optimizer.step(closure_for(task, optimizer, copy_, task.batches(1)[0]))
+        radii[dtype], optimizers[dtype] = optimizer.last_radius, optimizer
+    assert radii[None] > 0.02
+    assert radii[torch.bfloat16] == pytest.approx(radii[None], rel=5e-2)
+    full, half = optimizers[None].reference.tensors, optimizers[torch.bfloat16].reference.tensors
+    assert all(t.dtype == torch.bfloat16 and t.element_size() == 2 for t in half.values())
+    assert 2 * sum(t.nbytes for t in half.values()) == sum(t.nbytes for t in full.values())
+
+
+def test_gradient_accumulation_radius_is_the_mean_over_micro_batches() -> None:
+    task = TASKS["bert"]
+    model = bert()
+    reference_model = copy.deepcopy(model)
+    optimizer = make_tram(task, model, "noise")
+    micro = classification_batches(2, seed=11)
+    closure = tram.accumulating_closure(optimizer, micro, lambda b: model(**b).loss, model=model)
+    optimizer.step(closure)
+
+    generator = torch.Generator().manual_seed(0)
+    per_micro = []
+    with torch.no_grad():
+        for batch in micro:  # one draw per recorded forward, in order
+            clean, _ = task.forward(reference_model, batch)
+            z = torch.randn(task.embedding_shape(batch), generator=generator) * SIGMA
+            noised, _ = task.forward(reference_model, batch, z)
+            per_micro.append(float(mean_forward_kl(noised, clean)))
+    assert optimizer.radius_history == pytest.approx([sum(per_micro) / 2], rel=1e-5)
+    assert abs(per_micro[0] - per_micro[1]) > 1e-3  # the mean is not either of them
+
+
+def test_ascent_every_skips_recording_and_the_second_pass() -> None:
+    task = TASKS["plain"]
+    model = task.make_model()
+    optimizer = make_tram(task, model, "noise", ascent_every=2)
+    forwards: list[bool] = []
+    model.head.register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+    hooks_at_rest = hook_count(model)
+    calls, hooks_seen = [], []
+    for step, batch in enumerate(task.batches(4)):
+        closure = closure_for(task, optimizer, model, batch)
+
+        def counted(step: int = step, closure: Callable = closure) -> Tensor:
+            calls.append(step)
+            hooks_seen.append(hook_count(model) - hooks_at_rest)
+            return closure()
+
+        optimizer.step(counted)
+    assert calls == [0, 0, 1, 2, 2, 3]
+    # Recording hooks during the first pass of ascent steps only (none at θ+ε, none off-step).
+    assert [seen > 0 for seen in hooks_seen] == [True, False, False, True, False, False]
+    # Ascent steps: 2 forwards with gradient and 1 reference forward without; off-steps: 1.
+    assert forwards == [True, False, True, True, True, False, True, True]
+    assert len(optimizer.radius_history) == 2
+
+
+# ============================================================================= bad input
+def test_bad_arguments_are_rejected() -> None:
+    model = Plain()
+
+    def base() -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    with pytest.raises(
+        ValueError, match=r"Invalid trust_region: 'prior'\. Expected one of: 'noise'"
+    ):
+        tram.TRAM(base(), model, trust_region="prior")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Invalid sigma: -0\.1"):
+        tram.TRAM(base(), model, sigma=-0.1)
+    with pytest.raises(
+        ValueError, match=r"Invalid noise: 'laplace'\. Expected 'gaussian' or 'uniform'"
+    ):
+        tram.TRAM(base(), model, noise="laplace")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, but got dict"):
+        tram.TRAM(base(), {"weights": 1})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Unknown divergence: 'kl'\. Expected one of"):
+        tram.TRAM(base(), model, divergence="kl")
+    with pytest.raises(ValueError, match=r"Invalid ema_decay: 1\.5"):
+        tram.TRAM(base(), model, trust_region="ema", ema_decay=1.5)
+    with pytest.raises(ValueError, match=r"Invalid max_radius: -1"):
+        tram.TRAM(base(), model, max_radius=-1.0)
+
+
+class TwoEmbeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens = nn.Embedding(VOCAB, 8)
+        self.positions = nn.Embedding(5, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head((self.tokens(ids) + self.positions.weight[: ids.shape[1]]).mean(1))
+
+
+def test_embeddings_that_cannot_be_found_must_be_named() -> None:
+    model = TwoEmbeddings()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"Cannot find the input embeddings of TwoEmbeddings.*module="
+    ):
+        tram.TRAM(base, model, trust_region="noise")
+    # Targets without noise need no embeddings.
+    tram.TRAM(base, model, trust_region="pretrained")
+    optimizer = tram.TRAM(base, model, trust_region="noise", embeddings="tokens")
+    assert optimizer.embeddings is model.tokens
+    ids, y = torch.randint(0, VOCAB, (4, 5)), torch.randint(0, 3, (4,))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(ids), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.last_radius > 0
+
+
+class DictOutput(Plain):
+    def forward(self, ids: Tensor) -> Any:  # type: ignore[override]
+        return {"scores": super().forward(ids)}
+
+
+class TupleOutput(Plain):
+    def forward(self, ids: Tensor) -> Any:  # type: ignore[override]
+        return (super().forward(ids),)
+
+
+@pytest.mark.parametrize("model_cls", [DictOutput, TupleOutput])
+def test_output_without_logits_needs_logits_fn(model_cls: type[nn.Module]) -> None:
+    model = model_cls()
+    before = hook_count(model)
+    ids, y = plain_batches(1)[0]
+
+    def scores(output: Any) -> Tensor:
+        return output["scores"] if isinstance(output, dict) else output[0]
+
+    def run(optimizer: tram.TRAM) -> None:
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(scores(model(ids)), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    with pytest.raises(
+        TypeError, match=r"cannot find logits in a model output of type .*logits_fn="
+    ):
+        run(make_tram(TASKS["plain"], model, "noise"))
+    assert hook_count(model) == before
+    optimizer = make_tram(TASKS["plain"], model, "noise", logits_fn=scores)
+    run(optimizer)
+    assert optimizer.last_radius > 0
+
+
+def test_reference_logits_of_another_shape_are_rejected() -> None:
+    def logits_fn(output: Tensor) -> Tensor:
+        return output if torch.is_grad_enabled() else output[:, :2]
+
+    task = TASKS["plain"]
+    model = task.make_model()
+    optimizer = make_tram(task, model, "pretrained", logits_fn=logits_fn)
+    message = (
+        r"the reference logits and the recorded logits must have the same shape, "
+        r"but got \(8, 2\) and \(8, 4\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        optimizer.step(closure_for(task, optimizer, model, task.batches(1)[0]))
+    assert not optimizer.is_perturbed
