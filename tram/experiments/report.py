@@ -1,0 +1,364 @@
+"""Aggregate the results files of a sweep into a Markdown table and a plot.
+
+    tram-report outputs/multirun/<name>/<time> [more dirs or results.json files]
+        [--baseline adamw] [--out DIR] [--no-plot]
+
+Every ``results.json`` below the given paths is read (see :mod:`tram.experiments.run`); runs are
+grouped by task and model, and within a group by optimizer. For each optimizer the table gives
+the in-domain metric, each out-of-domain metric and their average as mean ± the half-width of
+the 95% confidence interval over seeds (Student's t, n − 1 degrees of freedom); accuracy is in
+percent, perplexity as it is; the best mean of each column is in bold. A second table tests each
+optimizer against the baseline (AdamW by default) on the in-domain metric and on the OOD average,
+pairing runs by seed: the mean difference, the paired t-test p-value and the Wilcoxon
+signed-rank p-value (both two-sided, from scipy; "–" when fewer than two seeds pair up, or
+when every difference is zero for Wilcoxon).
+
+The report is printed and written to ``<out>/report.md`` with a bar chart ``<out>/report.png``
+(``out`` defaults to the first directory given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ORDER", "Group", "collect", "main", "render", "summarize"]
+
+RESULTS_FILE = "results.json"
+ORDER = [
+    "adamw",
+    "sam",
+    "asam",
+    "fsam",
+    "trpo",
+    "r3f",
+    "r4f",
+    "mesa",
+    "tram_theta0",
+    "tram_prev",
+    "tram_x",
+    "tram_fisher",
+]
+"""Row order: the paper's tables (unknown names follow, sorted)."""
+
+OOD_AVG = "OOD avg"
+
+
+@dataclass
+class Group:
+    """All runs of one task and model: optimizer -> seed -> results."""
+
+    task: str
+    model: str
+    metric: str
+    higher_is_better: bool
+    train_domain: str
+    ood_domains: list[str]
+    runs: dict[str, dict[int, dict[str, Any]]]
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.train_domain, *self.ood_domains, OOD_AVG]
+
+    @property
+    def optimizers(self) -> list[str]:
+        known = [name for name in ORDER if name in self.runs]
+        return known + sorted(name for name in self.runs if name not in ORDER)
+
+    def value(self, results: dict[str, Any], column: str) -> float:
+        if column == OOD_AVG:
+            value = results.get("ood_average")
+        else:
+            value = results["domains"][column][self.metric]
+        value = float("nan") if value is None else float(value)
+        return value * 100.0 if self.metric == "accuracy" else value
+
+    def values(self, optimizer: str, column: str) -> dict[int, float]:
+        return {seed: self.value(r, column) for seed, r in self.runs[optimizer].items()}
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def collect(paths: Sequence[str | Path]) -> list[Group]:
+    """Read every results file under ``paths`` and group them."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(sorted(path.rglob(RESULTS_FILE)))
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    if not files:
+        raise FileNotFoundError(f"no {RESULTS_FILE} under {', '.join(map(str, paths))}")
+    groups: dict[tuple[str, str], Group] = {}
+    mtimes: dict[tuple[str, str, str, int], float] = {}
+    for file in files:
+        try:
+            results = json.loads(file.read_text())
+            key = (str(results["task"]), str(results["model"]))
+            optimizer, seed = str(results["optimizer"]), int(results["seed"])
+            metric = str(results["metric"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{file}: not a tram results file ({error})") from error
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = Group(
+                task=key[0],
+                model=key[1],
+                metric=metric,
+                higher_is_better=bool(results.get("higher_is_better", metric == "accuracy")),
+                train_domain=str(results["train_domain"]),
+                ood_domains=[str(d) for d in results["ood_domains"]],
+                runs=defaultdict(dict),
+            )
+        elif metric != group.metric or str(results["train_domain"]) != group.train_domain:
+            raise ValueError(f"{file}: its metric or training domain differs from the other runs")
+        previous = mtimes.get((*key, optimizer, seed))
+        mtime = file.stat().st_mtime
+        if previous is not None:
+            warnings.warn(
+                f"{key[0]}/{key[1]}: several runs of {optimizer} with seed {seed}; using the "
+                "newest",
+                stacklevel=2,
+            )
+            if mtime < previous:
+                continue
+        mtimes[(*key, optimizer, seed)] = mtime
+        group.runs[optimizer][seed] = results
+    return [groups[key] for key in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------ statistics
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval (None for fewer than two values)."""
+    from scipy import stats
+
+    clean = [v for v in values if math.isfinite(v)]
+    if not clean:
+        return float("nan"), None
+    mean = sum(clean) / len(clean)
+    if len(clean) < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in clean) / (len(clean) - 1))
+    return mean, float(stats.t.ppf(0.975, len(clean) - 1)) * sd / math.sqrt(len(clean))
+
+
+def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
+    """Paired comparison of ``a`` against ``b`` over their common seeds."""
+    from scipy import stats
+
+    seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
+    diffs = [a[s] - b[s] for s in seeds]
+    out: dict[str, Any] = {"n": len(seeds), "diff": None, "t_p": None, "wilcoxon_p": None}
+    if not diffs:
+        return out
+    out["diff"] = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if any(d != diffs[0] for d in diffs):
+            out["t_p"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
+        elif diffs[0] == 0:
+            out["t_p"] = 1.0
+        else:  # a constant, non-zero difference: no variance, the t statistic is infinite
+            out["t_p"] = 0.0
+        if any(d != 0 for d in diffs):
+            out["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
+    return out
+
+
+def summarize(group: Group) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """optimizer -> column -> (mean, CI half-width)."""
+    return {
+        name: {c: mean_ci(list(group.values(name, c).values())) for c in group.columns}
+        for name in group.optimizers
+    }
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _number(value: float | None, digits: int) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def render(groups: Sequence[Group], baseline: str = "adamw") -> str:
+    """The Markdown report of ``groups``."""
+    lines: list[str] = []
+    for group in groups:
+        digits = 1 if group.metric == "accuracy" else 2
+        unit = "accuracy, %" if group.metric == "accuracy" else "perplexity, lower is better"
+        summary = summarize(group)
+        lines += [f"## {group.task} · {group.model} ({unit})", ""]
+        lines.append(
+            f"Trained on **{group.train_domain}**; mean ± 95% CI over seeds (Student's t)."
+        )
+        lines.append("")
+        header = [
+            "Optimizer",
+            f"{group.train_domain} (in-domain)",
+            *group.ood_domains,
+            OOD_AVG,
+            "Seeds",
+            "Train time (s)",
+        ]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        best = {}
+        for column in group.columns:
+            means = [summary[n][column][0] for n in group.optimizers]
+            finite = [m for m in means if math.isfinite(m)]
+            if finite:
+                best[column] = max(finite) if group.higher_is_better else min(finite)
+        for name in group.optimizers:
+            cells = [name]
+            for column in group.columns:
+                mean, ci = summary[name][column]
+                cell = _number(mean, digits)
+                if ci is not None:
+                    cell += f" ± {_number(ci, digits)}"
+                if len(group.optimizers) > 1 and best.get(column) == mean:
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            runs = group.runs[name]
+            times = [float(r.get("train_time_s", float("nan"))) for r in runs.values()]
+            cells += [str(len(runs)), _number(sum(times) / len(times), 0)]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += _tests(group, baseline, digits)
+        radius = {
+            n: [
+                float(r["mean_radius"])
+                for r in group.runs[n].values()
+                if r.get("mean_radius") is not None
+            ]
+            for n in group.optimizers
+        }
+        radius = {n: v for n, v in radius.items() if v}
+        if radius:
+            parts = [f"{n} {sum(v) / len(v):.3g}" for n, v in radius.items()]
+            lines += [f"Mean ascent radius (TRAM's d): {', '.join(parts)}.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _tests(group: Group, baseline: str, digits: int) -> list[str]:
+    if baseline not in group.runs:
+        return [f"No {baseline} runs: no paired tests.", ""]
+    others = [n for n in group.optimizers if n != baseline]
+    if not others:
+        return []
+    lines = [
+        f"Paired tests against {baseline} over seeds (difference = optimizer − {baseline}; "
+        "two-sided p-values):",
+        "",
+        "| Optimizer | Metric | Difference | Pairs | t-test p | Wilcoxon p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in others:
+        for column, label in ((group.train_domain, "in-domain"), (OOD_AVG, OOD_AVG)):
+            test = paired_tests(group.values(name, column), group.values(baseline, column))
+            diff = test["diff"]
+            text = "–" if diff is None else f"{diff:+.{digits}f}"
+            lines.append(
+                f"| {name} | {label} | {text} | {test['n']} | {_p(test['t_p'])} | "
+                f"{_p(test['wilcoxon_p'])} |"
+            )
+    lines.append("")
+    return lines
+
+
+def plot(groups: Sequence[Group], path: Path) -> Path:
+    """Grouped bars (one per optimizer) per domain with 95% CI error bars, one panel per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(max(6.0, 1.3 * max(len(g.columns) for g in groups) + 2), 3.6 * len(groups)),
+        squeeze=False,
+    )
+    for ax, group in zip(axes[:, 0], groups, strict=True):
+        summary = summarize(group)
+        names = group.optimizers
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            means = [summary[name][c][0] for c in group.columns]
+            errors = [summary[name][c][1] or 0.0 for c in group.columns]
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(group.columns))]
+            ax.bar(xs, means, width, yerr=errors, capsize=2, label=name)
+        ax.set_xticks(range(len(group.columns)))
+        ax.set_xticklabels([f"{group.train_domain}\n(in-domain)", *group.ood_domains, OOD_AVG])
+        ax.set_ylabel("accuracy (%)" if group.metric == "accuracy" else "perplexity")
+        finite = [
+            summary[n][c][0]
+            for n in names
+            for c in group.columns
+            if math.isfinite(summary[n][c][0])
+        ]
+        if finite and group.metric == "accuracy":
+            ax.set_ylim(max(0.0, min(finite) - 10.0), min(100.0, max(finite) + 5.0))
+        ax.set_title(f"{group.task} · {group.model}")
+        ax.legend(fontsize="small", ncol=min(len(names), 4))
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tram-report``: print the report of the given sweep directories, write .md and .png."""
+    parser = argparse.ArgumentParser(prog="tram-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="sweep directories or results.json files")
+    parser.add_argument(
+        "--baseline", default="adamw", help="optimizer the others are tested against"
+    )
+    parser.add_argument(
+        "--out", help="directory for report.md and report.png (default: the first path)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    args = parser.parse_args(argv)
+    try:
+        groups = collect(args.paths)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"tram-report: {error}", file=sys.stderr)
+        return 2
+    text = render(groups, baseline=args.baseline)
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text, end="")
+    print(f"\nWritten: {out / 'report.md'}", end="")
+    if not args.no_plot:
+        print(f", {plot(groups, out / 'report.png')}", end="")
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
