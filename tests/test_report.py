@@ -1,0 +1,198 @@
+"""tram-report on fabricated sweep directories."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+from tram.experiments import report  # noqa: E402
+
+OOD = ["amazon", "tweets", "nyt"]
+
+
+def write_run(
+    directory: Path,
+    optimizer: str,
+    seed: int,
+    values: dict[str, float],
+    *,
+    task: str = "vader_sentiment",
+    model: str = "minilm",
+    metric: str = "accuracy",
+    radius: float | None = None,
+) -> None:
+    train = next(iter(values))
+    ood = [d for d in values if d != train]
+    results = {
+        "task": task,
+        "model": model,
+        "optimizer": optimizer,
+        "seed": seed,
+        "metric": metric,
+        "higher_is_better": metric == "accuracy",
+        "train_domain": train,
+        "ood_domains": ood,
+        "domains": {d: {metric: v, "loss": 0.5} for d, v in values.items()},
+        "in_domain": values[train],
+        "ood_average": sum(values[d] for d in ood) / len(ood),
+        "train_time_s": 100.0 + seed,
+        "steps": 10,
+        "mean_radius": radius,
+    }
+    run = directory / f"{optimizer}_seed{seed}"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(results))
+
+
+ACCURACY = {  # optimizer -> per-seed (in-domain, amazon, tweets, nyt)
+    "adamw": [(0.80, 0.70, 0.60, 0.75), (0.82, 0.72, 0.61, 0.74), (0.81, 0.69, 0.62, 0.76)],
+    "sam": [(0.83, 0.73, 0.64, 0.77), (0.84, 0.74, 0.63, 0.78), (0.82, 0.72, 0.66, 0.77)],
+    "tram_x": [(0.84, 0.75, 0.66, 0.79), (0.85, 0.76, 0.65, 0.80), (0.84, 0.74, 0.67, 0.78)],
+}
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    for optimizer, rows in ACCURACY.items():
+        for seed, row in enumerate(rows, start=1):
+            radius = 0.01 * seed if optimizer == "tram_x" else None
+            write_run(root, optimizer, seed, dict(zip(["movies", *OOD], row)), radius=radius)
+    return root
+
+
+def ood_average(row: tuple[float, ...]) -> float:
+    return 100 * sum(row[1:]) / 3
+
+
+def test_collect_groups_by_task_model_and_optimizer(sweep):
+    (group,) = report.collect([sweep])
+    assert (group.task, group.model, group.metric) == ("vader_sentiment", "minilm", "accuracy")
+    assert group.optimizers == ["adamw", "sam", "tram_x"]
+    assert group.columns == ["movies", *OOD, "OOD avg"]
+    assert sorted(group.runs["sam"]) == [1, 2, 3]
+
+
+def test_mean_and_confidence_interval(sweep):
+    (group,) = report.collect([sweep])
+    summary = report.summarize(group)
+    values = [ood_average(r) for r in ACCURACY["sam"]]
+    mean = sum(values) / 3
+    sem = scipy_stats.sem(values)
+    half = scipy_stats.t.ppf(0.975, 2) * sem
+    got_mean, got_half = summary["sam"]["OOD avg"]
+    assert got_mean == pytest.approx(mean)
+    assert got_half == pytest.approx(half)
+    assert summary["adamw"]["movies"][0] == pytest.approx(81.0)
+
+
+def test_paired_tests_match_scipy(sweep):
+    (group,) = report.collect([sweep])
+    a = group.values("tram_x", "OOD avg")
+    b = group.values("adamw", "OOD avg")
+    test = report.paired_tests(a, b)
+    xs, ys = [a[s] for s in (1, 2, 3)], [b[s] for s in (1, 2, 3)]
+    assert test["n"] == 3
+    assert test["diff"] == pytest.approx(sum(x - y for x, y in zip(xs, ys)) / 3)
+    assert test["t_p"] == pytest.approx(scipy_stats.ttest_rel(xs, ys).pvalue)
+    assert test["wilcoxon_p"] == pytest.approx(
+        scipy_stats.wilcoxon([x - y for x, y in zip(xs, ys)]).pvalue
+    )
+
+
+def test_paired_tests_edge_cases():
+    assert report.paired_tests({1: 1.0}, {1: 0.5}) == {
+        "n": 1,
+        "diff": 0.5,
+        "t_p": None,
+        "wilcoxon_p": None,
+    }
+    same = report.paired_tests({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0})
+    assert same["t_p"] == 1.0
+    assert same["wilcoxon_p"] is None
+    assert report.paired_tests({1: 1.0}, {2: 1.0})["n"] == 0
+    assert report.mean_ci([3.0]) == (3.0, None)
+
+
+def test_render_markdown(sweep):
+    text = report.render(report.collect([sweep]))
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| Optimizer | movies"))
+    assert header.split(" | ")[1:6] == ["movies (in-domain)", "amazon", "tweets", "nyt", "OOD avg"]
+    row = next(line for line in lines if line.startswith("| tram_x |"))
+    mean = sum(ood_average(r) for r in ACCURACY["tram_x"]) / 3
+    assert f"**{mean:.1f} ± " in row  # best OOD average in bold
+    assert "| sam | OOD avg |" in text
+    assert "| tram_x | in-domain |" in text
+    assert "Wilcoxon p" in text
+    assert "Mean ascent radius (TRAM's d): tram_x 0.02" in text
+
+
+def test_main_writes_markdown_and_png(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    assert "| adamw |" in printed
+    assert (sweep / "report.md").read_text() in printed
+    png = (sweep / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perplexity_groups_and_single_seed(tmp_path):
+    root = tmp_path / "lm"
+    for optimizer, ppl in (("adamw", (20.0, 30.0, 31.0)), ("tram_prev", (19.0, 28.0, 29.5))):
+        write_run(
+            root,
+            optimizer,
+            1,
+            dict(zip(["movies", "amazon", "nyt"], ppl)),
+            task="vader_lm",
+            model="smollm2",
+            metric="perplexity",
+        )
+    write_run(root / "other", "adamw", 1, {"en": 0.5, "it": 0.4}, task="topics", model="e5")
+    groups = report.collect([root])
+    assert [(g.task, g.metric) for g in groups] == [
+        ("topics", "accuracy"),
+        ("vader_lm", "perplexity"),
+    ]
+    text = report.render(groups)
+    assert "perplexity, lower is better" in text
+    assert "**28.75**" in text  # lower is better: tram_prev's OOD average is the best
+    assert "| tram_prev | OOD avg | -1.75 | 1 | – | – |" in text
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.png").is_file()
+
+
+def test_missing_baseline_and_other_baseline(sweep):
+    groups = report.collect([sweep])
+    assert "No nosuch runs" in report.render(groups, baseline="nosuch")
+    assert "| adamw | OOD avg |" in report.render(groups, baseline="sam")
+
+
+def test_duplicate_seed_keeps_the_newest(tmp_path):
+    write_run(tmp_path / "a", "adamw", 1, {"movies": 0.5, "nyt": 0.4})
+    write_run(tmp_path / "b", "adamw", 1, {"movies": 0.9, "nyt": 0.8})
+    with pytest.warns(UserWarning, match="several runs of adamw with seed 1"):
+        (group,) = report.collect([tmp_path])
+    assert len(group.runs["adamw"]) == 1
+
+
+def test_bad_input(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text("{}")
+    assert report.main([str(tmp_path)]) == 2
+    assert "not a tram results file" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing")]) == 2
+
+
+def test_nan_values_are_dashes(tmp_path):
+    write_run(tmp_path, "adamw", 1, {"movies": math.nan, "nyt": 0.4})
+    text = report.render(report.collect([tmp_path]))
+    assert "| adamw | – |" in text
