@@ -66,23 +66,33 @@ def hand_sam_step(
     y: Tensor,
     *,
     rho: float = RHO,
+    fisher_eta: float | None = None,
     dtype: torch.dtype | None = torch.float16,
     grad_scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """SAM by hand, with or without a scaler. Returns the loss, g(θ) and g(θ+ε), unscaled."""
+    """SAM (or Fisher SAM with ``fisher_eta``) by hand, with or without a scaler.
+
+    Returns the first-pass loss, g(θ) and g(θ+ε), unscaled.
+    """
     scale = grad_scaler.get_scale() if grad_scaler is not None else 1.0
     params = list(model.parameters())
     base.zero_grad()
     loss = loss_of(model, x, y, dtype)
     (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
     first = [p.grad.clone() for p in params]
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in first)).item()
+    # The ascent lives in parameter space: it is computed from the unscaled gradient.
+    unscaled = [g.double() / scale for g in first]
+    if fisher_eta is None:
+        direction = unscaled  # ε = ρ g / ‖g‖
+    else:
+        direction = [g / (1 + fisher_eta * g**2) for g in unscaled]  # ε ∝ g / (1 + η g²)
+    norm = torch.sqrt(sum((g * d).sum() for g, d in zip(unscaled, direction))).item()
     second = first
     if math.isfinite(norm):
         saved = weights(model)
         with torch.no_grad():
-            for p, g in zip(params, first):
-                p.add_(g, alpha=rho / norm)  # scale-invariant: g and norm carry the same scale
+            for p, d in zip(params, direction):
+                p.add_((rho / norm * d).to(p.dtype))
         base.zero_grad()
         second_loss = loss_of(model, x, y, dtype)
         (grad_scaler.scale(second_loss) if grad_scaler is not None else second_loss).backward()
@@ -118,9 +128,17 @@ def loss_fn_for(
     [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.AdamW(p, lr=1e-2)],
     ids=["SGD", "AdamW"],
 )
-def test_scaled_step_equals_the_hand_written_recipe(make_base: Callable) -> None:
+@pytest.mark.parametrize("fisher_eta", [None, 100.0], ids=["SAM", "FisherSAM"])
+def test_scaled_step_equals_the_hand_written_recipe(
+    make_base: Callable, fisher_eta: float | None
+) -> None:
+    """Fisher SAM's operator is not scale-invariant: this also checks grad_scale is passed."""
     model = make_model()
-    optimizer = tram.SAM(make_base(model.parameters()), rho=RHO)
+    optimizer = (
+        tram.SAM(make_base(model.parameters()), rho=RHO)
+        if fisher_eta is None
+        else tram.FisherSAM(make_base(model.parameters()), rho=RHO, eta=fisher_eta)
+    )
     reference = make_model()
     reference_base = make_base(reference.parameters())
     plain = make_model()
@@ -132,7 +150,7 @@ def test_scaled_step_equals_the_hand_written_recipe(make_base: Callable) -> None
             optimizer, scalers[0], lambda x=x, y=y: loss_of(model, x, y, torch.float16)
         )
         reference_loss, _, _ = hand_sam_step(
-            reference, reference_base, x, y, grad_scaler=scalers[1]
+            reference, reference_base, x, y, fisher_eta=fisher_eta, grad_scaler=scalers[1]
         )
         assert loss.item() == reference_loss.item()
         assert not optimizer.is_perturbed
