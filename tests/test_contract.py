@@ -173,7 +173,7 @@ def test_state_dict_holds_base_state_and_no_weight_backup(case: WrapperCase) -> 
     state_dict = optimizer.state_dict()
     per_param = state_dict["state"][0]
     assert set(per_param) == {"step", "exp_avg", "exp_avg_sq"}
-    assert state_dict["tram"] == {"steps": 2, "skipped_ascents": 0}
+    assert state_dict["tram"] == {"steps": 2, "skipped_ascents": 0, "skipped_steps": 0}
     for key, value in case.kwargs.items():
         assert state_dict["param_groups"][0][key] == value
     # A checkpoint taken while perturbed still holds no backup.
@@ -393,6 +393,30 @@ def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
         assert torch.equal(p, b)
         assert torch.equal(p.grad, g)
     assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
+
+
+def test_non_finite_gradient_never_reaches_the_weights(case: WrapperCase) -> None:
+    model = make_model()
+    optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=0.1))
+    optimizer.step(closure_for(optimizer, model, 0))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(1)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y) * float("nan")
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="skipped the base step"):
+        optimizer.step(closure)
+    assert (optimizer.skipped_ascents, optimizer.skipped_steps, optimizer.steps) == (1, 1, 1)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    # The next finite step is taken normally.
+    optimizer.step(closure_for(optimizer, model, 2))
+    assert optimizer.steps == 2
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:

@@ -154,6 +154,9 @@ class TwoPassOptimizer(Optimizer):
         """Base optimizer steps taken through this wrapper (saved in checkpoints)."""
         self.skipped_ascents = 0
         """Ascents skipped because the gradient norm or the radius was not finite."""
+        self.skipped_steps = 0
+        """Base steps skipped because the first pass's gradient was not finite."""
+        self._gradient_not_finite = False
         self.last_ascent_norm: float | None = None
         """‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."""
 
@@ -196,7 +199,11 @@ class TwoPassOptimizer(Optimizer):
 
     def _radii(self) -> list[float] | None:
         """The ascent radius of each param group, or None to skip this ascent."""
-        return [float(group["rho"]) for group in self.param_groups]
+        radii = [float(group["rho"]) for group in self.param_groups]
+        for radius in radii:
+            if radius < 0:  # set after construction, e.g. by a schedule; nan/inf are skipped
+                raise ValueError(f"Invalid rho: {radius}")
+        return radii
 
     def _before_base_step(self) -> None:
         """Called before every base step, with the weights at θ (TRAM snapshots θt−1 here)."""
@@ -232,7 +239,9 @@ class TwoPassOptimizer(Optimizer):
         Returns:
             True if the weights were perturbed. False on an ``ascent_every`` off-step and when
             the gradient norm or the radius is not finite (counted in ``skipped_ascents``, with
-            a warning); the gradients are then left untouched.
+            a warning); the gradients are then left untouched. After a non-finite gradient the
+            next base step is skipped too (``skipped_steps``), so nan/inf never reach the
+            weights; under a ``GradScaler`` the scaler skips it anyway and backs off its scale.
         """
         self._relink()
         inverse_scale = self._inverse_scale(grad_scale)
@@ -247,6 +256,7 @@ class TwoPassOptimizer(Optimizer):
                 "first_step() found no gradients: call loss.backward() before first_step()"
             )
         self._first_step_called = True
+        self._gradient_not_finite = False
         if not self._ascent_due():
             return False
         radii = self._radii()
@@ -268,6 +278,7 @@ class TwoPassOptimizer(Optimizer):
         assert total is not None
         norm = math.sqrt(_to_float(total))
         if not math.isfinite(norm):
+            self._gradient_not_finite = True
             return self._skip("the gradient norm is not finite")
         self.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
@@ -288,6 +299,10 @@ class TwoPassOptimizer(Optimizer):
             else:
                 for grad in bucket.grads:
                     grad.zero_()
+            # Hold no reference to the gradients while perturbed: a closure's zero_grad()
+            # (set_to_none=True) then frees them before the second backward allocates new ones,
+            # instead of the step's peak memory growing by one set of gradients.
+            bucket.grads = []
         self._perturbed_buckets = buckets
         if self.model is not None:
             self._frozen_batchnorms = freeze_running_stats(self.model)
@@ -339,6 +354,18 @@ class TwoPassOptimizer(Optimizer):
 
     def _base_step(self) -> None:
         self._first_step_called = False
+        if self._gradient_not_finite:
+            # Stepping would write nan/inf into the weights. (Under a GradScaler this point is
+            # never reached: the scaler skips step() itself.)
+            self._gradient_not_finite = False
+            self.skipped_steps += 1
+            warnings.warn(
+                f"{type(self).__name__}: skipped the base step because the gradient is not "
+                f"finite; the weights are unchanged ({self.skipped_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
         self._before_base_step()
         self.base_optimizer.step()
         self.steps += 1
@@ -467,6 +494,7 @@ class TwoPassOptimizer(Optimizer):
         state_dict[WRAPPER_STATE_KEY] = {
             "steps": self.steps,
             "skipped_ascents": self.skipped_ascents,
+            "skipped_steps": self.skipped_steps,
             **self._extra_state(),
         }
         return state_dict
@@ -481,6 +509,7 @@ class TwoPassOptimizer(Optimizer):
         if wrapper_state is not None:
             self.steps = int(wrapper_state.get("steps", 0))
             self.skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
+            self.skipped_steps = int(wrapper_state.get("skipped_steps", 0))
             self._load_extra_state(wrapper_state)
 
     def __getstate__(self) -> dict[str, Any]:
