@@ -70,7 +70,8 @@ def reference_run(method, steps: int) -> nn.Module:
             rows = data[start : start + BATCH]
             window.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
         for batch in window:
-            (loss_fn(model, batch) / GA).backward()
+            with optimizer.first_pass():
+                (loss_fn(model, batch) / GA).backward()
         if optimizer.first_step():
             for batch in window:
                 (loss_fn(model, batch) / GA).backward()
@@ -186,3 +187,34 @@ def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
     assert not hasattr(prepared, "first_step")  # accelerate does not forward attributes
     assert unwrap_optimizer(prepared) is wrapper
     assert unwrap_optimizer(wrapper) is wrapper
+
+
+@pytest.mark.slow
+def test_example_accelerate_loop_fine_tunes_minilm():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tram import factory
+
+    method = "tram" if "tram" in factory.list_methods() else "asam"
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        str(root / "examples" / "accelerate_loop.py"),
+        f"--method={method}",
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert "step   2" in completed.stdout
+    assert f"method: {method}" in completed.stdout
+    assert "accuracy on amazon" in completed.stdout

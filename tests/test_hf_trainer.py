@@ -226,7 +226,8 @@ def reference_run(
             cursor += batch
             window.append(default_data_collator([dataset[i] for i in indices]))
         for micro_batch in window:
-            (model(**micro_batch).loss / ga_divisor).backward()
+            with optimizer.first_pass():
+                (model(**micro_batch).loss / ga_divisor).backward()
         if optimizer.first_step():
             for micro_batch in window:
                 (model(**micro_batch).loss / ga_divisor).backward()
@@ -700,3 +701,40 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp-worke
     with contextlib.suppress(AttributeError):
         torch.set_num_threads(1)
     _ddp_worker(sys.argv[2])
+
+
+# --------------------------------------------------------------------------- example
+
+
+def run_example(script: str, *extra: str) -> str:
+    """Run an example with a real model for a couple of steps; return its stdout."""
+    method = "tram" if "tram" in factory.list_methods() else "asam"
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        str(root / "examples" / script),
+        f"--method={method}",
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+        *extra,
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert f"method: {method}" in completed.stdout
+    assert "accuracy on movies" in completed.stdout
+    assert "accuracy on amazon" in completed.stdout
+    return completed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.representative
+def test_example_hf_trainer_fine_tunes_minilm(tmp_path):
+    stdout = run_example("hf_trainer.py", f"--output-dir={tmp_path}")
+    assert "steps: 2" in stdout
+    assert list(tmp_path.rglob("events.out.tfevents.*"))

@@ -31,10 +31,14 @@ computed from the scaled gradients with ``grad_scale=scaler.get_scale()``; an ov
 first pass skips the ascent (the scaler then skips the step and backs off), one in the second
 pass skips the step.
 
-Both passes go through ``accelerator.backward``, which divides by accelerate's accumulation steps,
-so they are normalised alike. With ``local_ascent=True`` on the tram wrapper the first pass of
-every micro-batch runs under ``no_sync``: each DDP worker ascends along its own gradient (one
-all-reduce per step instead of two). FSDP2 supports the synchronised ascent only.
+The first pass of every micro-batch runs inside the wrapper's ``first_pass()``: under
+``local_ascent=True`` (on ascent steps) it runs under ``no_sync``, so each DDP worker ascends
+along its own gradient (one all-reduce per step instead of two; FSDP2 supports the synchronised
+ascent only), and TRAM records the forward it measures its trust region on. A regularizer's
+extra forward inside ``loss_fn`` is recorded with it; to combine TRAM with forward-running
+regularizers (R3F, TRPO, MESA) use the Trainer integration, which keeps them apart. Both passes
+go through ``accelerator.backward``, which divides by accelerate's accumulation steps, so they
+are normalised alike.
 
 This module does not import accelerate at import time; it works with any object that has
 accelerate's ``Accelerator`` interface (``backward``, ``no_sync``, ``sync_gradients``,
@@ -135,11 +139,11 @@ class TwoPassBackward:
             raise RuntimeError("the weights are perturbed at the start of a micro-batch")
         self._window.append(batch)
         closing = bool(self.accelerator.sync_gradients)
-        first_pass = (
-            self._no_sync() if closing and optimizer.local_ascent else contextlib.nullcontext()
-        )
+        # first_pass() enters no_sync for local_ascent (on ascent steps) and lets the method
+        # observe the forward (TRAM records it).
+        no_sync = self._no_sync() if optimizer.local_ascent else None
         try:
-            with first_pass:
+            with optimizer.first_pass(no_sync=no_sync):
                 loss = self.loss_fn(self.model, batch)
                 self.accelerator.backward(loss)
             if not closing:

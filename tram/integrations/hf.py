@@ -140,6 +140,12 @@ def _total(values: Sequence[Tensor | float]) -> float:
     return total
 
 
+def _observes_first_pass(optimizer: TwoPassOptimizer) -> bool:
+    """Whether the method does something in ``first_pass()`` beyond ``no_sync`` (TRAM)."""
+    observe = type(optimizer)._observe_first_pass
+    return observe is not TwoPassOptimizer._observe_first_pass
+
+
 class _RegularizerStepCallback(TrainerCallback):
     """Calls each regularizer's ``after_step(model)`` after every optimizer step taken."""
 
@@ -205,7 +211,8 @@ class TramTrainer(Trainer):
         self.regularizers = regularizers
         self.regularizer_names = _regularizer_names(regularizers)
         self._tram_window: list[Any] | None = None
-        self._tram_replaying = False
+        self._tram_pass: str | None = None  # "first", "replay" or None (outside training_step)
+        self._tram_observed = False
         self._tram_metrics: dict[str, list[Tensor | float]] = {}
         super().__init__(*args, **kwargs)
         if method is not None and self.is_deepspeed_enabled:
@@ -261,13 +268,23 @@ class TramTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if optimizer.is_perturbed:
             optimizer.restore()
-        closing = bool(self.accelerator.gradient_state.sync_gradients)
-        first_pass = contextlib.nullcontext()
-        if closing and optimizer.local_ascent:
-            first_pass = self.accelerator.no_sync(model)
-        with first_pass:
-            loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
-        if not closing:
+        # Per-worker ascent: pass 1 of every micro-batch under no_sync (the Trainer already
+        # suspends synchronisation for all but the last). Off-steps of ascent_every are plain
+        # steps whose pass-1 gradient must be synchronised.
+        local = optimizer.local_ascent and optimizer._ascent_due()
+        self._tram_pass, self._tram_observed = "first", False
+        try:
+            with self.accelerator.no_sync(model) if local else contextlib.nullcontext():
+                loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._tram_pass = None
+        if not self._tram_observed and _observes_first_pass(optimizer):
+            raise RuntimeError(
+                f"{type(optimizer).__name__} observes the first forward pass, which "
+                "TramTrainer.compute_loss wraps in optimizer.first_pass(); a compute_loss "
+                "override must call super().compute_loss(...)"
+            )
+        if not self.accelerator.gradient_state.sync_gradients:
             return loss
         window = self._tram_window
         self._tram_window = None
@@ -276,7 +293,7 @@ class TramTrainer(Trainer):
         perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))
         self._record_ascent(optimizer, perturbed)
         if perturbed:
-            self._tram_replaying = True
+            self._tram_pass = "replay"
             try:
                 last = len(window) - 1
                 for index, micro_batch in enumerate(window):
@@ -284,13 +301,13 @@ class TramTrainer(Trainer):
                     with replay or contextlib.nullcontext():
                         super().training_step(model, micro_batch, num_items_in_batch)
             finally:
-                self._tram_replaying = False
+                self._tram_pass = None
                 # Before the optimizer step: a GradScaler skips step() on overflow, and clipping
                 # and callbacks should see θ.
                 optimizer.restore()
         return loss
 
-    # ------------------------------------------------------------------ regularizers
+    # ------------------------------------------------------------------ loss and regularizers
     def compute_loss(
         self,
         model: nn.Module,
@@ -298,18 +315,34 @@ class TramTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """The Trainer's loss, plus the regularizers' penalties in training."""
-        if not self.regularizers or not model.training or not torch.is_grad_enabled():
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+        """The Trainer's loss, plus the regularizers' penalties in training.
+
+        In the first pass the model's forward runs inside ``optimizer.first_pass()`` (TRAM
+        records it there); the regularizers' own forwards run outside it.
+        """
+        training = model.training and torch.is_grad_enabled()
+        optimizer = self.two_pass_optimizer
+        observe: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if training and optimizer is not None and self._tram_pass == "first":
+            # no_sync for local_ascent was entered by training_step around forward and backward.
+            observe = optimizer.first_pass(no_sync=contextlib.nullcontext())
+            self._tram_observed = True
+        if not self.regularizers or not training:
+            with observe:
+                return super().compute_loss(
+                    model,
+                    inputs,
+                    return_outputs=return_outputs,
+                    num_items_in_batch=num_items_in_batch,
+                )
         regularizer_inputs = dict(inputs)
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        with observe:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         logits = find_logits(outputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        record = not self._tram_replaying
+        record = self._tram_pass != "replay"
         if record:
             self._record(_PREFIX + "task_loss", loss)
         for name, regularizer in zip(self.regularizer_names, self.regularizers, strict=True):
