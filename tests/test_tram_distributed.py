@@ -1,0 +1,317 @@
+"""TRAM under DistributedDataParallel: two gloo processes on CPU.
+
+One launch of ``tests/tram_ddp_worker.py`` (two ranks, started here as two processes) trains a
+DDP-wrapped embedding model with ``TRAM.step(closure)`` for TRAM-x (``"noise"``) and TRAM-θ0
+(``"pretrained"``), with the synchronised ascent and with ``local_ascent=True``. The test checks
+what the ranks saw against a single-process reference written here with plain tensor maths:
+
+- synchronised: one ascent for the global batch, along the all-reduced gradient, with the radius
+  d = the mean over ranks of each rank's d on its own shard (TRAM all-reduces it);
+- local: each rank ascends along its own gradient with its own d; the update averages the
+  ranks' gradients at their own θ + ε.
+
+Every rank's weights must be bit-identical after every step in both modes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tests.tram_ddp_worker import EmbeddingClassifier
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "tram_ddp_worker.py"
+WORLD_SIZE = 2
+LAUNCH_TIMEOUT_S = 120.0
+SPEC: dict[str, Any] = {
+    "steps": 3,
+    "batch_per_rank": 8,
+    "length": 5,
+    "vocab": 50,
+    "width": 8,
+    "hidden": 16,
+    "classes": 3,
+    "lr": 0.05,
+    # AdamW's first steps move an element by lr·g/(|g| + eps): a larger eps than the default
+    # keeps round-off in tiny gradients from being amplified into visible differences.
+    "adam_eps": 1e-3,
+    "sigma": 1.0,
+    "seed": 0,
+    "timeout_s": 60,
+}
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def make_spec() -> dict[str, Any]:
+    spec = dict(SPEC)
+    torch.manual_seed(0)
+    spec["weights"] = {k: v.clone() for k, v in EmbeddingClassifier(spec).state_dict().items()}
+    g = torch.Generator().manual_seed(1234)
+    shape = (spec["steps"], WORLD_SIZE, spec["batch_per_rank"])
+    spec["ids"] = torch.randint(0, spec["vocab"], (*shape, spec["length"]), generator=g)
+    spec["labels"] = torch.randint(0, spec["classes"], shape, generator=g)
+    return spec
+
+
+# ----------------------------------------------------------------------------- the reference
+def build(spec: dict[str, Any], weights: list[Tensor] | None = None) -> nn.Module:
+    model = EmbeddingClassifier(spec)
+    model.load_state_dict(spec["weights"])
+    if weights is not None:
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights, strict=True):
+                p.copy_(w)
+    return model
+
+
+def mean_forward_kl(target: Tensor, current: Tensor) -> float:
+    log_p, log_q = F.log_softmax(target, dim=-1), F.log_softmax(current, dim=-1)
+    return float(F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean())
+
+
+def radius_on_shard(
+    trust_region: str, model: nn.Module, pretrained: nn.Module, ids: Tensor, z: Tensor
+) -> float:
+    """d on one rank's shard: KL(target || current), per example, averaged."""
+    with torch.no_grad():
+        current = model(ids)
+        if trust_region == "noise":
+            noised = model.head(torch.tanh(model.hidden((model.embed(ids) + z).mean(dim=1))))
+            return mean_forward_kl(noised, current)
+        return mean_forward_kl(pretrained(ids), current)
+
+
+def gradient(model: nn.Module, ids: Tensor, y: Tensor) -> list[Tensor]:
+    model.zero_grad()
+    F.cross_entropy(model(ids), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def ascent(model: nn.Module, grads: list[Tensor], d: float) -> list[Tensor]:
+    """Eq. 7: ε = d |θ|² g / ‖|θ| g‖."""
+    params = [p.detach() for p in model.parameters()]
+    norm = torch.sqrt(sum(((p.abs() * g) ** 2).sum() for p, g in zip(params, grads)))
+    return [d * p.abs() ** 2 * g / (norm + 1e-12) for p, g in zip(params, grads)]
+
+
+def gradient_at(model: nn.Module, epsilon: list[Tensor], ids: Tensor, y: Tensor) -> list[Tensor]:
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(moved.parameters(), epsilon):
+            p.add_(e)
+    return gradient(moved, ids, y)
+
+
+def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str, list[Any]]:
+    """TRAM over two data shards in one process; returns the weights after every step and d."""
+    model = build(spec)
+    pretrained = build(spec)
+    base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
+    generator = torch.Generator().manual_seed(spec["seed"])
+    out: dict[str, list[Any]] = {"after": [], "radius": []}
+    for step in range(spec["steps"]):
+        shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
+        # Every rank's generator makes one draw of its shard's shape per step, in lockstep.
+        shape = (spec["batch_per_rank"], spec["length"], spec["width"])
+        z = torch.randn(shape, generator=generator) * spec["sigma"]
+        radii = [radius_on_shard(trust_region, model, pretrained, ids, z) for ids, _ in shards]
+        grads = [gradient(model, ids, y) for ids, y in shards]
+        if local:
+            epsilons = [ascent(model, g, d) for g, d in zip(grads, radii)]
+            out["radius"].append(radii)
+        else:
+            mean_grad = [sum(gs) / WORLD_SIZE for gs in zip(*grads)]
+            d = sum(radii) / WORLD_SIZE
+            epsilons = [ascent(model, mean_grad, d)] * WORLD_SIZE
+            out["radius"].append([d] * WORLD_SIZE)
+        second = [gradient_at(model, e, ids, y) for e, (ids, y) in zip(epsilons, shards)]
+        base.zero_grad()
+        for p, gs in zip(model.parameters(), zip(*second)):
+            p.grad = sum(gs) / WORLD_SIZE
+        base.step()
+        out["after"].append([p.detach().clone() for p in model.parameters()])
+    return out
+
+
+# ----------------------------------------------------------------------------- the launch
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(spec_path: Path, out_dir: Path) -> None:
+    """Run both ranks to completion; fail with their output if one fails or hangs."""
+    for attempt in range(3):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(WORLD_SIZE),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        logs = [out_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(WORLD_SIZE)]
+        processes = []
+        for rank, log in enumerate(logs):
+            with log.open("w") as stream:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, str(WORKER), str(spec_path), str(out_dir)],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                        cwd=ROOT,
+                        stdout=stream,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        failed_at: float | None = None
+        while any(p.poll() is None for p in processes):
+            now = time.monotonic()
+            if failed_at is None and any(p.returncode not in (None, 0) for p in processes):
+                failed_at = now
+            # A rank that died leaves the other one waiting in a collective: a short grace.
+            if now > deadline or (failed_at is not None and now - failed_at > 10):
+                for p in processes:
+                    if p.poll() is None:
+                        p.kill()
+                for p in processes:
+                    p.wait(timeout=10)
+                break
+            time.sleep(0.05)
+        codes = [p.returncode for p in processes]
+        if all(code == 0 for code in codes):
+            return
+        output = [log.read_text(errors="replace") for log in logs]
+        if any("EADDRINUSE" in text or "address already in use" in text for text in output):
+            continue  # the port was taken between the probe and the bind
+        report = "\n".join(
+            f"----- rank {rank} (exit code {codes[rank]}) -----\n{text[-5000:]}"
+            for rank, text in enumerate(output)
+        )
+        pytest.fail(f"the TRAM DDP worker failed:\n{report}", pytrace=False)
+    pytest.fail("the TRAM DDP worker could not bind a free port in 3 attempts", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict[str, Any]:
+    return make_spec()
+
+
+@pytest.fixture(scope="module")
+def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    directory = tmp_path_factory.mktemp("tram_ddp")
+    spec_path = directory / "spec.pt"
+    torch.save(spec, spec_path)
+    launch(spec_path, directory)
+    return [
+        torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
+    ]
+
+
+def records_of(results: list[dict], name: str) -> list[dict]:
+    records = [r[name] for r in results]
+    for rank, record in enumerate(records):
+        if "error" in record:
+            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
+    return records
+
+
+def assert_replicas_identical(records: list[dict]) -> None:
+    for key in ("before", "after"):
+        for step, (mine, other) in enumerate(zip(records[0][key], records[1][key], strict=True)):
+            for p, q in zip(mine, other, strict=True):
+                assert torch.equal(p, q), f"{key} step {step}: {(p - q).abs().max()}"
+
+
+def radii_from_recorded_weights(
+    spec: dict[str, Any], records: list[dict], trust_region: str
+) -> list[list[float]]:
+    """Each rank's d on its own shard, from the weights the ranks had before each step."""
+    pretrained = build(spec)
+    generator = torch.Generator().manual_seed(spec["seed"])
+    shape = (spec["batch_per_rank"], spec["length"], spec["width"])
+    out = []
+    for step in range(spec["steps"]):
+        z = torch.randn(shape, generator=generator) * spec["sigma"]
+        model = build(spec, records[0]["before"][step])
+        ids = spec["ids"][step]
+        out.append(
+            [radius_on_shard(trust_region, model, pretrained, ids[r], z) for r in range(WORLD_SIZE)]
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- the tests
+@pytest.mark.parametrize("trust_region", ["noise", "pretrained"])
+def test_synchronised_ascent(spec: dict[str, Any], results: list[dict], trust_region: str) -> None:
+    records = records_of(results, trust_region)
+    assert_replicas_identical(records)
+    # The radius is all-reduced: the same number on both ranks, the mean of the ranks' d.
+    assert records[0]["radius"] == records[1]["radius"]
+    per_rank = radii_from_recorded_weights(spec, records, trust_region)
+    expected = [sum(d) / WORLD_SIZE for d in per_rank]
+    assert records[0]["radius"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    if trust_region == "pretrained":
+        assert records[0]["radius"][0] == 0.0  # θ = θ0 at the first step
+    assert min(records[0]["radius"][1:]) > 1e-3
+    assert all(abs(a - b) > 1e-4 for a, b in per_rank[1:])  # the mean is neither rank's d
+    # The whole trajectory equals TRAM on the global batch with that radius.
+    ref = reference(spec, trust_region, local=False)
+    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=1e-5)
+    for step, (got, want) in enumerate(zip(records[0]["after"], ref["after"], strict=True)):
+        for p, q in zip(got, want, strict=True):
+            torch.testing.assert_close(p, q, **TOLERANCE, msg=lambda m, s=step: f"step {s}: {m}")
+
+
+@pytest.mark.parametrize("trust_region", ["noise", "pretrained"])
+def test_local_ascent(spec: dict[str, Any], results: list[dict], trust_region: str) -> None:
+    records = records_of(results, f"{trust_region}_local")
+    assert_replicas_identical(records)
+    per_rank = radii_from_recorded_weights(spec, records, trust_region)
+    for rank in range(WORLD_SIZE):
+        got = records[rank]["radius"]
+        assert got == pytest.approx([d[rank] for d in per_rank], rel=1e-5, abs=1e-9)
+    first = 0 if trust_region == "noise" else 1
+    for step in range(first, spec["steps"]):
+        assert abs(records[0]["radius"][step] - records[1]["radius"][step]) > 1e-4
+    ref = reference(spec, trust_region, local=True)
+    for step, (got, want) in enumerate(zip(records[0]["after"], ref["after"], strict=True)):
+        for p, q in zip(got, want, strict=True):
+            torch.testing.assert_close(p, q, **TOLERANCE, msg=lambda m, s=step: f"step {s}: {m}")
+    # Local and synchronised ascents are different algorithms: the weights differ.
+    synchronised = records_of(results, trust_region)[0]["after"][-1]
+    assert (
+        max(float((p - q).abs().max()) for p, q in zip(records[0]["after"][-1], synchronised))
+        > 1e-4
+    )
