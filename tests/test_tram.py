@@ -619,11 +619,16 @@ class RaisesWithoutGrad(Plain):
         return super().forward(ids)
 
 
-@pytest.mark.parametrize("trust_region", VARIANTS)
-@pytest.mark.parametrize("where", ["pass 1", "pass 2", "first_step"])
+@pytest.mark.parametrize(
+    ("trust_region", "where"),
+    [
+        (trust_region, where)
+        for trust_region in VARIANTS
+        for where in ("pass 1", "pass 2", "first_step")
+        if not (trust_region == "fisher" and where == "first_step")  # no reference forward
+    ],
+)
 def test_no_hooks_remain_after_an_exception(trust_region: str, where: str) -> None:
-    if where == "first_step" and trust_region == "fisher":
-        pytest.skip("TRAM-Fisher runs no reference forward")
     task = TASKS["plain"]
     model = RaisesWithoutGrad() if where == "first_step" else task.make_model()
     before_hooks = hook_count(model)
