@@ -466,8 +466,10 @@ def test_regularizers_combine_with_a_method(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs_finish_finite(tmp_path, precision):
-    methods = ["sam", "tram"] if "tram" in factory.list_methods() else ["sam"]
-    for method in methods:
+    """bf16 autocasts on CPU. fp16=True on CPU runs without autocast or scaler (accelerate
+    supports neither there); the scaled fp16 path is tested below with a CPU GradScaler."""
+    has_tram = "tram" in factory.list_methods()
+    for method in ["tram" if has_tram and precision == "bf16" else "sam"]:
         model = tiny_bert()
         trainer = TramTrainer(
             model=model,
@@ -541,6 +543,37 @@ def test_fp16_grad_scaler_overflow_skips_the_step_with_the_weights_restored(tmp_
     assert torch.isfinite(flat_params(trainer.model)).all()
 
 
+def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):
+    regularizer = FakeRegularizer()
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path, max_steps=3),
+        train_dataset=TinyDataset(),
+        method="sam",
+        regularizers=[regularizer],
+    )
+    InjectInf(trainer, step=1, perturbed=False)
+    weights = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            weights.append(flat_params(kwargs["model"]).clone())
+
+    trainer.add_callback(Snapshot())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        trainer.train()
+    wrapper = trainer.two_pass_optimizer
+    assert (wrapper.steps, wrapper.skipped_ascents, wrapper.skipped_steps) == (2, 1, 1)
+    assert torch.equal(weights[0], weights[1])
+    assert torch.isfinite(weights[2]).all()
+    assert not torch.equal(weights[1], weights[2])
+    assert regularizer.steps == 2  # after_step only after steps taken
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["tram/skipped_steps"] for entry in logs] == [0.0, 1.0, 1.0]
+    assert [entry["tram/skipped_ascents"] for entry in logs] == [0.0, 1.0, 1.0]
+
+
 # --------------------------------------------------------------------------- logging
 
 
@@ -577,6 +610,7 @@ def test_tensorboard_receives_the_radius_the_norms_and_the_regularizers(tmp_path
         "train/learning_rate",
         "train/tram/ascent_grad_norm",
         "train/tram/skipped_ascents",
+        "train/tram/skipped_steps",
         "train/tram/task_loss",
         "train/tram/fake",
     }

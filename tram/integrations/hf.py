@@ -49,7 +49,9 @@ What it does, and why (the measurements behind each point are in the project's
 - **Logging**, at ``logging_steps``, to every logger of the Trainer (TensorBoard included), next
   to the Trainer's ``loss`` and ``grad_norm`` (the clipped, second-pass gradient):
   ``tram/radius`` (the method's ``last_radius``, TRAM's d), ``tram/ascent_grad_norm`` (‖T∇L‖ at
-  θ), ``tram/skipped_ascents`` (cumulative), and with regularizers ``tram/task_loss`` and
+  θ), ``tram/skipped_ascents`` and ``tram/skipped_steps`` (cumulative: ascents skipped for a
+  non-finite gradient norm or radius, base steps skipped for a non-finite first-pass gradient
+  without a GradScaler), and with regularizers ``tram/task_loss`` and
   ``tram/<regularizer name>``; means over the optimizer steps since the last log and over the
   workers.
 - **Bad input** fails in the constructor, before any training: an unknown method, an argument the
@@ -213,6 +215,7 @@ class TramTrainer(Trainer):
         self._tram_window: list[Any] | None = None
         self._tram_pass: str | None = None  # "first", "replay" or None (outside training_step)
         self._tram_observed = False
+        self._tram_steps_seen = -1  # wrapper.steps at the last after_step call
         self._tram_metrics: dict[str, list[Tensor | float]] = {}
         super().__init__(*args, **kwargs)
         if method is not None and self.is_deepspeed_enabled:
@@ -354,7 +357,14 @@ class TramTrainer(Trainer):
 
     def _regularizers_after_step(self) -> None:
         if self.accelerator.optimizer_step_was_skipped:
-            return
+            return  # a GradScaler skipped the step
+        optimizer = self.two_pass_optimizer
+        if optimizer is not None:
+            # The wrapper skips the base step itself after a non-finite first-pass gradient.
+            taken = optimizer.steps != self._tram_steps_seen
+            self._tram_steps_seen = optimizer.steps
+            if not taken:
+                return
         model = self.accelerator.unwrap_model(self.model)
         for regularizer in self.regularizers:
             after_step = getattr(regularizer, "after_step", None)
@@ -451,16 +461,19 @@ class TramTrainer(Trainer):
         optimizer = self.two_pass_optimizer
         values = [_total(metrics.get(key, [])) for key in keys]
         counts = [float(len(metrics.get(key, []))) for key in keys]
-        skipped = float(optimizer.skipped_ascents) if optimizer is not None else 0.0
+        skipped = [
+            float(getattr(optimizer, counter, 0)) if optimizer is not None else 0.0
+            for counter in ("skipped_ascents", "skipped_steps")
+        ]
         packed = torch.tensor([*values, *counts], dtype=torch.float64, device=self.args.device)
-        top = torch.tensor([skipped], dtype=torch.float64, device=self.args.device)
+        top = torch.tensor(skipped, dtype=torch.float64, device=self.args.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
             dist.all_reduce(top, op=dist.ReduceOp.MAX)
         sums, totals = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()
         logs = {key: s / n for key, s, n in zip(keys, sums, totals, strict=True) if n > 0}
         if optimizer is not None:
-            logs[_PREFIX + "skipped_ascents"] = top.item()
+            logs[_PREFIX + "skipped_ascents"], logs[_PREFIX + "skipped_steps"] = top.tolist()
         return logs
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
