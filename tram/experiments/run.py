@@ -164,7 +164,8 @@ def training_arguments(cfg: Any, output_dir: Path) -> Any:
 # ------------------------------------------------------------------------------ the run
 
 
-def _callbacks(output_dir: Path) -> tuple[list[Any], Any]:
+def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
+    """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius."""
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
@@ -181,16 +182,18 @@ def _callbacks(output_dir: Path) -> tuple[list[Any], Any]:
             if radius is not None and math.isfinite(float(radius)):
                 self.values.append(float(radius))
 
-    tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(output_dir / "tensorboard")
+    if trainer.pop_callback(TensorBoardCallback) is not None:
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(output_dir / "tensorboard")
+        trainer.add_callback(tensorboard)
     tracker = RadiusTracker()
-    return [tensorboard, tracker], tracker
+    trainer.add_callback(tracker)
+    return tracker
 
 
 def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Run one experiment from a composed config; returns (and writes) the results."""
     from transformers import set_seed
-    from transformers.integrations import TensorBoardCallback
 
     from tram.experiments import models, tasks
     from tram.integrations.hf import TramTrainer
@@ -227,7 +230,6 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         takes_model = "model" in inspect.signature(cls.__init__).parameters
         regularizers.append(cls(model, **spec) if takes_model else cls(**spec))
 
-    callbacks, tracker = _callbacks(output_dir)
     classification = task.type == "classification"
     trainer = TramTrainer(
         model=model,
@@ -241,9 +243,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         method_kwargs=optimizer.get("kwargs") or None,
         regularizers=regularizers,
     )
-    trainer.pop_callback(TensorBoardCallback)
-    for callback in callbacks:
-        trainer.add_callback(callback)
+    tracker = _add_callbacks(trainer, output_dir)
 
     start = time.perf_counter()
     train_output = trainer.train()

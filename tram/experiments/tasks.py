@@ -34,10 +34,14 @@ import torch
 
 __all__ = [
     "SOURCES",
+    "Blocks",
     "EncodedTask",
     "ExperimentError",
+    "Rows",
     "TaskData",
     "accuracy",
+    "argmax_logits",
+    "check_task_config",
     "encode_task",
     "load_task",
 ]
@@ -341,9 +345,30 @@ def _majority(labels: Sequence[int]) -> float:
     return Counter(labels).most_common(1)[0][1] / len(labels) if labels else float("nan")
 
 
+class Blocks(torch.utils.data.Dataset):
+    """Consecutive ``block_size`` slices of one token stream, as causal-LM examples."""
+
+    def __init__(self, stream: torch.Tensor, block_size: int, limit: int | None = None) -> None:
+        self.stream, self.block_size = stream, block_size
+        self.count = len(stream) // block_size
+        if limit is not None:
+            self.count = min(self.count, limit)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        start = index * self.block_size
+        ids = self.stream[start : start + self.block_size].long()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
 def _encode_lm(
     task: TaskData, tokenizer: Any, block_size: int, cfg: Mapping[str, Any], prefix: str
 ) -> EncodedTask:
+    import numpy as np
     from transformers import default_data_collator
 
     eos = tokenizer.eos_token_id
@@ -351,34 +376,30 @@ def _encode_lm(
         eos = tokenizer.sep_token_id
     if block_size < 2:
         raise ExperimentError(f"task {task.name!r}: block_size must be >= 2, got {block_size}")
-    max_eval = cfg.get("max_eval_examples")
-    max_train = cfg.get("max_train_examples")
 
-    def blocks(texts: list[str], limit: Any) -> Rows:
-        stream: list[int] = []
-        # Tokenise in chunks and stop once enough blocks exist: eval caps count blocks.
-        wanted = math.inf if limit is None else int(limit) * block_size
-        for start in range(0, len(texts), 512):
-            chunk = [prefix + t for t in texts[start : start + 512]]
-            for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-                stream.extend(ids)
-                if eos is not None:
-                    stream.append(eos)
-            if len(stream) >= wanted:
+    def blocks(texts: list[str], limit: Any) -> Blocks:
+        # Token ids go into int32 arrays (a large corpus would not fit as Python ints), and
+        # tokenising stops once the capped number of blocks is there.
+        limit = None if limit is None else int(limit)
+        wanted = math.inf if limit is None else limit * block_size
+        chunks, total = [], 0
+        for start in range(0, len(texts), 1000):
+            batch = [prefix + t for t in texts[start : start + 1000]]
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                ids = [[*row, eos] for row in ids]
+            chunk = np.fromiter((i for row in ids for i in row), dtype=np.int32)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total >= wanted:
                 break
-        n = len(stream) // block_size
-        if limit is not None:
-            n = min(n, int(limit))
-        rows = []
-        for i in range(n):
-            ids = stream[i * block_size : (i + 1) * block_size]
-            rows.append({"input_ids": ids, "attention_mask": [1] * block_size, "labels": list(ids)})
-        return Rows(rows)
+        stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
+        return Blocks(torch.from_numpy(stream), block_size, limit)
 
     encoded = EncodedTask(
-        train=blocks(task.train, max_train),
-        validation=blocks(task.validation, max_eval),
-        test={d: blocks(task.test[d], max_eval) for d in task.domains},
+        train=blocks(task.train, cfg.get("max_train_examples")),
+        validation=blocks(task.validation, cfg.get("max_eval_examples")),
+        test={d: blocks(task.test[d], cfg.get("max_eval_examples")) for d in task.domains},
         collator=default_data_collator,
     )
     for domain, dataset in [("train", encoded.train), *encoded.test.items()]:
