@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 
 from tram._fisher import FisherSAM
 from tram._sam import ASAM, SAM
+from tram._tram import TRAM
 from tram._wrapper import TwoPassOptimizer
 
 __all__ = [
@@ -237,3 +238,4 @@ def wrap_optimizer(
 register("sam", SAM)
 register("asam", ASAM)
 register("fisher_sam", FisherSAM)
+register("tram", TRAM)
