@@ -104,6 +104,7 @@ class R3F(Regularizer):
         self.embeddings = embeddings
         self.seed = seed
         self._generator: torch.Generator | None = None
+        self._saved_generator_state: Tensor | None = None
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
         generator = self._generator_for(logits.device)
@@ -121,17 +122,27 @@ class R3F(Regularizer):
         if self.seed is None:
             return None
         if self._generator is None:
+            # Created on first use, on the logits' device (a CUDA generator for a CUDA model).
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self.seed)
+            if self._saved_generator_state is not None:
+                self._generator.set_state(self._saved_generator_state)
+                self._saved_generator_state = None
         return self._generator
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self._generator is None else {"generator": self._generator.get_state()}
+        if self._generator is not None:
+            return {"generator": self._generator.get_state()}
+        if self._saved_generator_state is not None:
+            return {"generator": self._saved_generator_state}
+        return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "generator" in state and self.seed is not None:
-            if self._generator is None:
-                self._generator = torch.Generator()
+        if "generator" not in state or self.seed is None:
+            return
+        if self._generator is None:
+            self._saved_generator_state = state["generator"]  # applied when the device is known
+        else:
             self._generator.set_state(state["generator"])
 
 
