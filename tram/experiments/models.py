@@ -97,7 +97,7 @@ def load_model_config(cfg: Mapping[str, Any]) -> tuple[str, Any]:
     """Resolve the source and read its ``config.json`` (no weights yet)."""
     from transformers import AutoConfig
 
-    resolved = resolve_source(cfg.get("source") or cfg.get("name"))
+    resolved = resolve_source(str(cfg.get("source") or cfg.get("name") or ""))
     try:
         config = AutoConfig.from_pretrained(resolved, local_files_only=_local_only(cfg, resolved))
     except (OSError, ValueError) as error:

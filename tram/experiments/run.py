@@ -79,7 +79,7 @@ def _regularizer_class(spec: Mapping[str, Any]) -> type:
     cls: type = getattr(tram, REGULARIZERS[name])
     accepted: set[str] = set()
     for klass in cls.__mro__:
-        parameters = inspect.signature(klass.__init__).parameters
+        parameters = inspect.signature(klass).parameters
         accepted |= {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
         if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
             break
@@ -171,7 +171,7 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
 
     from tram.integrations.accelerate import unwrap_optimizer
 
-    class RadiusTracker(TrainerCallback):  # type: ignore[misc]
+    class RadiusTracker(TrainerCallback):
         """Collects the two-pass method's radius (TRAM's d) after every optimizer step."""
 
         def __init__(self) -> None:
@@ -227,7 +227,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         spec = dict(optimizer["regularizer"])
         cls = _regularizer_class(spec)
         spec.pop("name")
-        takes_model = "model" in inspect.signature(cls.__init__).parameters
+        takes_model = "model" in inspect.signature(cls).parameters
         regularizers.append(cls(model, **spec) if takes_model else cls(**spec))
 
     classification = task.type == "classification"

@@ -81,9 +81,9 @@ class TaskData:
 class EncodedTask:
     """Tokenised datasets, the collator, and per-domain facts for the results file."""
 
-    train: torch.utils.data.Dataset
-    validation: torch.utils.data.Dataset
-    test: dict[str, torch.utils.data.Dataset]
+    train: Rows | Blocks
+    validation: Rows | Blocks
+    test: Mapping[str, Rows | Blocks]
     collator: Any
     majority: dict[str, float] = field(default_factory=dict)
 
@@ -271,10 +271,12 @@ def _load_hub(cfg: Mapping[str, Any]) -> TaskData:
         def texts(ds: Any) -> list[str]:
             return [t for t in ds[column] if isinstance(t, str) and t.strip()]
 
-        train = texts(load(train_domain, "train"))
-        validation = texts(load(train_domain, "validation"))
-        test = {d: texts(load(d, "test")) for d in cfg["domains"]}
-        return _finish(cfg, None, train, validation, test)
+        lm_test = {d: texts(load(d, "test")) for d in cfg["domains"]}
+        lm_train, lm_validation = (
+            texts(load(train_domain, "train")),
+            texts(load(train_domain, "validation")),
+        )
+        return _finish(cfg, None, lm_train, lm_validation, lm_test)
 
     fields = list(hub.get("text_fields") or ["text"])
     label_field = hub.get("label_field", "label")
@@ -396,19 +398,16 @@ def _encode_lm(
         stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
         return Blocks(torch.from_numpy(stream), block_size, limit)
 
-    encoded = EncodedTask(
-        train=blocks(task.train, cfg.get("max_train_examples")),
-        validation=blocks(task.validation, cfg.get("max_eval_examples")),
-        test={d: blocks(task.test[d], cfg.get("max_eval_examples")) for d in task.domains},
-        collator=default_data_collator,
-    )
-    for domain, dataset in [("train", encoded.train), *encoded.test.items()]:
+    train = blocks(task.train, cfg.get("max_train_examples"))
+    test = {d: blocks(task.test[d], cfg.get("max_eval_examples")) for d in task.domains}
+    for domain, dataset in [("train", train), *test.items()]:
         if len(dataset) == 0:
             raise ExperimentError(
                 f"task {task.name!r}: domain {domain} has fewer than block_size={block_size} "
                 "tokens of text"
             )
-    return encoded
+    validation = blocks(task.validation, cfg.get("max_eval_examples"))
+    return EncodedTask(train, validation, test, collator=default_data_collator)
 
 
 # ------------------------------------------------------------------------------ metrics
