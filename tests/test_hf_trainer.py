@@ -685,7 +685,8 @@ def _ddp_worker(out_path: str) -> None:
     """Run under torchrun: train in both ascent modes and compare the replicas."""
     import torch.distributed as dist
 
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"method": "tram" if "tram" in factory.list_methods() else "sam"}
+    method = results["method"]
     finals: dict[str, torch.Tensor] = {}
     for mode in ("sync", "local"):
         model = tiny_bert()
@@ -693,9 +694,10 @@ def _ddp_worker(out_path: str) -> None:
             model=model,
             args=make_args(f"{out_path}-{mode}", max_steps=3, ddp_backend="gloo"),
             train_dataset=TinyDataset(size=48),
-            method="sam",
-            method_kwargs={"rho": 0.1, "local_ascent": mode == "local"},
-            regularizers=[FakeRegularizer()],
+            method=method,
+            method_kwargs={"local_ascent": mode == "local"},
+            # R3F runs an extra forward of the unwrapped module inside DDP's forward/backward.
+            regularizers=[FakeRegularizer(), tram.R3F(seed=1)],
         )
         trainer.train()
         params = flat_params(model)
@@ -740,7 +742,9 @@ def test_ddp_replicas_stay_identical_in_both_ascent_modes(tmp_path):
         assert result["replica_diff"] == 0.0
         assert result["moved"] > 0
         assert result["steps"] == 3
-        assert "tram/fake" in result["logged"]
+        assert {"tram/fake", "tram/r3f", "tram/ascent_grad_norm"} <= set(result["logged"])
+        if results["method"] == "tram":
+            assert "tram/radius" in result["logged"]
     # The modes are different algorithms: per-worker ascents differ from the global one.
     assert results["mode_diff"] > 0
 

@@ -77,7 +77,7 @@ from tram._wrapper import TwoPassOptimizer
 from tram.factory import check_method_args, wrap_optimizer
 from tram.integrations.accelerate import grad_scale_of, unwrap_optimizer
 
-__all__ = ["REGULARIZERS_NAME", "TramTrainer", "find_logits"]
+__all__ = ["REGULARIZERS_NAME", "MissingLogitsError", "TramTrainer", "find_logits"]
 
 logger = logging.getLogger(__name__)
 
