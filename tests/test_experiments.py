@@ -75,9 +75,10 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("assets")
     rng = random.Random(0)
     words = sorted(set(POSITIVE + NEGATIVE + FILLER + [w for ws in TOPICS.values() for w in ws]))
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(tokens)})
+    good, movie = tokens.index("good"), tokens.index("movie")
+    assert tokenizer("good movie")["input_ids"] == [2, good, movie, 3]
     common = {"vocab_size": tokenizer.vocab_size, "hidden_size": 16, "num_hidden_layers": 1}
     common |= {"num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
     bert = root / "tiny-bert"
@@ -201,6 +202,8 @@ def test_tiny_topics_frozen_embeddings(assets, tmp_path):
     assert cfg.model.freeze_embeddings
     results = finetune(cfg, output_dir=tmp_path)
     check_run(tmp_path, optimizer="adamw")
+    words = {*POSITIVE, *NEGATIVE, *FILLER, *(w for ws in TOPICS.values() for w in ws)}
+    assert results["parameters"] - results["trainable_parameters"] == (5 + len(words)) * 16
     assert results["train_domain"] == "en"
     assert results["ood_domains"] == ["it"]
     assert 0.0 < results["domains"]["it"]["majority"] < 1.0

@@ -261,6 +261,8 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         steps=int(trainer.state.global_step),
         train_loss=float(train_output.training_loss),
         mean_radius=(sum(tracker.values) / len(tracker.values)) if tracker.values else None,
+        parameters=sum(p.numel() for p in model.parameters()),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
