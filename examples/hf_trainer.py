@@ -118,6 +118,7 @@ def main() -> None:
         report_to=["tensorboard"],
         seed=options.seed,
         disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     method_kwargs = {}
     if options.method == "tram":
