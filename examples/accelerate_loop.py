@@ -17,7 +17,7 @@ Clipping, ``optimizer.step()``, the scheduler and ``zero_grad()`` stay as they a
 
     python examples/accelerate_loop.py                  # ~2-4 minutes on 2 CPU cores
     python examples/accelerate_loop.py --steps 4 --train-size 64 --eval-size 64   # smoke run
-    accelerate launch --num_processes 2 --cpu examples/accelerate_loop.py        # DDP (gloo)
+    torchrun --nproc_per_node=2 examples/accelerate_loop.py                      # DDP (gloo)
 
 Offline: ``HF_HUB_OFFLINE=1`` is set; the assets come from pip packages cached under
 ``~/.cache/tram`` (see ``tram.experiments.assets``).
@@ -93,6 +93,7 @@ def main() -> None:
     accelerator = Accelerator(
         gradient_accumulation_steps=options.accumulation,
         mixed_precision=options.mixed_precision,
+        cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun run alone
     )
     set_seed(options.seed)
     path = minilm_path()
@@ -132,8 +133,10 @@ def main() -> None:
         if options.sigma is not None:
             method_kwargs["sigma"] = options.sigma
     optimizer = wrap_optimizer(options.method, base, model=model, **method_kwargs)
+    # accelerate's prepared scheduler steps once per process at each optimizer step.
+    processes = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, max(1, options.steps // 10), options.steps
+        optimizer, max(1, options.steps // 10) * processes, options.steps * processes
     )
     model, optimizer, train_loader, scheduler, *eval_prepared = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders.values()
