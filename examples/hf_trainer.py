@@ -119,6 +119,7 @@ def main() -> None:
         seed=options.seed,
         disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun run alone
     )
     method_kwargs = {}
     if options.method == "tram":

@@ -32,7 +32,9 @@ What it does, and why (the measurements behind each point are in the project's
 - **Distributed.** Under DDP the ascent is synchronised (the global gradient) by default; with
   ``method_kwargs={"local_ascent": True}`` the first pass runs under ``no_sync`` and each worker
   ascends along its own gradient (m-sharpness, one all-reduce per step). Replicas stay identical
-  in both modes. FSDP2 supports the synchronised ascent only. DeepSpeed is not supported.
+  in both modes. FSDP2 supports the synchronised ascent only (accelerate 1.15 enables FSDP on
+  accelerators only; on CPU the Trainer runs DDP). DeepSpeed is not supported. On a CPU-only
+  machine pass ``use_cpu=True`` to ``TrainingArguments``, or ``torchrun`` processes run alone.
 - **Mixed precision.** bf16 needs nothing. Under fp16 with a ``GradScaler`` the ascent is taken
   from the scaled gradients (``grad_scale=scaler.get_scale()``); the weights are restored before
   the scaler can skip the step; a non-finite first pass skips the ascent, leaves the gradient as
