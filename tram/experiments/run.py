@@ -61,13 +61,6 @@ def _plain(node: Any) -> Any:
 # ------------------------------------------------------------------------------ checks
 
 
-def _ensure_tram_registered() -> None:
-    from tram import factory
-
-    if "tram" not in factory.list_methods():
-        factory.register("tram", "tram._tram:TRAM")
-
-
 def _regularizer_class(spec: Mapping[str, Any]) -> type:
     import tram
 
@@ -100,7 +93,6 @@ def validate(cfg: Any) -> None:
     check_task_config(cfg.task)
     optimizer = _plain(cfg.optimizer)
     if optimizer.get("method"):
-        _ensure_tram_registered()
         try:
             check_method_args(
                 optimizer["method"], optimizer.get("kwargs") or {}, validate_values=True
