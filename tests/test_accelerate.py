@@ -21,16 +21,6 @@ GA = 2
 BATCH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and on a loaded machine
-    several threads are many times slower (they spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)

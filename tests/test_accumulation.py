@@ -16,16 +16,6 @@ from torch import Tensor, nn
 
 import tram
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only contend (about 5x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 Batch = tuple[Tensor, Tensor]
 
 WRAPPERS = {

@@ -9,7 +9,7 @@ backward at θ+ε, restore by copy, ``unscale_``, ``step``, ``update``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,16 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only contend (about 5x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 INIT_SCALE = 4096.0
 RHO = 0.05

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -280,15 +279,6 @@ def launch_workers(spec_path: Path, out_dir: Path, log_dir: Path) -> float:
             pytrace=False,
         )
     pytest.fail("the distributed worker could not bind a free port in 3 attempts", pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The references are tiny: intra-op threads only slow them (30x on a loaded 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

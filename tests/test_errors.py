@@ -12,7 +12,7 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,16 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: intra-op threads only contend (about 5x slower on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 WRAPPER_CLASSES: list[type[tram.TwoPassOptimizer]] = [tram.SAM, tram.ASAM, tram.FisherSAM]
 

@@ -42,16 +42,6 @@ VOCAB = 100
 SEQ = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread is fastest, and on a loaded machine
-    several threads are many times slower (they spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(dropout: float = 0.0) -> BertConfig:
     return BertConfig(
         hidden_size=32,

@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import io
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -39,15 +39,6 @@ VARIANTS = ["noise", "pretrained", "previous", "ema", "fisher"]
 # float32 round-off between two orders of summation, over three AdamW steps (measured <= 2e-6);
 # the ascent itself moves the weights by more than 1e-2 over the same steps.
 TIGHT = {"rtol": 1e-5, "atol": 5e-6}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models: threads only contend (10x slower on a busy two-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- models

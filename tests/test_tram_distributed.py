@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -213,14 +212,6 @@ def launch(spec_path: Path, out_dir: Path) -> None:
         )
         pytest.fail(f"the TRAM DDP worker failed:\n{report}", pytrace=False)
     pytest.fail("the TRAM DDP worker could not bind a free port in 3 attempts", pytrace=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from tram.accumulation import accumulating_closure
 from tram.amp import scaled_step
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import get_divergence
+from tram.factory import list_methods, register, wrap_optimizer
 from tram.noise import find_input_embeddings, representation_noise
 from tram.regularizers import MESA, R3F, R4F, TRPO
 from tram.targets import ReferenceWeights
@@ -35,6 +36,9 @@ __all__ = [
     "find_input_embeddings",
     "frozen_running_stats",
     "get_divergence",
+    "list_methods",
+    "register",
     "representation_noise",
     "scaled_step",
+    "wrap_optimizer",
 ]

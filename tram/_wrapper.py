@@ -465,7 +465,7 @@ class TwoPassOptimizer(Optimizer):
             f"{type(self).__name__}: skipped the ascent because {reason} "
             f"({self.skipped_ascents} skipped so far)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # past first_step and its no_grad decorator, to its caller
         )
         return False
 
