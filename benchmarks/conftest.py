@@ -88,14 +88,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--step-cost-blocks",
         type=int,
-        default=3,
-        help="interleaved blocks of timing per model (default 3)",
+        default=8,
+        help="interleaved blocks of timing per model (default 8)",
     )
     group.addoption(
         "--step-cost-rounds",
         type=int,
-        default=2,
-        help="timed rounds of each method per block (default 2)",
+        default=1,
+        help="timed rounds of each method per block (default 1)",
     )
     group.addoption(
         "--step-cost-out",

@@ -23,13 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# (name, numerator method, denominator method or "P" for parameter bytes, quantity, limit)
-TARGETS: list[tuple[str, str, str, str, float]] = [
+# (name, numerator method, denominator method or "P" for parameter bytes, quantity, limit);
+# a limit of None is a ratio shown for information.
+TARGETS: list[tuple[str, str, str, str, float | None]] = [
     ("SAM step / AdamW step", "sam", "adamw", "time", 2.05),
     ("SAM step / pytorch_optimizer.SAM step", "sam", "peer_sam", "time", 1.00),
     ("TRAM-x step / SAM step", "tram_x", "sam", "time", 1.20),
     ("TRAM-θ0 step / SAM step", "tram_theta0", "sam", "time", 1.20),
     ("TRAM-θt−1 step / SAM step", "tram_previous", "sam", "time", 1.20),
+    ("TRAM-x step / ASAM step (the same ascent form)", "tram_x", "asam", "time", None),
+    ("TRAM-θ0 step / ASAM step (the same ascent form)", "tram_theta0", "asam", "time", None),
+    ("ASAM step / SAM step", "asam", "sam", "time", None),
     ("SAM ascent_every=4 step / AdamW step", "sam_every4", "adamw", "time", 1.35),
     ("TRAM-x ascent_every=4 step / AdamW step", "tram_x_every4", "adamw", "time", 1.35),
     ("SAM extra memory / parameter bytes", "sam", "P", "extra", 1.05),
@@ -171,7 +175,7 @@ def _summarize_model(
                 "value": value,
                 f"value_{other}_clock": other_value,
                 "limit": limit,
-                "pass": None if value is None else value <= limit,
+                "pass": None if value is None or limit is None else value <= limit,
             }
         )
     checked = [m for m in WRAPPERS if "allocations" in methods.get(m, {})]
@@ -281,9 +285,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
             if beside_value is not None:
                 shown = f"{shown} [{_fmt(beside_value)}]"
             result = {True: "pass", False: "**miss**", None: "not measured"}[target["pass"]]
+            limit = "–" if target["limit"] is None else f"≤ {target['limit']}"
+            if target["limit"] is None and target["value"] is not None:
+                result = "information"
             if target.get("offenders"):
                 result += f" ({', '.join(target['offenders'])})"
-            lines.append(f"| {target['target']} | {shown} | ≤ {target['limit']} | {result} |")
+            lines.append(f"| {target['target']} | {shown} | {limit} | {result} |")
         lines.append("")
     return "\n".join(lines)
 
