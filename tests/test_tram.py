@@ -963,3 +963,23 @@ def test_reference_logits_of_another_shape_are_rejected() -> None:
     with pytest.raises(ValueError, match=message):
         optimizer.step(closure_for(task, optimizer, model, task.batches(1)[0]))
     assert not optimizer.is_perturbed
+
+
+# ============================================================================= chunked divergence
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "symmetric_kl", "js", "l2"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_the_divergence_in_chunks_equals_the_whole(monkeypatch, name: str, masked: bool) -> None:
+    from tram import _tram
+
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 7, 11, generator=generator)
+    logits = torch.randn(3, 7, 11, generator=generator)
+    mask = torch.rand(3, 7, generator=generator) > 0.4 if masked else None
+    divergence = tram.get_divergence(name)
+    whole = divergence(target, logits, mask=mask)
+    monkeypatch.setattr(_tram, "_CHUNK_ELEMENTS", 11 * 4)  # 4 positions per chunk, 6 chunks
+    chunked = _tram._chunked_mean_divergence(divergence, target, logits, mask)
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
+    assert chunked.dtype == torch.float32

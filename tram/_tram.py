@@ -313,7 +313,9 @@ class TRAM(TwoPassOptimizer):
                 f"{tuple(target.shape)} and {tuple(record.logits.shape)}"
             )
         mask = logits_mask(record.kwargs, record.logits)
-        return self.divergence(target, record.logits, mask=mask).float()
+        if self.divergence_name == "mmd":  # set-level: cannot be split over positions
+            return self.divergence(target, record.logits, mask=mask).float()
+        return _chunked_mean_divergence(self.divergence, target, record.logits, mask)
 
     def _reference_output(self, record: _Record) -> Any:
         self._in_reference = True
@@ -377,6 +379,40 @@ class TRAM(TwoPassOptimizer):
         super().__setstate__(state)
         self._generator = torch.Generator(device=next(self.module.parameters()).device)
         self._generator.set_state(generator_state)
+
+
+_CHUNK_ELEMENTS = 1 << 22
+"""Logit elements per chunk of the divergence (16 MiB in fp32): bounds its float32 temporaries,
+which are several times the logits for a language model's [B, T, vocabulary] output."""
+
+
+def _chunked_mean_divergence(
+    divergence: Callable[..., Tensor], target: Tensor, logits: Tensor, mask: Tensor | None
+) -> Tensor:
+    """A per-position divergence averaged over the counted positions, computed in chunks.
+
+    Equal to ``divergence(target, logits, mask=mask)`` for divergences that are a mean over
+    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS`.
+    """
+    classes = logits.shape[-1]
+    target = target.reshape(-1, classes)
+    logits = logits.reshape(-1, classes)
+    counted = None if mask is None else mask.reshape(-1) != 0
+    rows = max(1, _CHUNK_ELEMENTS // classes)
+    if logits.shape[0] <= rows:
+        return divergence(target, logits, mask=counted).float()
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    count = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        chunk = slice(start, start + rows)
+        chunk_mask = None if counted is None else counted[chunk]
+        chunk_count = (
+            float(logits[chunk].shape[0]) if chunk_mask is None else chunk_mask.sum().float()
+        )
+        value = divergence(target[chunk], logits[chunk], mask=chunk_mask).float()
+        total = total + value * chunk_count
+        count = count + chunk_count
+    return total / count.clamp_min(1.0)
 
 
 def _cuda_device(module: nn.Module) -> int:
