@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m tram.experiments.main_job
 
 lint: setup
 	$(VENV)/bin/ruff check .
