@@ -689,7 +689,8 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks: Any, output_
         device=str(pick_device()),
         device_name=(
             torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-        ),
+        )
+        or None,
     )
     machine["clock"] = config.getoption("step_cost_clock")
     output_json["step_cost_machine"] = machine

@@ -80,6 +80,9 @@ def summarize(bench_json: dict[str, Any]) -> dict[str, Any]:
     """The per-model summary: times, ratios, memory and the targets."""
     machine = dict(bench_json.get("step_cost_machine", {}))
     machine["clock"] = primary_clock(machine)
+    if not machine.get("device_name"):
+        cpu = bench_json.get("machine_info", {}).get("cpu", {})
+        machine["device_name"] = cpu.get("brand_raw") or None
     times: dict[str, dict[str, dict[str, list[float]]]] = {}
     memory: dict[str, dict[str, dict[str, Any]]] = {}
     for bench in bench_json.get("benchmarks", []):
