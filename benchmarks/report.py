@@ -283,10 +283,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += ["", "| target | measured | limit | result |", "|---|---:|---:|---|"]
         for target in data["targets"]:
             value = target["value"]
-            shown = str(value) if isinstance(value, int) else _fmt(value)
+            shown = str(value) if isinstance(value, int) else _fmt(value, 3)
             beside_value = target.get(f"value_{other}_clock")
             if beside_value is not None:
-                shown = f"{shown} [{_fmt(beside_value)}]"
+                shown = f"{shown} [{_fmt(beside_value, 3)}]"
             result = {True: "pass", False: "**miss**", None: "not measured"}[target["pass"]]
             limit = "–" if target["limit"] is None else f"≤ {target['limit']}"
             if target["limit"] is None and target["value"] is not None:
