@@ -260,7 +260,6 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         logger.info("%s", _summary(results))
-        print(_summary(results), flush=True)
     return results
 
 
