@@ -239,14 +239,15 @@ def test_console_sweep_then_report(assets, tmp_path, monkeypatch):
     assert (sweep / "report.png").stat().st_size > 0
 
 
-def test_console_reports_bad_input_in_one_line(assets, tmp_path, monkeypatch, capsys):
-    from tram.experiments import run
+def test_console_reports_bad_input_in_one_line(assets, tmp_path, monkeypatch):
+    """examples/finetune.py (the same entry) exits with one line naming the cause."""
+    import runpy
 
-    argv = ["tram-finetune", *tiny_overrides(assets), f"model.source={tmp_path / 'nowhere'}"]
+    argv = ["finetune.py", *tiny_overrides(assets), f"model.source={tmp_path / 'nowhere'}"]
     argv += [f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        run.main()
+        runpy.run_path(str(REPO / "examples" / "finetune.py"), run_name="__main__")
     assert "does not exist" in str(exit_info.value.code)
     assert not (tmp_path / "run" / "results.json").exists()
 
