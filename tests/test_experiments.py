@@ -197,6 +197,102 @@ def test_tiny_sentiment(assets, tmp_path, optimizer):
         assert results["mean_radius"] is None
 
 
+def test_validation_is_reported_next_to_the_test_sets(assets, tmp_path):
+    cfg = compose_config(tiny_overrides(assets))
+    results = finetune(cfg, output_dir=tmp_path)
+    validation = results["validation"]
+    assert 0 < validation["examples"] <= 16  # max_eval_examples caps it too
+    assert 0.0 <= validation["accuracy"] <= 1.0
+    assert results["in_domain_validation"] == validation["accuracy"]
+    assert math.isfinite(validation["loss"])
+
+
+def test_hyperparameter_sweep_mode_does_not_touch_the_test_sets(assets, tmp_path, monkeypatch):
+    from tram.experiments import run as run_module
+
+    seen: list[str] = []
+    real = run_module.evaluate_split
+
+    def spy(trainer, task, dataset, name):
+        seen.append(name)
+        return real(trainer, task, dataset, name)
+
+    monkeypatch.setattr(run_module, "evaluate_split", spy)
+    cfg = compose_config([*tiny_overrides(assets), "evaluate.test=false"])
+    results = finetune(cfg, output_dir=tmp_path)
+    assert seen == ["validation"]
+    assert results["domains"] == {}
+    assert results["in_domain"] is None
+    assert results["ood_average"] is None
+    assert 0.0 <= results["in_domain_validation"] <= 1.0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["in_domain_validation"] == results["in_domain_validation"]
+
+
+def test_evaluation_rows_are_sorted_by_length(assets):
+    from tram.experiments import models, tasks
+
+    cfg = compose_config(tiny_overrides(assets))
+    resolved, _ = models.load_model_config(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model, resolved, kind="encoder")
+    rng = random.Random(0)
+    examples = [((_sentence(rng, POSITIVE, n),), 1) for n in (9, 2, 5, 7, 3)]
+    examples += [((_sentence(rng, NEGATIVE, n),), 0) for n in (4, 8, 1)]
+    task = tasks.TaskData(
+        name="lengths",
+        type="classification",
+        train_domain="a",
+        domains=["a", "b"],
+        labels=["negative", "positive"],
+        train=examples,
+        validation=examples,
+        test={"a": examples, "b": examples[::-1]},
+    )
+    data = tasks.encode_task(task, tokenizer, cfg.task)
+    train_lengths = [len(row["input_ids"]) for row in data.train.rows]
+    assert train_lengths != sorted(train_lengths)  # training order is the sampler's business
+    for rows in [data.validation, *data.test.values()]:
+        lengths = [len(row["input_ids"]) for row in rows.rows]
+        assert lengths == sorted(lengths)
+        assert len(set(lengths)) > 1
+        assert sorted(row["labels"] for row in rows.rows) == [0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_diagnostics_after_training(assets, tmp_path):
+    overrides = [
+        *tiny_overrides(assets),
+        "diagnostics.cka=true",
+        "diagnostics.sharpness=true",
+        "diagnostics.hessian=true",
+        "diagnostics.examples=8",
+        "diagnostics.batch_size=4",
+        "diagnostics.sharpness_steps=2",
+        "diagnostics.hessian_iterations=3",
+    ]
+    results = finetune(compose_config(overrides), output_dir=tmp_path)
+    diagnostics = results["diagnostics"]
+    assert diagnostics["cka"].keys() == {"movies", "amazon", "tweets", "nyt"}
+    assert all(0.0 <= v <= 1.0 + 1e-6 for v in diagnostics["cka"].values())
+    assert diagnostics["epsilon_sharpness"] >= 0.0
+    assert math.isfinite(diagnostics["top_hessian_eigenvalue"])
+    assert results["diagnostics_time_s"] >= 0.0
+
+
+def test_diagnostics_of_an_untrained_model(assets, tmp_path):
+    """Steps at learning rate 0 leave the pre-trained representations (CKA 1)."""
+    overrides = [*tiny_overrides(assets), "train.lr=0", "diagnostics.cka=true"]
+    overrides += ["diagnostics.examples=8"]
+    results = finetune(compose_config(overrides), output_dir=tmp_path)
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in results["diagnostics"]["cka"].values())
+    assert "epsilon_sharpness" not in results["diagnostics"]
+
+
+def test_bad_diagnostics_size(assets, tmp_path):
+    overrides = [*tiny_overrides(assets), "diagnostics.cka=true", "diagnostics.examples=0"]
+    with pytest.raises(ExperimentError, match=r"diagnostics\.examples must be a positive"):
+        finetune(compose_config(overrides), output_dir=tmp_path)
+
+
 def test_tiny_topics_frozen_embeddings(assets, tmp_path):
     cfg = compose_config(tiny_overrides(assets, "topics"))
     assert cfg.model.freeze_embeddings

@@ -43,6 +43,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's ``configs/`` directory (override with ``--config-dir``)."""
 
 REGULARIZERS = {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
+DIAGNOSTICS = ("cka", "sharpness", "hessian")
 RESULTS_FILE = "results.json"
 
 
@@ -237,16 +238,36 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
     )
     tracker = _add_callbacks(trainer, output_dir)
 
+    evaluation = _plain(cfg.get("evaluate")) or {}
+    diagnostics_cfg = _plain(cfg.get("diagnostics")) or {}
+    probe = None
+    if any(diagnostics_cfg.get(key) for key in DIAGNOSTICS):
+        from tram.experiments.diagnose import Probe
+
+        probe = Probe(model, task, data, **diagnostics_cfg)
+
     start = time.perf_counter()
     train_output = trainer.train()
     train_time = time.perf_counter() - start
     start = time.perf_counter()
-    per_domain = evaluate(trainer, task, data)
+    per_domain = evaluate(trainer, task, data) if evaluation.get("test", True) else {}
+    validation = (
+        evaluate_split(trainer, task, data.validation, "validation")
+        if evaluation.get("validation", True) and len(data.validation)
+        else None
+    )
     eval_time = time.perf_counter() - start
     if cfg.train.get("save_model"):
         trainer.save_model(str(output_dir / "model"))
 
     results = _results(cfg, task, per_domain, data)
+    if validation is not None:
+        results["validation"] = validation
+        results["in_domain_validation"] = validation[results["metric"]]
+    if probe is not None:
+        start = time.perf_counter()
+        results["diagnostics"] = probe.measure(model)
+        results["diagnostics_time_s"] = round(time.perf_counter() - start, 3)
     results.update(
         train_time_s=round(train_time, 3),
         eval_time_s=round(eval_time, 3),
@@ -264,22 +285,26 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
 
 
 def evaluate(trainer: Any, task: Any, data: Any) -> dict[str, dict[str, float]]:
-    """Every domain's metrics (Trainer.evaluate: eval batches, no gradients, all ranks)."""
+    """Every domain's test metrics (Trainer.evaluate: eval batches, no gradients, all ranks)."""
     out: dict[str, dict[str, float]] = {}
     for domain in task.domains:
-        metrics = trainer.evaluate(
-            eval_dataset=data.test[domain], metric_key_prefix=f"test_{domain}"
-        )
-        prefix = f"test_{domain}_"
-        values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
-        entry = {"loss": values["loss"], "examples": len(data.test[domain])}
-        if task.type == "lm":
-            entry["perplexity"] = math.exp(min(values["loss"], 700.0))
-        else:
-            entry["accuracy"] = values["accuracy"]
-            entry["majority"] = data.majority[domain]
-        out[domain] = entry
+        out[domain] = evaluate_split(trainer, task, data.test[domain], f"test_{domain}")
+        if task.type != "lm":
+            out[domain]["majority"] = data.majority[domain]
     return out
+
+
+def evaluate_split(trainer: Any, task: Any, dataset: Any, name: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or perplexity (language modelling) on ``dataset``."""
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=name)
+    prefix = f"{name}_"
+    values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+    entry = {"loss": values["loss"], "examples": len(dataset)}
+    if task.type == "lm":
+        entry["perplexity"] = math.exp(min(values["loss"], 700.0))
+    else:
+        entry["accuracy"] = values["accuracy"]
+    return entry
 
 
 def _results(
@@ -290,7 +315,7 @@ def _results(
 
     metric = "perplexity" if task.type == "lm" else "accuracy"
     ood = task.ood_domains
-    ood_values = [per_domain[d][metric] for d in ood]
+    ood_values = [per_domain[d][metric] for d in ood if d in per_domain]
     return {
         "task": task.name,
         "model": str(cfg.model.name),
@@ -302,7 +327,7 @@ def _results(
         "train_domain": task.train_domain,
         "ood_domains": ood,
         "domains": per_domain,
-        "in_domain": per_domain[task.train_domain][metric],
+        "in_domain": per_domain[task.train_domain][metric] if per_domain else None,
         "ood_average": sum(ood_values) / len(ood_values) if ood_values else None,
         "train_examples": len(data.train),
         "config": _plain(cfg),
@@ -316,13 +341,18 @@ def _results(
 
 def _summary(results: Mapping[str, Any]) -> str:
     scale = 100.0 if results["metric"] == "accuracy" else 1.0
+
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value * scale:.1f}"
+
     parts = [f"{d}={v[results['metric']] * scale:.1f}" for d, v in results["domains"].items()]
-    ood = results["ood_average"]
+    if results.get("in_domain_validation") is not None:
+        parts.append(f"validation={number(results['in_domain_validation'])}")
     return (
         f"[{results['task']} | {results['model']} | {results['optimizer']} | "
         f"seed {results['seed']}] "
-        f"{results['metric']}: {', '.join(parts)}; in-domain {results['in_domain'] * scale:.1f}, "
-        f"OOD average {'n/a' if ood is None else f'{ood * scale:.1f}'}; "
+        f"{results['metric']}: {', '.join(parts)}; in-domain {number(results['in_domain'])}, "
+        f"OOD average {number(results['ood_average'])}; "
         f"{results['steps']} steps in {results['train_time_s']:.0f} s"
     )
 

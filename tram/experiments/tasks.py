@@ -334,10 +334,15 @@ def encode_task(
             row["labels"] = label
         return Rows(rows)
 
+    def by_length(rows: Rows) -> Rows:
+        # Evaluation batches are padded to their longest row; sorted rows pad little (about half
+        # the evaluation time on VADER). Accuracy and mean loss do not depend on the order.
+        return Rows(sorted(rows.rows, key=lambda row: len(row["input_ids"])))
+
     return EncodedTask(
         train=encode(task.train),
-        validation=encode(task.validation),
-        test={d: encode(task.test[d]) for d in task.domains},
+        validation=by_length(encode(task.validation)),
+        test={d: by_length(encode(task.test[d])) for d in task.domains},
         collator=DataCollatorWithPadding(tokenizer),
         majority={d: _majority([label for _, label in task.test[d]]) for d in task.domains},
     )

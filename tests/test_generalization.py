@@ -1,0 +1,124 @@
+"""The generalization benchmark's protocol: tuning on validation only, selection, paired
+evaluation, resume, report, and the power analysis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_experiments import assets  # noqa: F401  (module-scoped fixture)
+from tram.experiments import generalization
+from tram.experiments.generalization import GRIDS, Grid, Job, plan, seeds_needed, select
+
+
+def test_plan_tunes_first_then_evaluates_seed_by_seed():
+    jobs = plan(["adamw", "sam"], [1, 2], tuning_seeds=[101])
+    tuning = [j for j in jobs if j.phase == "tune"]
+    assert [j.value for j in tuning] == list(GRIDS["sam"].values)
+    assert all(j.method == "sam" and j.seed == 101 for j in tuning)
+    assert jobs[: len(tuning)] == tuning
+    assert [(j.method, j.seed) for j in jobs[len(tuning) :]] == [
+        ("adamw", 1),
+        ("sam", 1),
+        ("adamw", 2),
+        ("sam", 2),
+    ]
+    assert str(tuning[0].relative()) == "tune/sam_rho0.02/seed101"
+
+
+def test_tuning_runs_never_evaluate_the_test_sets():
+    tune = Job("tune", "tram_x", 101, 0.3)
+    overrides = generalization._overrides(tune, {}, generalization.BUDGET)
+    assert "evaluate.test=false" in overrides
+    assert "optimizer.kwargs.sigma=0.3" in overrides
+    test = Job("test", "tram_x", 1)
+    overrides = generalization._overrides(test, {"tram_x": {"value": 0.01}}, ())
+    assert "evaluate.test=false" not in overrides
+    assert "optimizer.kwargs.sigma=0.01" in overrides
+    assert generalization._overrides(Job("test", "adamw", 3), {}, ()) == [
+        "optimizer=adamw",
+        "seed=3",
+    ]
+
+
+def _write(out: Path, job: Job, validation: float) -> None:
+    path = out / "results" / job.relative() / "results.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"in_domain_validation": validation}))
+
+
+def test_selection_takes_the_best_validation_and_ties_keep_the_paper_value(tmp_path, monkeypatch):
+    monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.01, 0.05, 0.2), 0.05))
+    monkeypatch.setitem(GRIDS, "asam", Grid("rho", (0.1, 0.5), 0.5))
+    for value, score in ((0.01, 0.80), (0.05, 0.81), (0.2, 0.83)):
+        _write(tmp_path, Job("tune", "sam", 7, value), score)
+        _write(tmp_path, Job("tune", "sam", 8, value), score - 0.01)
+    for value in (0.1, 0.5):
+        for seed in (7, 8):
+            _write(tmp_path, Job("tune", "asam", seed, value), 0.75)
+    selection = select(tmp_path, ["adamw", "sam", "asam"], [7, 8])
+    assert selection.keys() == {"sam", "asam"}
+    assert selection["sam"]["value"] == 0.2
+    assert selection["sam"]["validation"]["0.2"] == pytest.approx(0.825)
+    assert selection["asam"]["value"] == 0.5
+
+
+@pytest.mark.parametrize(("sd", "expected"), [(1.0, 10), (2.0, 34), (0.5, 5)])
+def test_seeds_needed_matches_paired_t_power_tables(sd, expected):
+    # Standardised effect 1/sd at alpha 0.05, power 0.8: n = 10, 34, 5 (Cohen's tables; G*Power).
+    assert seeds_needed(sd) == expected
+
+
+def test_seeds_needed_without_spread():
+    assert seeds_needed(0.0) == 2
+
+
+def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  # noqa: F811
+    """Two methods end to end on the tiny fabricated assets, two runs side by side."""
+    monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.01, 0.05), 0.05))
+    budget = [
+        "experiment=smoke",
+        f"model.source={assets['bert']}",
+        "model.name=tiny_bert",
+        f"task.data_dir={assets['vader']}",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "task.max_eval_examples=16",
+        "train.eval_batch_size=16",
+    ]
+    out = tmp_path / "bench"
+    kwargs = dict(methods=["adamw", "sam"], seeds=[1], tuning_seeds=[101], budget=budget)
+    assert generalization.run(out, jobs=2, **kwargs) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["sam"]["value"] in (0.01, 0.05)
+    tuned = json.loads((out / "results/tune/sam_rho0.01/seed101/results.json").read_text())
+    assert tuned["domains"] == {}
+    assert tuned["in_domain_validation"] is not None
+    for method in ("adamw", "sam"):
+        results = json.loads((out / f"results/test/{method}/seed1/results.json").read_text())
+        assert results["seed"] == 1
+        assert results["optimizer"] == method
+        assert set(results["domains"]) == {"movies", "amazon", "tweets", "nyt"}
+    sam = json.loads((out / "results/test/sam/seed1/results.json").read_text())
+    assert sam["config"]["optimizer"]["kwargs"]["rho"] == selection["sam"]["value"]
+
+    started: list[Job] = []
+    monkeypatch.setattr(generalization, "_start", lambda job, *a: started.append(job))
+    assert generalization.run(out, jobs=2, **kwargs) == 0
+    assert started == []  # every results file exists: nothing runs again
+
+    text = generalization.report(out)
+    assert "| adamw |" in text
+    assert "| sam |" in text
+    assert "### Power" in text
+    assert "### Tuning (in-domain validation only)" in text
+    assert (out / "report.md").read_text() == text
+    assert (out / "report.png").stat().st_size > 0
+
+
+def test_command_line_rejects_bad_jobs(capsys):
+    with pytest.raises(SystemExit):
+        generalization.main(["run", "--out", "x", "--jobs", "0"])
+    assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
