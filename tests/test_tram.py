@@ -983,3 +983,44 @@ def test_the_divergence_in_chunks_equals_the_whole(monkeypatch, name: str, maske
     chunked = _tram._chunked_mean_divergence(divergence, target, logits, mask)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
     assert chunked.dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk_positions", [4, 1000], ids=["chunks", "one-chunk"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_in_place_forward_kl_equals_the_divergence(
+    monkeypatch, chunk_positions: int, masked: bool, dtype: torch.dtype
+) -> None:
+    """TRAM's no-grad path for its default d gives kl_divergence's value, NaN padding ignored."""
+    from tram import _tram
+
+    generator = torch.Generator().manual_seed(3)
+    target = (3 * torch.randn(3, 7, 11, generator=generator)).to(dtype)
+    logits = (3 * torch.randn(3, 7, 11, generator=generator)).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 7, generator=generator) > 0.4
+        target[~mask] = float("nan")  # garbage in padding must not reach d
+    whole = tram.get_divergence("forward_kl")(target, logits, mask=mask)
+    monkeypatch.setattr(_tram, "_CHUNK_ELEMENTS", 11 * chunk_positions)
+    with torch.no_grad():
+        fast = _tram._chunked_mean_divergence(
+            tram.get_divergence("forward_kl"), target, logits, mask, forward_kl=True
+        )
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, whole, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_kl_rows_is_the_per_row_kl() -> None:
+    from tram.divergence import forward_kl_rows
+
+    generator = torch.Generator().manual_seed(4)
+    target = torch.randn(5, 9, generator=generator)
+    logits = torch.randn(5, 9, generator=generator, requires_grad=True)
+    rows = forward_kl_rows(target, logits)
+    p = target.double().softmax(-1)
+    expected = (p * (p.log() - logits.detach().double().log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-7)
+    assert not rows.requires_grad  # no graph: it is only used where no gradient is needed
+    same = forward_kl_rows(target, target)
+    torch.testing.assert_close(same, torch.zeros(5), rtol=0, atol=1e-6)

@@ -155,13 +155,18 @@ def _write_operator_(
 ) -> None:
     """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors."""
     if scaling == "adaptive":
+        # Every elementwise pass over all the weights costs about as much as SAM's whole ascent,
+        # so: abs written straight into ``out``, and no pass adding eta = 0 (TRAM's default).
         if foreach:
             foreach_copy_(out, params)
             torch._foreach_abs_(out)
-            torch._foreach_add_(out, eta)
+            if eta != 0:
+                torch._foreach_add_(out, eta)
         else:
             for o, p in zip(out, params, strict=True):
-                o.copy_(p).abs_().add_(eta)
+                torch.abs(p, out=o)
+                if eta != 0:
+                    o.add_(eta)
     elif scaling == "fisher":
         # T = (1 + eta * (g / s)^2) ** -1/2
         factor = eta * inverse_scale * inverse_scale

@@ -73,7 +73,7 @@ from torch.optim import Optimizer
 
 from tram._ascent import Scaling
 from tram._wrapper import TwoPassOptimizer, check_non_negative
-from tram.divergence import get_divergence
+from tram.divergence import forward_kl_rows, get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, extract_logits, logits_mask, unwrap_model
 
@@ -315,7 +315,13 @@ class TRAM(TwoPassOptimizer):
         mask = logits_mask(record.kwargs, record.logits)
         if self.divergence_name == "mmd":  # set-level: cannot be split over positions
             return self.divergence(target, record.logits, mask=mask).float()
-        return _chunked_mean_divergence(self.divergence, target, record.logits, mask)
+        return _chunked_mean_divergence(
+            self.divergence,
+            target,
+            record.logits,
+            mask,
+            forward_kl=self.divergence_name == "forward_kl",
+        )
 
     def _reference_output(self, record: _Record) -> Any:
         self._in_reference = True
@@ -381,25 +387,33 @@ class TRAM(TwoPassOptimizer):
         self._generator.set_state(generator_state)
 
 
-_CHUNK_ELEMENTS = 1 << 22
-"""Logit elements per chunk of the divergence (16 MiB in fp32): bounds its float32 temporaries,
+_CHUNK_ELEMENTS = 1 << 20
+"""Logit elements per chunk of the divergence (4 MiB in fp32): bounds its float32 temporaries,
 which are several times the logits for a language model's [B, T, vocabulary] output."""
 
 
 def _chunked_mean_divergence(
-    divergence: Callable[..., Tensor], target: Tensor, logits: Tensor, mask: Tensor | None
+    divergence: Callable[..., Tensor],
+    target: Tensor,
+    logits: Tensor,
+    mask: Tensor | None,
+    *,
+    forward_kl: bool = False,
 ) -> Tensor:
     """A per-position divergence averaged over the counted positions, computed in chunks.
 
     Equal to ``divergence(target, logits, mask=mask)`` for divergences that are a mean over
-    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS`.
+    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS`. The forward KL
+    (``forward_kl=True``: ``divergence`` is TRAM's default d) without gradients goes through
+    :func:`~tram.divergence.forward_kl_rows`, two in-place buffers per chunk.
     """
     classes = logits.shape[-1]
     target = target.reshape(-1, classes)
     logits = logits.reshape(-1, classes)
     counted = None if mask is None else mask.reshape(-1) != 0
     rows = max(1, _CHUNK_ELEMENTS // classes)
-    if logits.shape[0] <= rows:
+    in_place = forward_kl and not torch.is_grad_enabled()
+    if logits.shape[0] <= rows and not in_place:
         return divergence(target, logits, mask=counted).float()
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     count = torch.zeros((), dtype=torch.float32, device=logits.device)
@@ -409,8 +423,14 @@ def _chunked_mean_divergence(
         chunk_count = (
             float(logits[chunk].shape[0]) if chunk_mask is None else chunk_mask.sum().float()
         )
-        value = divergence(target[chunk], logits[chunk], mask=chunk_mask).float()
-        total = total + value * chunk_count
+        if in_place:
+            per_row = forward_kl_rows(target[chunk], logits[chunk])
+            if chunk_mask is not None:
+                per_row = torch.where(chunk_mask, per_row, 0.0)
+            total = total + per_row.sum()
+        else:
+            value = divergence(target[chunk], logits[chunk], mask=chunk_mask).float()
+            total = total + value * chunk_count
         count = count + chunk_count
     return total / count.clamp_min(1.0)
 
