@@ -25,50 +25,25 @@ Offline: ``HF_HUB_OFFLINE=1`` is set; the assets come from pip packages cached u
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from _sentiment import load_model_and_data, method_kwargs, parser
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    get_linear_schedule_with_warmup,
-)
+from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-from tram.experiments.assets import minilm_path
-from tram.experiments.data import load_vader, sentiment_examples, split
-from tram.factory import list_methods, wrap_optimizer
+from tram.factory import wrap_optimizer
 from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="tram", help=f"a tram method: {list_methods()}")
-    parser.add_argument("--sigma", type=float, default=None, help="TRAM-x input noise σ")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="per process, per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=2, help="gradient accumulation")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--max-length", type=int, default=32, help="tokens per example")
-    parser.add_argument("--train-size", type=int, default=640)
-    parser.add_argument("--eval-size", type=int, default=200, help="per evaluation domain")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
-
-
-def encode(examples, tokenizer, max_length: int) -> list[dict]:
-    encodings = tokenizer([text for text, _ in examples], truncation=True, max_length=max_length)
-    return [
-        {**{key: values[i] for key, values in encodings.items()}, "labels": label}
-        for i, (_, label) in enumerate(examples)
-    ]
+def parse_args():
+    options = parser(__doc__.split("\n\n")[0], batch_size_help="per process, per micro-batch")
+    options.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    return options.parse_args()
 
 
 def loss_fn(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -96,26 +71,16 @@ def main() -> None:
         cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun run alone
     )
     set_seed(options.seed)
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-
-    vader = load_vader(domains=["movies", "amazon"])
-    movies_train, _, movies_test = split(sentiment_examples(vader["movies"]), seed=options.seed)
-    amazon = split(sentiment_examples(vader["amazon"]), seed=options.seed)[2]
+    tokenizer, model, train, evaluation = load_model_and_data(options)
     collate = DataCollatorWithPadding(tokenizer)
 
-    def loader(examples, batch_size, shuffle):
-        data = encode(examples, tokenizer, options.max_length)
+    def loader(data, batch_size, shuffle):
         return torch.utils.data.DataLoader(
             data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate
         )
 
-    train_loader = loader(movies_train[: options.train_size], options.batch_size, True)
-    eval_loaders = {
-        "movies": loader(movies_test[: options.eval_size], 64, False),
-        "amazon": loader(amazon[: options.eval_size], 64, False),
-    }
+    train_loader = loader(train, options.batch_size, True)
+    eval_loaders = {domain: loader(data, 64, False) for domain, data in evaluation.items()}
 
     # 1. Wrap the base optimizer before prepare(): TRAM hooks the unwrapped model.
     no_decay = ("bias", "LayerNorm.weight")
@@ -127,12 +92,7 @@ def main() -> None:
         },
     ]
     base = torch.optim.AdamW(groups, lr=options.lr, weight_decay=0.01)
-    method_kwargs = {}
-    if options.method == "tram":
-        method_kwargs = {"trust_region": "noise"}  # TRAM-x
-        if options.sigma is not None:
-            method_kwargs["sigma"] = options.sigma
-    optimizer = wrap_optimizer(options.method, base, model=model, **method_kwargs)
+    optimizer = wrap_optimizer(options.method, base, model=model, **method_kwargs(options))
     # accelerate's prepared scheduler steps once per process at each optimizer step.
     processes = accelerator.num_processes
     scheduler = get_linear_schedule_with_warmup(

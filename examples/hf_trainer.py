@@ -23,60 +23,26 @@ Offline: ``HF_HUB_OFFLINE=1`` is set; the assets come from pip packages cached u
 
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import tempfile
+
 import numpy as np
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    TrainingArguments,
-)
+from _sentiment import load_model_and_data, method_kwargs, parser
+from transformers import DataCollatorWithPadding, TrainingArguments
 
-from tram.experiments.assets import minilm_path
-from tram.experiments.data import load_vader, sentiment_examples, split
-from tram.factory import list_methods
 from tram.integrations.hf import TramTrainer
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", default="tram", help=f"a tram method: {list_methods()}")
-    parser.add_argument("--sigma", type=float, default=None, help="TRAM-x input noise σ")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=16, help="per device, per micro-batch")
-    parser.add_argument("--accumulation", type=int, default=2, help="gradient accumulation")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--max-length", type=int, default=32, help="tokens per example")
-    parser.add_argument("--train-size", type=int, default=640)
-    parser.add_argument("--eval-size", type=int, default=200, help="per evaluation domain")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--output-dir", default=None, help="default: a temporary directory")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
-
-
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized ``(text, label)`` pairs; padding is left to the collator."""
-
-    def __init__(self, examples, tokenizer, max_length: int) -> None:
-        texts = [text for text, _ in examples]
-        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
-        self.labels = [label for _, label in examples]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        item = {key: values[index] for key, values in self.encodings.items()}
-        item["labels"] = self.labels[index]
-        return item
+def parse_args():
+    options = parser(__doc__.split("\n\n")[0], batch_size_help="per device, per micro-batch")
+    options.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    options.add_argument("--output-dir", default=None, help="default: a temporary directory")
+    return options.parse_args()
 
 
 def accuracy(prediction) -> dict[str, float]:
@@ -86,19 +52,8 @@ def accuracy(prediction) -> dict[str, float]:
 
 def main() -> None:
     options = parse_args()
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(options.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-
-    vader = load_vader(domains=["movies", "amazon"])
-    movies_train, _, movies_test = split(sentiment_examples(vader["movies"]), seed=options.seed)
-    amazon = split(sentiment_examples(vader["amazon"]), seed=options.seed)[2]
-    train = Encoded(movies_train[: options.train_size], tokenizer, options.max_length)
-    evaluation = {
-        "movies": Encoded(movies_test[: options.eval_size], tokenizer, options.max_length),
-        "amazon": Encoded(amazon[: options.eval_size], tokenizer, options.max_length),
-    }
+    tokenizer, model, train, evaluation = load_model_and_data(options)
 
     output_dir = options.output_dir or tempfile.mkdtemp(prefix="tram-hf-")
     args = TrainingArguments(
@@ -121,12 +76,6 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun run alone
     )
-    method_kwargs = {}
-    if options.method == "tram":
-        method_kwargs = {"trust_region": "noise"}  # TRAM-x
-        if options.sigma is not None:
-            method_kwargs["sigma"] = options.sigma
-
     trainer = TramTrainer(
         model=model,
         args=args,
@@ -135,7 +84,7 @@ def main() -> None:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
         method=options.method,
-        method_kwargs=method_kwargs,
+        method_kwargs=method_kwargs(options),
     )
     before = trainer.evaluate()
     trainer.train()
