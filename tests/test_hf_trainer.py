@@ -557,11 +557,12 @@ def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):
         regularizers=[regularizer],
     )
     InjectInf(trainer, step=1, perturbed=False)
-    weights = []
+    weights, scheduler_steps = [], []
 
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             weights.append(flat_params(kwargs["model"]).clone())
+            scheduler_steps.append(kwargs["lr_scheduler"].last_epoch)
 
     trainer.add_callback(Snapshot())
     with warnings.catch_warnings():
@@ -572,6 +573,7 @@ def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):
     assert torch.equal(weights[0], weights[1])
     assert torch.isfinite(weights[2]).all()
     assert not torch.equal(weights[1], weights[2])
+    assert scheduler_steps == [1, 1, 2]  # the skipped step leaves the schedule where it was
     assert regularizer.steps == 2  # after_step only after steps taken
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["tram/skipped_steps"] for entry in logs] == [0.0, 1.0, 1.0]

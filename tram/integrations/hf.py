@@ -150,14 +150,19 @@ def _observes_first_pass(optimizer: TwoPassOptimizer) -> bool:
     return observe is not TwoPassOptimizer._observe_first_pass
 
 
-class _RegularizerStepCallback(TrainerCallback):
-    """Calls each regularizer's ``after_step(model)`` after every optimizer step taken."""
+class _StepCallback(TrainerCallback):
+    """Around every optimizer step: notes whether the step was taken (see
+    :meth:`TramTrainer._after_optimizer_step`)."""
 
     def __init__(self, trainer: TramTrainer) -> None:
         self._trainer = trainer
 
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = self._trainer.two_pass_optimizer
+        self._trainer._tram_steps_seen = None if optimizer is None else optimizer.steps
+
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._trainer._regularizers_after_step()
+        self._trainer._after_optimizer_step()
 
 
 class TramTrainer(Trainer):
@@ -217,13 +222,13 @@ class TramTrainer(Trainer):
         self._tram_window: list[Any] | None = None
         self._tram_pass: str | None = None  # "first", "replay" or None (outside training_step)
         self._tram_observed = False
-        self._tram_steps_seen = -1  # wrapper.steps at the last after_step call
+        self._tram_steps_seen: int | None = None  # wrapper.steps before the optimizer step
         self._tram_metrics: dict[str, list[Tensor | float]] = {}
         super().__init__(*args, **kwargs)
         if method is not None and self.is_deepspeed_enabled:
             raise ValueError("TramTrainer does not support DeepSpeed (its optimizer is its own)")
-        if self.regularizers:
-            self.add_callback(_RegularizerStepCallback(self))
+        if self.regularizers or method is not None or isinstance(self.optimizer, TwoPassOptimizer):
+            self.add_callback(_StepCallback(self))
 
     # ------------------------------------------------------------------ optimizer
     @property
@@ -357,16 +362,29 @@ class TramTrainer(Trainer):
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
 
-    def _regularizers_after_step(self) -> None:
+    def _after_optimizer_step(self) -> None:
+        """Tell the Trainer when the wrapper skipped the base step; then, after a step taken, call
+        each regularizer's ``after_step(model)``.
+
+        The Trainer leaves the scheduler alone when ``accelerator.optimizer_step_was_skipped``,
+        which reads the ``AcceleratedOptimizer``'s ``_is_overflow`` flag. accelerate sets it only
+        for a GradScaler's skip; without a scaler it stays False, so the wrapper's own skip (a
+        non-finite first-pass gradient) sets it here: a skipped step moves neither the weights
+        nor the schedule.
+        """
+        accelerated = self.optimizer
+        own_flag = getattr(accelerated, "scaler", None) is None and hasattr(
+            accelerated, "_is_overflow"
+        )
+        if own_flag:
+            accelerated._is_overflow = False  # type: ignore[union-attr]
         if self.accelerator.optimizer_step_was_skipped:
             return  # a GradScaler skipped the step
         optimizer = self.two_pass_optimizer
-        if optimizer is not None:
-            # The wrapper skips the base step itself after a non-finite first-pass gradient.
-            taken = optimizer.steps != self._tram_steps_seen
-            self._tram_steps_seen = optimizer.steps
-            if not taken:
-                return
+        if optimizer is not None and optimizer.steps == self._tram_steps_seen:
+            if own_flag:
+                accelerated._is_overflow = True  # type: ignore[union-attr]
+            return
         model = self.accelerator.unwrap_model(self.model)
         for regularizer in self.regularizers:
             after_step = getattr(regularizer, "after_step", None)
