@@ -10,7 +10,16 @@ import pytest
 
 from tests.test_experiments import assets  # noqa: F401  (module-scoped fixture)
 from tram.experiments import generalization
-from tram.experiments.generalization import GRIDS, Grid, Job, plan, seeds_needed, select
+from tram.experiments.generalization import (
+    BUDGETS,
+    FIXED,
+    GRIDS,
+    Grid,
+    Job,
+    plan,
+    seeds_needed,
+    select,
+)
 
 
 def test_plan_tunes_first_then_evaluates_seed_by_seed():
@@ -41,6 +50,29 @@ def test_tuning_runs_never_evaluate_the_test_sets():
         "optimizer=adamw",
         "seed=3",
     ]
+
+
+@pytest.mark.parametrize("task", sorted(BUDGETS))
+def test_every_planned_run_is_a_valid_config(task):
+    """Each budget composes with every method and grid value into a config the runner accepts."""
+    from hydra import compose, initialize_config_dir
+
+    from tram.experiments.run import CONFIG_DIR, training_arguments, validate
+
+    selection = {m: {"value": grid.values[-1]} for m, grid in GRIDS.items()}
+    methods = [*FIXED, *GRIDS]
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for job in plan(methods, [1]):
+            cfg = compose(
+                "finetune", overrides=generalization._overrides(job, selection, BUDGETS[task])
+            )
+            validate(cfg)
+            training_arguments(cfg, Path("unused"))
+            assert cfg.seed == job.seed
+            assert cfg.evaluate.test == (job.phase == "test")
+            if job.method in GRIDS:
+                expected = job.value if job.phase == "tune" else GRIDS[job.method].values[-1]
+                assert cfg.optimizer.kwargs[GRIDS[job.method].key] == expected
 
 
 def _write(out: Path, job: Job, validation: float) -> None:
@@ -112,6 +144,7 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
     text = generalization.report(out)
     assert "| adamw |" in text
     assert "| sam |" in text
+    assert "Budget of every run: `experiment=smoke`" in text
     assert "### Power" in text
     assert "### Tuning (in-domain validation only)" in text
     assert (out / "report.md").read_text() == text
