@@ -155,3 +155,29 @@ def test_command_line_rejects_bad_jobs(capsys):
     with pytest.raises(SystemExit):
         generalization.main(["run", "--out", "x", "--jobs", "0"])
     assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_power_table_reads_paired_differences_in_points():
+    """Accuracies 0.80 vs 0.81/0.80/0.82: paired differences +1, 0, +2 points, sd exactly 1."""
+    from collections import defaultdict
+
+    from tram.experiments.report import Group
+
+    def results(ood: float) -> dict:
+        return {"ood_average": ood, "domains": {}}
+
+    runs: dict = defaultdict(dict)
+    for seed, ood in zip((1, 2, 3), (0.81, 0.80, 0.82), strict=True):
+        runs["adamw"][seed] = results(0.80)
+        runs["sam"][seed] = results(ood)
+    group = Group(
+        task="t",
+        model="m",
+        metric="accuracy",
+        higher_is_better=True,
+        train_domain="movies",
+        ood_domains=["amazon"],
+        runs=runs,
+    )
+    lines = generalization._power_lines(group, "adamw")
+    assert "| sam | 3 | 1.00 | 10 |" in lines

@@ -308,7 +308,8 @@ def _power_lines(group: Any, baseline: str) -> list[str]:
             continue
         other = group.values(name, "OOD avg")
         common = sorted(set(base) & set(other))
-        diffs = [100 * (other[s] - base[s]) for s in common]
+        # Group.values already reports accuracy in points.
+        diffs = [other[s] - base[s] for s in common]
         if len(diffs) < 2:
             continue
         mean = sum(diffs) / len(diffs)
