@@ -105,10 +105,26 @@ def test_paired_tests_match_scipy(sweep):
     )
 
 
+def test_paired_difference_interval_is_the_t_interval_of_the_differences():
+    test = report.paired_tests({1: 2.0, 2: 3.0, 3: 7.0}, {1: 1.0, 2: 1.0, 3: 1.0})
+    differences = [1.0, 2.0, 6.0]
+    assert test["diff"] == pytest.approx(3.0)
+    half = scipy_stats.t.ppf(0.975, 2) * scipy_stats.sem(differences)
+    assert test["diff_ci"] == pytest.approx(half)
+
+
+def test_holm_adjustment():
+    # Sorted 0.01, 0.03, 0.04 -> 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04): monotone step-down.
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert report.holm([0.5, None, 0.6]) == [pytest.approx(1.0), None, pytest.approx(1.0)]
+    assert report.holm([]) == []
+
+
 def test_paired_tests_edge_cases():
     assert report.paired_tests({1: 1.0}, {1: 0.5}) == {
         "n": 1,
         "diff": 0.5,
+        "diff_ci": None,
         "t_p": None,
         "wilcoxon_p": None,
     }
@@ -130,6 +146,16 @@ def test_render_markdown(sweep):
     assert "| sam | OOD avg |" in text
     assert "| tram_x | in-domain |" in text
     assert "Wilcoxon p" in text
+    (group,) = report.collect([sweep])
+    others = [name for name in group.optimizers if name != "adamw"]
+    raw = [
+        report.paired_tests(group.values(n, "OOD avg"), group.values("adamw", "OOD avg"))["t_p"]
+        for n in others
+    ]
+    for name, p, adjusted in zip(others, raw, report.holm(raw), strict=True):
+        row = next(line for line in lines if line.startswith(f"| {name} | OOD avg |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[4:6] == [f"{p:.3f}", f"{adjusted:.3f}"]
     assert "Mean ascent radius (TRAM's d): tram_x 0.02" in text
 
 

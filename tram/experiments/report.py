@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ORDER", "Group", "collect", "main", "render", "summarize"]
+__all__ = ["ORDER", "Group", "collect", "holm", "main", "paired_tests", "render", "summarize"]
 
 RESULTS_FILE = "results.json"
 ORDER = [
@@ -161,10 +161,16 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
 
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
     diffs = [a[s] - b[s] for s in seeds]
-    out: dict[str, Any] = {"n": len(seeds), "diff": None, "t_p": None, "wilcoxon_p": None}
+    out: dict[str, Any] = {
+        "n": len(seeds),
+        "diff": None,
+        "diff_ci": None,
+        "t_p": None,
+        "wilcoxon_p": None,
+    }
     if not diffs:
         return out
-    out["diff"] = sum(diffs) / len(diffs)
+    out["diff"], out["diff_ci"] = mean_ci(diffs)
     if len(diffs) < 2:
         return out
     with warnings.catch_warnings():
@@ -178,6 +184,22 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
         if any(d != 0 for d in diffs):
             out["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
     return out
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (Holm, 1979).
+
+    With the m available p-values sorted, p_(1) <= ... <= p_(m), the adjusted value is
+    max over j <= i of min(1, (m - j + 1) p_(j)); it controls the family-wise error rate
+    without assuming independence. ``None`` (no test) stays ``None`` and is not counted in m.
+    """
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, index) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[index] = running
+    return adjusted
 
 
 def summarize(group: Group) -> dict[str, dict[str, tuple[float, float | None]]]:
@@ -268,20 +290,34 @@ def _tests(group: Group, baseline: str, digits: int) -> list[str]:
     if not others:
         return []
     lines = [
-        f"Paired tests against {baseline} over seeds (difference = optimizer − {baseline}; "
-        "two-sided p-values):",
+        f"Paired tests against {baseline} over seeds (difference = optimizer − {baseline}, "
+        "mean ± 95% CI; two-sided p-values; Holm's adjustment over the "
+        f"{len(others)} optimizers compared on the same metric):",
         "",
-        "| Optimizer | Metric | Difference | Pairs | t-test p | Wilcoxon p |",
-        "|---|---|---|---|---|---|",
+        "| Optimizer | Metric | Difference | Pairs | t-test p | Holm-adjusted t-test p "
+        "| Wilcoxon p |",
+        "|---|---|---|---|---|---|---|",
     ]
+    metrics = ((group.train_domain, "in-domain"), (OOD_AVG, OOD_AVG))
+    tests = {
+        (name, column): paired_tests(group.values(name, column), group.values(baseline, column))
+        for name in others
+        for column, _ in metrics
+    }
+    adjusted: dict[tuple[str, str], float | None] = {}
+    for column, _ in metrics:
+        family = [(name, column) for name in others]
+        adjusted.update(zip(family, holm([tests[key]["t_p"] for key in family]), strict=True))
     for name in others:
-        for column, label in ((group.train_domain, "in-domain"), (OOD_AVG, OOD_AVG)):
-            test = paired_tests(group.values(name, column), group.values(baseline, column))
+        for column, label in metrics:
+            test = tests[name, column]
             diff = test["diff"]
             text = "–" if diff is None else f"{diff:+.{digits}f}"
+            if test["diff_ci"] is not None:
+                text += f" ± {_number(test['diff_ci'], digits)}"
             lines.append(
                 f"| {name} | {label} | {text} | {test['n']} | {_p(test['t_p'])} | "
-                f"{_p(test['wilcoxon_p'])} |"
+                f"{_p(adjusted[name, column])} | {_p(test['wilcoxon_p'])} |"
             )
     lines.append("")
     return lines
