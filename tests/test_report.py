@@ -222,3 +222,12 @@ def test_nan_values_are_dashes(tmp_path):
     write_run(tmp_path, "adamw", 1, {"movies": math.nan, "nyt": 0.4})
     text = report.render(report.collect([tmp_path]))
     assert "| adamw | – |" in text
+
+
+def test_paired_differences_cover_every_other_optimizer(sweep):
+    (group,) = report.collect([sweep])
+    differences = report.paired_differences(group, "adamw")
+    assert set(differences) == set(group.optimizers) - {"adamw"}
+    expected = report.paired_tests(group.values("sam", "movies"), group.values("adamw", "movies"))
+    assert differences["sam"]["in-domain"] == expected
+    assert report.paired_differences(group, "no_such_optimizer") == {}

@@ -354,7 +354,7 @@ def report(out: Path, baseline: str = "adamw") -> str:
         lines += ["Budget of every run: " + " ".join(f"`{o}`" for o in budget) + ".", ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
-    tables.plot(groups, out / "report.png")
+    tables.plot(groups, out / "report.png", baseline=baseline)
     return text
 
 
