@@ -402,6 +402,16 @@ def test_apply_ascent_and_restore_loop_and_foreach_agree(case: tuple) -> None:
         p_copy = [p.clone() for p in params]
         g_copy = [g.clone() for g in grads]
         backups = [torch.full_like(p, float("nan")) for p in params]
+        # The first phase leaves T g in the backups; the second reuses it.
+        scaled_squared_norm(
+            p_copy,
+            g_copy,
+            backups,
+            scaling=scaling,
+            eta=eta,
+            inverse_scale=inverse_scale,
+            foreach=foreach,
+        )
         apply_ascent_(
             p_copy,
             g_copy,
@@ -427,6 +437,23 @@ def test_apply_ascent_and_restore_loop_and_foreach_agree(case: tuple) -> None:
             assert torch.equal(p, o)
     for a, b in zip(outcome[False][0] + outcome[False][1], outcome[True][0] + outcome[True][1]):
         torch.testing.assert_close(a, b, **PATHS_AGREE[dtype])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adaptive_ascent_gives_the_bits_of_the_direct_product(foreach: bool, eta: float) -> None:
+    """T (T g) from the reused T g equals (g T) T computed directly, bit for bit."""
+    params, grads = random_tensors(torch.float32, seed=3)
+    operators = [p.abs() + eta if eta else p.abs() for p in params]
+    expected_directions = [g * t * t for g, t in zip(grads, operators)]
+    expected_params = [torch.add(p, d, alpha=0.05) for p, d in zip(params, expected_directions)]
+    backups = [torch.empty_like(p) for p in params]
+    scaled_squared_norm(params, grads, backups, scaling="adaptive", eta=eta, foreach=foreach)
+    apply_ascent_(
+        params, grads, backups, scaling="adaptive", eta=eta, coefficient=0.05, foreach=foreach
+    )
+    assert all(torch.equal(g, d) for g, d in zip(grads, expected_directions))
+    assert all(torch.equal(p, e) for p, e in zip(params, expected_params))
 
 
 @pytest.mark.parametrize("foreach", [False, True])

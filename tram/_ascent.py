@@ -15,12 +15,15 @@ and differs only in the diagonal operator :math:`T` (and in where :math:`\rho` c
   (Kim et al. 2022) with the diagonal Fisher :math:`g^2` regularised as :math:`1 + \eta g^2`.
 
 The functions work in place on lists of tensors, in two phases, so that the step allocates no
-parameter-sized temporaries: :func:`scaled_squared_norm` uses the backup buffers as scratch
-and leaves parameters and gradients untouched (so a non-finite norm can still be skipped with
-the gradient intact), then :func:`apply_ascent_` overwrites the gradients with
-:math:`T^2 g`, copies the parameters into the backups and moves the parameters. Each has a
-loop implementation (the readable reference) and a ``torch._foreach_*`` one; the tests check
-they agree.
+parameter-sized temporaries: :func:`scaled_squared_norm` writes :math:`T g` into the backup
+buffers and leaves parameters and gradients untouched (so a non-finite norm can still be
+skipped with the gradient intact), then :func:`apply_ascent_` overwrites the gradients with
+:math:`T^2 g = T (T g)`, reusing the :math:`T g` the first phase left, copies the parameters
+into the backups and moves the parameters. Reusing it saves three of the thirteen elementwise
+passes over the weights that an ASAM-form ascent made (TRAM's default), and gives the same bits:
+:math:`T (T g)` and :math:`(g T) T` are the same products. Each function has a loop
+implementation (the readable reference) and a ``torch._foreach_*`` one; the tests check they
+agree.
 
 ``inverse_scale`` is ``1 / s`` for gradients multiplied by a loss scale ``s`` (fp16 with a
 ``GradScaler``). The identity and adaptive directions are invariant to ``s``; the Fisher
@@ -53,11 +56,12 @@ def scaled_squared_norm(
     inverse_scale: float = 1.0,
     foreach: bool = False,
 ) -> Tensor:
-    r"""Return :math:`\sum_i \lVert T_i g_i \rVert^2`, using ``scratch`` as workspace.
+    r"""Return :math:`\sum_i \lVert T_i g_i \rVert^2`; leave :math:`T_i g_i` in ``scratch``.
 
     ``params`` and ``grads`` are not modified. ``scratch`` (same shapes as ``params``) is
-    overwritten. The result is a 0-dim tensor on the device of the first parameter, in float32
-    (float64 for float64 gradients).
+    overwritten: with :math:`T g` for the adaptive and Fisher operators, which
+    :func:`apply_ascent_` then reuses; not at all for the identity. The result is a 0-dim
+    tensor on the device of the first parameter, in float32 (float64 for float64 gradients).
     """
     if not params:
         raise ValueError("scaled_squared_norm() needs at least one tensor")
@@ -105,15 +109,19 @@ def apply_ascent_(
 ) -> None:
     r"""Save ``params`` into ``backups``, then move them by ``coefficient * T^2 g``.
 
-    ``coefficient`` is :math:`\rho / (\lVert T g \rVert + 10^{-12})`. The gradients are
-    overwritten with :math:`T^2 g` and are meaningless afterwards; the caller clears them.
+    ``coefficient`` is :math:`\rho / (\lVert T g \rVert + 10^{-12})`. For the adaptive and
+    Fisher operators ``backups`` must hold :math:`T g` as :func:`scaled_squared_norm` left it
+    (called with them as ``scratch``, on the same ``params``, ``grads`` and ``inverse_scale``).
+    The gradients are overwritten with :math:`T^2 g` and are meaningless afterwards; the
+    caller clears them.
     """
     if scaling != "identity":
-        # The backups are free until the copy below: hold the operator T there.
+        # T is a function of the parameters and the gradients alone, so it can be written over
+        # the gradients; times the T g held in the backups, that is T^2 g.
         _write_operator_(
             params,
             grads,
-            backups,
+            grads,
             scaling=scaling,
             eta=eta,
             inverse_scale=inverse_scale,
@@ -121,10 +129,9 @@ def apply_ascent_(
         )
         if foreach:
             torch._foreach_mul_(grads, backups)
-            torch._foreach_mul_(grads, backups)
         else:
-            for g, operator in zip(grads, backups, strict=True):
-                g.mul_(operator).mul_(operator)
+            for g, scaled in zip(grads, backups, strict=True):
+                g.mul_(scaled)
     if foreach:
         foreach_copy_(backups, params)
         torch._foreach_add_(params, grads, alpha=coefficient)
@@ -153,7 +160,10 @@ def _write_operator_(
     inverse_scale: float,
     foreach: bool,
 ) -> None:
-    """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors."""
+    """Write the diagonal operator T into ``out`` without allocating parameter-sized tensors.
+
+    ``out`` may be ``grads`` itself: T is then computed in place over the gradients.
+    """
     if scaling == "adaptive":
         # Every elementwise pass over all the weights costs about as much as SAM's whole ascent,
         # so: abs written straight into ``out``, and no pass adding eta = 0 (TRAM's default).
@@ -171,14 +181,17 @@ def _write_operator_(
         # T = (1 + eta * (g / s)^2) ** -1/2
         factor = eta * inverse_scale * inverse_scale
         if foreach:
-            foreach_copy_(out, grads)
-            torch._foreach_mul_(out, grads)
+            if out is grads:
+                torch._foreach_mul_(out, grads)
+            else:
+                foreach_copy_(out, grads)
+                torch._foreach_mul_(out, grads)
             torch._foreach_mul_(out, factor)
             torch._foreach_add_(out, 1.0)
             torch._foreach_rsqrt_(out)
         else:
             for o, g in zip(out, grads, strict=True):
-                o.copy_(g).mul_(g).mul_(factor).add_(1.0).rsqrt_()
+                (o.mul_(g) if o is g else o.copy_(g).mul_(g)).mul_(factor).add_(1.0).rsqrt_()
     else:
         raise ValueError(
             f"Invalid scaling: {scaling!r}. Expected 'identity', 'adaptive' or 'fisher'"

@@ -264,11 +264,12 @@ class TwoPassOptimizer(Optimizer):
             return self._skip("the ascent radius is not finite")
         total = None
         for bucket in buckets:
-            scratch = [self._backup_for(p) for p in bucket.params]
+            # The backups hold T g from here to apply_ascent_, which reuses it.
+            bucket.backups = [self._backup_for(p) for p in bucket.params]
             part = scaled_squared_norm(
                 bucket.params,
                 bucket.grads,
-                scratch,
+                bucket.backups,
                 scaling=bucket.scaling,
                 eta=bucket.eta,
                 inverse_scale=inverse_scale,
@@ -282,7 +283,6 @@ class TwoPassOptimizer(Optimizer):
             return self._skip("the gradient norm is not finite")
         self.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
-            bucket.backups = [self._backup_for(p) for p in bucket.params]
             foreach = self._use_foreach(bucket.params)
             apply_ascent_(
                 bucket.params,
