@@ -13,8 +13,8 @@
    paper's value. The choice is written to ``DIR/selection.json``.
 2. **Evaluation** of every method with its chosen value over the evaluation seeds, paired by
    seed (same initialisation of the head and same data order for every method), on the test
-   sets (as many examples of each as the budget's ``task.max_eval_examples`` allows). Methods without a grid (AdamW, R3F, TRAM-θ0 with their paper values) start while
-   the tuning runs.
+   sets (as many examples of each as the budget's ``task.max_eval_examples`` allows). Methods
+   without a grid (AdamW, R3F, TRAM-θ0 with their paper values) start while the tuning runs.
 
 Runs go to ``DIR/runs/<phase>/<method>/seed<k>/`` (logs, TensorBoard, Hydra config) and their
 results files are copied to ``DIR/results/<phase>/<method>/seed<k>/results.json``, the part to
