@@ -164,7 +164,7 @@ def test_power_table_reads_paired_differences_in_points():
     from tram.experiments.report import Group
 
     def results(ood: float) -> dict:
-        return {"ood_average": ood, "domains": {}}
+        return {"ood_average": ood, "domains": {"movies": {"accuracy": 0.80}}}
 
     runs: dict = defaultdict(dict)
     for seed, ood in zip((1, 2, 3), (0.81, 0.80, 0.82), strict=True):

@@ -111,6 +111,7 @@ def test_paired_difference_interval_is_the_t_interval_of_the_differences():
     assert test["diff"] == pytest.approx(3.0)
     half = scipy_stats.t.ppf(0.975, 2) * scipy_stats.sem(differences)
     assert test["diff_ci"] == pytest.approx(half)
+    assert test["diff_sd"] == pytest.approx(scipy_stats.tstd(differences))
 
 
 def test_holm_adjustment():
@@ -125,6 +126,7 @@ def test_paired_tests_edge_cases():
         "n": 1,
         "diff": 0.5,
         "diff_ci": None,
+        "diff_sd": None,
         "t_p": None,
         "wilcoxon_p": None,
     }

@@ -302,19 +302,14 @@ def _power_lines(group: Any, baseline: str) -> list[str]:
         "| Method | seeds | sd of paired OOD difference | seeds needed for 1 point |",
         "|---|---|---|---|",
     ]
-    base = group.values(baseline, "OOD avg")
-    for name in group.optimizers:
-        if name == baseline:
+    from tram.experiments.report import OOD_AVG, paired_differences
+
+    for name, tests in paired_differences(group, baseline).items():
+        test = tests[OOD_AVG]  # in points, as Group.values reports accuracy
+        if test["diff_sd"] is None:
             continue
-        other = group.values(name, "OOD avg")
-        common = sorted(set(base) & set(other))
-        # Group.values already reports accuracy in points.
-        diffs = [other[s] - base[s] for s in common]
-        if len(diffs) < 2:
-            continue
-        mean = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-        lines.append(f"| {name} | {len(diffs)} | {sd:.2f} | {seeds_needed(sd)} |")
+        sd = test["diff_sd"]
+        lines.append(f"| {name} | {test['n']} | {sd:.2f} | {seeds_needed(sd)} |")
     return [*lines, ""]
 
 

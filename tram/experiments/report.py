@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import warnings
 from collections import defaultdict
@@ -61,6 +62,9 @@ ORDER = [
 """Row order: the paper's tables (unknown names follow, sorted)."""
 
 OOD_AVG = "OOD avg"
+PAIRED_METRICS = ("in-domain", OOD_AVG)
+"""The metrics each optimizer is compared with the baseline on: the training domain and the
+out-of-domain average."""
 
 
 @dataclass
@@ -167,7 +171,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
-    """Paired comparison of ``a`` against ``b`` over their common seeds."""
+    """Paired comparison of ``a`` against ``b`` over their common seeds with finite values: the
+    mean difference, its 95% CI half-width and sample standard deviation, and the p-values."""
     from scipy import stats
 
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
@@ -176,6 +181,7 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
         "n": len(seeds),
         "diff": None,
         "diff_ci": None,
+        "diff_sd": None,
         "t_p": None,
         "wilcoxon_p": None,
     }
@@ -184,6 +190,7 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     out["diff"], out["diff_ci"] = mean_ci(diffs)
     if len(diffs) < 2:
         return out
+    out["diff_sd"] = statistics.stdev(diffs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if any(d != diffs[0] for d in diffs):
@@ -310,15 +317,13 @@ def _tests(group: Group, baseline: str, digits: int) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     tests = paired_differences(group, baseline)
-    labels = ("in-domain", OOD_AVG)
     adjusted: dict[tuple[str, str], float | None] = {}
-    for label in labels:
+    for label in PAIRED_METRICS:
         family = [(name, label) for name in others]
         p_values = [tests[name][label]["t_p"] for name, _ in family]
         adjusted.update(zip(family, holm(p_values), strict=True))
     for name in others:
-        for label in labels:
-            test = tests[name][label]
+        for label, test in tests[name].items():
             diff = test["diff"]
             text = "–" if diff is None else f"{diff:+.{digits}f}"
             if test["diff_ci"] is not None:
@@ -336,11 +341,11 @@ def paired_differences(group: Group, baseline: str) -> dict[str, dict[str, Any]]
     ``baseline``; empty when the group has no ``baseline`` runs."""
     if baseline not in group.runs:
         return {}
-    metrics = ((group.train_domain, "in-domain"), (OOD_AVG, OOD_AVG))
+    columns = dict(zip(PAIRED_METRICS, (group.train_domain, OOD_AVG), strict=True))
     return {
         name: {
             label: paired_tests(group.values(name, column), group.values(baseline, column))
-            for column, label in metrics
+            for label, column in columns.items()
         }
         for name in group.optimizers
         if name != baseline
@@ -357,13 +362,13 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = max(len(g.columns) for g in groups)
+    bars_width = max(6.0, 1.3 * max(len(g.columns) for g in groups) + 2)
     fig, axes = plt.subplots(
         len(groups),
         2,
-        figsize=(max(6.0, 1.3 * columns + 2) + 4.0, 3.6 * len(groups)),
+        figsize=(bars_width + 4.0, 3.6 * len(groups)),
         squeeze=False,
-        gridspec_kw={"width_ratios": [max(6.0, 1.3 * columns + 2), 4.0]},
+        gridspec_kw={"width_ratios": [bars_width, 4.0]},
     )
     for (ax, side), group in zip(axes, groups, strict=True):
         summary = summarize(group)
@@ -395,9 +400,10 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
         if not differences:
             side.set_axis_off()
             continue
-        rows = [(n, label) for n in differences for label in ("in-domain", OOD_AVG)]
-        for y, (name, label) in enumerate(rows):
-            test = differences[name][label]
+        rows = [
+            (n, label, test) for n, tests in differences.items() for label, test in tests.items()
+        ]
+        for y, (name, label, test) in enumerate(rows):
             if test["diff"] is None:
                 continue
             side.errorbar(
@@ -411,7 +417,7 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
             )
         side.axvline(0.0, color="black", linewidth=0.8)
         side.set_yticks(range(len(rows)))
-        side.set_yticklabels([f"{name} {label}" for name, label in rows], fontsize="small")
+        side.set_yticklabels([f"{name} {label}" for name, label, _ in rows], fontsize="small")
         side.invert_yaxis()
         side.set_xlabel(f"{unit} − {baseline}, paired by seed")
         side.set_title(f"difference to {baseline} ± 95% CI")
