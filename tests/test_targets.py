@@ -66,15 +66,8 @@ def shift_weights(model: nn.Module, scale: float = 0.05, seed: int = 9) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-class Wrapper(nn.Module):
-    """Stands for DistributedDataParallel: the model lives in ``.module``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+# A real wrapper that keeps the model in `.module`, as DDP and accelerate do; it runs on CPU.
+Wrapper = nn.DataParallel
 
 
 # ----------------------------------------------------------------------------- ReferenceWeights

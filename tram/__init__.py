@@ -7,7 +7,7 @@ in subpackages that import their dependencies lazily.
 from tram._fisher import FisherSAM
 from tram._sam import ASAM, SAM
 from tram._tram import TRAM, TRUST_REGIONS
-from tram._wrapper import TwoPassOptimizer
+from tram._wrapper import MissingAscentWarning, TwoPassOptimizer
 from tram.accumulation import accumulating_closure
 from tram.amp import scaled_step
 from tram.batchnorm import frozen_running_stats
@@ -29,6 +29,7 @@ __all__ = [
     "TRPO",
     "TRUST_REGIONS",
     "FisherSAM",
+    "MissingAscentWarning",
     "ReferenceWeights",
     "TwoPassOptimizer",
     "__version__",

@@ -73,6 +73,7 @@ from torch.optim import Optimizer
 
 from tram._ascent import Scaling
 from tram._wrapper import TwoPassOptimizer, check_non_negative
+from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, extract_logits, logits_mask, unwrap_model
@@ -92,6 +93,41 @@ class _Record:
     logits: Tensor
     cpu_rng: Tensor
     cuda_rng: Tensor | None
+    autocast: _AutocastState
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    """The autocast state a forward ran under, to run the reference forward under the same."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, module: nn.Module) -> _AutocastState:
+        device_type = next(module.parameters()).device.type
+        return cls(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+class _RecordingState:
+    """TRAM's per-step state, in one object shared by copies of the optimizer's ``__dict__``
+    (see :class:`tram._wrapper._StepState` for why)."""
+
+    __slots__ = ("in_reference", "last_radius", "radius_history", "records")
+
+    def __init__(self) -> None:
+        self.records: list[_Record] = []
+        self.in_reference = False
+        self.last_radius: float | None = None
+        self.radius_history: list[float] = []
 
 
 class TRAM(TwoPassOptimizer):
@@ -133,8 +169,6 @@ class TRAM(TwoPassOptimizer):
         logits_fn: maps the model's output to its logits when it is neither a Tensor nor has
             ``.logits``.
         seed: seed of TRAM's own noise generator (its state is checkpointed).
-        model_parameters_only: if True (default), refuse a base optimizer that holds tensors
-            which are not parameters of ``model``, since the reference would not cover them.
         ascent_every, local_ascent, foreach: see :class:`tram.TwoPassOptimizer`.
 
     Attributes:
@@ -204,10 +238,21 @@ class TRAM(TwoPassOptimizer):
         self.reference: ReferenceWeights | None = None
         if trust_region in ("pretrained", "previous", "ema"):
             self.reference = ReferenceWeights(self.module, dtype=reference_dtype)
-        self._records: list[_Record] = []
-        self._in_reference = False
-        self.last_radius: float | None = None
-        self.radius_history: list[float] = []
+        self._recording_state = _RecordingState()
+
+    @property
+    def last_radius(self) -> float | None:
+        """d of the last ascent (after clipping), for logging."""
+        return self._recording_state.last_radius
+
+    @property
+    def radius_history(self) -> list[float]:
+        """Every d measured, in order."""
+        return self._recording_state.radius_history
+
+    @property
+    def _records(self) -> list[_Record]:
+        return self._recording_state.records
 
     # ------------------------------------------------------------------ hyperparameters
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -246,7 +291,11 @@ class TRAM(TwoPassOptimizer):
         pending: list[tuple[Tensor, Tensor | None]] = []
 
         def records_this_call(module: nn.Module) -> bool:
-            return module.training and torch.is_grad_enabled() and not self._in_reference
+            return (
+                module.training
+                and torch.is_grad_enabled()
+                and not self._recording_state.in_reference
+            )
 
         def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
             if records_this_call(module):
@@ -257,7 +306,10 @@ class TRAM(TwoPassOptimizer):
                 return
             cpu_rng, cuda_rng = pending.pop()
             logits = extract_logits(output, self.logits_fn).detach()
-            self._records.append(_Record(tuple(args), dict(kwargs), logits, cpu_rng, cuda_rng))
+            autocast = _AutocastState.current(module)
+            self._records.append(
+                _Record(tuple(args), dict(kwargs), logits, cpu_rng, cuda_rng, autocast)
+            )
 
         handles = [
             self.module.register_forward_pre_hook(before_forward, with_kwargs=True),
@@ -267,7 +319,7 @@ class TRAM(TwoPassOptimizer):
             yield
         except BaseException:
             # A failed first pass is never measured: its records must not leak into the next.
-            self._records = []
+            self._records.clear()
             raise
         finally:
             for handle in handles:
@@ -285,12 +337,12 @@ class TRAM(TwoPassOptimizer):
         try:
             radius = self.measure_radius()
         finally:
-            self._records = []
+            self._records.clear()
         if not math.isfinite(radius):
             return None
         if self.max_radius is not None:
             radius = min(radius, self.max_radius)
-        self.last_radius = radius
+        self._recording_state.last_radius = radius
         self.radius_history.append(radius)
         return [radius] * len(self.param_groups)
 
@@ -324,7 +376,14 @@ class TRAM(TwoPassOptimizer):
         )
 
     def _reference_output(self, record: _Record) -> Any:
-        self._in_reference = True
+        """The target's output on the recorded inputs.
+
+        It runs like the recorded forward (train mode, the same autocast state, the same dropout
+        masks unless ``replay_dropout=False``) except that BatchNorm running statistics are not
+        updated: they come from the first pass only, as for every two-pass step.
+        """
+        state = self._recording_state
+        state.in_reference = True
         try:
             with contextlib.ExitStack() as stack:
                 if self.replay_dropout:
@@ -333,6 +392,8 @@ class TRAM(TwoPassOptimizer):
                     torch.set_rng_state(record.cpu_rng)
                     if record.cuda_rng is not None:
                         torch.cuda.set_rng_state(record.cuda_rng, devices[0])
+                stack.enter_context(frozen_running_stats(self.module))
+                stack.enter_context(record.autocast.context())
                 if self.reference is not None:
                     return self.reference.call(record.args, record.kwargs)
                 stack.enter_context(
@@ -346,11 +407,11 @@ class TRAM(TwoPassOptimizer):
                 )
                 return self.module(*record.args, **record.kwargs)
         finally:
-            self._in_reference = False
+            state.in_reference = False
 
     # ------------------------------------------------------------------ references over time
     def _before_base_step(self) -> None:
-        self._records = []
+        self._records.clear()
         if self.trust_region == "previous":
             assert self.reference is not None
             self.reference.copy_from_model()
@@ -375,7 +436,10 @@ class TRAM(TwoPassOptimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_records"] = []
+        recording = _RecordingState()
+        recording.last_radius = self.last_radius
+        recording.radius_history = list(self.radius_history)
+        state["_recording_state"] = recording
         state["_generator_state"] = self._generator.get_state()
         del state["_generator"]
         return state

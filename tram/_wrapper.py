@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
 from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
 
-__all__ = ["TwoPassOptimizer"]
+__all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
 
 WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
@@ -46,6 +46,65 @@ def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
     return value
+
+
+class MissingAscentWarning(UserWarning):
+    """A two-pass optimizer was stepped without its ascent: the step was a plain base step.
+
+    Issued once per wrapper, when ``step()`` is called with no closure on a step that was due an
+    ascent and ``first_step()`` was not called: a caller that only knows the plain optimizer
+    protocol (``transformers.Trainer`` or TRL given a tram optimizer, Lightning's ``"16-mixed"``
+    precision, ``GradScaler.step``) drives it. Turn it into an error with
+    ``warnings.simplefilter("error", tram.MissingAscentWarning)``.
+    """
+
+
+class _StepState:
+    """Everything a step of a wrapper mutates, in one object that is never replaced.
+
+    Framework proxies copy an optimizer's ``__dict__`` and call its methods with the proxy as
+    ``self`` (Lightning's ``LightningOptimizer`` does). An attribute that a method reassigns would
+    then change on the proxy only, and the wrapper would lose track of perturbed weights. Both
+    objects share this one, so the state stays in one place whichever object calls.
+    """
+
+    __slots__ = (
+        "ascent_attempted",
+        "ascent_params",
+        "frozen_batchnorms",
+        "gradient_not_finite",
+        "last_ascent_norm",
+        "perturbed_buckets",
+        "skipped_ascents",
+        "skipped_steps",
+        "steps",
+        "warned_missing_ascent",
+    )
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.skipped_ascents = 0
+        self.skipped_steps = 0
+        self.last_ascent_norm: float | None = None
+        # first_step() was called since the last base step (the explicit form is in progress).
+        self.ascent_attempted = False
+        # The weights that were perturbed since the last base step: the base step must then use
+        # a gradient from the second pass, which is checked before stepping.
+        self.ascent_params: list[Tensor] = []
+        self.gradient_not_finite = False
+        self.perturbed_buckets: list[_Bucket] = []
+        self.frozen_batchnorms: list[_BatchNorm] = []
+        self.warned_missing_ascent = False
+
+    def for_copy(self) -> _StepState:
+        """A copy for pickling: counters kept, references to live tensors dropped."""
+        copy = _StepState()
+        copy.steps = self.steps
+        copy.skipped_ascents = self.skipped_ascents
+        copy.skipped_steps = self.skipped_steps
+        copy.last_ascent_norm = self.last_ascent_norm
+        copy.warned_missing_ascent = self.warned_missing_ascent
+        return copy
 
 
 class _Bucket:
@@ -147,18 +206,40 @@ class TwoPassOptimizer(Optimizer):
         self._initializing = False
         self._relink()
         self._backups: dict[Tensor, Tensor] = {}
-        self._perturbed_buckets: list[_Bucket] = []
-        self._frozen_batchnorms: list[_BatchNorm] = []
-        self._first_step_called = False
-        self.steps = 0
+        self._step_state = _StepState()
+
+    # ------------------------------------------------------------------ counters
+    @property
+    def steps(self) -> int:
         """Base optimizer steps taken through this wrapper (saved in checkpoints)."""
-        self.skipped_ascents = 0
+        return self._step_state.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._step_state.steps = value
+
+    @property
+    def skipped_ascents(self) -> int:
         """Ascents skipped because the gradient norm or the radius was not finite."""
-        self.skipped_steps = 0
-        """Base steps skipped because the first pass's gradient was not finite."""
-        self._gradient_not_finite = False
-        self.last_ascent_norm: float | None = None
+        return self._step_state.skipped_ascents
+
+    @skipped_ascents.setter
+    def skipped_ascents(self, value: int) -> None:
+        self._step_state.skipped_ascents = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Base steps skipped because a gradient (of either pass) was not finite."""
+        return self._step_state.skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._step_state.skipped_steps = value
+
+    @property
+    def last_ascent_norm(self) -> float | None:
         """‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."""
+        return self._step_state.last_ascent_norm
 
     # ------------------------------------------------------------------ sharing with the base
     def _relink(self) -> None:
@@ -222,7 +303,7 @@ class TwoPassOptimizer(Optimizer):
     @property
     def is_perturbed(self) -> bool:
         """True between a successful :meth:`first_step` and :meth:`restore`."""
-        return bool(self._perturbed_buckets)
+        return bool(self._step_state.perturbed_buckets)
 
     def _ascent_due(self) -> bool:
         return self.steps % self.ascent_every == 0
@@ -242,8 +323,13 @@ class TwoPassOptimizer(Optimizer):
             a warning); the gradients are then left untouched. After a non-finite gradient the
             next base step is skipped too (``skipped_steps``), so nan/inf never reach the
             weights; under a ``GradScaler`` the scaler skips it anyway and backs off its scale.
+
+        After it returned True, the base step (``second_step()``, ``step()``) checks the gradient
+        of the second pass: none at all (no second backward) raises ``RuntimeError``; a
+        non-finite one skips the base step with the weights at θ (``skipped_steps``, warning).
         """
         self._relink()
+        state = self._step_state
         inverse_scale = self._inverse_scale(grad_scale)
         if self.is_perturbed:
             raise RuntimeError(
@@ -255,8 +341,9 @@ class TwoPassOptimizer(Optimizer):
             raise RuntimeError(
                 "first_step() found no gradients: call loss.backward() before first_step()"
             )
-        self._first_step_called = True
-        self._gradient_not_finite = False
+        state.ascent_attempted = True
+        state.gradient_not_finite = False
+        state.ascent_params = []
         if not self._ascent_due():
             return False
         radii = self._radii()
@@ -279,9 +366,9 @@ class TwoPassOptimizer(Optimizer):
         assert total is not None
         norm = math.sqrt(_to_float(total))
         if not math.isfinite(norm):
-            self._gradient_not_finite = True
+            state.gradient_not_finite = True
             return self._skip("the gradient norm is not finite")
-        self.last_ascent_norm = norm * inverse_scale
+        state.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
             foreach = self._use_foreach(bucket.params)
             apply_ascent_(
@@ -303,23 +390,25 @@ class TwoPassOptimizer(Optimizer):
             # (set_to_none=True) then frees them before the second backward allocates new ones,
             # instead of the step's peak memory growing by one set of gradients.
             bucket.grads = []
-        self._perturbed_buckets = buckets
+        state.perturbed_buckets[:] = buckets
+        state.ascent_params = [param for bucket in buckets for param in bucket.params]
         if self.model is not None:
-            self._frozen_batchnorms = freeze_running_stats(self.model)
+            state.frozen_batchnorms[:] = freeze_running_stats(self.model)
         return True
 
     @torch.no_grad()
     def restore(self) -> None:
         """Copy the saved weights θ back (exact in every dtype). A no-op when not perturbed."""
-        for bucket in self._perturbed_buckets:
+        state = self._step_state
+        for bucket in state.perturbed_buckets:
             restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
-        self._perturbed_buckets = []
-        unfreeze_running_stats(self._frozen_batchnorms)
-        self._frozen_batchnorms = []
+        state.perturbed_buckets.clear()
+        unfreeze_running_stats(state.frozen_batchnorms)
+        state.frozen_batchnorms.clear()
 
     def second_step(self) -> None:
         """Restore the weights and take the base optimizer step with the current gradient."""
-        if not self._first_step_called:
+        if not self._step_state.ascent_attempted:
             raise RuntimeError("second_step() called without first_step(); call first_step() first")
         self.step()
 
@@ -330,14 +419,30 @@ class TwoPassOptimizer(Optimizer):
     def step(self, closure: Callable[[], _T]) -> _T: ...
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Take one optimizer step; see the class docstring for the two forms."""
+        """Take one optimizer step; see the class docstring for the forms.
+
+        ``step(closure)`` after ``first_step()`` (the explicit form, as Lightning's manual
+        optimization drives it) finishes that step when the closure returns None: the closure is
+        called once, for the caller's hooks, then the weights are restored and the base step is
+        taken, as by :meth:`second_step`. A closure that returns a loss while the weights are
+        perturbed would add a third pass to the gradient and raises ``RuntimeError``; once the
+        weights are restored, it starts a new two-pass step and the abandoned one is dropped.
+        """
         self._relink()
+        state = self._step_state
         if closure is None:
+            if not state.ascent_attempted and self._ascent_due():
+                self._warn_missing_ascent()
             self.restore()
             self._base_step()
             return None
+        if state.ascent_attempted and self.is_perturbed:
+            return self._finish_perturbed_step(closure)
         with self.first_pass(), torch.enable_grad():
             loss = closure()
+        if loss is None and state.ascent_attempted:
+            self._base_step()  # a hooks-only closure finishing an explicit step
+            return None
         if loss is None or not isinstance(loss, (Tensor, float, int)):
             raise TypeError(
                 "closure must return the loss (a Tensor or a float), but it returned "
@@ -347,29 +452,112 @@ class TwoPassOptimizer(Optimizer):
             if self.first_step():
                 with torch.enable_grad():
                     closure()
+        except BaseException:
+            # The step is abandoned: the next one must start afresh, not finish this one.
+            state.ascent_attempted = False
+            state.ascent_params = []
+            raise
         finally:
             self.restore()
         self._base_step()
         return loss
 
+    def _finish_perturbed_step(self, closure: Callable[[], Any]) -> None:
+        state = self._step_state
+        try:
+            result = closure()
+        except BaseException:
+            state.ascent_attempted = False
+            state.ascent_params = []
+            raise
+        finally:
+            self.restore()
+        if result is not None:
+            state.ascent_attempted = False
+            state.ascent_params = []
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure) was called after first_step() with the "
+                "weights perturbed, and the closure returned a loss: it ran another pass into "
+                "the second-pass gradient. Finish an explicit step with second_step() (or a "
+                "closure that runs no pass and returns None), or use step(closure) alone, which "
+                "runs both passes itself. The weights are at θ and no step was taken"
+            )
+        self._base_step()
+
+    def _warn_missing_ascent(self) -> None:
+        state = self._step_state
+        if state.warned_missing_ascent:
+            return
+        state.warned_missing_ascent = True
+        base = type(self.base_optimizer).__name__
+        warnings.warn(
+            f"{type(self).__name__}.step() was called without a closure and without "
+            f"first_step(), so no ascent was taken: this was a plain {base} step. A caller that "
+            "only calls step() (transformers.Trainer or TRL given this optimizer, Lightning's "
+            "16-mixed precision, GradScaler.step) never takes the two-pass step. Use "
+            "tram.integrations.hf.TramTrainer for the Hugging Face Trainer and TRL, "
+            "tram.integrations.lightning for Lightning, tram.scaled_step for a GradScaler, "
+            "or step(closure) / first_step() and second_step() in your own loop. "
+            "(Warned once per optimizer.)",
+            MissingAscentWarning,
+            stacklevel=4,  # past step() and torch's profiling wrapper of it, to the caller
+        )
+
     def _base_step(self) -> None:
-        self._first_step_called = False
-        if self._gradient_not_finite:
+        state = self._step_state
+        state.ascent_attempted = False
+        ascent_params, state.ascent_params = state.ascent_params, []
+        if state.gradient_not_finite:
             # Stepping would write nan/inf into the weights. (Under a GradScaler this point is
             # never reached: the scaler skips step() itself.)
-            self._gradient_not_finite = False
-            self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__}: skipped the base step because the gradient is not "
-                f"finite; the weights are unchanged ({self.skipped_steps} skipped so far)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            state.gradient_not_finite = False
+            self._skip_base_step("the gradient is not finite")
+            return
+        if ascent_params and not self._second_pass_gradient_is_finite(ascent_params):
+            self._skip_base_step("the gradient of the second pass (at θ+ε) is not finite")
             return
         self._before_base_step()
         self.base_optimizer.step()
-        self.steps += 1
+        state.steps += 1
         self._after_base_step()
+
+    def _second_pass_gradient_is_finite(self, params: list[Tensor]) -> bool:
+        """Check the gradient the base step is about to use, after an ascent.
+
+        ``first_step`` zeroed the gradients in place, so a gradient that is still all zeros (or
+        None) means that no backward ran at θ+ε: stepping would apply weight decay and momentum
+        to a zero gradient, silently. One fused norm over the gradients answers both questions.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            squared = scaled_squared_norm(
+                grads,
+                grads,
+                [],
+                scaling="identity",
+                eta=0.0,
+                foreach=self._use_foreach(grads),
+            )
+            squared_norm = _to_float(squared)
+        else:
+            squared_norm = 0.0
+        if squared_norm == 0.0:
+            raise RuntimeError(
+                f"{type(self).__name__}: the base step after first_step() found no gradient from "
+                "a second pass (the gradients are still the zeros first_step() left): run the "
+                "forward and backward at the perturbed weights between first_step() and "
+                "second_step(). No step was taken and the weights are at θ"
+            )
+        return math.isfinite(squared_norm)
+
+    def _skip_base_step(self, reason: str) -> None:
+        self._step_state.skipped_steps += 1
+        warnings.warn(
+            f"{type(self).__name__}: skipped the base step because {reason}; the weights are "
+            f"unchanged ({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     @contextlib.contextmanager
     def first_pass(
@@ -460,7 +648,7 @@ class TwoPassOptimizer(Optimizer):
         return 1.0 / value
 
     def _skip(self, reason: str) -> bool:
-        self.skipped_ascents += 1
+        self._step_state.skipped_ascents += 1
         warnings.warn(
             f"{type(self).__name__}: skipped the ascent because {reason} "
             f"({self.skipped_ascents} skipped so far)",
@@ -502,6 +690,7 @@ class TwoPassOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
         self.restore()
+        _refuse_foreign_state_dict(state_dict)
         state_dict = dict(state_dict)
         wrapper_state = state_dict.pop(WRAPPER_STATE_KEY, None)
         self.base_optimizer.load_state_dict(state_dict)
@@ -514,10 +703,10 @@ class TwoPassOptimizer(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        # Backups are scratch space tied to live parameters; never pickle them.
+        # Backups and perturbed buckets are scratch space tied to live parameters; never
+        # pickle them.
         state["_backups"] = {}
-        state["_perturbed_buckets"] = []
-        state["_frozen_batchnorms"] = []
+        state["_step_state"] = self._step_state.for_copy()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -527,6 +716,27 @@ class TwoPassOptimizer(Optimizer):
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value}" for key, value in self._method_defaults.items())
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _refuse_foreign_state_dict(state_dict: Any) -> None:
+    """Raise a clear ``ValueError`` for state dicts that torch would fail on obscurely."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict:
+        raise ValueError(
+            "Invalid state_dict: expected the dict returned by optimizer.state_dict() (with "
+            f"'state' and 'param_groups'), but got {type(state_dict).__name__}"
+            + (f" with keys {sorted(map(str, state_dict))}" if isinstance(state_dict, dict) else "")
+        )
+    per_param = state_dict["state"]
+    values = per_param.values() if isinstance(per_param, dict) else []
+    if any(isinstance(value, dict) and "old_p" in value for value in values):
+        raise ValueError(
+            "Invalid state_dict: it holds per-parameter 'old_p' tensors, the weight backups of "
+            "the SAM implementation in davda54/sam (and its copies). Those state dicts do not "
+            "contain the base optimizer's state (its moments were never saved), so there is "
+            "nothing to resume from: load your base optimizer's own state dict, if you saved "
+            "it, with optimizer.base_optimizer.load_state_dict(...), or start the optimizer "
+            "afresh. tram's state_dict() saves the base optimizer's state with its own."
+        )
 
 
 def _to_float(value: Tensor) -> float:

@@ -56,6 +56,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from tram.targets import unwrap_model
+
 __all__ = [
     "NoiseDistribution",
     "NoiseHandle",
@@ -90,21 +92,10 @@ class NoiseHandle:
     active: bool = False
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP, DataParallel and accelerate's wrappers keep the real model in `.module`.
-    seen = {id(model)}
-    inner = getattr(model, "module", None)
-    while isinstance(inner, nn.Module) and id(inner) not in seen:
-        model = inner
-        seen.add(id(model))
-        inner = getattr(model, "module", None)
-    return model
-
-
 def find_input_embeddings(model: nn.Module) -> nn.Module:
     """Find the token-embedding module of ``model``.
 
-    Unwraps ``model.module`` while it is an ``nn.Module`` (DDP, DataParallel, accelerate), then
+    Unwraps distribution and compilation wrappers (:func:`tram.targets.unwrap_model`), then
     uses ``get_input_embeddings()`` when the model has it and it returns a module (Hugging Face,
     PEFT), else the single ``nn.Embedding`` among the model's modules.
 
@@ -123,7 +114,7 @@ def find_input_embeddings(model: nn.Module) -> nn.Module:
         >>> find_input_embeddings(net) is net[0]
         True
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
         try:
@@ -166,14 +157,13 @@ def resolve_module(model: nn.Module, module: nn.Module | str | None) -> nn.Modul
     if module is None:
         return find_input_embeddings(model)
     if isinstance(module, str):
-        for root in (_unwrap(model), model):
+        for root in (unwrap_model(model), model):
             try:
                 return root.get_submodule(module)
             except AttributeError:
                 continue
-        raise ValueError(
-            f"Invalid module name: {module!r} is not a submodule of {type(_unwrap(model)).__name__}"
-        )
+        inner = type(unwrap_model(model)).__name__
+        raise ValueError(f"Invalid module name: {module!r} is not a submodule of {inner}")
     if isinstance(module, nn.Module):
         if any(m is module for m in model.modules()):
             return module

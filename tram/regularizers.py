@@ -82,6 +82,16 @@ class R3F(Regularizer):
     Defaults are the TRAM paper's baseline (σ = 0.1, λ = 0.1); the original's fairseq code uses
     σ = 1e-5, λ = 1.0 and uniform noise for classification.
 
+    Args:
+        sigma: noise scale σ (standard deviation, or half-width for uniform noise).
+        weight: λ, the weight of the penalty in the loss.
+        noise: ``"gaussian"`` or ``"uniform"``.
+        embeddings: where the noise goes: a module or module name; by default the token
+            embeddings (:func:`tram.noise.find_input_embeddings`).
+        divergence: the divergence between clean and noised outputs (symmetric KL in R3F).
+        seed: seed of the regularizer's own noise generator (checkpointed); None draws from
+            torch's global generator.
+
     References:
         Aghajanyan et al. Better Fine-Tuning by Reducing Representational Collapse. ICLR 2021.
     """
@@ -164,6 +174,11 @@ class R4F(R3F):
     of ``head`` (in place, before the optimizer is built). ``head`` is a module or a submodule
     name; by default the model's ``classifier`` or ``score`` attribute. Not applicable to
     generation, whose output layer is tied to the embeddings (as the R3F paper notes).
+
+    Args:
+        model: the model whose head is normalised (unwrapped from DDP first).
+        head: the head, a module or a submodule name; by default ``classifier`` or ``score``.
+        kwargs: R3F's arguments.
     """
 
     name = "r4f"
@@ -238,6 +253,12 @@ class TRPO(_ReferenceRegularizer):
     kept: the target θt−1 and θt captured at the first call of a step (with gradient accumulation
     every micro-batch of the step compares against the same θt−1). At the first step θt−1 = θ0.
 
+    Args:
+        model: the model being trained (its trainable weights are copied).
+        weight: λ, the weight of the penalty in the loss.
+        divergence: the divergence from the reference's outputs (forward KL).
+        reference_dtype: storage dtype of the copies (e.g. ``torch.bfloat16``).
+
     References:
         Schulman et al. Trust Region Policy Optimization. ICML 2015; TRAM paper App. B.2 (λ = 0.1).
     """
@@ -284,6 +305,14 @@ class MESA(_ReferenceRegularizer):
 
     Defaults: the TRAM paper's λ = 0.1 and decay 0.999, τ = 1 (not stated there); the original
     code uses τ = 5, λ = 0.3-0.8 and decay 0.9998, starting after 5 epochs.
+
+    Args:
+        model: the model being trained (its trainable weights start the average).
+        weight: λ, the weight of the penalty in the loss.
+        decay: d, the decay of the moving average.
+        temperature: τ, applied to both distributions (the penalty is scaled by τ²).
+        divergence: the divergence from the average's outputs (forward KL).
+        reference_dtype: storage dtype of the average (e.g. ``torch.bfloat16``).
 
     References:
         Du et al. Sharpness-Aware Training for Free. NeurIPS 2022.

@@ -14,6 +14,7 @@ forward call back into logits and a padding mask.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,10 +36,45 @@ LogitsFn = Callable[[Any], Tensor]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel``/``DataParallel``-style wrappers."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module  # type: ignore[assignment]
-    return model
+    """The model inside wrappers that only distribute or compile it.
+
+    Unwrapped: ``DistributedDataParallel`` and ``DataParallel`` (what accelerate's ``prepare``
+    returns too), FSDP1's ``FullyShardedDataParallel``, DeepSpeed's engine (all keep the model in
+    ``.module``) and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``). Any other module is
+    the model itself, whatever its children are called: a model with a child named ``module``
+    is not a wrapper.
+    """
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        inner = _wrapped_module(model)
+        if inner is None:
+            return model
+        model = inner
+    raise ValueError(f"{type(model).__name__}: more than {_MAX_WRAPPER_DEPTH} nested wrappers")
+
+
+_MAX_WRAPPER_DEPTH = 16
+
+
+def _wrapped_module(model: nn.Module) -> nn.Module | None:
+    """The module a known wrapper holds, or None when ``model`` is not one."""
+    inner: Any = None
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(
+        model, "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
+    ):
+        inner = model.module
+    elif _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+        inner = model._orig_mod
+    elif any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
+        inner = model.module
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:
+    # Only when the defining module is already imported: an instance cannot exist otherwise,
+    # and importing FSDP or dynamo here would cost seconds on every call.
+    module = sys.modules.get(module_name)
+    cls = getattr(module, class_name, None) if module is not None else None
+    return isinstance(cls, type) and isinstance(value, cls)
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

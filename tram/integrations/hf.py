@@ -10,8 +10,7 @@ Switching an existing Trainer script takes two lines, the import and the class::
     )
     trainer.train()
 
-What it does, and why (the measurements behind each point are in the project's
-``reference/integration.md`` §1):
+What it does, and why:
 
 - **Optimizer.** The base optimizer is the one the Trainer configures (``TrainingArguments.optim``,
   learning rate, the decay/no-decay parameter groups, ``optimizer_cls_and_kwargs``, or a plain

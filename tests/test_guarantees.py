@@ -1,0 +1,634 @@
+"""What tram refuses loudly: every way of driving a wrapper takes the two-pass step or says why.
+
+Each test here failed on the library before the guarantee existed: a non-finite second pass that
+reached the weights, a TRAM reference forward that updated BatchNorm statistics or ran outside
+the caller's autocast, a model "unwrapped" because a child is called ``module``, a wrapper
+silently reduced to its base optimizer, a base step on the zeros ``first_step`` left, and a
+foreign state dict failing deep inside torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tram
+from tests.wrappers_table import WRAPPERS, WrapperCase
+from tram.targets import unwrap_model
+
+# Every wrapper in the contract table plus TRAM's trust regions, with values that are not fixed
+# points of likely mistakes.
+TRAM_KWARGS: dict[str, dict[str, Any]] = {
+    "noise": {"sigma": 0.3},
+    "pretrained": {},
+    "previous": {},
+    "ema": {"ema_decay": 0.8},
+    "fisher": {"sigma": 0.3, "rho": 0.07, "fisher_eta": 0.2},
+}
+
+
+def make_wrapper(name: str, model: nn.Module, base: torch.optim.Optimizer) -> tram.TwoPassOptimizer:
+    if name.startswith("TRAM-"):
+        region = name.removeprefix("TRAM-")
+        return tram.TRAM(base, model, trust_region=region, **TRAM_KWARGS[region])  # type: ignore[arg-type]
+    case: WrapperCase = next(case for case in WRAPPERS if case.name == name)
+    return case.make(base, model=model)
+
+
+ALL = [case.name for case in WRAPPERS] + [f"TRAM-{region}" for region in TRAM_KWARGS]
+REFERENCE_REGIONS = ["noise", "pretrained", "previous", "ema"]
+
+
+class Net(nn.Module):
+    """Embedding, BatchNorm and a head: exercises noise hooks and running statistics."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(self.embed(tokens).mean(dim=1)))
+
+
+def tokens_and_labels(seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 20, (12, 5), generator=generator), torch.randint(
+        0, 3, (12,), generator=generator
+    )
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def train(optimizer: tram.TwoPassOptimizer, model: nn.Module, *, steps: int) -> None:
+    tokens, labels = tokens_and_labels()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        optimizer.step(closure)
+
+
+# ----------------------------------------------------------------------------- non-finite pass 2
+class NanOnSecondPass:
+    """A closure whose loss is finite at θ and non-finite at θ+ε."""
+
+    def __init__(self, optimizer: tram.TwoPassOptimizer, model: nn.Module, bad: float) -> None:
+        self.optimizer, self.model, self.bad = optimizer, model, bad
+        self.tokens, self.labels = tokens_and_labels()
+
+    def loss(self) -> Tensor:
+        loss = F.cross_entropy(self.model(self.tokens), self.labels)
+        return loss * self.bad if self.optimizer.is_perturbed else loss
+
+    def __call__(self) -> Tensor:
+        self.optimizer.zero_grad()
+        loss = self.loss()
+        loss.backward()
+        return loss
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_second_pass_skips_the_step_in_step_closure(name: str, bad: float) -> None:
+    model = Net()
+    optimizer = make_wrapper(name, model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    closure = NanOnSecondPass(optimizer, model, bad)
+    closure()  # the statistics a step is allowed to change: those of the first pass
+    model.load_state_dict(snapshot(Net()))
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"skipped the base step .* second pass"):
+        loss = optimizer.step(closure)
+    assert math.isfinite(float(loss.detach()))
+    assert optimizer.skipped_steps == 1
+    assert optimizer.steps == 0
+    assert not optimizer.is_perturbed
+    for key, value in model.state_dict().items():
+        if "norm." in key:
+            continue  # BatchNorm statistics of the first pass are kept, as on any step
+        assert torch.equal(value, before[key]), key
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_finite_second_pass_skips_the_step_in_the_explicit_form(name: str) -> None:
+    model = Net()
+    optimizer = make_wrapper(name, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    closure = NanOnSecondPass(optimizer, model, math.nan)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with optimizer.first_pass():
+        closure()
+    assert optimizer.first_step()
+    closure()
+    with pytest.warns(RuntimeWarning, match="second pass"):
+        optimizer.second_step()
+    assert optimizer.skipped_steps == 1
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+    # The next step is an ordinary one.
+    closure.bad = 1.0
+    optimizer.step(closure)
+    assert optimizer.steps == 1
+
+
+def test_non_finite_second_pass_under_a_grad_scaler_skips_with_weights_at_theta() -> None:
+    model = Net()
+    optimizer = tram.FisherSAM(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.07, eta=0.2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    tokens, labels = tokens_and_labels()
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def loss_fn() -> Tensor:
+        loss = F.cross_entropy(model(tokens), labels)
+        return loss * math.nan if optimizer.is_perturbed else loss
+
+    tram.scaled_step(optimizer, scaler, loss_fn)
+    assert scaler.get_scale() == 128.0  # the scaler saw the overflow and backed off
+    assert optimizer.steps == 0
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+
+
+def test_second_pass_gradient_check_costs_one_norm_not_a_copy() -> None:
+    """The check reads the gradients; it must not change them (the base step uses them)."""
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.0), rho=0.05)
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    with optimizer.first_pass():
+        closure()
+    optimizer.first_step()
+    closure()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.second_step()
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+
+
+# ----------------------------------------------------------------------------- no second backward
+@pytest.mark.parametrize("set_to_none", [False, True])
+@pytest.mark.parametrize("name", ALL)
+def test_second_step_without_a_second_backward_raises(name: str, set_to_none: bool) -> None:
+    model = Net()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
+    optimizer = make_wrapper(name, model, base)
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with optimizer.first_pass():
+        closure()
+    assert optimizer.first_step()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    with pytest.raises(RuntimeError, match="no gradient from a second pass"):
+        optimizer.second_step()
+    assert not optimizer.is_perturbed
+    assert optimizer.steps == 0
+    assert not base.state  # AdamW never stepped: no weight decay on a zero gradient
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+
+
+def test_restore_then_step_without_a_second_backward_raises() -> None:
+    """The GradScaler recipe's order (restore, then step()) is checked the same way."""
+    model = Net()
+    optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3))
+    NanOnSecondPass(optimizer, model, 1.0)()
+    assert optimizer.first_step()
+    optimizer.restore()
+    with pytest.raises(RuntimeError, match="no gradient from a second pass"):
+        optimizer.step()
+
+
+# ----------------------------------------------------------------------------- driven by step()
+def test_step_without_ascent_warns_once_with_the_fix() -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    tokens, labels = tokens_and_labels()
+    for _ in range(3):
+        optimizer.zero_grad()
+        F.cross_entropy(model(tokens), labels).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step()
+        if _ == 0:
+            assert [w.category for w in caught] == [tram.MissingAscentWarning]
+            message = str(caught[0].message)
+            assert "plain SGD step" in message
+            assert "TramTrainer" in message
+            assert "step(closure)" in message
+            assert caught[0].filename == __file__  # points at the caller
+        else:
+            assert not caught
+
+
+@pytest.mark.parametrize(
+    "drive",
+    ["step_closure", "explicit", "explicit_skipped_ascent", "off_step"],
+)
+def test_the_supported_forms_do_not_warn(drive: str) -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), ascent_every=2)
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tram.MissingAscentWarning)
+        optimizer.step(closure)  # step 0: an ascent step
+        if drive == "step_closure":
+            optimizer.step(closure)
+        elif drive == "off_step":
+            closure()
+            optimizer.step()  # step 1 is an off-step: no ascent was due
+        else:
+            optimizer.step(closure)  # step 1 off, step 2 due
+            closure()
+            if drive == "explicit_skipped_ascent":
+                for p in model.parameters():
+                    p.grad.fill_(math.nan)
+                with pytest.warns(RuntimeWarning):
+                    perturbed = optimizer.first_step()
+                assert not perturbed
+                with pytest.warns(RuntimeWarning):
+                    optimizer.second_step()
+            else:
+                assert optimizer.first_step()
+                closure()
+                optimizer.second_step()
+
+
+def test_grad_scaler_step_alone_warns() -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    tokens, labels = tokens_and_labels()
+    scaler.scale(F.cross_entropy(model(tokens), labels)).backward()
+    with pytest.warns(tram.MissingAscentWarning):
+        scaler.step(optimizer)
+
+
+def test_plain_hf_trainer_given_a_wrapper_warns_and_names_tram_trainer(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Net()
+
+        def forward(self, tokens: Tensor, labels: Tensor) -> dict[str, Tensor]:
+            logits = self.net(tokens)
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    tokens, labels = tokens_and_labels()
+    data = [{"tokens": t, "labels": y} for t, y in zip(tokens, labels, strict=True)]
+    model = Model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, optimizers=(optimizer, scheduler)
+    )
+    with pytest.warns(tram.MissingAscentWarning, match="TramTrainer"):
+        trainer.train()
+
+
+# ----------------------------------------------------------------------------- TRAM's reference
+@pytest.mark.parametrize("region", REFERENCE_REGIONS)
+def test_tram_reference_forward_leaves_batchnorm_statistics_alone(region: str) -> None:
+    model = Net()
+    plain = copy.deepcopy(model)
+    optimizer = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, trust_region=region, sigma=0.3
+    )
+    tokens, labels = tokens_and_labels()
+    F.cross_entropy(plain(tokens), labels)  # one forward at θ: the statistics a step may keep
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert int(model.norm.num_batches_tracked) == 1
+    torch.testing.assert_close(model.norm.running_mean, plain.norm.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model.norm.running_var, plain.norm.running_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("region", "kwargs"),
+    [("noise", {"sigma": 0.0}), ("pretrained", {}), ("previous", {}), ("ema", {"ema_decay": 0.8})],
+)
+def test_tram_reference_runs_under_the_callers_autocast(region: str, kwargs: dict) -> None:
+    """At the first step every target equals the model: d must be exactly zero under bf16."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 16), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 5))
+    optimizer = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, trust_region=region, **kwargs
+    )
+    tokens = torch.randint(0, 30, (8, 6))
+    labels = torch.randint(0, 5, (8, 6))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits.float().reshape(-1, 5), labels.reshape(-1))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.last_radius == 0.0
+
+
+# ----------------------------------------------------------------------------- unwrapping
+class NamedModule(nn.Module):
+    """A model whose body happens to be called ``module``: it is not a wrapper."""
+
+    def __init__(self, body_name: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        setattr(self, body_name, nn.Embedding(20, 8))
+        self.body_name = body_name
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(getattr(self, self.body_name)(tokens).mean(dim=1))
+
+
+@pytest.mark.parametrize("region", ["noise", "pretrained", "previous", "ema"])
+def test_a_child_called_module_trains_like_any_other_name(region: str) -> None:
+    runs = {}
+    for body_name in ("module", "body"):
+        model = NamedModule(body_name)
+        optimizer = tram.TRAM(
+            torch.optim.SGD(model.parameters(), lr=0.5),
+            model,
+            trust_region=region,
+            **TRAM_KWARGS[region],
+        )
+        assert optimizer.module is model
+        train(optimizer, model, steps=3)
+        runs[body_name] = (list(optimizer.radius_history), [p.detach() for p in model.parameters()])
+    assert runs["module"][0] == runs["body"][0]
+    assert runs["module"][0][-1] > 0
+    for a, b in zip(runs["module"][1], runs["body"][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unwrap_model_unwraps_real_wrappers_only() -> None:
+    inner = nn.Linear(3, 2)
+    assert unwrap_model(nn.DataParallel(nn.DataParallel(inner))) is inner
+    named = NamedModule("module")
+    assert unwrap_model(named) is named
+    reference = tram.ReferenceWeights(named)
+    assert reference.names == ["module.weight", "head.weight", "head.bias"]
+
+
+def test_unwrap_model_unwraps_torch_compile() -> None:
+    inner = nn.Linear(3, 2)
+    compiled = torch.compile(inner, backend="eager")
+    assert unwrap_model(compiled) is inner
+
+
+# ----------------------------------------------------------------------------- explicit form
+def test_step_closure_after_first_step_with_a_loss_refuses() -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    closure()
+    assert optimizer.first_step()
+    closure()
+    with pytest.raises(RuntimeError, match="closure returned a loss"):
+        optimizer.step(closure)
+    assert not optimizer.is_perturbed
+    for p, w in zip(model.parameters(), weights, strict=True):
+        assert torch.equal(p, w)
+
+
+def test_step_with_a_hooks_only_closure_finishes_the_explicit_step() -> None:
+    """Lightning's manual optimization calls step(closure) with a closure that returns None."""
+    runs = []
+    for finish in ("second_step", "hooks_closure"):
+        model = Net()
+        optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.07)
+        closure = NanOnSecondPass(optimizer, model, 1.0)
+        calls: list[int] = []
+        closure()
+        assert optimizer.first_step()
+        closure()
+        if finish == "second_step":
+            optimizer.second_step()
+        else:
+            assert optimizer.step(functools.partial(calls.append, 1)) is None
+            assert calls == [1]
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_is_shared_by_copies_of_the_wrappers_dict() -> None:
+    """A proxy that copies the optimizer's __dict__ (as Lightning's does) shares one state."""
+    model = Net()
+    optimizer = tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, sigma=0.3)
+    proxy = object.__new__(type(optimizer))
+    proxy.__dict__ = dict(optimizer.__dict__)
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    with proxy.first_pass():
+        closure()
+    assert proxy.first_step()
+    assert optimizer.is_perturbed
+    assert optimizer.last_radius == proxy.last_radius
+    optimizer.restore()
+    assert not proxy.is_perturbed
+
+
+# ----------------------------------------------------------------------------- state dicts
+def test_a_davda54_sam_state_dict_is_refused_with_what_to_do() -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    foreign = {
+        "state": {i: {"old_p": p.detach().clone()} for i, p in enumerate(model.parameters())},
+        "param_groups": [
+            {"rho": 0.05, "adaptive": False, "lr": 1e-2, "params": list(range(4))},
+        ],
+    }
+    with pytest.raises(ValueError, match=r"'old_p'.*base_optimizer\.load_state_dict"):
+        optimizer.load_state_dict(foreign)
+
+
+def test_a_state_dict_of_another_shape_is_refused() -> None:
+    model = Net()
+    optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    with pytest.raises(ValueError, match=r"Invalid state_dict: .*keys \['model'\]"):
+        optimizer.load_state_dict({"model": model.state_dict()})
+
+
+# ----------------------------------------------------------------------------- docstrings
+def _documented_arguments(obj: Callable[..., Any]) -> list[str]:
+    doc = inspect.getdoc(obj) or ""
+    if "Args:" not in doc:
+        return []
+    section = doc.split("Args:", 1)[1]
+    section = re.split(r"\n\S[^\n]*:\n", "\n" + section.split("\n\n", 1)[0])[0]
+    names: list[str] = []
+    for line in section.splitlines():
+        match = re.match(r"^    (\w[\w, ]*):", line)
+        if match:
+            names += [name.strip() for name in match.group(1).split(",")]
+    return names
+
+
+PUBLIC_CLASSES = [tram.SAM, tram.ASAM, tram.FisherSAM, tram.TRAM, tram.TwoPassOptimizer]
+PUBLIC_CLASSES += [tram.R3F, tram.R4F, tram.TRPO, tram.MESA, tram.ReferenceWeights]
+
+
+@pytest.mark.parametrize("cls", PUBLIC_CLASSES, ids=lambda cls: cls.__name__)
+def test_documented_arguments_exist(cls: type) -> None:
+    documented = _documented_arguments(cls)
+    assert documented, f"{cls.__name__} documents no arguments"
+    parameters = set(inspect.signature(cls.__init__).parameters)
+    assert set(documented) <= parameters, set(documented) - parameters
+
+
+def test_library_docstrings_cite_no_files_outside_the_repository() -> None:
+    root = Path(tram.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for pattern in (r"reference/\w+\.md", r"\bshared/", r"\bissue #?\d+", r"DESIGN\.md"):
+            offenders += [f"{path.relative_to(root)}: {m}" for m in re.findall(pattern, text)]
+    assert not offenders
+
+
+# ----------------------------------------------------------------------------- clients
+class NanOnCall(nn.Module):
+    """A Trainer-style model whose training forward number ``nan_call`` returns a NaN loss."""
+
+    def __init__(self, nan_call: int) -> None:
+        super().__init__()
+        self.net = Net()
+        self.nan_call = nan_call
+        self.calls = 0
+
+    def forward(self, tokens: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        logits = self.net(tokens)
+        loss = F.cross_entropy(logits, labels)
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.nan_call:
+                loss = loss * math.nan
+        return {"loss": loss, "logits": logits}
+
+
+def trainer_data() -> list[dict[str, Tensor]]:
+    tokens, labels = tokens_and_labels()
+    return [{"tokens": t, "labels": y} for t, y in zip(tokens, labels, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["sam", "tram"])
+def test_tram_trainer_skips_a_non_finite_second_pass(tmp_path: Path, method: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tram.integrations.hf import TramTrainer
+
+    model = NanOnCall(nan_call=2)  # step 1: call 1 is the first pass, call 2 the second
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        lr_scheduler_type="linear",
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        max_grad_norm=1.0,
+    )
+    kwargs = {"trust_region": "pretrained"} if method == "tram" else {"rho": 0.07}
+    trainer = TramTrainer(
+        model=model, args=args, train_dataset=trainer_data(), method=method, method_kwargs=kwargs
+    )
+    with pytest.warns(RuntimeWarning, match="second pass"):
+        trainer.train()
+    wrapper = trainer.two_pass_optimizer
+    assert wrapper is not None
+    assert (wrapper.skipped_steps, wrapper.steps) == (1, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The skipped step did not advance the schedule: one scheduler step for one base step.
+    assert trainer.lr_scheduler.last_epoch == 1
+
+
+def test_accelerate_two_pass_backward_skips_a_non_finite_second_pass() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tram.integrations.accelerate import TwoPassBackward
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        model = NanOnCall(nan_call=2)
+        optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2), rho=0.07)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        weights = [p.detach().clone() for p in model.parameters()]
+        two_pass = TwoPassBackward(
+            accelerator, model, optimizer, lambda m, batch: m(**batch)["loss"]
+        )
+        tokens, labels = tokens_and_labels()
+        two_pass({"tokens": tokens, "labels": labels})
+        with pytest.warns(RuntimeWarning, match="second pass"):
+            optimizer.step()
+        wrapper = two_pass.optimizer
+        assert (wrapper.skipped_steps, wrapper.steps) == (1, 0)
+        for p, w in zip(model.parameters(), weights, strict=True):
+            assert torch.equal(p, w)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_tram_on_a_compiled_model_equals_eager() -> None:
+    runs = []
+    for compiled in (False, True):
+        net = Net()
+        model = torch.compile(net, backend="eager") if compiled else net
+        optimizer = tram.TRAM(
+            torch.optim.SGD(net.parameters(), lr=0.5), model, trust_region="pretrained"
+        )
+        train(optimizer, model, steps=3)
+        runs.append((list(optimizer.radius_history), [p.detach() for p in net.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][0][-1] > 0
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
