@@ -59,7 +59,9 @@ def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, A
     model.load_state_dict(spec["weights"])
     ddp = DistributedDataParallel(model)
     base = torch.optim.AdamW(ddp.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
-    optimizer = tram.TRAM(base, ddp, sigma=spec["sigma"], seed=spec["seed"], **options)
+    if options["trust_region"] == "noise":  # the other trust regions take no noise options
+        options = {**options, "sigma": spec["sigma"], "seed": spec["seed"]}
+    optimizer = tram.TRAM(base, ddp, **options)
     record: dict[str, Any] = {"before": [], "after": [], "radius": []}
     for step in range(spec["steps"]):
         ids, y = spec["ids"][step][rank], spec["labels"][step][rank]

@@ -7,6 +7,7 @@ in subpackages that import their dependencies lazily.
 from tram._fisher import FisherSAM
 from tram._sam import ASAM, SAM
 from tram._tram import TRAM, TRUST_REGIONS
+from tram._tram_fisher import TRAMFisher
 from tram._wrapper import MissingAscentWarning, TwoPassOptimizer
 from tram.accumulation import accumulating_closure
 from tram.amp import scaled_step
@@ -31,6 +32,7 @@ __all__ = [
     "FisherSAM",
     "MissingAscentWarning",
     "ReferenceWeights",
+    "TRAMFisher",
     "TwoPassOptimizer",
     "__version__",
     "accumulating_closure",

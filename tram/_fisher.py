@@ -26,8 +26,8 @@ class FisherSAM(TwoPassOptimizer):
         \epsilon_i = \rho \, \frac{g_i / (1 + \eta g_i^2)}
             {\sqrt{\sum_j g_j^2 / (1 + \eta g_j^2)} + 10^{-12}}
 
-    Choices where the sources are silent (the FSAM paper's algorithm box could not be read;
-    see the project's ``paper.md`` §8.4): the ``1 + η g²`` regularisation, and the use of the
+    Choices where the sources are silent (the regularisation of the Fisher is not spelled out in
+    the FSAM or TRAM papers): the ``1 + η g²`` regularisation, and the use of the
     same mini-batch gradient for the Fisher and for the direction, which keeps the cost at two
     forward and two backward passes. Under a ``GradScaler`` the Fisher is computed from the
     unscaled gradient (pass ``grad_scale`` to :meth:`first_step`).

@@ -36,31 +36,22 @@ How this implementation works, and the choices made where the paper is silent:
 - **The ascent** is Eq. 7 with the gradient (the paper's release ignored it), in the ASAM form
   with ``eta = 0`` by default (the paper's pure :math:`|\theta|`; ASAM's code uses 0.01), or the
   SAM form with ``adaptive=False``.
-- **Targets**:
+- **Targets** are objects (:mod:`tram.targets`) that own their reference forward, their state
+  and their checkpoint: :class:`~tram.targets.NoisedInputs` (TRAM-x, ``"noise"``),
+  :class:`~tram.targets.Pretrained` (TRAM-θ0, ``"pretrained"``), :class:`~tram.targets.Previous`
+  (TRAM-θt−1, ``"previous"``, the snapshot taken after d is measured and before the base update)
+  and :class:`~tram.targets.EMA` (``"ema"``), or a user's subclass of
+  :class:`~tram.targets.Target`. The strings are shorthands with the same options.
+- **TRAM-Fisher** (Algorithm 2) measures no divergence; it is its own class,
+  :class:`tram.TRAMFisher`. ``TRAM(..., trust_region="fisher")`` builds one.
 
-  - ``"noise"`` (TRAM-x): the current model on input embeddings noised by
-    :math:`z \sim \mathcal{N}(0, \sigma^2)` (or uniform), through the representation noise hook
-    on the token-embedding output. The paper gives no σ; the default 0.1 is its R3F value.
-  - ``"pretrained"`` (TRAM-θ0): the weights at construction, frozen.
-  - ``"previous"`` (TRAM-θt−1): a snapshot of θt taken after d is measured and before the base
-    update (so step t compares θt with θt−1); at the first step it is θ0 and d = 0.
-  - ``"ema"``: an exponential moving average of the weights, updated after each base step.
-  - ``"fisher"`` (TRAM-Fisher, Algorithm 2): no reference forward. The first pass itself runs on
-    noised embeddings x+z, and its gradient g̃ gives both the direction and the diagonal Fisher
-    g̃², with the Fisher SAM ascent ε = ρ (g̃/(1+ηg̃²)) / √(Σ g̃²/(1+ηg̃²)), ρ = 0.1, η = 0.1
-    (the FSAM values). This is the reading of the paper's ambiguous Algorithm 2 that keeps its
-    stated cost of 2 forward and 2 backward passes; the loss it returns is the noised one.
-
-  Reference weights cover the trainable parameters only (frozen ones and buffers are shared with
-  the live model) and run through ``torch.func.functional_call``; ``reference_dtype=torch.bfloat16``
-  halves their memory (the reference forward then runs under autocast).
-
-Cost per step: 3 forward and 2 backward passes (TRAM-Fisher: 2 and 2); SAM is 2 and 2.
+Cost per step: 3 forward and 2 backward passes; SAM (and TRAM-Fisher) 2 and 2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -72,11 +63,24 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from tram._ascent import Scaling
-from tram._wrapper import TwoPassOptimizer, check_non_negative
+from tram._wrapper import (
+    TwoPassOptimizer,
+    check_non_negative,
+    check_positive_int,
+    check_unit_interval,
+)
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
-from tram.noise import NoiseDistribution, representation_noise, resolve_module
-from tram.targets import ReferenceWeights, extract_logits, logits_mask, unwrap_model
+from tram.noise import NoiseDistribution
+from tram.targets import (
+    TARGETS,
+    ReferenceWeights,
+    Target,
+    extract_logits,
+    logits_mask,
+    make_target,
+    unwrap_model,
+)
 
 __all__ = ["TRAM", "TRUST_REGIONS"]
 
@@ -136,7 +140,8 @@ class TRAM(TwoPassOptimizer):
     Example::
 
         base = torch.optim.AdamW(model.parameters(), lr=2e-5)
-        optimizer = tram.TRAM(base, model, trust_region="noise", sigma=0.1)
+        optimizer = tram.TRAM(base, model, target=tram.targets.NoisedInputs(sigma=0.1))
+        # the same: tram.TRAM(base, model, trust_region="noise", sigma=0.1)
 
         def closure():
             optimizer.zero_grad()
@@ -149,96 +154,127 @@ class TRAM(TwoPassOptimizer):
 
     Args:
         base_optimizer: the optimizer instance to wrap.
-        model: the model being trained (a DDP wrapper is unwrapped for hooks and references).
-        trust_region: ``"noise"``, ``"pretrained"``, ``"previous"``, ``"ema"`` or ``"fisher"``.
-        sigma: noise scale σ for ``"noise"`` and ``"fisher"`` (standard deviation, or half-width
-            for uniform noise).
-        noise: ``"gaussian"`` or ``"uniform"``.
-        embeddings: where the noise goes: a module or module name; by default the token
-            embeddings (``get_input_embeddings()`` or the single ``nn.Embedding``).
+        model: the model being trained (a DDP or ``torch.compile`` wrapper is unwrapped for
+            hooks and references).
+        target: what d is measured against: a :class:`tram.targets.Target` (bound to ``model``
+            here; one target per optimizer), or the name of one (the same as ``trust_region``).
+        trust_region: the shorthand: ``"noise"`` (the default), ``"pretrained"``,
+            ``"previous"``, ``"ema"``, or ``"fisher"`` (which builds a :class:`tram.TRAMFisher`).
+        sigma, noise, embeddings, seed: options of ``"noise"``
+            (:class:`~tram.targets.NoisedInputs`); with ``"fisher"``, of its noised pass.
+        ema_decay: the decay of ``"ema"``.
+        reference_dtype: storage dtype of the reference weights of ``"pretrained"``,
+            ``"previous"`` and ``"ema"`` (e.g. ``torch.bfloat16``).
+        rho, fisher_eta: with ``"fisher"`` only: :class:`tram.TRAMFisher`'s ``rho`` and ``eta``.
         divergence: how d is measured (see :func:`tram.divergence.get_divergence`); the paper
             uses forward KL and ablates MMD and L2.
         adaptive: ASAM form (default) or SAM form of Eq. 7.
         eta: η of the ASAM operator ``T = |θ| + η`` (0 in the paper).
         max_radius: clip d to this value (no clipping by default, as in the paper).
-        rho: the radius of ``"fisher"`` (FSAM's γ); unused by the other targets.
-        fisher_eta: η of the Fisher operator for ``"fisher"``.
-        ema_decay: decay of ``"ema"``.
-        reference_dtype: storage dtype of reference weights (e.g. ``torch.bfloat16``).
+        radius_every: measure d on every ``radius_every``-th ascent only and reuse the last d on
+            the ascents in between, whose first pass is not recorded and which run no reference
+            forward: they cost what a SAM step costs. 1 (the default, the paper) measures d at
+            every ascent. A departure from the paper; d drifts slowly over a run, so a small
+            value trades little accuracy of the radius for up to a third of TRAM's extra cost.
         replay_dropout: replay the recorded forward's dropout masks in the reference pass.
         logits_fn: maps the model's output to its logits when it is neither a Tensor nor has
             ``.logits``.
-        seed: seed of TRAM's own noise generator (its state is checkpointed).
         ascent_every, local_ascent, foreach: see :class:`tram.TwoPassOptimizer`.
 
+    Options of another trust region than the one chosen raise ``TypeError``; none is ignored.
+
     Attributes:
+        target: the :class:`~tram.targets.Target`.
         last_radius: d of the last ascent (after clipping), for logging.
         radius_history: every d measured, in order.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is TRAM and "fisher" in (kwargs.get("trust_region"), kwargs.get("target")):
+            from tram._tram_fisher import TRAMFisher
+
+            return TRAMFisher.from_tram_arguments(*args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
         base_optimizer: Optimizer,
         model: nn.Module,
         *,
-        trust_region: TrustRegion = "noise",
-        sigma: float = 0.1,
-        noise: NoiseDistribution = "gaussian",
+        target: Target | str | None = None,
+        trust_region: TrustRegion | None = None,
+        sigma: float | None = None,
+        noise: NoiseDistribution | None = None,
         embeddings: nn.Module | str | None = None,
+        seed: int | None = None,
+        ema_decay: float | None = None,
+        reference_dtype: torch.dtype | None = None,
+        rho: float | None = None,
+        fisher_eta: float | None = None,
         divergence: str = "forward_kl",
         adaptive: bool = True,
         eta: float = 0.0,
         max_radius: float | None = None,
-        rho: float = 0.1,
-        fisher_eta: float = 0.1,
-        ema_decay: float = 0.999,
-        reference_dtype: torch.dtype | None = None,
+        radius_every: int = 1,
         replay_dropout: bool = True,
         logits_fn: Callable[[Any], Tensor] | None = None,
-        seed: int = 0,
         ascent_every: int = 1,
         local_ascent: bool = False,
         foreach: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-        if trust_region not in TRUST_REGIONS:
-            expected = ", ".join(repr(name) for name in TRUST_REGIONS)
-            raise ValueError(f"Invalid trust_region: {trust_region!r}. Expected one of: {expected}")
-        self.trust_region = trust_region
-        self.sigma = check_non_negative("sigma", sigma)
-        self.noise: NoiseDistribution = noise
-        if noise not in ("gaussian", "uniform"):
-            raise ValueError(f"Invalid noise: {noise!r}. Expected 'gaussian' or 'uniform'")
+        for name, value in (("rho", rho), ("fisher_eta", fisher_eta)):
+            if value is not None:
+                raise TypeError(
+                    f"{name} is an option of trust_region='fisher' (tram.TRAMFisher) only"
+                )
+        shorthand_options = {
+            "sigma": sigma,
+            "noise": noise,
+            "embeddings": embeddings,
+            "seed": seed,
+            "ema_decay": ema_decay,
+            "reference_dtype": reference_dtype,
+        }
+        self.target = _resolve_target(target, trust_region, shorthand_options)
         if max_radius is not None:
             max_radius = check_non_negative("max_radius", max_radius)
         self.max_radius = max_radius
-        self.ema_decay = ema_decay
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"Invalid ema_decay: {ema_decay}")
+        self.radius_every = check_positive_int("radius_every", radius_every)
         self.divergence_name = divergence
         self.divergence = get_divergence(divergence)
         self.adaptive = bool(adaptive)
         self.replay_dropout = bool(replay_dropout)
         self.logits_fn = logits_fn
         self.module = unwrap_model(model)
-        needs_noise = trust_region in ("noise", "fisher")
-        self.embeddings = resolve_module(self.module, embeddings) if needs_noise else None
         super().__init__(
             base_optimizer,
-            {"eta": eta, "rho": rho, "fisher_eta": fisher_eta},
+            {"eta": eta},
             model=model,
             ascent_every=ascent_every,
             local_ascent=local_ascent,
             foreach=foreach,
         )
-        device = next(self.module.parameters()).device
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(seed)
-        self.reference: ReferenceWeights | None = None
-        if trust_region in ("pretrained", "previous", "ema"):
-            self.reference = ReferenceWeights(self.module, dtype=reference_dtype)
+        self.target.bind(self.module)
         self._recording_state = _RecordingState()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def trust_region(self) -> str:
+        """The target's name (``"noise"``, ``"pretrained"``, ... or a user target's ``name``)."""
+        return self.target.name
+
+    @property
+    def reference(self) -> ReferenceWeights | None:
+        """The target's reference weights, for the targets that hold some."""
+        reference = getattr(self.target, "reference", None)
+        return reference if isinstance(reference, ReferenceWeights) else None
+
+    @property
+    def embeddings(self) -> nn.Module | None:
+        """Where the target's noise goes, for the noised-input target."""
+        return getattr(self.target, "embeddings", None)
 
     @property
     def last_radius(self) -> float | None:
@@ -257,34 +293,23 @@ class TRAM(TwoPassOptimizer):
     # ------------------------------------------------------------------ hyperparameters
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_non_negative("eta", group["eta"])
-        check_non_negative("rho", group["rho"])
-        check_non_negative("fisher_eta", group["fisher_eta"])
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
-        if self.trust_region == "fisher":
-            return "fisher", float(group["fisher_eta"])
         if self.adaptive:
             return "adaptive", float(group["eta"])
         return "identity", 0.0
 
     # ------------------------------------------------------------------ the first pass
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
-        if not self._ascent_due():
+        if not (self._ascent_due() and self._measurement_due()):
             return contextlib.nullcontext()
-        if self.trust_region == "fisher":
-            return self._noised_first_pass()
         return self._recording()
 
-    @contextlib.contextmanager
-    def _noised_first_pass(self) -> Iterator[None]:
-        with representation_noise(
-            self.module,
-            sigma=self.sigma,
-            distribution=self.noise,
-            module=self.embeddings,
-            generator=self._generator,
-        ):
-            yield
+    def _measurement_due(self) -> bool:
+        """Whether this step's ascent measures d (always, unless ``radius_every > 1``)."""
+        if self.last_radius is None:
+            return True
+        return self.steps % (self.ascent_every * self.radius_every) == 0
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
@@ -327,8 +352,10 @@ class TRAM(TwoPassOptimizer):
 
     # ------------------------------------------------------------------ the radius
     def _radii(self) -> list[float] | None:
-        if self.trust_region == "fisher":
-            return [float(group["rho"]) for group in self.param_groups]
+        reused = self.last_radius
+        if not self._measurement_due() and reused is not None:
+            self._records.clear()
+            return [reused] * len(self.param_groups)
         if not self._records:
             raise RuntimeError(
                 "TRAM.first_step() found no recorded forward pass: run the first forward and "
@@ -394,45 +421,34 @@ class TRAM(TwoPassOptimizer):
                         torch.cuda.set_rng_state(record.cuda_rng, devices[0])
                 stack.enter_context(frozen_running_stats(self.module))
                 stack.enter_context(record.autocast.context())
-                if self.reference is not None:
-                    return self.reference.call(record.args, record.kwargs)
-                stack.enter_context(
-                    representation_noise(
-                        self.module,
-                        sigma=self.sigma,
-                        distribution=self.noise,
-                        module=self.embeddings,
-                        generator=self._generator,
-                    )
-                )
-                return self.module(*record.args, **record.kwargs)
+                return self.target.output(record.args, record.kwargs)
         finally:
             state.in_reference = False
 
-    # ------------------------------------------------------------------ references over time
+    # ------------------------------------------------------------------ the target over time
     def _before_base_step(self) -> None:
         self._records.clear()
-        if self.trust_region == "previous":
-            assert self.reference is not None
-            self.reference.copy_from_model()
+        self.target.before_base_step()
 
     def _after_base_step(self) -> None:
-        if self.trust_region == "ema":
-            assert self.reference is not None
-            self.reference.update_ema(self.ema_decay)
+        self.target.after_base_step()
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"generator": self._generator.get_state()}
-        if self.reference is not None:
-            state["reference"] = self.reference.state_dict()
+        # The target's keys at the top level ("generator", "reference"), as before targets
+        # were objects: checkpoints load both ways.
+        state = dict(self.target.state_dict())
+        if self.radius_every > 1:  # the d reused until the next measurement
+            state["last_radius"] = self.last_radius
         return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
-            self._generator.set_state(state["generator"])
-        if self.reference is not None and "reference" in state:
-            self.reference.load_state_dict(state["reference"])
+        own = self.target.state_dict()
+        if own and all(key in state for key in own):
+            self.target.load_state_dict({key: state[key] for key in own})
+        if "last_radius" in state:
+            value = state["last_radius"]
+            self._recording_state.last_radius = None if value is None else float(value)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -440,15 +456,40 @@ class TRAM(TwoPassOptimizer):
         recording.last_radius = self.last_radius
         recording.radius_history = list(self.radius_history)
         state["_recording_state"] = recording
-        state["_generator_state"] = self._generator.get_state()
-        del state["_generator"]
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        generator_state = state.pop("_generator_state")
-        super().__setstate__(state)
-        self._generator = torch.Generator(device=next(self.module.parameters()).device)
-        self._generator.set_state(generator_state)
+
+def _resolve_target(
+    target: Target | str | None, trust_region: str | None, options: dict[str, Any]
+) -> Target:
+    """The target object from ``target=`` or the ``trust_region=`` shorthand and its options."""
+    given = {key: value for key, value in options.items() if value is not None}
+    if isinstance(target, Target):
+        if trust_region is not None or given:
+            extra = ["trust_region"] if trust_region is not None else []
+            raise TypeError(
+                f"target= is a {type(target).__name__} object; configure it there, not with "
+                f"{', '.join(extra + sorted(given))}"
+            )
+        return target
+    if target is not None and not isinstance(target, str):
+        raise TypeError(
+            f"target must be a tram.targets.Target or a name, but got {type(target).__name__}"
+        )
+    if target is not None and trust_region is not None and target != trust_region:
+        raise ValueError(f"target={target!r} and trust_region={trust_region!r} disagree")
+    name = target or trust_region or "noise"
+    if name not in TARGETS:
+        expected = ", ".join(repr(region) for region in TRUST_REGIONS)
+        raise ValueError(f"Invalid trust_region: {name!r}. Expected one of: {expected}")
+    if "ema_decay" in given:
+        check_unit_interval("ema_decay", given["ema_decay"])
+    renamed = {"ema_decay": "decay", "reference_dtype": "dtype"}
+    accepted = set(inspect.signature(TARGETS[name].__init__).parameters)
+    unexpected = sorted(key for key in given if renamed.get(key, key) not in accepted)
+    if unexpected:
+        raise TypeError(f"unexpected option {', '.join(unexpected)} of trust_region={name!r}")
+    return make_target(name, **{renamed.get(key, key): value for key, value in given.items()})
 
 
 _CHUNK_ELEMENTS = 1 << 20

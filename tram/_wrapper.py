@@ -41,6 +41,13 @@ def check_non_negative(name: str, value: object) -> float:
     return float(value)
 
 
+def check_unit_interval(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1])")
+    return float(value)
+
+
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` if it is an int >= 1, or raise ``ValueError("Invalid <name>: <value>")``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tram.targets import unwrap_model
+from tram._model_io import unwrap_model
 
 __all__ = [
     "NoiseDistribution",

@@ -1,8 +1,15 @@
-"""Trust-region targets: reference weights and the plumbing to run a model on a recorded batch.
+"""Trust-region targets: what TRAM measures its radius against, and the reference weights.
+
+TRAM's radius is d = KL(target ‖ model) on the batch of the first pass (Sherborne et al. 2024,
+Eq. 4-5). A :class:`Target` is the object that produces the target's output: the model on noised
+input embeddings (:class:`NoisedInputs`, TRAM-x), or the model with other weights: the
+pre-trained θ0 (:class:`Pretrained`), the previous step's θt−1 (:class:`Previous`) or an
+exponential moving average (:class:`EMA`). Each owns its reference forward, its state and its
+checkpoint; TRAM holds the recording, the replay and the ascent once. A user's own target is a
+subclass of :class:`Target`; ``TRAM(base, model, target=MyTarget())``.
 
 TRAM (and the loss-side regularizers TRPO and MESA) compare the model's output distribution with
-the output of a *reference*: the pre-trained weights θ0, the previous step's weights θt−1, or an
-exponential moving average of past weights. :class:`ReferenceWeights` holds such weights for the
+the output of a *reference*. :class:`ReferenceWeights` holds such weights for the
 trainable parameters only and runs the live module with them through
 ``torch.func.functional_call``: no second module, frozen parameters and buffers shared with the
 live model, and the live model untouched afterwards. With ``dtype=torch.bfloat16`` the copy
@@ -14,118 +21,33 @@ forward call back into logits and a padding mask.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from tram._ascent import foreach_copy_
+from tram._model_io import call_model, extract_logits, logits_mask, unwrap_model
+from tram._wrapper import check_non_negative, check_unit_interval
+from tram.noise import NoiseDistribution, representation_noise, resolve_module
 
 __all__ = [
+    "EMA",
+    "TARGETS",
+    "NoisedInputs",
+    "Pretrained",
+    "Previous",
     "ReferenceWeights",
+    "Target",
     "call_model",
     "extract_logits",
     "logits_mask",
+    "make_target",
     "unwrap_model",
 ]
-
-LogitsFn = Callable[[Any], Tensor]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside wrappers that only distribute or compile it.
-
-    Unwrapped: ``DistributedDataParallel`` and ``DataParallel`` (what accelerate's ``prepare``
-    returns too), FSDP1's ``FullyShardedDataParallel``, DeepSpeed's engine (all keep the model in
-    ``.module``) and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``). Any other module is
-    the model itself, whatever its children are called: a model with a child named ``module``
-    is not a wrapper.
-    """
-    for _ in range(_MAX_WRAPPER_DEPTH):
-        inner = _wrapped_module(model)
-        if inner is None:
-            return model
-        model = inner
-    raise ValueError(f"{type(model).__name__}: more than {_MAX_WRAPPER_DEPTH} nested wrappers")
-
-
-_MAX_WRAPPER_DEPTH = 16
-
-
-def _wrapped_module(model: nn.Module) -> nn.Module | None:
-    """The module a known wrapper holds, or None when ``model`` is not one."""
-    inner: Any = None
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(
-        model, "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
-    ):
-        inner = model.module
-    elif _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
-        inner = model._orig_mod
-    elif any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
-        inner = model.module
-    return inner if isinstance(inner, nn.Module) else None
-
-
-def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:
-    # Only when the defining module is already imported: an instance cannot exist otherwise,
-    # and importing FSDP or dynamo here would cost seconds on every call.
-    module = sys.modules.get(module_name)
-    cls = getattr(module, class_name, None) if module is not None else None
-    return isinstance(cls, type) and isinstance(value, cls)
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a batch: a mapping as keyword arguments, a tuple/list as positional
-    arguments, anything else as the single argument."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def extract_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
-    """The logits of a model output: ``logits_fn(output)``, the output itself, or ``.logits``."""
-    logits: Any
-    if logits_fn is not None:
-        logits = logits_fn(output)
-    elif isinstance(output, Tensor):
-        logits = output
-    else:
-        logits = getattr(output, "logits", None)
-        if logits is None and isinstance(output, Mapping):
-            logits = output.get("logits")
-    if not isinstance(logits, Tensor):
-        raise TypeError(
-            f"cannot find logits in a model output of type {type(output).__name__}: the model "
-            "must return a Tensor or an object with a .logits Tensor; otherwise pass logits_fn="
-        )
-    return logits
-
-
-def logits_mask(kwargs: Mapping[str, Any], logits: Tensor) -> Tensor | None:
-    """Which positions of ``logits`` count, from the batch's ``attention_mask`` or ``labels``.
-
-    Only for per-token logits ``[B, T, V]``: the mask is ``attention_mask != 0`` when its shape is
-    ``[B, T]``, else ``labels != -100`` when the labels are ``[B, T]``. Classification logits
-    ``[B, C]`` have one distribution per example and need no mask. For causal language models the
-    logits at position ``t`` are the distribution of token ``t + 1``; the attention mask marks
-    exactly the positions whose prediction is conditioned on real tokens, so it is the right mask
-    for a divergence between two models' next-token distributions.
-    """
-    if logits.dim() != 3:
-        return None
-    positions = logits.shape[:2]
-    attention_mask = kwargs.get("attention_mask")
-    if isinstance(attention_mask, Tensor) and attention_mask.shape == positions:
-        return attention_mask != 0
-    labels = kwargs.get("labels")
-    if isinstance(labels, Tensor) and labels.shape == positions:
-        return labels != -100
-    return None
 
 
 class ReferenceWeights:
@@ -206,3 +128,218 @@ class ReferenceWeights:
             )
         for name, tensor in self.tensors.items():
             tensor.copy_(state[name])
+
+
+# ----------------------------------------------------------------------------- targets
+class Target:
+    """What TRAM measures d against: a distribution on the recorded batch of the first pass.
+
+    TRAM calls :meth:`bind` once with the (unwrapped) model, :meth:`output` under ``no_grad`` for
+    each forward call it recorded, inside its replay context (the recorded call's dropout masks
+    and autocast state, BatchNorm running statistics frozen), and :meth:`before_base_step` /
+    :meth:`after_base_step` around every base step. :meth:`state_dict` goes into TRAM's
+    checkpoint. A subclass implements :meth:`output` and whatever state it needs.
+    """
+
+    name: ClassVar[str] = "target"
+    model: nn.Module
+
+    def bind(self, model: nn.Module) -> None:
+        """Attach to the model TRAM trains (called once, by TRAM's constructor)."""
+        if getattr(self, "model", None) is not None:
+            raise RuntimeError(f"{type(self).__name__} is already bound to a model; make a new one")
+        self.model = model
+
+    def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The target's output on one recorded forward call ``model(*args, **kwargs)``."""
+        raise NotImplementedError
+
+    def before_base_step(self) -> None:
+        """Called before every base step, with the weights at θt."""
+
+    def after_base_step(self) -> None:
+        """Called after every base step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (weights-only loadable)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load what :meth:`state_dict` saved."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class NoisedInputs(Target):
+    r"""TRAM-x: the current model on noised input embeddings, :math:`p(\cdot \mid x + z, \theta_t)`.
+
+    :math:`z \sim \mathcal{N}(0, \sigma^2)` or :math:`\mathcal{U}(-\sigma, \sigma)`, added to the
+    token-embedding output through :func:`tram.noise.representation_noise` (paper Eq. 5). The
+    paper gives no σ; the default 0.1 is its R3F value. The noise comes from the target's own
+    generator, seeded and checkpointed, so the training RNG stream is not consumed.
+
+    Args:
+        sigma: noise scale σ (standard deviation, or half-width for uniform noise).
+        noise: ``"gaussian"`` or ``"uniform"``.
+        embeddings: where the noise goes: a module or module name; by default the token
+            embeddings (:func:`tram.noise.find_input_embeddings`).
+        seed: seed of the noise generator.
+    """
+
+    name = "noise"
+
+    def __init__(
+        self,
+        *,
+        sigma: float = 0.1,
+        noise: NoiseDistribution = "gaussian",
+        embeddings: nn.Module | str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.sigma = check_non_negative("sigma", sigma)
+        if noise not in ("gaussian", "uniform"):
+            raise ValueError(f"Invalid noise: {noise!r}. Expected 'gaussian' or 'uniform'")
+        self.noise: NoiseDistribution = noise
+        self.embeddings_spec = embeddings
+        self.seed = seed
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.embeddings = resolve_module(model, self.embeddings_spec)
+        self.generator = torch.Generator(device=next(model.parameters()).device)
+        self.generator.manual_seed(self.seed)
+
+    def noised(self) -> Any:
+        """The noise hook with this target's σ, distribution and generator (a context manager)."""
+        return representation_noise(
+            self.model,
+            sigma=self.sigma,
+            distribution=self.noise,
+            module=self.embeddings,
+            generator=self.generator,
+        )
+
+    def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self.noised():
+            return self.model(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "generator" in state:
+            state["generator"] = state["generator"].get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        generator_state = state.get("generator")
+        if generator_state is not None:
+            self.generator = torch.Generator(device=next(self.model.parameters()).device)
+            self.generator.set_state(generator_state)
+
+    def __repr__(self) -> str:
+        return f"NoisedInputs(sigma={self.sigma}, noise={self.noise!r})"
+
+
+class _WeightsTarget(Target):
+    """The model with reference weights (:class:`ReferenceWeights`) for its trainable ones."""
+
+    def __init__(self, *, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        self.reference = ReferenceWeights(model, dtype=self.dtype)
+
+    def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.reference.call(args, kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reference.load_state_dict(state["reference"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dtype={self.dtype})"
+
+
+class Pretrained(_WeightsTarget):
+    r"""TRAM-θ0: the weights at construction, frozen (:math:`p(\cdot \mid x, \theta_0)`).
+
+    Args:
+        dtype: storage dtype of the copy (``torch.bfloat16`` halves it; the reference forward
+            then runs under autocast in that dtype).
+    """
+
+    name = "pretrained"
+
+
+class Previous(_WeightsTarget):
+    """TRAM-θt−1: the weights before the last base step.
+
+    The snapshot is taken after d is measured and before the base update, so step t compares θt
+    with θt−1; at the first step it is θ0 and d = 0.
+
+    Args:
+        dtype: storage dtype of the snapshot.
+    """
+
+    name = "previous"
+
+    def before_base_step(self) -> None:
+        self.reference.copy_from_model()
+
+
+class EMA(_WeightsTarget):
+    r"""An exponential moving average of the weights, :math:`\bar\theta \leftarrow d\,\bar\theta +
+    (1 - d)\,\theta` after every base step (a variant the paper's framework admits).
+
+    Args:
+        decay: d, the decay of the average.
+        dtype: storage dtype of the average.
+    """
+
+    name = "ema"
+
+    def __init__(self, *, decay: float = 0.999, dtype: torch.dtype | None = None) -> None:
+        super().__init__(dtype=dtype)
+        self.decay = check_unit_interval("decay", decay)
+
+    def after_base_step(self) -> None:
+        self.reference.update_ema(self.decay)
+
+    def __repr__(self) -> str:
+        return f"EMA(decay={self.decay}, dtype={self.dtype})"
+
+
+TARGETS: dict[str, type[Target]] = {
+    cls.name: cls for cls in (NoisedInputs, Pretrained, Previous, EMA)
+}
+"""The string shorthands of :class:`tram.TRAM`'s ``trust_region`` and their classes."""
+
+
+def make_target(name: str, **options: Any) -> Target:
+    """The target named ``name`` (a key of :data:`TARGETS`) built with ``options``.
+
+    Options the target does not take raise ``TypeError`` naming them: a setting is never
+    silently ignored.
+    """
+    cls = TARGETS.get(name)
+    if cls is None:
+        expected = ", ".join(repr(key) for key in TARGETS)
+        raise ValueError(f"Invalid trust_region: {name!r}. Expected one of: {expected}")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unexpected = sorted(set(options) - accepted)
+    if unexpected:
+        raise TypeError(
+            f"trust_region={name!r} does not take {', '.join(unexpected)} "
+            f"(it takes: {', '.join(sorted(accepted)) or 'nothing'})"
+        )
+    return cls(**options)

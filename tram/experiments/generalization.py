@@ -100,8 +100,8 @@ GRIDS: dict[str, Grid] = {
     "asam": Grid("rho", (0.2, 0.5, 1.0), 0.5),
     "tram_x": Grid("sigma", (0.01, 0.1, 0.3), 0.1),
 }
-"""Small grids around the paper's values (paper.md §8; TRAM-x's σ has no paper value, 0.1 is
-its R3F noise)."""
+"""Small grids around the paper's values (TRAM-x's σ has no paper value; 0.1 is its R3F
+noise)."""
 
 FIXED = ("adamw", "r3f", "tram_theta0")
 """Methods run with the paper's values only."""

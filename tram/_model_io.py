@@ -1,0 +1,109 @@
+"""Running a model on a recorded call: unwrapping, calling, finding logits and padding.
+
+Shared by TRAM, its targets and the regularizers; re-exported from :mod:`tram.targets`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["call_model", "extract_logits", "logits_mask", "unwrap_model"]
+
+LogitsFn = Callable[[Any], Tensor]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside wrappers that only distribute or compile it.
+
+    Unwrapped: ``DistributedDataParallel`` and ``DataParallel`` (what accelerate's ``prepare``
+    returns too), FSDP1's ``FullyShardedDataParallel``, DeepSpeed's engine (all keep the model in
+    ``.module``) and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``). Any other module is
+    the model itself, whatever its children are called: a model with a child named ``module``
+    is not a wrapper.
+    """
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        inner = _wrapped_module(model)
+        if inner is None:
+            return model
+        model = inner
+    raise ValueError(f"{type(model).__name__}: more than {_MAX_WRAPPER_DEPTH} nested wrappers")
+
+
+_MAX_WRAPPER_DEPTH = 16
+
+
+def _wrapped_module(model: nn.Module) -> nn.Module | None:
+    """The module a known wrapper holds, or None when ``model`` is not one."""
+    inner: Any = None
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(
+        model, "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
+    ):
+        inner = model.module
+    elif _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+        inner = model._orig_mod
+    elif any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
+        inner = model.module
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:
+    # Only when the defining module is already imported: an instance cannot exist otherwise,
+    # and importing FSDP or dynamo here would cost seconds on every call.
+    module = sys.modules.get(module_name)
+    cls = getattr(module, class_name, None) if module is not None else None
+    return isinstance(cls, type) and isinstance(value, cls)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a batch: a mapping as keyword arguments, a tuple/list as positional
+    arguments, anything else as the single argument."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def extract_logits(output: Any, logits_fn: LogitsFn | None = None) -> Tensor:
+    """The logits of a model output: ``logits_fn(output)``, the output itself, or ``.logits``."""
+    logits: Any
+    if logits_fn is not None:
+        logits = logits_fn(output)
+    elif isinstance(output, Tensor):
+        logits = output
+    else:
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, Mapping):
+            logits = output.get("logits")
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"cannot find logits in a model output of type {type(output).__name__}: the model "
+            "must return a Tensor or an object with a .logits Tensor; otherwise pass logits_fn="
+        )
+    return logits
+
+
+def logits_mask(kwargs: Mapping[str, Any], logits: Tensor) -> Tensor | None:
+    """Which positions of ``logits`` count, from the batch's ``attention_mask`` or ``labels``.
+
+    Only for per-token logits ``[B, T, V]``: the mask is ``attention_mask != 0`` when its shape is
+    ``[B, T]``, else ``labels != -100`` when the labels are ``[B, T]``. Classification logits
+    ``[B, C]`` have one distribution per example and need no mask. For causal language models the
+    logits at position ``t`` are the distribution of token ``t + 1``; the attention mask marks
+    exactly the positions whose prediction is conditioned on real tokens, so it is the right mask
+    for a divergence between two models' next-token distributions.
+    """
+    if logits.dim() != 3:
+        return None
+    positions = logits.shape[:2]
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, Tensor) and attention_mask.shape == positions:
+        return attention_mask != 0
+    labels = kwargs.get("labels")
+    if isinstance(labels, Tensor) and labels.shape == positions:
+        return labels != -100
+    return None
