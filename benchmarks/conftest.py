@@ -77,6 +77,8 @@ METHODS: dict[str, str] = {
     "r3f": "AdamW + R3F",
     "sam_every4": "SAM, ascent_every=4",
     "tram_x_every4": "TRAM-x, ascent_every=4",
+    "tram_x_radius4": "TRAM-x, radius_every=4",
+    "tram_theta0_radius4": "TRAM-θ0, radius_every=4",
 }
 
 LARGE_ALLOCATION_BYTES = 64 * 1024
@@ -294,9 +296,11 @@ def build_runner(method: str, model: nn.Module, batch: dict[str, Tensor]) -> Run
             "tram_theta0": {"trust_region": "pretrained"},
             "tram_theta0_bf16": {"trust_region": "pretrained", "reference_dtype": torch.bfloat16},
             "tram_previous": {"trust_region": "previous"},
+            "tram_x_radius4": {"trust_region": "noise", "sigma": 0.1, "radius_every": 4},
+            "tram_theta0_radius4": {"trust_region": "pretrained", "radius_every": 4},
             "tram_fisher": {"trust_region": "fisher", "sigma": 0.1},
         }[method]
-        steps_per_call = options.get("ascent_every", 1)
+        steps_per_call = options.get("ascent_every", 1) * options.get("radius_every", 1)
         stepped = tram.TRAM(base, model, **options)
     elif method == "r3f":
         kind = "regularizer"

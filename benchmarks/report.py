@@ -34,6 +34,8 @@ TARGETS: list[tuple[str, str, str, str, float | None]] = [
     ("TRAM-x step / ASAM step (the same ascent form)", "tram_x", "asam", "time", None),
     ("TRAM-θ0 step / ASAM step (the same ascent form)", "tram_theta0", "asam", "time", None),
     ("ASAM step / SAM step", "asam", "sam", "time", None),
+    ("TRAM-x radius_every=4 step / SAM step", "tram_x_radius4", "sam", "time", 1.05),
+    ("TRAM-θ0 radius_every=4 step / SAM step", "tram_theta0_radius4", "sam", "time", 1.05),
     ("SAM ascent_every=4 step / AdamW step", "sam_every4", "adamw", "time", 1.35),
     ("TRAM-x ascent_every=4 step / AdamW step", "tram_x_every4", "adamw", "time", 1.35),
     ("SAM extra memory / parameter bytes", "sam", "P", "extra", 1.05),
@@ -56,6 +58,8 @@ WRAPPERS = (
     "tram_theta0_bf16",
     "tram_previous",
     "tram_fisher",
+    "tram_x_radius4",
+    "tram_theta0_radius4",
     "sam_every4",
     "tram_x_every4",
 )
