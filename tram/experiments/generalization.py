@@ -211,15 +211,19 @@ def run(
     jobs: int = 1,
     extra: Sequence[str] = (),
     budget: Sequence[str] = BUDGET,
+    threads: int | None = None,
 ) -> int:
-    """Run the protocol (see the module docstring); returns the number of failed runs."""
+    """Run the protocol (see the module docstring); returns the number of failed runs.
+
+    ``threads``: torch threads per run (default: the cores divided by ``jobs``)."""
     pending = plan(methods, seeds, tuning_seeds)
     for job in pending:
         job.overrides = list(extra)
     pending = [job for job in pending if not _results(out, job).exists()]
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(list(budget), indent=2) + "\n")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
     running: dict[subprocess.Popen, tuple[Job, float]] = {}
     selection: dict[str, Any] | None = None
     failed = 0
@@ -374,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--methods", default="adamw,sam,asam,r3f,tram_x,tram_theta0")
     run_parser.add_argument("--seeds", default="1-8", help="e.g. 1-8 or 1,2,3")
     run_parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
+    run_parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)"
+    )
     run_parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     report_parser = commands.add_parser("report", help="write report.md and report.png")
     report_parser.add_argument("out", type=Path)
@@ -392,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs=args.jobs,
         extra=args.overrides,
         budget=BUDGETS[args.task],
+        threads=args.threads,
     )
     print(report(args.out))
     return 1 if failed else 0

@@ -16,7 +16,9 @@ task/, model/, optimizer/, trainer/, experiment/, hydra/). A run:
 4. evaluates every domain with evaluation batches and no gradients (accuracy, or perplexity for
    language modelling), and writes ``<run dir>/results.json``: the task, model, optimizer, seed,
    per-domain metrics, in-domain and out-of-domain average, train time, steps and TRAM's mean
-   radius.
+   radius; for classification also ``<run dir>/predictions.npz``, every evaluated split's
+   per-example class probabilities and labels (:mod:`tram.experiments.metrics` computes any
+   metric from them).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tram.experiments.metrics import PREDICTIONS_FILE, save_predictions
 from tram.experiments.tasks import ExperimentError
 
 __all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
@@ -230,8 +233,8 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         train_dataset=data.train,
         data_collator=data.collator,
         processing_class=tokenizer,
-        compute_metrics=tasks.accuracy if classification else None,
-        preprocess_logits_for_metrics=tasks.argmax_logits if classification else None,
+        compute_metrics=_accuracy if classification else None,
+        preprocess_logits_for_metrics=_probabilities if classification else None,
         method=optimizer.get("method"),
         method_kwargs=optimizer.get("kwargs") or None,
         regularizers=regularizers,
@@ -250,9 +253,14 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
     train_output = trainer.train()
     train_time = time.perf_counter() - start
     start = time.perf_counter()
-    per_domain = evaluate(trainer, task, data) if evaluation.get("test", True) else {}
+    predictions: dict[str, tuple[Any, Any]] = {}
+    per_domain = (
+        evaluate(trainer, task, data, predictions=predictions)
+        if evaluation.get("test", True)
+        else {}
+    )
     validation = (
-        evaluate_split(trainer, task, data.validation, "validation")
+        evaluate_split(trainer, task, data.validation, "validation", predictions=predictions)
         if evaluation.get("validation", True) and len(data.validation)
         else None
     )
@@ -277,26 +285,47 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
+    if predictions:
+        results["predictions_file"] = PREDICTIONS_FILE
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
+        if predictions:
+            save_predictions(output_dir / PREDICTIONS_FILE, predictions)
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         logger.info("%s", _summary(results))
     return results
 
 
-def evaluate(trainer: Any, task: Any, data: Any) -> dict[str, dict[str, float]]:
-    """Every domain's test metrics (Trainer.evaluate: eval batches, no gradients, all ranks)."""
+def evaluate(
+    trainer: Any, task: Any, data: Any, *, predictions: dict[str, Any] | None = None
+) -> dict[str, dict[str, float]]:
+    """Every domain's test metrics (Trainer.predict: eval batches, no gradients, all ranks)."""
     out: dict[str, dict[str, float]] = {}
     for domain in task.domains:
-        out[domain] = evaluate_split(trainer, task, data.test[domain], f"test_{domain}")
+        out[domain] = evaluate_split(
+            trainer, task, data.test[domain], f"test_{domain}", predictions=predictions
+        )
         if task.type != "lm":
             out[domain]["majority"] = data.majority[domain]
     return out
 
 
-def evaluate_split(trainer: Any, task: Any, dataset: Any, name: str) -> dict[str, float]:
-    """Loss and accuracy (classification) or perplexity (language modelling) on ``dataset``."""
-    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix=name)
+def evaluate_split(
+    trainer: Any, task: Any, dataset: Any, name: str, *, predictions: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """Loss and accuracy (classification) or perplexity (language modelling) on ``dataset``.
+
+    For classification, ``predictions[name]`` (when a dict is given) receives the per-example
+    class probabilities and labels, in the dataset's order, for :mod:`tram.experiments.metrics`.
+    """
+    output = trainer.predict(dataset, metric_key_prefix=name)
+    metrics = output.metrics
+    trainer.log(dict(metrics))  # as Trainer.evaluate would: the metrics reach TensorBoard
+    if predictions is not None and task.type != "lm":
+        probabilities = output.predictions
+        if isinstance(probabilities, tuple):
+            probabilities = probabilities[0]
+        predictions[name] = (probabilities, output.label_ids)
     prefix = f"{name}_"
     values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
     entry = {"loss": values["loss"], "examples": len(dataset)}
@@ -305,6 +334,22 @@ def evaluate_split(trainer: Any, task: Any, dataset: Any, name: str) -> dict[str
     else:
         entry["accuracy"] = values["accuracy"]
     return entry
+
+
+def _probabilities(logits: Any, labels: Any) -> Any:
+    """``preprocess_logits_for_metrics``: the class probabilities (fp32), kept per example."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.float().softmax(dim=-1)
+
+
+def _accuracy(eval_prediction: Any) -> dict[str, float]:
+    """``compute_metrics`` on :func:`_probabilities`: the fraction of argmax predictions that
+    equal the label."""
+    probabilities = eval_prediction.predictions
+    if isinstance(probabilities, tuple):
+        probabilities = probabilities[0]
+    return {"accuracy": float((probabilities.argmax(-1) == eval_prediction.label_ids).mean())}
 
 
 def _results(
