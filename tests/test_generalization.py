@@ -9,16 +9,22 @@ from pathlib import Path
 import pytest
 
 from tests.test_experiments import assets  # noqa: F401  (module-scoped fixture)
-from tram.experiments import generalization
+from tram.experiments import generalization, metrics
 from tram.experiments.generalization import (
+    BASES,
     BUDGETS,
+    DIAGNOSTICS,
     FIXED,
     GRIDS,
     Grid,
     Job,
+    choose_steps,
+    curve_steps,
     plan,
     seeds_needed,
     select,
+    tuning_values,
+    with_steps,
 )
 
 
@@ -34,7 +40,9 @@ def test_plan_tunes_first_then_evaluates_seed_by_seed():
         ("adamw", 2),
         ("sam", 2),
     ]
-    assert str(tuning[0].relative()) == "tune/sam_rho0.02/seed101"
+    assert str(tuning[0].relative()) == f"tune/sam_rho{GRIDS['sam'].values[0]:g}/seed101"
+    curve = Job("curve", "adamw", 102, 300)
+    assert str(curve.relative()) == "curve/adamw_steps300/seed102"
 
 
 def test_tuning_runs_never_evaluate_the_test_sets():
@@ -52,20 +60,25 @@ def test_tuning_runs_never_evaluate_the_test_sets():
     ]
 
 
-@pytest.mark.parametrize("task", sorted(BUDGETS))
-def test_every_planned_run_is_a_valid_config(task):
-    """Each budget composes with every method and grid value into a config the runner accepts."""
+@pytest.mark.parametrize(("task", "round2"), [(t, r) for t in sorted(BUDGETS) for r in (0, 1)])
+def test_every_planned_run_is_a_valid_config(task, round2):
+    """Each budget (round 1's fixed one; round 2's base with a curve length) composes with every
+    method, grid value, curve point and the diagnostics into a config the runner accepts."""
     from hydra import compose, initialize_config_dir
 
     from tram.experiments.run import CONFIG_DIR, training_arguments, validate
 
     selection = {m: {"value": grid.values[-1]} for m, grid in GRIDS.items()}
     methods = [*FIXED, *GRIDS]
+    budget = with_steps(BASES[task], 230) if round2 else list(BUDGETS[task])
+    jobs = plan(methods, [1])
+    jobs[-1].overrides = list(DIAGNOSTICS)
+    if round2:
+        jobs.append(Job("curve", "adamw", 101, 70))
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for job in plan(methods, [1]):
-            cfg = compose(
-                "finetune", overrides=generalization._overrides(job, selection, BUDGETS[task])
-            )
+        for job in jobs:
+            base = BASES[task] if job.phase == "curve" else budget
+            cfg = compose("finetune", overrides=generalization._overrides(job, selection, base))
             validate(cfg)
             training_arguments(cfg, Path("unused"))
             assert cfg.seed == job.seed
@@ -73,6 +86,14 @@ def test_every_planned_run_is_a_valid_config(task):
             if job.method in GRIDS:
                 expected = job.value if job.phase == "tune" else GRIDS[job.method].values[-1]
                 assert cfg.optimizer.kwargs[GRIDS[job.method].key] == expected
+            if job.phase == "curve":
+                assert (cfg.train.max_steps, cfg.train.warmup_steps) == (70, 7)
+                assert cfg.optimizer.name == "adamw_steps70"
+            elif round2:
+                assert (cfg.train.max_steps, cfg.train.warmup_steps) == (230, 23)
+            diagnosed = job.overrides == list(DIAGNOSTICS)
+            assert cfg.diagnostics.cka == cfg.diagnostics.hessian == diagnosed
+            assert cfg.diagnostics.examples == (128 if diagnosed else 256)
 
 
 def _write(out: Path, job: Job, validation: float) -> None:
@@ -108,31 +129,69 @@ def test_seeds_needed_without_spread():
 
 
 def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  # noqa: F811
-    """Two methods end to end on the tiny fabricated assets, two runs side by side."""
+    """Round 2 end to end on the tiny fabricated assets, two runs side by side: the learning
+    curve fixes the length, the grid is tuned (and extended at most once), the evaluation saves
+    predictions, the diagnosed seed measures the mechanism, a rerun resumes, the report reads
+    it all back."""
     monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.01, 0.05), 0.05))
-    budget = [
+    monkeypatch.setattr(generalization, "MAX_EXTENSIONS", 1)
+    base = [
         "experiment=smoke",
         f"model.source={assets['bert']}",
         "model.name=tiny_bert",
         f"task.data_dir={assets['vader']}",
-        "train.max_steps=2",
         "train.batch_size=4",
         "task.max_eval_examples=16",
         "train.eval_batch_size=16",
     ]
     out = tmp_path / "bench"
-    kwargs = dict(methods=["adamw", "sam"], seeds=[1], tuning_seeds=[101], budget=budget)
+    kwargs = dict(
+        methods=["adamw", "sam"],
+        seeds=[1, 2],
+        tuning_seeds=[101],
+        budget=base,
+        curve=[1, 2],
+        diagnose_seeds=[2],
+        diagnostics=[
+            *DIAGNOSTICS[:3],
+            "diagnostics.examples=8",
+            "diagnostics.hessian_iterations=2",
+        ],
+    )
     assert generalization.run(out, jobs=2, **kwargs) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert curve["steps"] in (1, 2, 4)  # the curve doubles once if 2 steps is best
+    assert json.loads((out / "budget.json").read_text())[-2:] == [
+        f"train.max_steps={curve['steps']}",
+        "train.warmup_steps=1",
+    ]
+    point = json.loads((out / "results/curve/adamw_steps2/seed101/results.json").read_text())
+    assert point["domains"] == {}
+    assert point["config"]["train"]["max_steps"] == 2
     selection = json.loads((out / "selection.json").read_text())
-    assert selection["sam"]["value"] in (0.01, 0.05)
+    assert selection["sam"]["value"] in (0.005, 0.01, 0.05, 0.1)
+    assert selection["sam"]["tuning_seeds"] == [101]
     tuned = json.loads((out / "results/tune/sam_rho0.01/seed101/results.json").read_text())
     assert tuned["domains"] == {}
     assert tuned["in_domain_validation"] is not None
+    assert tuned["config"]["train"]["max_steps"] == curve["steps"]
     for method in ("adamw", "sam"):
-        results = json.loads((out / f"results/test/{method}/seed1/results.json").read_text())
-        assert results["seed"] == 1
-        assert results["optimizer"] == method
-        assert set(results["domains"]) == {"movies", "amazon", "tweets", "nyt"}
+        for seed in (1, 2):
+            run_dir = out / f"results/test/{method}/seed{seed}"
+            results = json.loads((run_dir / "results.json").read_text())
+            assert results["seed"] == seed
+            assert results["optimizer"] == method
+            assert set(results["domains"]) == {"movies", "amazon", "tweets", "nyt"}
+            assert ("diagnostics" in results) == (seed == 2)
+            splits = metrics.load_predictions(run_dir / "predictions.npz")
+            assert splits.keys() == {f"test_{d}" for d in results["domains"]} | {"validation"}
+            for domain, values in results["domains"].items():
+                assert metrics.accuracy(*splits[f"test_{domain}"]) == pytest.approx(
+                    values["accuracy"]
+                )
+            assert metrics.accuracy(*splits["validation"]) == pytest.approx(
+                results["in_domain_validation"]
+            )
     sam = json.loads((out / "results/test/sam/seed1/results.json").read_text())
     assert sam["config"]["optimizer"]["kwargs"]["rho"] == selection["sam"]["value"]
 
@@ -141,12 +200,17 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
     assert generalization.run(out, jobs=2, **kwargs) == 0
     assert started == []  # every results file exists: nothing runs again
 
+    (out / "protocol.json").write_text(json.dumps({"primary_metric": "auroc"}))
     text = generalization.report(out)
     assert "| adamw |" in text
     assert "| sam |" in text
+    assert "# AUROC (primary metric)" in text
     assert "Budget of every run: `experiment=smoke`" in text
-    assert "### Power" in text
+    assert "### Power (AUROC)" in text
     assert "### Tuning (in-domain validation only)" in text
+    assert "### Learning curve (AdamW, in-domain validation accuracy only)" in text
+    assert "### Mechanism (diagnosed evaluation seeds)" in text
+    assert "| sam | 1 |" in text  # one diagnosed seed per method
     assert (out / "report.md").read_text() == text
     assert (out / "report.png").stat().st_size > 0
 
@@ -181,3 +245,229 @@ def test_power_table_reads_paired_differences_in_points():
     )
     lines = generalization._power_lines(group, "adamw")
     assert "| sam | 3 | 1.00 | 10 |" in lines
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_auroc_is_the_mann_whitney_statistic_with_ties():
+    """Against scipy's Mann-Whitney U (average ranks for ties): AUROC = U / (n+ n-)."""
+    import numpy as np
+    from scipy import stats
+
+    from tram.experiments import metrics
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, size=57)
+    scores = np.round(rng.random(57) * 0.6 + 0.3 * labels, 1)  # rounding makes many ties
+    probabilities = np.stack([1 - scores, scores], axis=1)
+    u = stats.mannwhitneyu(scores[labels == 1], scores[labels == 0]).statistic
+    expected = u / ((labels == 1).sum() * (labels == 0).sum())
+    assert metrics.auroc(probabilities, labels) == pytest.approx(expected, abs=1e-12)
+    assert 0.5 < expected < 1.0
+    # Threshold-free: shifting every score leaves it unchanged; accuracy moves.
+    shifted = np.clip(scores + 0.25, 0, 1)
+    moved = np.stack([1 - shifted, shifted], axis=1)
+    assert metrics.auroc(moved, labels) == pytest.approx(expected, abs=1e-12)
+    assert metrics.accuracy(moved, labels) != metrics.accuracy(probabilities, labels)
+    one_class = np.zeros(5, dtype=int)
+    assert np.isnan(metrics.auroc(probabilities[:5], one_class))
+
+
+def test_macro_f1_accuracy_and_one_vs_rest_auroc_by_hand():
+    import numpy as np
+
+    from tram.experiments import metrics
+
+    # Three classes; predictions (argmax) 0,0,1,1,2,2 for labels 0,1,1,1,2,0.
+    labels = np.array([0, 1, 1, 1, 2, 0])
+    probabilities = np.array(
+        [
+            [0.7, 0.2, 0.1],
+            [0.5, 0.3, 0.2],
+            [0.1, 0.8, 0.1],
+            [0.2, 0.5, 0.3],
+            [0.1, 0.2, 0.7],
+            [0.3, 0.1, 0.6],
+        ]
+    )
+    assert metrics.accuracy(probabilities, labels) == pytest.approx(4 / 6)
+    # F1 = 2tp / (2tp + fp + fn): class 0: tp1 fp1 fn1 -> 2/4; class 1: tp2 fp0 fn1 -> 4/5;
+    # class 2: tp1 fp1 fn0 -> 2/3.
+    assert metrics.macro_f1(probabilities, labels) == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    # One-vs-rest: class 0 scores {.7,.3} vs {.5,.1,.2,.1}: 7 of 8 pairs; class 1 {.3,.8,.5}
+    # vs {.2,.2,.1}: 9/9; class 2 {.7} vs {.1,.2,.1,.3,.6}: 5/5.
+    assert metrics.auroc(probabilities, labels) == pytest.approx((7 / 8 + 1 + 1) / 3)
+    assert metrics.compute("macro_f1", probabilities, labels) == metrics.macro_f1(
+        probabilities, labels
+    )
+    with pytest.raises(ValueError, match="unknown metric 'f2'"):
+        metrics.compute("f2", probabilities, labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values from 0 to 3"):
+        metrics.accuracy(probabilities, np.array([0, 1, 2, 3, 0, 0]))
+    with pytest.raises(ValueError, match=r"got \(6, 3\) and \(5,\)"):
+        metrics.accuracy(probabilities, labels[:5])
+
+
+def test_predictions_round_trip(tmp_path):
+    import numpy as np
+
+    from tram.experiments import metrics
+
+    probabilities = np.array([[0.25, 0.75], [0.875, 0.125]])
+    path = metrics.save_predictions(
+        tmp_path / "p.npz",
+        {"test_tweets": (probabilities, [1, 0]), "validation": (probabilities, [0, 0])},
+    )
+    loaded = metrics.load_predictions(path)
+    assert loaded.keys() == {"test_tweets", "validation"}
+    np.testing.assert_array_equal(loaded["test_tweets"][0], probabilities.astype(np.float32))
+    np.testing.assert_array_equal(loaded["validation"][1], [0, 0])
+
+
+# ------------------------------------------------------------------------------ round 2 protocol
+
+
+def test_grid_extends_past_the_edge_until_the_choice_is_interior(tmp_path, monkeypatch):
+    monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.01, 0.02, 0.05), 0.05, factor=2.0))
+    seeds = [7, 8, 9]
+
+    def write(value: float, score: float) -> None:
+        for k, seed in enumerate(seeds):
+            _write(tmp_path, Job("tune", "sam", seed, value), score + 0.003 * (k - 1))
+
+    assert tuning_values(tmp_path, "sam", seeds) == ([0.01, 0.02, 0.05], False)
+    for value, score in ((0.01, 0.84), (0.02, 0.82), (0.05, 0.80)):
+        write(value, score)
+    # The best (0.01) is the smallest value tried: one more below it, 0.01 / 2.
+    assert tuning_values(tmp_path, "sam", seeds) == ([0.005, 0.01, 0.02, 0.05], False)
+    write(0.005, 0.85)
+    assert tuning_values(tmp_path, "sam", seeds) == ([0.0025, 0.005, 0.01, 0.02, 0.05], False)
+    write(0.0025, 0.83)
+    values, complete = tuning_values(tmp_path, "sam", seeds)
+    assert (values, complete) == ([0.0025, 0.005, 0.01, 0.02, 0.05], True)
+    entry = select(tmp_path, ["sam"], seeds)["sam"]
+    assert entry["value"] == 0.005
+    assert entry["interior"] is True
+    assert entry["validation"]["0.005"] == pytest.approx(0.85)
+    assert entry["tuning_seeds"] == seeds
+
+
+def test_grid_extension_stops_after_the_maximum(tmp_path, monkeypatch):
+    monkeypatch.setitem(GRIDS, "tram_x", Grid("sigma", (0.03, 0.1), 0.1, factor=3.0))
+    monkeypatch.setattr(generalization, "MAX_EXTENSIONS", 2)
+    for _ in range(3):
+        values, complete = tuning_values(tmp_path, "tram_x", [5])
+        # Validation accuracy grows with sigma: the choice is always the top edge.
+        for value in values:
+            path = tmp_path / "results" / Job("tune", "tram_x", 5, value).relative()
+            if not path.exists():
+                _write(tmp_path, Job("tune", "tram_x", 5, value), 0.5 + value / 10)
+    values, complete = tuning_values(tmp_path, "tram_x", [5])
+    assert values == [0.03, 0.1, 0.3, 0.9]
+    assert complete
+    assert select(tmp_path, ["tram_x"], [5])["tram_x"]["interior"] is False
+
+
+def _write_curve(out: Path, steps: int, seed: int, validation: float) -> None:
+    _write(out, Job("curve", "adamw", seed, steps), validation)
+
+
+def test_budget_is_the_fewest_steps_within_a_point_of_the_best(tmp_path):
+    assert choose_steps(tmp_path, [50, 100], [1, 2]) == (None, {})
+    for steps, score in ((50, 0.70), (100, 0.765), (200, 0.778), (400, 0.774)):
+        _write_curve(tmp_path, steps, 1, score + 0.002)
+        _write_curve(tmp_path, steps, 2, score - 0.002)
+    chosen, means = choose_steps(tmp_path, [50, 100, 200, 400], [1, 2])
+    assert chosen == 200  # 100 is 1.3 points below the best (200), 200 within 0.4
+    assert means[100] == pytest.approx(0.765)
+    assert curve_steps(tmp_path, [50, 100, 200, 400], [1, 2]) == [50, 100, 200, 400]
+    # Still climbing at its end: the curve doubles past it (twice at most), and waits for the
+    # runs of a new point before going further.
+    assert curve_steps(tmp_path, [50, 100], [1, 2]) == [50, 100, 200, 400]
+    assert curve_steps(tmp_path, [400], [1, 2]) == [400, 800]
+
+
+def _results_with_predictions(out: Path, method: str, seed: int, shift: float, rng) -> None:
+    """A test run on domains movies (in-domain), amazon, tweets whose OOD scores are shifted by
+    ``shift`` (accuracy moves with the threshold, AUROC does not)."""
+    import numpy as np
+
+    from tram.experiments import metrics
+
+    splits = {}
+    domains = {}
+    for domain in ("movies", "amazon", "tweets"):
+        labels = rng.integers(0, 2, size=40)
+        scores = np.clip(
+            0.3 * labels + rng.random(40) * 0.7 + (shift if domain != "movies" else 0), 0, 1
+        )
+        probabilities = np.stack([1 - scores, scores], axis=1)
+        splits[f"test_{domain}"] = (probabilities, labels)
+        domains[domain] = {"accuracy": metrics.accuracy(probabilities, labels)}
+    target = out / "results" / "test" / method / f"seed{seed}"
+    metrics.save_predictions(target / "predictions.npz", splits)
+    ood = [domains[d]["accuracy"] for d in ("amazon", "tweets")]
+    results = {
+        "task": "vader_sentiment",
+        "model": "minilm",
+        "optimizer": method,
+        "seed": seed,
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "train_domain": "movies",
+        "ood_domains": ["amazon", "tweets"],
+        "domains": domains,
+        "ood_average": sum(ood) / len(ood),
+        "train_time_s": 1.0,
+        "diagnostics": {
+            "cka": {"movies": 0.9 - shift, "amazon": 0.8 - shift, "tweets": 0.7 - shift},
+            "epsilon_sharpness": 1.0 + seed + shift,
+            "top_hessian_eigenvalue": 10.0 + seed,
+        },
+    }
+    (target / "results.json").write_text(json.dumps(results))
+
+
+def test_report_rescores_from_predictions_with_verdict_and_mechanism(tmp_path):
+    import numpy as np
+
+    from tram.experiments import metrics
+
+    rng = np.random.default_rng(0)
+    for seed in (1, 2, 3, 4):
+        _results_with_predictions(tmp_path, "adamw", seed, 0.0, rng)
+        _results_with_predictions(tmp_path, "tram_x", seed, 0.1 * seed, rng)
+    (tmp_path / "protocol.json").write_text(json.dumps({"primary_metric": "auroc"}))
+    text = generalization.report(tmp_path)
+    assert text.index("# AUROC (primary metric)") < text.index("# accuracy (secondary metric)")
+    assert "## vader_sentiment · minilm (AUROC, %)" in text
+    assert "### Verdict (AUROC, out-of-domain average)" in text
+    assert "### Power (AUROC)" in text
+    assert "### Power (accuracy)" in text
+    assert "### Metric spread" in text
+    assert "### Mechanism (diagnosed evaluation seeds)" in text
+    # The AUROC table's adamw OOD mean, recomputed here from the saved predictions.
+    aurocs = []
+    for seed in (1, 2, 3, 4):
+        splits = metrics.load_predictions(
+            tmp_path / "results" / "test" / "adamw" / f"seed{seed}" / "predictions.npz"
+        )
+        aurocs.append(
+            np.mean([metrics.auroc(*splits[f"test_{d}"]) for d in ("amazon", "tweets")]) * 100
+        )
+    adamw_row = next(r for r in text.split("# accuracy")[0].splitlines() if r.startswith("| adamw"))
+    assert adamw_row.split(" | ")[4].strip("*").startswith(f"{np.mean(aurocs):.1f} ± ")
+    # tram_x's CKA is lower by exactly 0.1 * seed on every domain, its sharpness higher.
+    group = generalization.rescored(
+        __import__("tram.experiments.report", fromlist=["collect"]).collect(
+            [tmp_path / "results" / "test"]
+        )[0],
+        tmp_path,
+        "auroc",
+    )
+    values = generalization.mechanism(group, group, "adamw")["values"]
+    assert values["tram_x"][3]["CKA OOD"] == pytest.approx(0.75 - 0.3)
+    assert values["tram_x"][2]["ε-sharpness"] == pytest.approx(3.2)
+    assert "| tram_x | 4 |" in text
+    assert (tmp_path / "report.png").stat().st_size > 0

@@ -129,8 +129,9 @@ def save_predictions(path: str | Path, splits: Mapping[str, tuple[Any, Any]]) ->
         arrays[f"{split}/labels"] = labels.astype(np.int16)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    save: Any = np.savez_compressed  # numpy's stub types **kwds as its allow_pickle flag
     with path.open("wb") as handle:
-        np.savez_compressed(handle, **arrays)
+        save(handle, **arrays)
     return path
 
 

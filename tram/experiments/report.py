@@ -61,6 +61,10 @@ ORDER = [
 ]
 """Row order: the paper's tables (unknown names follow, sorted)."""
 
+PERCENT_METRICS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "auroc": "AUROC"}
+"""Metrics stored as fractions and reported in percent (see :mod:`tram.experiments.metrics`),
+with their display names; any other metric (perplexity) is reported as it is."""
+
 OOD_AVG = "OOD avg"
 PAIRED_METRICS = ("in-domain", OOD_AVG)
 """The metrics each optimizer is compared with the baseline on: the training domain and the
@@ -94,7 +98,7 @@ class Group:
         else:
             value = results["domains"][column][self.metric]
         value = float("nan") if value is None else float(value)
-        return value * 100.0 if self.metric == "accuracy" else value
+        return value * 100.0 if self.metric in PERCENT_METRICS else value
 
     def values(self, optimizer: str, column: str) -> dict[int, float]:
         return {seed: self.value(r, column) for seed, r in self.runs[optimizer].items()}
@@ -247,8 +251,12 @@ def render(groups: Sequence[Group], baseline: str = "adamw") -> str:
     """The Markdown report of ``groups``."""
     lines: list[str] = []
     for group in groups:
-        digits = 1 if group.metric == "accuracy" else 2
-        unit = "accuracy, %" if group.metric == "accuracy" else "perplexity, lower is better"
+        digits = 1 if group.metric in PERCENT_METRICS else 2
+        unit = (
+            f"{PERCENT_METRICS[group.metric]}, %"
+            if group.metric in PERCENT_METRICS
+            else f"{group.metric}, lower is better"
+        )
         summary = summarize(group)
         lines += [f"## {group.task} · {group.model} ({unit})", ""]
         lines.append(
@@ -382,7 +390,11 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
             ax.bar(xs, means, width, yerr=errors, capsize=2, label=name, color=colors[name])
         ax.set_xticks(range(len(group.columns)))
         ax.set_xticklabels([f"{group.train_domain}\n(in-domain)", *group.ood_domains, OOD_AVG])
-        unit = "accuracy (%)" if group.metric == "accuracy" else "perplexity"
+        unit = (
+            f"{PERCENT_METRICS[group.metric]} (%)"
+            if group.metric in PERCENT_METRICS
+            else group.metric
+        )
         ax.set_ylabel(unit)
         finite = [
             summary[n][c][0]
@@ -390,7 +402,7 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
             for c in group.columns
             if math.isfinite(summary[n][c][0])
         ]
-        if finite and group.metric == "accuracy":
+        if finite and group.metric in PERCENT_METRICS:
             ax.set_ylim(max(0.0, min(finite) - 10.0), min(100.0, max(finite) + 5.0))
         ax.set_title(f"{group.task} · {group.model}: mean ± 95% CI over seeds")
         ax.legend(fontsize="small", ncol=min(len(names), 4))
