@@ -211,6 +211,8 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
     assert "### Learning curve (AdamW, in-domain validation accuracy only)" in text
     assert "### Mechanism (diagnosed evaluation seeds)" in text
     assert "| sam | 1 |" in text  # one diagnosed seed per method
+    assert "![learning curve](curve.png)" in text
+    assert (out / "curve.png").stat().st_size > 0
     assert (out / "report.md").read_text() == text
     assert (out / "report.png").stat().st_size > 0
 
@@ -470,4 +472,6 @@ def test_report_rescores_from_predictions_with_verdict_and_mechanism(tmp_path):
     assert values["tram_x"][3]["CKA OOD"] == pytest.approx(0.75 - 0.3)
     assert values["tram_x"][2]["ε-sharpness"] == pytest.approx(3.2)
     assert "| tram_x | 4 |" in text
+    assert "![mechanism](mechanism.png)" in text
+    assert (tmp_path / "mechanism.png").stat().st_size > 0
     assert (tmp_path / "report.png").stat().st_size > 0

@@ -668,12 +668,10 @@ def _curve_lines(out: Path) -> list[str]:
     from tram.experiments.report import mean_ci
 
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
-    by_steps: dict[int, list[float]] = {}
+    by_steps = _curve_points(out)
     train_examples = batch = None
-    for path in sorted(curve_dir.rglob("results.json")):
+    for path in sorted(curve_dir.rglob("results.json"))[:1]:
         results = json.loads(path.read_text())
-        steps = int(results["config"]["train"]["max_steps"])
-        by_steps.setdefault(steps, []).append(100 * float(results["in_domain_validation"]))
         train_examples = int(results["train_examples"])
         batch = int(results["config"]["train"]["batch_size"])
     lines = [
@@ -837,6 +835,90 @@ def _mechanism_lines(group: Any, primary: Any, baseline: str) -> list[str]:
     return lines
 
 
+def _curve_points(out: Path) -> dict[int, list[float]]:
+    """Steps -> the curve runs' validation accuracies (%)."""
+    points: dict[int, list[float]] = {}
+    for path in sorted((out / "results" / "curve").rglob("results.json")):
+        results = json.loads(path.read_text())
+        steps = int(results["config"]["train"]["max_steps"])
+        points.setdefault(steps, []).append(100 * float(results["in_domain_validation"]))
+    return points
+
+
+def _plot_curve(out: Path, path: Path) -> Path | None:
+    """AdamW's validation accuracy against the run length, mean ± 95% CI, chosen length
+    marked."""
+    points = _curve_points(out)
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tram.experiments.report import mean_ci
+
+    steps = sorted(points)
+    stats = [mean_ci(points[n]) for n in steps]
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for n in steps:
+        ax.scatter([n] * len(points[n]), points[n], color="C0", alpha=0.35, s=12)
+    ax.errorbar(steps, [m for m, _ in stats], yerr=[c or 0.0 for _, c in stats], fmt="-o")
+    record_file = out / "curve.json"
+    if record_file.exists():
+        ax.axvline(json.loads(record_file.read_text())["steps"], color="C3", ls="--", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("optimizer steps (log scale)")
+    ax.set_ylabel("in-domain validation accuracy (%)")
+    ax.set_title("AdamW learning curve (dashed: chosen budget)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_mechanism(group: Any, primary: Any, baseline: str, path: Path) -> Path | None:
+    """Per diagnostic, each diagnosed (method, seed): its paired difference to ``baseline``
+    against the paired OOD difference of the primary metric."""
+    from tram.experiments.report import OOD_AVG, PERCENT_METRICS
+
+    table = mechanism(group, primary, baseline)["values"]
+    if baseline not in table or len(table) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["CKA OOD", "ε-sharpness", "top Hessian eigenvalue"]
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.6), squeeze=False)
+    ood_base = primary.values(baseline, OOD_AVG) if baseline in primary.runs else {}
+    for ax, label in zip(axes[0], labels, strict=True):
+        for i, method in enumerate(m for m in group.optimizers if m in table):
+            if method == baseline or method not in primary.runs:
+                continue
+            ood = primary.values(method, OOD_AVG)
+            xs, ys = [], []
+            for seed, measured in table[method].items():
+                reference = table[baseline].get(seed, {})
+                if label in measured and label in reference and seed in ood and seed in ood_base:
+                    xs.append(measured[label] - reference[label])
+                    ys.append(ood[seed] - ood_base[seed])
+            ax.scatter(xs, ys, label=method, color=f"C{i % 10}", s=18)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axvline(0.0, color="black", lw=0.8)
+        ax.set_xlabel(f"{label} − {baseline}")
+        ax.set_ylabel(f"OOD {PERCENT_METRICS.get(primary.metric, primary.metric)} − {baseline}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Mechanism: paired differences per diagnosed seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def report(out: Path, baseline: str = "adamw", primary: str | None = None) -> str:
     """Write ``out/report.md`` and ``out/report.png``; return the Markdown.
 
@@ -872,7 +954,11 @@ def report(out: Path, baseline: str = "adamw", primary: str | None = None) -> st
         if scored is not group:
             lines += _metric_spread_lines(group, out, baseline)
         lines += _mechanism_lines(group, scored, baseline)
+        if _plot_mechanism(group, scored, baseline, out / "mechanism.png"):
+            lines += ["![mechanism](mechanism.png)", ""]
     lines += _curve_lines(out)
+    if _plot_curve(out, out / "curve.png"):
+        lines += ["![learning curve](curve.png)", ""]
     lines += _tuning_lines(out)
     budget_file = out / "budget.json"
     if budget_file.exists():
