@@ -717,10 +717,11 @@ def _tuning_lines(out: Path) -> list[str]:
         for value, score in entry["validation"].items():
             cell = f"{value}: {100 * score:.1f}"
             cells.append(f"**{cell}**" if float(value) == entry["value"] else cell)
-        interior = entry.get("interior")
+        tried = [float(v) for v in entry["validation"]]
+        interior = entry.get("interior", min(tried) < float(entry["value"]) < max(tried))
         lines.append(
             f"| {method} | {entry['key']} | {', '.join(cells)} | {entry['value']:g} | "
-            f"{'–' if interior is None else 'yes' if interior else 'no'} | "
+            f"{'yes' if interior else 'no'} | "
             f"{entry['paper_value']:g} |"
         )
     return [*lines, ""]
