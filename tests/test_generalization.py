@@ -185,6 +185,9 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
             assert ("diagnostics" in results) == (seed == 2)
             splits = metrics.load_predictions(run_dir / "predictions.npz")
             assert splits.keys() == {f"test_{d}" for d in results["domains"]} | {"validation"}
+            for probabilities, _ in splits.values():  # class probabilities, not logits
+                assert probabilities.min() >= 0
+                assert probabilities.sum(axis=1) == pytest.approx(1.0, abs=1e-5)
             for domain, values in results["domains"].items():
                 assert metrics.accuracy(*splits[f"test_{domain}"]) == pytest.approx(
                     values["accuracy"]
@@ -377,16 +380,17 @@ def _write_curve(out: Path, steps: int, seed: int, validation: float) -> None:
 
 def test_budget_is_the_fewest_steps_within_a_point_of_the_best(tmp_path):
     assert choose_steps(tmp_path, [50, 100], [1, 2]) == (None, {})
-    for steps, score in ((50, 0.70), (100, 0.765), (200, 0.778), (400, 0.774)):
+    for steps, score in ((50, 0.70), (100, 0.770), (200, 0.778), (400, 0.774)):
         _write_curve(tmp_path, steps, 1, score + 0.002)
         _write_curve(tmp_path, steps, 2, score - 0.002)
     chosen, means = choose_steps(tmp_path, [50, 100, 200, 400], [1, 2])
-    assert chosen == 200  # 100 is 1.3 points below the best (200), 200 within 0.4
-    assert means[100] == pytest.approx(0.765)
+    assert chosen == 100  # 0.8 points below the best (200 steps); 50 is 7.8 below
+    assert means[200] == pytest.approx(0.778)
     assert curve_steps(tmp_path, [50, 100, 200, 400], [1, 2]) == [50, 100, 200, 400]
-    # Still climbing at its end: the curve doubles past it (twice at most), and waits for the
-    # runs of a new point before going further.
-    assert curve_steps(tmp_path, [50, 100], [1, 2]) == [50, 100, 200, 400]
+    # The choice is the curve's end: it doubles past it, until the choice is inside (or twice).
+    assert curve_steps(tmp_path, [50, 100], [1, 2]) == [50, 100, 200]
+    assert curve_steps(tmp_path, [50], [1, 2]) == [50, 100, 200]
+    # ... and waits for the runs of a new point before going further.
     assert curve_steps(tmp_path, [400], [1, 2]) == [400, 800]
 
 
