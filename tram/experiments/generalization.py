@@ -168,10 +168,10 @@ GRIDS: dict[str, Grid] = {
     "asam": Grid("rho", (0.1, 0.2, 0.5), 0.5),
     "tram_x": Grid("sigma", (0.03, 0.1, 0.3), 0.1, factor=3.0),
 }
-"""Round 2's starting grids around the paper's values (paper.md §8; TRAM-x's σ has no paper
-value, 0.1 is its R3F noise) and round 1's choices (SAM 0.02 and ASAM 0.2, both the smallest
-of round 1's grids (0.02, 0.05, 0.1) and (0.2, 0.5, 1.0); TRAM-x 0.1 of (0.01, 0.1, 0.3)). A
-grid grows past an edge whenever the chosen value sits on it (:func:`tuning_values`)."""
+"""Round 2's starting grids around the paper's values (Sherborne et al. 2024, App. B.2; TRAM-x's σ
+has no paper value, 0.1 is its R3F noise) and round 1's choices (SAM 0.02 and ASAM 0.2, both
+the smallest of round 1's grids (0.02, 0.05, 0.1) and (0.2, 0.5, 1.0); TRAM-x 0.1 of (0.01, 0.1,
+0.3)). A grid grows past an edge whenever the chosen value sits on it (:func:`tuning_values`)."""
 
 FIXED = ("adamw", "r3f", "tram_theta0", "tram_prev", "tram_fisher")
 """Methods run with the paper's values only."""
