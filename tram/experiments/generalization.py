@@ -869,6 +869,8 @@ def _plot_curve(out: Path, path: Path) -> Path | None:
     if record_file.exists():
         ax.axvline(json.loads(record_file.read_text())["steps"], color="C3", ls="--", lw=1)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(n) for n in steps])
+    ax.minorticks_off()
     ax.set_xlabel("optimizer steps (log scale)")
     ax.set_ylabel("in-domain validation accuracy (%)")
     ax.set_title("AdamW learning curve (dashed: chosen budget)")
