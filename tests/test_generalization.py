@@ -347,6 +347,14 @@ def test_grid_extends_past_the_edge_until_the_choice_is_interior(tmp_path, monke
     # The best (0.01) is the smallest value tried: one more below it, 0.01 / 2.
     assert tuning_values(tmp_path, "sam", seeds) == ([0.005, 0.01, 0.02, 0.05], False)
     write(0.005, 0.85)
+    _write(tmp_path, Job("tune", "sam", 7, 0.0025), 0.80)  # one of three seeds so far
+    lines = generalization._tuning_lines(tmp_path)
+    assert "| sam | rho | 0.0025: 80.0 (n = 1), 0.005: 85.0 (n = 3), 0.01: 84.0 (n = 3)" in (
+        "\n".join(lines)
+    )
+    partial = tmp_path / "results" / Job("tune", "sam", 7, 0.0025).relative()
+    (partial / "results.json").unlink()
+    partial.rmdir()
     assert tuning_values(tmp_path, "sam", seeds) == ([0.0025, 0.005, 0.01, 0.02, 0.05], False)
     write(0.0025, 0.83)
     values, complete = tuning_values(tmp_path, "sam", seeds)

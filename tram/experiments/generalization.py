@@ -696,18 +696,34 @@ def _curve_lines(out: Path) -> list[str]:
     return [*lines, ""]
 
 
+def _tuning_in_progress(out: Path, done: Sequence[str]) -> dict[str, dict[float, list[float]]]:
+    """Tuning runs of the grid methods not in ``done``: method -> value -> validation
+    accuracies, read from the run directories ``tune/<method>_<key><value>/seed<k>``."""
+    progress: dict[str, dict[float, list[float]]] = {}
+    for method, grid in GRIDS.items():
+        if method in done:
+            continue
+        prefix = f"{method}_{grid.key}"
+        for path in sorted((out / "results" / "tune").glob(f"{prefix}*/seed*/results.json")):
+            value = float(path.parent.parent.name[len(prefix) :])
+            scores = progress.setdefault(method, {}).setdefault(value, [])
+            scores.append(float(json.loads(path.read_text())["in_domain_validation"]))
+    return progress
+
+
 def _tuning_lines(out: Path) -> list[str]:
     selection_file = out / "selection.json"
-    if not selection_file.exists():
+    selection = json.loads(selection_file.read_text()) if selection_file.exists() else {}
+    progress = _tuning_in_progress(out, list(selection))
+    if not selection and not progress:
         return []
-    selection = json.loads(selection_file.read_text())
     seeds = sorted({s for e in selection.values() for s in e.get("tuning_seeds", [])})
     lines = [
         "### Tuning (in-domain validation only)",
         "",
-        f"Seeds {', '.join(map(str, seeds or TUNING_SEEDS[:1]))} (not among the evaluation "
+        f"Seeds {', '.join(map(str, seeds or TUNING_SEEDS))} (not among the evaluation "
         "seeds); mean validation accuracy, %. The chosen value is in bold; a tie keeps the "
-        "paper's.",
+        "paper's. A method still being tuned shows its finished runs (n = runs so far).",
         "",
         "| Method | parameter | values (validation accuracy) | chosen | interior | paper |",
         "|---|---|---|---|---|---|",
@@ -723,6 +739,15 @@ def _tuning_lines(out: Path) -> list[str]:
             f"| {method} | {entry['key']} | {', '.join(cells)} | {entry['value']:g} | "
             f"{'yes' if interior else 'no'} | "
             f"{entry['paper_value']:g} |"
+        )
+    for method, by_value in progress.items():
+        cells = [
+            f"{v:g}: {100 * sum(r) / len(r):.1f} (n = {len(r)})"
+            for v, r in sorted(by_value.items())
+        ]
+        lines.append(
+            f"| {method} | {GRIDS[method].key} | {', '.join(cells)} | in progress | – | "
+            f"{GRIDS[method].default:g} |"
         )
     return [*lines, ""]
 
