@@ -400,6 +400,8 @@ def test_budget_is_the_fewest_steps_within_a_point_of_the_best(tmp_path):
     assert curve_steps(tmp_path, [50], [1, 2]) == [50, 100, 200]
     # ... and waits for the runs of a new point before going further.
     assert curve_steps(tmp_path, [400], [1, 2]) == [400, 800]
+    assert curve_steps(tmp_path, [50], [1, 2], doublings=1) == [50, 100]
+    assert curve_steps(tmp_path, [50, 100], [1, 2], doublings=0) == [50, 100]
 
 
 def _results_with_predictions(out: Path, method: str, seed: int, shift: float, rng) -> None:

@@ -309,10 +309,13 @@ def choose_steps(
     return min(s for s, m in means.items() if 100 * (best - m) <= CURVE_TOLERANCE), means
 
 
-def curve_steps(out: Path, curve: Sequence[int], tuning_seeds: Sequence[int]) -> list[int]:
-    """``curve``, doubled past its end while the choice is its longest run (twice at most)."""
+def curve_steps(
+    out: Path, curve: Sequence[int], tuning_seeds: Sequence[int], doublings: int = 2
+) -> list[int]:
+    """``curve``, doubled past its end while the choice is its longest run (``doublings``
+    times at most)."""
     steps = sorted(int(s) for s in curve)
-    for _ in range(2):
+    for _ in range(doublings):
         chosen, _ = choose_steps(out, steps, tuning_seeds)
         if chosen is None or chosen != steps[-1]:
             break
@@ -368,6 +371,7 @@ def run(
     budget: Sequence[str] = BUDGET,
     threads: int | None = None,
     curve: Sequence[int] = (),
+    curve_doublings: int = 2,
     diagnose_seeds: Sequence[int] = (),
     diagnostics: Sequence[str] = DIAGNOSTICS,
 ) -> int:
@@ -375,7 +379,8 @@ def run(
 
     ``curve``: when given, ``budget`` has no run length: AdamW runs each of these step counts
     over ``tuning_seeds`` on validation first, and :func:`choose_steps` fixes the length of
-    every later run (written to ``budget.json``). ``diagnose_seeds``: evaluation seeds whose
+    every later run (written to ``budget.json``); the curve doubles past its end at most
+    ``curve_doublings`` times (:func:`curve_steps`). ``diagnose_seeds``: evaluation seeds whose
     runs also measure ``diagnostics``. ``threads``: torch threads per run (default: the cores
     divided by ``jobs``). Every run's results file and predictions are copied under
     ``out/results``; a run whose results file exists there is not repeated."""
@@ -397,7 +402,7 @@ def run(
         nonlocal final_budget
         wanted: list[Job] = []
         if final_budget is None:
-            steps = curve_steps(out, curve, tuning_seeds)
+            steps = curve_steps(out, curve, tuning_seeds, curve_doublings)
             chosen, means = choose_steps(out, steps, tuning_seeds)
             if chosen is None:
                 return [
@@ -1031,6 +1036,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "is chosen from them on validation and the budget is the task's round-2 base",
     )
     run_parser.add_argument(
+        "--curve-doublings",
+        type=int,
+        default=2,
+        help="times the curve may double past its end while its longest run is the choice",
+    )
+    run_parser.add_argument(
         "--diagnose-seeds", default="", help="evaluation seeds that also measure DIAGNOSTICS"
     )
     run_parser.add_argument("--jobs", type=int, default=1, help="runs side by side")
@@ -1053,6 +1064,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     curve = _seeds(args.curve) if args.curve else []
     if any(n < 1 for n in curve):
         parser.error(f"--curve step counts must be positive, got {args.curve}")
+    if args.curve_doublings < 0:
+        parser.error(f"--curve-doublings must be at least 0, got {args.curve_doublings}")
     args.out.mkdir(parents=True, exist_ok=True)
     if curve:
         protocol_file = args.out / "protocol.json"
@@ -1072,6 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=BASES[args.task] if curve else BUDGETS[args.task],
         threads=args.threads,
         curve=curve,
+        curve_doublings=args.curve_doublings,
         diagnose_seeds=_seeds(args.diagnose_seeds) if args.diagnose_seeds else [],
     )
     print(report(args.out))
