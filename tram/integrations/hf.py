@@ -58,6 +58,22 @@ What it does, and why:
 - **Bad input** fails in the constructor, before any training: an unknown method, an argument the
   method does not take, a regularizer that is not callable; a regularizer on a model whose
   output has no logits fails when ``train()`` starts, before the first step.
+
+Private APIs it still uses, each because no public extension point does the job, and each
+checked by ``tests/test_hf_private_api.py`` (name, signature, and the behaviour relied on), so
+that a transformers or accelerate release that changes one fails the test suite instead of
+training differently:
+
+- ``Trainer._save_optimizer_and_scheduler(output_dir)`` and
+  ``Trainer._load_optimizer_and_scheduler(checkpoint)``: the regularizers' state is saved next to
+  the optimizer's in the same checkpoint directory and restored on resume. A ``TrainerCallback``'s
+  ``on_save`` does not know the resumed checkpoint's path.
+- ``Trainer._remove_unused_columns``, ``Trainer._get_collator_with_removed_columns`` and
+  ``Trainer._prepare_inputs``: the regularizer preflight builds one batch exactly as training
+  will, to fail before the first step when the model's output has no logits.
+- ``AcceleratedOptimizer._is_overflow``: read by ``accelerator.optimizer_step_was_skipped``, which
+  keeps the Trainer from stepping the scheduler; set when the wrapper skipped the base step
+  (a non-finite gradient without a GradScaler), as a GradScaler's skip sets it.
 """
 
 from __future__ import annotations
