@@ -4,8 +4,10 @@
     tram-finetune experiment=smoke optimizer=tram_x
     tram-finetune -m experiment=sentiment_default optimizer=adamw,sam,tram_x seed=1,2,3
 
-The configs live in ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
-task/, model/, optimizer/, trainer/, experiment/, hydra/). A run:
+The configs are ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
+task/, model/, optimizer/, trainer/, experiment/, hydra/); the wheel ships the same files as
+``tram/experiments/configs`` (setup.cfg maps that package onto the folder), so an installed
+``tram-finetune`` finds them too; ``--config-dir`` puts your own folder in front. A run:
 
 1. checks the whole config (optimizer method and arguments, regularizer, task, model against
    task, TrainingArguments) and fails with a message naming the cause before loading anything;
@@ -39,8 +41,23 @@ __all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
 
 logger = logging.getLogger("tram.experiments")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's ``configs/`` directory (override with ``--config-dir``)."""
+
+def _config_dir() -> Path:
+    """A checkout's ``configs/`` (what its user edits), else the copy inside the installed package.
+
+    A checkout is recognised by ``setup.cfg`` beside ``configs/finetune.yaml`` one level above
+    the ``tram`` package, so a stray ``configs`` folder in site-packages is never taken.
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1]
+    if (checkout / "setup.cfg").is_file() and (checkout / "configs" / "finetune.yaml").is_file():
+        return checkout / "configs"
+    return package / "configs"
+
+
+CONFIG_DIR = _config_dir()
+"""The Hydra config directory: the checkout's ``configs/`` or, installed from a wheel, the
+package's ``tram/experiments/configs`` (``--config-dir`` adds another in front of it)."""
 
 REGULARIZERS = {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
 DIAGNOSTICS = ("cka", "sharpness", "hessian")
