@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tram.experiments.report import RESULTS_FILE
 from tram.experiments.tasks import ExperimentError
 
 __all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
@@ -61,7 +62,6 @@ package's ``tram/experiments/configs`` (``--config-dir`` adds another in front o
 
 REGULARIZERS = {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
 DIAGNOSTICS = ("cka", "sharpness", "hessian")
-RESULTS_FILE = "results.json"
 
 
 def _plain(node: Any) -> Any:

@@ -93,6 +93,7 @@ from transformers import Trainer, TrainerCallback
 from tram._wrapper import TwoPassOptimizer
 from tram.factory import check_method_args, wrap_optimizer
 from tram.integrations.accelerate import grad_scale_of, unwrap_optimizer
+from tram.targets import extract_logits
 
 __all__ = ["REGULARIZERS_NAME", "MissingLogitsError", "TramTrainer", "find_logits"]
 
@@ -109,32 +110,26 @@ class MissingLogitsError(ValueError):
 
 
 def find_logits(outputs: Any) -> Tensor:
-    """The logits in a model's output: the output tensor itself, ``outputs["logits"]`` or
-    ``outputs.logits``.
+    """The logits in a model's output, found by :func:`tram.targets.extract_logits` (the output
+    tensor itself, ``outputs.logits`` or ``outputs["logits"]``), with the Trainer's error.
 
     Raises:
         MissingLogitsError: none of these exists (e.g. a base ``AutoModel`` returning hidden
             states, or a tuple output from ``return_dict=False``).
     """
-    if isinstance(outputs, Tensor):
-        return outputs
-    logits = None
-    if isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
-    if logits is None and not isinstance(outputs, (tuple, list)):
-        logits = getattr(outputs, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(outputs, Mapping):
-        keys = ", ".join(str(key) for key in outputs)
-        found = f"an output with the keys ({keys})"
-    else:
-        found = f"a {type(outputs).__name__}"
-    raise MissingLogitsError(
-        f"a regularizer needs the model's logits, but the model returned {found} and no "
-        "'logits'; use a model with a task head (e.g. AutoModelForSequenceClassification) "
-        "that returns a ModelOutput with logits (return_dict=True)"
-    )
+    try:
+        return extract_logits(outputs)
+    except TypeError as error:
+        if isinstance(outputs, Mapping):
+            keys = ", ".join(str(key) for key in outputs)
+            found = f"an output with the keys ({keys})"
+        else:
+            found = f"a {type(outputs).__name__}"
+        raise MissingLogitsError(
+            f"a regularizer needs the model's logits, but the model returned {found} and no "
+            "'logits'; use a model with a task head (e.g. AutoModelForSequenceClassification) "
+            "that returns a ModelOutput with logits (return_dict=True)"
+        ) from error
 
 
 def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
