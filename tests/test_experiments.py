@@ -431,8 +431,27 @@ def test_encoder_for_language_modelling(assets, tmp_path):
 
 
 def test_bad_optimizer_argument(assets, tmp_path):
-    cfg = compose_config([*tiny_overrides(assets), "optimizer=sam", "+optimizer.kwargs.radius=1"])
+    cfg = compose_config([*tiny_overrides(assets), "optimizer=sam", "+optimizer.method.radius=1"])
     _fails_before_training(cfg, tmp_path, ExperimentError, "radius")
+
+
+def test_finetune_trains_with_a_users_classes(assets, tmp_path):
+    """optimizer.base, optimizer.method and a regularizer pointed at classes of a test module."""
+    from tests.test_configs import HalvedSGD, RecordingSAM, SquaredLogits, user_overrides
+
+    RecordingSAM.built.clear()
+    calls = SquaredLogits.calls
+    cfg = compose_config([*tiny_overrides(assets), *user_overrides()])
+    results = finetune(cfg, output_dir=tmp_path)
+    wrapper = RecordingSAM.built[-1]  # the one trained (tram validates values on a probe)
+    assert (wrapper.note, wrapper.param_groups[0]["rho"], wrapper.steps) == ("mine", 0.031, 3)
+    assert type(wrapper.base_optimizer) is HalvedSGD
+    assert wrapper.base_optimizer.nesterov_like is True
+    assert {g["initial_lr"] for g in wrapper.base_optimizer.param_groups} == {2.5e-5}
+    assert {g["weight_decay"] for g in wrapper.base_optimizer.param_groups} == {0.01, 0.0}
+    assert SquaredLogits.calls - calls >= 3
+    assert results["method"] == "tests.test_configs.RecordingSAM"
+    assert results["config"]["optimizer"]["base"]["_target_"] == "tests.test_configs.HalvedSGD"
 
 
 def test_unknown_domain(assets, tmp_path):

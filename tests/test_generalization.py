@@ -41,11 +41,11 @@ def test_tuning_runs_never_evaluate_the_test_sets():
     tune = Job("tune", "tram_x", 101, 0.3)
     overrides = generalization._overrides(tune, {}, generalization.BUDGET)
     assert "evaluate.test=false" in overrides
-    assert "optimizer.kwargs.sigma=0.3" in overrides
+    assert "optimizer.method.sigma=0.3" in overrides
     test = Job("test", "tram_x", 1)
     overrides = generalization._overrides(test, {"tram_x": {"value": 0.01}}, ())
     assert "evaluate.test=false" not in overrides
-    assert "optimizer.kwargs.sigma=0.01" in overrides
+    assert "optimizer.method.sigma=0.01" in overrides
     assert generalization._overrides(Job("test", "adamw", 3), {}, ()) == [
         "optimizer=adamw",
         "seed=3",
@@ -72,7 +72,12 @@ def test_every_planned_run_is_a_valid_config(task):
             assert cfg.evaluate.test == (job.phase == "test")
             if job.method in GRIDS:
                 expected = job.value if job.phase == "tune" else GRIDS[job.method].values[-1]
-                assert cfg.optimizer.kwargs[GRIDS[job.method].key] == expected
+                node = (
+                    cfg.optimizer.regularizers[job.method]
+                    if job.method in ("r3f", "r4f")
+                    else cfg.optimizer.method
+                )
+                assert node[GRIDS[job.method].key] == expected
 
 
 def _write(out: Path, job: Job, validation: float) -> None:
@@ -134,7 +139,7 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
         assert results["optimizer"] == method
         assert set(results["domains"]) == {"movies", "amazon", "tweets", "nyt"}
     sam = json.loads((out / "results/test/sam/seed1/results.json").read_text())
-    assert sam["config"]["optimizer"]["kwargs"]["rho"] == selection["sam"]["value"]
+    assert sam["config"]["optimizer"]["method"]["rho"] == selection["sam"]["value"]
 
     started: list[Job] = []
     monkeypatch.setattr(generalization, "_start", lambda job, *a: started.append(job))

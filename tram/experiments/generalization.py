@@ -181,8 +181,8 @@ def _overrides(job: Job, selection: Mapping[str, Any], budget: Sequence[str]) ->
     if job.phase == "test" and job.method in selection:
         value = selection[job.method]["value"]
     if value is not None:
-        group = "regularizer" if job.method in ("r3f", "r4f") else "kwargs"
-        overrides.append(f"optimizer.{group}.{GRIDS[job.method].key}={value}")
+        node = f"regularizers.{job.method}" if job.method in ("r3f", "r4f") else "method"
+        overrides.append(f"optimizer.{node}.{GRIDS[job.method].key}={value}")
     if job.phase == "tune":
         overrides += ["evaluate.test=false", f"optimizer.name={job.label}"]
     return [*overrides, *job.overrides]
