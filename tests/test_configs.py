@@ -339,6 +339,13 @@ class HalvedSGD(torch.optim.SGD):
         self.nesterov_like = nesterov_like
 
 
+class HeavyBall(torch.optim.SGD):
+    """A user's base optimizer with its own signature (the README's example)."""
+
+    def __init__(self, params, *, lr: float, momentum: float):
+        super().__init__(params, lr=lr, momentum=momentum)
+
+
 class RecordingSAM(tram.SAM):
     """A user's two-pass method."""
 
@@ -437,3 +444,20 @@ def test_the_0_1_kwargs_override_still_reaches_the_method():
     with pytest.warns(FutureWarning):
         parts = optimizer_parts(cfg.optimizer)
     assert (parts.method.func, parts.method.keywords) == (tram.SAM, {"rho": 0.08})
+
+
+def test_the_readme_example_config_builds_a_users_classes(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\ndefaults: [schema, _self_]", 1)[1].split("```", 1)[0]
+    text = "defaults: [schema, _self_]" + block
+    text = text.replace("my_package.optim.MySAM", f"{__name__}.RecordingSAM")
+    text = text.replace("my_package.optim.", f"{__name__}.")
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "my_sam.yaml").write_text(text)
+    cfg = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "optimizer=my_sam"])
+    validate(cfg)
+    parts = optimizer_parts(cfg.optimizer)
+    assert parts.base_cls_and_kwargs == (HeavyBall, {"lr": 2e-5, "momentum": 0.9})
+    assert (parts.method.func, parts.method.keywords) == (RecordingSAM, {"rho": 0.03})
+    (r3f,) = parts.regularizers.values()
+    assert (r3f.func, r3f.keywords) == (tram.R3F, {"sigma": 0.1, "weight": 0.1})
