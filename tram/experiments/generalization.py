@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,18 +189,23 @@ def _overrides(job: Job, selection: Mapping[str, Any], budget: Sequence[str]) ->
     return [*overrides, *job.overrides]
 
 
-def _start(
+def _run_job(
     job: Job, out: Path, selection: Mapping[str, Any], threads: int, budget: Sequence[str]
-) -> subprocess.Popen:
+) -> int:
+    """Run one job as its own ``tram.experiments.run`` process, its output in ``run.log``;
+    returns its exit status (called in a worker thread of :func:`run`)."""
     run_dir = out / "runs" / job.relative()
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tram.experiments.run", *_overrides(job, selection, budget)]
     command += [f"hydra.run.dir={run_dir}", "hydra.job.chdir=false"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    log = (run_dir / "run.log").open("w")
-    log.write("+ " + " ".join(command) + "\n")
-    log.flush()
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with (run_dir / "run.log").open("w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        process = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+        )
+    return process.returncode
 
 
 def run(
@@ -212,7 +218,11 @@ def run(
     extra: Sequence[str] = (),
     budget: Sequence[str] = BUDGET,
 ) -> int:
-    """Run the protocol (see the module docstring); returns the number of failed runs."""
+    """Run the protocol (see the module docstring); returns the number of failed runs.
+
+    Each run is a process of its own; a thread pool of ``jobs`` workers waits on them, and the
+    evaluation runs of a tuned method start once the selection from every tuning run exists.
+    """
     pending = plan(methods, seeds, tuning_seeds)
     for job in pending:
         job.overrides = list(extra)
@@ -220,7 +230,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     (out / "budget.json").write_text(json.dumps(list(budget), indent=2) + "\n")
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    running: dict[subprocess.Popen, tuple[Job, float]] = {}
+    running: dict[Future[int], tuple[Job, float]] = {}
     selection: dict[str, Any] | None = None
     failed = 0
     selection_file = out / "selection.json"
@@ -230,41 +240,48 @@ def run(
             j.phase == "tune" for j, _ in running.values()
         )
 
-    while pending or running:
-        if selection is None and tuning_done():
-            selection = select(out, methods, tuning_seeds)
-            selection_file.write_text(json.dumps(selection, indent=2) + "\n")
-            print(f"selection: {json.dumps(selection)}", flush=True)
-        ready = [
-            j
-            for j in pending
-            if j.phase == "tune" or j.method not in GRIDS or selection is not None
-        ]
-        while ready and len(running) < jobs:
-            job = ready.pop(0)
-            pending.remove(job)
-            print(f"start {job.relative()}", flush=True)
-            running[_start(job, out, selection or {}, threads, budget)] = (job, time.perf_counter())
-        finished = [p for p in running if p.poll() is not None]
-        if not finished:
-            time.sleep(2.0)
-            continue
-        for process in finished:
-            job, started = running.pop(process)
-            source = out / "runs" / job.relative() / "results.json"
-            if process.returncode == 0 and source.exists():
-                target = _results(out, job)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-                status = "done"
-            else:
-                failed += 1
-                status = f"FAILED (exit {process.returncode})"
-                if job.phase == "tune":
-                    pending = [j for j in pending if j.method != job.method]
-                    print(f"tuning of {job.method} failed: its evaluation is dropped", flush=True)
-                    methods = [m for m in methods if m != job.method]
-            print(f"{status} {job.relative()} in {time.perf_counter() - started:.0f} s", flush=True)
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="tram-job") as pool:
+        while pending or running:
+            if selection is None and tuning_done():
+                selection = select(out, methods, tuning_seeds)
+                selection_file.write_text(json.dumps(selection, indent=2) + "\n")
+                print(f"selection: {json.dumps(selection)}", flush=True)
+            ready = [
+                j
+                for j in pending
+                if j.phase == "tune" or j.method not in GRIDS or selection is not None
+            ]
+            while ready and len(running) < jobs:
+                job = ready.pop(0)
+                pending.remove(job)
+                print(f"start {job.relative()}", flush=True)
+                future = pool.submit(_run_job, job, out, selection or {}, threads, budget)
+                running[future] = (job, time.perf_counter())
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, started = running.pop(future)
+                try:
+                    returncode: int | str = future.result()
+                except OSError as error:  # the process could not start
+                    returncode = f"{type(error).__name__}: {error}"
+                source = out / "runs" / job.relative() / "results.json"
+                if returncode == 0 and source.exists():
+                    target = _results(out, job)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target)
+                    status = "done"
+                else:
+                    failed += 1
+                    status = f"FAILED (exit {returncode})"
+                    if job.phase == "tune":
+                        pending = [j for j in pending if j.method != job.method]
+                        print(
+                            f"tuning of {job.method} failed: its evaluation is dropped",
+                            flush=True,
+                        )
+                        methods = [m for m in methods if m != job.method]
+                elapsed = time.perf_counter() - started
+                print(f"{status} {job.relative()} in {elapsed:.0f} s", flush=True)
     return failed
 
 
