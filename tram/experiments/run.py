@@ -7,7 +7,7 @@
 The configs are ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
 task/, model/, optimizer/, trainer/, experiment/, hydra/); the wheel ships the same files as
 ``tram/experiments/configs`` (setup.cfg maps that package onto the folder), so an installed
-``tram-finetune`` finds them too; ``--config-dir`` puts your own folder in front. A run:
+``tram-finetune`` finds them too; ``--config-dir`` adds a folder of your own. A run:
 
 1. checks the whole config (the optimizer group's objects are instantiated as partials, so every
    ``_target_`` and its arguments are checked; task, model against task, TrainingArguments) and
@@ -59,7 +59,7 @@ def _config_dir() -> Path:
 
 CONFIG_DIR = _config_dir()
 """The Hydra config directory: the checkout's ``configs/`` or, installed from a wheel, the
-package's ``tram/experiments/configs`` (``--config-dir`` adds another in front of it)."""
+package's ``tram/experiments/configs`` (``--config-dir`` adds another)."""
 
 REGULARIZERS = build.LEGACY_REGULARIZERS
 """Deprecated: the names of the 0.1 form ``regularizer: {name: ...}`` (regularizers are now
