@@ -17,7 +17,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 import tram
-from tram.experiments.build import OptimizerParts, optimizer_parts
+from tram.experiments.build import optimizer_parts
 from tram.experiments.run import CONFIG_DIR, training_arguments, validate
 from tram.experiments.tasks import ExperimentError, check_task_config
 
@@ -116,13 +116,15 @@ def test_paper_hyperparameters():
         0.999,
         0.1,
     )
-    regions = {n: get[n].method.trust_region for n in get if n.startswith("tram_")}
-    assert regions == {
-        "tram_x": "noise",
-        "tram_theta0": "pretrained",
-        "tram_prev": "previous",
-        "tram_fisher": "fisher",
-    }
+    regions = {n: get[n].method.trust_region for n in ("tram_x", "tram_theta0", "tram_prev")}
+    assert regions == {"tram_x": "noise", "tram_theta0": "pretrained", "tram_prev": "previous"}
+    fisher = get["tram_fisher"].method
+    assert (fisher._target_, fisher.sigma, fisher.rho, fisher.eta) == (
+        "tram.TRAMFisher",
+        0.1,
+        0.1,
+        0.1,
+    )
     assert get["tram_x"].method.sigma == 0.1
 
 
@@ -149,27 +151,51 @@ OBJECTS_0_1 = {
 }
 
 
-def _as_0_1(parts: OptimizerParts):
-    from tram.factory import get_method
+def _tiny_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
 
-    method = parts.method
-    assert len(parts.regularizers) <= 1
-    regularizer = next(iter(parts.regularizers.values()), None)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def _wrapped(method, kwargs):
+    """What TramTrainer builds: the method around an AdamW over a tiny model; its settings."""
+    from tram.factory import wrap_optimizer
+
+    model = _tiny_classifier()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapper = wrap_optimizer(method, base, model=model, **kwargs)
+    plain = (int, float, str, bool, type(None))
     return (
-        None if method is None else method.func,
-        {} if method is None else method.keywords,
-        None if regularizer is None else regularizer.func,
-        {} if regularizer is None else regularizer.keywords,
-    ), lambda name: get_method(name) if name else None
+        type(wrapper),
+        [{k: v for k, v in g.items() if k != "params"} for g in wrapper.param_groups],
+        {k: v for k, v in vars(wrapper).items() if isinstance(v, plain)},
+    )
 
 
 @pytest.mark.parametrize("optimizer", sorted(OBJECTS_0_1))
 def test_configs_build_what_0_1_built(optimizer):
+    pytest.importorskip("transformers")
     cfg = compose_config(["experiment=smoke", f"optimizer={optimizer}"])
-    built, method_class = _as_0_1(optimizer_parts(cfg.optimizer))
+    parts = optimizer_parts(cfg.optimizer)
     name, kwargs, regularizer, regularizer_kwargs = OBJECTS_0_1[optimizer]
-    expected_regularizer = getattr(tram, regularizer) if regularizer else None
-    assert built == (method_class(name), kwargs, expected_regularizer, regularizer_kwargs)
+    if name is None:
+        assert parts.method is None
+    else:
+        assert _wrapped(parts.method.func, parts.method.keywords) == _wrapped(name, kwargs)
+    if regularizer is None:
+        assert parts.regularizers == {}
+    else:
+        (built,) = parts.regularizers.values()
+        assert (built.func, built.keywords) == (getattr(tram, regularizer), regularizer_kwargs)
     assert set(options("optimizer")) == set(OBJECTS_0_1)
 
 
