@@ -487,3 +487,13 @@ def test_the_readme_example_config_builds_a_users_classes(tmp_path):
     assert (parts.method.func, parts.method.keywords) == (RecordingSAM, {"rho": 0.03})
     (r3f,) = parts.regularizers.values()
     assert (r3f.func, r3f.keywords) == (tram.R3F, {"sigma": 0.1, "weight": 0.1})
+
+
+def test_the_0_1_regularizer_table_warns():
+    from tram.experiments import run
+
+    with pytest.warns(FutureWarning, match=r"REGULARIZERS is deprecated.*_target_"):
+        table = run.REGULARIZERS
+    assert table == {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        run.nope

@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from tram.experiments import build
 from tram.experiments.report import RESULTS_FILE
 from tram.experiments.tasks import ExperimentError
 
-__all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
+__all__ = ["CONFIG_DIR", "finetune", "main", "validate"]
 
 logger = logging.getLogger("tram.experiments")
 
@@ -61,9 +62,21 @@ CONFIG_DIR = _config_dir()
 """The Hydra config directory: the checkout's ``configs/`` or, installed from a wheel, the
 package's ``tram/experiments/configs`` (``--config-dir`` adds another)."""
 
-REGULARIZERS = build.LEGACY_REGULARIZERS
-"""Deprecated: the names of the 0.1 form ``regularizer: {name: ...}`` (regularizers are now
-``optimizer.regularizers.<name>`` nodes with a ``_target_``)."""
+
+def __getattr__(name: str) -> Any:
+    if name == "REGULARIZERS":  # 0.1's name table, for the deprecated ``regularizer: {name: ...}``
+        warnings.warn(
+            "tram.experiments.run.REGULARIZERS is deprecated and will be removed in 0.3: "
+            "regularizers are optimizer.regularizers.<name> nodes with a _target_ (e.g. "
+            "{_target_: tram.R3F, sigma: 0.1}); tram.experiments.build.LEGACY_REGULARIZERS "
+            "lists the 0.1 names",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return build.LEGACY_REGULARIZERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DIAGNOSTICS = ("cka", "sharpness", "hessian")
 
 
