@@ -326,6 +326,7 @@ def test_unknown_trainer_key_is_an_error(tmp_path):
         (["optimizer=r4f", "+optimizer.regularizers.r4f.radius=1"], r"radius.*accepts: .*head"),
         (["+optimizer.regularizers.extra={sigma: 1}"], "needs|must be a config node"),
         (["+optimizer.base.weight_decay=0.1"], "train.weight_decay"),
+        (["optimizer.base.lr=0.001"], r"optimizer.base.lr \(0.001\) differs.*train.lr"),
         (["+optimizer.base.momentum=0.9"], r"optimizer.base.*momentum"),
         (["task=vader_lm", "model=minilm"], "needs a causal LM"),
         (["optimizer=r4f", "task=vader_lm", "model=smollm2"], "classification"),

@@ -109,6 +109,13 @@ def _validate(cfg: Any) -> build.OptimizerParts:
 
     check_task_config(cfg.task)
     parts = build.optimizer_parts(cfg.optimizer)
+    lr = parts.base.keywords.get("lr")
+    if lr is not None and float(lr) != float(cfg.trainer.learning_rate):
+        raise ExperimentError(
+            f"optimizer.base.lr ({lr}) differs from trainer.learning_rate "
+            f"({cfg.trainer.learning_rate}), which TrainingArguments records; set train.lr, "
+            "which both follow"
+        )
     if cfg.task.type == "lm" and cfg.model.get("kind") == "encoder":
         raise ExperimentError(
             f"model {cfg.model.name!r} is an encoder (model.kind); task {cfg.task.name!r} is "
