@@ -480,3 +480,24 @@ def test_manual_explicit_form_through_the_proxy() -> None:
     assert_same_weights(module.net, net)
     wrapper = module.trainer.optimizers[0]
     assert wrapper.steps == 3 and not wrapper.is_perturbed
+
+
+def test_hooks_before_the_step_see_theta() -> None:
+    """on_before_optimizer_step (and clipping) run with the weights restored to θ."""
+
+    class Watch(pl.Callback):
+        def __init__(self) -> None:
+            self.at_start: list[Tensor] = []
+            self.before_step: list[Tensor] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            self.at_start.append(pl_module.net.head.weight.detach().clone())
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            self.before_step.append(pl_module.net.head.weight.detach().clone())
+
+    watch = Watch()
+    fit(Module("sam"), make_data(2), max_epochs=1, callbacks=[TramCallback(), watch])
+    assert len(watch.before_step) == 2
+    for theta, seen in zip(watch.at_start, watch.before_step, strict=True):
+        assert torch.equal(theta, seen)
