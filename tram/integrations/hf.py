@@ -344,8 +344,7 @@ class TramTrainer(Trainer):
         optimizer = self.two_pass_optimizer
         observe: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if training and optimizer is not None and self._tram_pass == "first":
-            # no_sync for local_ascent was entered by training_step around forward and backward.
-            observe = optimizer.first_pass(no_sync=contextlib.nullcontext())
+            observe = self._observe_first_pass(model, optimizer)
             self._tram_observed = True
         if not self.regularizers or not training:
             with observe:
@@ -371,6 +370,16 @@ class TramTrainer(Trainer):
                 self._record(_PREFIX + name, penalty)
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _observe_first_pass(
+        self, model: nn.Module, optimizer: TwoPassOptimizer
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The context the first pass's ``compute_loss`` runs in: ``optimizer.first_pass()``.
+
+        (``tram.integrations.trl`` replaces it for trainers whose forward returns no logits.)
+        """
+        # no_sync for local_ascent was entered by training_step around forward and backward.
+        return optimizer.first_pass(no_sync=contextlib.nullcontext())
 
     def _after_optimizer_step(self) -> None:
         """Tell the Trainer when the wrapper skipped the base step; then, after a step taken, call
