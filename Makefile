@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,hf,experiments
+EXTRAS ?= dev,test,hf,experiments
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # Tests that CI runs: everything fast, plus the representative slow ones.

@@ -192,7 +192,10 @@ def hand_loop(
     for start in range(0, len(data), accumulate):
         window = data[start : start + accumulate]
         closure = tram.accumulating_closure(
-            optimizer, window, lambda batch: loss_of(net, batch), weights=[1 / accumulate] * len(window)
+            optimizer,
+            window,
+            lambda batch: loss_of(net, batch),
+            weights=[1 / accumulate] * len(window),
         )
         if clip is None:
             losses.append(float(optimizer.step(closure)))
@@ -279,7 +282,8 @@ def test_logs_first_pass_loss_and_radius() -> None:
     assert logger.values("train_loss") == pytest.approx(losses, rel=1e-6, abs=0)
     radii = logger.values("tram/radius")
     assert radii == pytest.approx(optimizer.radius_history, rel=1e-6)
-    assert len(radii) == 4 and all(r > 0 for r in radii)
+    assert len(radii) == 4
+    assert all(r > 0 for r in radii)
     assert len(logger.values("tram/ascent_grad_norm")) == 4
     assert logger.values("tram/skipped_ascents") == [0.0] * 4
 
@@ -357,7 +361,8 @@ def test_fp16_mixed_overflow_skips_the_step_at_theta() -> None:
         warnings.simplefilter("ignore", RuntimeWarning)
         fit(module, data, max_epochs=1, plugins=[plugin], callbacks=[TramCallback()])
     assert_same_weights(module.net, before)
-    assert plugin.scaler is not None and plugin.scaler.get_scale() < 2.0**10  # backed off
+    assert plugin.scaler is not None
+    assert plugin.scaler.get_scale() < 2.0**10  # backed off
     assert not module.trainer.optimizers[0].is_perturbed
 
 
@@ -397,14 +402,14 @@ def test_callback_with_deepspeed_like_strategy_refuses() -> None:
 @needs_closure_guard
 def test_without_callback_accumulation_refuses() -> None:
     module = Module("sam")
-    with pytest.raises(RuntimeError, match="accumulate_grad_batches=2.*TramCallback"):
+    with pytest.raises(RuntimeError, match=r"accumulate_grad_batches=2.*TramCallback"):
         fit(module, make_data(2), max_epochs=1, accumulate_grad_batches=2)
 
 
 @needs_closure_guard
 def test_without_callback_clipping_refuses() -> None:
     module = Module("sam")
-    with pytest.raises(RuntimeError, match="gradient_clip_val=0.5.*TramCallback"):
+    with pytest.raises(RuntimeError, match=r"gradient_clip_val=0\.5.*TramCallback"):
         fit(module, make_data(2), max_epochs=1, gradient_clip_val=0.5)
 
 
@@ -413,7 +418,7 @@ def test_without_callback_single_batch_is_exact_and_warns() -> None:
     data = make_data(3)
     module = Module("sam")
     run = trainer(max_epochs=1)
-    with pytest.warns(UserWarning, match="loss at the perturbed weights.*TramCallback"):
+    with pytest.warns(UserWarning, match=r"loss at the perturbed weights.*TramCallback"):
         run.fit(module, loader(data))
     net, _, _ = hand_loop("sam", data)
     assert_same_weights(module.net, net)
@@ -479,7 +484,8 @@ def test_manual_explicit_form_through_the_proxy() -> None:
     net, _, _ = hand_loop("sam", data)
     assert_same_weights(module.net, net)
     wrapper = module.trainer.optimizers[0]
-    assert wrapper.steps == 3 and not wrapper.is_perturbed
+    assert wrapper.steps == 3
+    assert not wrapper.is_perturbed
 
 
 def test_hooks_before_the_step_see_theta() -> None:

@@ -116,7 +116,9 @@ class Snapshots(transformers.TrainerCallback):
     def __init__(self) -> None:
         self.states: list[dict[str, Tensor]] = []
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
         self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
@@ -153,7 +155,8 @@ def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
     trainer, windows, _ = train_sft(
         tmp_path, model, method="sam", method_kwargs={"rho": 0.27}, config={"bf16": bf16}
     )
-    assert len(windows) == 2 and trainer.two_pass_optimizer.steps == 2
+    assert len(windows) == 2
+    assert trainer.two_pass_optimizer.steps == 2
     reference = copy.deepcopy(initial)
     optimizer = tram.SAM(torch.optim.SGD(reference.parameters(), lr=0.3), rho=0.27)
     for window, num_items in windows:
@@ -174,7 +177,9 @@ def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
         # (and in bf16 rounds its chunks differently).
         tolerance = {"rtol": 1e-2, "atol": 1e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
         torch.testing.assert_close(p, q, **tolerance, msg=name)
-    moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters()))
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters())
+    )
     assert moved > 1e-3
 
 
@@ -186,7 +191,8 @@ def test_sft_tram_measures_the_exact_radius(tmp_path: Any) -> None:
         tmp_path, model, method="tram", method_kwargs={"trust_region": "pretrained"}
     )
     radii = trainer.two_pass_optimizer.radius_history
-    assert len(radii) == 2 and radii[0] == 0.0  # θ = θ0 at step 1
+    assert len(radii) == 2
+    assert radii[0] == 0.0  # θ = θ0 at step 1
     theta1 = copy.deepcopy(theta0)
     theta1.load_state_dict(snapshots.states[0])
     kl = get_divergence("forward_kl")
@@ -233,7 +239,9 @@ def dpo_dataset() -> Any:
     generator = torch.Generator().manual_seed(1)
 
     def words(n: int) -> str:
-        return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=generator))
+        return " ".join(
+            f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=generator)
+        )
 
     rows = [{"prompt": words(3), "chosen": words(3), "rejected": words(2)} for _ in range(4)]
     return datasets.Dataset.from_list(rows)
@@ -268,7 +276,9 @@ def test_dpo_tram_trains_and_measures_the_radius(tmp_path: Any) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         trainer.train()
     radii = trainer.two_pass_optimizer.radius_history
-    assert len(radii) == 2 and radii[0] == 0.0 and radii[1] > 0
+    assert radii[0] == 0.0
+    assert len(radii) == 2
+    assert radii[1] > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -277,7 +287,7 @@ def test_with_tram_builds_the_class_and_refuses_others() -> None:
     assert cls.__name__ == "TramSFTTrainer"
     assert issubclass(cls, trl.SFTTrainer)
     assert with_tram(TramSFTTrainer) is TramSFTTrainer
-    with pytest.raises(TypeError, match="subclass of transformers.Trainer"):
+    with pytest.raises(TypeError, match=r"subclass of transformers\.Trainer"):
         with_tram(dict)
 
 

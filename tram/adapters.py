@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,7 @@ class AdapterOffReference:
                 "adapters only (use tram.targets.ReferenceWeights for other PEFT methods)"
             )
         replayable = _replayable_dropout_types()
-        self.model = model
+        self.model: Any = model  # a peft.PeftModel (peft is imported lazily, untyped here)
         self._dropout_layers: list[Any] = []
         # Why the adapter-off model may not be θ0; cleared by loading a checkpoint of this
         # reference (a resumed run: the adapters trained, the base weights are still θ0).
@@ -118,8 +118,8 @@ class AdapterOffReference:
             for factors in (layer.lora_B, layer.lora_embedding_B):
                 if adapter not in factors:
                     continue
-                weight = factors[adapter]
-                weight = weight.weight if isinstance(weight, nn.Module) else weight
+                factor = factors[adapter]
+                weight = cast(Tensor, factor.weight if isinstance(factor, nn.Module) else factor)
                 if self._not_initial is None and torch.count_nonzero(weight.detach()).item():
                     self._not_initial = (
                         f"adapter {adapter!r} has a non-zero lora_B in a {name} layer: with it "
@@ -129,7 +129,8 @@ class AdapterOffReference:
                         "tram.targets.ReferenceWeights, which copies θ0. (Resuming a run that "
                         "used this reference is fine: load the optimizer's state dict first.)"
                     )
-            dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None
+            # (nn.ModuleDict has no get())
+            dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None  # noqa: SIM401
             if adapter in layer.lora_A and isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 if not isinstance(layer, replayable):
                     raise ValueError(

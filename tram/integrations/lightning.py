@@ -222,7 +222,9 @@ class TramCallback(pl.Callback):
         optimizers = trainer.optimizers
         return two_pass_optimizer(optimizers[0]) if len(optimizers) == 1 else None
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._installed is None:
             return
         wrapper = self._wrapper(trainer)
