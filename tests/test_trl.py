@@ -325,3 +325,32 @@ def test_plain_trainers_given_a_tram_optimizer_warn(tmp_path: Any, trainer_class
     with pytest.warns(MissingAscentWarning, match="TramTrainer"):
         trainer.train()
     assert optimizer.steps == 1
+
+
+def test_sft_tram_resume_is_bit_exact(tmp_path: Any) -> None:
+    """A checkpoint holds TRAM's θ0 reference; resuming equals the uninterrupted run."""
+    method = {"method": "tram", "method_kwargs": {"trust_region": "pretrained"}}
+    straight = tiny_llama(dropout=0.2)
+    train_sft(tmp_path / "a", straight, config={"max_steps": 4}, **method)
+
+    first = tiny_llama(dropout=0.2)
+    train_sft(
+        tmp_path / "b",
+        first,
+        config={"max_steps": 4, "save_steps": 2, "save_strategy": "steps"},
+        **method,
+    )
+    resumed = tiny_llama(dropout=0.2, seed=1)  # other initial weights: all must come from the files
+    trainer = TramSFTTrainer(
+        model=resumed,
+        args=sft_config(tmp_path / "b", max_steps=4),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+        **method,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert trainer.two_pass_optimizer.steps == 4
