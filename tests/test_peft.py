@@ -8,8 +8,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -272,3 +276,26 @@ def test_adapter_off_after_training_is_still_theta0() -> None:
     with torch.random.fork_rng():
         torch.manual_seed(2)
         assert torch.equal(reference.forward(batch).logits, expected)
+
+
+@pytest.mark.slow
+def test_example_peft_lora_fine_tunes_minilm() -> None:
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        str(root / "examples" / "peft_lora.py"),
+        "--model=minilm",
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert "reference: adapter_off, holds 0.00 MiB" in completed.stdout
+    assert "step   2" in completed.stdout
+    assert "accuracy on amazon" in completed.stdout
