@@ -109,6 +109,17 @@ class Module(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         if self.manual == "manual_step":
             return manual_step(self, lambda: loss_of(self.net, batch))
+        if self.manual == "closure":
+            optimizer = self.optimizers()
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_of(self.net, batch)
+                self.manual_backward(loss)
+                return loss
+
+            optimizer.step(closure=closure)  # the classic SAM closure: the wrapper calls it twice
+            return None
         if self.manual == "explicit":
             optimizer = self.optimizers()
             optimizer.zero_grad()
@@ -476,6 +487,18 @@ def test_manual_step_fp16_equals_scaled_step() -> None:
                 return loss_of(net, batch)
 
         tram.scaled_step(optimizer, scaler, loss_fn)
+    assert_same_weights(module.net, net)
+
+
+def test_manual_step_closure_is_exact_and_not_refused() -> None:
+    data = make_data(3)
+    module = Module("asam", manual="closure")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the automatic-optimization guard stays off
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        fit(module, data, max_epochs=1)
+    net, _, _ = hand_loop("asam", data)
     assert_same_weights(module.net, net)
 
 

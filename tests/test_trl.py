@@ -354,3 +354,36 @@ def test_sft_tram_resume_is_bit_exact(tmp_path: Any) -> None:
     for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert trainer.two_pass_optimizer.steps == 4
+
+
+def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
+    """TRL wraps the model in PEFT itself (peft_config=); TRAM records the PeftModel's forward."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(dropout=0.1)
+    frozen = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight)
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
+    trainer, _, _ = train_sft(
+        tmp_path,
+        model,
+        peft_config=config,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    radii = trainer.two_pass_optimizer.radius_history
+    assert radii[0] == 0.0  # θ = θ0, the dropout masks (LoRA's too) replayed
+    assert radii[1] > 0
+    reference = trainer.two_pass_optimizer.reference.state_dict()
+    assert reference
+    assert all("lora_" in name for name in reference)
+    assert torch.equal(trainer.model.base_model.model.model.layers[0].mlp.up_proj.weight, frozen)
+
+
+def test_regularizers_are_refused_with_trl(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="regularizers are not supported with TRL"):
+        TramSFTTrainer(
+            model=tiny_llama(),
+            args=sft_config(tmp_path),
+            train_dataset=sft_dataset(),
+            processing_class=tokenizer(),
+            regularizers=[tram.R3F()],
+        )

@@ -27,13 +27,16 @@ _LIGHTNING_MODULES = ("lightning.", "pytorch_lightning.")
 
 
 def _lightning_trainer(closure: Any) -> Any:
-    """The Lightning ``Trainer`` whose precision plugin built ``closure``, else None."""
+    """The Lightning ``Trainer`` whose precision plugin built ``closure`` under automatic
+    optimization, else None."""
     if not isinstance(closure, functools.partial):
         return None
     owner = getattr(closure.func, "__self__", None)
     if owner is None or not type(owner).__module__.startswith(_LIGHTNING_MODULES):
         return None
     module = closure.args[0] if closure.args else None
+    if not getattr(module, "automatic_optimization", False):
+        return None  # manual optimization: the caller's own closure and logging
     return getattr(module, "_trainer", None)
 
 

@@ -32,6 +32,9 @@ as TRAM's record does) per micro-batch: 4 forwards and 2 backwards per micro-bat
 and 2. SAM, ASAM and Fisher SAM need no logits and cost what they cost under ``TramTrainer``.
 TRL's own reference model of DPO runs without gradients and is never recorded.
 
+Loss-side regularizers (``regularizers=``) are refused: they need the training forward's logits
+with gradients, which the fused head never builds.
+
 A plain ``SFTTrainer``/``DPOTrainer`` (or ``transformers.Trainer``) given a tram optimizer in
 ``optimizers=`` only calls ``optimizer.step()``: the wrapper warns once
 (``tram.MissingAscentWarning``) that no ascent was taken and names these classes.
@@ -104,6 +107,16 @@ def twin_logits_forwards(module: nn.Module, optimizer: TwoPassOptimizer) -> Iter
 class _TwinLogitsMixin:
     """Makes TRAM's first-pass observation work with TRL's fused LM head (see the module
     docstring)."""
+
+    def __init__(self, *args: Any, regularizers: Any = None, **kwargs: Any) -> None:
+        if regularizers:
+            raise ValueError(
+                "regularizers are not supported with TRL trainers: they need the logits of the "
+                "training forward, with gradients, and TRL's fused LM head does not build them "
+                "(TRL recomputes them without gradients, which would silently drop the "
+                "penalty's gradient through the model's own output)"
+            )
+        super().__init__(*args, **kwargs)
 
     def _observe_first_pass(
         self, model: nn.Module, optimizer: TwoPassOptimizer
