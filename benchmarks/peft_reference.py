@@ -6,11 +6,12 @@ The two models of the step-cost benchmark (``benchmarks/conftest.py``: a MiniLM-
 small Llama, built from their configs, one seeded 8 x 64 batch) get LoRA adapters (r = 8,
 alpha = 16, dropout 0.05, on the attention's query and value projections; the BERT's classifier
 is trained as ``modules_to_save``). Each is trained with ``tram.TRAM(AdamW(lr=2e-5),
-trust_region="pretrained")`` twice, with the reference TRAM copies (``ReferenceWeights``) and
-with :class:`tram.adapters.AdapterOffReference`. Reported per model and reference:
+trust_region="pretrained")`` twice, with the reference TRAM copies (``Pretrained``) and
+with the target :class:`tram.adapters.AdapterOff`. Reported per model and reference:
 
 - ``reference bytes``: what the reference holds (the copied trainable weights, or nothing);
-- ``construction peak``: bytes allocated while the reference object is built (allocator events);
+- ``construction peak``: bytes allocated while the target is bound to the model (allocator
+  events);
 - ``step peak``: peak bytes above the starting level during one ``step(closure)``;
 - ``step time``: median process CPU time of a step (and the wall clock beside it), the two
   references interleaved step by step, after one warm-up step each.
@@ -36,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import build_model, pick_device, traced_allocations
 
 import tram
-from tram.adapters import AdapterOffReference
-from tram.targets import ReferenceWeights
+from tram.adapters import AdapterOff
+from tram.targets import Pretrained
 
 TARGETS = {"minilm_bert": ["query", "value"], "small_llama": ["q_proj", "v_proj"]}
 TASKS = {"minilm_bert": "SEQ_CLS", "small_llama": "CAUSAL_LM"}
@@ -59,19 +60,17 @@ def lora_model(name: str, device: torch.device) -> tuple[nn.Module, dict[str, Te
 def build_optimizer(model: nn.Module, reference: str) -> tram.TRAM:
     trainable = [p for p in model.parameters() if p.requires_grad]
     base = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.01)
-    if reference == "copied":
-        return tram.TRAM(base, model, trust_region="pretrained")
-    # Until TRAM takes the reference as an argument: build with the copy, then replace (and
-    # free) it; the construction cost is measured on the reference objects alone.
-    optimizer = tram.TRAM(base, model, trust_region="pretrained")
-    optimizer.reference = AdapterOffReference(model)  # type: ignore[assignment]
-    return optimizer
+    return tram.TRAM(base, model, target="pretrained" if reference == "copied" else AdapterOff())
 
 
 def reference_bytes(optimizer: tram.TRAM) -> int:
-    assert optimizer.reference is not None
-    tensors = optimizer.reference.state_dict().values()
+    tensors = optimizer.target.state_dict().get("reference", {}).values()
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bind(target: Any, model: nn.Module) -> Any:
+    target.bind(model)
+    return target
 
 
 def measure(name: str, steps: int, device: torch.device) -> dict[str, Any]:
@@ -81,11 +80,11 @@ def measure(name: str, steps: int, device: torch.device) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for reference in ("copied", "adapter_off"):
         model, batch = lora_model(name, device)
-        kind = ReferenceWeights if reference == "copied" else AdapterOffReference
+        kind = Pretrained if reference == "copied" else AdapterOff
         built: list[Any] = []
 
         def construct(kind: Any = kind, model: nn.Module = model, built: list[Any] = built) -> None:
-            built.append(kind(model))
+            built.append(bind(kind(), model))
 
         construction = traced_allocations(device, construct)
         built.clear()

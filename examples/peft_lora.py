@@ -2,9 +2,10 @@
 
 For a LoRA model the pre-trained model θ0 is the model with its adapters switched off (LoRA's B
 starts at zero), so TRAM's ``"pretrained"`` trust region can take its reference forward as
-``with model.disable_adapter(): model(...)`` (``tram.adapters.AdapterOffReference``) instead of
-copying the trainable weights (``--reference copied``, TRAM's default). Both give the same d and
-the same steps (tested in ``tests/test_peft.py``; measured in ``benchmarks/peft_reference.py``).
+``with model.disable_adapter(): model(...)`` (the target ``tram.adapters.AdapterOff()``) instead
+of copying the trainable weights (``--reference copied``: ``trust_region="pretrained"``). Both
+give the same d and the same steps (tested in ``tests/test_peft.py``; measured in
+``benchmarks/peft_reference.py``).
 
 Two offline assets (pip packages, no model hub):
 
@@ -35,7 +36,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import tram
-from tram.adapters import AdapterOffReference
+from tram.adapters import AdapterOff
 from tram.experiments.assets import minilm_path, smollm2_path
 from tram.experiments.data import load_vader, sentiment_examples, split
 
@@ -129,9 +130,12 @@ def main() -> None:
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     base = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.01)
-    reference = AdapterOffReference(model) if options.reference == "adapter_off" else None
-    optimizer = tram.TRAM(base, model, trust_region="pretrained", reference=reference)
-    held = sum(t.numel() * t.element_size() for t in optimizer.reference.state_dict().values())
+    target = AdapterOff() if options.reference == "adapter_off" else "pretrained"
+    optimizer = tram.TRAM(base, model, target=target)
+    held = sum(
+        t.numel() * t.element_size()
+        for t in optimizer.target.state_dict().get("reference", {}).values()
+    )
     print(f"TRAM-θ0 reference: {options.reference}, holds {held / 2**20:.2f} MiB of weights")
 
     metric = "perplexity" if options.model == "smollm2" else "accuracy"

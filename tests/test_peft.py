@@ -1,7 +1,7 @@
 """tram with PEFT LoRA adapters, on a tiny Llama and a tiny BERT built from configs.
 
 - SAM/TRAM train LoRA models; TRAM-θ0's copied reference holds the adapter weights only.
-- :class:`tram.adapters.AdapterOffReference` (θ0 as the adapter-off forward, no weights) equals
+- :class:`tram.adapters.AdapterOff` (θ0 as the adapter-off forward, no weights) equals
   the copied reference bit for bit at step 1 (d = 0 exactly, dropout replayed) and after.
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import tram
-from tram.adapters import AdapterOffReference
+from tram.adapters import AdapterOff
 from tram.targets import ReferenceWeights
 
 peft = pytest.importorskip("peft")
@@ -94,10 +94,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "bert": tiny
 def make_tram(model: nn.Module, *, adapter_off: bool) -> tram.TRAM:
     trainable = [p for p in model.parameters() if p.requires_grad]
     base = torch.optim.AdamW(trainable, lr=3e-2, weight_decay=0.01)
-    optimizer = tram.TRAM(base, model, trust_region="pretrained", seed=11)
-    if adapter_off:
-        optimizer.reference = AdapterOffReference(model)  # type: ignore[assignment]
-    return optimizer
+    return tram.TRAM(base, model, target=AdapterOff() if adapter_off else "pretrained")
+
+
+def adapter_off(model: nn.Module) -> AdapterOff:
+    target = AdapterOff()
+    target.bind(model)
+    return target
 
 
 def train(
@@ -186,7 +189,7 @@ def test_adapter_off_reference_equals_copied_reference(kind: str) -> None:
 
 def test_adapter_off_output_equals_theta0_output() -> None:
     model = tiny_bert()
-    reference = AdapterOffReference(model)
+    reference = adapter_off(model)
     theta0 = ReferenceWeights(model)
     batch = batches("bert", 1)[0]
     with torch.random.fork_rng():
@@ -194,17 +197,17 @@ def test_adapter_off_output_equals_theta0_output() -> None:
         expected = theta0.forward(batch).logits
     with torch.random.fork_rng():
         torch.manual_seed(3)
-        got = reference.forward(batch).logits
+        got = reference.output((), batch).logits
     assert torch.equal(got, expected)
     with torch.random.fork_rng():  # the dropout masks matter: another seed gives other logits
         torch.manual_seed(4)
-        assert not torch.equal(reference.forward(batch).logits, expected)
+        assert not torch.equal(reference.output((), batch).logits, expected)
 
 
 def test_adapter_off_reference_replays_lora_dropout() -> None:
     """Without drawing the LoRA dropout masks, the masks after the first LoRA layer shift."""
     model = tiny_llama()
-    reference = AdapterOffReference(model)
+    reference = adapter_off(model)
     assert reference._dropout_layers  # q_proj and v_proj of both layers
     batch = batches("llama", 1)[0]
     with torch.random.fork_rng():
@@ -212,7 +215,7 @@ def test_adapter_off_reference_replays_lora_dropout() -> None:
         with_adapters_at_theta0 = model(**batch).logits.detach()
     with torch.random.fork_rng():
         torch.manual_seed(5)
-        assert torch.equal(reference.forward(batch).logits, with_adapters_at_theta0)
+        assert torch.equal(reference.output((), batch).logits, with_adapters_at_theta0)
     with torch.random.fork_rng(), torch.no_grad(), model.disable_adapter():
         torch.manual_seed(5)
         plain_off = model(**batch).logits
@@ -231,7 +234,8 @@ def test_adapter_off_checkpoint_round_trip() -> None:
     rng_state = torch.get_rng_state()
     state = copy.deepcopy(optimizer.state_dict())
     weights = copy.deepcopy(model.state_dict())
-    assert state["tram"]["reference"] == {}
+    assert state["tram"]["adapter_off"] is True
+    assert "reference" not in state["tram"]
 
     resumed_model = tiny_bert(seed=1)
     resumed_model.load_state_dict(weights)  # trained adapters: lora_B is not zero any more
@@ -244,29 +248,26 @@ def test_adapter_off_checkpoint_round_trip() -> None:
 
 def test_adapter_off_refuses_what_is_not_theta0() -> None:
     batch = batches("bert", 1)[0]
-    trained = AdapterOffReference(tiny_bert(lora={"init_lora_weights": False}))
+    trained = adapter_off(tiny_bert(lora={"init_lora_weights": False}))
     with pytest.raises(ValueError, match="non-zero lora_B"):
-        trained.forward(batch)
-    trained.load_state_dict({})  # resuming a run that used the reference: accepted
-    trained.forward(batch)
+        trained.output((), batch)
+    trained.load_state_dict({"adapter_off": True})  # resuming a run that used it: accepted
+    trained.output((), batch)
+    with pytest.raises(KeyError, match="not from an AdapterOff target"):
+        trained.load_state_dict({"reference": {}})
     with pytest.raises(ValueError, match="DoRA"):
-        AdapterOffReference(tiny_llama(lora={"use_dora": True}))
+        adapter_off(tiny_llama(lora={"use_dora": True}))
     with pytest.raises(TypeError, match=r"needs a peft\.PeftModel"):
-        AdapterOffReference(nn.Linear(2, 2))
-    reference = AdapterOffReference(tiny_llama())
-    with pytest.raises(TypeError, match="trust_region='pretrained'"):
-        reference.copy_from_model()
-    with pytest.raises(TypeError, match="trust_region='pretrained'"):
-        reference.update_ema(0.9)
-    with pytest.raises(KeyError, match="holds no weights"):
-        reference.load_state_dict({"w": torch.zeros(1)})
+        adapter_off(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"needs a peft\.PeftModel"):
+        make_tram(nn.Linear(2, 2), adapter_off=True)
 
 
 def test_adapter_off_after_training_is_still_theta0() -> None:
     """Training moves the adapter; the adapter-off forward keeps giving θ0's output."""
     model = tiny_bert()
     theta0 = ReferenceWeights(model)
-    reference = AdapterOffReference(model)
+    reference = adapter_off(model)
     optimizer = make_tram(model, adapter_off=True)
     train(model, optimizer, batches("bert", 2))
     batch = batches("bert", 1, seed=9)[0]
@@ -275,7 +276,7 @@ def test_adapter_off_after_training_is_still_theta0() -> None:
         expected = theta0.forward(batch).logits
     with torch.random.fork_rng():
         torch.manual_seed(2)
-        assert torch.equal(reference.forward(batch).logits, expected)
+        assert torch.equal(reference.output((), batch).logits, expected)
 
 
 @pytest.mark.slow

@@ -2,13 +2,14 @@
 
 For a LoRA model whose adapters are at their initialisation (``lora_B = 0``, PEFT's default
 ``init_lora_weights=True``), the pre-trained model θ0 *is* the model with the adapters switched
-off: ``W x + B A x · s = W x`` when ``B = 0``. :class:`AdapterOffReference` runs the reference
-forward of TRAM's ``"pretrained"`` trust region as ``with model.disable_adapter(): model(...)``
-(PEFT's public API), so the reference holds no tensor at all, where
-:class:`tram.targets.ReferenceWeights` copies every trainable parameter (for LoRA: the adapter
-weights and any ``modules_to_save`` head).
+off: ``W x + B A x · s = W x`` when ``B = 0``. :class:`AdapterOff` is a TRAM target
+(:class:`tram.targets.Target`) whose output is ``with model.disable_adapter(): model(...)``
+(PEFT's public API), so it holds no tensor at all, where :class:`tram.targets.Pretrained` copies
+every trainable parameter (for LoRA: the adapter weights and any ``modules_to_save`` head)::
 
-It computes the same function as the copied reference, exactly:
+    optimizer = tram.TRAM(base, peft_model, target=tram.adapters.AdapterOff())
+
+It computes the same function as the copied θ0, exactly:
 
 - with ``B = 0`` the LoRA term adds an exact zero, so the adapter-on forward at θ0 and the
   adapter-off forward give the same logits bit for bit;
@@ -17,17 +18,15 @@ It computes the same function as the copied reference, exactly:
 - **dropout replay**: the adapter-on forward draws the LoRA dropout mask of every LoRA layer
   (``lora_dropout > 0``); with the adapters off PEFT skips those draws, which would shift every
   later dropout mask of the model and make TRAM's replayed masks differ (d would then measure
-  dropout, not the trust region). The reference draws and discards the same LoRA dropout masks,
-  in the same order, so the random stream advances exactly as in the recorded forward.
+  dropout, not the trust region). The target draws and discards the same LoRA dropout masks, in
+  the same order, so the random stream advances exactly as in the recorded forward.
 
-It refuses what is not θ0 or not exact: at construction, merged adapters, DoRA (its magnitude
+It refuses what is not θ0 or not exact: when TRAM binds it, merged adapters, DoRA (its magnitude
 rescaling is not an exact identity at initialisation) and LoRA layer types whose dropout replay is
-not implemented; at the first reference forward, adapters whose ``lora_B`` was not zero when the
-reference was built (a loaded adapter, PiSSA/OLoRA/… initialisations, which also change the base
-weights), unless a checkpoint of the reference was loaded since (resuming a run that used it: its
-adapters trained, its base weights are still θ0). Use ``ReferenceWeights`` for those.
-
-``trust_region="previous"`` and ``"ema"`` need weights that move: they raise here.
+not implemented; at the first reference forward, adapters whose ``lora_B`` was not zero when it
+was bound (a loaded adapter, PiSSA/OLoRA/… initialisations, which also change the base weights),
+unless a checkpoint of this target was loaded since (resuming a run that used it: its adapters
+trained, its base weights are still θ0). Use :class:`tram.targets.Pretrained` for those.
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from tram.targets import unwrap_model
+from tram.targets import Target, unwrap_model
 
-__all__ = ["AdapterOffReference"]
+__all__ = ["AdapterOff"]
 
 
 def _lora_layers(model: nn.Module) -> list[Any]:
@@ -60,44 +59,44 @@ def _replayable_dropout_types() -> tuple[type, ...]:
     return (layer.Linear, layer._ConvNd)
 
 
-class AdapterOffReference:
-    """The pre-trained model θ0 of a PEFT LoRA model, as its adapter-off forward.
+class AdapterOff(Target):
+    """TRAM-θ0 of a PEFT LoRA model as its adapter-off forward: ``TRAM(base, model,
+    target=AdapterOff())``.
 
-    It has the interface of :class:`tram.targets.ReferenceWeights` that TRAM's ``"pretrained"``
-    trust region uses: :meth:`call` runs the reference forward, :meth:`state_dict` and
-    :meth:`load_state_dict` checkpoint it (there is nothing to save).
+    A :class:`tram.targets.Target` like :class:`tram.targets.Pretrained`, whose output it equals
+    (see the module docstring), holding no weights. Its checkpoint is a marker only.
 
-    Args:
-        model: the ``peft.PeftModel`` being trained (the model TRAM records), with LoRA adapters
-            at their initialisation. A ``DistributedDataParallel`` wrapper is unwrapped.
-
-    Raises:
-        TypeError: ``model`` is not a PEFT model with LoRA adapters.
+    Raises (when TRAM binds it to the model):
+        TypeError: the model is not a PEFT model with LoRA adapters.
         ValueError: merged adapters, DoRA, or a LoRA layer type with dropout that cannot be
-            replayed; from :meth:`call`: ``lora_B`` was not zero at construction.
+            replayed. From :meth:`output`: ``lora_B`` was not zero when it was bound (and no
+            checkpoint of this target was loaded since).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    name = "adapter_off"
+
+    def bind(self, model: nn.Module) -> None:
         model = unwrap_model(model)
         if not callable(getattr(model, "disable_adapter", None)) or not hasattr(
             model, "peft_config"
         ):
             raise TypeError(
-                "AdapterOffReference needs a peft.PeftModel (with disable_adapter()), but got "
+                "AdapterOff needs a peft.PeftModel (with disable_adapter()), but got "
                 f"{type(model).__name__}"
             )
         layers = _lora_layers(model)
         if not layers:
             raise TypeError(
-                f"{type(model).__name__} has no LoRA layers; AdapterOffReference supports LoRA "
-                "adapters only (use tram.targets.ReferenceWeights for other PEFT methods)"
+                f"{type(model).__name__} has no LoRA layers; AdapterOff supports LoRA adapters "
+                "only (use tram.targets.Pretrained, which copies θ0, for other PEFT methods)"
             )
-        replayable = _replayable_dropout_types()
-        self.model: Any = model  # a peft.PeftModel (peft is imported lazily, untyped here)
+        super().bind(model)
+        self.peft_model: Any = model  # peft is imported lazily, untyped here
         self._dropout_layers: list[Any] = []
         # Why the adapter-off model may not be θ0; cleared by loading a checkpoint of this
-        # reference (a resumed run: the adapters trained, the base weights are still θ0).
+        # target (a resumed run: the adapters trained, the base weights are still θ0).
         self._not_initial: str | None = None
+        replayable = _replayable_dropout_types()
         for layer in layers:
             self._check_layer(layer, replayable)
 
@@ -113,7 +112,7 @@ class AdapterOffReference:
             if layer.use_dora.get(adapter, False):
                 raise ValueError(
                     f"adapter {adapter!r} uses DoRA, whose magnitude rescaling is not an exact "
-                    "identity at initialisation; use tram.targets.ReferenceWeights"
+                    "identity at initialisation; use tram.targets.Pretrained"
                 )
             for factors in (layer.lora_B, layer.lora_embedding_B):
                 if adapter not in factors:
@@ -126,8 +125,8 @@ class AdapterOffReference:
                         "switched off the model is not the model at the start of training "
                         "(a loaded or trained adapter, or an initialisation such as PiSSA "
                         "that also changes the base weights); use "
-                        "tram.targets.ReferenceWeights, which copies θ0. (Resuming a run that "
-                        "used this reference is fine: load the optimizer's state dict first.)"
+                        "tram.targets.Pretrained, which copies θ0. (Resuming a run that "
+                        "used this target is fine: load the optimizer's state dict first.)"
                     )
             # (nn.ModuleDict has no get())
             dropout = layer.lora_dropout[adapter] if adapter in layer.lora_dropout else None  # noqa: SIM401
@@ -136,7 +135,7 @@ class AdapterOffReference:
                     raise ValueError(
                         f"LoRA dropout (p={dropout.p}) on a {name} layer cannot be replayed by "
                         "the adapter-off reference; set lora_dropout=0 for it or use "
-                        "tram.targets.ReferenceWeights"
+                        "tram.targets.Pretrained"
                     )
                 draws_dropout = True
         if draws_dropout:
@@ -166,52 +165,30 @@ class AdapterOffReference:
                 handle.remove()
 
     @torch.no_grad()
-    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run the model with its adapters switched off on ``(args, kwargs)``.
+    def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The model with its adapters switched off on ``(args, kwargs)``.
 
         Raises:
-            ValueError: the adapters were not at their initialisation when the reference was
-                built (and no checkpoint of it was loaded since).
+            ValueError: the adapters were not at their initialisation when the target was bound
+                (and no checkpoint of it was loaded since).
         """
         if self._not_initial is not None:
             raise ValueError(self._not_initial)
-        with self.model.disable_adapter(), self._lora_dropout_draws():
-            return self.model(*args, **kwargs)
+        with self.peft_model.disable_adapter(), self._lora_dropout_draws():
+            return self.peft_model(*args, **kwargs)
 
-    def forward(self, inputs: Any) -> Any:
-        """Run the reference on a batch: a mapping as keyword arguments, a tuple/list as
-        positional arguments, anything else as the single argument."""
-        if isinstance(inputs, Mapping):
-            return self.call((), dict(inputs))
-        if isinstance(inputs, (tuple, list)):
-            return self.call(tuple(inputs), {})
-        return self.call((inputs,), {})
+    def state_dict(self) -> dict[str, Any]:
+        """A marker only: the reference is the frozen base model, saved with the model."""
+        return {"adapter_off": True}
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """Nothing: the reference is the frozen base model, saved with the model."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Accept the empty state of :meth:`state_dict` (a resumed run: the adapters may have
-        trained since θ0); refuse copied reference weights."""
-        if state:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Accept this target's marker (a resumed run: the adapters may have trained since θ0)."""
+        if not state.get("adapter_off"):
             raise KeyError(
-                "AdapterOffReference holds no weights, but the checkpoint has reference tensors "
-                f"({len(state)}, e.g. {next(iter(state))!r}): it was saved with copied reference "
-                "weights (tram.targets.ReferenceWeights)"
+                "the checkpoint is not from an AdapterOff target (no 'adapter_off' marker); it "
+                "holds the state of another target"
             )
         self._not_initial = None
 
-    def copy_from_model(self) -> None:
-        """Not available: the adapter-off model is θ0 only (``trust_region="pretrained"``)."""
-        raise TypeError(
-            "AdapterOffReference is the pre-trained model θ0 and cannot follow the weights; use "
-            "it with trust_region='pretrained' (for 'previous' use ReferenceWeights)"
-        )
-
-    def update_ema(self, decay: float) -> None:
-        """Not available: the adapter-off model is θ0 only (``trust_region="pretrained"``)."""
-        raise TypeError(
-            "AdapterOffReference is the pre-trained model θ0 and cannot follow the weights; use "
-            "it with trust_region='pretrained' (for 'ema' use ReferenceWeights)"
-        )
+    def __repr__(self) -> str:
+        return "AdapterOff()"
