@@ -24,8 +24,11 @@ checkpoints and ``self.log`` keep working. What the callback does, and why:
   ``on_before_optimizer_step`` see the descent gradient at θ, and the precision plugin steps the
   base optimizer (through the ``GradScaler`` under ``"16-mixed"``). The result equals
   :func:`tram.accumulating_closure` with ``step(closure)``; it costs two forward and backward
-  passes per micro-batch. Without the callback, Lightning replays only the last micro-batch at
-  θ+ε (the update is then that micro-batch's gradient divided by the window size).
+  passes per micro-batch. Without the callback, Lightning would replay only the last
+  micro-batch at θ+ε (the update would be that micro-batch's gradient divided by the window
+  size): the wrapper refuses such a step (``tram._callers.check_step_closure``), and under
+  ``"16-mixed"``, where Lightning calls ``step()`` without a closure, it warns
+  (``tram.MissingAscentWarning``).
 - **Mixed precision.** Under ``"16-mixed"`` the ascent is taken from the scaled gradient with
   ``grad_scale=scaler.get_scale()``; the weights are restored before ``scaler.step``, which skips
   the step on overflow (either pass) and backs off the scale. ``"bf16-mixed"`` needs nothing.
