@@ -357,25 +357,39 @@ def test_sft_tram_resume_is_bit_exact(tmp_path: Any) -> None:
 
 
 def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
-    """TRL wraps the model in PEFT itself (peft_config=); TRAM records the PeftModel's forward."""
+    """TRL wraps the model in PEFT itself (peft_config=); TRAM records the PeftModel's forward.
+    TRAM-θ0 with the copied reference and with the adapter-off target take the same steps."""
     peft = pytest.importorskip("peft")
-    model = tiny_llama(dropout=0.1)
-    frozen = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
-    trainer, _, _ = train_sft(
-        tmp_path,
-        model,
-        peft_config=config,
-        method="tram",
-        method_kwargs={"trust_region": "pretrained"},
-    )
-    radii = trainer.two_pass_optimizer.radius_history
-    assert radii[0] == 0.0  # θ = θ0, the dropout masks (LoRA's too) replayed
-    assert radii[1] > 0
-    reference = trainer.two_pass_optimizer.reference.state_dict()
+    from tram.adapters import AdapterOff
+
+    runs = {}
+    for name, target in (("copied", "pretrained"), ("adapter_off", AdapterOff())):
+        model = tiny_llama(dropout=0.1)
+        frozen = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight)
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
+        trainer, _, _ = train_sft(
+            tmp_path / name,
+            model,
+            peft_config=config,
+            method="tram",
+            method_kwargs={"target": target},
+        )
+        base = trainer.model.base_model.model.model
+        assert torch.equal(base.layers[0].mlp.up_proj.weight, frozen)
+        runs[name] = trainer
+    copied = runs["copied"].two_pass_optimizer
+    assert copied.radius_history[0] == 0.0  # θ = θ0, the dropout masks (LoRA's too) replayed
+    assert copied.radius_history[1] > 0
+    reference = copied.reference.state_dict()
     assert reference
     assert all("lora_" in name for name in reference)
-    assert torch.equal(trainer.model.base_model.model.model.layers[0].mlp.up_proj.weight, frozen)
+    off = runs["adapter_off"].two_pass_optimizer
+    assert off.reference is None
+    assert off.radius_history == copied.radius_history
+    for p, q in zip(
+        runs["copied"].model.parameters(), runs["adapter_off"].model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q)
 
 
 def test_regularizers_are_refused_with_trl(tmp_path: Any) -> None:

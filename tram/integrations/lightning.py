@@ -364,7 +364,8 @@ def manual_step(
         )
     trainer = pl_module.trainer
     optimizer.zero_grad()
-    with wrapper.first_pass(no_sync=contextlib.nullcontext()):
+    no_sync = _no_sync(trainer.strategy) if wrapper.local_ascent else contextlib.nullcontext()
+    with wrapper.first_pass(no_sync=no_sync):
         loss = loss_fn()
         pl_module.manual_backward(loss)
     perturbed = wrapper.first_step(grad_scale=_grad_scale(trainer))
