@@ -3,7 +3,9 @@
     python benchmarks/peft_reference.py [--steps 10] [--threads 1] [--out benchmarks/results]
 
 The two models of the step-cost benchmark (``benchmarks/conftest.py``: a MiniLM-sized BERT and a
-small Llama, built from their configs, one seeded 8 x 64 batch) get LoRA adapters (r = 8,
+small Llama, built from their configs, one seeded 8 x 64 batch), and with ``--models smollm2`` the
+real SmolLM2-135M (offline asset, a 4 x 64 batch; results in ``peft_reference_smollm2.*``), get
+LoRA adapters (r = 8,
 alpha = 16, dropout 0.05, on the attention's query and value projections; the BERT's classifier
 is trained as ``modules_to_save``). Each is trained with ``tram.TRAM(AdamW(lr=2e-5),
 trust_region="pretrained")`` twice, with the reference TRAM copies (``Pretrained``) and
@@ -40,14 +42,34 @@ import tram
 from tram.adapters import AdapterOff
 from tram.targets import Pretrained
 
-TARGETS = {"minilm_bert": ["query", "value"], "small_llama": ["q_proj", "v_proj"]}
-TASKS = {"minilm_bert": "SEQ_CLS", "small_llama": "CAUSAL_LM"}
+TARGETS = {
+    "minilm_bert": ["query", "value"],
+    "small_llama": ["q_proj", "v_proj"],
+    "smollm2": ["q_proj", "v_proj"],
+}
+TASKS = {"minilm_bert": "SEQ_CLS", "small_llama": "CAUSAL_LM", "smollm2": "CAUSAL_LM"}
+
+
+def smollm2(device: torch.device) -> tuple[nn.Module, dict[str, Tensor]]:
+    """The real SmolLM2-135M-Instruct (offline asset), dropout 0, a seeded 4 x 64 batch."""
+    from transformers import AutoModelForCausalLM
+
+    from tram.experiments.assets import smollm2_path
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path()).to(device).train()
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(5, model.config.vocab_size, (4, 64), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, 48:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return model, {key: value.to(device) for key, value in batch.items()}
 
 
 def lora_model(name: str, device: torch.device) -> tuple[nn.Module, dict[str, Tensor]]:
     import peft
 
-    model, batch = build_model(name, device)
+    model, batch = smollm2(device) if name == "smollm2" else build_model(name, device)
     model.zero_grad(set_to_none=True)
     config = peft.LoraConfig(
         task_type=TASKS[name], r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS[name]
@@ -172,7 +194,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--models", nargs="*", default=list(TARGETS))
+    parser.add_argument(
+        "--models", nargs="*", default=["minilm_bert", "small_llama"], choices=list(TARGETS)
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device()
@@ -188,6 +212,8 @@ def main() -> None:
     results = {name: measure(name, args.steps, device) for name in args.models}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if device.type == "cpu" else "_cuda"
+    if args.models != ["minilm_bert", "small_llama"]:
+        suffix += "_" + "_".join(args.models)
     (args.out / f"peft_reference{suffix}.json").write_text(
         json.dumps({"meta": meta, "results": results}, indent=2)
     )

@@ -30,14 +30,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
-MissingAscentWarning = getattr(tram, "MissingAscentWarning", None)
-if MissingAscentWarning is None:  # until the core exports it at the top level
-    MissingAscentWarning = getattr(
-        __import__("tram._wrapper", fromlist=["MissingAscentWarning"]), "MissingAscentWarning", None
-    )
-needs_missing_ascent_warning = pytest.mark.skipif(
-    MissingAscentWarning is None, reason="the core does not define MissingAscentWarning yet"
-)
+MissingAscentWarning = tram.MissingAscentWarning
 needs_closure_guard = pytest.mark.skipif(
     "check_step_closure" not in inspect.getsource(TwoPassOptimizer.step),
     reason="TwoPassOptimizer.step does not call tram._callers.check_step_closure yet",
@@ -439,7 +432,6 @@ def test_without_callback_single_batch_is_exact_and_warns() -> None:
     assert_same_weights(module.net, net)
 
 
-@needs_missing_ascent_warning
 def test_without_callback_fp16_warns_missing_ascent() -> None:
     module = Module("sam")
     run = trainer(max_epochs=1, plugins=[fp16_plugin()])
@@ -502,7 +494,6 @@ def test_manual_step_closure_is_exact_and_not_refused() -> None:
     assert_same_weights(module.net, net)
 
 
-@needs_missing_ascent_warning
 def test_manual_explicit_form_through_the_proxy() -> None:
     """first_step() on the LightningOptimizer proxy, then its step(): the real wrapper's state."""
     data = make_data(3)

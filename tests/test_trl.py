@@ -22,14 +22,7 @@ datasets = pytest.importorskip("datasets")
 
 from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
 
-MissingAscentWarning = getattr(tram, "MissingAscentWarning", None)
-if MissingAscentWarning is None:  # until the core exports it at the top level
-    from tram import _wrapper
-
-    MissingAscentWarning = getattr(_wrapper, "MissingAscentWarning", None)
-needs_missing_ascent_warning = pytest.mark.skipif(
-    MissingAscentWarning is None, reason="the core does not define MissingAscentWarning yet"
-)
+MissingAscentWarning = tram.MissingAscentWarning
 
 VOCAB = 40
 UNK, PAD, EOS = VOCAB - 3, VOCAB - 2, VOCAB - 1
@@ -292,7 +285,6 @@ def test_with_tram_builds_the_class_and_refuses_others() -> None:
 
 
 # ---------------------------------------------------------------------- without the integration
-@needs_missing_ascent_warning
 @pytest.mark.parametrize("trainer_class", ["Trainer", "SFTTrainer"])
 def test_plain_trainers_given_a_tram_optimizer_warn(tmp_path: Any, trainer_class: str) -> None:
     model = tiny_llama()
