@@ -407,6 +407,26 @@ def test_callback_with_deepspeed_like_strategy_refuses() -> None:
 
 
 # ---------------------------------------------------------------------- without the callback
+def test_lightning_closure_is_recognised() -> None:
+    """The structure tram._callers relies on: the closure Lightning's precision plugin passes to
+    optimizer.step(closure) under automatic optimization leads to the Trainer."""
+    from tram._callers import _lightning_trainer
+
+    seen: list[Any] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            seen.append(closure)
+            return super().step(closure)
+
+    module = Module(None)
+    module.configure_optimizers = lambda: Recording(module.net.parameters(), lr=0.1)  # type: ignore[method-assign]
+    run = fit(module, make_data(1), max_epochs=1)
+    assert len(seen) == 1
+    assert _lightning_trainer(seen[0]) is run
+    assert _lightning_trainer(lambda: None) is None
+
+
 @needs_closure_guard
 def test_without_callback_accumulation_refuses() -> None:
     module = Module("sam")

@@ -55,6 +55,14 @@ Manual optimization (``self.automatic_optimization = False``) takes the step in
         return manual_step(self, lambda: self.loss(batch))
 
 DeepSpeed (whose engine accumulates gradients itself) is refused.
+
+What of Lightning this relies on beyond its documented API, each checked by
+``tests/test_lightning.py``: the ``optimizer_step`` hook is looked up on the module instance when
+Lightning calls it (an instance attribute overrides it; every callback test fails otherwise); the
+``"16-mixed"`` plugin's ``optimizer_step`` skips the step when the closure returns None
+(``test_fp16_mixed_equals_scaled_step``); ``tram._callers`` recognises the automatic
+optimization's closure as ``functools.partial(Precision._wrap_closure, module, optimizer,
+closure)`` and reads the module's ``_trainer`` (``test_lightning_closure_is_recognised``).
 """
 
 from __future__ import annotations

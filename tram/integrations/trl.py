@@ -32,6 +32,11 @@ as TRAM's record does) per micro-batch: 4 forwards and 2 backwards per micro-bat
 and 2. SAM, ASAM and Fisher SAM need no logits and cost what they cost under ``TramTrainer``.
 TRL's own reference model of DPO runs without gradients and is never recorded.
 
+What of TRL this relies on beyond its documented API, checked by ``tests/test_trl.py``: the
+arguments that select the fused head and its loss (``fused_lm_head``, ``labels``,
+``shift_labels``, ``num_items_in_batch``), which the twin drops to get the plain forward's logits
+(``test_sft_tram_measures_the_exact_radius``).
+
 Loss-side regularizers (``regularizers=``) are refused: they need the training forward's logits
 with gradients, which the fused head never builds.
 
