@@ -275,6 +275,54 @@ def test_dpo_tram_trains_and_measures_the_radius(tmp_path: Any) -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def dpo_run(tmp_path: Any, *, batch_size: int, accumulation: int) -> nn.Module:
+    model = tiny_llama()
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / f"dpo{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        bf16=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=5,
+    )
+    trainer = TramDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=dpo_dataset(),
+        processing_class=tokenizer(),
+        method="sam",
+        method_kwargs={"rho": 0.31},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    assert trainer.two_pass_optimizer.steps == 2
+    return model
+
+
+def test_dpo_sam_accumulation_equals_the_large_batch(tmp_path: Any) -> None:
+    """DPO's loss is a mean over pairs: 2 micro-batches of 1 pair, one ascent from their
+    accumulated gradient and both replayed, equal one batch of 2 pairs."""
+    large = dpo_run(tmp_path, batch_size=2, accumulation=1)
+    accumulated = dpo_run(tmp_path, batch_size=1, accumulation=2)
+    for (name, p), q in zip(large.named_parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    initial = tiny_llama()
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(large.parameters(), initial.parameters())
+    )
+    assert moved > 1e-3
+
+
 def test_with_tram_builds_the_class_and_refuses_others() -> None:
     cls = with_tram(trl.SFTTrainer)
     assert cls.__name__ == "TramSFTTrainer"
