@@ -7,7 +7,6 @@ with ``step(closure)``, the explicit form, or ``tram.scaled_step``. Lightning is
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 import subprocess
 import sys
@@ -31,10 +30,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentWarning = tram.MissingAscentWarning
-needs_closure_guard = pytest.mark.skipif(
-    "check_step_closure" not in inspect.getsource(TwoPassOptimizer.step),
-    reason="TwoPassOptimizer.step does not call tram._callers.check_step_closure yet",
-)
 
 VOCAB, WIDTH, CLASSES, LENGTH = 23, 8, 3, 5
 BATCH = 4
@@ -427,21 +422,18 @@ def test_lightning_closure_is_recognised() -> None:
     assert _lightning_trainer(lambda: None) is None
 
 
-@needs_closure_guard
 def test_without_callback_accumulation_refuses() -> None:
     module = Module("sam")
     with pytest.raises(RuntimeError, match=r"accumulate_grad_batches=2.*TramCallback"):
         fit(module, make_data(2), max_epochs=1, accumulate_grad_batches=2)
 
 
-@needs_closure_guard
 def test_without_callback_clipping_refuses() -> None:
     module = Module("sam")
     with pytest.raises(RuntimeError, match=r"gradient_clip_val=0\.5.*TramCallback"):
         fit(module, make_data(2), max_epochs=1, gradient_clip_val=0.5)
 
 
-@needs_closure_guard
 def test_without_callback_single_batch_is_exact_and_warns() -> None:
     data = make_data(3)
     module = Module("sam")

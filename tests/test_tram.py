@@ -739,7 +739,8 @@ def test_resume_is_bit_exact(trust_region: str) -> None:
 def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:
     task = TASKS["plain"]
     noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["tram"]
-    assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "generator"}
+    assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "target", "generator"}
+    assert noise["target"] == "noise"
     previous = library_tram(task, "previous", steps=2)
     state = previous.optimizer.state_dict()["tram"]
     assert set(state["reference"]) == {"embed.weight", "head.weight", "head.bias"}

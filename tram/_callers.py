@@ -74,9 +74,10 @@ def check_step_closure(optimizer: Any, closure: Any) -> None:
             f"gradient_clip_val={clip}: Lightning would clip the first pass's gradient too, "
             f"before the ascent. {fix}"
         )
-    if getattr(optimizer, "_warned_lightning_logging", False):
+    state = optimizer._step_state
+    if state.warned_lightning_logging:
         return
-    optimizer._warned_lightning_logging = True
+    state.warned_lightning_logging = True
     warnings.warn(
         f"{name} is stepped by Lightning's automatic optimization without TramCallback: the "
         "step is exact, but training_step runs at θ+ε last, so self.log and the progress bar "

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
+from tram._callers import check_step_closure
 from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
 
 __all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
@@ -85,6 +86,7 @@ class _StepState:
         "skipped_ascents",
         "skipped_steps",
         "steps",
+        "warned_lightning_logging",
         "warned_missing_ascent",
     )
 
@@ -102,6 +104,7 @@ class _StepState:
         self.perturbed_buckets: list[_Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False
+        self.warned_lightning_logging = False
 
     def for_copy(self) -> _StepState:
         """A copy for pickling: counters kept, references to live tensors dropped."""
@@ -111,6 +114,7 @@ class _StepState:
         copy.skipped_steps = self.skipped_steps
         copy.last_ascent_norm = self.last_ascent_norm
         copy.warned_missing_ascent = self.warned_missing_ascent
+        copy.warned_lightning_logging = self.warned_lightning_logging
         return copy
 
 
@@ -445,6 +449,8 @@ class TwoPassOptimizer(Optimizer):
             return None
         if state.ascent_attempted and self.is_perturbed:
             return self._finish_perturbed_step(closure)
+        if not state.ascent_attempted:
+            check_step_closure(self, closure)
         with self.first_pass(), torch.enable_grad():
             loss = closure()
         if loss is None and state.ascent_attempted:
