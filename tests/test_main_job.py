@@ -113,9 +113,8 @@ def test_one_seed_ends_with_the_note_and_the_benchmark(tmp_path, monkeypatch, ca
     sweeps = FakeSweeps()
     monkeypatch.setattr(subprocess, "call", sweeps)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(main_job, "intra_op_threads", lambda: (3, "why"))
     assert main_job.main(["--out", str(tmp_path)]) == 0
-    assert sweeps.threads == ["3", "3", "3"]
+    assert sweeps.threads == ["1", "1", "1"]  # main_job.THREADS
     optimizers = [
         dict(p.split("=", 1) for p in c if "=" in p)["optimizer"] for c in sweeps.commands
     ]
@@ -145,18 +144,6 @@ def test_empty_optimizer_list_is_refused(capsys):
     assert "--optimizers: expected comma-separated names, got ' , '" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("cores", "load", "threads"), [(2, 0.3, 2), (2, 0.9, 1), (2, 8.7, 1), (16, 1.2, 15)]
-)
-def test_one_intra_op_thread_per_idle_core(monkeypatch, cores, load, threads):
-    monkeypatch.setattr(main_job.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(main_job.os, "getloadavg", lambda: (load, 0.0, 0.0))
-    assert main_job.intra_op_threads() == (
-        threads,
-        f"{cores} cores, 1-minute load average {load:.1f}",
-    )
-
-
 def test_threads_from_the_option_or_the_environment(tmp_path, monkeypatch, capsys):
     sweeps = FakeSweeps()
     monkeypatch.setattr(subprocess, "call", sweeps)
@@ -167,7 +154,7 @@ def test_threads_from_the_option_or_the_environment(tmp_path, monkeypatch, capsy
         == 0
     )
     assert sweeps.threads == ["5", "2"]
-    assert "Intra-op threads per run" not in capsys.readouterr().out
+    assert "+ OMP_NUM_THREADS=5 " in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main_job.main(["--threads", "0"])
     assert "--threads: expected a positive number, got 0" in capsys.readouterr().err

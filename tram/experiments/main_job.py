@@ -14,10 +14,10 @@ The default experiment, ``sentiment_quick``, is the cross-domain benchmark's bud
 movie-review snippets for 80 steps of 16, lr 1e-4) evaluated on 300 instead of 1000 examples
 per domain (movies in-domain; Amazon, tweets and NYT out-of-domain), offline on CPU, with
 SAM's ρ as the benchmark chose it on in-domain validation (:data:`TUNED`), and one intra-op
-thread per idle core (:func:`intra_op_threads`; ``--threads`` or ``OMP_NUM_THREADS`` choose
-otherwise). One seed shows that every piece runs and what a run measures; it cannot show that
-one optimizer generalizes better than another, and the report says so. ``--seeds 1,2,3`` gives
-intervals and paired tests.
+thread per run (:data:`THREADS`; ``--threads`` or ``OMP_NUM_THREADS`` choose otherwise). One
+seed shows that every piece runs and what a run measures; it cannot show that one optimizer
+generalizes better than another, and the report says so. ``--seeds 1,2,3`` gives intervals and
+paired tests.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tram.experiments import report
 
-__all__ = ["BENCHMARK", "DEFAULT_EXPERIMENT", "TUNED", "intra_op_threads", "main", "sweep_command"]
+__all__ = ["BENCHMARK", "DEFAULT_EXPERIMENT", "THREADS", "TUNED", "main", "sweep_command"]
 
 DEFAULT_EXPERIMENT = "sentiment_quick"
 
@@ -55,6 +55,14 @@ BENCHMARK = (
 )
 """The main job's closing line, also written under its figure."""
 
+THREADS = 1
+"""Intra-op threads per run unless ``--threads`` or ``OMP_NUM_THREADS`` say otherwise. A training
+step of this small model synchronises its threads at every operator, so a thread that shares its
+core with other work stalls the rest: on the 2-core development machine under load (load average
+about 9) an AdamW step took about 15 s with two threads and 1.4 s with one. One thread also makes
+the training bit-for-bit the benchmark's (which ran one thread per run): the same training loss
+to the last digit for AdamW, SAM and TRAM-x on seed 1."""
+
 
 def sweep_command(
     experiment: str, optimizer: str, seeds: str, out: Path, overrides: Sequence[str] = ()
@@ -76,22 +84,6 @@ def sweep_command(
     ]
 
 
-def intra_op_threads() -> tuple[int, str]:
-    """Intra-op threads for each run, and why: one per idle core.
-
-    The usable cores minus the 1-minute load average, rounded, at least one. A training step
-    of a small model synchronises its threads at every operator, so a thread that shares its
-    core with other work stalls the others: on the loaded 2-core development machine (load
-    average about 9) an AdamW step of this job took about 15 s with two threads and 1.4 s
-    with one.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    threads = max(1, min(cores, round(cores - load)))
-    return threads, f"{cores} cores, 1-minute load average {load:.1f}"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tram.experiments.main_job", description=__doc__.split("\n\n")[0]
@@ -103,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--threads",
         type=int,
-        help="intra-op threads per run (default: $OMP_NUM_THREADS, else one per idle core)",
+        help=f"intra-op threads per run (default: $OMP_NUM_THREADS, else {THREADS})",
     )
     parser.add_argument(
         "overrides", nargs="*", help="extra Hydra overrides, e.g. train.max_steps=50"
@@ -118,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    elif "OMP_NUM_THREADS" not in env:
-        threads, why = intra_op_threads()
-        env["OMP_NUM_THREADS"] = str(threads)
-        print(f"Intra-op threads per run: {threads} ({why}; --threads N to choose)", flush=True)
+    env.setdefault("OMP_NUM_THREADS", str(THREADS))
     start = time.perf_counter()
     for optimizer in optimizers:
         command = sweep_command(args.experiment, optimizer, args.seeds, out, args.overrides)
