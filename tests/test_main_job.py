@@ -43,9 +43,14 @@ def test_tuned_values_are_the_benchmarks_choice():
     tuned = main_job.TUNED[main_job.DEFAULT_EXPERIMENT]
     for method, overrides in tuned.items():
         entry = chosen[method]
-        assert overrides == (f"optimizer.kwargs.{entry['key']}={entry['value']:g}",)
+        assert overrides == (f"optimizer.method.{entry['key']}={entry['value']:g}",)
+        # ... and they reach the composed config the run is built from
+        cfg = composed(
+            [f"experiment={main_job.DEFAULT_EXPERIMENT}", f"optimizer={method}", *overrides]
+        )
+        assert cfg["optimizer"]["method"][entry["key"]] == entry["value"]
     assert (
-        chosen["tram_x"]["value"] == composed(["optimizer=tram_x"])["optimizer"]["kwargs"]["sigma"]
+        chosen["tram_x"]["value"] == composed(["optimizer=tram_x"])["optimizer"]["method"]["sigma"]
     )
 
 
@@ -62,13 +67,13 @@ def test_sweep_command_per_optimizer(tmp_path):
         "optimizer=sam",
         "seed=1,2",
         f"hydra.sweep.dir={tmp_path / 'sam'}",
-        "optimizer.kwargs.rho=0.02",
+        "optimizer.method.rho=0.02",
         "train.lr=3e-5",  # the caller's overrides come last, so they win
     ]
     adamw = main_job.sweep_command("sentiment_quick", "adamw", "1", tmp_path)
-    assert not any(part.startswith("optimizer.kwargs") for part in adamw)
+    assert not any(part.startswith("optimizer.method") for part in adamw)
     other = main_job.sweep_command("sentiment_default", "sam", "1", tmp_path)
-    assert not any(part.startswith("optimizer.kwargs") for part in other)  # tuned for one budget
+    assert not any(part.startswith("optimizer.method") for part in other)  # tuned for one budget
 
 
 class FakeSweeps:

@@ -38,8 +38,8 @@ DEFAULT_EXPERIMENT = "sentiment_quick"
 
 TUNED: dict[str, dict[str, tuple[str, ...]]] = {
     "sentiment_quick": {
-        "sam": ("optimizer.kwargs.rho=0.02",),
-        "asam": ("optimizer.kwargs.rho=0.2",),
+        "sam": ("optimizer.method.rho=0.02",),
+        "asam": ("optimizer.method.rho=0.2",),
     },
 }
 """experiment -> optimizer -> overrides: the values the cross-domain benchmark chose on
