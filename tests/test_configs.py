@@ -266,8 +266,9 @@ def test_paper_presets(experiment):
         assert len(cfg.task.domains) == 11
 
 
-def test_main_job_preset_is_offline_and_small():
-    cfg = compose_config(["experiment=sentiment_default"])
+@pytest.mark.parametrize("experiment", ["sentiment_default", "sentiment_quick"])
+def test_sentiment_presets_are_offline_and_small(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
     assert (cfg.task.source, cfg.model.source, cfg.trainer.use_cpu) == ("vader", "minilm", True)
     assert cfg.train.max_steps * cfg.train.batch_size <= 16 * 250
 
