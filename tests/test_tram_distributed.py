@@ -56,7 +56,7 @@ SPEC: dict[str, Any] = {
     # AdamW's first steps move an element by lr·g/(|g| + eps): a larger eps than the default
     # keeps round-off in tiny gradients from being amplified into visible differences.
     "adam_eps": 1e-3,
-    "sigma": 1.0,
+    "sigma": 0.3,
     "seed": 0,
     "timeout_s": 60,
 }
@@ -275,8 +275,11 @@ def test_synchronised_ascent(spec: dict[str, Any], results: list[dict], trust_re
     assert records[0]["radius"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
     if trust_region == "pretrained":
         assert records[0]["radius"][0] == 0.0  # θ = θ0 at the first step
-    assert min(records[0]["radius"][1:]) > 1e-3
-    assert all(abs(a - b) > 1e-4 for a, b in per_rank[1:])  # the mean is neither rank's d
+    # d grows like sigma^2: at sigma = 0.3 it is near 1e-3, a hundred thousand times the
+    # tolerance above.
+    assert min(records[0]["radius"][1:]) > 1e-4
+    # The mean is neither rank's d (they differ by a hundred times the tolerance).
+    assert all(abs(a - b) > 1e-3 * max(a, b) for a, b in per_rank[1:])
     # The whole trajectory equals TRAM on the global batch with that radius.
     ref = reference(spec, trust_region, local=False)
     assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=1e-5)
@@ -295,7 +298,8 @@ def test_local_ascent(spec: dict[str, Any], results: list[dict], trust_region: s
         assert got == pytest.approx([d[rank] for d in per_rank], rel=1e-5, abs=1e-9)
     first = 0 if trust_region == "noise" else 1
     for step in range(first, spec["steps"]):
-        assert abs(records[0]["radius"][step] - records[1]["radius"][step]) > 1e-4
+        a, b = records[0]["radius"][step], records[1]["radius"][step]
+        assert abs(a - b) > 1e-3 * max(a, b)  # a hundred times the tolerance
     ref = reference(spec, trust_region, local=True)
     for step, (got, want) in enumerate(zip(records[0]["after"], ref["after"], strict=True)):
         for p, q in zip(got, want, strict=True):
@@ -304,5 +308,5 @@ def test_local_ascent(spec: dict[str, Any], results: list[dict], trust_region: s
     synchronised = records_of(results, trust_region)[0]["after"][-1]
     assert (
         max(float((p - q).abs().max()) for p, q in zip(records[0]["after"][-1], synchronised))
-        > 1e-4
+        > 3e-5  # d ~ sigma^2 is small at sigma = 0.3; still 30 times TOLERANCE's atol
     )
