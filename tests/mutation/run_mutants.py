@@ -130,6 +130,18 @@ MUTANTS = [
         ("tests/test_accelerate.py::test_fp16_grad_scaler_equals_the_unscaled_run",),
     ),
     Mutant(
+        "ascent-is-zero",
+        "tram/_wrapper.py",
+        "coefficient=radii[bucket.group_index] / (norm + NORM_EPSILON),",
+        "coefficient=0.0 * radii[bucket.group_index] / (norm + NORM_EPSILON),",
+        (
+            "tests/test_factory.py::test_registered_methods_take_the_reference_step",
+            "tests/test_hf_trainer.py::test_mixed_precision_equals_the_hand_written_loop@sam",
+            "tests/test_hf_trainer.py::test_fp16_grad_scaler_equals_the_unscaled_run",
+            "tests/test_accelerate.py::test_fp16_grad_scaler_equals_the_unscaled_run",
+        ),
+    ),
+    Mutant(
         "runner-drops-regularizers",
         "tram/experiments/run.py",
         "regularizers=regularizers,",
