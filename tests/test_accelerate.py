@@ -247,6 +247,7 @@ def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
 
 
 @pytest.mark.slow
+@pytest.mark.representative  # the README's accelerate example; about 70 s on 2 CPU cores
 def test_example_accelerate_loop_fine_tunes_minilm():
     import os
     import subprocess

@@ -375,6 +375,7 @@ def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.representative  # `python -m tram.experiments.run` in a fresh process; about 70 s
 def test_python_dash_m_entry(assets, tmp_path):
     """``python -m tram.experiments.run`` in a fresh process, and its errors."""
     done = _subprocess(
