@@ -15,6 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import tram  # noqa: E402
+from tests.helpers import run_example  # noqa: E402
 from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer  # noqa: E402
 
 GA = 2
@@ -249,30 +250,8 @@ def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
 @pytest.mark.slow
 @pytest.mark.representative  # the README's accelerate example; about 70 s on 2 CPU cores
 def test_example_accelerate_loop_fine_tunes_minilm():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tram import factory
 
     method = "tram" if "tram" in factory.list_methods() else "asam"
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        str(root / "examples" / "accelerate_loop.py"),
-        f"--method={method}",
-        "--steps=2",
-        "--batch-size=4",
-        "--train-size=16",
-        "--eval-size=16",
-        "--max-length=16",
-    ]
-    completed = subprocess.run(
-        command, env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    assert "step   2" in completed.stdout
-    assert f"method: {method}" in completed.stdout
-    assert "accuracy on amazon" in completed.stdout
+    stdout = run_example("accelerate_loop.py", method)
+    assert "step   2" in stdout

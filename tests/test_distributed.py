@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import scenario_records as scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -299,14 +300,6 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
     return [
         torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
     ]
-
-
-def scenario(results: list[dict], name: str) -> list[dict]:
-    records = [r[name] for r in results]
-    for rank, record in enumerate(records):
-        if "error" in record:
-            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
-    return records
 
 
 def assert_replicas_identical(records: list[dict], key: str = "params") -> None:

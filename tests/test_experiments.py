@@ -19,6 +19,7 @@ pytest.importorskip("tensorboard")
 
 from hydra import compose, initialize_config_dir
 
+from tests.helpers import read_scalars
 from tram.experiments import report
 from tram.experiments.run import CONFIG_DIR, finetune
 from tram.experiments.tasks import ExperimentError
@@ -149,17 +150,7 @@ def compose_config(overrides: list[str]):
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[float]] = {}
-    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard events under {run_dir}"
-    for file in files:
-        events = EventAccumulator(str(file))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
-    return out
+    return read_scalars(run_dir / "tensorboard")
 
 
 def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dict:

@@ -35,6 +35,8 @@ from transformers import (  # noqa: E402
 )
 
 import tram  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import read_scalars, tiny_bert_config  # noqa: E402
 from tram import factory  # noqa: E402
 from tram.integrations.hf import REGULARIZERS_NAME, TramTrainer  # noqa: E402
 
@@ -43,22 +45,11 @@ SEQ = 12
 
 
 def tiny_config(dropout: float = 0.0) -> BertConfig:
-    return BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-        num_labels=2,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
+    return tiny_bert_config(dropout=dropout, max_position_embeddings=32, num_labels=2)
 
 
 def tiny_bert(seed: int = 0, dropout: float = 0.0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(tiny_config(dropout))
+    return helpers.tiny_bert(seed=seed, dropout=dropout, max_position_embeddings=32, num_labels=2)
 
 
 class TinyDataset(Dataset):
@@ -674,20 +665,6 @@ def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):
 # --------------------------------------------------------------------------- logging
 
 
-def read_scalars(log_root: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[float]] = {}
-    files = sorted(log_root.rglob("events.out.tfevents.*"))
-    assert files, f"no event files under {log_root}"
-    for path in files:
-        accumulator = EventAccumulator(str(path))
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
-    return scalars
-
-
 def test_tensorboard_receives_the_radius_the_norms_and_the_regularizers(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
@@ -844,27 +821,9 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--ddp-worke
 def run_example(script: str, *extra: str) -> str:
     """Run an example with a real model for a couple of steps; return its stdout."""
     method = "tram" if "tram" in factory.list_methods() else "asam"
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        str(root / "examples" / script),
-        f"--method={method}",
-        "--steps=2",
-        "--batch-size=4",
-        "--train-size=16",
-        "--eval-size=16",
-        "--max-length=16",
-        *extra,
-    ]
-    completed = subprocess.run(
-        command, env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    assert f"method: {method}" in completed.stdout
-    assert "accuracy on movies" in completed.stdout
-    assert "accuracy on amazon" in completed.stdout
-    return completed.stdout
+    stdout = helpers.run_example(script, method, *extra)
+    assert "accuracy on movies" in stdout
+    return stdout
 
 
 @pytest.mark.slow

@@ -30,6 +30,8 @@ import tram
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import tiny_bert, tiny_gpt2  # noqa: E402
+
 VOCAB = 100
 HIDDEN = 32
 # Values that are not fixed points of likely mistakes: sigma**2 != sigma, 1 - decay != decay,
@@ -47,20 +49,7 @@ TIGHT = {"rtol": 1e-5, "atol": 5e-6}
 
 # ----------------------------------------------------------------------------- models
 def bert(dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        initializer_range=0.2,
-    )
-    model = transformers.BertForSequenceClassification(config).train()
+    model = tiny_bert(seed=seed, dropout=dropout, vocab_size=VOCAB, initializer_range=0.2).train()
     # Softmax is shift invariant: the key bias has a zero gradient in exact arithmetic, and AdamW
     # would turn its round-off (~1e-7) into steps of about ±lr. Frozen, it is also a frozen
     # parameter that the reference weights must share with the live model.
@@ -70,21 +59,7 @@ def bert(dropout: float = 0.0, seed: int = 0) -> nn.Module:
 
 
 def gpt2(dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=HIDDEN,
-        n_layer=2,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=16,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    model = transformers.GPT2LMHeadModel(config).train()
+    model = tiny_gpt2(seed=seed, dropout=dropout, vocab_size=VOCAB, initializer_range=0.2).train()
     # The key third of c_attn.bias has a zero gradient in exact arithmetic (see bert()).
     for block in model.transformer.h:
         block.attn.c_attn.bias.requires_grad_(False)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.helpers import scenario_records as records_of
 from tests.tram_ddp_worker import EmbeddingClassifier
 
 pytestmark = [
@@ -228,14 +229,6 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
     return [
         torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
     ]
-
-
-def records_of(results: list[dict], name: str) -> list[dict]:
-    records = [r[name] for r in results]
-    for rank, record in enumerate(records):
-        if "error" in record:
-            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
-    return records
 
 
 def assert_replicas_identical(records: list[dict]) -> None:
