@@ -1,5 +1,5 @@
 """Helpers shared by several test files: tiny Hugging Face models built from configs (no hub),
-TensorBoard scalars, the README examples run as scripts, and distributed workers' records.
+TensorBoard scalars, the README examples run as scripts, distributed workers' launch and records.
 
 Only torch is imported at module level; transformers and tensorboard are imported by the
 helpers that need them, after the calling test file has checked they are installed.
@@ -8,8 +8,10 @@ helpers that need them, after the calling test file has checked they are install
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,85 @@ def scenario_records(results: list[dict], name: str) -> list[dict]:
         if "error" in record:
             pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
     return records
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_workers(
+    worker: Path,
+    spec_path: Path,
+    out_dir: Path,
+    log_dir: Path,
+    *,
+    world_size: int = 2,
+    timeout_s: float = 120.0,
+) -> float:
+    """Run ``python worker spec_path out_dir`` as ``world_size`` gloo ranks on this machine to
+    completion; return the seconds it took, or fail the test with every rank's output if one
+    fails or hangs. A port taken between the probe and the bind is retried (3 attempts)."""
+    for attempt in range(3):
+        port = free_port()
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        logs = [log_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(world_size)]
+        start = time.monotonic()
+        processes = []
+        for rank, log in enumerate(logs):
+            with log.open("w") as stream:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, str(worker), str(spec_path), str(out_dir)],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                        cwd=ROOT,
+                        stdout=stream,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = start + timeout_s
+        failed_at: float | None = None
+        try:
+            while any(p.poll() is None for p in processes):
+                now = time.monotonic()
+                if any(p.returncode not in (None, 0) for p in processes):
+                    failed_at = failed_at or now
+                # A failed rank leaves the other waiting in a collective: a short grace only.
+                if now > deadline or (failed_at is not None and now - failed_at > 15):
+                    break
+                time.sleep(0.05)
+        finally:
+            # Also on an interrupt: never leave a rank behind.
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+            for p in processes:
+                p.wait(timeout=10)
+        elapsed = time.monotonic() - start
+        codes = [p.returncode for p in processes]
+        if all(code == 0 for code in codes):
+            return elapsed
+        output = {rank: log.read_text(errors="replace") for rank, log in enumerate(logs)}
+        if any(
+            "EADDRINUSE" in text or "address already in use" in text.lower()
+            for text in output.values()
+        ):
+            continue  # The free port was taken between the probe and the bind: retry.
+        report = "\n".join(
+            f"----- rank {rank} (exit code {codes[rank]}) -----\n{output[rank][-6000:]}"
+            for rank in range(world_size)
+        )
+        timed_out = " (killed at the time limit)" if elapsed >= timeout_s else ""
+        pytest.fail(
+            f"{worker.name} failed after {elapsed:.1f}s{timed_out}:\n{report}",
+            pytrace=False,
+        )
+    pytest.fail(f"{worker.name} could not bind a free port in 3 attempts", pytrace=False)

@@ -16,11 +16,6 @@ Every rank's weights must be bit-identical after every step in both modes.
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.helpers import launch_workers
 from tests.helpers import scenario_records as records_of
 from tests.tram_ddp_worker import EmbeddingClassifier
 
@@ -156,65 +152,6 @@ def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- the launch
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch(spec_path: Path, out_dir: Path) -> None:
-    """Run both ranks to completion; fail with their output if one fails or hangs."""
-    for attempt in range(3):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": str(WORLD_SIZE),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        logs = [out_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(WORLD_SIZE)]
-        processes = []
-        for rank, log in enumerate(logs):
-            with log.open("w") as stream:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, str(WORKER), str(spec_path), str(out_dir)],
-                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                        cwd=ROOT,
-                        stdout=stream,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        failed_at: float | None = None
-        while any(p.poll() is None for p in processes):
-            now = time.monotonic()
-            if failed_at is None and any(p.returncode not in (None, 0) for p in processes):
-                failed_at = now
-            # A rank that died leaves the other one waiting in a collective: a short grace.
-            if now > deadline or (failed_at is not None and now - failed_at > 10):
-                for p in processes:
-                    if p.poll() is None:
-                        p.kill()
-                for p in processes:
-                    p.wait(timeout=10)
-                break
-            time.sleep(0.05)
-        codes = [p.returncode for p in processes]
-        if all(code == 0 for code in codes):
-            return
-        output = [log.read_text(errors="replace") for log in logs]
-        if any("EADDRINUSE" in text or "address already in use" in text for text in output):
-            continue  # the port was taken between the probe and the bind
-        report = "\n".join(
-            f"----- rank {rank} (exit code {codes[rank]}) -----\n{text[-5000:]}"
-            for rank, text in enumerate(output)
-        )
-        pytest.fail(f"the TRAM DDP worker failed:\n{report}", pytrace=False)
-    pytest.fail("the TRAM DDP worker could not bind a free port in 3 attempts", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
     return make_spec()
@@ -225,7 +162,9 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
     directory = tmp_path_factory.mktemp("tram_ddp")
     spec_path = directory / "spec.pt"
     torch.save(spec, spec_path)
-    launch(spec_path, directory)
+    launch_workers(
+        WORKER, spec_path, directory, directory, world_size=WORLD_SIZE, timeout_s=LAUNCH_TIMEOUT_S
+    )
     return [
         torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
     ]
