@@ -169,6 +169,8 @@ class WrapperCase:
     needs_model: bool = False
     noise: bool = False
     """Options that depend on the model: TRAM's noise goes on the first layer's output."""
+    tram_reference: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """TRAM's hyperparameters for :class:`TramAscent` (TRAM's own options differ per target)."""
 
     def make(
         self,
@@ -195,16 +197,7 @@ class WrapperCase:
         """A fresh hand-written ascent for a run that starts from ``model``'s weights."""
         if self.reference is not None:
             return Ascent(self.reference)
-        options = {**self.group_defaults, **self.kwargs}
-        return TramAscent(
-            model,
-            options["trust_region"],
-            sigma=options.get("sigma", 0.1),
-            eta=options["eta"],
-            rho=options["rho"],
-            fisher_eta=options["fisher_eta"],
-            ema_decay=options.get("ema_decay", 0.999),
-        )
+        return TramAscent(model, **self.tram_reference)
 
     @property
     def is_tram(self) -> bool:
@@ -218,15 +211,25 @@ def _sam_family(name: str, cls: type, kwargs: dict[str, Any], reference: Callabl
     return WrapperCase(name, cls, kwargs, reference, {"rho": 0.0}, group_defaults=dict(kwargs))
 
 
-def _tram(trust_region: str, **options: Any) -> WrapperCase:
+def _tram(trust_region: str) -> WrapperCase:
     """TRAM with values that are no fixed point of a likely mistake: σ = 0.3, EMA decay 0.8,
-    TRAM-Fisher's ρ = 0.05 != η = 0.5, and η = 0.02 in T = |θ| + η."""
-    group = {"eta": 0.02, "rho": 0.05, "fisher_eta": 0.5}
-    noise = trust_region in ("noise", "fisher")
-    kwargs = {"trust_region": trust_region, **group, **options}
-    if noise:
-        kwargs["sigma"] = 0.3
-    zero = {"rho": 0.0} if trust_region == "fisher" else {"max_radius": 0.0}
+    TRAM-Fisher's ρ = 0.05 != η = 0.5, and η = 0.02 in T = |θ| + η.
+
+    Each target takes its own options only (``tram/_tram.py``); ``"fisher"`` builds a
+    ``tram.TRAMFisher``, a Fisher SAM whose groups hold ``rho`` and ``eta``.
+    """
+    values = {"sigma": 0.3, "eta": 0.02, "rho": 0.05, "fisher_eta": 0.5, "ema_decay": 0.8}
+    kwargs: dict[str, Any] = {"trust_region": trust_region}
+    if trust_region == "fisher":
+        kwargs |= {"sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5}
+        group, zero = {"rho": 0.05, "eta": 0.5}, {"rho": 0.0}
+    else:
+        kwargs["eta"] = 0.02
+        if trust_region == "noise":
+            kwargs["sigma"] = 0.3
+        if trust_region == "ema":
+            kwargs["ema_decay"] = 0.8
+        group, zero = {"eta": 0.02}, {"max_radius": 0.0}
     return WrapperCase(
         f"TRAM-{trust_region}",
         tram.TRAM,
@@ -235,7 +238,8 @@ def _tram(trust_region: str, **options: Any) -> WrapperCase:
         zero,
         group_defaults=group,
         needs_model=True,
-        noise=noise,
+        noise=trust_region in ("noise", "fisher"),
+        tram_reference={"trust_region": trust_region, **values},
     )
 
 
@@ -258,7 +262,7 @@ TRAMS = [
     _tram("noise"),
     _tram("pretrained"),
     _tram("previous"),
-    _tram("ema", ema_decay=0.8),
+    _tram("ema"),
     _tram("fisher"),
 ]
 WRAPPERS = SAM_FAMILY + TRAMS

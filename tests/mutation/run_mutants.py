@@ -58,14 +58,14 @@ TRAM = "tests/test_tram.py"
 MUTANTS = [
     Mutant(
         "ema-one-minus-decay",
-        "tram/_tram.py",
-        "self.reference.update_ema(self.ema_decay)",
-        "self.reference.update_ema(1.0 - self.ema_decay)",
+        "tram/targets.py",
+        "self.reference.update_ema(self.decay)",
+        "self.reference.update_ema(1.0 - self.decay)",
         (f"{TRAM}::test_equals_algorithm_1@ema",),
     ),
     Mutant(
         "tram-sigma-squared",
-        "tram/_tram.py",
+        "tram/targets.py",
         'self.sigma = check_non_negative("sigma", sigma)',
         'self.sigma = check_non_negative("sigma", sigma) ** 2',
         (
@@ -89,9 +89,9 @@ MUTANTS = [
     ),
     Mutant(
         "fisher-eta-from-rho",
-        "tram/_tram.py",
-        'return "fisher", float(group["fisher_eta"])',
-        'return "fisher", float(group["rho"])',
+        "tram/_tram_fisher.py",
+        "return cls(base_optimizer, model, rho=rho, eta=fisher_eta, **kwargs)",
+        "return cls(base_optimizer, model, rho=rho, eta=rho, **kwargs)",
         (f"{TRAM}::test_equals_algorithm_1@fisher",),
     ),
     Mutant(
@@ -110,7 +110,7 @@ MUTANTS = [
     ),
     Mutant(
         "uniform-noise-ignored",
-        "tram/_tram.py",
+        "tram/targets.py",
         "self.noise: NoiseDistribution = noise",
         'self.noise: NoiseDistribution = "gaussian"',
         (f"{TRAM}::test_uniform_noise_equals_algorithm_1",),
