@@ -36,7 +36,7 @@ test: lint
 	$(VENV)/bin/pytest -m "$(TEST_MARKERS)"
 
 # The periodic job: the slow tests CI leaves out (real SmolLM2 GGUF->Llama conversion and its
-# language-modelling run, the other real-asset runs), about 10 minutes on 2 CPU cores.
+# language-modelling run, the other real-asset runs); 40 to 110 s each on 2 CPU cores.
 test-slow: setup
 	$(VENV)/bin/pytest -m "slow and not representative"
 
