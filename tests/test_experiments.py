@@ -19,6 +19,7 @@ pytest.importorskip("tensorboard")
 
 from hydra import compose, initialize_config_dir
 
+from tests.helpers import read_scalars
 from tram.experiments import report
 from tram.experiments.run import CONFIG_DIR, finetune
 from tram.experiments.tasks import ExperimentError
@@ -149,17 +150,7 @@ def compose_config(overrides: list[str]):
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[float]] = {}
-    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard events under {run_dir}"
-    for file in files:
-        events = EventAccumulator(str(file))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
-    return out
+    return read_scalars(run_dir / "tensorboard")
 
 
 def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dict:
@@ -184,17 +175,37 @@ def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dic
 # ------------------------------------------------------------------------------ fast runs
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sam", "tram_x", "r3f"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sam", "tram_x", "tram_theta0", "r3f"])
 def test_tiny_sentiment(assets, tmp_path, optimizer):
-    cfg = compose_config([*tiny_overrides(assets), f"optimizer={optimizer}"])
+    """The configured method and regularizer really train: their logged values say so, not
+    only the config echoed in the results."""
+    # theta0's d needs weights that moved: the smoke preset's lr (5e-5) leaves it at round-off.
+    lr = ["train.lr=0.01"] if optimizer == "tram_theta0" else []
+    cfg = compose_config([*tiny_overrides(assets), f"optimizer={optimizer}", *lr])
     results = finetune(cfg, output_dir=tmp_path)
     check_run(tmp_path, optimizer=optimizer)
     assert results["ood_domains"] == ["amazon", "tweets", "nyt"]
-    if optimizer == "tram_x":
-        assert results["mean_radius"] is not None
-        assert results["mean_radius"] >= 0
+    tb = scalars(tmp_path)
+    steps = results["steps"]
+    assert steps == 3
+    if optimizer.startswith("tram"):
+        radii = tb["train/tram/radius"]
+        assert len(radii) == steps
+        assert results["mean_radius"] == pytest.approx(sum(radii) / steps, rel=1e-5)
+        assert results["mean_radius"] > 0
+        if optimizer == "tram_theta0":
+            # The configured trust region, not the default noise: d = 0 exactly at theta0.
+            assert radii[0] == 0.0
+            assert min(radii[1:]) > 1e-6
     else:
         assert results["mean_radius"] is None
+        assert "train/tram/radius" not in tb
+    if optimizer == "r3f":
+        penalty = tb["train/tram/r3f"]
+        assert len(penalty) == steps
+        assert min(penalty) > 0
+    else:
+        assert not any(tag.endswith("r3f") for tag in tb)
 
 
 def test_validation_is_reported_next_to_the_test_sets(assets, tmp_path):
@@ -355,6 +366,7 @@ def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.representative  # `python -m tram.experiments.run` in a fresh process; about 70 s
 def test_python_dash_m_entry(assets, tmp_path):
     """``python -m tram.experiments.run`` in a fresh process, and its errors."""
     done = _subprocess(
