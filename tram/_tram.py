@@ -293,6 +293,12 @@ class TRAM(TwoPassOptimizer):
     # ------------------------------------------------------------------ hyperparameters
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_non_negative("eta", group["eta"])
+        if "rho" in group and "rho" not in self.base_optimizer.defaults:
+            raise ValueError(
+                f"Invalid param group: it sets rho={group['rho']!r}, but TRAM measures its radius "
+                "(d) at every step and has no rho; leave a group out of the ascent by leaving "
+                "it out of the optimizer, or use tram.ASAM for a fixed radius"
+            )
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
         if self.adaptive:

@@ -203,6 +203,15 @@ class TwoPassOptimizer(Optimizer):
             raise ValueError("base_optimizer has an empty parameter list")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+        collisions = sorted(set(defaults) & set(base_optimizer.defaults))
+        if collisions:
+            raise ValueError(
+                f"{type(self).__name__}'s hyperparameter {', '.join(map(repr, collisions))} has "
+                f"the name of one of {type(base_optimizer).__name__}'s own, and both live in the "
+                "shared param groups: the ascent would use the base optimizer's value, and "
+                "setting the method's would change the base optimizer. This base optimizer "
+                "cannot be wrapped by this method"
+            )
         self.base_optimizer = base_optimizer
         self.model = model
         self.ascent_every = check_positive_int("ascent_every", ascent_every)
