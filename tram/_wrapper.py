@@ -14,7 +14,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
 
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 
 
 def check_non_negative(name: str, value: object) -> float:
@@ -116,6 +117,30 @@ class _StepState:
         copy.warned_missing_ascent = self.warned_missing_ascent
         copy.warned_lightning_logging = self.warned_lightning_logging
         return copy
+
+
+class _SharedField(Generic[_V]):
+    """A wrapper attribute stored in its :class:`_StepState`, read and written through it."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _SharedField[_V]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _V: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return getattr(instance._step_state, self.name)  # type: ignore[attr-defined]
+
+    def __set__(self, instance: object, value: _V) -> None:
+        setattr(instance._step_state, self.name, value)  # type: ignore[attr-defined]
 
 
 class _Bucket:
@@ -229,37 +254,16 @@ class TwoPassOptimizer(Optimizer):
         self._step_state = _StepState()
 
     # ------------------------------------------------------------------ counters
-    @property
-    def steps(self) -> int:
-        """Base optimizer steps taken through this wrapper (saved in checkpoints)."""
-        return self._step_state.steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._step_state.steps = value
-
-    @property
-    def skipped_ascents(self) -> int:
-        """Ascents skipped because the gradient norm or the radius was not finite."""
-        return self._step_state.skipped_ascents
-
-    @skipped_ascents.setter
-    def skipped_ascents(self, value: int) -> None:
-        self._step_state.skipped_ascents = value
-
-    @property
-    def skipped_steps(self) -> int:
-        """Base steps skipped because a gradient (of either pass) was not finite."""
-        return self._step_state.skipped_steps
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._step_state.skipped_steps = value
-
-    @property
-    def last_ascent_norm(self) -> float | None:
-        """‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."""
-        return self._step_state.last_ascent_norm
+    steps = _SharedField[int]("Base optimizer steps taken through this wrapper (checkpointed).")
+    skipped_ascents = _SharedField[int](
+        "Ascents skipped because the gradient norm or the radius was not finite."
+    )
+    skipped_steps = _SharedField[int](
+        "Base steps skipped because a gradient (of either pass) was not finite."
+    )
+    last_ascent_norm = _SharedField["float | None"](
+        "‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."
+    )
 
     # ------------------------------------------------------------------ sharing with the base
     def _relink(self) -> None:
