@@ -144,16 +144,52 @@ MUTANTS = [
     Mutant(
         "runner-drops-regularizers",
         "tram/experiments/run.py",
-        "regularizers=regularizers,",
+        "regularizers=build.build_regularizers(parts, model),",
         "regularizers=[],",
         ("tests/test_experiments.py::test_tiny_sentiment",),
     ),
     Mutant(
         "runner-drops-method-arguments",
         "tram/experiments/run.py",
-        'method_kwargs=optimizer.get("kwargs") or None,',
+        "method_kwargs=None if parts.method is None else parts.method.keywords,",
         "method_kwargs=None,",
         ("tests/test_experiments.py::test_tiny_sentiment",),
+    ),
+    # The guarantees of tests/test_guarantees.py: each check, removed.
+    Mutant(
+        "second-pass-not-checked",
+        "tram/_wrapper.py",
+        "        if ascent_params and not self._second_pass_gradient_is_finite(ascent_params):",
+        "        if False:",
+        ("tests/test_guarantees.py@second_pass or second_backward",),
+    ),
+    Mutant(
+        "reference-forward-updates-batchnorm",
+        "tram/_tram.py",
+        "                stack.enter_context(frozen_running_stats(self.module))",
+        "                pass",
+        ("tests/test_guarantees.py@batchnorm",),
+    ),
+    Mutant(
+        "reference-forward-outside-autocast",
+        "tram/_tram.py",
+        "                stack.enter_context(record.autocast.context())",
+        "                pass",
+        ("tests/test_guarantees.py@autocast",),
+    ),
+    Mutant(
+        "missing-ascent-not-warned",
+        "tram/_wrapper.py",
+        "                self._warn_missing_ascent()",
+        "                pass",
+        ("tests/test_guarantees.py@warns",),
+    ),
+    Mutant(
+        "any-child-called-module-unwrapped",
+        "tram/_model_io.py",
+        "    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(",
+        "    if hasattr(model, 'module') or _is_instance_of(",
+        ("tests/test_guarantees.py@module",),
     ),
 ]
 
