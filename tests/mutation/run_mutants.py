@@ -187,8 +187,9 @@ MUTANTS = [
     Mutant(
         "any-child-called-module-unwrapped",
         "tram/_model_io.py",
-        "    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(",
-        "    if hasattr(model, 'module') or _is_instance_of(",
+        "    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or "
+        "_is_instance_of(",
+        "    if hasattr(model, 'module') or _is_instance_of(",  # any child called `module`
         ("tests/test_guarantees.py@module",),
     ),
 ]
