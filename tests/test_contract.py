@@ -1,9 +1,11 @@
-"""The optimizer contract, run over every wrapper in ``WRAPPERS``."""
+"""The optimizer contract, run over every wrapper in ``WRAPPERS``: the SAM family and TRAM with
+each of its trust regions."""
 
 from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 from collections.abc import Callable
 
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
-from tests.wrappers_table import WRAPPERS, WrapperCase
+from tests.wrappers_table import TRAMS, WRAPPERS, WrapperCase
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
 
@@ -40,6 +42,7 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, step: int, counter=None):
+    """The user's closure for ``step``'s batch."""
     x, y = batch(step, next(model.parameters()).dtype)
 
     def closure() -> torch.Tensor:
@@ -53,17 +56,29 @@ def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, step: int, c
     return closure
 
 
+def first_pass(optimizer: tram.TwoPassOptimizer, closure: Callable[[], torch.Tensor]):
+    """The explicit form's first pass, inside ``first_pass()`` (TRAM records it there)."""
+    with optimizer.first_pass():
+        return closure()
+
+
 def reference_run(case: WrapperCase, base_factory: BaseFactory, steps: int) -> nn.Module:
-    """SAM by hand: the paper's algorithm, not the library's code."""
+    """The two-pass step by hand: the paper's algorithm, not the library's code."""
     model = make_model()
     base = base_factory(model.parameters())
+    ascent = case.ascent(model)
     for step in range(steps):
         x, y = batch(step)
         base.zero_grad()
-        loss_of(model, x, y).backward()
+        logits = ascent.first_forward(model, x)
+        F.cross_entropy(logits.float(), y).backward()
         params = [p for p in model.parameters() if p.grad is not None]
-        epsilon = case.reference(
-            [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+        epsilon = ascent.epsilon(
+            model,
+            x,
+            logits.detach(),
+            [p.detach().clone() for p in params],
+            [p.grad.clone() for p in params],
         )
         saved = [p.detach().clone() for p in params]
         with torch.no_grad():
@@ -74,7 +89,9 @@ def reference_run(case: WrapperCase, base_factory: BaseFactory, steps: int) -> n
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
+        ascent.before_base_step(model)
         base.step()
+        ascent.after_base_step(model)
     return model
 
 
@@ -82,11 +99,11 @@ def library_run(
     case: WrapperCase, base_factory: BaseFactory, steps: int, *, explicit: bool = False, **kwargs
 ) -> tuple[nn.Module, tram.TwoPassOptimizer]:
     model = make_model()
-    optimizer = case.make(base_factory(model.parameters()), **kwargs)
+    optimizer = case.make(base_factory(model.parameters()), model, **kwargs)
     for step in range(steps):
         closure = closure_for(optimizer, model, step)
         if explicit:
-            closure()
+            first_pass(optimizer, closure)
             if optimizer.first_step():
                 closure()
             optimizer.second_step()
@@ -104,9 +121,14 @@ def assert_same_params(a: nn.Module, b: nn.Module, *, exact: bool = False) -> No
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-pytestmark = pytest.mark.parametrize("case", WRAPPERS, ids=str)
+EVERY_WRAPPER = pytest.mark.parametrize("case", WRAPPERS, ids=str)
+# TRAM-Fisher measures no d: its radius is rho.
+EVERY_TRAM_WITH_D = pytest.mark.parametrize(
+    "case", [case for case in TRAMS if case.kwargs["trust_region"] != "fisher"], ids=str
+)
 
 
+@EVERY_WRAPPER
 @pytest.mark.parametrize("base_name", list(BASES))
 @pytest.mark.parametrize("explicit", [False, True], ids=["closure", "explicit"])
 def test_equals_reference_loop(case: WrapperCase, base_name: str, explicit: bool) -> None:
@@ -121,6 +143,7 @@ def test_equals_reference_loop(case: WrapperCase, base_name: str, explicit: bool
     assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
+@EVERY_WRAPPER
 @pytest.mark.parametrize("base_name", list(BASES))
 def test_zero_radius_is_the_bare_base_optimizer(case: WrapperCase, base_name: str) -> None:
     model, optimizer = library_run(case, BASES[base_name], steps=5, **case.zero_radius)
@@ -132,17 +155,24 @@ def test_zero_radius_is_the_bare_base_optimizer(case: WrapperCase, base_name: st
     assert optimizer.steps == 5
 
 
+@EVERY_WRAPPER
 def test_step_returns_the_first_pass_loss_and_calls_the_closure_twice(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
     calls: list[int] = []
     x, y = batch(0)
-    expected = loss_of(model, x, y).item()
+    # The first pass's loss: TRAM-Fisher's first pass runs on noised inputs (its documented
+    # choice), so its loss is the noised one.
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = F.cross_entropy(case.ascent(twin).first_forward(twin, x), y).item()
     loss = optimizer.step(closure_for(optimizer, model, 0, calls))
     assert loss.item() == expected
+    assert loss.grad_fn is not None  # the closure's own loss tensor
     assert calls == [0, 0]
 
 
+@EVERY_WRAPPER
 @pytest.mark.parametrize("base_name", list(BASES))
 def test_resume_is_bit_exact(case: WrapperCase, base_name: str) -> None:
     straight, straight_optimizer = library_run(case, BASES[base_name], steps=6)
@@ -155,7 +185,7 @@ def test_resume_is_bit_exact(case: WrapperCase, base_name: str) -> None:
 
     resumed = make_model(seed=123)
     resumed.load_state_dict(checkpoint["model"])
-    resumed_optimizer = case.make(BASES[base_name](resumed.parameters()))
+    resumed_optimizer = case.make(BASES[base_name](resumed.parameters()), resumed)
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
     assert resumed_optimizer.steps == 3
     for step in range(3, 6):
@@ -168,25 +198,28 @@ def test_resume_is_bit_exact(case: WrapperCase, base_name: str) -> None:
             assert torch.equal(resumed_value, torch.as_tensor(value))
 
 
+@EVERY_WRAPPER
 def test_state_dict_holds_base_state_and_no_weight_backup(case: WrapperCase) -> None:
     model, optimizer = library_run(case, BASES["AdamW"], steps=2)
     state_dict = optimizer.state_dict()
     per_param = state_dict["state"][0]
     assert set(per_param) == {"step", "exp_avg", "exp_avg_sq"}
-    assert state_dict["tram"] == {"steps": 2, "skipped_ascents": 0, "skipped_steps": 0}
-    for key, value in case.kwargs.items():
+    counters = {"steps": 2, "skipped_ascents": 0, "skipped_steps": 0}
+    assert {key: state_dict["tram"][key] for key in counters} == counters
+    for key, value in case.group_defaults.items():
         assert state_dict["param_groups"][0][key] == value
     # A checkpoint taken while perturbed still holds no backup.
-    closure_for(optimizer, model, 0)()
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     optimizer.first_step()
     assert set(optimizer.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
     optimizer.restore()
 
 
+@EVERY_WRAPPER
 def test_shares_groups_and_state_with_the_base_and_relinks(case: WrapperCase) -> None:
     model = make_model()
     base = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    optimizer = case.make(base)
+    optimizer = case.make(base, model)
     assert optimizer.param_groups is base.param_groups
     assert optimizer.state is base.state
     optimizer.load_state_dict(optimizer.state_dict())
@@ -196,22 +229,23 @@ def test_shares_groups_and_state_with_the_base_and_relinks(case: WrapperCase) ->
     assert optimizer.param_groups is not base.param_groups
     optimizer.step(closure_for(optimizer, model, 0))
     assert optimizer.param_groups is base.param_groups
-    for key in case.kwargs:
+    for key in case.group_defaults:
         assert key in base.param_groups[0]
 
 
+@EVERY_WRAPPER
 def test_scheduler_on_the_wrapper_drives_the_base_without_warnings(case: WrapperCase) -> None:
     for explicit in (False, True):
         model = make_model()
         base = torch.optim.SGD(model.parameters(), lr=1.0)
-        optimizer = case.make(base)
+        optimizer = case.make(base, model)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
             for step in range(3):
                 closure = closure_for(optimizer, model, step)
                 if explicit:
-                    closure()
+                    first_pass(optimizer, closure)
                     if optimizer.first_step():
                         closure()
                     optimizer.second_step()
@@ -221,9 +255,10 @@ def test_scheduler_on_the_wrapper_drives_the_base_without_warnings(case: Wrapper
         assert base.param_groups[0]["lr"] == 0.125
 
 
+@EVERY_WRAPPER
 def test_weights_restored_when_the_second_pass_raises(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(0)
     calls = []
@@ -244,15 +279,32 @@ def test_weights_restored_when_the_second_pass_raises(case: WrapperCase) -> None
         assert torch.equal(p, b)
 
 
+@EVERY_WRAPPER
 def test_first_step_perturbs_by_the_reference_epsilon_and_restore_is_exact(
     case: WrapperCase,
 ) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
-    closure_for(optimizer, model, 0)()
+    twin = copy.deepcopy(model)
+    ascent = case.ascent(twin)
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    # Away from the weights at construction, so that TRAM's θ0, θt−1 and EMA targets give d > 0.
+    shift = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.add_(torch.randn(p.shape, generator=shift) * 0.3)
+            q.copy_(p)
+    x, y = batch(0)
+    logits = ascent.first_forward(twin, x)
+    F.cross_entropy(logits.float(), y).backward()
+    twin_params = list(twin.parameters())
+    epsilon = ascent.epsilon(
+        twin, x, logits.detach(), [p.detach() for p in twin_params], [p.grad for p in twin_params]
+    )
+    assert max(float(e.abs().max()) for e in epsilon) > 1e-5  # an ascent that can be missed
+
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    epsilon = case.reference(before, [p.grad.clone() for p in params])
     assert optimizer.first_step()
     assert optimizer.is_perturbed
     for p, b, e in zip(params, before, epsilon):
@@ -264,17 +316,20 @@ def test_first_step_perturbs_by_the_reference_epsilon_and_restore_is_exact(
         assert torch.equal(p, b)
 
 
+@EVERY_WRAPPER
 def test_foreach_equals_the_loop(case: WrapperCase) -> None:
     loop, _ = library_run(case, BASES["AdamW"], steps=4, foreach=False)
     fused, _ = library_run(case, BASES["AdamW"], steps=4, foreach=True)
     assert_same_params(loop, fused)
 
 
+@EVERY_WRAPPER
 @pytest.mark.parametrize("foreach", [False, True])
 def test_restore_is_exact_in_bfloat16(case: WrapperCase, foreach: bool) -> None:
     model = make_model(dtype=torch.bfloat16)
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), foreach=foreach)
-    closure_for(optimizer, model, 0)()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, foreach=foreach)
+    shift_weights(model)  # so that every trust region has d > 0
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
     assert optimizer.first_step()
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -283,6 +338,7 @@ def test_restore_is_exact_in_bfloat16(case: WrapperCase, foreach: bool) -> None:
         assert torch.equal(p, b)
 
 
+@EVERY_WRAPPER
 @pytest.mark.parametrize(
     "base_factory",
     [
@@ -304,72 +360,106 @@ def test_wraps_common_optimizers(case: WrapperCase, base_factory) -> None:
     assert optimizer.param_groups is optimizer.base_optimizer.param_groups
 
 
+class UsedUnusedFrozen(nn.Module):
+    """A model with a layer it never calls and a frozen one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = nn.Linear(5, 3)
+        self.unused = nn.Linear(5, 3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.used(x))
+
+
+@EVERY_WRAPPER
 def test_frozen_and_unused_parameters_are_left_alone(case: WrapperCase) -> None:
-    torch.manual_seed(0)
-    used = nn.Linear(5, 3)
-    unused = nn.Linear(5, 3)
-    frozen = nn.Linear(3, 3)
-    frozen.requires_grad_(False)
+    model = UsedUnusedFrozen()
+    used, unused, frozen = model.used, model.unused, model.frozen
     params = [*used.parameters(), *unused.parameters(), *frozen.parameters()]
-    optimizer = case.make(torch.optim.SGD(params, lr=0.1))
+    optimizer = case.make(torch.optim.SGD(params, lr=0.1), model)
     snapshots = {id(p): p.detach().clone() for p in params}
     x, y = batch(0)
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(frozen(used(x)), y)
+        loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    closure()
+    first_pass(optimizer, closure)
     assert optimizer.first_step()
     for p in [*unused.parameters(), *frozen.parameters()]:
         assert torch.equal(p, snapshots[id(p)])
         assert p.grad is None
     optimizer.restore()
     optimizer.step(closure)
+    optimizer.step(closure)
     for p in [*unused.parameters(), *frozen.parameters()]:
         assert torch.equal(p, snapshots[id(p)])
+    assert not torch.equal(used.weight, snapshots[id(used.weight)])
 
 
+@pytest.mark.parametrize("case", WRAPPERS, ids=str)
 def test_per_group_radius(case: WrapperCase) -> None:
+    """A group with rho = 0 is not perturbed; TRAM, whose radius is the measured d, refuses it."""
     model = make_model()
     first, second = model[0], model[2]
     base = torch.optim.SGD(
         [{"params": first.parameters()}, {"params": second.parameters(), "rho": 0.0}], lr=0.1
     )
-    optimizer = case.make(base)
-    assert base.param_groups[0]["rho"] == case.kwargs["rho"]
-    closure_for(optimizer, model, 0)()
+    if case.is_tram and case.kwargs["trust_region"] != "fisher":
+        with pytest.raises(ValueError, match="TRAM measures its radius"):
+            case.make(base, model)
+        return
+    optimizer = case.make(base, model)
+    for key, value in case.group_defaults.items():
+        assert base.param_groups[0][key] == value
+    shift_weights(model)  # so that every trust region has d > 0
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer.first_step()
+    assert optimizer.first_step()
     moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
     assert moved == [True, True, False, False]
     optimizer.restore()
 
 
+def shift_weights(model: nn.Module, seed: int = 7) -> None:
+    """Move the weights away from where the wrapper was built (TRAM's θ0, θt−1 and EMA)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.3)
+
+
+@EVERY_WRAPPER
 def test_add_param_group_goes_through_the_base(case: WrapperCase) -> None:
     model = make_model()
     base = torch.optim.AdamW(model[0].parameters(), lr=1e-3, betas=(0.8, 0.9))
-    optimizer = case.make(base)
+    optimizer = case.make(base, model)
     optimizer.add_param_group({"params": model[2].parameters()})
     assert len(base.param_groups) == 2
     assert base.param_groups[1]["betas"] == (0.8, 0.9)
-    assert base.param_groups[1]["rho"] == case.kwargs["rho"]
+    for key, value in case.group_defaults.items():
+        assert base.param_groups[1][key] == value
     optimizer.step(closure_for(optimizer, model, 0))
     assert len(base.state) == 4
 
 
+@EVERY_WRAPPER
 def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), ascent_every=3)
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, ascent_every=3)
     calls: list[int] = []
     for step in range(6):
         optimizer.step(closure_for(optimizer, model, step, calls))
     assert calls == [0, 0, 1, 2, 3, 3, 4, 5]
     # Off-steps are plain base steps: check step 1 against SGD on the same weights.
     model_a = make_model()
-    optimizer_a = case.make(torch.optim.SGD(model_a.parameters(), lr=0.1), ascent_every=3)
+    optimizer_a = case.make(torch.optim.SGD(model_a.parameters(), lr=0.1), model_a, ascent_every=3)
     optimizer_a.step(closure_for(optimizer_a, model_a, 0))
     model_b = copy.deepcopy(model_a)
     sgd = torch.optim.SGD(model_b.parameters(), lr=0.1)
@@ -378,10 +468,11 @@ def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     assert_same_params(model_a, model_b, exact=True)
 
 
+@EVERY_WRAPPER
 def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
-    closure_for(optimizer, model, 0)()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     model[0].weight.grad[0, 0] = float("inf")
     before = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters()]
@@ -395,9 +486,10 @@ def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
     assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
 
 
+@EVERY_WRAPPER
 def test_non_finite_gradient_never_reaches_the_weights(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=0.1))
+    optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=0.1), model)
     optimizer.step(closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(1)
@@ -422,9 +514,10 @@ def test_non_finite_gradient_never_reaches_the_weights(case: WrapperCase) -> Non
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@EVERY_WRAPPER
 def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
     fired: list[str] = []
     optimizer.register_step_pre_hook(lambda *_: fired.append("pre"))
     optimizer.register_step_post_hook(lambda *_: fired.append("post"))
@@ -432,10 +525,11 @@ def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:
     assert fired == ["pre", "post"]
 
 
+@EVERY_WRAPPER
 def test_eval_restores_the_weights(case: WrapperCase) -> None:
     model = make_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1))
-    closure_for(optimizer, model, 0)()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    first_pass(optimizer, closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
     optimizer.first_step()
     optimizer.eval()
@@ -443,8 +537,109 @@ def test_eval_restores_the_weights(case: WrapperCase) -> None:
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@EVERY_WRAPPER
 def test_deepcopy_keeps_working(case: WrapperCase) -> None:
     _, optimizer = library_run(case, BASES["AdamW"], steps=1)
     clone = copy.deepcopy(optimizer)
     assert clone.param_groups is clone.base_optimizer.param_groups
     assert clone.steps == 1
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_then_steps_like_the_original(case: WrapperCase, how: str) -> None:
+    """Model and optimizer copied together (so that they still share the parameters) take the
+    same next steps as the originals: TRAM's generator, targets and hooks come along."""
+    model, optimizer = library_run(case, BASES["AdamW"], steps=2)
+    bundle = {"model": model, "optimizer": optimizer}
+    clone = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
+    clone_model, clone_optimizer = clone["model"], clone["optimizer"]
+    assert clone_optimizer.param_groups[0]["params"][0] is next(clone_model.parameters())
+    for step in range(2, 5):
+        optimizer.step(closure_for(optimizer, model, step))
+        clone_optimizer.step(closure_for(clone_optimizer, clone_model, step))
+    assert_same_params(clone_model, model, exact=True)
+    assert clone_optimizer.steps == optimizer.steps == 5
+    assert getattr(clone_optimizer, "radius_history", None) == getattr(
+        optimizer, "radius_history", None
+    )
+
+
+def batchnorm_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@EVERY_WRAPPER
+def test_batchnorm_statistics_come_from_the_first_pass_only(case: WrapperCase) -> None:
+    """With the model given, the running statistics after a step are those of one
+    training-mode forward at θ (on the noised inputs for TRAM-Fisher, whose first pass is
+    noised): neither the second pass nor TRAM's reference forward may update them."""
+    model = batchnorm_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, bind_model=True)
+    twin = copy.deepcopy(model)
+    ascent = case.ascent(twin)  # draws the noise of TRAM-Fisher's first passes, in step
+    for step in range(3):
+        twin.load_state_dict(model.state_dict())
+        x, _ = batch(step)
+        with torch.no_grad():
+            ascent.first_forward(twin, x)
+        optimizer.step(closure_for(optimizer, model, step))
+        for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
+            assert torch.equal(got, want), f"step {step}: {name}"
+        assert int(model[1].num_batches_tracked) == step + 1
+        assert model[1].track_running_stats
+
+
+class Named(nn.Module):
+    """The contract model with its first layer under a chosen attribute name."""
+
+    def __init__(self, first: str) -> None:
+        super().__init__()
+        reference = make_model()
+        self.first = first
+        self.add_module(first, reference[0])
+        self.head = reference[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(getattr(self, self.first)(x)))
+
+
+@EVERY_WRAPPER
+def test_a_model_trains_the_same_whatever_its_children_are_called(case: WrapperCase) -> None:
+    """A child called ``module`` is not a DistributedDataParallel wrapper's ``.module``."""
+    runs = []
+    for first in ("body", "module"):
+        model = Named(first)
+        optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=1e-2), model)
+        for step in range(3):
+            optimizer.step(closure_for(optimizer, model, step))
+        runs.append((model, getattr(optimizer, "radius_history", None)))
+    (body, body_radii), (module, module_radii) = runs
+    assert module_radii == body_radii
+    assert_same_params(module, body, exact=True)
+    assert_same_params(body, reference_run(case, BASES["AdamW"], steps=3))
+
+
+@EVERY_TRAM_WITH_D
+def test_radius_is_exactly_zero_under_bf16_autocast_when_the_target_is_the_model(
+    case: WrapperCase,
+) -> None:
+    """The first pass runs under the caller's bf16 autocast; the reference forward must run
+    under the same autocast state, or a target equal to the model gives d != 0 (the θ0,
+    θt−1 and EMA targets equal θ at the first step; TRAM-x with σ = 0)."""
+    model = make_model()
+    options = {"sigma": 0.0} if case.kwargs["trust_region"] == "noise" else {}
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, **options)
+    x, y = batch(0)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert optimizer.radius_history == [0.0]

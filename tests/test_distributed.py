@@ -14,11 +14,6 @@ maths (autograd for the gradients, the ascent and the base optimizers by hand, n
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import launch_workers
+from tests.helpers import scenario_records as scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -209,78 +206,6 @@ def max_difference(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 # ---------------------------------------------------------------------------- the launch
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launch_workers(spec_path: Path, out_dir: Path, log_dir: Path) -> float:
-    """Run the two ranks to completion; fail with their stderr if one fails or hangs."""
-    for attempt in range(3):
-        port = free_port()
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "WORLD_SIZE": str(WORLD_SIZE),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        logs = [log_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(WORLD_SIZE)]
-        start = time.monotonic()
-        processes = []
-        for rank, log in enumerate(logs):
-            with log.open("w") as stream:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, str(WORKER), str(spec_path), str(out_dir)],
-                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                        cwd=ROOT,
-                        stdout=stream,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-        deadline = start + LAUNCH_TIMEOUT_S
-        failed_at: float | None = None
-        try:
-            while any(p.poll() is None for p in processes):
-                now = time.monotonic()
-                if any(p.returncode not in (None, 0) for p in processes):
-                    failed_at = failed_at or now
-                # A failed rank leaves the other waiting in a collective: a short grace only.
-                if now > deadline or (failed_at is not None and now - failed_at > 15):
-                    break
-                time.sleep(0.05)
-        finally:
-            # Also on an interrupt: never leave a rank behind.
-            for p in processes:
-                if p.poll() is None:
-                    p.kill()
-            for p in processes:
-                p.wait(timeout=10)
-        elapsed = time.monotonic() - start
-        codes = [p.returncode for p in processes]
-        if all(code == 0 for code in codes):
-            return elapsed
-        output = {rank: log.read_text(errors="replace") for rank, log in enumerate(logs)}
-        if any(
-            "EADDRINUSE" in text or "address already in use" in text.lower()
-            for text in output.values()
-        ):
-            continue  # The free port was taken between the probe and the bind: retry.
-        report = "\n".join(
-            f"----- rank {rank} (exit code {codes[rank]}) -----\n{output[rank][-6000:]}"
-            for rank in range(WORLD_SIZE)
-        )
-        timed_out = " (killed at the time limit)" if elapsed >= LAUNCH_TIMEOUT_S else ""
-        pytest.fail(
-            f"the distributed worker failed after {elapsed:.1f}s{timed_out}:\n{report}",
-            pytrace=False,
-        )
-    pytest.fail("the distributed worker could not bind a free port in 3 attempts", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def spec() -> dict[str, Any]:
     return make_spec()
@@ -294,19 +219,13 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
     directory = tmp_path_factory.mktemp("distributed")
     spec_path = directory / "spec.pt"
     torch.save(spec, spec_path)
-    elapsed = launch_workers(spec_path, directory, directory)
+    elapsed = launch_workers(
+        WORKER, spec_path, directory, directory, world_size=WORLD_SIZE, timeout_s=LAUNCH_TIMEOUT_S
+    )
     print(f"distributed worker: {elapsed:.1f}s for {WORLD_SIZE} ranks")
     return [
         torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
     ]
-
-
-def scenario(results: list[dict], name: str) -> list[dict]:
-    records = [r[name] for r in results]
-    for rank, record in enumerate(records):
-        if "error" in record:
-            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
-    return records
 
 
 def assert_replicas_identical(records: list[dict], key: str = "params") -> None:

@@ -19,6 +19,7 @@ pytest.importorskip("tensorboard")
 
 from hydra import compose, initialize_config_dir
 
+from tests.helpers import read_scalars
 from tram.experiments import report
 from tram.experiments.run import CONFIG_DIR, finetune
 from tram.experiments.tasks import ExperimentError
@@ -149,17 +150,7 @@ def compose_config(overrides: list[str]):
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[float]] = {}
-    files = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert files, f"no TensorBoard events under {run_dir}"
-    for file in files:
-        events = EventAccumulator(str(file))
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, []).extend(e.value for e in events.Scalars(tag))
-    return out
+    return read_scalars(run_dir / "tensorboard")
 
 
 def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dict:
@@ -184,17 +175,37 @@ def check_run(run_dir: Path, *, optimizer: str, metric: str = "accuracy") -> dic
 # ------------------------------------------------------------------------------ fast runs
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sam", "tram_x", "r3f"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sam", "tram_x", "tram_theta0", "r3f"])
 def test_tiny_sentiment(assets, tmp_path, optimizer):
-    cfg = compose_config([*tiny_overrides(assets), f"optimizer={optimizer}"])
+    """The configured method and regularizer really train: their logged values say so, not
+    only the config echoed in the results."""
+    # theta0's d needs weights that moved: the smoke preset's lr (5e-5) leaves it at round-off.
+    lr = ["train.lr=0.01"] if optimizer == "tram_theta0" else []
+    cfg = compose_config([*tiny_overrides(assets), f"optimizer={optimizer}", *lr])
     results = finetune(cfg, output_dir=tmp_path)
     check_run(tmp_path, optimizer=optimizer)
     assert results["ood_domains"] == ["amazon", "tweets", "nyt"]
-    if optimizer == "tram_x":
-        assert results["mean_radius"] is not None
-        assert results["mean_radius"] >= 0
+    tb = scalars(tmp_path)
+    steps = results["steps"]
+    assert steps == 3
+    if optimizer.startswith("tram"):
+        radii = tb["train/tram/radius"]
+        assert len(radii) == steps
+        assert results["mean_radius"] == pytest.approx(sum(radii) / steps, rel=1e-5)
+        assert results["mean_radius"] > 0
+        if optimizer == "tram_theta0":
+            # The configured trust region, not the default noise: d = 0 exactly at theta0.
+            assert radii[0] == 0.0
+            assert min(radii[1:]) > 1e-6
     else:
         assert results["mean_radius"] is None
+        assert "train/tram/radius" not in tb
+    if optimizer == "r3f":
+        penalty = tb["train/tram/r3f"]
+        assert len(penalty) == steps
+        assert min(penalty) > 0
+    else:
+        assert not any(tag.endswith("r3f") for tag in tb)
 
 
 def test_validation_is_reported_next_to_the_test_sets(assets, tmp_path):
@@ -213,9 +224,9 @@ def test_hyperparameter_sweep_mode_does_not_touch_the_test_sets(assets, tmp_path
     seen: list[str] = []
     real = run_module.evaluate_split
 
-    def spy(trainer, task, dataset, name):
+    def spy(trainer, task, dataset, name, **kwargs):
         seen.append(name)
-        return real(trainer, task, dataset, name)
+        return real(trainer, task, dataset, name, **kwargs)
 
     monkeypatch.setattr(run_module, "evaluate_split", spy)
     cfg = compose_config([*tiny_overrides(assets), "evaluate.test=false"])
@@ -355,6 +366,7 @@ def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.representative  # `python -m tram.experiments.run` in a fresh process; about 70 s
 def test_python_dash_m_entry(assets, tmp_path):
     """``python -m tram.experiments.run`` in a fresh process, and its errors."""
     done = _subprocess(
@@ -431,8 +443,27 @@ def test_encoder_for_language_modelling(assets, tmp_path):
 
 
 def test_bad_optimizer_argument(assets, tmp_path):
-    cfg = compose_config([*tiny_overrides(assets), "optimizer=sam", "+optimizer.kwargs.radius=1"])
+    cfg = compose_config([*tiny_overrides(assets), "optimizer=sam", "+optimizer.method.radius=1"])
     _fails_before_training(cfg, tmp_path, ExperimentError, "radius")
+
+
+def test_finetune_trains_with_a_users_classes(assets, tmp_path):
+    """optimizer.base, optimizer.method and a regularizer pointed at classes of a test module."""
+    from tests.test_configs import HalvedSGD, RecordingSAM, SquaredLogits, user_overrides
+
+    RecordingSAM.built.clear()
+    calls = SquaredLogits.calls
+    cfg = compose_config([*tiny_overrides(assets), *user_overrides()])
+    results = finetune(cfg, output_dir=tmp_path)
+    wrapper = RecordingSAM.built[-1]  # the one trained (tram validates values on a probe)
+    assert (wrapper.note, wrapper.param_groups[0]["rho"], wrapper.steps) == ("mine", 0.031, 3)
+    assert type(wrapper.base_optimizer) is HalvedSGD
+    assert wrapper.base_optimizer.nesterov_like is True
+    assert {g["initial_lr"] for g in wrapper.base_optimizer.param_groups} == {2.5e-5}
+    assert {g["weight_decay"] for g in wrapper.base_optimizer.param_groups} == {0.01, 0.0}
+    assert SquaredLogits.calls - calls >= 3
+    assert results["method"] == "tests.test_configs.RecordingSAM"
+    assert results["config"]["optimizer"]["base"]["_target_"] == "tests.test_configs.HalvedSGD"
 
 
 def test_unknown_domain(assets, tmp_path):

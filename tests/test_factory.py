@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tram
+from tests.wrappers_table import SAM_FAMILY
 from tram import factory
 
 
@@ -156,18 +157,38 @@ def test_registration_errors():
         factory.get_method(3)  # type: ignore[arg-type]
 
 
-def test_registered_methods_honour_the_contract():
+REGISTERED_NAMES = {"SAM": "sam", "ASAM": "asam", "FisherSAM": "fisher_sam"}
+
+
+@pytest.mark.parametrize("case", SAM_FAMILY, ids=str)
+def test_registered_methods_take_the_reference_step(case):
+    """A method built by name takes the two-pass step of its paper's formula (written by hand
+    in tests/wrappers_table.py), not merely some step: with rho = 0 it would fail."""
     model, base = make_base()
-    optimizer = factory.wrap_optimizer("asam", base, model=model)
-    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    optimizer = factory.wrap_optimizer(REGISTERED_NAMES[case.name], base, **case.kwargs)
+    assert type(optimizer) is case.cls
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, generator=generator), torch.randn(4, 2, generator=generator)
+
+    def loss_at(weights: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(torch.nn.functional.linear(x, *weights), y)
+
+    theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    grads = torch.autograd.grad(loss_at(theta), theta)
+    epsilon = case.reference([t.detach() for t in theta], list(grads))
+    perturbed = [(t + e).detach().requires_grad_() for t, e in zip(theta, epsilon)]
+    sharp_grads = torch.autograd.grad(loss_at(perturbed), perturbed)
+    expected = [t.detach() - 0.1 * g for t, g in zip(theta, sharp_grads)]  # SGD, lr = 0.1
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss = loss_at(list(model.parameters()))
         loss.backward()
         return loss
 
-    before = [p.detach().clone() for p in model.parameters()]
     optimizer.step(closure)
     assert not optimizer.is_perturbed
-    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
+    plain = [t.detach() - 0.1 * g for t, g in zip(theta, grads)]
+    assert max(float((e - q).abs().max()) for e, q in zip(expected, plain)) > 1e-4

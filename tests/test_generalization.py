@@ -4,6 +4,7 @@ evaluation, resume, report, and the power analysis."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -49,11 +50,11 @@ def test_tuning_runs_never_evaluate_the_test_sets():
     tune = Job("tune", "tram_x", 101, 0.3)
     overrides = generalization._overrides(tune, {}, generalization.BUDGET)
     assert "evaluate.test=false" in overrides
-    assert "optimizer.kwargs.sigma=0.3" in overrides
+    assert "optimizer.method.sigma=0.3" in overrides
     test = Job("test", "tram_x", 1)
     overrides = generalization._overrides(test, {"tram_x": {"value": 0.01}}, ())
     assert "evaluate.test=false" not in overrides
-    assert "optimizer.kwargs.sigma=0.01" in overrides
+    assert "optimizer.method.sigma=0.01" in overrides
     assert generalization._overrides(Job("test", "adamw", 3), {}, ()) == [
         "optimizer=adamw",
         "seed=3",
@@ -85,7 +86,12 @@ def test_every_planned_run_is_a_valid_config(task, round2):
             assert cfg.evaluate.test == (job.phase == "test")
             if job.method in GRIDS:
                 expected = job.value if job.phase == "tune" else GRIDS[job.method].values[-1]
-                assert cfg.optimizer.kwargs[GRIDS[job.method].key] == expected
+                node = (
+                    cfg.optimizer.regularizers[job.method]
+                    if job.method in ("r3f", "r4f")
+                    else cfg.optimizer.method
+                )
+                assert node[GRIDS[job.method].key] == expected
             if job.phase == "curve":
                 assert (cfg.train.max_steps, cfg.train.warmup_steps) == (70, 7)
                 assert cfg.optimizer.name == "adamw_steps70"
@@ -196,10 +202,10 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
                 results["in_domain_validation"]
             )
     sam = json.loads((out / "results/test/sam/seed1/results.json").read_text())
-    assert sam["config"]["optimizer"]["kwargs"]["rho"] == selection["sam"]["value"]
+    assert sam["config"]["optimizer"]["method"]["rho"] == selection["sam"]["value"]
 
     started: list[Job] = []
-    monkeypatch.setattr(generalization, "_start", lambda job, *a: started.append(job))
+    monkeypatch.setattr(generalization, "_run_job", lambda job, *a: started.append(job))
     assert generalization.run(out, jobs=2, **kwargs) == 0
     assert started == []  # every results file exists: nothing runs again
 
@@ -218,6 +224,55 @@ def test_run_select_evaluate_resume_and_report(assets, tmp_path, monkeypatch):  
     assert (out / "curve.png").stat().st_size > 0
     assert (out / "report.md").read_text() == text
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_scheduler_bounds_the_workers_and_waits_for_tuning(tmp_path, monkeypatch):
+    """The thread-pool scheduler with a fake runner: at most ``jobs`` at once, evaluation of a
+    tuned method only after every tuning run, a failed tuning drops that method's evaluation."""
+    import threading
+
+    monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.01, 0.05), 0.05))
+    monkeypatch.setitem(GRIDS, "asam", Grid("rho", (0.2, 0.5), 0.5))
+    monkeypatch.setattr(generalization, "MAX_EXTENSIONS", 0)  # sam's choice stays at its edge
+    lock = threading.Lock()
+    active, log = [0], []
+
+    def fake_run_job(job, out, selection, threads, budget):
+        with lock:
+            active[0] += 1
+            log.append(("start", job.phase, job.method, active[0], dict(selection)))
+        failing = job.phase == "tune" and job.method == "asam"
+        time.sleep(0.0 if failing else 0.3)  # asam fails before any slot frees up
+        with lock:
+            active[0] -= 1
+        if failing:
+            return 3
+        path = out / "runs" / job.relative() / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        score = 0.8 + (job.value or 0)
+        path.write_text(json.dumps({"in_domain_validation": score}))
+        return 0
+
+    monkeypatch.setattr(generalization, "_run_job", fake_run_job)
+    failed = generalization.run(
+        tmp_path, methods=["adamw", "sam", "asam"], seeds=[1, 2], tuning_seeds=[101], jobs=3
+    )
+    assert failed == 1  # asam's first tuning run; its second is dropped with its evaluation
+    starts = [entry for entry in log if entry[0] == "start"]
+    assert max(entry[3] for entry in starts) == 3
+    tuned_test = [entry for entry in starts if entry[1] == "test" and entry[2] == "sam"]
+    assert [entry[4]["sam"]["value"] for entry in tuned_test] == [0.05, 0.05]
+    last_tuning = max(i for i, entry in enumerate(starts) if entry[1] == "tune")
+    first_tuned_test = min(i for i, entry in enumerate(starts) if entry in tuned_test)
+    assert first_tuned_test > last_tuning
+    assert [entry[2] for entry in starts].count("asam") == 1
+    evaluated = (tmp_path / "results" / "test").rglob("results.json")
+    assert sorted(str(p.parent.relative_to(tmp_path / "results")) for p in evaluated) == [
+        "test/adamw/seed1",
+        "test/adamw/seed2",
+        "test/sam/seed1",
+        "test/sam/seed2",
+    ]
 
 
 def test_command_line_rejects_bad_jobs(capsys):

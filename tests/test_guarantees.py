@@ -641,3 +641,21 @@ def test_tram_on_a_compiled_model_equals_eager() -> None:
     assert runs[0][0][-1] > 0
     for a, b in zip(runs[0][1], runs[1][1], strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- shared groups
+@pytest.mark.parametrize("name", ["SAM", "ASAM", "FisherSAM", "TRAM-fisher"])
+def test_a_base_optimizer_with_a_hyperparameter_of_the_same_name_is_refused(name: str) -> None:
+    """Adadelta's decay is called rho: SAM's radius would silently be Adadelta's 0.9."""
+    model = Net()
+    with pytest.raises(ValueError, match=r"hyperparameter 'rho' has the name of one of Adadelta"):
+        make_wrapper(name, model, torch.optim.Adadelta(model.parameters(), rho=0.85))
+
+
+def test_tram_wraps_adadelta_and_leaves_its_rho_alone() -> None:
+    model = Net()
+    base = torch.optim.Adadelta(model.parameters(), rho=0.85)
+    optimizer = tram.TRAM(base, model, trust_region="pretrained")
+    train(optimizer, model, steps=2)
+    assert base.param_groups[0]["rho"] == 0.85
+    assert optimizer.radius_history[-1] > 0

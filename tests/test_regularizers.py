@@ -22,6 +22,8 @@ from tram.regularizers import spectral_normalize
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import tiny_bert, tiny_gpt2  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- models and data
 class Toy(nn.Module):
@@ -49,38 +51,11 @@ def toy_data(n: int = 64, seed: int = 1) -> tuple[Tensor, Tensor]:
 
 
 def bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,
-    )
-    return transformers.BertForSequenceClassification(config).train()
+    return tiny_bert(seed=seed, initializer_range=0.2).train()
 
 
 def gpt2(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=100,
-        n_positions=16,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return transformers.GPT2LMHeadModel(config).train()
+    return tiny_gpt2(seed=seed, initializer_range=0.2).train()
 
 
 def hf_batch(seed: int = 2) -> dict[str, Tensor]:

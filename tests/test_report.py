@@ -170,18 +170,19 @@ def test_main_writes_markdown_and_png(sweep, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_perplexity_groups_and_single_seed(tmp_path):
+def test_perplexity_groups(tmp_path):
     root = tmp_path / "lm"
     for optimizer, ppl in (("adamw", (20.0, 30.0, 31.0)), ("tram_prev", (19.0, 28.0, 29.5))):
-        write_run(
-            root,
-            optimizer,
-            1,
-            dict(zip(["movies", "amazon", "nyt"], ppl)),
-            task="vader_lm",
-            model="smollm2",
-            metric="perplexity",
-        )
+        for seed, shift in ((1, 0.0), (2, 0.5)):
+            write_run(
+                root,
+                optimizer,
+                seed,
+                {d: v + shift for d, v in zip(["movies", "amazon", "nyt"], ppl)},
+                task="vader_lm",
+                model="smollm2",
+                metric="perplexity",
+            )
     write_run(root / "other", "adamw", 1, {"en": 0.5, "it": 0.4}, task="topics", model="e5")
     groups = report.collect([root])
     assert [(g.task, g.metric) for g in groups] == [
@@ -190,8 +191,9 @@ def test_perplexity_groups_and_single_seed(tmp_path):
     ]
     text = report.render(groups)
     assert "perplexity, lower is better" in text
-    assert "**28.75**" in text  # lower is better: tram_prev's OOD average is the best
-    assert "| tram_prev | OOD avg | -1.75 | 1 | – | – |" in text
+    assert "**29.00 ± 3.18**" in text  # lower is better: tram_prev's OOD average is the best
+    assert "| tram_prev | OOD avg | -1.75 ± 0.00 | 2 | <0.001 | <0.001 | 0.500 |" in text
+    assert "±0.00 perplexity on the paired OOD avg difference to adamw" in text
     assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "report.png").is_file()
 
@@ -233,3 +235,151 @@ def test_paired_differences_cover_every_other_optimizer(sweep):
     expected = report.paired_tests(group.values("sam", "movies"), group.values("adamw", "movies"))
     assert differences["sam"]["in-domain"] == expected
     assert report.paired_differences(group, "no_such_optimizer") == {}
+
+
+# ------------------------------------------------------------------------------ seeds on the page
+
+
+matplotlib = pytest.importorskip("matplotlib")
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
+
+
+def one_seed_sweep(root: Path) -> Path:
+    for optimizer, rows in ACCURACY.items():
+        write_run(root, optimizer, 1, dict(zip(["movies", *OOD], rows[0])))
+    return root
+
+
+def errorbars(ax) -> list[ErrorbarContainer]:
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def texts(artist) -> str:
+    return "\n".join(t.get_text() for t in artist.texts).replace("\n", " ")
+
+
+@pytest.fixture
+def close_figures():
+    import matplotlib.pyplot as plt
+
+    yield
+    plt.close("all")
+
+
+def test_one_seed_report_says_it_is_not_evidence(tmp_path, close_figures):
+    (group,) = report.collect([one_seed_sweep(tmp_path)])
+    text = report.render([group])
+    heading = next(line for line in text.splitlines() if line.startswith("## "))
+    assert heading.endswith("1 seed per optimizer")
+    assert f"**{report.ONE_SEED}.**" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| adamw |", "| tram_x |"))]
+    assert rows
+    assert not any("±" in row or "**" in row for row in rows)  # no interval, no winner
+    assert f"of single runs, {report.ONE_SEED}:" in text
+    summary = report.closing_summary([group])
+    assert f"vader_sentiment · minilm: {report.ONE_SEED}." in summary
+    assert "OOD avg (single runs): adamw " in summary
+    assert "paired, 95% CI" not in summary
+
+    fig = report.build_figure([group])
+    bars, side = fig.axes
+    assert len(bars.containers) == 3  # one BarContainer per optimizer ...
+    assert errorbars(bars) == []  # ... and not one error bar, not even of zero width
+    assert all(isinstance(c, BarContainer) and c.errorbar is None for c in bars.containers)
+    assert report.ONE_SEED in texts(bars)
+    assert "no interval, 1 seed per optimizer" in bars.get_title()
+    # The paired panel: nothing plotted, only the note.
+    assert not side.axison
+    assert errorbars(side) == []
+    assert len(side.lines) == 0
+    assert "Paired difference to adamw: not drawn." in texts(side)
+    assert report.ONE_SEED + "." in texts(side)
+
+
+def test_several_seeds_draw_their_intervals_and_say_how_wide(sweep, close_figures):
+    (group,) = report.collect([sweep])
+    summary = report.summarize(group)
+    fig = report.build_figure([group])
+    bars, side = fig.axes
+    assert "mean ± 95% CI, 3 seeds per optimizer" in bars.get_title()
+    drawn = errorbars(bars)
+    assert len(drawn) == 3
+    for container, name in zip(drawn, group.optimizers, strict=True):
+        (segments,) = container.lines[2]  # the vertical bars, one per column
+        half_widths = [abs(s[1][1] - s[0][1]) / 2 for s in segments.get_segments()]
+        assert half_widths == pytest.approx([summary[name][c][1] for c in group.columns])
+    # Paired panel: sam and tram_x, in-domain and OOD average, each with its paired interval.
+    differences = report.paired_differences(group, "adamw")
+    expected = [t["diff_ci"] for tests in differences.values() for t in tests.values()]
+    paired = errorbars(side)
+    assert len(paired) == 4
+    widths = [abs(s[1][0] - s[0][0]) / 2 for c in paired for s in c.lines[2][0].get_segments()]
+    assert widths == pytest.approx(expected)
+    assert side.get_title() == "difference to adamw ± 95% CI, 3 seeds"
+    # Few seeds: the note gives the t multiplier and the widths of the paired OOD intervals.
+    ood = [tests["OOD avg"]["diff_ci"] for tests in differences.values()]
+    t = scipy_stats.t.ppf(0.975, 2)
+    note = (
+        f"3 seeds, few: wide 95% CIs (t = {t:.2f} × the standard error): ±{min(ood):.1f} to "
+        f"±{max(ood):.1f} points on the paired OOD avg difference to adamw"
+    )
+    assert report.seed_notes(group) == [note]
+    assert note in texts(bars)
+    text = report.render([group])
+    assert next(line for line in text.splitlines() if line.startswith("## ")).endswith(
+        "3 seeds per optimizer"
+    )
+    assert f"**{note}.**" in text
+    assert report.ONE_SEED not in text
+    closing = report.closing_summary([group])
+    sam = differences["sam"]["OOD avg"]
+    assert f"sam {sam['diff']:+.1f} ± {sam['diff_ci']:.1f} (n = 3)" in closing
+
+
+def test_mixed_seed_counts_mark_the_single_seed_optimizer(tmp_path, close_figures):
+    for optimizer, rows in ACCURACY.items():
+        for seed, row in enumerate(rows[: 1 if optimizer == "tram_x" else 3], start=1):
+            write_run(tmp_path, optimizer, seed, dict(zip(["movies", *OOD], row)))
+    (group,) = report.collect([tmp_path])
+    assert report.seeds_label(group) == "1-3 seeds per optimizer"
+    notes = report.seed_notes(group)
+    assert notes[0] == f"tram_x: {report.ONE_SEED}"
+    assert notes[1].startswith("3 seeds, few: ")
+    fig = report.build_figure([group])
+    bars, side = fig.axes
+    labels = [text.get_text() for text in bars.get_legend().get_texts()]
+    assert labels == ["adamw (3 seeds)", "sam (3 seeds)", "tram_x (1 seed)"]
+    bar_containers = [c for c in bars.containers if isinstance(c, BarContainer)]
+    assert [c.errorbar is None for c in bar_containers] == [False, False, True]
+    assert len(errorbars(side)) == 2  # sam's two paired differences; tram_x's have no interval
+    assert "n = 1: no interval" in texts(side)
+
+
+def test_many_seeds_state_n_without_the_few_seeds_warning(tmp_path, close_figures):
+    for seed in range(1, report.FEW_SEEDS + 1):
+        shift = 0.003 * (seed % 4)
+        for optimizer, gain in (("adamw", 0.0), ("sam", 0.004 * (seed % 3))):
+            row = {"movies": 0.8 + shift, "amazon": 0.7 + gain, "nyt": 0.72 - shift + gain}
+            write_run(tmp_path, optimizer, seed, row)
+    (group,) = report.collect([tmp_path])
+    (note,) = report.seed_notes(group)
+    assert note.startswith(f"{report.FEW_SEEDS} seeds: 95% CIs of ±")
+    assert "few" not in note
+    assert "t =" not in note
+    _, side = report.build_figure([group]).axes
+    assert side.get_title().endswith(f"{report.FEW_SEEDS} seeds")
+
+
+def test_main_prints_the_summary_and_the_footer_last(tmp_path, capsys, close_figures):
+    one_seed_sweep(tmp_path)
+    footer = "See the 21-seed benchmark."
+    assert report.main([str(tmp_path)], footer=footer) == 0
+    printed = capsys.readouterr().out.rstrip().splitlines()
+    assert printed[-1] == footer
+    assert printed[-5:-2] == [
+        "Summary:",
+        f"- vader_sentiment · minilm: {report.ONE_SEED}.",
+        "  OOD avg (single runs): adamw 68.3, sam 71.3, tram_x 73.3",
+    ]
+    fig = report.build_figure(report.collect([tmp_path]), footer=footer)
+    assert [t.get_text() for t in fig.texts] == [footer]

@@ -15,39 +15,15 @@ from tram.targets import ReferenceWeights, call_model, extract_logits, logits_ma
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import tiny_bert, tiny_gpt2, wrapped  # noqa: E402
+
 
 def bert(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=100,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        initializer_range=0.2,  # logits well away from 0
-    )
-    return transformers.BertForSequenceClassification(config)
+    return tiny_bert(seed=seed, initializer_range=0.2)  # logits well away from 0
 
 
 def gpt2(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        vocab_size=100,
-        n_positions=16,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(seed=seed)
 
 
 def batch(seed: int = 1) -> dict[str, Tensor]:
@@ -64,10 +40,6 @@ def shift_weights(model: nn.Module, scale: float = 0.05, seed: int = 9) -> None:
     for p in model.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
-# A real wrapper that keeps the model in `.module`, as DDP and accelerate do; it runs on CPU.
-Wrapper = nn.DataParallel
 
 
 # ----------------------------------------------------------------------------- ReferenceWeights
@@ -263,9 +235,9 @@ def test_load_state_dict_rejects_other_names() -> None:
 
 def test_wrappers_are_unwrapped_and_names_are_the_inner_model_s() -> None:
     inner = nn.Linear(3, 2)
-    wrapped = Wrapper(Wrapper(inner))
-    assert unwrap_model(wrapped) is inner
-    reference = ReferenceWeights(wrapped)
+    outer = wrapped(wrapped(inner))
+    assert unwrap_model(outer) is inner
+    reference = ReferenceWeights(outer)
     assert reference.model is inner
     assert reference.names == ["weight", "bias"]
 

@@ -30,10 +30,16 @@ import tram
 
 transformers = pytest.importorskip("transformers")
 
+from tests.helpers import tiny_bert, tiny_gpt2  # noqa: E402
+
 VOCAB = 100
 HIDDEN = 32
-SIGMA = 1.0
-EMA_DECAY = 0.5
+# Values that are not fixed points of likely mistakes: sigma**2 != sigma, 1 - decay != decay,
+# and TRAM-Fisher's radius and Fisher eta differ (a mix-up of the two changes the step).
+SIGMA = 0.3
+EMA_DECAY = 0.8
+RHO = 0.05
+FISHER_ETA = 0.5
 STEPS = 3
 VARIANTS = ["noise", "pretrained", "previous", "ema", "fisher"]
 # float32 round-off between two orders of summation, over three AdamW steps (measured <= 2e-6);
@@ -43,20 +49,7 @@ TIGHT = {"rtol": 1e-5, "atol": 5e-6}
 
 # ----------------------------------------------------------------------------- models
 def bert(dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-        num_labels=3,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        initializer_range=0.2,
-    )
-    model = transformers.BertForSequenceClassification(config).train()
+    model = tiny_bert(seed=seed, dropout=dropout, vocab_size=VOCAB, initializer_range=0.2).train()
     # Softmax is shift invariant: the key bias has a zero gradient in exact arithmetic, and AdamW
     # would turn its round-off (~1e-7) into steps of about ±lr. Frozen, it is also a frozen
     # parameter that the reference weights must share with the live model.
@@ -66,21 +59,7 @@ def bert(dropout: float = 0.0, seed: int = 0) -> nn.Module:
 
 
 def gpt2(dropout: float = 0.0, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=HIDDEN,
-        n_layer=2,
-        n_head=2,
-        vocab_size=VOCAB,
-        n_positions=16,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    model = transformers.GPT2LMHeadModel(config).train()
+    model = tiny_gpt2(seed=seed, dropout=dropout, vocab_size=VOCAB, initializer_range=0.2).train()
     # The key third of c_attn.bias has a zero gradient in exact arithmetic (see bert()).
     for block in model.transformer.h:
         block.attn.c_attn.bias.requires_grad_(False)
@@ -210,6 +189,73 @@ def mean_forward_kl(target: Tensor, current: Tensor, mask: Tensor | None = None)
     return per_position.mean() if mask is None else per_position[mask].mean()
 
 
+def _probabilities(target: Tensor, current: Tensor, mask: Tensor | None):
+    p = F.softmax(target.double(), dim=-1)
+    q = F.softmax(current.double(), dim=-1)
+    if mask is not None:
+        p, q = p[mask], q[mask]
+    return p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+
+
+def _kl(p: Tensor, q: Tensor) -> Tensor:
+    """KL(p || q) per row, summed over classes."""
+    return (p * (p.log() - q.log())).sum(-1)
+
+
+def hand_reverse_kl(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    p, q = _probabilities(target, current, mask)
+    return _kl(q, p).mean()
+
+
+def hand_symmetric_kl(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    p, q = _probabilities(target, current, mask)
+    return (_kl(p, q) + _kl(q, p)).mean()
+
+
+def hand_js(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    p, q = _probabilities(target, current, mask)
+    m = (p + q) / 2
+    return (0.5 * _kl(p, m) + 0.5 * _kl(q, m)).mean()
+
+
+def hand_l2(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The Euclidean distance between the probability vectors (tram/divergence.py's choice)."""
+    p, q = _probabilities(target, current, mask)
+    return (p - q).pow(2).sum(-1).sqrt().mean()
+
+
+def hand_mmd(target: Tensor, current: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Biased squared MMD between the sets of probability vectors, with the inverse
+    multiquadratic kernel c / (c + |x - y|^2) summed over tram/divergence.py's bandwidths."""
+    p, q = _probabilities(target, current, mask)
+    bandwidths = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+    def kernel_mean(x: Tensor, y: Tensor) -> Tensor:
+        squared = (x[:, None, :] - y[None, :, :]).pow(2).sum(-1)
+        return sum(c / (c + squared) for c in bandwidths).mean()
+
+    return kernel_mean(p, p) + kernel_mean(q, q) - 2 * kernel_mean(p, q)
+
+
+HAND_DIVERGENCES: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": mean_forward_kl,
+    "reverse_kl": hand_reverse_kl,
+    "symmetric_kl": hand_symmetric_kl,
+    "js": hand_js,
+    "l2": hand_l2,
+    "mmd": hand_mmd,
+}
+
+
+def draw_noise(
+    shape: tuple[int, ...], generator: torch.Generator, sigma: float, noise: str = "gaussian"
+) -> Tensor:
+    """N(0, sigma^2) or U(-sigma, sigma) from ``generator``: one draw of the noise TRAM adds."""
+    if noise == "gaussian":
+        return torch.randn(shape, generator=generator) * sigma
+    return (torch.rand(shape, generator=generator) * 2 - 1) * sigma
+
+
 @dataclasses.dataclass
 class Run:
     model: nn.Module
@@ -223,10 +269,12 @@ def reference_tram(
     steps: int = STEPS,
     *,
     sigma: float = SIGMA,
+    noise: str = "gaussian",
+    divergence: str = "forward_kl",
     adaptive: bool = True,
     eta: float = 0.0,
-    rho: float = 0.1,
-    fisher_eta: float = 0.1,
+    rho: float = RHO,
+    fisher_eta: float = FISHER_ETA,
     ema_decay: float = EMA_DECAY,
     max_radius: float | None = None,
     seed: int = 0,
@@ -239,7 +287,7 @@ def reference_tram(
     radii: list[float] = []
 
     def draw(batch: Any) -> Tensor:
-        return torch.randn(task.embedding_shape(batch), generator=generator) * sigma
+        return draw_noise(task.embedding_shape(batch), generator, sigma, noise)
 
     for batch in task.batches(steps):
         # (2) The predictive distribution and the gradient at θt (on x + z for TRAM-Fisher).
@@ -260,7 +308,9 @@ def reference_tram(
                     target_logits, _ = task.forward(model, batch, draw(batch))
                 else:
                     target_logits, _ = task.forward(target_model, batch)
-                d = mean_forward_kl(target_logits, logits, task.mask(batch, logits)).item()
+                d = HAND_DIVERGENCES[divergence](
+                    target_logits, logits, task.mask(batch, logits)
+                ).item()
                 if max_radius is not None:
                     d = min(d, max_radius)
                 radii.append(d)
@@ -294,7 +344,7 @@ def make_tram(task: Task, model: nn.Module, trust_region: str, **kwargs: Any) ->
     # Each trust region takes its own options only (others raise TypeError).
     defaults = {
         "noise": {"sigma": SIGMA},
-        "fisher": {"sigma": SIGMA},
+        "fisher": {"sigma": SIGMA, "rho": RHO, "fisher_eta": FISHER_ETA},
         "ema": {"ema_decay": EMA_DECAY},
     }
     options = {**defaults.get(trust_region, {}), **kwargs}
@@ -414,10 +464,47 @@ def test_sam_form_and_eta_equal_algorithm_1(trust_region: str, options: dict[str
     assert max_diff(library.model, default.model) > 100 * TIGHT["atol"]
 
 
+@pytest.mark.parametrize(
+    ("task_name", "divergence"),
+    [("plain", name) for name in HAND_DIVERGENCES if name != "forward_kl"]
+    + [("gpt2", "mmd"), ("gpt2", "js")],
+)
+def test_divergence_argument_equals_algorithm_1(task_name: str, divergence: str) -> None:
+    """d is the named divergence (written by hand above), on the recorded logits; MMD is
+    set-level, so on padded LM batches it must see the counted positions only."""
+    task = TASKS[task_name]
+    reference = reference_tram(task, "pretrained", divergence=divergence)
+    library = library_tram(task, "pretrained", divergence=divergence)
+    torch.testing.assert_close(library.radii, reference.radii, rtol=1e-5, atol=1e-7)
+    assert_same_params(library.model, reference.model)
+    # The forward KL gives other radii (1000 times the tolerance apart): the test can fail.
+    # Reverse and forward KL agree to second order for close distributions, hence 1%.
+    forward_kl = reference_tram(task, "pretrained")
+    assert max(reference.radii) > 1e-3
+    gap = max(abs(a - b) for a, b in zip(reference.radii, forward_kl.radii))
+    assert gap > 0.01 * max(reference.radii)
+
+
+@pytest.mark.parametrize("trust_region", ["noise", "fisher"])
+@pytest.mark.parametrize("task_name", ["plain", "bert"])
+def test_uniform_noise_equals_algorithm_1(task_name: str, trust_region: str) -> None:
+    """noise="uniform" draws z ~ U(-sigma, sigma) (sigma the half-width), for d and for
+    TRAM-Fisher's noised first pass."""
+    task = TASKS[task_name]
+    reference = reference_tram(task, trust_region, noise="uniform")
+    library = library_tram(task, trust_region, noise="uniform")
+    assert_same_params(library.model, reference.model)
+    torch.testing.assert_close(library.radii, reference.radii, rtol=1e-5, atol=0)
+    gaussian = reference_tram(task, trust_region)
+    assert max_diff(library.model, gaussian.model) > 100 * TIGHT["atol"]
+    if trust_region == "noise":
+        assert min(abs(a - b) / b for a, b in zip(library.radii, gaussian.radii)) > 0.05
+
+
 def test_max_radius_clips_d() -> None:
     task = TASKS["plain"]
     unclipped = reference_tram(task, "noise").radii
-    limit = 0.4
+    limit = 0.06
     assert max(unclipped) > limit > min(unclipped)
     reference = reference_tram(task, "noise", max_radius=limit)
     library = library_tram(task, "noise", max_radius=limit)
@@ -739,7 +826,8 @@ def test_resume_is_bit_exact(trust_region: str) -> None:
 def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:
     task = TASKS["plain"]
     noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["tram"]
-    assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "generator"}
+    assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "target", "generator"}
+    assert noise["target"] == "noise"
     previous = library_tram(task, "previous", steps=2)
     state = previous.optimizer.state_dict()["tram"]
     assert set(state["reference"]) == {"embed.weight", "head.weight", "head.bias"}

@@ -293,6 +293,12 @@ class TRAM(TwoPassOptimizer):
     # ------------------------------------------------------------------ hyperparameters
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_non_negative("eta", group["eta"])
+        if "rho" in group and "rho" not in self.base_optimizer.defaults:
+            raise ValueError(
+                f"Invalid param group: it sets rho={group['rho']!r}, but TRAM measures its radius "
+                "(d) at every step and has no rho; leave a group out of the ascent by leaving "
+                "it out of the optimizer, or use tram.ASAM for a fixed radius"
+            )
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
         if self.adaptive:
@@ -437,14 +443,30 @@ class TRAM(TwoPassOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         # The target's keys at the top level ("generator", "reference"), as before targets
         # were objects: checkpoints load both ways.
-        state = dict(self.target.state_dict())
+        state = {"target": self.target.name, **self.target.state_dict()}
         if self.radius_every > 1:  # the d reused until the next measurement
             state["last_radius"] = self.last_radius
         return state
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        saved_name = state.get("target")
+        if saved_name is not None and saved_name != self.target.name:
+            raise ValueError(
+                f"Invalid state_dict: it was saved by TRAM with the {saved_name!r} target, and "
+                f"this TRAM's target is {self.target.name!r}; a reference cannot be carried "
+                "over to another target"
+            )
         own = self.target.state_dict()
-        if own and all(key in state for key in own):
+        missing = sorted(key for key in own if key not in state)
+        if missing:
+            raise ValueError(
+                f"Invalid state_dict: the {self.target.name!r} target's state ("
+                f"{', '.join(missing)}) is missing from its 'tram' entry, so its reference "
+                "would silently stay the one built at construction. Load a state dict saved "
+                "by TRAM with this target, or load the base optimizer's state alone with "
+                "optimizer.base_optimizer.load_state_dict(...)"
+            )
+        if own:
             self.target.load_state_dict({key: state[key] for key in own})
         if "last_radius" in state:
             value = state["last_radius"]

@@ -14,7 +14,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
+from tram._callers import check_step_closure
 from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
 
 __all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
@@ -30,6 +31,7 @@ WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
 
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 
 
 def check_non_negative(name: str, value: object) -> float:
@@ -85,6 +87,7 @@ class _StepState:
         "skipped_ascents",
         "skipped_steps",
         "steps",
+        "warned_lightning_logging",
         "warned_missing_ascent",
     )
 
@@ -102,6 +105,7 @@ class _StepState:
         self.perturbed_buckets: list[_Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False
+        self.warned_lightning_logging = False
 
     def for_copy(self) -> _StepState:
         """A copy for pickling: counters kept, references to live tensors dropped."""
@@ -111,7 +115,32 @@ class _StepState:
         copy.skipped_steps = self.skipped_steps
         copy.last_ascent_norm = self.last_ascent_norm
         copy.warned_missing_ascent = self.warned_missing_ascent
+        copy.warned_lightning_logging = self.warned_lightning_logging
         return copy
+
+
+class _SharedField(Generic[_V]):
+    """A wrapper attribute stored in its :class:`_StepState`, read and written through it."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _SharedField[_V]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _V: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        return getattr(instance._step_state, self.name)  # type: ignore[attr-defined]
+
+    def __set__(self, instance: object, value: _V) -> None:
+        setattr(instance._step_state, self.name, value)  # type: ignore[attr-defined]
 
 
 class _Bucket:
@@ -199,6 +228,15 @@ class TwoPassOptimizer(Optimizer):
             raise ValueError("base_optimizer has an empty parameter list")
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+        collisions = sorted(set(defaults) & set(base_optimizer.defaults))
+        if collisions:
+            raise ValueError(
+                f"{type(self).__name__}'s hyperparameter {', '.join(map(repr, collisions))} has "
+                f"the name of one of {type(base_optimizer).__name__}'s own, and both live in the "
+                "shared param groups: the ascent would use the base optimizer's value, and "
+                "setting the method's would change the base optimizer. This base optimizer "
+                "cannot be wrapped by this method"
+            )
         self.base_optimizer = base_optimizer
         self.model = model
         self.ascent_every = check_positive_int("ascent_every", ascent_every)
@@ -216,37 +254,16 @@ class TwoPassOptimizer(Optimizer):
         self._step_state = _StepState()
 
     # ------------------------------------------------------------------ counters
-    @property
-    def steps(self) -> int:
-        """Base optimizer steps taken through this wrapper (saved in checkpoints)."""
-        return self._step_state.steps
-
-    @steps.setter
-    def steps(self, value: int) -> None:
-        self._step_state.steps = value
-
-    @property
-    def skipped_ascents(self) -> int:
-        """Ascents skipped because the gradient norm or the radius was not finite."""
-        return self._step_state.skipped_ascents
-
-    @skipped_ascents.setter
-    def skipped_ascents(self, value: int) -> None:
-        self._step_state.skipped_ascents = value
-
-    @property
-    def skipped_steps(self) -> int:
-        """Base steps skipped because a gradient (of either pass) was not finite."""
-        return self._step_state.skipped_steps
-
-    @skipped_steps.setter
-    def skipped_steps(self, value: int) -> None:
-        self._step_state.skipped_steps = value
-
-    @property
-    def last_ascent_norm(self) -> float | None:
-        """‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."""
-        return self._step_state.last_ascent_norm
+    steps = _SharedField[int]("Base optimizer steps taken through this wrapper (checkpointed).")
+    skipped_ascents = _SharedField[int](
+        "Ascents skipped because the gradient norm or the radius was not finite."
+    )
+    skipped_steps = _SharedField[int](
+        "Base steps skipped because a gradient (of either pass) was not finite."
+    )
+    last_ascent_norm = _SharedField["float | None"](
+        "‖T g‖ of the last ascent, unscaled by ``grad_scale``: for logging."
+    )
 
     # ------------------------------------------------------------------ sharing with the base
     def _relink(self) -> None:
@@ -445,6 +462,8 @@ class TwoPassOptimizer(Optimizer):
             return None
         if state.ascent_attempted and self.is_perturbed:
             return self._finish_perturbed_step(closure)
+        if not state.ascent_attempted:
+            check_step_closure(self, closure)
         with self.first_pass(), torch.enable_grad():
             loss = closure()
         if loss is None and state.ascent_attempted:

@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,25 +340,30 @@ def _overrides(job: Job, selection: Mapping[str, Any], budget: Sequence[str]) ->
     if job.phase == "test" and job.method in selection:
         value = selection[job.method]["value"]
     if value is not None:
-        group = "regularizer" if job.method in ("r3f", "r4f") else "kwargs"
-        overrides.append(f"optimizer.{group}.{GRIDS[job.method].key}={value}")
+        node = f"regularizers.{job.method}" if job.method in ("r3f", "r4f") else "method"
+        overrides.append(f"optimizer.{node}.{GRIDS[job.method].key}={value}")
     if job.phase == "tune":
         overrides += ["evaluate.test=false", f"optimizer.name={job.label}"]
     return [*overrides, *job.overrides]
 
 
-def _start(
+def _run_job(
     job: Job, out: Path, selection: Mapping[str, Any], threads: int, budget: Sequence[str]
-) -> subprocess.Popen:
+) -> int:
+    """Run one job as its own ``tram.experiments.run`` process, its output in ``run.log``;
+    returns its exit status (called in a worker thread of :func:`run`)."""
     run_dir = out / "runs" / job.relative()
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "tram.experiments.run", *_overrides(job, selection, budget)]
     command += [f"hydra.run.dir={run_dir}", "hydra.job.chdir=false"]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    log = (run_dir / "run.log").open("w")
-    log.write("+ " + " ".join(command) + "\n")
-    log.flush()
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with (run_dir / "run.log").open("w") as log:
+        log.write("+ " + " ".join(command) + "\n")
+        log.flush()
+        process = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+        )
+    return process.returncode
 
 
 def run(
@@ -388,7 +394,7 @@ def run(
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // jobs)
     methods = list(methods)
-    running: dict[subprocess.Popen, tuple[Job, float]] = {}
+    running: dict[Future[int], tuple[Job, float]] = {}
     failed: list[Job] = []
     selection_file = out / "selection.json"
     selection: dict[str, Any] = (
@@ -441,53 +447,57 @@ def run(
                     wanted.append(Job("test", method, seed, None, [*more, *extra]))
         return wanted
 
-    while True:
-        busy = {job.relative() for job, _ in running.values()}
-        dropped = {j.method for j in failed if j.phase == "tune"}
-        if any(j.phase == "curve" for j in failed):
-            ready: list[Job] = []
-        else:
-            ready = [
-                j
-                for j in runnable()
-                if not _results(out, j).exists()
-                and j.relative() not in busy
-                and j.method not in dropped
-                and all(j.relative() != f.relative() for f in failed)
-            ]
-        while ready and len(running) < jobs:
-            job = ready.pop(0)
-            print(f"start {job.relative()}", flush=True)
-            budget_now = final_budget if job.phase != "curve" else budget
-            running[_start(job, out, selection, threads, budget_now or ())] = (
-                job,
-                time.perf_counter(),
-            )
-            busy.add(job.relative())
-        if not running:
-            break
-        finished = [p for p in running if p.poll() is not None]
-        if not finished:
-            time.sleep(2.0)
-            continue
-        for process in finished:
-            job, started = running.pop(process)
-            source = out / "runs" / job.relative()
-            if process.returncode == 0 and (source / "results.json").exists():
-                target = _results(out, job).parent
-                target.mkdir(parents=True, exist_ok=True)
-                if (source / PREDICTIONS_FILE).exists():
-                    shutil.copyfile(source / PREDICTIONS_FILE, target / PREDICTIONS_FILE)
-                shutil.copyfile(source / "results.json", target / "results.json")
-                status = "done"
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="tram-job") as pool:
+        while True:
+            busy = {job.relative() for job, _ in running.values()}
+            dropped = {j.method for j in failed if j.phase == "tune"}
+            if any(j.phase == "curve" for j in failed):
+                ready: list[Job] = []
             else:
-                failed.append(job)
-                status = f"FAILED (exit {process.returncode})"
-                if job.phase == "tune":
-                    print(f"tuning of {job.method} failed: its evaluation is dropped", flush=True)
-                if job.phase == "curve":
-                    print("a learning-curve run failed: nothing else starts", flush=True)
-            print(f"{status} {job.relative()} in {time.perf_counter() - started:.0f} s", flush=True)
+                ready = [
+                    j
+                    for j in runnable()
+                    if not _results(out, j).exists()
+                    and j.relative() not in busy
+                    and j.method not in dropped
+                    and all(j.relative() != f.relative() for f in failed)
+                ]
+            while ready and len(running) < jobs:
+                job = ready.pop(0)
+                print(f"start {job.relative()}", flush=True)
+                budget_now = list((final_budget if job.phase != "curve" else budget) or ())
+                future = pool.submit(_run_job, job, out, selection, threads, budget_now)
+                running[future] = (job, time.perf_counter())
+                busy.add(job.relative())
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, started = running.pop(future)
+                try:
+                    returncode: int | str = future.result()
+                except OSError as error:  # the process could not start
+                    returncode = f"{type(error).__name__}: {error}"
+                source = out / "runs" / job.relative()
+                if returncode == 0 and (source / "results.json").exists():
+                    target = _results(out, job).parent
+                    target.mkdir(parents=True, exist_ok=True)
+                    if (source / PREDICTIONS_FILE).exists():
+                        shutil.copyfile(source / PREDICTIONS_FILE, target / PREDICTIONS_FILE)
+                    shutil.copyfile(source / "results.json", target / "results.json")
+                    status = "done"
+                else:
+                    failed.append(job)
+                    status = f"FAILED (exit {returncode})"
+                    if job.phase == "tune":
+                        print(
+                            f"tuning of {job.method} failed: its evaluation is dropped",
+                            flush=True,
+                        )
+                    if job.phase == "curve":
+                        print("a learning-curve run failed: nothing else starts", flush=True)
+                elapsed = time.perf_counter() - started
+                print(f"{status} {job.relative()} in {elapsed:.0f} s", flush=True)
     return len(failed)
 
 

@@ -13,8 +13,13 @@ pairing runs by seed: the mean difference, the paired t-test p-value and the Wil
 signed-rank p-value (both two-sided, from scipy; "–" when fewer than two seeds pair up, or
 when every difference is zero for Wilcoxon).
 
-The report is printed and written to ``<out>/report.md`` with a bar chart ``<out>/report.png``
-(``out`` defaults to the first directory given).
+How many seeds stand behind the numbers is stated where a reader looks first: in each group's
+heading, on the figure and in the closing summary. With one seed per optimizer no interval is
+drawn and the report says so ("1 seed: no interval, not evidence of a difference"); with fewer
+than :data:`FEW_SEEDS` it says how wide the intervals are.
+
+The report is printed, followed by a short summary, and written to ``<out>/report.md`` with a bar
+chart ``<out>/report.png`` (``out`` defaults to the first directory given).
 """
 
 from __future__ import annotations
@@ -24,16 +29,25 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
+    "FEW_SEEDS",
+    "ONE_SEED",
     "ORDER",
     "Group",
+    "build_figure",
+    "closing_summary",
     "collect",
     "holm",
     "main",
@@ -41,6 +55,9 @@ __all__ = [
     "paired_tests",
     "plot",
     "render",
+    "seed_counts",
+    "seed_notes",
+    "seeds_label",
     "summarize",
 ]
 
@@ -69,6 +86,12 @@ OOD_AVG = "OOD avg"
 PAIRED_METRICS = ("in-domain", OOD_AVG)
 """The metrics each optimizer is compared with the baseline on: the training domain and the
 out-of-domain average."""
+
+ONE_SEED = "1 seed: no interval, not evidence of a difference"
+"""What the table, the summary and the figure say where an optimizer has a single seed."""
+FEW_SEEDS = 10
+"""Below this many seeds the report also states how wide the 95% intervals are, and the t
+multiplier behind them (2.26 at 10 seeds, 4.30 at 3, 12.7 at 2)."""
 
 
 @dataclass
@@ -232,6 +255,75 @@ def summarize(group: Group) -> dict[str, dict[str, tuple[float, float | None]]]:
     }
 
 
+# ------------------------------------------------------------------------------ seeds
+
+
+def seed_counts(group: Group) -> dict[str, int]:
+    """optimizer -> number of seeds it was run with, in row order."""
+    return {name: len(group.runs[name]) for name in group.optimizers}
+
+
+def seeds_label(group: Group) -> str:
+    """How many seeds each optimizer has: "1 seed per optimizer", "5 seeds per optimizer", or
+    "3-5 seeds per optimizer" when they differ."""
+    counts = set(seed_counts(group).values())
+    low, high = min(counts), max(counts)
+    if low == high:
+        return f"{low} seed{'s' if low != 1 else ''} per optimizer"
+    return f"{low}-{high} seeds per optimizer"
+
+
+def seed_notes(group: Group, baseline: str = "adamw") -> list[str]:
+    """Sentences that say what the seeds can support, most important first.
+
+    Optimizers with one seed get :data:`ONE_SEED`. With two or more the note gives the number
+    of seeds and how wide the 95% intervals of the paired out-of-domain difference to
+    ``baseline`` came out (the optimizers' own OOD-average intervals when there is no
+    baseline), so that a reader knows which differences the sweep cannot resolve; below
+    :data:`FEW_SEEDS` it also gives the t multiplier that makes them wide.
+    """
+    counts = seed_counts(group)
+    single = [name for name, n in counts.items() if n == 1]
+    notes: list[str] = []
+    if len(single) == len(counts):
+        return [ONE_SEED]
+    if single:
+        notes.append(f"{', '.join(single)}: {ONE_SEED}")
+    unit = "points" if group.metric in PERCENT_METRICS else group.metric
+    differences = paired_differences(group, baseline)
+    if differences:  # optimizer -> (pairs, interval of the paired OOD difference)
+        intervals = {n: (t[OOD_AVG]["n"], t[OOD_AVG]["diff_ci"]) for n, t in differences.items()}
+        what = f"the paired {OOD_AVG} difference to {baseline}"
+    else:
+        summary = summarize(group)
+        intervals = {name: (counts[name], summary[name][OOD_AVG][1]) for name in counts}
+        what = f"the {OOD_AVG}"
+    drawn = {name: (n, ci) for name, (n, ci) in intervals.items() if ci is not None}
+    if not drawn:
+        return notes
+    pairs = sorted({n for n, _ in drawn.values()})
+    widths = [ci for _, ci in drawn.values()]
+    digits = 1 if group.metric in PERCENT_METRICS else 2
+    narrow, wide = (f"±{w:.{digits}f}" for w in (min(widths), max(widths)))
+    span = narrow if narrow == wide else f"{narrow} to {wide}"
+    seeds = f"{pairs[0]}" if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
+    if len(pairs) == 1 and pairs[0] < FEW_SEEDS:
+        notes.append(f"{seeds} seeds, {_few(pairs[0])}: {span} {unit} on {what}")
+        return notes
+    notes.append(f"{seeds} seeds: 95% CIs of {span} {unit} on {what}")
+    for n in (n for n in pairs if n < FEW_SEEDS):
+        names = ", ".join(name for name, (m, _) in drawn.items() if m == n)
+        notes.append(f"{names}: {n} seeds, {_few(n)}")
+    return notes
+
+
+def _few(n: int) -> str:
+    """What ``n`` seeds do to a 95% t-interval: its multiplier of the standard error."""
+    from scipy import stats
+
+    return f"few: wide 95% CIs (t = {float(stats.t.ppf(0.975, n - 1)):.2f} × the standard error)"
+
+
 # ------------------------------------------------------------------------------ rendering
 
 
@@ -258,9 +350,12 @@ def render(groups: Sequence[Group], baseline: str = "adamw") -> str:
             else f"{group.metric}, lower is better"
         )
         summary = summarize(group)
-        lines += [f"## {group.task} · {group.model} ({unit})", ""]
+        lines += [f"## {group.task} · {group.model} ({unit}), {seeds_label(group)}", ""]
+        notes = seed_notes(group, baseline)
+        lines += [*(f"**{note}.**" for note in notes), ""] if notes else []
         lines.append(
-            f"Trained on **{group.train_domain}**; mean ± 95% CI over seeds (Student's t)."
+            f"Trained on **{group.train_domain}**; mean ± 95% CI over seeds (Student's t; "
+            "no interval for one seed)."
         )
         lines.append("")
         header = [
@@ -272,6 +367,8 @@ def render(groups: Sequence[Group], baseline: str = "adamw") -> str:
             "Train time (s)",
         ]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        # No "best" in bold from single runs: it would read as a winner.
+        compared = len(group.optimizers) > 1 and max(seed_counts(group).values()) > 1
         best = {}
         for column in group.columns:
             means = [summary[n][column][0] for n in group.optimizers]
@@ -285,7 +382,7 @@ def render(groups: Sequence[Group], baseline: str = "adamw") -> str:
                 cell = _number(mean, digits)
                 if ci is not None:
                     cell += f" ± {_number(ci, digits)}"
-                if len(group.optimizers) > 1 and best.get(column) == mean:
+                if compared and best.get(column) == mean:
                     cell = f"**{cell}**"
                 cells.append(cell)
             runs = group.runs[name]
@@ -315,16 +412,23 @@ def _tests(group: Group, baseline: str, digits: int) -> list[str]:
     others = [n for n in group.optimizers if n != baseline]
     if not others:
         return []
+    tests = paired_differences(group, baseline)
+    pairs = max(test["n"] for metrics in tests.values() for test in metrics.values())
+    if pairs < 2:
+        intro = f"Differences to {baseline} (optimizer − {baseline}) of single runs, {ONE_SEED}:"
+    else:
+        intro = (
+            f"Paired tests against {baseline} over seeds (difference = optimizer − {baseline}, "
+            "mean ± 95% CI; two-sided p-values; Holm's adjustment over the "
+            f"{len(others)} optimizers compared on the same metric):"
+        )
     lines = [
-        f"Paired tests against {baseline} over seeds (difference = optimizer − {baseline}, "
-        "mean ± 95% CI; two-sided p-values; Holm's adjustment over the "
-        f"{len(others)} optimizers compared on the same metric):",
+        intro,
         "",
         "| Optimizer | Metric | Difference | Pairs | t-test p | Holm-adjusted t-test p "
         "| Wilcoxon p |",
         "|---|---|---|---|---|---|---|",
     ]
-    tests = paired_differences(group, baseline)
     adjusted: dict[tuple[str, str], float | None] = {}
     for label in PAIRED_METRICS:
         family = [(name, label) for name in others]
@@ -360,11 +464,61 @@ def paired_differences(group: Group, baseline: str) -> dict[str, dict[str, Any]]
     }
 
 
-def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Path:
-    """Per group, two panels: grouped bars (one per optimizer) per domain with 95% CI error
-    bars, and the paired difference to ``baseline`` with its 95% CI (the quantity the tests
-    use: seed-to-seed variation shared by both methods cancels in it, so these intervals are
-    narrower than the bars' would suggest)."""
+def closing_summary(groups: Sequence[Group], baseline: str = "adamw") -> str:
+    """The lines printed after the table: per group, how many seeds, what they can support
+    (:func:`seed_notes`), and the out-of-domain averages, with the paired differences to
+    ``baseline`` and their 95% intervals where there are at least two seeds."""
+    lines = ["Summary:"]
+    for group in groups:
+        digits = 1 if group.metric in PERCENT_METRICS else 2
+        notes = seed_notes(group, baseline)
+        label = f"{group.task} · {group.model}"
+        lines.append(
+            f"- {label}: {'; '.join(notes)}." if notes else f"- {label}: {seeds_label(group)}."
+        )
+        means = summarize(group)
+        parts = []
+        for name in group.optimizers:
+            mean, ci = means[name][OOD_AVG]
+            ci_text = "" if ci is None else f" ± {_number(ci, digits)}"
+            parts.append(f"{name} {_number(mean, digits)}{ci_text}")
+        single = all(n == 1 for n in seed_counts(group).values())
+        lines.append(f"  {OOD_AVG}{' (single runs)' if single else ''}: {', '.join(parts)}")
+        differences = [
+            (name, tests[OOD_AVG])
+            for name, tests in paired_differences(group, baseline).items()
+            if tests[OOD_AVG]["diff_ci"] is not None
+        ]
+        if differences:
+            parts = [
+                f"{name} {test['diff']:+.{digits}f} ± {_number(test['diff_ci'], digits)} "
+                f"(n = {test['n']})"
+                for name, test in differences
+            ]
+            lines.append(f"  {OOD_AVG} − {baseline}, paired, 95% CI: {', '.join(parts)}")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ figure
+
+_WARNING_COLOR = "darkred"
+"""The colour of the seed notes on the figure (written in bold)."""
+
+
+def build_figure(
+    groups: Sequence[Group], *, baseline: str = "adamw", footer: str | None = None
+) -> Figure:
+    """The report's figure: per group, two panels.
+
+    Left, grouped bars (one per optimizer) per domain, with 95% CI error bars for optimizers
+    with two seeds or more and none for a single seed; the title states the number of seeds
+    and the notes of :func:`seed_notes` are written at the top of the panel. Right, the paired
+    difference to ``baseline`` with its 95% CI (the quantity the tests use: seed-to-seed
+    variation shared by both methods cancels in it, so these intervals are narrower than the
+    bars' would suggest); a difference from fewer than two pairs is not drawn, and when no
+    optimizer has two the panel holds only the note that says why. ``footer`` is written
+    under the panels (the main job points to the multi-seed benchmark there).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,75 +528,150 @@ def plot(groups: Sequence[Group], path: Path, *, baseline: str = "adamw") -> Pat
     fig, axes = plt.subplots(
         len(groups),
         2,
-        figsize=(bars_width + 4.0, 3.6 * len(groups)),
+        figsize=(bars_width + 4.5, 4.4 * len(groups) + (0.5 if footer else 0.0)),
         squeeze=False,
-        gridspec_kw={"width_ratios": [bars_width, 4.0]},
+        gridspec_kw={"width_ratios": [bars_width, 4.5]},
     )
     for (ax, side), group in zip(axes, groups, strict=True):
-        summary = summarize(group)
-        names = group.optimizers
-        colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
-        width = 0.8 / len(names)
-        for i, name in enumerate(names):
-            means = [summary[name][c][0] for c in group.columns]
-            errors = [summary[name][c][1] or 0.0 for c in group.columns]
-            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(group.columns))]
-            ax.bar(xs, means, width, yerr=errors, capsize=2, label=name, color=colors[name])
-        ax.set_xticks(range(len(group.columns)))
-        ax.set_xticklabels([f"{group.train_domain}\n(in-domain)", *group.ood_domains, OOD_AVG])
-        unit = (
-            f"{PERCENT_METRICS[group.metric]} (%)"
-            if group.metric in PERCENT_METRICS
-            else group.metric
-        )
-        ax.set_ylabel(unit)
-        finite = [
-            summary[n][c][0]
-            for n in names
-            for c in group.columns
-            if math.isfinite(summary[n][c][0])
-        ]
-        if finite and group.metric in PERCENT_METRICS:
-            ax.set_ylim(max(0.0, min(finite) - 10.0), min(100.0, max(finite) + 5.0))
-        ax.set_title(f"{group.task} · {group.model}: mean ± 95% CI over seeds")
-        ax.legend(fontsize="small", ncol=min(len(names), 4))
-        ax.grid(axis="y", alpha=0.3)
-
-        differences = paired_differences(group, baseline)
-        if not differences:
-            side.set_axis_off()
-            continue
-        rows = [
-            (n, label, test) for n, tests in differences.items() for label, test in tests.items()
-        ]
-        for y, (name, label, test) in enumerate(rows):
-            if test["diff"] is None:
-                continue
-            side.errorbar(
-                test["diff"],
-                y,
-                xerr=test["diff_ci"] or 0.0,
-                fmt="o" if label == OOD_AVG else "s",
-                mfc=colors[name] if label == OOD_AVG else "white",
-                color=colors[name],
-                capsize=3,
+        counts = seed_counts(group)
+        colors = {name: f"C{i % 10}" for i, name in enumerate(group.optimizers)}
+        unit = _bars(ax, group, counts, colors)
+        notes = seed_notes(group, baseline)
+        interval = "no interval" if max(counts.values()) == 1 else "mean ± 95% CI"
+        ax.set_title(f"{group.task} · {group.model}: {interval}, {seeds_label(group)}")
+        if notes:
+            ax.text(
+                0.5,
+                0.97,
+                "\n".join(line for note in notes for line in textwrap.wrap(note, 70)),
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize="medium",
+                bbox={"facecolor": "white", "edgecolor": _WARNING_COLOR},
+                color=_WARNING_COLOR,
+                fontweight="bold",
             )
-        side.axvline(0.0, color="black", linewidth=0.8)
-        side.set_yticks(range(len(rows)))
-        side.set_yticklabels([f"{name} {label}" for name, label, _ in rows], fontsize="small")
-        side.invert_yaxis()
-        side.set_xlabel(f"{unit} − {baseline}, paired by seed")
-        side.set_title(f"difference to {baseline} ± 95% CI")
-        side.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+        _paired(side, group, baseline, unit, colors)
+    if footer:
+        fig.text(0.01, 0.005, footer, fontsize="small", ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0.0, 0.09 / len(groups) if footer else 0.0, 1.0, 1.0))
+    return fig
+
+
+def _bars(ax: Axes, group: Group, counts: dict[str, int], colors: dict[str, str]) -> str:
+    """Draw the grouped bars of ``group``; return the metric's axis label."""
+    summary = summarize(group)
+    names = group.optimizers
+    mixed = len(set(counts.values())) > 1
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [summary[name][c][0] for c in group.columns]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(group.columns))]
+        label = f"{name} ({counts[name]} seed{'s' if counts[name] != 1 else ''})" if mixed else name
+        if counts[name] < 2:  # one value per bar: nothing to draw an interval from
+            ax.bar(xs, means, width, label=label, color=colors[name])
+            continue
+        errors = [summary[name][c][1] for c in group.columns]
+        yerr = [math.nan if e is None else e for e in errors]
+        ax.bar(xs, means, width, yerr=yerr, capsize=2, label=label, color=colors[name])
+    ax.set_xticks(range(len(group.columns)))
+    ax.set_xticklabels([f"{group.train_domain}\n(in-domain)", *group.ood_domains, OOD_AVG])
+    unit = (
+        f"{PERCENT_METRICS[group.metric]} (%)" if group.metric in PERCENT_METRICS else group.metric
+    )
+    ax.set_ylabel(unit)
+    finite = [
+        summary[n][c][0] for n in names for c in group.columns if math.isfinite(summary[n][c][0])
+    ]
+    tops = [
+        mean + (ci or 0.0)
+        for n in names
+        for mean, ci in (summary[n][c] for c in group.columns)
+        if math.isfinite(mean)
+    ]
+    if finite:
+        # The bars and their intervals fill the lower two thirds; the notes and the legend go
+        # above them.
+        low = max(0.0, min(finite) - 10.0) if group.metric in PERCENT_METRICS else 0.0
+        ax.set_ylim(low, low + (max(tops) - low) / 0.66)
+    ax.legend(
+        fontsize="small",
+        ncol=min(len(names), 4),
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.8),
+        framealpha=0.9,
+    )
+    ax.grid(axis="y", alpha=0.3)
+    return unit
+
+
+def _paired(side: Axes, group: Group, baseline: str, unit: str, colors: dict[str, str]) -> None:
+    """Draw the paired differences to ``baseline`` (those from two pairs or more)."""
+    differences = paired_differences(group, baseline)
+    rows = [(n, label, test) for n, tests in differences.items() for label, test in tests.items()]
+    drawn = [row for row in rows if row[2]["diff_ci"] is not None]
+    if not drawn:
+        side.set_axis_off()
+        if rows:  # there is a baseline, but no difference has an interval
+            pairs = max(test["n"] for _, _, test in rows)
+            why = ONE_SEED if pairs == 1 else f"no seed in common with {baseline}"
+            side.text(
+                0.5,
+                0.5,
+                f"Paired difference to {baseline}: not drawn.\n\n"
+                + "\n".join(textwrap.wrap(f"{why}.", 28)),
+                transform=side.transAxes,
+                ha="center",
+                va="center",
+                fontsize="medium",
+                color=_WARNING_COLOR,
+                fontweight="bold",
+            )
+        return
+    pairs = sorted({test["n"] for _, _, test in drawn})
+    for y, (name, label, test) in enumerate(rows):
+        if test["diff_ci"] is None:
+            if test["diff"] is not None:
+                side.text(0.0, y, f"  n = {test['n']}: no interval", va="center", fontsize="small")
+            continue
+        side.errorbar(
+            test["diff"],
+            y,
+            xerr=test["diff_ci"],
+            fmt="o" if label == OOD_AVG else "s",
+            mfc=colors[name] if label == OOD_AVG else "white",
+            color=colors[name],
+            capsize=3,
+        )
+    side.axvline(0.0, color="black", linewidth=0.8)
+    side.set_yticks(range(len(rows)))
+    side.set_yticklabels([f"{name} {label}" for name, label, _ in rows], fontsize="small")
+    side.invert_yaxis()
+    side.set_xlabel(f"{unit} − {baseline}, paired by seed")
+    n_text = f"{pairs[0]}" if len(pairs) == 1 else f"{pairs[0]}-{pairs[-1]}"
+    side.set_title(f"difference to {baseline} ± 95% CI, {n_text} seeds")
+    side.grid(axis="x", alpha=0.3)
+
+
+def plot(
+    groups: Sequence[Group], path: Path, *, baseline: str = "adamw", footer: str | None = None
+) -> Path:
+    """Write :func:`build_figure` to ``path`` (PNG); return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(groups, baseline=baseline, footer=footer)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``tram-report``: print the report of the given sweep directories, write .md and .png."""
+def main(argv: Sequence[str] | None = None, *, footer: str | None = None) -> int:
+    """``tram-report``: print the report of the given sweep directories and its
+    :func:`closing_summary`, write .md and .png. ``footer`` (not a command-line option: the
+    main job's pointer to the multi-seed benchmark) is written under the figure and printed
+    last."""
     parser = argparse.ArgumentParser(prog="tram-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="sweep directories or results.json files")
     parser.add_argument(
@@ -466,8 +695,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text, end="")
     print(f"\nWritten: {out / 'report.md'}", end="")
     if not args.no_plot:
-        print(f", {plot(groups, out / 'report.png', baseline=args.baseline)}", end="")
-    print()
+        png = plot(groups, out / "report.png", baseline=args.baseline, footer=footer)
+        print(f", {png}", end="")
+    print("\n")
+    print(closing_summary(groups, baseline=args.baseline), end="")
+    if footer:
+        print(f"\n{footer}")
     return 0
 
 

@@ -4,11 +4,14 @@
     tram-finetune experiment=smoke optimizer=tram_x
     tram-finetune -m experiment=sentiment_default optimizer=adamw,sam,tram_x seed=1,2,3
 
-The configs live in ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
-task/, model/, optimizer/, trainer/, experiment/, hydra/). A run:
+The configs are ``configs/`` at the top of the repository (``finetune.yaml`` and the groups
+task/, model/, optimizer/, trainer/, experiment/, hydra/); the wheel ships the same files as
+``tram/experiments/configs`` (setup.cfg maps that package onto the folder), so an installed
+``tram-finetune`` finds them too; ``--config-dir`` adds a folder of your own. A run:
 
-1. checks the whole config (optimizer method and arguments, regularizer, task, model against
-   task, TrainingArguments) and fails with a message naming the cause before loading anything;
+1. checks the whole config (the optimizer group's objects are instantiated as partials, so every
+   ``_target_`` and its arguments are checked; task, model against task, TrainingArguments) and
+   fails with a message naming the cause before loading anything;
 2. loads the task's examples, the tokenizer and the model (offline assets are fetched with pip
    into the cache on first use), and tokenises;
 3. trains with :class:`tram.integrations.hf.TramTrainer` (so ``torchrun``/``accelerate launch``
@@ -23,7 +26,6 @@ task/, model/, optimizer/, trainer/, experiment/, hydra/). A run:
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -31,23 +33,54 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from tram.experiments import build
 from tram.experiments.metrics import PREDICTIONS_FILE, save_predictions
+from tram.experiments.report import RESULTS_FILE
 from tram.experiments.tasks import ExperimentError
 
-__all__ = ["CONFIG_DIR", "REGULARIZERS", "finetune", "main", "validate"]
+__all__ = ["CONFIG_DIR", "finetune", "main", "validate"]
 
 logger = logging.getLogger("tram.experiments")
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's ``configs/`` directory (override with ``--config-dir``)."""
 
-REGULARIZERS = {"r3f": "R3F", "r4f": "R4F", "trpo": "TRPO", "mesa": "MESA"}
+def _config_dir() -> Path:
+    """A checkout's ``configs/`` (what its user edits), else the copy inside the installed package.
+
+    A checkout is recognised by ``setup.cfg`` beside ``configs/finetune.yaml`` one level above
+    the ``tram`` package, so a stray ``configs`` folder in site-packages is never taken.
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1]
+    if (checkout / "setup.cfg").is_file() and (checkout / "configs" / "finetune.yaml").is_file():
+        return checkout / "configs"
+    return package / "configs"
+
+
+CONFIG_DIR = _config_dir()
+"""The Hydra config directory: the checkout's ``configs/`` or, installed from a wheel, the
+package's ``tram/experiments/configs`` (``--config-dir`` adds another)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name == "REGULARIZERS":  # 0.1's name table, for the deprecated ``regularizer: {name: ...}``
+        warnings.warn(
+            "tram.experiments.run.REGULARIZERS is deprecated and will be removed in 0.3: "
+            "regularizers are optimizer.regularizers.<name> nodes with a _target_ (e.g. "
+            "{_target_: tram.R3F, sigma: 0.1}); tram.experiments.build.LEGACY_REGULARIZERS "
+            "lists the 0.1 names",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return build.LEGACY_REGULARIZERS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DIAGNOSTICS = ("cka", "sharpness", "hessian")
-RESULTS_FILE = "results.json"
 
 
 def _plain(node: Any) -> Any:
@@ -65,96 +98,48 @@ def _plain(node: Any) -> Any:
 # ------------------------------------------------------------------------------ checks
 
 
-def _regularizer_class(spec: Mapping[str, Any]) -> type:
-    import tram
-
-    name = str(spec.get("name", "")).lower()
-    if name not in REGULARIZERS:
-        raise ExperimentError(
-            f"unknown regularizer {spec.get('name')!r}; choose from {', '.join(REGULARIZERS)}"
-        )
-    cls: type = getattr(tram, REGULARIZERS[name])
-    accepted: set[str] = set()
-    for klass in cls.__mro__:
-        parameters = inspect.signature(klass).parameters
-        accepted |= {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            break
-    unknown = sorted(set(spec) - {"name"} - accepted)
-    if unknown:
-        raise ExperimentError(
-            f"regularizer {name!r} ({cls.__name__}) got unexpected argument(s) {unknown}; it "
-            f"accepts: {', '.join(sorted(accepted))}"
-        )
-    return cls
-
-
 def validate(cfg: Any) -> None:
-    """Check everything that can be checked without data or weights; raise ExperimentError."""
+    """Check everything that can be checked without data or weights; raise ExperimentError.
+
+    The optimizer group's objects are instantiated as partials (:mod:`tram.experiments.build`):
+    every ``_target_`` is imported and every argument checked against its signature.
+    """
+    _validate(cfg)
+
+
+def _validate(cfg: Any) -> build.OptimizerParts:
     from tram.experiments.tasks import check_task_config
-    from tram.factory import check_method_args
 
     check_task_config(cfg.task)
-    optimizer = _plain(cfg.optimizer)
-    if optimizer.get("method"):
-        try:
-            check_method_args(
-                optimizer["method"], optimizer.get("kwargs") or {}, validate_values=True
-            )
-        except (TypeError, ValueError) as error:
-            raise ExperimentError(f"optimizer {optimizer.get('name')!r}: {error}") from error
-    if optimizer.get("regularizer"):
-        _regularizer_class(optimizer["regularizer"])
+    parts = build.optimizer_parts(cfg.optimizer)
+    lr = parts.base.keywords.get("lr")
+    if lr is not None and float(lr) != float(cfg.trainer.learning_rate):
+        raise ExperimentError(
+            f"optimizer.base.lr ({lr}) differs from trainer.learning_rate "
+            f"({cfg.trainer.learning_rate}), which TrainingArguments records; set train.lr, "
+            "which both follow"
+        )
     if cfg.task.type == "lm" and cfg.model.get("kind") == "encoder":
         raise ExperimentError(
             f"model {cfg.model.name!r} is an encoder (model.kind); task {cfg.task.name!r} is "
             "language modelling and needs a causal LM, e.g. model=smollm2 or model=gpt2"
         )
-    regularizer = optimizer.get("regularizer") or {}
-    if regularizer.get("name") == "r4f" and cfg.task.type != "classification":
-        raise ExperimentError("R4F normalises a classification head: use a classification task")
+    if cfg.task.type != "classification":
+        from tram.regularizers import R4F
+
+        for name, regularizer in parts.regularizers.items():
+            if isinstance(regularizer.func, type) and issubclass(regularizer.func, R4F):
+                raise ExperimentError(
+                    f"optimizer.regularizers.{name}: R4F normalises a classification head: use "
+                    "a classification task"
+                )
+    return parts
 
 
 def training_arguments(cfg: Any, output_dir: Path) -> Any:
-    """transformers.TrainingArguments from ``train.*`` and the trainer group."""
-    from transformers import TrainingArguments
-
-    train = cfg.train
-    beta1, beta2 = (float(b) for b in train.adam_betas)
-    kwargs: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "max_steps": int(train.max_steps),
-        "per_device_train_batch_size": int(train.batch_size),
-        "per_device_eval_batch_size": int(train.eval_batch_size),
-        "gradient_accumulation_steps": int(train.grad_accum),
-        "learning_rate": float(train.lr),
-        "weight_decay": float(train.weight_decay),
-        "adam_beta1": beta1,
-        "adam_beta2": beta2,
-        "adam_epsilon": float(train.adam_epsilon),
-        "optim": "adamw_torch",
-        "lr_scheduler_type": str(train.scheduler),
-        "warmup_steps": int(train.warmup_steps),
-        "max_grad_norm": float(train.max_grad_norm),
-        "logging_steps": int(train.logging_steps),
-        "logging_first_step": True,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": ["tensorboard"],
-        "disable_tqdm": False,
-        "seed": int(cfg.seed),
-        "remove_unused_columns": False,
-        "prediction_loss_only": cfg.task.type == "lm",
-    }
-    kwargs.update(_plain(cfg.trainer) or {})
-    fields = set(inspect.signature(TrainingArguments.__init__).parameters)
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ExperimentError(f"trainer config: {unknown} are not TrainingArguments fields")
-    try:
-        return TrainingArguments(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise ExperimentError(f"trainer config: {error}") from error
+    """transformers.TrainingArguments from the ``trainer`` node (see
+    :func:`tram.experiments.build.training_arguments`)."""
+    return build.training_arguments(cfg, output_dir)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -199,7 +184,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
 
         output_dir = HydraConfig.get().runtime.output_dir
     output_dir = Path(output_dir)
-    validate(cfg)
+    parts = _validate(cfg)
     args = training_arguments(cfg, output_dir)
     set_seed(int(cfg.seed))
 
@@ -217,15 +202,6 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         labels=task.labels,
         tokenizer=tokenizer,
     )
-    optimizer = _plain(cfg.optimizer)
-    regularizers = []
-    if optimizer.get("regularizer"):
-        spec = dict(optimizer["regularizer"])
-        cls = _regularizer_class(spec)
-        spec.pop("name")
-        takes_model = "model" in inspect.signature(cls).parameters
-        regularizers.append(cls(model, **spec) if takes_model else cls(**spec))
-
     classification = task.type == "classification"
     trainer = TramTrainer(
         model=model,
@@ -235,9 +211,10 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         processing_class=tokenizer,
         compute_metrics=_accuracy if classification else None,
         preprocess_logits_for_metrics=_probabilities if classification else None,
-        method=optimizer.get("method"),
-        method_kwargs=optimizer.get("kwargs") or None,
-        regularizers=regularizers,
+        optimizer_cls_and_kwargs=parts.base_cls_and_kwargs,
+        method=parts.method_class,
+        method_kwargs=None if parts.method is None else parts.method.keywords,
+        regularizers=build.build_regularizers(parts, model),
     )
     tracker = _add_callbacks(trainer, output_dir)
 
@@ -269,6 +246,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         trainer.save_model(str(output_dir / "model"))
 
     results = _results(cfg, task, per_domain, data)
+    results["method"] = parts.method_target
     if validation is not None:
         results["validation"] = validation
         results["in_domain_validation"] = validation[results["metric"]]
@@ -365,7 +343,7 @@ def _results(
         "task": task.name,
         "model": str(cfg.model.name),
         "optimizer": str(cfg.optimizer.name),
-        "method": cfg.optimizer.get("method"),
+        "method": None,  # the method's class, filled in by finetune
         "seed": int(cfg.seed),
         "metric": metric,
         "higher_is_better": metric == "accuracy",

@@ -9,6 +9,14 @@
 
 - :mod:`tram.integrations.accelerate`: ``TwoPassBackward``, the same two-pass step for a
   hand-written accelerate loop (gradient accumulation, ``no_sync``, loss scaling).
+- :mod:`tram.integrations.lightning`: ``TramCallback``, the exact two-pass step under PyTorch
+  Lightning's automatic optimization, and ``manual_step`` for manual optimization::
 
-``import tram`` imports neither transformers nor accelerate.
+      trainer = lightning.pytorch.Trainer(..., callbacks=[TramCallback()])
+
+- :mod:`tram.integrations.trl`: ``TramSFTTrainer``, ``TramDPOTrainer`` and ``with_tram``: TRL's
+  trainers with ``TramTrainer``'s ``method=``/``method_kwargs=`` (TRAM included, through TRL's
+  fused LM head).
+
+``import tram`` imports none of transformers, accelerate, Lightning or TRL.
 """

@@ -58,6 +58,22 @@ What it does, and why:
 - **Bad input** fails in the constructor, before any training: an unknown method, an argument the
   method does not take, a regularizer that is not callable; a regularizer on a model whose
   output has no logits fails when ``train()`` starts, before the first step.
+
+Private APIs it still uses, each because no public extension point does the job, and each
+checked by ``tests/test_hf_private_api.py`` (name, signature, and the behaviour relied on), so
+that a transformers or accelerate release that changes one fails the test suite instead of
+training differently:
+
+- ``Trainer._save_optimizer_and_scheduler(output_dir)`` and
+  ``Trainer._load_optimizer_and_scheduler(checkpoint)``: the regularizers' state is saved next to
+  the optimizer's in the same checkpoint directory and restored on resume. A ``TrainerCallback``'s
+  ``on_save`` does not know the resumed checkpoint's path.
+- ``Trainer._remove_unused_columns``, ``Trainer._get_collator_with_removed_columns`` and
+  ``Trainer._prepare_inputs``: the regularizer preflight builds one batch exactly as training
+  will, to fail before the first step when the model's output has no logits.
+- ``AcceleratedOptimizer._is_overflow``: read by ``accelerator.optimizer_step_was_skipped``, which
+  keeps the Trainer from stepping the scheduler; set when the wrapper skipped the base step
+  (a non-finite gradient without a GradScaler), as a GradScaler's skip sets it.
 """
 
 from __future__ import annotations
@@ -77,6 +93,7 @@ from transformers import Trainer, TrainerCallback
 from tram._wrapper import TwoPassOptimizer
 from tram.factory import check_method_args, wrap_optimizer
 from tram.integrations.accelerate import grad_scale_of, unwrap_optimizer
+from tram.targets import extract_logits
 
 __all__ = ["REGULARIZERS_NAME", "MissingLogitsError", "TramTrainer", "find_logits"]
 
@@ -93,32 +110,26 @@ class MissingLogitsError(ValueError):
 
 
 def find_logits(outputs: Any) -> Tensor:
-    """The logits in a model's output: the output tensor itself, ``outputs["logits"]`` or
-    ``outputs.logits``.
+    """The logits in a model's output, found by :func:`tram.targets.extract_logits` (the output
+    tensor itself, ``outputs.logits`` or ``outputs["logits"]``), with the Trainer's error.
 
     Raises:
         MissingLogitsError: none of these exists (e.g. a base ``AutoModel`` returning hidden
             states, or a tuple output from ``return_dict=False``).
     """
-    if isinstance(outputs, Tensor):
-        return outputs
-    logits = None
-    if isinstance(outputs, Mapping):
-        logits = outputs.get("logits")
-    if logits is None and not isinstance(outputs, (tuple, list)):
-        logits = getattr(outputs, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(outputs, Mapping):
-        keys = ", ".join(str(key) for key in outputs)
-        found = f"an output with the keys ({keys})"
-    else:
-        found = f"a {type(outputs).__name__}"
-    raise MissingLogitsError(
-        f"a regularizer needs the model's logits, but the model returned {found} and no "
-        "'logits'; use a model with a task head (e.g. AutoModelForSequenceClassification) "
-        "that returns a ModelOutput with logits (return_dict=True)"
-    )
+    try:
+        return extract_logits(outputs)
+    except TypeError as error:
+        if isinstance(outputs, Mapping):
+            keys = ", ".join(str(key) for key in outputs)
+            found = f"an output with the keys ({keys})"
+        else:
+            found = f"a {type(outputs).__name__}"
+        raise MissingLogitsError(
+            f"a regularizer needs the model's logits, but the model returned {found} and no "
+            "'logits'; use a model with a task head (e.g. AutoModelForSequenceClassification) "
+            "that returns a ModelOutput with logits (return_dict=True)"
+        ) from error
 
 
 def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
@@ -333,8 +344,7 @@ class TramTrainer(Trainer):
         optimizer = self.two_pass_optimizer
         observe: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if training and optimizer is not None and self._tram_pass == "first":
-            # no_sync for local_ascent was entered by training_step around forward and backward.
-            observe = optimizer.first_pass(no_sync=contextlib.nullcontext())
+            observe = self._observe_first_pass(model, optimizer)
             self._tram_observed = True
         if not self.regularizers or not training:
             with observe:
@@ -360,6 +370,16 @@ class TramTrainer(Trainer):
                 self._record(_PREFIX + name, penalty)
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
+
+    def _observe_first_pass(
+        self, model: nn.Module, optimizer: TwoPassOptimizer
+    ) -> contextlib.AbstractContextManager[Any]:
+        """The context the first pass's ``compute_loss`` runs in: ``optimizer.first_pass()``.
+
+        (``tram.integrations.trl`` replaces it for trainers whose forward returns no logits.)
+        """
+        # no_sync for local_ascent was entered by training_step around forward and backward.
+        return optimizer.first_pass(no_sync=contextlib.nullcontext())
 
     def _after_optimizer_step(self) -> None:
         """Tell the Trainer when the wrapper skipped the base step; then, after a step taken, call

@@ -1,0 +1,205 @@
+"""Helpers shared by several test files: tiny Hugging Face models built from configs (no hub),
+TensorBoard scalars, the README examples run as scripts, distributed workers' launch and records.
+
+Only torch is imported at module level; transformers and tensorboard are imported by the
+helpers that need them, after the calling test file has checked they are installed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_bert_config(*, dropout: float = 0.0, **overrides: Any) -> Any:
+    """A two-layer, 32-wide BERT config with a 100-token vocabulary and three labels."""
+    import transformers
+
+    settings: dict[str, Any] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 37,
+        "vocab_size": 100,
+        "max_position_embeddings": 16,
+        "num_labels": 3,
+        "hidden_dropout_prob": dropout,
+        "attention_probs_dropout_prob": dropout,
+    }
+    return transformers.BertConfig(**{**settings, **overrides})
+
+
+def tiny_bert(*, seed: int = 0, dropout: float = 0.0, **overrides: Any) -> nn.Module:
+    """A randomly initialised ``BertForSequenceClassification`` (seeded) of that config."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(
+        tiny_bert_config(dropout=dropout, **overrides)
+    )
+
+
+def tiny_gpt2(*, seed: int = 0, dropout: float = 0.0, **overrides: Any) -> nn.Module:
+    """A randomly initialised (seeded) two-layer, 32-wide ``GPT2LMHeadModel``, vocabulary 100."""
+    import transformers
+
+    settings: dict[str, Any] = {
+        "n_embd": 32,
+        "n_layer": 2,
+        "n_head": 2,
+        "vocab_size": 100,
+        "n_positions": 16,
+        "resid_pdrop": dropout,
+        "embd_pdrop": dropout,
+        "attn_pdrop": dropout,
+        "bos_token_id": 1,
+        "eos_token_id": 1,
+    }
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**settings, **overrides}))
+
+
+def wrapped(module: nn.Module) -> nn.Module:
+    """``module`` inside a real torch wrapper that keeps it in ``.module``, as
+    DistributedDataParallel does: ``nn.DataParallel``, which on CPU just calls the module."""
+    return nn.DataParallel(module)
+
+
+def read_scalars(directory: Path) -> dict[str, list[float]]:
+    """Every TensorBoard scalar under ``directory`` (searched recursively), by tag, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[float]] = {}
+    files = sorted(directory.rglob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard events under {directory}"
+    for path in files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return scalars
+
+
+def run_example(script: str, method: str, *extra: str) -> str:
+    """Run ``examples/<script>`` offline with a real model for two tiny steps; its stdout."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / script),
+        f"--method={method}",
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+        *extra,
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert f"method: {method}" in completed.stdout
+    assert "accuracy on amazon" in completed.stdout
+    return completed.stdout
+
+
+def scenario_records(results: list[dict], name: str) -> list[dict]:
+    """One distributed scenario's records, one per rank; a worker's error fails the test."""
+    records = [r[name] for r in results]
+    for rank, record in enumerate(records):
+        if "error" in record:
+            pytest.fail(f"scenario {name} failed on rank {rank}:\n{record['error']}", pytrace=False)
+    return records
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_workers(
+    worker: Path,
+    spec_path: Path,
+    out_dir: Path,
+    log_dir: Path,
+    *,
+    world_size: int = 2,
+    timeout_s: float = 120.0,
+) -> float:
+    """Run ``python worker spec_path out_dir`` as ``world_size`` gloo ranks on this machine to
+    completion; return the seconds it took, or fail the test with every rank's output if one
+    fails or hangs. A port taken between the probe and the bind is retried (3 attempts)."""
+    for attempt in range(3):
+        port = free_port()
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        logs = [log_dir / f"attempt{attempt}_rank{rank}.log" for rank in range(world_size)]
+        start = time.monotonic()
+        processes = []
+        for rank, log in enumerate(logs):
+            with log.open("w") as stream:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, str(worker), str(spec_path), str(out_dir)],
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                        cwd=ROOT,
+                        stdout=stream,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        deadline = start + timeout_s
+        failed_at: float | None = None
+        try:
+            while any(p.poll() is None for p in processes):
+                now = time.monotonic()
+                if any(p.returncode not in (None, 0) for p in processes):
+                    failed_at = failed_at or now
+                # A failed rank leaves the other waiting in a collective: a short grace only.
+                if now > deadline or (failed_at is not None and now - failed_at > 15):
+                    break
+                time.sleep(0.05)
+        finally:
+            # Also on an interrupt: never leave a rank behind.
+            for p in processes:
+                if p.poll() is None:
+                    p.kill()
+            for p in processes:
+                p.wait(timeout=10)
+        elapsed = time.monotonic() - start
+        codes = [p.returncode for p in processes]
+        if all(code == 0 for code in codes):
+            return elapsed
+        output = {rank: log.read_text(errors="replace") for rank, log in enumerate(logs)}
+        if any(
+            "EADDRINUSE" in text or "address already in use" in text.lower()
+            for text in output.values()
+        ):
+            continue  # The free port was taken between the probe and the bind: retry.
+        report = "\n".join(
+            f"----- rank {rank} (exit code {codes[rank]}) -----\n{output[rank][-6000:]}"
+            for rank in range(world_size)
+        )
+        timed_out = " (killed at the time limit)" if elapsed >= timeout_s else ""
+        pytest.fail(
+            f"{worker.name} failed after {elapsed:.1f}s{timed_out}:\n{report}",
+            pytrace=False,
+        )
+    pytest.fail(f"{worker.name} could not bind a free port in 3 attempts", pytrace=False)

@@ -1,0 +1,298 @@
+"""Apply one-line bugs (mutants) to a copy of the library and check that the tests catch each.
+
+Not collected by pytest (the file name does not match ``test_*.py``); run it from the
+repository root with the environment the tests use::
+
+    python tests/mutation/run_mutants.py            # every mutant
+    python tests/mutation/run_mutants.py ema sigma  # the mutants whose name contains a word
+    python tests/mutation/run_mutants.py --list
+
+For each mutant the repository's files (``git ls-files``: tracked and untracked, not ignored)
+are copied to a temporary directory, the one line is replaced there, and the mutant's killing
+tests run in that copy with pytest. The same tests must pass on the unmutated copy first, so
+a "killed" mutant was killed by the bug and not by a test that fails anyway. The exit status is
+non-zero when a mutant survives or a baseline fails.
+
+Each mutant is a bug that once survived the whole fast suite: a hyperparameter that the tests
+only used at a fixed point of the mistake (sigma = 1, decay = 0.5, rho = eta), a code path
+no test executed, or an integration whose tests only checked that the loss stayed finite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+    """pytest node ids (or ``file::name`` prefixes, with ``-k`` expressions after ``@``)."""
+
+    def apply(self, root: Path) -> None:
+        file = root / self.path
+        text = file.read_text()
+        count = text.count(self.original)
+        if count != 1:
+            raise SystemExit(
+                f"mutant {self.name}: expected the line {self.original!r} once in {self.path}, "
+                f"found it {count} times; update the mutant to the current code"
+            )
+        file.write_text(text.replace(self.original, self.mutated))
+
+
+TRAM = "tests/test_tram.py"
+MUTANTS = [
+    Mutant(
+        "ema-one-minus-decay",
+        "tram/targets.py",
+        "self.reference.update_ema(self.decay)",
+        "self.reference.update_ema(1.0 - self.decay)",
+        (f"{TRAM}::test_equals_algorithm_1@ema",),
+    ),
+    Mutant(
+        "tram-sigma-squared",
+        "tram/targets.py",
+        'self.sigma = check_non_negative("sigma", sigma)',
+        'self.sigma = check_non_negative("sigma", sigma) ** 2',
+        (
+            f"{TRAM}::test_equals_algorithm_1@noise or fisher",
+            "tests/test_tram_distributed.py",
+        ),
+    ),
+    Mutant(
+        "noise-gaussian-sigma-squared",
+        "tram/noise.py",
+        "z = z.mul_(sigma)",
+        "z = z.mul_(sigma * sigma)",
+        (f"{TRAM}::test_equals_algorithm_1@noise",),
+    ),
+    Mutant(
+        "noise-uniform-sigma-squared",
+        "tram/noise.py",
+        "z = z.mul_(2.0).sub_(1.0).mul_(sigma)",
+        "z = z.mul_(2.0).sub_(1.0).mul_(sigma * sigma)",
+        (f"{TRAM}::test_uniform_noise_equals_algorithm_1",),
+    ),
+    Mutant(
+        "fisher-eta-from-rho",
+        "tram/_tram_fisher.py",
+        "return cls(base_optimizer, model, rho=rho, eta=fisher_eta, **kwargs)",
+        "return cls(base_optimizer, model, rho=rho, eta=rho, **kwargs)",
+        (f"{TRAM}::test_equals_algorithm_1@fisher",),
+    ),
+    Mutant(
+        "divergence-argument-ignored",
+        "tram/_tram.py",
+        "self.divergence = get_divergence(divergence)",
+        'self.divergence = get_divergence("forward_kl")',
+        (f"{TRAM}::test_divergence_argument_equals_algorithm_1",),
+    ),
+    Mutant(
+        "divergence-name-ignored",
+        "tram/_tram.py",
+        "self.divergence_name = divergence",
+        'self.divergence_name = "forward_kl"',
+        (f"{TRAM}::test_divergence_argument_equals_algorithm_1",),
+    ),
+    Mutant(
+        "uniform-noise-ignored",
+        "tram/targets.py",
+        "self.noise: NoiseDistribution = noise",
+        'self.noise: NoiseDistribution = "gaussian"',
+        (f"{TRAM}::test_uniform_noise_equals_algorithm_1",),
+    ),
+    Mutant(
+        "hf-loss-scale-not-passed",
+        "tram/integrations/hf.py",
+        "perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))",
+        "perturbed = optimizer.first_step()",
+        ("tests/test_hf_trainer.py::test_fp16_grad_scaler_equals_the_unscaled_run",),
+    ),
+    Mutant(
+        "accelerate-loss-scale-not-passed",
+        "tram/integrations/accelerate.py",
+        "self.last_perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))",
+        "self.last_perturbed = optimizer.first_step()",
+        ("tests/test_accelerate.py::test_fp16_grad_scaler_equals_the_unscaled_run",),
+    ),
+    Mutant(
+        "ascent-is-zero",
+        "tram/_wrapper.py",
+        "coefficient=radii[bucket.group_index] / (norm + NORM_EPSILON),",
+        "coefficient=0.0 * radii[bucket.group_index] / (norm + NORM_EPSILON),",
+        (
+            "tests/test_factory.py::test_registered_methods_take_the_reference_step",
+            "tests/test_hf_trainer.py::test_mixed_precision_equals_the_hand_written_loop@sam",
+            "tests/test_hf_trainer.py::test_fp16_grad_scaler_equals_the_unscaled_run",
+            "tests/test_accelerate.py::test_fp16_grad_scaler_equals_the_unscaled_run",
+        ),
+    ),
+    Mutant(
+        "runner-drops-regularizers",
+        "tram/experiments/run.py",
+        "regularizers=build.build_regularizers(parts, model),",
+        "regularizers=[],",
+        ("tests/test_experiments.py::test_tiny_sentiment",),
+    ),
+    Mutant(
+        "runner-drops-method-arguments",
+        "tram/experiments/run.py",
+        "method_kwargs=None if parts.method is None else parts.method.keywords,",
+        "method_kwargs=None,",
+        ("tests/test_experiments.py::test_tiny_sentiment",),
+    ),
+    # The guarantees of tests/test_guarantees.py: each check, removed.
+    Mutant(
+        "second-pass-not-checked",
+        "tram/_wrapper.py",
+        "        if ascent_params and not self._second_pass_gradient_is_finite(ascent_params):",
+        "        if False:",
+        ("tests/test_guarantees.py@second_pass or second_backward",),
+    ),
+    Mutant(
+        "reference-forward-updates-batchnorm",
+        "tram/_tram.py",
+        "                stack.enter_context(frozen_running_stats(self.module))",
+        "                pass",
+        ("tests/test_guarantees.py@batchnorm",),
+    ),
+    Mutant(
+        "reference-forward-outside-autocast",
+        "tram/_tram.py",
+        "                stack.enter_context(record.autocast.context())",
+        "                pass",
+        ("tests/test_guarantees.py@autocast",),
+    ),
+    Mutant(
+        "missing-ascent-not-warned",
+        "tram/_wrapper.py",
+        "                self._warn_missing_ascent()",
+        "                pass",
+        ("tests/test_guarantees.py@warns",),
+    ),
+    Mutant(
+        "any-child-called-module-unwrapped",
+        "tram/_model_io.py",
+        "    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or "
+        "_is_instance_of(",
+        "    if hasattr(model, 'module') or _is_instance_of(",  # any child called `module`
+        ("tests/test_guarantees.py@module",),
+    ),
+]
+
+
+def pytest_arguments(tests: tuple[str, ...]) -> list[list[str]]:
+    """One pytest invocation per entry: ``node`` or ``node@keyword expression``."""
+    out = []
+    for entry in tests:
+        node, _, keyword = entry.partition("@")
+        out.append([node, "-k", keyword] if keyword else [node])
+    return out
+
+
+def copy_tree(destination: Path) -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    for relative in filter(None, listed.split("\0")):
+        source = ROOT / relative
+        if not source.is_file():  # deleted in the work tree but still in the index
+            continue
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> dict[str, str]:
+    """Run each entry of ``tests``; map the entries that failed to the tail of their output."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    failed = {}
+    for entry, arguments in zip(tests, pytest_arguments(tests), strict=True):
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        command += ["-m", "", *arguments]
+        result = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        output = result.stdout + result.stderr
+        if result.returncode == 5:
+            raise SystemExit(f"no test selected by {arguments} in {root}:\n{output[-2000:]}")
+        if result.returncode != 0:
+            failed[entry] = output[-1500:]
+    return failed
+
+
+def check_imports_from(root: Path) -> None:
+    """The copy must shadow any installed ``tram`` (an editable install points elsewhere)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import tram; print(tram.__file__)"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not Path(found).resolve().is_relative_to(root.resolve()):
+        raise SystemExit(f"the copy imports tram from {found}, not from {root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run the mutants whose name contains one")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or any(n in m.name for n in args.names)]
+    if args.list:
+        for mutant in chosen:
+            print(f"{mutant.name}: {mutant.path}: {mutant.original!r} -> {mutant.mutated!r}")
+        return 0
+    if not chosen:
+        raise SystemExit(f"no mutant matches {args.names}")
+
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="tram-mutants-") as scratch:
+        baseline = Path(scratch) / "baseline"
+        copy_tree(baseline)
+        check_imports_from(baseline)
+        for mutant in chosen:
+            start = time.perf_counter()
+            broken = run_tests(baseline, mutant.tests, args.timeout)
+            if broken:
+                print(f"BASELINE FAILS  {mutant.name}: {', '.join(broken)}")
+                print(*broken.values(), sep="\n")
+                failures += 1
+                continue
+            copy = Path(scratch) / mutant.name
+            shutil.copytree(baseline, copy)
+            mutant.apply(copy)
+            killers = run_tests(copy, mutant.tests, args.timeout)
+            shutil.rmtree(copy)
+            seconds = time.perf_counter() - start
+            if killers:
+                print(f"killed   {mutant.name} by {', '.join(killers)} ({seconds:.0f} s)")
+            else:
+                print(f"SURVIVED {mutant.name}: {', '.join(mutant.tests)} ({seconds:.0f} s)")
+                failures += 1
+            sys.stdout.flush()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

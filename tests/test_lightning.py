@@ -1,0 +1,616 @@
+"""tram with PyTorch Lightning: TramCallback (automatic optimization) and manual_step.
+
+Every run is compared with a hand-written loop on the same data: ``tram.accumulating_closure``
+with ``step(closure)``, the explicit form, or ``tram.scaled_step``. Lightning is real (no mock).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tram
+from tram._wrapper import TwoPassOptimizer
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from lightning.pytorch.loggers import Logger  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
+
+MissingAscentWarning = tram.MissingAscentWarning
+
+VOCAB, WIDTH, CLASSES, LENGTH = 23, 8, 3, 5
+BATCH = 4
+
+
+class Net(nn.Module):
+    """Embedding → mean over tokens → linear: an nn.Embedding for TRAM's noise, no dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(dim=1))
+
+
+def make_data(batches: int, seed: int = 3) -> list[tuple[Tensor, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batches * BATCH, LENGTH), generator=generator)
+    labels = torch.randint(0, CLASSES, (batches * BATCH,), generator=generator)
+    return [
+        (tokens[i * BATCH : (i + 1) * BATCH], labels[i * BATCH : (i + 1) * BATCH])
+        for i in range(batches)
+    ]
+
+
+def loader(data: list[tuple[Tensor, Tensor]]) -> torch.utils.data.DataLoader:
+    tokens = torch.cat([x for x, _ in data])
+    labels = torch.cat([y for _, y in data])
+    dataset = torch.utils.data.TensorDataset(tokens, labels)
+    return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False)
+
+
+def loss_of(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    tokens, labels = batch
+    return nn.functional.cross_entropy(net(tokens), labels)
+
+
+MethodFactory = Callable[[torch.optim.Optimizer, nn.Module], TwoPassOptimizer]
+
+METHODS: dict[str, MethodFactory] = {
+    "sam": lambda base, net: tram.SAM(base, rho=0.37),
+    "asam": lambda base, net: tram.ASAM(base, rho=0.83, eta=0.013),
+    "fisher_sam": lambda base, net: tram.FisherSAM(base, rho=0.21, eta=0.7),
+    "tram_noise": lambda base, net: tram.TRAM(base, net, trust_region="noise", sigma=0.3, seed=5),
+    "tram_ema": lambda base, net: tram.TRAM(base, net, trust_region="ema", ema_decay=0.7),
+}
+
+
+def make_base(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=0.43, momentum=0.6, weight_decay=0.01)
+
+
+class Module(pl.LightningModule):
+    def __init__(self, method: str | None, *, seed: int = 0, manual: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = Net()
+        self.method = method
+        self.manual = manual
+        self.automatic_optimization = manual is None
+        self.first_pass_losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.manual == "manual_step":
+            return manual_step(self, lambda: loss_of(self.net, batch))
+        if self.manual == "closure":
+            optimizer = self.optimizers()
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_of(self.net, batch)
+                self.manual_backward(loss)
+                return loss
+
+            optimizer.step(closure=closure)  # the classic SAM closure: the wrapper calls it twice
+            return None
+        if self.manual == "explicit":
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            with optimizer.first_pass():
+                loss = loss_of(self.net, batch)
+                self.manual_backward(loss)
+            if optimizer.first_step():  # on the LightningOptimizer proxy
+                self.manual_backward(loss_of(self.net, batch))
+            optimizer.step()
+            return None
+        loss = loss_of(self.net, batch)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        base = make_base(self.net)
+        return base if self.method is None else METHODS[self.method](base, self.net)
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged metric in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.history.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def values(self, key: str) -> list[float]:
+        return [metrics[key] for _, metrics in self.history if key in metrics]
+
+
+def trainer(**kwargs: Any) -> Any:
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+    }
+    options.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pl.Trainer(**options)
+
+
+def fit(module: Module, data: list[tuple[Tensor, Tensor]], **kwargs: Any) -> Any:
+    run = trainer(**kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+        run.fit(module, loader(data))
+    return run
+
+
+def hand_loop(
+    method: str | None,
+    data: list[tuple[Tensor, Tensor]],
+    *,
+    accumulate: int = 1,
+    clip: float | None = None,
+    seed: int = 0,
+) -> tuple[Net, TwoPassOptimizer | torch.optim.Optimizer, list[float]]:
+    """The reference: accumulating_closure + step(closure), or the explicit form when clipping."""
+    torch.manual_seed(seed)
+    net = Net()
+    base = make_base(net)
+    optimizer = base if method is None else METHODS[method](base, net)
+    losses = []
+    for start in range(0, len(data), accumulate):
+        window = data[start : start + accumulate]
+        closure = tram.accumulating_closure(
+            optimizer,
+            window,
+            lambda batch: loss_of(net, batch),
+            weights=[1 / accumulate] * len(window),
+        )
+        if clip is None:
+            losses.append(float(optimizer.step(closure)))
+            continue
+        assert isinstance(optimizer, TwoPassOptimizer)
+        with optimizer.first_pass():
+            losses.append(float(closure()))
+        if optimizer.first_step():
+            closure()
+        optimizer.restore()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.second_step()
+    return net, optimizer, losses
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name} differs by {(p - q).abs().max().item():.3g}"
+
+
+# ---------------------------------------------------------------------- automatic optimization
+@pytest.mark.parametrize("method", list(METHODS))
+def test_accumulation_equals_accumulating_closure(method: str) -> None:
+    data = make_data(6)
+    module = Module(method)
+    fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    net, optimizer, _ = hand_loop(method, data, accumulate=2)
+    assert_same_weights(module.net, net)
+    wrapper = module.trainer.optimizers[0]
+    assert wrapper.steps == optimizer.steps == 3
+    if method.startswith("tram"):
+        assert wrapper.radius_history == optimizer.radius_history
+        assert len(wrapper.radius_history) == 3
+
+
+def test_accumulation_short_last_window() -> None:
+    """5 batches, k=2: Lightning steps on the final batch alone, still normalised by 2."""
+    data = make_data(5)
+    module = Module("sam")
+    fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["sam"](make_base(net), net)
+    for start in range(0, 5, 2):
+        window = data[start : start + 2]
+        closure = tram.accumulating_closure(
+            optimizer, window, lambda batch: loss_of(net, batch), weights=[0.5] * len(window)
+        )
+        optimizer.step(closure)
+    assert_same_weights(module.net, net)
+
+
+def test_gradient_clipping_clips_the_descent_gradient() -> None:
+    data = make_data(4)
+    module = Module("asam")
+    fit(
+        module,
+        data,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        callbacks=[TramCallback()],
+    )
+    net, _, _ = hand_loop("asam", data, accumulate=2, clip=0.05)
+    assert_same_weights(module.net, net)
+    unclipped, _, _ = hand_loop("asam", data, accumulate=2)
+    assert not torch.equal(net.head.weight, unclipped.head.weight)  # the clip was active
+
+
+def test_plain_optimizer_is_untouched() -> None:
+    data = make_data(4)
+    module = Module(None)
+    fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    net, _, _ = hand_loop(None, data, accumulate=2)
+    assert_same_weights(module.net, net)
+
+
+def test_logs_first_pass_loss_and_radius() -> None:
+    data = make_data(4)
+    module = Module("tram_noise")
+    logger = MemoryLogger()
+    fit(module, data, max_epochs=1, logger=logger, callbacks=[TramCallback()])
+    _, optimizer, losses = hand_loop("tram_noise", data)
+    assert logger.values("train_loss") == pytest.approx(losses, rel=1e-6, abs=0)
+    radii = logger.values("tram/radius")
+    assert radii == pytest.approx(optimizer.radius_history, rel=1e-6)
+    assert len(radii) == 4
+    assert all(r > 0 for r in radii)
+    assert len(logger.values("tram/ascent_grad_norm")) == 4
+    assert logger.values("tram/skipped_ascents") == [0.0] * 4
+
+
+def test_loss_logged_at_theta_not_theta_plus_epsilon() -> None:
+    """With a large radius the loss at θ+ε is far above the loss at θ; the log shows θ's."""
+    data = make_data(2)
+    module = Module(None)
+    module.configure_optimizers = lambda: tram.SAM(make_base(module.net), rho=2.0)  # type: ignore[method-assign]
+    logger = MemoryLogger()
+    initial = copy.deepcopy(module.net)
+    fit(module, data, max_epochs=1, max_steps=1, logger=logger, callbacks=[TramCallback()])
+    logged = logger.values("train_loss")
+    assert logged == [pytest.approx(float(loss_of(initial, data[0])), rel=1e-6)]
+
+
+def test_bf16_mixed_equals_autocast_loop() -> None:
+    data = make_data(4)
+    module = Module("sam")
+    fit(
+        module,
+        data,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+        callbacks=[TramCallback()],
+    )
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["sam"](make_base(net), net)
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_of(net, batch)
+
+    for start in range(0, 4, 2):
+        optimizer.step(tram.accumulating_closure(optimizer, data[start : start + 2], loss_fn))
+    assert_same_weights(module.net, net)
+    fp32, _, _ = hand_loop("sam", data, accumulate=2)
+    assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
+
+
+def fp16_plugin() -> MixedPrecision:
+    # Lightning maps "16-mixed" to bf16 on CPU; the plugin with a CPU GradScaler is its GPU path.
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+
+
+def test_fp16_mixed_equals_scaled_step() -> None:
+    data = make_data(3)
+    module = Module("fisher_sam")  # its ascent is not scale-invariant: grad_scale must be right
+    fit(module, data, max_epochs=1, plugins=[fp16_plugin()], callbacks=[TramCallback()])
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["fisher_sam"](make_base(net), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in data:
+
+        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return loss_of(net, batch)
+
+        tram.scaled_step(optimizer, scaler, loss_fn)
+    assert_same_weights(module.net, net)
+    assert module.trainer.optimizers[0].steps == 3
+
+
+def test_fp16_mixed_overflow_skips_the_step_at_theta() -> None:
+    data = make_data(1)
+    module = Module("sam")
+    with torch.no_grad():
+        module.net.head.bias.fill_(1e5)  # fp16 logits overflow: a nan loss in the first pass
+    before = copy.deepcopy(module.net)
+    plugin = fp16_plugin()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit(module, data, max_epochs=1, plugins=[plugin], callbacks=[TramCallback()])
+    assert_same_weights(module.net, before)
+    assert plugin.scaler is not None
+    assert plugin.scaler.get_scale() < 2.0**10  # backed off
+    assert not module.trainer.optimizers[0].is_perturbed
+
+
+def test_resume_is_bit_exact(tmp_path: Any) -> None:
+    data = make_data(4)
+    method = "tram_ema"  # the EMA reference lives in the optimizer's checkpoint
+    straight = Module(method)
+    fit(straight, data, max_epochs=2, accumulate_grad_batches=2, callbacks=[TramCallback()])
+
+    first = Module(method)
+    run = fit(first, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    path = str(tmp_path / "epoch1.ckpt")
+    run.save_checkpoint(path)
+    resumed = Module(method, seed=1)  # other initial weights: everything must come from the file
+    run = trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(resumed, loader(data), ckpt_path=path)
+    assert_same_weights(resumed.net, straight.net)
+    assert run.optimizers[0].steps == 4
+
+
+def test_callback_with_deepspeed_like_strategy_refuses() -> None:
+    callback = TramCallback()
+
+    class Strategy:
+        handles_gradient_accumulation = True
+
+    class FakeTrainer:
+        strategy = Strategy()
+
+    with pytest.raises(ValueError, match="does not support Strategy"):
+        callback.setup(FakeTrainer(), Module("sam"), "fit")
+
+
+# ---------------------------------------------------------------------- without the callback
+def test_lightning_closure_is_recognised() -> None:
+    """The structure tram._callers relies on: the closure Lightning's precision plugin passes to
+    optimizer.step(closure) under automatic optimization leads to the Trainer."""
+    from tram._callers import _lightning_trainer
+
+    seen: list[Any] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+            seen.append(closure)
+            return super().step(closure)
+
+    module = Module(None)
+    module.configure_optimizers = lambda: Recording(module.net.parameters(), lr=0.1)  # type: ignore[method-assign]
+    run = fit(module, make_data(1), max_epochs=1)
+    assert len(seen) == 1
+    assert _lightning_trainer(seen[0]) is run
+    assert _lightning_trainer(lambda: None) is None
+
+
+def test_without_callback_accumulation_refuses() -> None:
+    module = Module("sam")
+    with pytest.raises(RuntimeError, match=r"accumulate_grad_batches=2.*TramCallback"):
+        fit(module, make_data(2), max_epochs=1, accumulate_grad_batches=2)
+
+
+def test_without_callback_clipping_refuses() -> None:
+    module = Module("sam")
+    with pytest.raises(RuntimeError, match=r"gradient_clip_val=0\.5.*TramCallback"):
+        fit(module, make_data(2), max_epochs=1, gradient_clip_val=0.5)
+
+
+def test_without_callback_single_batch_is_exact_and_warns() -> None:
+    data = make_data(3)
+    module = Module("sam")
+    run = trainer(max_epochs=1)
+    with pytest.warns(UserWarning, match=r"loss at the perturbed weights.*TramCallback"):
+        run.fit(module, loader(data))
+    net, _, _ = hand_loop("sam", data)
+    assert_same_weights(module.net, net)
+
+
+def test_without_callback_fp16_warns_missing_ascent() -> None:
+    module = Module("sam")
+    run = trainer(max_epochs=1, plugins=[fp16_plugin()])
+    with pytest.warns(MissingAscentWarning, match="16-mixed"):
+        run.fit(module, loader(make_data(2)))
+
+
+# ---------------------------------------------------------------------- manual optimization
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_manual_step_equals_step_closure(precision: str) -> None:
+    data = make_data(3)
+    module = Module("tram_noise", manual="manual_step")
+    logger = MemoryLogger()
+    fit(module, data, max_epochs=1, precision=precision, logger=logger)
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["tram_noise"](make_base(net), net)
+    autocast = precision == "bf16-mixed"
+    for batch in data:
+
+        def closure(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_of(net, batch)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert_same_weights(module.net, net)
+    assert logger.values("tram/radius") == pytest.approx(optimizer.radius_history, rel=1e-6)
+
+
+def test_manual_step_fp16_equals_scaled_step() -> None:
+    data = make_data(3)
+    module = Module("sam", manual="manual_step")
+    fit(module, data, max_epochs=1, plugins=[fp16_plugin()])
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["sam"](make_base(net), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in data:
+
+        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return loss_of(net, batch)
+
+        tram.scaled_step(optimizer, scaler, loss_fn)
+    assert_same_weights(module.net, net)
+
+
+def test_manual_step_closure_is_exact_and_not_refused() -> None:
+    data = make_data(3)
+    module = Module("asam", manual="closure")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the automatic-optimization guard stays off
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        fit(module, data, max_epochs=1)
+    net, _, _ = hand_loop("asam", data)
+    assert_same_weights(module.net, net)
+
+
+def test_manual_explicit_form_through_the_proxy() -> None:
+    """first_step() on the LightningOptimizer proxy, then its step(): the real wrapper's state."""
+    data = make_data(3)
+    module = Module("sam", manual="explicit")
+    fit(module, data, max_epochs=1)
+    net, _, _ = hand_loop("sam", data)
+    assert_same_weights(module.net, net)
+    wrapper = module.trainer.optimizers[0]
+    assert wrapper.steps == 3
+    assert not wrapper.is_perturbed
+
+
+def test_hooks_before_the_step_see_theta() -> None:
+    """on_before_optimizer_step (and clipping) run with the weights restored to θ."""
+
+    class Watch(pl.Callback):
+        def __init__(self) -> None:
+            self.at_start: list[Tensor] = []
+            self.before_step: list[Tensor] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, i: int) -> None:
+            self.at_start.append(pl_module.net.head.weight.detach().clone())
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            self.before_step.append(pl_module.net.head.weight.detach().clone())
+
+    watch = Watch()
+    fit(Module("sam"), make_data(2), max_epochs=1, callbacks=[TramCallback(), watch])
+    assert len(watch.before_step) == 2
+    for theta, seen in zip(watch.at_start, watch.before_step, strict=True):
+        assert torch.equal(theta, seen)
+
+
+# ---------------------------------------------------------------------- the example
+@pytest.mark.slow
+def test_example_lightning_fine_tunes_minilm(tmp_path: Any) -> None:
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        str(root / "examples" / "lightning.py"),
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+        f"--output-dir={tmp_path}",
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert "method: tram (TRAM), steps: 2" in completed.stdout
+    assert "TRAM radius d" in completed.stdout
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------- DDP
+class SaveBatches(pl.Callback):
+    """Saves every batch each rank trains on (spawned processes: through files)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        torch.save(batch, os.path.join(self.directory, f"{trainer.global_rank}_{batch_idx}.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", ["sam", "tram_ema"])
+def test_ddp_with_accumulation_equals_global_batch(tmp_path: Any, method: str) -> None:
+    """2 processes (gloo), k = 2: one synchronised ascent from the global accumulated gradient,
+    every rank's micro-batches replayed (no_sync but on the last); the weights equal the
+    single-process loop on the union of the ranks' j-th micro-batches. (TRAM's d is the mean
+    over ranks of equal-sized batches, so a deterministic target matches too; TRAM-x draws its
+    noise per rank, another realisation.)"""
+    data = make_data(8)
+    module = Module(method)
+    run = trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[TramCallback(), SaveBatches(str(tmp_path))],
+        default_root_dir=str(tmp_path),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(module, loader(data))
+    seen = {
+        (rank, index): torch.load(tmp_path / f"{rank}_{index}.pt")
+        for rank in range(2)
+        for index in range(4)
+    }
+    global_batches = [
+        (
+            torch.cat([seen[0, j][0], seen[1, j][0]]),
+            torch.cat([seen[0, j][1], seen[1, j][1]]),
+        )
+        for j in range(4)
+    ]
+    net, _, _ = hand_loop(method, global_batches, accumulate=2)
+    for (name, p), q in zip(module.net.named_parameters(), net.parameters(), strict=True):
+        # All-reduced means against means over the concatenated batch: rounding only.
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

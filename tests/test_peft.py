@@ -1,0 +1,302 @@
+"""tram with PEFT LoRA adapters, on a tiny Llama and a tiny BERT built from configs.
+
+- SAM/TRAM train LoRA models; TRAM-θ0's copied reference holds the adapter weights only.
+- :class:`tram.adapters.AdapterOff` (θ0 as the adapter-off forward, no weights) equals
+  the copied reference bit for bit at step 1 (d = 0 exactly, dropout replayed) and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tram
+from tram.adapters import AdapterOff
+from tram.targets import ReferenceWeights
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 61
+
+
+def tiny_llama(seed: int = 0, *, lora: dict[str, Any] | None = None) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        attention_dropout=0.15,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    options = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": ["q_proj", "v_proj"]}
+    options.update(lora or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(task_type="CAUSAL_LM", **options)
+        return peft.get_peft_model(model, config).train()
+
+
+def tiny_bert(seed: int = 0, *, lora: dict[str, Any] | None = None) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    options = {"r": 4, "lora_alpha": 12, "lora_dropout": 0.25, "target_modules": ["query", "value"]}
+    options.update(lora or {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = peft.LoraConfig(task_type="SEQ_CLS", **options)
+        return peft.get_peft_model(model, config).train()
+
+
+def batches(kind: str, count: int, seed: int = 7) -> list[dict[str, Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (3, 9), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, 6:] = 0  # padding
+        if kind == "llama":
+            labels = ids.masked_fill(mask == 0, -100)
+        else:
+            labels = torch.randint(0, 3, (3,), generator=generator)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"llama": tiny_llama, "bert": tiny_bert}
+
+
+def make_tram(model: nn.Module, *, adapter_off: bool) -> tram.TRAM:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = torch.optim.AdamW(trainable, lr=3e-2, weight_decay=0.01)
+    return tram.TRAM(base, model, target=AdapterOff() if adapter_off else "pretrained")
+
+
+def adapter_off(model: nn.Module) -> AdapterOff:
+    target = AdapterOff()
+    target.bind(model)
+    return target
+
+
+def train(
+    model: nn.Module,
+    optimizer: tram.TwoPassOptimizer,
+    data: list[dict[str, Tensor]],
+    rng_state: Tensor | None = None,
+) -> list[Tensor]:
+    """step(closure) on each batch; returns the trainable weights after each step."""
+    snapshots = []
+    if rng_state is None:
+        torch.manual_seed(1234)  # the dropout masks of training
+    else:
+        torch.set_rng_state(rng_state)
+    for batch in data:
+
+        def closure(batch: dict[str, Tensor] = batch) -> Tensor:
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        snapshots.append(
+            torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+        )
+    return snapshots
+
+
+# ---------------------------------------------------------------------- LoRA with tram
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_copied_reference_holds_only_adapter_weights(kind: str) -> None:
+    model = MODELS[kind]()
+    optimizer = make_tram(model, adapter_off=False)
+    assert isinstance(optimizer.reference, ReferenceWeights)
+    names = list(optimizer.reference.state_dict())
+    assert names
+    assert all("lora_" in n or "modules_to_save" in n for n in names), names
+    reference_numel = sum(t.numel() for t in optimizer.reference.state_dict().values())
+    assert reference_numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert reference_numel < sum(p.numel() for p in model.parameters()) / 5
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("method", ["sam", "tram_noise"])
+def test_lora_trains_and_base_weights_stay(kind: str, method: str) -> None:
+    model = MODELS[kind]()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = torch.optim.AdamW(trainable, lr=1e-2)
+    if method == "sam":
+        optimizer: tram.TwoPassOptimizer = tram.SAM(base, rho=0.05)
+    else:
+        optimizer = tram.TRAM(base, model, trust_region="noise", sigma=0.05)
+    before = [p.detach().clone() for p in trainable]
+    train(model, optimizer, batches(kind, 2))
+    assert all(not torch.equal(a, p) for a, p in zip(before, trainable, strict=True) if p.numel())
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name
+    if method == "tram_noise":
+        assert all(r > 0 for r in optimizer.radius_history)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- adapter-off θ0
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_adapter_off_reference_equals_copied_reference(kind: str) -> None:
+    data = batches(kind, 4)
+    copied_model, off_model = MODELS[kind](), MODELS[kind]()
+    copied = make_tram(copied_model, adapter_off=False)
+    off = make_tram(off_model, adapter_off=True)
+    copied_weights = train(copied_model, copied, data)
+    off_weights = train(off_model, off, data)
+    # Step 1: θ = θ0, so the copied reference gives d = 0 exactly; the adapter-off forward too
+    # (the LoRA term adds exact zeros and the dropout masks are replayed).
+    assert copied.radius_history[0] == 0.0
+    assert off.radius_history[0] == 0.0
+    assert torch.equal(copied_weights[0], off_weights[0])
+    # After: the same function (LoRA B·A·x·s with θ0's B = 0 adds an exact zero), so d and the
+    # weights agree; measured bit for bit on CPU (the tolerance leaves room for other kernels).
+    assert all(r > 0 for r in copied.radius_history[1:])
+    assert off.radius_history == pytest.approx(copied.radius_history, rel=1e-6, abs=0)
+    for a, b in zip(copied_weights, off_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adapter_off_output_equals_theta0_output() -> None:
+    model = tiny_bert()
+    reference = adapter_off(model)
+    theta0 = ReferenceWeights(model)
+    batch = batches("bert", 1)[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        expected = theta0.forward(batch).logits
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        got = reference.output((), batch).logits
+    assert torch.equal(got, expected)
+    with torch.random.fork_rng():  # the dropout masks matter: another seed gives other logits
+        torch.manual_seed(4)
+        assert not torch.equal(reference.output((), batch).logits, expected)
+
+
+def test_adapter_off_reference_replays_lora_dropout() -> None:
+    """Without drawing the LoRA dropout masks, the masks after the first LoRA layer shift."""
+    model = tiny_llama()
+    reference = adapter_off(model)
+    assert reference._dropout_layers  # q_proj and v_proj of both layers
+    batch = batches("llama", 1)[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        with_adapters_at_theta0 = model(**batch).logits.detach()
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        assert torch.equal(reference.output((), batch).logits, with_adapters_at_theta0)
+    with torch.random.fork_rng(), torch.no_grad(), model.disable_adapter():
+        torch.manual_seed(5)
+        plain_off = model(**batch).logits
+    assert not torch.equal(plain_off, with_adapters_at_theta0)
+
+
+def test_adapter_off_checkpoint_round_trip() -> None:
+    data = batches("bert", 4)
+    straight_model = tiny_bert()
+    straight = make_tram(straight_model, adapter_off=True)
+    train(straight_model, straight, data)
+
+    model = tiny_bert()
+    optimizer = make_tram(model, adapter_off=True)
+    train(model, optimizer, data[:2])
+    rng_state = torch.get_rng_state()
+    state = copy.deepcopy(optimizer.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    assert state["tram"]["adapter_off"] is True
+    assert "reference" not in state["tram"]
+
+    resumed_model = tiny_bert(seed=1)
+    resumed_model.load_state_dict(weights)  # trained adapters: lora_B is not zero any more
+    resumed = make_tram(resumed_model, adapter_off=True)
+    resumed.load_state_dict(state)
+    train(resumed_model, resumed, data[2:], rng_state)
+    for a, b in zip(resumed_model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_adapter_off_refuses_what_is_not_theta0() -> None:
+    batch = batches("bert", 1)[0]
+    trained = adapter_off(tiny_bert(lora={"init_lora_weights": False}))
+    with pytest.raises(ValueError, match="non-zero lora_B"):
+        trained.output((), batch)
+    trained.load_state_dict({"adapter_off": True})  # resuming a run that used it: accepted
+    trained.output((), batch)
+    with pytest.raises(KeyError, match="not from an AdapterOff target"):
+        trained.load_state_dict({"reference": {}})
+    with pytest.raises(ValueError, match="DoRA"):
+        adapter_off(tiny_llama(lora={"use_dora": True}))
+    with pytest.raises(TypeError, match=r"needs a peft\.PeftModel"):
+        adapter_off(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"needs a peft\.PeftModel"):
+        make_tram(nn.Linear(2, 2), adapter_off=True)
+
+
+def test_adapter_off_after_training_is_still_theta0() -> None:
+    """Training moves the adapter; the adapter-off forward keeps giving θ0's output."""
+    model = tiny_bert()
+    theta0 = ReferenceWeights(model)
+    reference = adapter_off(model)
+    optimizer = make_tram(model, adapter_off=True)
+    train(model, optimizer, batches("bert", 2))
+    batch = batches("bert", 1, seed=9)[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        expected = theta0.forward(batch).logits
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        assert torch.equal(reference.output((), batch).logits, expected)
+
+
+@pytest.mark.slow
+def test_example_peft_lora_fine_tunes_minilm() -> None:
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        str(root / "examples" / "peft_lora.py"),
+        "--model=minilm",
+        "--steps=2",
+        "--batch-size=4",
+        "--train-size=16",
+        "--eval-size=16",
+        "--max-length=16",
+    ]
+    completed = subprocess.run(
+        command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    assert "reference: adapter_off, holds 0.00 MiB" in completed.stdout
+    assert "step   2" in completed.stdout
+    assert "accuracy on amazon" in completed.stdout

@@ -1,0 +1,443 @@
+"""tram with TRL (SFTTrainer, DPOTrainer) and the plain transformers.Trainer, on a tiny Llama.
+
+Real TRL and transformers (no mock); a word-level tokenizer built in memory, no download.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tram
+from tram.divergence import get_divergence
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
+
+MissingAscentWarning = tram.MissingAscentWarning
+
+VOCAB = 40
+UNK, PAD, EOS = VOCAB - 3, VOCAB - 2, VOCAB - 1
+
+
+def tokenizer() -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 3)}
+    vocab.update({"[UNK]": UNK, "[PAD]": PAD, "[EOS]": EOS})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
+    )
+
+
+def tiny_llama(*, dropout: float = 0.0, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        attention_dropout=dropout,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        bos_token_id=None,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def sft_dataset(rows: int = 8) -> Any:
+    generator = torch.Generator().manual_seed(0)
+    sequences = []
+    for _ in range(rows):
+        length = int(torch.randint(4, 9, (1,), generator=generator))
+        sequences.append(torch.randint(0, VOCAB - 3, (length,), generator=generator).tolist())
+    return datasets.Dataset.from_dict({"input_ids": sequences})
+
+
+def sft_config(tmp_path: Any, **kwargs: Any) -> Any:
+    options: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "learning_rate": 0.3,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "report_to": [],
+        "use_cpu": True,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "seed": 3,
+        "disable_tqdm": True,
+        "bf16": False,  # TRL's default is bf16 autocast
+    }
+    options.update(kwargs)
+    return trl.SFTConfig(**options)
+
+
+def record_windows(trainer: Any) -> list[tuple[list[dict[str, Tensor]], Any]]:
+    """Keep each optimizer step's micro-batches and num_items_in_batch as the trainer built them."""
+    windows: list[tuple[list[dict[str, Tensor]], Any]] = []
+    original = trainer.get_batch_samples
+
+    def get_batch_samples(*args: Any, **kwargs: Any) -> Any:
+        batch_samples, num_items = original(*args, **kwargs)
+        windows.append(([dict(b) for b in batch_samples], num_items))
+        return batch_samples, num_items
+
+    trainer.get_batch_samples = get_batch_samples
+    return windows
+
+
+class Snapshots(transformers.TrainerCallback):
+    """The model's weights after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, Tensor]] = []
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def train_sft(tmp_path: Any, model: nn.Module, **kwargs: Any) -> tuple[Any, list[Any], Snapshots]:
+    config_kwargs = kwargs.pop("config", {})
+    trainer = TramSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, **config_kwargs),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+        **kwargs,
+    )
+    windows = record_windows(trainer)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    return trainer, windows, snapshots
+
+
+def plain_loss(model: nn.Module, batch: dict[str, Tensor], num_items: Any) -> Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    return model(**inputs, num_items_in_batch=num_items, use_cache=False).loss
+
+
+# ---------------------------------------------------------------------- SFTTrainer
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
+    """SAM through TramSFTTrainer, gradient accumulation 2: the hand-written two-pass loop on the
+    same micro-batches with TRL's normalisation (the window's token count)."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    trainer, windows, _ = train_sft(
+        tmp_path, model, method="sam", method_kwargs={"rho": 0.27}, config={"bf16": bf16}
+    )
+    assert len(windows) == 2
+    assert trainer.two_pass_optimizer.steps == 2
+    reference = copy.deepcopy(initial)
+    optimizer = tram.SAM(torch.optim.SGD(reference.parameters(), lr=0.3), rho=0.27)
+    for window, num_items in windows:
+
+        def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for batch in window:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = plain_loss(reference, batch, num_items)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        optimizer.step(closure)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        # TRL's fused head sums the log-probabilities in another order than the model's loss
+        # (and in bf16 rounds its chunks differently).
+        tolerance = {"rtol": 1e-2, "atol": 1e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(p, q, **tolerance, msg=name)
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters())
+    )
+    assert moved > 1e-3
+
+
+def test_sft_tram_measures_the_exact_radius(tmp_path: Any) -> None:
+    """TRL's fused head returns no logits; the twin forward gives TRAM the exact d."""
+    model = tiny_llama()
+    theta0 = copy.deepcopy(model)
+    trainer, windows, snapshots = train_sft(
+        tmp_path, model, method="tram", method_kwargs={"trust_region": "pretrained"}
+    )
+    radii = trainer.two_pass_optimizer.radius_history
+    assert len(radii) == 2
+    assert radii[0] == 0.0  # θ = θ0 at step 1
+    theta1 = copy.deepcopy(theta0)
+    theta1.load_state_dict(snapshots.states[0])
+    kl = get_divergence("forward_kl")
+    expected = []
+    with torch.no_grad():
+        for batch in windows[1][0]:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            mask = batch["attention_mask"] != 0
+            expected.append(float(kl(theta0(**inputs).logits, theta1(**inputs).logits, mask=mask)))
+    assert radii[1] > 0
+    assert radii[1] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    logged = [h["tram/radius"] for h in trainer.state.log_history if "tram/radius" in h]
+    assert logged == pytest.approx(radii, rel=1e-6)
+
+
+def test_sft_tram_twin_keeps_the_dropout_masks(tmp_path: Any) -> None:
+    """With dropout, d = 0 at θ0 (the reference replays the twin's masks) and the first pass's
+    loss equals SAM's (the twin gives the random stream back to the real forward)."""
+    tram_run, _, _ = train_sft(
+        tmp_path,
+        tiny_llama(dropout=0.3),
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+        config={"max_steps": 1},
+    )
+    sam_run, _, _ = train_sft(
+        tmp_path,
+        tiny_llama(dropout=0.3),
+        method="sam",
+        method_kwargs={"rho": 0.0},
+        config={"max_steps": 1},
+    )
+    assert tram_run.two_pass_optimizer.radius_history == [0.0]
+    tram_loss = [h["loss"] for h in tram_run.state.log_history if "loss" in h]
+    sam_loss = [h["loss"] for h in sam_run.state.log_history if "loss" in h]
+    assert tram_loss == sam_loss
+    plain = tiny_llama(dropout=0.3)
+    plain_run, _, _ = train_sft(tmp_path, plain, config={"max_steps": 1, "seed": 4})
+    assert [h["loss"] for h in plain_run.state.log_history if "loss" in h] != tram_loss
+
+
+# ---------------------------------------------------------------------- DPOTrainer
+def dpo_dataset() -> Any:
+    generator = torch.Generator().manual_seed(1)
+
+    def words(n: int) -> str:
+        return " ".join(
+            f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=generator)
+        )
+
+    rows = [{"prompt": words(3), "chosen": words(3), "rejected": words(2)} for _ in range(4)]
+    return datasets.Dataset.from_list(rows)
+
+
+def test_dpo_tram_trains_and_measures_the_radius(tmp_path: Any) -> None:
+    model = tiny_llama()
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = TramDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),  # no hub name to load it from
+        args=args,
+        train_dataset=dpo_dataset(),
+        processing_class=tokenizer(),
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    radii = trainer.two_pass_optimizer.radius_history
+    assert radii[0] == 0.0
+    assert len(radii) == 2
+    assert radii[1] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def dpo_run(tmp_path: Any, *, batch_size: int, accumulation: int) -> nn.Module:
+    model = tiny_llama()
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / f"dpo{batch_size}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        bf16=False,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=5,
+    )
+    trainer = TramDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=dpo_dataset(),
+        processing_class=tokenizer(),
+        method="sam",
+        method_kwargs={"rho": 0.31},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    assert trainer.two_pass_optimizer.steps == 2
+    return model
+
+
+def test_dpo_sam_accumulation_equals_the_large_batch(tmp_path: Any) -> None:
+    """DPO's loss is a mean over pairs: 2 micro-batches of 1 pair, one ascent from their
+    accumulated gradient and both replayed, equal one batch of 2 pairs."""
+    large = dpo_run(tmp_path, batch_size=2, accumulation=1)
+    accumulated = dpo_run(tmp_path, batch_size=1, accumulation=2)
+    for (name, p), q in zip(large.named_parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    initial = tiny_llama()
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(large.parameters(), initial.parameters())
+    )
+    assert moved > 1e-3
+
+
+def test_with_tram_builds_the_class_and_refuses_others() -> None:
+    cls = with_tram(trl.SFTTrainer)
+    assert cls.__name__ == "TramSFTTrainer"
+    assert issubclass(cls, trl.SFTTrainer)
+    assert with_tram(TramSFTTrainer) is TramSFTTrainer
+    with pytest.raises(TypeError, match=r"subclass of transformers\.Trainer"):
+        with_tram(dict)
+
+
+# ---------------------------------------------------------------------- without the integration
+@pytest.mark.parametrize("trainer_class", ["Trainer", "SFTTrainer"])
+def test_plain_trainers_given_a_tram_optimizer_warn(tmp_path: Any, trainer_class: str) -> None:
+    model = tiny_llama()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    if trainer_class == "Trainer":
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer(), mlm=False)
+        trainer: Any = transformers.Trainer(
+            model=model,
+            args=transformers.TrainingArguments(
+                output_dir=str(tmp_path / "t"),
+                per_device_train_batch_size=2,
+                max_steps=1,
+                report_to=[],
+                use_cpu=True,
+                save_strategy="no",
+                disable_tqdm=True,
+            ),
+            train_dataset=sft_dataset(),
+            data_collator=collator,
+            optimizers=(optimizer, None),
+        )
+    else:
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=sft_config(tmp_path, max_steps=1),
+            train_dataset=sft_dataset(),
+            processing_class=tokenizer(),
+            optimizers=(optimizer, None),
+        )
+    with pytest.warns(MissingAscentWarning, match="TramTrainer"):
+        trainer.train()
+    assert optimizer.steps == 1
+
+
+def test_sft_tram_resume_is_bit_exact(tmp_path: Any) -> None:
+    """A checkpoint holds TRAM's θ0 reference; resuming equals the uninterrupted run."""
+    method = {"method": "tram", "method_kwargs": {"trust_region": "pretrained"}}
+    straight = tiny_llama(dropout=0.2)
+    train_sft(tmp_path / "a", straight, config={"max_steps": 4}, **method)
+
+    first = tiny_llama(dropout=0.2)
+    train_sft(
+        tmp_path / "b",
+        first,
+        config={"max_steps": 4, "save_steps": 2, "save_strategy": "steps"},
+        **method,
+    )
+    resumed = tiny_llama(dropout=0.2, seed=1)  # other initial weights: all must come from the files
+    trainer = TramSFTTrainer(
+        model=resumed,
+        args=sft_config(tmp_path / "b", max_steps=4),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+        **method,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-2"))
+    for (name, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert trainer.two_pass_optimizer.steps == 4
+
+
+def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
+    """TRL wraps the model in PEFT itself (peft_config=); TRAM records the PeftModel's forward.
+    TRAM-θ0 with the copied reference and with the adapter-off target take the same steps."""
+    peft = pytest.importorskip("peft")
+    from tram.adapters import AdapterOff
+
+    runs = {}
+    for name, target in (("copied", "pretrained"), ("adapter_off", AdapterOff())):
+        model = tiny_llama(dropout=0.1)
+        frozen = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight)
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
+        trainer, _, _ = train_sft(
+            tmp_path / name,
+            model,
+            peft_config=config,
+            method="tram",
+            method_kwargs={"target": target},
+        )
+        base = trainer.model.base_model.model.model
+        assert torch.equal(base.layers[0].mlp.up_proj.weight, frozen)
+        runs[name] = trainer
+    copied = runs["copied"].two_pass_optimizer
+    assert copied.radius_history[0] == 0.0  # θ = θ0, the dropout masks (LoRA's too) replayed
+    assert copied.radius_history[1] > 0
+    reference = copied.reference.state_dict()
+    assert reference
+    assert all("lora_" in name for name in reference)
+    off = runs["adapter_off"].two_pass_optimizer
+    assert off.reference is None
+    assert off.radius_history == copied.radius_history
+    for p, q in zip(
+        runs["copied"].model.parameters(), runs["adapter_off"].model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q)
+
+
+def test_regularizers_are_refused_with_trl(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="regularizers are not supported with TRL"):
+        TramSFTTrainer(
+            model=tiny_llama(),
+            args=sft_config(tmp_path),
+            train_dataset=sft_dataset(),
+            processing_class=tokenizer(),
+            regularizers=[tram.R3F()],
+        )
