@@ -659,3 +659,32 @@ def test_tram_wraps_adadelta_and_leaves_its_rho_alone() -> None:
     train(optimizer, model, steps=2)
     assert base.param_groups[0]["rho"] == 0.85
     assert optimizer.radius_history[-1] > 0
+
+
+@pytest.mark.parametrize(
+    "failure", ["raises_at_theta_plus_epsilon", "returns_a_loss_when_finishing"]
+)
+def test_an_abandoned_step_is_forgotten(failure: str) -> None:
+    """After a step that raised, step() alone is a step without an ascent again, and says so."""
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.07)
+    closure = NanOnSecondPass(optimizer, model, 1.0)
+    if failure == "raises_at_theta_plus_epsilon":
+
+        def failing() -> Tensor:
+            if optimizer.is_perturbed:
+                raise KeyError("boom")
+            return closure()
+
+        with pytest.raises(KeyError, match="boom"):
+            optimizer.step(failing)
+    else:
+        closure()
+        assert optimizer.first_step()
+        closure()
+        with pytest.raises(RuntimeError, match="closure returned a loss"):
+            optimizer.step(closure)
+    assert not optimizer.is_perturbed
+    closure()
+    with pytest.warns(tram.MissingAscentWarning):
+        optimizer.step()

@@ -72,6 +72,11 @@ class _StepState:
         self.warned_missing_ascent = False
         self.warned_lightning_logging = False
 
+    def abandon(self) -> None:
+        """Forget a step that raised or was refused: the next step starts afresh."""
+        self.ascent_attempted = False
+        self.ascent_params = []
+
     def for_copy(self) -> _StepState:
         """A copy for pickling: counters kept, references to live tensors dropped."""
         copy = _StepState()

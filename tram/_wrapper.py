@@ -397,9 +397,7 @@ class TwoPassOptimizer(Optimizer):
                 with torch.enable_grad():
                     closure()
         except BaseException:
-            # The step is abandoned: the next one must start afresh, not finish this one.
-            state.ascent_attempted = False
-            state.ascent_params = []
+            state.abandon()  # the next step must start afresh, not finish this one
             raise
         finally:
             self.restore()
@@ -411,14 +409,12 @@ class TwoPassOptimizer(Optimizer):
         try:
             result = closure()
         except BaseException:
-            state.ascent_attempted = False
-            state.ascent_params = []
+            state.abandon()
             raise
         finally:
             self.restore()
         if result is not None:
-            state.ascent_attempted = False
-            state.ascent_params = []
+            state.abandon()
             raise RuntimeError(
                 f"{type(self).__name__}.step(closure) was called after first_step() with the "
                 "weights perturbed, and the closure returned a loss: it ran another pass into "

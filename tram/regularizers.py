@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tram._wrapper import check_non_negative
+from tram._wrapper import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model
@@ -337,9 +337,7 @@ class MESA(_ReferenceRegularizer):
             temperature=temperature,
             reference_dtype=reference_dtype,
         )
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"Invalid decay: {decay}")
-        self.decay = decay
+        self.decay = check_unit_interval("decay", decay)
 
     def after_step(self, model: nn.Module) -> None:
         self.reference.update_ema(self.decay)
