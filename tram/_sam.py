@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from tram._ascent import Scaling
-from tram._wrapper import TwoPassOptimizer, check_non_negative
+from tram._validation import check_non_negative
+from tram._wrapper import TwoPassOptimizer
 
 __all__ = ["ASAM", "SAM"]
 

@@ -1,21 +1,26 @@
 """A wrapper's per-step state, and the checks that keep a step from going silently wrong.
 
 :class:`_StepState` holds everything a step mutates, in one object shared by copies of the
-wrapper's ``__dict__``; :class:`_SharedField` exposes its counters as wrapper attributes.
-:class:`MissingAscentWarning` and :func:`refuse_foreign_state_dict` are two of the refusals
-listed in the README's "Guarantees"; the others live where the step is taken
-(:mod:`tram._wrapper`).
+wrapper's ``__dict__``; :class:`_SharedField` exposes its counters as wrapper attributes. The
+refusals listed in the README's "Guarantees" that do not need the step's control flow live here
+too: the skip warnings (:meth:`_StepState.skip_ascent`, :meth:`_StepState.skip_base_step`),
+:func:`warn_missing_ascent`, :func:`second_pass_gradient_is_finite` and
+:func:`refuse_foreign_state_dict`; :mod:`tram._wrapper` decides when each applies.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tram._ascent import scaled_squared_norm
+
 if TYPE_CHECKING:
-    from tram._wrapper import _Bucket
+    from tram._buckets import Bucket
 
 __all__ = ["MissingAscentWarning", "refuse_foreign_state_dict"]
 
@@ -67,7 +72,7 @@ class _StepState:
         # a gradient from the second pass, which is checked before stepping.
         self.ascent_params: list[Tensor] = []
         self.gradient_not_finite = False
-        self.perturbed_buckets: list[_Bucket] = []
+        self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False
         self.warned_lightning_logging = False
@@ -76,6 +81,27 @@ class _StepState:
         """Forget a step that raised or was refused: the next step starts afresh."""
         self.ascent_attempted = False
         self.ascent_params = []
+
+    def skip_ascent(self, method: str, reason: str) -> bool:
+        """Count and warn an ascent skipped by ``first_step``; returns False, its result."""
+        self.skipped_ascents += 1
+        warnings.warn(
+            f"{method}: skipped the ascent because {reason} "
+            f"({self.skipped_ascents} skipped so far)",
+            RuntimeWarning,
+            stacklevel=4,  # past this, first_step and its no_grad decorator, to its caller
+        )
+        return False
+
+    def skip_base_step(self, method: str, reason: str) -> None:
+        """Count and warn a base step skipped with the weights at θ."""
+        self.skipped_steps += 1
+        warnings.warn(
+            f"{method}: skipped the base step because {reason}; the weights are "
+            f"unchanged ({self.skipped_steps} skipped so far)",
+            RuntimeWarning,
+            stacklevel=5,  # past this, the base step, step() and torch's wrapper of it
+        )
 
     def for_copy(self) -> _StepState:
         """A copy for pickling: counters kept, references to live tensors dropped."""
@@ -111,6 +137,58 @@ class _SharedField(Generic[_V]):
 
     def __set__(self, instance: object, value: _V) -> None:
         setattr(instance._step_state, self.name, value)  # type: ignore[attr-defined]
+
+
+def warn_missing_ascent(state: _StepState, method: str, base: str) -> None:
+    """Warn, once per wrapper, that ``step()`` took a plain base step on a step due an ascent."""
+    if state.warned_missing_ascent:
+        return
+    state.warned_missing_ascent = True
+    warnings.warn(
+        f"{method}.step() was called without a closure and without first_step(), so no ascent "
+        f"was taken: this was a plain {base} step. A caller that only calls step() "
+        "(transformers.Trainer or TRL given this optimizer, Lightning's 16-mixed precision, "
+        "GradScaler.step) never takes the two-pass step. Use "
+        "tram.integrations.hf.TramTrainer for the Hugging Face Trainer and TRL, "
+        "tram.integrations.lightning for Lightning, tram.scaled_step for a GradScaler, "
+        "or step(closure) / first_step() and second_step() in your own loop. "
+        "(Warned once per optimizer.)",
+        MissingAscentWarning,
+        stacklevel=4,  # past this, step() and torch's profiling wrapper of it, to the caller
+    )
+
+
+def second_pass_gradient_is_finite(params: list[Tensor], *, method: str, foreach: bool) -> bool:
+    """Check the gradient a base step is about to use after an ascent.
+
+    ``first_step`` zeroed the gradients in place, so a gradient that is still all zeros (or
+    None) means that no backward ran at θ+ε: stepping would apply weight decay and momentum
+    to a zero gradient, silently; that raises ``RuntimeError``. One fused norm over the
+    gradients answers both questions.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    squared_norm = 0.0
+    if grads:
+        squared = scaled_squared_norm(
+            grads, grads, [], scaling="identity", eta=0.0, foreach=foreach
+        )
+        squared_norm = to_float(squared)
+    if squared_norm == 0.0:
+        raise RuntimeError(
+            f"{method}: the base step after first_step() found no gradient from a second pass "
+            "(the gradients are still the zeros first_step() left): run the forward and "
+            "backward at the perturbed weights between first_step() and second_step(). No step "
+            "was taken and the weights are at θ"
+        )
+    return math.isfinite(squared_norm)
+
+
+def to_float(value: Tensor) -> float:
+    """A Python float from a 0-dim tensor, gathering a DTensor (FSDP2) first."""
+    full_tensor = getattr(value, "full_tensor", None)
+    if callable(full_tensor):
+        value = full_tensor()
+    return float(value.item())
 
 
 def refuse_foreign_state_dict(state_dict: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
@@ -21,58 +20,35 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
+from tram._buckets import backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure
 from tram._step_state import (
     MissingAscentWarning,
     _SharedField,
     _StepState,
     refuse_foreign_state_dict,
+    second_pass_gradient_is_finite,
+    to_float,
+    warn_missing_ascent,
+)
+from tram._validation import (
+    check_base_optimizer,
+    check_non_negative,
+    check_positive_int,
+    check_unit_interval,
+    inverse_grad_scale,
 )
 from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
 
 __all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
 
+# Re-exported for the methods' modules, which import them from here.
+__all__ += ["check_non_negative", "check_positive_int", "check_unit_interval"]
+
 WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
 
 _T = TypeVar("_T")
-
-
-def check_non_negative(name: str, value: object) -> float:
-    """Return ``value`` as a float, or raise ``ValueError("Invalid <name>: <value>")``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r} (expected a non-negative number)")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {value}")
-    return float(value)
-
-
-def check_unit_interval(name: str, value: object) -> float:
-    """Return ``value`` as a float, or raise ``ValueError`` unless it is a number in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1])")
-    return float(value)
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` if it is an int >= 1, or raise ``ValueError("Invalid <name>: <value>")``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
-    return value
-
-
-class _Bucket:
-    """Parameters of one group that share an operator, a device and a dtype."""
-
-    __slots__ = ("backups", "eta", "grads", "group_index", "params", "scaling")
-
-    def __init__(self, group_index: int, scaling: Scaling, eta: float) -> None:
-        self.group_index = group_index
-        self.scaling: Scaling = scaling
-        self.eta = eta
-        self.params: list[Tensor] = []
-        self.grads: list[Tensor] = []
-        self.backups: list[Tensor] = []
 
 
 class TwoPassOptimizer(Optimizer):
@@ -126,35 +102,7 @@ class TwoPassOptimizer(Optimizer):
         local_ascent: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        if isinstance(base_optimizer, type):
-            raise TypeError(
-                f"base_optimizer must be an optimizer instance, but got the class "
-                f"{base_optimizer.__name__}; construct it first, e.g. "
-                f"{type(self).__name__}({base_optimizer.__name__}(model.parameters(), lr=...))"
-            )
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer instance, but got "
-                f"{type(base_optimizer).__name__}"
-            )
-        if isinstance(base_optimizer, TwoPassOptimizer):
-            raise TypeError(
-                "base_optimizer is already a two-pass optimizer "
-                f"({type(base_optimizer).__name__}); wrap the underlying optimizer instead"
-            )
-        if not any(group["params"] for group in base_optimizer.param_groups):
-            raise ValueError("base_optimizer has an empty parameter list")
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-        collisions = sorted(set(defaults) & set(base_optimizer.defaults))
-        if collisions:
-            raise ValueError(
-                f"{type(self).__name__}'s hyperparameter {', '.join(map(repr, collisions))} has "
-                f"the name of one of {type(base_optimizer).__name__}'s own, and both live in the "
-                "shared param groups: the ascent would use the base optimizer's value, and "
-                "setting the method's would change the base optimizer. This base optimizer "
-                "cannot be wrapped by this method"
-            )
+        check_base_optimizer(type(self).__name__, base_optimizer, defaults, model)
         self.base_optimizer = base_optimizer
         self.model = model
         self.ascent_every = check_positive_int("ascent_every", ascent_every)
@@ -272,13 +220,13 @@ class TwoPassOptimizer(Optimizer):
         """
         self._relink()
         state = self._step_state
-        inverse_scale = self._inverse_scale(grad_scale)
+        inverse_scale = inverse_grad_scale(grad_scale)
         if self.is_perturbed:
             raise RuntimeError(
                 "first_step() called while the weights are perturbed; call second_step() or "
                 "restore() first"
             )
-        buckets = self._collect_buckets()
+        buckets = collect_buckets(self.param_groups, self._scaling, method=type(self).__name__)
         if not buckets:
             raise RuntimeError(
                 "first_step() found no gradients: call loss.backward() before first_step()"
@@ -290,11 +238,11 @@ class TwoPassOptimizer(Optimizer):
             return False
         radii = self._radii()
         if radii is None or not all(math.isfinite(radius) for radius in radii):
-            return self._skip("the ascent radius is not finite")
+            return state.skip_ascent(type(self).__name__, "the ascent radius is not finite")
         total = None
         for bucket in buckets:
             # The backups hold T g from here to apply_ascent_, which reuses it.
-            bucket.backups = [self._backup_for(p) for p in bucket.params]
+            bucket.backups = [backup_for(self._backups, p) for p in bucket.params]
             part = scaled_squared_norm(
                 bucket.params,
                 bucket.grads,
@@ -306,10 +254,10 @@ class TwoPassOptimizer(Optimizer):
             )
             total = part if total is None else total + part.to(total.device)
         assert total is not None
-        norm = math.sqrt(_to_float(total))
+        norm = math.sqrt(to_float(total))
         if not math.isfinite(norm):
             state.gradient_not_finite = True
-            return self._skip("the gradient norm is not finite")
+            return state.skip_ascent(type(self).__name__, "the gradient norm is not finite")
         state.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
             foreach = self._use_foreach(bucket.params)
@@ -374,7 +322,7 @@ class TwoPassOptimizer(Optimizer):
         state = self._step_state
         if closure is None:
             if not state.ascent_attempted and self._ascent_due():
-                self._warn_missing_ascent()
+                warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)
             self.restore()
             self._base_step()
             return None
@@ -424,25 +372,6 @@ class TwoPassOptimizer(Optimizer):
             )
         self._base_step()
 
-    def _warn_missing_ascent(self) -> None:
-        state = self._step_state
-        if state.warned_missing_ascent:
-            return
-        state.warned_missing_ascent = True
-        base = type(self.base_optimizer).__name__
-        warnings.warn(
-            f"{type(self).__name__}.step() was called without a closure and without "
-            f"first_step(), so no ascent was taken: this was a plain {base} step. A caller that "
-            "only calls step() (transformers.Trainer or TRL given this optimizer, Lightning's "
-            "16-mixed precision, GradScaler.step) never takes the two-pass step. Use "
-            "tram.integrations.hf.TramTrainer for the Hugging Face Trainer and TRL, "
-            "tram.integrations.lightning for Lightning, tram.scaled_step for a GradScaler, "
-            "or step(closure) / first_step() and second_step() in your own loop. "
-            "(Warned once per optimizer.)",
-            MissingAscentWarning,
-            stacklevel=4,  # past step() and torch's profiling wrapper of it, to the caller
-        )
-
     def _base_step(self) -> None:
         state = self._step_state
         state.ascent_attempted = False
@@ -451,53 +380,19 @@ class TwoPassOptimizer(Optimizer):
             # Stepping would write nan/inf into the weights. (Under a GradScaler this point is
             # never reached: the scaler skips step() itself.)
             state.gradient_not_finite = False
-            self._skip_base_step("the gradient is not finite")
+            state.skip_base_step(type(self).__name__, "the gradient is not finite")
             return
-        if ascent_params and not self._second_pass_gradient_is_finite(ascent_params):
-            self._skip_base_step("the gradient of the second pass (at θ+ε) is not finite")
+        if ascent_params and not second_pass_gradient_is_finite(
+            ascent_params, method=type(self).__name__, foreach=self._use_foreach(ascent_params)
+        ):
+            state.skip_base_step(
+                type(self).__name__, "the gradient of the second pass (at θ+ε) is not finite"
+            )
             return
         self._before_base_step()
         self.base_optimizer.step()
         state.steps += 1
         self._after_base_step()
-
-    def _second_pass_gradient_is_finite(self, params: list[Tensor]) -> bool:
-        """Check the gradient the base step is about to use, after an ascent.
-
-        ``first_step`` zeroed the gradients in place, so a gradient that is still all zeros (or
-        None) means that no backward ran at θ+ε: stepping would apply weight decay and momentum
-        to a zero gradient, silently. One fused norm over the gradients answers both questions.
-        """
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            squared = scaled_squared_norm(
-                grads,
-                grads,
-                [],
-                scaling="identity",
-                eta=0.0,
-                foreach=self._use_foreach(grads),
-            )
-            squared_norm = _to_float(squared)
-        else:
-            squared_norm = 0.0
-        if squared_norm == 0.0:
-            raise RuntimeError(
-                f"{type(self).__name__}: the base step after first_step() found no gradient from "
-                "a second pass (the gradients are still the zeros first_step() left): run the "
-                "forward and backward at the perturbed weights between first_step() and "
-                "second_step(). No step was taken and the weights are at θ"
-            )
-        return math.isfinite(squared_norm)
-
-    def _skip_base_step(self, reason: str) -> None:
-        self._step_state.skipped_steps += 1
-        warnings.warn(
-            f"{type(self).__name__}: skipped the base step because {reason}; the weights are "
-            f"unchanged ({self.skipped_steps} skipped so far)",
-            RuntimeWarning,
-            stacklevel=5,
-        )
 
     @contextlib.contextmanager
     def first_pass(
@@ -544,58 +439,8 @@ class TwoPassOptimizer(Optimizer):
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ plumbing
-    def _collect_buckets(self) -> list[_Bucket]:
-        buckets: dict[tuple[Any, ...], _Bucket] = {}
-        for index, group in enumerate(self.param_groups):
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                scaling, eta = self._scaling(group, param)
-                key = (index, scaling, eta, param.device, param.dtype)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = _Bucket(index, scaling, eta)
-                bucket.params.append(param)
-                bucket.grads.append(grad)
-        return list(buckets.values())
-
-    def _backup_for(self, param: Tensor) -> Tensor:
-        backup = self._backups.get(param)
-        if backup is None:
-            backup = torch.empty_like(param, memory_format=torch.preserve_format)
-            self._backups[param] = backup
-        return backup
-
     def _use_foreach(self, params: list[Tensor]) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        return all(p.device.type == "cuda" for p in params)
-
-    @staticmethod
-    def _inverse_scale(grad_scale: float | Tensor | None) -> float:
-        if grad_scale is None:
-            return 1.0
-        if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, Tensor)):
-            raise ValueError(
-                f"Invalid grad_scale: {grad_scale!r} (expected a positive number or tensor)"
-            )
-        value = float(grad_scale)
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"Invalid grad_scale: {value}")
-        return 1.0 / value
-
-    def _skip(self, reason: str) -> bool:
-        self._step_state.skipped_ascents += 1
-        warnings.warn(
-            f"{type(self).__name__}: skipped the ascent because {reason} "
-            f"({self.skipped_ascents} skipped so far)",
-            RuntimeWarning,
-            stacklevel=4,  # past first_step and its no_grad decorator, to its caller
-        )
-        return False
+        return use_foreach(self.foreach, params)
 
     # ------------------------------------------------------------------ train / eval
     def train(self) -> None:
@@ -656,11 +501,3 @@ class TwoPassOptimizer(Optimizer):
     def __repr__(self) -> str:
         options = ", ".join(f"{key}={value}" for key, value in self._method_defaults.items())
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
-
-
-def _to_float(value: Tensor) -> float:
-    """A Python float from a 0-dim tensor, gathering a DTensor (FSDP2) first."""
-    full_tensor = getattr(value, "full_tensor", None)
-    if callable(full_tensor):
-        value = full_tensor()
-    return float(value.item())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tram._wrapper import check_non_negative, check_unit_interval
+from tram._validation import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model

@@ -159,8 +159,8 @@ MUTANTS = [
     Mutant(
         "second-pass-not-checked",
         "tram/_wrapper.py",
-        "        if ascent_params and not self._second_pass_gradient_is_finite(ascent_params):",
-        "        if False:",
+        "        if ascent_params and not second_pass_gradient_is_finite(",
+        "        if False and not second_pass_gradient_is_finite(",
         ("tests/test_guarantees.py@second_pass or second_backward",),
     ),
     Mutant(
@@ -180,7 +180,7 @@ MUTANTS = [
     Mutant(
         "missing-ascent-not-warned",
         "tram/_wrapper.py",
-        "                self._warn_missing_ascent()",
+        "                warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)",
         "                pass",
         ("tests/test_guarantees.py@warns",),
     ),

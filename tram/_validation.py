@@ -1,0 +1,99 @@
+"""Argument checks shared by the wrappers, the targets and the regularizers.
+
+Each raises with torch's wording (``ValueError("Invalid lr: -1")``, ``TypeError`` for a wrong
+kind of object) and names the argument and the value it got.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = [
+    "check_base_optimizer",
+    "check_non_negative",
+    "check_positive_int",
+    "check_unit_interval",
+    "inverse_grad_scale",
+]
+
+
+def check_non_negative(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise ``ValueError("Invalid <name>: <value>")``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a non-negative number)")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value}")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: object) -> float:
+    """Return ``value`` as a float, or raise ``ValueError`` unless it is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number in [0, 1])")
+    return float(value)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Return ``value`` if it is an int >= 1, or raise ``ValueError("Invalid <name>: <value>")``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+    return value
+
+
+def inverse_grad_scale(grad_scale: float | Tensor | None) -> float:
+    """``1 / grad_scale`` (1 without a scale), or ``ValueError`` unless it is a positive number."""
+    if grad_scale is None:
+        return 1.0
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float, Tensor)):
+        raise ValueError(
+            f"Invalid grad_scale: {grad_scale!r} (expected a positive number or tensor)"
+        )
+    value = float(grad_scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid grad_scale: {value}")
+    return 1.0 / value
+
+
+def check_base_optimizer(
+    method: str, base_optimizer: Any, defaults: dict[str, Any], model: Any
+) -> None:
+    """Refuse what a two-pass wrapper cannot wrap, saying how to fix it.
+
+    ``defaults`` are the method's hyperparameters: they live in the param groups shared with the
+    base optimizer, so a name the base optimizer also uses (Adadelta's ``rho``) would make the
+    ascent read the base optimizer's value, silently.
+    """
+    from tram._wrapper import TwoPassOptimizer  # the wrapper imports this module
+
+    if isinstance(base_optimizer, type):
+        raise TypeError(
+            f"base_optimizer must be an optimizer instance, but got the class "
+            f"{base_optimizer.__name__}; construct it first, e.g. "
+            f"{method}({base_optimizer.__name__}(model.parameters(), lr=...))"
+        )
+    if not isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            "base_optimizer must be a torch.optim.Optimizer instance, but got "
+            f"{type(base_optimizer).__name__}"
+        )
+    if isinstance(base_optimizer, TwoPassOptimizer):
+        raise TypeError(
+            "base_optimizer is already a two-pass optimizer "
+            f"({type(base_optimizer).__name__}); wrap the underlying optimizer instead"
+        )
+    if not any(group["params"] for group in base_optimizer.param_groups):
+        raise ValueError("base_optimizer has an empty parameter list")
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    collisions = sorted(set(defaults) & set(base_optimizer.defaults))
+    if collisions:
+        raise ValueError(
+            f"{method}'s hyperparameter {', '.join(map(repr, collisions))} has the name of one "
+            f"of {type(base_optimizer).__name__}'s own, and both live in the shared param "
+            "groups: the ascent would use the base optimizer's value, and setting the method's "
+            "would change the base optimizer. This base optimizer cannot be wrapped by this method"
+        )
