@@ -145,6 +145,16 @@ def test_a_users_target_measures_its_own_divergence() -> None:
             "unexpected option sigma of trust_region='pretrained'",
         ),
         ({"trust_region": "noise", "ema_decay": 0.8}, TypeError, "unexpected option ema_decay"),
+        (  # the options it does take, in TRAM's spelling (not the target's decay and dtype)
+            {"trust_region": "ema", "sigma": 0.3},
+            TypeError,
+            r"of trust_region='ema' \(it takes: ema_decay, reference_dtype\)",
+        ),
+        (
+            {"trust_region": "fisher", "ema_decay": 0.8},
+            TypeError,
+            "unexpected option ema_decay of trust_region='fisher', which measures no divergence",
+        ),
         (
             {"trust_region": "previous", "rho": 0.2},
             TypeError,

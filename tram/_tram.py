@@ -51,7 +51,6 @@ Cost per step: 3 forward and 2 backward passes; SAM (and TRAM-Fisher) 2 and 2.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -506,12 +505,11 @@ def _resolve_target(
         raise ValueError(f"Invalid trust_region: {name!r}. Expected one of: {expected}")
     if "ema_decay" in given:
         check_unit_interval("ema_decay", given["ema_decay"])
-    renamed = {"ema_decay": "decay", "reference_dtype": "dtype"}
-    accepted = set(inspect.signature(TARGETS[name].__init__).parameters)
-    unexpected = sorted(key for key in given if renamed.get(key, key) not in accepted)
-    if unexpected:
-        raise TypeError(f"unexpected option {', '.join(unexpected)} of trust_region={name!r}")
-    return make_target(name, **{renamed.get(key, key): value for key, value in given.items()})
+    return make_target(name, aliases=_OPTION_ALIASES, **given)
+
+
+_OPTION_ALIASES = {"ema_decay": "decay", "reference_dtype": "dtype"}
+"""TRAM's names of target options that the target objects spell otherwise."""
 
 
 _CHUNK_ELEMENTS = 1 << 20

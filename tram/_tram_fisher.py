@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from tram._fisher import FisherSAM
 from tram._model_io import unwrap_model
 from tram.noise import NoiseDistribution
-from tram.targets import NoisedInputs
+from tram.targets import NoisedInputs, refuse_unexpected_options
 
 __all__ = ["TRAMFisher"]
 
@@ -94,12 +94,12 @@ class TRAMFisher(FisherSAM):
         ``fisher_eta`` is this class's ``eta``; TRAM's own ``eta`` (of the ASAM operator) has no
         meaning here and is refused, like every other option of TRAM's divergence.
         """
-        unexpected = sorted(set(kwargs) - {"sigma", "noise", "embeddings", "seed", *_SHARED})
-        if unexpected:
-            raise TypeError(
-                f"unexpected option {', '.join(unexpected)} "
-                "of trust_region='fisher' (TRAM-Fisher measures no divergence)"
-            )
+        refuse_unexpected_options(
+            kwargs,
+            {"sigma", "noise", "embeddings", "seed", *_SHARED},
+            trust_region="fisher",
+            why=", which measures no divergence",
+        )
         return cls(base_optimizer, model, rho=rho, eta=fisher_eta, **kwargs)
 
     @property

@@ -22,7 +22,7 @@ forward call back into logits and a padding mask.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from tram._ascent import foreach_copy_
 from tram._model_io import call_model, extract_logits, logits_mask, unwrap_model
-from tram._wrapper import check_non_negative, check_unit_interval
+from tram._validation import check_non_negative, check_unit_interval
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 
 __all__ = [
@@ -325,21 +325,36 @@ TARGETS: dict[str, type[Target]] = {
 """The string shorthands of :class:`tram.TRAM`'s ``trust_region`` and their classes."""
 
 
-def make_target(name: str, **options: Any) -> Target:
+def make_target(
+    name: str, /, *, aliases: Mapping[str, str] | None = None, **options: Any
+) -> Target:
     """The target named ``name`` (a key of :data:`TARGETS`) built with ``options``.
 
     Options the target does not take raise ``TypeError`` naming them: a setting is never
-    silently ignored.
+    silently ignored. ``aliases`` maps an option's name as the caller spelled it to the
+    target's own (:class:`tram.TRAM`'s ``ema_decay`` is :class:`EMA`'s ``decay``), so that the
+    error names what the caller wrote.
     """
     cls = TARGETS.get(name)
     if cls is None:
         expected = ", ".join(repr(key) for key in TARGETS)
         raise ValueError(f"Invalid trust_region: {name!r}. Expected one of: {expected}")
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unexpected = sorted(set(options) - accepted)
+    aliases = dict(aliases or {})
+    own_names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    caller_names = {alias for alias, own in aliases.items() if own in own_names}
+    accepted = (own_names - set(aliases.values())) | caller_names
+    refuse_unexpected_options(options, accepted, trust_region=name)
+    return cls(**{aliases.get(key, key): value for key, value in options.items()})
+
+
+def refuse_unexpected_options(
+    given: Iterable[str], accepted: Iterable[str], *, trust_region: str, why: str = ""
+) -> None:
+    """Raise ``TypeError`` naming every option in ``given`` that ``trust_region`` does not take."""
+    accepted = set(accepted)
+    unexpected = sorted(set(given) - accepted)
     if unexpected:
         raise TypeError(
-            f"trust_region={name!r} does not take {', '.join(unexpected)} "
-            f"(it takes: {', '.join(sorted(accepted)) or 'nothing'})"
+            f"unexpected option {', '.join(unexpected)} of trust_region={trust_region!r}"
+            f"{why} (it takes: {', '.join(sorted(accepted)) or 'nothing'})"
         )
-    return cls(**options)
