@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +24,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
+from tests.helpers import run_example  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentWarning = tram.MissingAscentWarning
@@ -542,24 +540,9 @@ def test_hooks_before_the_step_see_theta() -> None:
 # ---------------------------------------------------------------------- the example
 @pytest.mark.slow
 def test_example_lightning_fine_tunes_minilm(tmp_path: Any) -> None:
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        str(root / "examples" / "lightning.py"),
-        "--steps=2",
-        "--batch-size=4",
-        "--train-size=16",
-        "--eval-size=16",
-        "--max-length=16",
-        f"--output-dir={tmp_path}",
-    ]
-    completed = subprocess.run(
-        command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    assert "method: tram (TRAM), steps: 2" in completed.stdout
-    assert "TRAM radius d" in completed.stdout
+    stdout = run_example("lightning.py", None, f"--output-dir={tmp_path}")
+    assert "method: tram (TRAM), steps: 2" in stdout
+    assert "TRAM radius d" in stdout
     assert list(tmp_path.rglob("events.out.tfevents.*"))
 
 

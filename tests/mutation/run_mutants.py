@@ -180,7 +180,8 @@ MUTANTS = [
     Mutant(
         "missing-ascent-not-warned",
         "tram/_wrapper.py",
-        "                warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)",
+        "                warn_missing_ascent(state, type(self).__name__, "
+        "type(self.base_optimizer).__name__)",
         "                pass",
         ("tests/test_guarantees.py@warns",),
     ),
