@@ -193,12 +193,14 @@ def test_tiny_sentiment(assets, tmp_path, optimizer):
         assert len(radii) == steps
         assert results["mean_radius"] == pytest.approx(sum(radii) / steps, rel=1e-5)
         assert results["mean_radius"] > 0
+        assert results["radius_per_step"] == pytest.approx(radii, rel=1e-5)
         if optimizer == "tram_theta0":
             # The configured trust region, not the default noise: d = 0 exactly at theta0.
             assert radii[0] == 0.0
             assert min(radii[1:]) > 1e-6
     else:
         assert results["mean_radius"] is None
+        assert results["radius_per_step"] is None
         assert "train/tram/radius" not in tb
     if optimizer == "r3f":
         penalty = tb["train/tram/r3f"]

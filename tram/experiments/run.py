@@ -260,6 +260,9 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         steps=int(trainer.state.global_step),
         train_loss=float(train_output.training_loss),
         mean_radius=(sum(tracker.values) / len(tracker.values)) if tracker.values else None,
+        # The d each optimizer step used (a reused one repeated under radius_every > 1): the
+        # trajectory of the trust region over the run.
+        radius_per_step=tracker.values or None,
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
