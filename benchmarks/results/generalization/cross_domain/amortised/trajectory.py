@@ -1,0 +1,54 @@
+"""Plot and tabulate the d trajectory of every-step TRAM-x against radius_every=4.
+
+Reads ``trajectory/radius_every{1,4}/seed*/results.json`` (written by ``trajectory.sh``) and
+writes ``trajectory.png`` and ``trajectory.txt`` next to this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(every: int) -> dict[int, list[float]]:
+    runs = {}
+    for path in sorted((HERE / "trajectory" / f"radius_every{every}").glob("seed*/results.json")):
+        results = json.loads(path.read_text())
+        runs[int(results["seed"])] = [float(v) for v in results["radius_per_step"]]
+    return runs
+
+
+def main() -> None:
+    every_step, amortised = load(1), load(4)
+    seeds = sorted(set(every_step) & set(amortised))
+    figure, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 3.5), squeeze=False)
+    lines = ["seed  steps  mean d (every step)  mean d (every 4th)  median |relative gap|"]
+    for axis, seed in zip(axes[0], seeds, strict=True):
+        full, reused = every_step[seed], amortised[seed]
+        axis.plot(range(1, len(full) + 1), full, label="every step")
+        axis.step(range(1, len(reused) + 1), reused, where="post", label="radius_every=4")
+        axis.set_yscale("log")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("d (forward KL)")
+        axis.set_title(f"TRAM-x, cross-domain, seed {seed}")
+        axis.legend()
+        gaps = sorted(abs(r - f) / f for f, r in zip(full, reused, strict=True) if f > 0)
+        lines.append(
+            f"{seed:>4}  {len(full):>5}  {sum(full) / len(full):>19.4f}  "
+            f"{sum(reused) / len(reused):>18.4f}  {gaps[len(gaps) // 2]:>21.2f}"
+        )
+    figure.tight_layout()
+    figure.savefig(HERE / "trajectory.png", dpi=120)
+    (HERE / "trajectory.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
