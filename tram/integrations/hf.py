@@ -57,23 +57,32 @@ What it does, and why:
   workers.
 - **Bad input** fails in the constructor, before any training: an unknown method, an argument the
   method does not take, a regularizer that is not callable; a regularizer on a model whose
-  output has no logits fails when ``train()`` starts, before the first step.
+  output has no logits fails on the first training forward, before any backward pass, any
+  regularizer call and any optimizer step.
+
+How it meets the Trainer: it overrides the Trainer's documented extension points only,
+``create_optimizer``, ``training_step``, ``compute_loss``, ``log`` (to add the tram metrics to
+the training logs, which every logger then receives) and ``train`` (to note the checkpoint it
+resumes from), and adds one ``TrainerCallback`` for the rest: ``on_train_begin`` starts a fresh
+step state and loads the regularizers' state of the resumed checkpoint, ``on_pre_optimizer_step``
+and ``on_optimizer_step`` see whether the wrapper took the base step and call ``after_step``,
+``on_save`` writes the regularizers' state into the checkpoint folder the Trainer just wrote.
+The micro-batches of an optimizer step are the ones ``training_step`` received since the last
+synchronising one.
 
 Private APIs it still uses, each because no public extension point does the job, and each
-checked by ``tests/test_hf_private_api.py`` (name, signature, and the behaviour relied on), so
-that a transformers or accelerate release that changes one fails the test suite instead of
-training differently:
+checked by ``tests/test_hf_private_api.py`` (name, and the behaviour relied on), so that a
+transformers or accelerate release that changes one fails the test suite instead of training
+differently:
 
-- ``Trainer._save_optimizer_and_scheduler(output_dir)`` and
-  ``Trainer._load_optimizer_and_scheduler(checkpoint)``: the regularizers' state is saved next to
-  the optimizer's in the same checkpoint directory and restored on resume. A ``TrainerCallback``'s
-  ``on_save`` does not know the resumed checkpoint's path.
-- ``Trainer._remove_unused_columns``, ``Trainer._get_collator_with_removed_columns`` and
-  ``Trainer._prepare_inputs``: the regularizer preflight builds one batch exactly as training
-  will, to fail before the first step when the model's output has no logits.
-- ``AcceleratedOptimizer._is_overflow``: read by ``accelerator.optimizer_step_was_skipped``, which
-  keeps the Trainer from stepping the scheduler; set when the wrapper skipped the base step
-  (a non-finite gradient without a GradScaler), as a GradScaler's skip sets it.
+- ``AcceleratedOptimizer._is_overflow``: the Trainer steps the scheduler unless
+  ``accelerator.optimizer_step_was_skipped``, which reads this flag through the public
+  ``step_was_skipped``; accelerate sets it only for a GradScaler's skip. When the wrapper skipped
+  the base step (a non-finite first-pass gradient without a GradScaler) the callback sets it, as
+  a GradScaler's skip does, so that a skipped step moves neither the weights nor the schedule.
+  No public setter exists; undoing a scheduler step from a callback would have to rewrite every
+  param group's learning rate by hand. If the flag is missing the step is not silently
+  mis-scheduled: a ``RuntimeWarning`` says so.
 """
 
 from __future__ import annotations
@@ -82,13 +91,16 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from tram._wrapper import TwoPassOptimizer
 from tram.factory import check_method_args, wrap_optimizer
@@ -132,6 +144,22 @@ def find_logits(outputs: Any) -> Tensor:
         ) from error
 
 
+@contextlib.contextmanager
+def _logits_required(model: nn.Module) -> Iterator[None]:
+    """Inside the block, a forward of ``model`` whose output has no logits raises
+    :class:`MissingLogitsError` from the forward itself, before the Trainer's loss handling
+    reads the output (and raises about a missing loss instead)."""
+
+    def check(module: nn.Module, args: Any, output: Any) -> None:
+        find_logits(output)
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
     names: list[str] = []
     for regularizer in regularizers:
@@ -145,6 +173,71 @@ def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
     return names
 
 
+def _observes_first_pass(optimizer: TwoPassOptimizer) -> bool:
+    """Whether the method does something in ``first_pass()`` beyond ``no_sync`` (TRAM)."""
+    observe = type(optimizer)._observe_first_pass
+    return observe is not TwoPassOptimizer._observe_first_pass
+
+
+@dataclass
+class _StepState:
+    """Where :class:`TramTrainer` is inside one optimizer step, between the Trainer's calls."""
+
+    window: list[Any] = field(default_factory=list)
+    """The micro-batches ``training_step`` received in this optimizer step so far."""
+    phase: Literal["first", "replay"] | None = None
+    """The pass ``compute_loss`` runs in; None outside ``training_step``."""
+    observed: bool = False
+    """Whether ``compute_loss`` ran the first pass inside ``optimizer.first_pass()``."""
+    steps_before: int | None = None
+    """``wrapper.steps`` before the Trainer's ``optimizer.step()`` (unchanged after: skipped)."""
+
+
+class _Metrics:
+    """The tram metrics between two training logs; each log takes means over the optimizer steps
+    since the last one and over the workers."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[Tensor | float]] = {}
+
+    def record(self, key: str, value: Tensor | float) -> None:
+        # Tensors stay on their device until the next log: no host sync per micro-batch.
+        if isinstance(value, Tensor):
+            value = value.detach().float().reshape(())
+        self._values.setdefault(_PREFIX + key, []).append(value)
+
+    def record_ascent(self, optimizer: TwoPassOptimizer, perturbed: bool) -> None:
+        if not perturbed:
+            return
+        if optimizer.last_ascent_norm is not None:
+            self.record("ascent_grad_norm", optimizer.last_ascent_norm)
+        radius = getattr(optimizer, "last_radius", None)
+        if radius is not None:
+            self.record("radius", float(radius))
+
+    def drain(
+        self, names: Sequence[str], optimizer: TwoPassOptimizer | None, device: torch.device
+    ) -> dict[str, float]:
+        """The means of ``names`` (without the prefix) and the wrapper's cumulative skip
+        counters (maxima over the workers); a collective under DDP."""
+        keys = [_PREFIX + name for name in names]
+        values, self._values = self._values, {}
+        sums = [_total(values.get(key, [])) for key in keys]
+        counts = [float(len(values.get(key, []))) for key in keys]
+        counters = ("skipped_ascents", "skipped_steps") if optimizer is not None else ()
+        packed = torch.tensor([*sums, *counts], dtype=torch.float64, device=device)
+        top = torch.tensor(
+            [float(getattr(optimizer, c, 0)) for c in counters], dtype=torch.float64, device=device
+        )
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        sums, counts = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()
+        logs = {key: s / n for key, s, n in zip(keys, sums, counts, strict=True) if n > 0}
+        logs.update(zip((_PREFIX + c for c in counters), top.tolist(), strict=True))
+        return logs
+
+
 def _total(values: Sequence[Tensor | float]) -> float:
     floats = [value for value in values if not isinstance(value, Tensor)]
     tensors = [value.cpu() for value in values if isinstance(value, Tensor)]
@@ -154,25 +247,69 @@ def _total(values: Sequence[Tensor | float]) -> float:
     return total
 
 
-def _observes_first_pass(optimizer: TwoPassOptimizer) -> bool:
-    """Whether the method does something in ``first_pass()`` beyond ``no_sync`` (TRAM)."""
-    observe = type(optimizer)._observe_first_pass
-    return observe is not TwoPassOptimizer._observe_first_pass
-
-
-class _StepCallback(TrainerCallback):
-    """Around every optimizer step: notes whether the step was taken (see
-    :meth:`TramTrainer._after_optimizer_step`)."""
+class _TramCallback(TrainerCallback):
+    """What :class:`TramTrainer` does around the Trainer's loop (see the module docstring)."""
 
     def __init__(self, trainer: TramTrainer) -> None:
-        self._trainer = trainer
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        trainer._tram_step, trainer._tram_metrics = _StepState(), _Metrics()
+        if trainer._tram_resumed_from is not None:
+            trainer._load_regularizers(trainer._tram_resumed_from)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        optimizer = self._trainer.two_pass_optimizer
-        self._trainer._tram_steps_seen = None if optimizer is None else optimizer.steps
+        optimizer = self.trainer.two_pass_optimizer
+        self.trainer._tram_step.steps_before = None if optimizer is None else optimizer.steps
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._trainer._after_optimizer_step()
+        """Tell the Trainer when the wrapper skipped the base step, so that it leaves the
+        scheduler alone (see the module docstring); after a step taken, call each regularizer's
+        ``after_step(model)``."""
+        trainer = self.trainer
+        accelerated = trainer.optimizer
+        own_flag = getattr(accelerated, "scaler", None) is None
+        if own_flag and hasattr(accelerated, "_is_overflow"):
+            accelerated._is_overflow = False  # type: ignore[union-attr]
+        if trainer.accelerator.optimizer_step_was_skipped:
+            return  # a GradScaler skipped the step
+        optimizer = trainer.two_pass_optimizer
+        if optimizer is not None and optimizer.steps == trainer._tram_step.steps_before:
+            if own_flag and hasattr(accelerated, "_is_overflow"):
+                accelerated._is_overflow = True  # type: ignore[union-attr]
+            else:
+                warnings.warn(
+                    "TramTrainer: the tram wrapper skipped a base step, but the Trainer's "
+                    f"optimizer ({type(accelerated).__name__}) has no '_is_overflow' flag to "
+                    "report it, so the scheduler stepped anyway; check the installed accelerate "
+                    "against tests/test_hf_private_api.py",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        for regularizer in trainer.regularizers:
+            after_step = getattr(regularizer, "after_step", None)
+            if callable(after_step):
+                after_step(model)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the regularizers' state into the checkpoint folder the Trainer just wrote
+        (unless it saves the model only: such a checkpoint does not resume training)."""
+        if not (args.should_save and not args.save_only_model):
+            return
+        states = self.trainer._regularizer_states()
+        if not states:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise RuntimeError(
+                f"TramTrainer cannot save the regularizers' state: the checkpoint folder {folder} "
+                "does not exist (a hyperparameter search writes its checkpoints elsewhere); "
+                "train without stateful regularizers or without checkpoints there"
+            )
+        torch.save(states, os.path.join(folder, REGULARIZERS_NAME))
 
 
 class TramTrainer(Trainer):
@@ -229,16 +366,14 @@ class TramTrainer(Trainer):
         self.tram_method_kwargs = method_kwargs
         self.regularizers = regularizers
         self.regularizer_names = _regularizer_names(regularizers)
-        self._tram_window: list[Any] | None = None
-        self._tram_pass: str | None = None  # "first", "replay" or None (outside training_step)
-        self._tram_observed = False
-        self._tram_steps_seen: int | None = None  # wrapper.steps before the optimizer step
-        self._tram_metrics: dict[str, list[Tensor | float]] = {}
+        self._tram_step = _StepState()
+        self._tram_metrics = _Metrics()
+        self._tram_resumed_from: str | None = None
         super().__init__(*args, **kwargs)
         if method is not None and self.is_deepspeed_enabled:
             raise ValueError("TramTrainer does not support DeepSpeed (its optimizer is its own)")
         if self.regularizers or method is not None or isinstance(self.optimizer, TwoPassOptimizer):
-            self.add_callback(_StepCallback(self))
+            self.add_callback(_TramCallback(self))
 
     # ------------------------------------------------------------------ optimizer
     @property
@@ -266,66 +401,84 @@ class TramTrainer(Trainer):
         return self.optimizer
 
     # ------------------------------------------------------------------ the two passes
-    def get_batch_samples(
-        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
-    ) -> tuple[list[Any], Any]:
-        """Keep the micro-batches of this optimizer step (the Trainer prefetched them)."""
-        batch_samples, num_items_in_batch = super().get_batch_samples(
-            epoch_iterator, num_batches, device
-        )
-        self._tram_window = batch_samples
-        return batch_samples, num_items_in_batch
-
     def training_step(
         self,
         model: nn.Module,
         inputs: dict[str, Any],
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor:
-        """Pass 1 on ``inputs``; on the window's last micro-batch, ascend, replay, restore."""
+        """Pass 1 on ``inputs``; on the optimizer step's last micro-batch (the Trainer syncs the
+        gradients), ascend, replay every micro-batch of the step at θ+ε, restore."""
         optimizer = self.two_pass_optimizer
         if optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)
         if optimizer.is_perturbed:
             optimizer.restore()
+        window = self._tram_step.window
+        window.append(inputs)
+        if len(window) > self.args.gradient_accumulation_steps:
+            window.clear()
+            raise RuntimeError(
+                "TramTrainer.training_step received more micro-batches than "
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} without "
+                "one that synchronises the gradients (accelerator.gradient_state.sync_gradients); "
+                "the two-pass step needs the Trainer's training loop to mark the last one"
+            )
+        loss = self._first_pass(model, optimizer, inputs, num_items_in_batch)
+        if not self.accelerator.gradient_state.sync_gradients:
+            return loss
+        self._tram_step.window = []
+        perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))
+        self._tram_metrics.record_ascent(optimizer, perturbed)
+        if perturbed:
+            self._replay(model, optimizer, window, num_items_in_batch)
+        return loss
+
+    def _first_pass(
+        self,
+        model: nn.Module,
+        optimizer: TwoPassOptimizer,
+        inputs: dict[str, Any],
+        num_items_in_batch: Tensor | int | None,
+    ) -> Tensor:
         # Per-worker ascent: pass 1 of every micro-batch under no_sync (the Trainer already
         # suspends synchronisation for all but the last). Off-steps of ascent_every are plain
         # steps whose pass-1 gradient must be synchronised.
         local = optimizer.local_ascent and optimizer._ascent_due()
-        self._tram_pass, self._tram_observed = "first", False
+        step = self._tram_step
+        step.phase, step.observed = "first", False
         try:
             with self.accelerator.no_sync(model) if local else contextlib.nullcontext():
                 loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._tram_pass = None
-        if not self._tram_observed and _observes_first_pass(optimizer):
+            step.phase = None
+        if not step.observed and _observes_first_pass(optimizer):
             raise RuntimeError(
                 f"{type(optimizer).__name__} observes the first forward pass, which "
                 "TramTrainer.compute_loss wraps in optimizer.first_pass(); a compute_loss "
                 "override must call super().compute_loss(...)"
             )
-        if not self.accelerator.gradient_state.sync_gradients:
-            return loss
-        window = self._tram_window
-        self._tram_window = None
-        if not window or window[-1] is not inputs:
-            window = [inputs]
-        perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))
-        self._record_ascent(optimizer, perturbed)
-        if perturbed:
-            self._tram_pass = "replay"
-            try:
-                last = len(window) - 1
-                for index, micro_batch in enumerate(window):
-                    replay = self.accelerator.no_sync(model) if index < last else None
-                    with replay or contextlib.nullcontext():
-                        super().training_step(model, micro_batch, num_items_in_batch)
-            finally:
-                self._tram_pass = None
-                # Before the optimizer step: a GradScaler skips step() on overflow, and clipping
-                # and callbacks should see θ.
-                optimizer.restore()
         return loss
+
+    def _replay(
+        self,
+        model: nn.Module,
+        optimizer: TwoPassOptimizer,
+        window: Sequence[dict[str, Any]],
+        num_items_in_batch: Tensor | int | None,
+    ) -> None:
+        """Pass 2: every micro-batch of the step at θ+ε, ``no_sync`` on all but the last; then
+        restore θ, before the optimizer step (a GradScaler skips step() on overflow, and
+        clipping and callbacks should see θ)."""
+        self._tram_step.phase = "replay"
+        try:
+            last = len(window) - 1
+            for index, micro_batch in enumerate(window):
+                with self.accelerator.no_sync(model) if index < last else contextlib.nullcontext():
+                    super().training_step(model, micro_batch, num_items_in_batch)
+        finally:
+            self._tram_step.phase = None
+            optimizer.restore()
 
     # ------------------------------------------------------------------ loss and regularizers
     def compute_loss(
@@ -342,10 +495,11 @@ class TramTrainer(Trainer):
         """
         training = model.training and torch.is_grad_enabled()
         optimizer = self.two_pass_optimizer
+        step = self._tram_step
         observe: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if training and optimizer is not None and self._tram_pass == "first":
+        if training and optimizer is not None and step.phase == "first":
             observe = self._observe_first_pass(model, optimizer)
-            self._tram_observed = True
+            step.observed = True
         if not self.regularizers or not training:
             with observe:
                 return super().compute_loss(
@@ -355,19 +509,19 @@ class TramTrainer(Trainer):
                     num_items_in_batch=num_items_in_batch,
                 )
         regularizer_inputs = dict(inputs)
-        with observe:
+        unwrapped = self.accelerator.unwrap_model(model)
+        with observe, _logits_required(unwrapped):
             loss, outputs = super().compute_loss(
                 model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
             )
         logits = find_logits(outputs)
-        unwrapped = self.accelerator.unwrap_model(model)
-        record = self._tram_pass != "replay"
+        record = step.phase != "replay"
         if record:
-            self._record(_PREFIX + "task_loss", loss)
+            self._tram_metrics.record("task_loss", loss)
         for name, regularizer in zip(self.regularizer_names, self.regularizers, strict=True):
             penalty = regularizer(unwrapped, regularizer_inputs, logits)
             if record:
-                self._record(_PREFIX + name, penalty)
+                self._tram_metrics.record(name, penalty)
             loss = loss + penalty
         return (loss, outputs) if return_outputs else loss
 
@@ -381,152 +535,36 @@ class TramTrainer(Trainer):
         # no_sync for local_ascent was entered by training_step around forward and backward.
         return optimizer.first_pass(no_sync=contextlib.nullcontext())
 
-    def _after_optimizer_step(self) -> None:
-        """Tell the Trainer when the wrapper skipped the base step; then, after a step taken, call
-        each regularizer's ``after_step(model)``.
-
-        The Trainer leaves the scheduler alone when ``accelerator.optimizer_step_was_skipped``,
-        which reads the ``AcceleratedOptimizer``'s ``_is_overflow`` flag. accelerate sets it only
-        for a GradScaler's skip; without a scaler it stays False, so the wrapper's own skip (a
-        non-finite first-pass gradient) sets it here: a skipped step moves neither the weights
-        nor the schedule.
-        """
-        accelerated = self.optimizer
-        own_flag = getattr(accelerated, "scaler", None) is None and hasattr(
-            accelerated, "_is_overflow"
-        )
-        if own_flag:
-            accelerated._is_overflow = False  # type: ignore[union-attr]
-        if self.accelerator.optimizer_step_was_skipped:
-            return  # a GradScaler skipped the step
-        optimizer = self.two_pass_optimizer
-        if optimizer is not None and optimizer.steps == self._tram_steps_seen:
-            if own_flag:
-                accelerated._is_overflow = True  # type: ignore[union-attr]
-            return
-        model = self.accelerator.unwrap_model(self.model)
-        for regularizer in self.regularizers:
-            after_step = getattr(regularizer, "after_step", None)
-            if callable(after_step):
-                after_step(model)
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.train``, after checking that the model returns what the regularizers need."""
-        if self.regularizers:
-            self._check_regularizer_outputs()
-        return super().train(*args, **kwargs)
-
-    def _preflight_batch(self) -> dict[str, Any] | None:
-        dataset: Any = self.train_dataset
-        if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-            return None
-        if len(dataset) == 0:
-            return None
-        try:
-            import datasets
-
-            if isinstance(dataset, datasets.Dataset):
-                dataset = self._remove_unused_columns(dataset, description="training")
-                collator = self.data_collator
-            else:
-                collator = self._get_collator_with_removed_columns(self.data_collator, "training")
-        except ImportError:
-            collator = self._get_collator_with_removed_columns(self.data_collator, "training")
-        batch = collator([dataset[0]])
-        if not isinstance(batch, Mapping):
-            return None
-        return self._prepare_inputs(batch)
-
-    def _check_regularizer_outputs(self) -> None:
-        """One evaluation-mode forward of one training example; raise if it has no logits.
-
-        Runs under ``no_grad`` with the RNG state saved and restored, so the training run is
-        unchanged (and TRAM, which records training-mode forwards only, does not see it).
-        """
-        model = self.model
-        if model is None:
-            return
-        try:
-            batch = self._preflight_batch()
-        except Exception as error:  # the real run will report a broken data pipeline itself
-            logger.debug("TramTrainer: skipped the regularizer preflight: %s", error)
-            return
-        if batch is None:
-            return
-        was_training = model.training
-        devices = [p.device for p in model.parameters() if p.device.type == "cuda"][:1]
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                model.eval()
-                outputs = model(**batch)
-        except Exception as error:
-            logger.debug("TramTrainer: skipped the regularizer preflight: %s", error)
-            return
-        finally:
-            model.train(was_training)
-        find_logits(outputs)
-
     # ------------------------------------------------------------------ logging
-    def _record(self, key: str, value: Tensor | float) -> None:
-        # Tensors stay on their device until the next log: no host sync per micro-batch.
-        if isinstance(value, Tensor):
-            value = value.detach().float().reshape(())
-        self._tram_metrics.setdefault(key, []).append(value)
-
-    def _record_ascent(self, optimizer: TwoPassOptimizer, perturbed: bool) -> None:
-        if perturbed and optimizer.last_ascent_norm is not None:
-            self._record(_PREFIX + "ascent_grad_norm", optimizer.last_ascent_norm)
-        radius = getattr(optimizer, "last_radius", None)
-        if perturbed and radius is not None:
-            self._record(_PREFIX + "radius", float(radius))
-
-    def _metric_keys(self) -> list[str]:
-        keys: list[str] = []
-        optimizer = self.two_pass_optimizer
-        if optimizer is not None:
-            keys.append(_PREFIX + "ascent_grad_norm")
-            if hasattr(optimizer, "last_radius"):
-                keys.append(_PREFIX + "radius")
-        if self.regularizers:
-            keys.append(_PREFIX + "task_loss")
-            keys.extend(_PREFIX + name for name in self.regularizer_names)
-        return keys
-
-    def _drain_metrics(self) -> dict[str, float]:
-        """Means since the last log, over steps and workers (a collective under DDP)."""
-        keys = self._metric_keys()
-        metrics = self._tram_metrics
-        self._tram_metrics = {}
-        optimizer = self.two_pass_optimizer
-        values = [_total(metrics.get(key, [])) for key in keys]
-        counts = [float(len(metrics.get(key, []))) for key in keys]
-        skipped = [
-            float(getattr(optimizer, counter, 0)) if optimizer is not None else 0.0
-            for counter in ("skipped_ascents", "skipped_steps")
-        ]
-        packed = torch.tensor([*values, *counts], dtype=torch.float64, device=self.args.device)
-        top = torch.tensor(skipped, dtype=torch.float64, device=self.args.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-            dist.all_reduce(top, op=dist.ReduceOp.MAX)
-        sums, totals = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()
-        logs = {key: s / n for key, s, n in zip(keys, sums, totals, strict=True) if n > 0}
-        if optimizer is not None:
-            logs[_PREFIX + "skipped_ascents"], logs[_PREFIX + "skipped_steps"] = top.tolist()
-        return logs
-
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the tram metrics to the Trainer's training logs."""
-        if "loss" in logs and (self.two_pass_optimizer is not None or self.regularizers):
-            logs = {**logs, **self._drain_metrics()}
+        """Add the tram metrics to the Trainer's training logs (the ones with ``loss``)."""
+        optimizer = self.two_pass_optimizer
+        if "loss" in logs and (optimizer is not None or self.regularizers):
+            names: list[str] = []
+            if optimizer is not None:
+                names.append("ascent_grad_norm")
+                if hasattr(optimizer, "last_radius"):
+                    names.append("radius")
+            if self.regularizers:
+                names.extend(["task_loss", *self.regularizer_names])
+            logs = {**logs, **self._tram_metrics.drain(names, optimizer, self.args.device)}
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        states = self._regularizer_states()
-        if states and self.args.should_save:
-            torch.save(states, os.path.join(output_dir, REGULARIZERS_NAME))
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; notes the checkpoint it resumes from (resolved as the Trainer does),
+        whose regularizer state is loaded when training begins."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            output_dir = self.args.output_dir
+            checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        self._tram_resumed_from = str(checkpoint) if checkpoint else None
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._tram_resumed_from = None
 
     def _regularizer_states(self) -> dict[str, Any]:
         states = {}
@@ -536,9 +574,8 @@ class TramTrainer(Trainer):
                 states[name] = state_dict()
         return states
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or not self.regularizers:
+    def _load_regularizers(self, checkpoint: str) -> None:
+        if not self.regularizers:
             return
         path = os.path.join(checkpoint, REGULARIZERS_NAME)
         if not os.path.isfile(path):
