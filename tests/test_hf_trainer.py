@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -371,7 +373,8 @@ def test_the_schedule_reaches_the_base_optimizer(tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("resume_from", ["path", "latest"])
+def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path, resume_from):
     dataset = TinyDataset(size=40)
 
     has_tram = "tram" in factory.list_methods()
@@ -401,7 +404,11 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
     assert saved["tram"]["steps"] == 3
     assert (checkpoint / REGULARIZERS_NAME).is_file()
 
-    resumed, resumed_model, resumed_regularizer = run(tmp_path / "resumed", resume=str(checkpoint))
+    resume: str | bool = str(checkpoint)
+    if resume_from == "latest":  # resume_from_checkpoint=True: the last checkpoint in output_dir
+        shutil.copytree(checkpoint, tmp_path / "resumed" / checkpoint.name)
+        resume = True
+    resumed, resumed_model, resumed_regularizer = run(tmp_path / "resumed", resume=resume)
     assert resumed.state.global_step == 6
     assert (flat_params(full_model) - flat_params(resumed_model)).abs().max().item() == 0.0
     assert_same_state(full.optimizer.state_dict(), resumed.optimizer.state_dict())
@@ -412,6 +419,40 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path):
     losses = [e["loss"] for e in full.state.log_history if "loss" in e]
     resumed_losses = [e["loss"] for e in resumed.state.log_history if "loss" in e]
     assert resumed_losses == losses
+
+
+def test_a_checkpoint_without_the_regularizers_state_warns(tmp_path, caplog):
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path / "out"),
+        train_dataset=TinyDataset(),
+        regularizers=[FakeRegularizer()],
+    )
+    (tmp_path / "checkpoint-2").mkdir()
+    with caplog.at_level(logging.WARNING, logger="tram.integrations.hf"):
+        trainer._load_regularizers(str(tmp_path / "checkpoint-2"))
+    assert f"checkpoint-2 has no {REGULARIZERS_NAME}; the regularizers start from a fresh" in (
+        caplog.text
+    )
+
+
+def test_saving_the_regularizers_outside_the_checkpoint_folder_fails_loudly(tmp_path):
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path),
+        train_dataset=TinyDataset(),
+        regularizers=[FakeRegularizer()],
+    )
+    (callback,) = [
+        cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "_TramCallback"
+    ]
+    trainer.state.global_step = 7
+    with pytest.raises(RuntimeError, match=r"checkpoint folder \S*checkpoint-7 does not exist"):
+        callback.on_save(trainer.args, trainer.state, trainer.control)
+    (tmp_path / "checkpoint-7").mkdir()
+    callback.on_save(trainer.args, trainer.state, trainer.control)
+    saved = torch.load(tmp_path / "checkpoint-7" / REGULARIZERS_NAME, weights_only=True)
+    assert saved == {"fake": {"center": None, "steps": 0}}
 
 
 # --------------------------------------------------------------------------- regularizers
@@ -442,6 +483,28 @@ def test_regularizers_enter_the_training_loss_and_are_logged(tmp_path):
     metrics = trainer.evaluate()
     assert regularizer.calls == 3 * 2  # not in evaluation
     assert "eval_loss" in metrics
+
+
+class ZeroPenalty:
+    """Adds exactly zero to the loss and to every gradient."""
+
+    name = "zero"
+
+    def __call__(self, model, inputs, logits):
+        return 0.0 * logits.sum()
+
+
+def test_a_zero_regularizer_trains_exactly_like_the_plain_trainer(tmp_path):
+    """Nothing runs around a regularizer: no extra forward, no random draw, no other data order
+    (dropout on and a shuffled sampler, so any of these would change the weights)."""
+    dataset = TinyDataset()
+    models = []
+    for cls, extra in ((Trainer, {}), (TramTrainer, {"regularizers": [ZeroPenalty()]})):
+        model = tiny_bert(dropout=0.1)
+        args = make_args(tmp_path / cls.__name__, max_steps=3)
+        cls(model=model, args=args, train_dataset=dataset, **extra).train()
+        models.append(model)
+    assert torch.equal(flat_params(models[0]), flat_params(models[1]))
 
 
 def test_regularizers_combine_with_a_method(tmp_path):
@@ -715,6 +778,28 @@ def test_bad_input_fails_before_training(tmp_path):
     ready = tram.SAM(torch.optim.SGD(common["model"].parameters(), lr=0.1))
     with pytest.raises(ValueError, match="already holds a tram optimizer"):
         TramTrainer(**common, optimizers=(ready, None), method="sam")
+
+
+def test_training_step_refuses_a_window_that_never_synchronises(tmp_path):
+    dataset = TinyDataset()
+    trainer = TramTrainer(
+        model=tiny_bert(), args=make_args(tmp_path), train_dataset=dataset, method="sam"
+    )
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 2  # set by the training loop
+    batch = default_data_collator([dataset[i] for i in range(4)])
+    gradient_state = trainer.accelerator.gradient_state
+    gradient_state._set_sync_gradients(False)  # inside an accumulation window
+    try:
+        trainer.model.train()
+        for _ in range(trainer.args.gradient_accumulation_steps):
+            trainer.training_step(trainer.model, batch)
+        with pytest.raises(
+            RuntimeError, match=r"more micro-batches than gradient_accumulation_steps=2 without"
+        ):
+            trainer.training_step(trainer.model, batch)
+    finally:
+        gradient_state._set_sync_gradients(True)
 
 
 def test_a_regularizer_on_a_model_without_logits_fails_before_the_first_step(tmp_path):
