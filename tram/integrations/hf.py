@@ -66,14 +66,15 @@ the training logs, which every logger then receives) and ``train`` (to note the 
 resumes from), and adds one ``TrainerCallback`` for the rest: ``on_train_begin`` starts a fresh
 step state and loads the regularizers' state of the resumed checkpoint, ``on_pre_optimizer_step``
 and ``on_optimizer_step`` see whether the wrapper took the base step and call ``after_step``,
-``on_save`` writes the regularizers' state into the checkpoint folder the Trainer just wrote.
+``on_save`` writes the regularizers' state into the checkpoint folder the Trainer just wrote
+(``<output_dir>/checkpoint-<step>``; under a hyperparameter search, whose checkpoints go
+elsewhere, it raises rather than lose that state).
 The micro-batches of an optimizer step are the ones ``training_step`` received since the last
 synchronising one.
 
-Private APIs it still uses, each because no public extension point does the job, and each
-checked by ``tests/test_hf_private_api.py`` (name, and the behaviour relied on), so that a
-transformers or accelerate release that changes one fails the test suite instead of training
-differently:
+The private API it still uses, because no public extension point does the job, checked by
+``tests/test_hf_private_api.py`` (name, and the behaviour relied on), so that an accelerate
+release that changes it fails the test suite instead of training differently:
 
 - ``AcceleratedOptimizer._is_overflow``: the Trainer steps the scheduler unless
   ``accelerator.optimizer_step_was_skipped``, which reads this flag through the public
@@ -81,8 +82,8 @@ differently:
   the base step (a non-finite first-pass gradient without a GradScaler) the callback sets it, as
   a GradScaler's skip does, so that a skipped step moves neither the weights nor the schedule.
   No public setter exists; undoing a scheduler step from a callback would have to rewrite every
-  param group's learning rate by hand. If the flag is missing the step is not silently
-  mis-scheduled: a ``RuntimeWarning`` says so.
+  param group's learning rate by hand. Should the flag be missing, the scheduler steps and a
+  ``RuntimeWarning`` says so.
 """
 
 from __future__ import annotations
@@ -247,6 +248,34 @@ def _total(values: Sequence[Tensor | float]) -> float:
     return total
 
 
+def _regularizer_states(names: Sequence[str], regularizers: Sequence[Any]) -> dict[str, Any]:
+    states = {}
+    for name, regularizer in zip(names, regularizers, strict=True):
+        state_dict = getattr(regularizer, "state_dict", None)
+        if callable(state_dict):
+            states[name] = state_dict()
+    return states
+
+
+def _load_regularizer_states(
+    checkpoint: str, names: Sequence[str], regularizers: Sequence[Any]
+) -> None:
+    path = os.path.join(checkpoint, REGULARIZERS_NAME)
+    if not os.path.isfile(path):
+        if _regularizer_states(names, regularizers):
+            logger.warning(
+                "TramTrainer: %s has no %s; the regularizers start from a fresh state",
+                checkpoint,
+                REGULARIZERS_NAME,
+            )
+        return
+    states = torch.load(path, map_location="cpu", weights_only=True)
+    for name, regularizer in zip(names, regularizers, strict=True):
+        load_state_dict = getattr(regularizer, "load_state_dict", None)
+        if name in states and callable(load_state_dict):
+            load_state_dict(states[name])
+
+
 class _TramCallback(TrainerCallback):
     """What :class:`TramTrainer` does around the Trainer's loop (see the module docstring)."""
 
@@ -257,7 +286,9 @@ class _TramCallback(TrainerCallback):
         trainer = self.trainer
         trainer._tram_step, trainer._tram_metrics = _StepState(), _Metrics()
         if trainer._tram_resumed_from is not None:
-            trainer._load_regularizers(trainer._tram_resumed_from)
+            _load_regularizer_states(
+                trainer._tram_resumed_from, trainer.regularizer_names, trainer.regularizers
+            )
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         optimizer = self.trainer.two_pass_optimizer
@@ -269,14 +300,16 @@ class _TramCallback(TrainerCallback):
         ``after_step(model)``."""
         trainer = self.trainer
         accelerated = trainer.optimizer
-        own_flag = getattr(accelerated, "scaler", None) is None
-        if own_flag and hasattr(accelerated, "_is_overflow"):
+        can_flag = getattr(accelerated, "scaler", None) is None and hasattr(
+            accelerated, "_is_overflow"
+        )
+        if can_flag:
             accelerated._is_overflow = False  # type: ignore[union-attr]
         if trainer.accelerator.optimizer_step_was_skipped:
             return  # a GradScaler skipped the step
         optimizer = trainer.two_pass_optimizer
         if optimizer is not None and optimizer.steps == trainer._tram_step.steps_before:
-            if own_flag and hasattr(accelerated, "_is_overflow"):
+            if can_flag:
                 accelerated._is_overflow = True  # type: ignore[union-attr]
             else:
                 warnings.warn(
@@ -299,7 +332,7 @@ class _TramCallback(TrainerCallback):
         (unless it saves the model only: such a checkpoint does not resume training)."""
         if not (args.should_save and not args.save_only_model):
             return
-        states = self.trainer._regularizer_states()
+        states = _regularizer_states(self.trainer.regularizer_names, self.trainer.regularizers)
         if not states:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -372,8 +405,7 @@ class TramTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if method is not None and self.is_deepspeed_enabled:
             raise ValueError("TramTrainer does not support DeepSpeed (its optimizer is its own)")
-        if self.regularizers or method is not None or isinstance(self.optimizer, TwoPassOptimizer):
-            self.add_callback(_TramCallback(self))
+        self.add_callback(_TramCallback(self))
 
     # ------------------------------------------------------------------ optimizer
     @property
@@ -559,35 +591,10 @@ class TramTrainer(Trainer):
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             output_dir = self.args.output_dir
-            checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            found = output_dir is not None and os.path.isdir(output_dir)
+            checkpoint = get_last_checkpoint(output_dir) if found else None
         self._tram_resumed_from = str(checkpoint) if checkpoint else None
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self._tram_resumed_from = None
-
-    def _regularizer_states(self) -> dict[str, Any]:
-        states = {}
-        for name, regularizer in zip(self.regularizer_names, self.regularizers, strict=True):
-            state_dict = getattr(regularizer, "state_dict", None)
-            if callable(state_dict):
-                states[name] = state_dict()
-        return states
-
-    def _load_regularizers(self, checkpoint: str) -> None:
-        if not self.regularizers:
-            return
-        path = os.path.join(checkpoint, REGULARIZERS_NAME)
-        if not os.path.isfile(path):
-            if self._regularizer_states():
-                logger.warning(
-                    "TramTrainer: %s has no %s; the regularizers start from a fresh state",
-                    checkpoint,
-                    REGULARIZERS_NAME,
-                )
-            return
-        states = torch.load(path, map_location="cpu", weights_only=True)
-        for name, regularizer in zip(self.regularizer_names, self.regularizers, strict=True):
-            load_state_dict = getattr(regularizer, "load_state_dict", None)
-            if name in states and callable(load_state_dict):
-                load_state_dict(states[name])
