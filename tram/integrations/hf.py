@@ -161,6 +161,36 @@ def _logits_required(model: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+def _checked_method_kwargs(
+    method: str | type[TwoPassOptimizer] | None,
+    method_kwargs: Mapping[str, Any] | None,
+    trainer_kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """``method_kwargs`` as a dict, after the checks that need no model."""
+    if method is None and method_kwargs:
+        raise ValueError("method_kwargs given without a method; pass method='sam' or another")
+    method_kwargs = dict(method_kwargs or {})
+    if method is None:
+        return method_kwargs
+    check_method_args(method, method_kwargs, validate_values=True)
+    optimizers = trainer_kwargs.get("optimizers")
+    given = optimizers[0] if isinstance(optimizers, (tuple, list)) else None
+    if unwrap_optimizer(given) is not None:
+        raise ValueError("optimizers= already holds a tram optimizer; do not pass method= as well")
+    return method_kwargs
+
+
+def _checked_regularizers(regularizers: Sequence[Any] | None) -> list[Any]:
+    regularizers = list(regularizers or ())
+    for regularizer in regularizers:
+        if not callable(regularizer):
+            raise TypeError(
+                "a regularizer must be callable as regularizer(model, inputs, logits), but "
+                f"got {type(regularizer).__name__}"
+            )
+    return regularizers
+
+
 def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
     names: list[str] = []
     for regularizer in regularizers:
@@ -215,6 +245,18 @@ class _Metrics:
         radius = getattr(optimizer, "last_radius", None)
         if radius is not None:
             self.record("radius", float(radius))
+
+    @staticmethod
+    def names(optimizer: TwoPassOptimizer | None, regularizer_names: Sequence[str]) -> list[str]:
+        """The metrics this run logs (without the prefix)."""
+        names: list[str] = []
+        if optimizer is not None:
+            names.append("ascent_grad_norm")
+            if hasattr(optimizer, "last_radius"):
+                names.append("radius")
+        if regularizer_names:
+            names.extend(["task_loss", *regularizer_names])
+        return names
 
     def drain(
         self, names: Sequence[str], optimizer: TwoPassOptimizer | None, device: torch.device
@@ -376,29 +418,10 @@ class TramTrainer(Trainer):
         regularizers: Sequence[Callable[..., Tensor]] | None = None,
         **kwargs: Any,
     ) -> None:
-        if method is None and method_kwargs:
-            raise ValueError("method_kwargs given without a method; pass method='sam' or another")
-        method_kwargs = dict(method_kwargs or {})
-        if method is not None:
-            check_method_args(method, method_kwargs, validate_values=True)
-        regularizers = list(regularizers or ())
-        for regularizer in regularizers:
-            if not callable(regularizer):
-                raise TypeError(
-                    "a regularizer must be callable as regularizer(model, inputs, logits), but "
-                    f"got {type(regularizer).__name__}"
-                )
-        optimizers = kwargs.get("optimizers")
-        if method is not None and optimizers is not None:
-            given = optimizers[0] if isinstance(optimizers, (tuple, list)) else None
-            if unwrap_optimizer(given) is not None:
-                raise ValueError(
-                    "optimizers= already holds a tram optimizer; do not pass method= as well"
-                )
         self.tram_method = method
-        self.tram_method_kwargs = method_kwargs
-        self.regularizers = regularizers
-        self.regularizer_names = _regularizer_names(regularizers)
+        self.tram_method_kwargs = _checked_method_kwargs(method, method_kwargs, kwargs)
+        self.regularizers = _checked_regularizers(regularizers)
+        self.regularizer_names = _regularizer_names(self.regularizers)
         self._tram_step = _StepState()
         self._tram_metrics = _Metrics()
         self._tram_resumed_from: str | None = None
@@ -572,13 +595,7 @@ class TramTrainer(Trainer):
         """Add the tram metrics to the Trainer's training logs (the ones with ``loss``)."""
         optimizer = self.two_pass_optimizer
         if "loss" in logs and (optimizer is not None or self.regularizers):
-            names: list[str] = []
-            if optimizer is not None:
-                names.append("ascent_grad_norm")
-                if hasattr(optimizer, "last_radius"):
-                    names.append("radius")
-            if self.regularizers:
-                names.extend(["task_loss", *self.regularizer_names])
+            names = _Metrics.names(optimizer, self.regularizer_names)
             logs = {**logs, **self._tram_metrics.drain(names, optimizer, self.args.device)}
         super().log(logs, *args, **kwargs)
 
