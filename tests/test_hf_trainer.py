@@ -721,6 +721,42 @@ def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):
     assert [entry["tram/skipped_ascents"] for entry in logs] == [0.0, 1.0, 1.0]
 
 
+def test_a_skipped_step_the_trainer_cannot_be_told_of_warns(tmp_path):
+    """Should accelerate drop the ``_is_overflow`` flag, a skipped step warns instead of moving
+    the schedule silently."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    class WithoutTheFlag(AcceleratedOptimizer):
+        @property
+        def _is_overflow(self):
+            raise AttributeError("_is_overflow")
+
+        @property
+        def step_was_skipped(self):
+            return False
+
+    trainer = TramTrainer(
+        model=tiny_bert(),
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=TinyDataset(),
+        method="sam",
+    )
+    InjectInf(trainer, step=1, perturbed=False)
+
+    class DropTheFlag(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            del trainer.optimizer.__dict__["_is_overflow"]
+            trainer.optimizer.__class__ = WithoutTheFlag
+
+    trainer.add_callback(DropTheFlag())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("has no '_is_overflow' flag to report it" in m for m in messages), messages
+    assert trainer.two_pass_optimizer.skipped_steps == 1
+
+
 # --------------------------------------------------------------------------- logging
 
 
