@@ -6,6 +6,7 @@ writes ``trajectory.png`` and ``trajectory.txt`` next to this file.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def main() -> None:
     every_step, amortised = load(1), load(4)
     seeds = sorted(set(every_step) & set(amortised))
     figure, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 3.5), squeeze=False)
-    lines = ["seed  steps  mean d (every step)  mean d (every 4th)  median |relative gap|"]
+    lines = [
+        "seed  steps  mean d (every step)  mean d (every 4th)  median |relative gap|"
+        "  median |step-to-step change|"
+    ]
     for axis, seed in zip(axes[0], seeds, strict=True):
         full, reused = every_step[seed], amortised[seed]
         axis.plot(range(1, len(full) + 1), full, label="every step")
@@ -39,10 +43,14 @@ def main() -> None:
         axis.set_ylabel("d (forward KL)")
         axis.set_title(f"TRAM-x, cross-domain, seed {seed}")
         axis.legend()
+        # How far the reused d is from the d measured at the same step of the every-step run,
+        # next to how far every-step d moves from one step to the next by itself.
         gaps = sorted(abs(r - f) / f for f, r in zip(full, reused, strict=True) if f > 0)
+        changes = sorted(abs(b - a) / b for a, b in itertools.pairwise(full) if b > 0)
         lines.append(
             f"{seed:>4}  {len(full):>5}  {sum(full) / len(full):>19.4f}  "
             f"{sum(reused) / len(reused):>18.4f}  {gaps[len(gaps) // 2]:>21.2f}"
+            f"  {changes[len(changes) // 2]:>29.2f}"
         )
     figure.tight_layout()
     figure.savefig(HERE / "trajectory.png", dpi=120)
