@@ -941,8 +941,10 @@ def test_ascent_every_skips_recording_and_the_second_pass() -> None:
     assert calls == [0, 0, 1, 2, 2, 3]
     # Recording hooks during the first pass of ascent steps only (none at θ+ε, none off-step).
     assert [seen > 0 for seen in hooks_seen] == [True, False, False, True, False, False]
-    # Ascent steps: 2 forwards with gradient and 1 reference forward without; off-steps: 1.
-    assert forwards == [True, False, True, True, True, False, True, True]
+    # Ascent steps: 2 forwards with gradient and 1 reference forward without, which runs at the
+    # start of the recorded forward (its target logits exist only until d is measured at the end
+    # of that forward); off-steps: 1.
+    assert forwards == [False, True, True, True, False, True, True, True]
     assert len(optimizer.radius_history) == 2
 
 

@@ -15,11 +15,22 @@ TRAM is ASAM whose radius is measured, at every step, in function space:
 
 How this implementation works, and the choices made where the paper is silent:
 
-- **Same closure as SAM.** TRAM records the model's forward calls in the first pass (inside
-  :meth:`TRAM.first_pass`, which ``step(closure)`` enters itself): their inputs, their output
-  logits (detached) and the RNG state before each. In :meth:`first_step` it runs the reference
-  forward on the *same inputs* under ``no_grad`` and measures d. The caller's batch is never
-  modified (the paper's release overwrote it with noised embeddings).
+- **Same closure as SAM.** TRAM hooks the model's forward calls in the first pass (inside
+  :meth:`TRAM.first_pass`, which ``step(closure)`` enters itself). At the start of each such call
+  it runs the reference forward on the *same inputs* under ``no_grad`` and keeps the target's
+  logits; at its end it measures d against the call's output logits and keeps d alone. The
+  caller's batch is never modified (the paper's release overwrote it with noised embeddings).
+- **No copy of the logits is held through the backward.** The target's logits exist from the
+  start of the recorded forward to its end only; the model's own logits are not kept at all
+  (the paper's algorithm, and this implementation before, kept them until the ascent, a
+  ``B x T x vocabulary`` tensor through the whole first backward). The reference forward runs
+  first, while the forward's activations do not exist yet, so the step's peak memory is that
+  of SAM plus the divergence's chunk buffers. With ``replay_dropout=False`` the reference
+  forward runs at the end of the recorded forward instead (its fresh masks come from the training
+  stream after that forward, as they always have), so the target's logits then add to the
+  activations at the peak. Models whose parameters are sharded (FSDP, DeepSpeed), whose forward
+  must not be re-entered, keep their logits until ``first_step`` and run the reference forward
+  there.
 - **d** is the mean forward KL(target ‖ current), in float32, per example for classification
   logits and per non-padding token (``attention_mask``, else ``labels != -100``) for
   language-model logits; with several recorded forwards (gradient accumulation) it is their mean,
@@ -88,15 +99,32 @@ TRUST_REGIONS: tuple[str, ...] = ("noise", "pretrained", "previous", "ema", "fis
 
 
 @dataclass
-class _Record:
-    """One recorded forward call of the first pass."""
+class _Replay:
+    """How a recorded forward call ran, for its reference forward to run the same way: the RNG
+    state before it (its dropout masks) and its autocast state."""
+
+    cpu_rng: Tensor
+    cuda_rng: Tensor | None
+    autocast: _AutocastState
+
+
+@dataclass
+class _Deferred:
+    """A recorded forward call whose d is measured in ``first_step``, from its logits kept until
+    then (models with sharded parameters, see :func:`_measures_during_forward`)."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     logits: Tensor
-    cpu_rng: Tensor
-    cuda_rng: Tensor | None
-    autocast: _AutocastState
+    replay: _Replay
+
+
+@dataclass
+class _Pending:
+    """A recorded forward call in progress: its replay and, once run, the target's logits."""
+
+    replay: _Replay
+    target_logits: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -127,7 +155,8 @@ class _RecordingState:
     __slots__ = ("in_reference", "last_radius", "radius_history", "records")
 
     def __init__(self) -> None:
-        self.records: list[_Record] = []
+        # d of each recorded forward call (0-dim float32), or a deferred call to measure.
+        self.records: list[Tensor | _Deferred] = []
         self.in_reference = False
         self.last_radius: float | None = None
         self.radius_history: list[float] = []
@@ -257,6 +286,7 @@ class TRAM(TwoPassOptimizer):
         )
         self.target.bind(self.module)
         self._recording_state = _RecordingState()
+        self._measure_during_forward = not _parameters_are_sharded(model, self.module)
 
     # ------------------------------------------------------------------ views
     @property
@@ -286,7 +316,7 @@ class TRAM(TwoPassOptimizer):
         return self._recording_state.radius_history
 
     @property
-    def _records(self) -> list[_Record]:
+    def _records(self) -> list[Tensor | _Deferred]:
         return self._recording_state.records
 
     # ------------------------------------------------------------------ hyperparameters
@@ -318,7 +348,17 @@ class TRAM(TwoPassOptimizer):
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
-        pending: list[tuple[Tensor, Tensor | None]] = []
+        pending: list[_Pending] = []
+        during_forward = self._measure_during_forward
+        # The target's state before its first reference forward of this pass (the noise
+        # generator's): a pass that fails is rolled back to it, so that the next step draws
+        # what it would have drawn had the failed one never run.
+        rollback: list[dict[str, Any]] = []
+
+        def target_logits(args: Any, kwargs: Any, replay: _Replay) -> Tensor:
+            if not rollback:
+                rollback.append(self.target.state_dict())
+            return self._target_logits(args, kwargs, replay)
 
         def records_this_call(module: nn.Module) -> bool:
             return (
@@ -328,18 +368,31 @@ class TRAM(TwoPassOptimizer):
             )
 
         def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
-            if records_this_call(module):
-                pending.append(_capture_rng(module))
+            if not records_this_call(module):
+                return
+            cpu_rng, cuda_rng = _capture_rng(module)
+            entry = _Pending(_Replay(cpu_rng, cuda_rng, _AutocastState.current(module)))
+            if during_forward and self.replay_dropout:
+                # Before the forward, while its activations do not exist yet: the target's
+                # logits are then the only logits-sized tensor TRAM holds, and only until d is
+                # measured at the end of this forward.
+                entry.target_logits = target_logits(args, kwargs, entry.replay)
+            pending.append(entry)
 
         def after_forward(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if not records_this_call(module) or not pending:
                 return
-            cpu_rng, cuda_rng = pending.pop()
+            entry = pending.pop()
             logits = extract_logits(output, self.logits_fn).detach()
-            autocast = _AutocastState.current(module)
-            self._records.append(
-                _Record(tuple(args), dict(kwargs), logits, cpu_rng, cuda_rng, autocast)
-            )
+            if not during_forward:
+                self._records.append(_Deferred(tuple(args), dict(kwargs), logits, entry.replay))
+                return
+            target, entry.target_logits = entry.target_logits, None
+            if target is None:
+                # replay_dropout=False: fresh masks from the training stream after this forward,
+                # where the reference forward drew them when it ran in first_step.
+                target = target_logits(args, kwargs, entry.replay)
+            self._records.append(self._divergence(target, logits, kwargs))
 
         handles = [
             self.module.register_forward_pre_hook(before_forward, with_kwargs=True),
@@ -350,6 +403,8 @@ class TRAM(TwoPassOptimizer):
         except BaseException:
             # A failed first pass is never measured: its records must not leak into the next.
             self._records.clear()
+            if rollback:
+                self.target.load_state_dict(rollback[0])
             raise
         finally:
             for handle in handles:
@@ -381,7 +436,16 @@ class TRAM(TwoPassOptimizer):
     @torch.no_grad()
     def measure_radius(self) -> float:
         """d over the recorded forwards: their mean, averaged over ranks in synchronised mode."""
-        values = [self._divergence_of(record) for record in self._records]
+        values = [
+            self._divergence(
+                self._target_logits(record.args, record.kwargs, record.replay),
+                record.logits,
+                record.kwargs,
+            )
+            if isinstance(record, _Deferred)
+            else record
+            for record in self._records
+        ]
         radius = torch.stack(values).mean()
         distributed = dist.is_available() and dist.is_initialized()
         if not self.local_ascent and distributed and dist.get_world_size() > 1:
@@ -389,44 +453,50 @@ class TRAM(TwoPassOptimizer):
             radius = radius / dist.get_world_size()
         return float(radius.item())
 
-    def _divergence_of(self, record: _Record) -> Tensor:
-        target = extract_logits(self._reference_output(record), self.logits_fn).detach()
-        if target.shape != record.logits.shape:
+    @torch.no_grad()
+    def _divergence(self, target: Tensor, logits: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """d of one recorded call: the divergence of its ``logits`` from the ``target``'s."""
+        if target.shape != logits.shape:
             raise ValueError(
                 "the reference logits and the recorded logits must have the same shape, but got "
-                f"{tuple(target.shape)} and {tuple(record.logits.shape)}"
+                f"{tuple(target.shape)} and {tuple(logits.shape)}"
             )
-        mask = logits_mask(record.kwargs, record.logits)
+        mask = logits_mask(kwargs, logits)
         if self.divergence_name == "mmd":  # set-level: cannot be split over positions
-            return self.divergence(target, record.logits, mask=mask).float()
+            return self.divergence(target, logits, mask=mask).float()
         return _chunked_mean_divergence(
             self.divergence,
             target,
-            record.logits,
+            logits,
             mask,
             forward_kl=self.divergence_name == "forward_kl",
         )
 
-    def _reference_output(self, record: _Record) -> Any:
-        """The target's output on the recorded inputs.
+    @torch.no_grad()
+    def _target_logits(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], replay: _Replay
+    ) -> Tensor:
+        """The target's logits on a recorded call's inputs.
 
-        It runs like the recorded forward (train mode, the same autocast state, the same dropout
-        masks unless ``replay_dropout=False``) except that BatchNorm running statistics are not
-        updated: they come from the first pass only, as for every two-pass step.
+        The reference forward runs like the recorded forward (train mode, the same autocast
+        state, the same dropout masks unless ``replay_dropout=False``) except that BatchNorm
+        running statistics are not updated: they come from the first pass only, as for every
+        two-pass step.
         """
         state = self._recording_state
         state.in_reference = True
         try:
             with contextlib.ExitStack() as stack:
                 if self.replay_dropout:
-                    devices = [] if record.cuda_rng is None else [_cuda_device(self.module)]
+                    devices = [] if replay.cuda_rng is None else [_cuda_device(self.module)]
                     stack.enter_context(torch.random.fork_rng(devices=devices))
-                    torch.set_rng_state(record.cpu_rng)
-                    if record.cuda_rng is not None:
-                        torch.cuda.set_rng_state(record.cuda_rng, devices[0])
+                    torch.set_rng_state(replay.cpu_rng)
+                    if replay.cuda_rng is not None:
+                        torch.cuda.set_rng_state(replay.cuda_rng, devices[0])
                 stack.enter_context(frozen_running_stats(self.module))
-                stack.enter_context(record.autocast.context())
-                return self.target.output(record.args, record.kwargs)
+                stack.enter_context(replay.autocast.context())
+                output = self.target.output(tuple(args), dict(kwargs))
+                return extract_logits(output, self.logits_fn).detach()
         finally:
             state.in_reference = False
 
@@ -512,9 +582,15 @@ _OPTION_ALIASES = {"ema_decay": "decay", "reference_dtype": "dtype"}
 """TRAM's names of target options that the target objects spell otherwise."""
 
 
-_CHUNK_ELEMENTS = 1 << 20
-"""Logit elements per chunk of the divergence (4 MiB in fp32): bounds its float32 temporaries,
-which are several times the logits for a language model's [B, T, vocabulary] output."""
+_CHUNK_ELEMENTS = 1 << 18
+"""Logit elements per chunk of the divergence (1 MiB in fp32), unless that makes more than
+:data:`_MAX_CHUNKS` chunks: bounds its float32 temporaries, which are several times the logits
+for a language model's [B, T, vocabulary] output. d is measured at the end of the recorded
+forward, where the step's activations are all alive, so its temporaries add to the step's peak
+(two 1 MiB buffers for the forward KL, 0.04 x the parameters of a 14M-parameter Llama)."""
+
+_MAX_CHUNKS = 64
+"""At most this many chunks (larger ones beyond): each costs a few kernel launches on a GPU."""
 
 
 def _chunked_mean_divergence(
@@ -528,7 +604,8 @@ def _chunked_mean_divergence(
     """A per-position divergence averaged over the counted positions, computed in chunks.
 
     Equal to ``divergence(target, logits, mask=mask)`` for divergences that are a mean over
-    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS`. The forward KL
+    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS` (or a
+    :data:`_MAX_CHUNKS`-th of the logits, whichever is larger). The forward KL
     (``forward_kl=True``: ``divergence`` is TRAM's default d) without gradients goes through
     :func:`~tram.divergence.forward_kl_rows`, two in-place buffers per chunk.
     """
@@ -536,7 +613,8 @@ def _chunked_mean_divergence(
     target = target.reshape(-1, classes)
     logits = logits.reshape(-1, classes)
     counted = None if mask is None else mask.reshape(-1) != 0
-    rows = max(1, _CHUNK_ELEMENTS // classes)
+    chunk_elements = max(_CHUNK_ELEMENTS, -(-logits.numel() // _MAX_CHUNKS))
+    rows = max(1, chunk_elements // classes)
     in_place = forward_kl and not torch.is_grad_enabled()
     if logits.shape[0] <= rows and not in_place:
         return divergence(target, logits, mask=counted).float()
@@ -558,6 +636,36 @@ def _chunked_mean_divergence(
             total = total + value * chunk_count
         count = count + chunk_count
     return total / count.clamp_min(1.0)
+
+
+def _parameters_are_sharded(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded (FSDP, FSDP2, DeepSpeed).
+
+    Their forward gathers the parameters and scatters them again afterwards, so the reference
+    forward must not run inside it (:class:`TRAM` measures d of such models in ``first_step``,
+    from the logits kept until then). Replicating wrappers (DDP, DataParallel) and
+    ``torch.compile`` leave the parameters whole.
+    """
+    wrapper = model
+    while wrapper is not module:
+        inner = _replicating_wrapper_inner(wrapper)
+        if inner is None:
+            return True  # FSDP1, DeepSpeed: a wrapper that shards
+        wrapper = inner
+    sharding = ("FullyShardedDataParallel", "DeepSpeedEngine")
+    for child in module.modules():
+        names = {cls.__name__ for cls in type(child).__mro__}
+        if names & set(sharding) or any(name.startswith("FSDP") for name in names):
+            return True  # FSDP1 inside, or FSDP2's fully_shard (which renames the class FSDP...)
+    return any(type(param).__name__ == "DTensor" for param in module.parameters())
+
+
+def _replicating_wrapper_inner(wrapper: nn.Module) -> nn.Module | None:
+    """The module inside DDP, DataParallel or ``torch.compile``'s wrapper; None otherwise."""
+    if isinstance(wrapper, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return wrapper.module
+    inner = getattr(wrapper, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, nn.Module) else None
 
 
 def _cuda_device(module: nn.Module) -> int:
