@@ -613,8 +613,7 @@ def _chunked_mean_divergence(
     target = target.reshape(-1, classes)
     logits = logits.reshape(-1, classes)
     counted = None if mask is None else mask.reshape(-1) != 0
-    chunk_elements = max(_CHUNK_ELEMENTS, -(-logits.numel() // _MAX_CHUNKS))
-    rows = max(1, chunk_elements // classes)
+    rows = max(1, _CHUNK_ELEMENTS // classes, -(-logits.shape[0] // _MAX_CHUNKS))
     in_place = forward_kl and not torch.is_grad_enabled()
     if logits.shape[0] <= rows and not in_place:
         return divergence(target, logits, mask=counted).float()
