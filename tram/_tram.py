@@ -152,12 +152,14 @@ class _RecordingState:
     """TRAM's per-step state, in one object shared by copies of the optimizer's ``__dict__``
     (see :class:`tram._wrapper._StepState` for why)."""
 
-    __slots__ = ("in_reference", "last_radius", "radius_history", "records")
+    __slots__ = ("in_reference", "last_radius", "radius_history", "records", "restored")
 
     def __init__(self) -> None:
         # d of each recorded forward call (0-dim float32), or a deferred call to measure.
         self.records: list[Tensor | _Deferred] = []
         self.in_reference = False
+        # (parameter, backup, their versions) of the last restore(): see TRAM.restore.
+        self.restored: list[tuple[Tensor, Tensor, int, int]] = []
         self.last_radius: float | None = None
         self.radius_history: list[float] = []
 
@@ -501,9 +503,44 @@ class TRAM(TwoPassOptimizer):
             state.in_reference = False
 
     # ------------------------------------------------------------------ the target over time
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the saved weights θ back (see :meth:`TwoPassOptimizer.restore`).
+
+        It also notes which backups now equal their weights bit for bit, and the version
+        counters of both (every in-place write bumps them): until either changes, a backup is a
+        copy of θt that the target may take instead of copying the weights again
+        (:meth:`_before_base_step`).
+        """
+        perturbed = [
+            (param, backup)
+            for bucket in self._step_state.perturbed_buckets
+            for param, backup in zip(bucket.params, bucket.backups, strict=True)
+        ]
+        super().restore()
+        if perturbed:
+            self._recording_state.restored = [
+                (param, backup, param._version, backup._version) for param, backup in perturbed
+            ]
+
     def _before_base_step(self) -> None:
         self._records.clear()
-        self.target.before_base_step()
+        restored, self._recording_state.restored = self._recording_state.restored, []
+        reference = self.reference
+        if reference is None or not restored:
+            self.target.before_base_step()
+            return
+        # θt−1's snapshot takes the backups' storage instead of copying θt (the backups are
+        # scratch space, written afresh by the next ascent before they are read). A weight or
+        # backup written since the restore, a step without an ascent, and a reference of
+        # another dtype are copied as before.
+        copies = {
+            param: backup
+            for param, backup, param_version, backup_version in restored
+            if param._version == param_version and backup._version == backup_version
+        }
+        with reference.spare_copies(copies):
+            self.target.before_base_step()
 
     def _after_base_step(self) -> None:
         self.target.after_base_step()

@@ -21,8 +21,9 @@ forward call back into logits and a padding mask.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -67,6 +68,7 @@ class ReferenceWeights:
         self.names: list[str] = []
         self.live: list[Tensor] = []
         self.tensors: dict[str, Tensor] = {}
+        self._spare_copies: Mapping[Tensor, Tensor] | None = None
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
@@ -78,8 +80,41 @@ class ReferenceWeights:
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        """Set the reference to the live weights (θt−1 snapshots)."""
-        foreach_copy_(list(self.tensors.values()), self.live)
+        """Set the reference to the live weights (θt−1 snapshots).
+
+        Inside :meth:`spare_copies`, a reference tensor whose live weight has a spare copy of
+        the same type, dtype, shape, strides and device takes that copy's storage instead
+        (``torch.utils.swap_tensors``: the reference tensor keeps its identity, the copy gets
+        the reference's old values); the others are copied. The result is the same bits.
+        """
+        spare = getattr(self, "_spare_copies", None)  # absent from objects pickled before
+        destinations: list[Tensor] = []
+        sources: list[Tensor] = []
+        for name, live in zip(self.names, self.live, strict=True):
+            reference = self.tensors[name]
+            copy = spare.get(live) if spare else None
+            if copy is not None and _can_take_storage(reference, copy):
+                torch.utils.swap_tensors(reference, copy)
+            else:
+                destinations.append(reference)
+                sources.append(live)
+        if destinations:
+            foreach_copy_(destinations, sources)
+
+    @contextlib.contextmanager
+    def spare_copies(self, copies: Mapping[Tensor, Tensor]) -> Iterator[None]:
+        """Let :meth:`copy_from_model` take tensors that hold exactly the live weights.
+
+        ``copies`` maps a live parameter to a tensor equal to it bit for bit and free to be
+        overwritten (TRAM passes the wrapper's weight backups right after they restored the
+        weights). Whoever passes them must not read them afterwards: after a
+        :meth:`copy_from_model` they hold the reference's previous values.
+        """
+        self._spare_copies = copies
+        try:
+            yield
+        finally:
+            self._spare_copies = None
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
@@ -128,6 +163,21 @@ class ReferenceWeights:
             )
         for name, tensor in self.tensors.items():
             tensor.copy_(state[name])
+
+
+def _can_take_storage(reference: Tensor, copy: Tensor) -> bool:
+    """Whether ``reference`` can take ``copy``'s storage and be what a copy into it would be."""
+    return (
+        type(reference) is Tensor  # a subclass (FSDP2's DTensor) is copied
+        and type(copy) is Tensor
+        and copy is not reference
+        and copy.dtype == reference.dtype
+        and copy.shape == reference.shape
+        and copy.stride() == reference.stride()
+        and copy.device == reference.device
+        and not copy.requires_grad
+        and not reference.requires_grad
+    )
 
 
 # ----------------------------------------------------------------------------- targets
