@@ -185,10 +185,14 @@ class Target:
     """What TRAM measures d against: a distribution on the recorded batch of the first pass.
 
     TRAM calls :meth:`bind` once with the (unwrapped) model, :meth:`output` under ``no_grad`` for
-    each forward call it recorded, inside its replay context (the recorded call's dropout masks
+    each forward call it records, inside its replay context (the recorded call's dropout masks
     and autocast state, BatchNorm running statistics frozen), and :meth:`before_base_step` /
-    :meth:`after_base_step` around every base step. :meth:`state_dict` goes into TRAM's
-    checkpoint. A subclass implements :meth:`output` and whatever state it needs.
+    :meth:`after_base_step` around every base step. :meth:`output` runs at the start of the
+    recorded call (from inside the model's forward pre-hook, so it may call the model again);
+    with ``replay_dropout=False`` at its end; for a model with sharded parameters in
+    ``first_step``. :meth:`state_dict` goes into TRAM's checkpoint, and TRAM loads the one it
+    took before a first pass that raised, to undo what that pass's :meth:`output` calls drew. A
+    subclass implements :meth:`output` and whatever state it needs.
     """
 
     name: ClassVar[str] = "target"

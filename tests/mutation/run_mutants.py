@@ -173,9 +173,32 @@ MUTANTS = [
     Mutant(
         "reference-forward-outside-autocast",
         "tram/_tram.py",
-        "                stack.enter_context(record.autocast.context())",
+        "                stack.enter_context(replay.autocast.context())",
         "                pass",
-        ("tests/test_guarantees.py@autocast",),
+        # Inside the recorded forward the caller's autocast is on anyway; the reference forward
+        # that runs in first_step (sharded models) is where the recorded state matters.
+        ("tests/test_tram_memory.py@autocast and llama and noise",),
+    ),
+    Mutant(
+        "snapshot-takes-backups-written-since-the-restore",
+        "tram/_tram.py",
+        "            if param._version == param_version and backup._version == backup_version",
+        "            if True",
+        ("tests/test_tram_snapshot.py",),
+    ),
+    Mutant(
+        "snapshot-takes-backups-of-another-dtype",
+        "tram/targets.py",
+        "        and copy.dtype == reference.dtype",
+        "        and True",
+        ("tests/test_tram_snapshot.py",),
+    ),
+    Mutant(
+        "reference-forward-without-the-recorded-dropout",
+        "tram/_tram.py",
+        "                    torch.set_rng_state(replay.cpu_rng)",
+        "                    pass",
+        ("tests/test_tram_memory.py@llama and plain",),
     ),
     Mutant(
         "missing-ascent-not-warned",
