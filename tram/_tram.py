@@ -619,12 +619,14 @@ _OPTION_ALIASES = {"ema_decay": "decay", "reference_dtype": "dtype"}
 """TRAM's names of target options that the target objects spell otherwise."""
 
 
-_CHUNK_ELEMENTS = 1 << 18
-"""Logit elements per chunk of the divergence (1 MiB in fp32), unless that makes more than
+_CHUNK_ELEMENTS = 1 << 16
+"""Logit elements per chunk of the divergence (256 KiB in fp32), unless that makes more than
 :data:`_MAX_CHUNKS` chunks: bounds its float32 temporaries, which are several times the logits
 for a language model's [B, T, vocabulary] output. d is measured at the end of the recorded
 forward, where the step's activations are all alive, so its temporaries add to the step's peak
-(two 1 MiB buffers for the forward KL, 0.04 x the parameters of a 14M-parameter Llama)."""
+(for the forward KL two buffers of a chunk, or of a 64th of the logits when that is larger:
+0.01 x the parameters of the benchmarks' 14M-parameter Llama). On a CPU the time of d does not
+depend on the chunk size down to this one."""
 
 _MAX_CHUNKS = 64
 """At most this many chunks (larger ones beyond): each costs a few kernel launches on a GPU."""
