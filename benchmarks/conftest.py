@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 import tram
-from tram import _tram as tram_module
+from tram import _recording as recording_module
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -543,7 +543,7 @@ def count_allocations(runner: Runner, model: nn.Module, steps: int = 2) -> dict[
     # TRAM's d: the chunked mean over positions (its in-place forward KL or the divergence).
     is_tram = isinstance(runner.optimizer, tram.TRAM)
     divergence_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-    divergence = tram_module._chunked_mean_divergence if is_tram else None
+    divergence = recording_module.chunked_mean_divergence if is_tram else None
     if divergence is not None:
 
         def tagged_divergence(*args: Any, **kwargs: Any) -> Tensor:
@@ -551,7 +551,7 @@ def count_allocations(runner: Runner, model: nn.Module, steps: int = 2) -> dict[
             with counter.region("divergence"):
                 return divergence(*args, **kwargs)
 
-        tram_module._chunked_mean_divergence = tagged_divergence
+        recording_module.chunked_mean_divergence = tagged_divergence
     runner.base.step = tagged_base_step  # type: ignore[method-assign]
     try:
         with counter:
@@ -562,7 +562,7 @@ def count_allocations(runner: Runner, model: nn.Module, steps: int = 2) -> dict[
         for handle in handles:
             handle.remove()
         if divergence is not None:
-            tram_module._chunked_mean_divergence = divergence
+            recording_module.chunked_mean_divergence = divergence
     steps_taken = steps * runner.steps_per_call
     regions: dict[str, dict[str, Any]] = {}
     for region, op, nbytes, shape in counter.records:

@@ -1070,7 +1070,7 @@ def test_reference_logits_of_another_shape_are_rejected() -> None:
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "symmetric_kl", "js", "l2"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 def test_the_divergence_in_chunks_equals_the_whole(monkeypatch, name: str, masked: bool) -> None:
-    from tram import _tram
+    from tram import _recording
 
     generator = torch.Generator().manual_seed(0)
     target = torch.randn(3, 7, 11, generator=generator)
@@ -1078,8 +1078,8 @@ def test_the_divergence_in_chunks_equals_the_whole(monkeypatch, name: str, maske
     mask = torch.rand(3, 7, generator=generator) > 0.4 if masked else None
     divergence = tram.get_divergence(name)
     whole = divergence(target, logits, mask=mask)
-    monkeypatch.setattr(_tram, "_CHUNK_ELEMENTS", 11 * 4)  # 4 positions per chunk, 6 chunks
-    chunked = _tram._chunked_mean_divergence(divergence, target, logits, mask)
+    monkeypatch.setattr(_recording, "_CHUNK_ELEMENTS", 11 * 4)  # 4 positions per chunk, 6 chunks
+    chunked = _recording.chunked_mean_divergence(divergence, target, logits, mask)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-7)
     assert chunked.dtype == torch.float32
 
@@ -1091,7 +1091,7 @@ def test_the_in_place_forward_kl_equals_the_divergence(
     monkeypatch, chunk_positions: int, masked: bool, dtype: torch.dtype
 ) -> None:
     """TRAM's no-grad path for its default d gives kl_divergence's value, NaN padding ignored."""
-    from tram import _tram
+    from tram import _recording
 
     generator = torch.Generator().manual_seed(3)
     target = (3 * torch.randn(3, 7, 11, generator=generator)).to(dtype)
@@ -1101,9 +1101,9 @@ def test_the_in_place_forward_kl_equals_the_divergence(
         mask = torch.rand(3, 7, generator=generator) > 0.4
         target[~mask] = float("nan")  # garbage in padding must not reach d
     whole = tram.get_divergence("forward_kl")(target, logits, mask=mask)
-    monkeypatch.setattr(_tram, "_CHUNK_ELEMENTS", 11 * chunk_positions)
+    monkeypatch.setattr(_recording, "_CHUNK_ELEMENTS", 11 * chunk_positions)
     with torch.no_grad():
-        fast = _tram._chunked_mean_divergence(
+        fast = _recording.chunked_mean_divergence(
             tram.get_divergence("forward_kl"), target, logits, mask, forward_kl=True
         )
     assert fast.dtype == torch.float32

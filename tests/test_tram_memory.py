@@ -3,8 +3,8 @@
 TRAM used to keep each recorded forward's logits (detached) until ``first_step`` and run the
 reference forward there: a ``B x T x vocabulary`` tensor held through the whole first backward
 (0.30 x the parameters of the benchmarks' small Llama). It now runs the reference forward at the
-start of each recorded forward and measures d at its end (``tram/_tram.py``). The old path is
-still there for models with sharded parameters (``_measure_during_forward = False``); it is the
+start of each recorded forward and measures d at its end (``tram/_recording.py``). The old path is
+still there for models with sharded parameters (``measure_during_forward = False``); it is the
 oracle here: d and the weights must not change, to float tolerance, whichever path measures.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import tram
-from tram import _tram
+from tram import _recording
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,7 +112,7 @@ def run(
     options = {**OPTIONS[trust_region], **options}
     optimizer = tram.TRAM(base, model, trust_region=trust_region, **options)
     if not during_forward:  # the path that keeps the logits until first_step
-        optimizer._measure_during_forward = False
+        optimizer.recorder.measure_during_forward = False
     torch.manual_seed(1234)  # dropout masks
     for step in range(STEPS):
         batches = [make_batch(10 * step + k) for k in range(micro_batches)]
@@ -167,7 +167,7 @@ def test_the_logits_are_not_held_through_the_backward(
     (the log-softmax of the loss is saved for it, but not the logits)."""
     model = tiny_llama(dropout=0.0)
     optimizer = tram.TRAM(torch.optim.AdamW(model.parameters()), model, trust_region=trust_region)
-    optimizer._measure_during_forward = during_forward
+    optimizer.recorder.measure_during_forward = during_forward
     batch = lm_batch(0)
     alive_at_backward: list[bool] = []
 
@@ -246,20 +246,22 @@ def test_a_failed_first_pass_rolls_the_noise_generator_back() -> None:
 def test_the_divergence_keeps_at_most_max_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks grow past _CHUNK_ELEMENTS when there would be more than _MAX_CHUNKS of them."""
     calls: list[int] = []
-    forward_kl_rows = _tram.forward_kl_rows
+    forward_kl_rows = _recording.forward_kl_rows
 
     def counted(target: Tensor, logits: Tensor) -> Tensor:
         calls.append(logits.shape[0])
         return forward_kl_rows(target, logits)
 
-    monkeypatch.setattr(_tram, "forward_kl_rows", counted)
-    monkeypatch.setattr(_tram, "_CHUNK_ELEMENTS", 5 * 7)  # 5 rows of 7 classes
-    monkeypatch.setattr(_tram, "_MAX_CHUNKS", 4)
+    monkeypatch.setattr(_recording, "forward_kl_rows", counted)
+    monkeypatch.setattr(_recording, "_CHUNK_ELEMENTS", 5 * 7)  # 5 rows of 7 classes
+    monkeypatch.setattr(_recording, "_MAX_CHUNKS", 4)
     g = torch.Generator().manual_seed(0)
     target, logits = torch.randn(30, 7, generator=g), torch.randn(30, 7, generator=g)
     divergence = tram.divergence.get_divergence("forward_kl")
     with torch.no_grad():
-        value = _tram._chunked_mean_divergence(divergence, target, logits, None, forward_kl=True)
+        value = _recording.chunked_mean_divergence(
+            divergence, target, logits, None, forward_kl=True
+        )
     assert calls == [8, 8, 8, 6]  # 5 rows would make 6 chunks: ceil(30 / 4) = 8 rows
     torch.testing.assert_close(value, divergence(target, logits))
 
@@ -303,9 +305,9 @@ def test_models_with_sharded_parameters_keep_their_logits_until_first_step(tmp_p
         on_sharded = stepped(sharded, sharded)
         on_ddp = stepped(replicated, ddp)
         on_plain = stepped(plain, plain)
-        assert not on_sharded._measure_during_forward
-        assert on_ddp._measure_during_forward
-        assert on_plain._measure_during_forward
+        assert not on_sharded.recorder.measure_during_forward
+        assert on_ddp.recorder.measure_during_forward
+        assert on_plain.recorder.measure_during_forward
         assert on_plain.last_radius > 0
         assert on_sharded.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
         assert on_ddp.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)

@@ -96,14 +96,14 @@ MUTANTS = [
     ),
     Mutant(
         "divergence-argument-ignored",
-        "tram/_tram.py",
+        "tram/_recording.py",
         "self.divergence = get_divergence(divergence)",
         'self.divergence = get_divergence("forward_kl")',
         (f"{TRAM}::test_divergence_argument_equals_algorithm_1",),
     ),
     Mutant(
         "divergence-name-ignored",
-        "tram/_tram.py",
+        "tram/_recording.py",
         "self.divergence_name = divergence",
         'self.divergence_name = "forward_kl"',
         (f"{TRAM}::test_divergence_argument_equals_algorithm_1",),
@@ -165,14 +165,14 @@ MUTANTS = [
     ),
     Mutant(
         "reference-forward-updates-batchnorm",
-        "tram/_tram.py",
+        "tram/_recording.py",
         "                stack.enter_context(frozen_running_stats(self.module))",
         "                pass",
         ("tests/test_guarantees.py@batchnorm",),
     ),
     Mutant(
         "reference-forward-outside-autocast",
-        "tram/_tram.py",
+        "tram/_recording.py",
         "                stack.enter_context(replay.autocast.context())",
         "                pass",
         # Inside the recorded forward the caller's autocast is on anyway; the reference forward
@@ -195,7 +195,7 @@ MUTANTS = [
     ),
     Mutant(
         "reference-forward-without-the-recorded-dropout",
-        "tram/_tram.py",
+        "tram/_recording.py",
         "                    torch.set_rng_state(replay.cpu_rng)",
         "                    pass",
         ("tests/test_tram_memory.py@llama and plain",),

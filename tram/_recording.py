@@ -1,0 +1,349 @@
+"""How TRAM measures d: the first pass's forward calls, their reference forwards, the divergence.
+
+:class:`ForwardRecorder` hooks the model for the first pass of a step. At the start of each
+training forward call it runs the target's reference forward on the same inputs (no gradients,
+the call's dropout masks and autocast state, BatchNorm statistics frozen) and keeps the target's
+logits; at the end of the call it measures the divergence against the call's output logits and
+keeps that 0-dim d only (:class:`tram.TRAM`'s module docstring says why, and what changes for
+``replay_dropout=False`` and for models with sharded parameters). :meth:`ForwardRecorder.measure`
+averages the calls' d over the step, and over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tram._model_io import extract_logits, logits_mask
+from tram.batchnorm import frozen_running_stats
+from tram.divergence import forward_kl_rows, get_divergence
+from tram.targets import Target
+
+__all__ = ["ForwardRecorder", "chunked_mean_divergence", "parameters_are_sharded"]
+
+
+@dataclass
+class _Replay:
+    """How a recorded forward call ran, for its reference forward to run the same way: the RNG
+    state before it (its dropout masks) and its autocast state."""
+
+    cpu_rng: Tensor
+    cuda_rng: Tensor | None
+    autocast: _AutocastState
+
+
+@dataclass
+class _Deferred:
+    """A recorded forward call whose d is measured in ``first_step``, from its logits kept until
+    then (models with sharded parameters, see :func:`parameters_are_sharded`)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    logits: Tensor
+    replay: _Replay
+
+
+@dataclass
+class _Pending:
+    """A recorded forward call in progress: its replay and, once run, the target's logits."""
+
+    replay: _Replay
+    target_logits: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _AutocastState:
+    """The autocast state a forward ran under, to run the reference forward under the same."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def current(cls, module: nn.Module) -> _AutocastState:
+        device_type = next(module.parameters()).device.type
+        return cls(
+            device_type,
+            torch.is_autocast_enabled(device_type),
+            torch.get_autocast_dtype(device_type),
+        )
+
+    def context(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+class ForwardRecorder:
+    """Records the first pass of a step on ``module`` and measures d of each forward call.
+
+    One recorder per :class:`tram.TRAM`, never replaced: copies of the optimizer's ``__dict__``
+    (Lightning's ``LightningOptimizer``) share it, and with it the step's records.
+
+    Args:
+        module: the unwrapped model whose forward calls are recorded.
+        model: the model as the caller holds it (a DDP, FSDP or compiled wrapper), to tell
+            whether its parameters are sharded.
+        target: the trust region's target, bound to ``module``.
+        divergence: the name of d's divergence (:func:`tram.divergence.get_divergence`).
+        replay_dropout: replay each call's dropout masks in its reference forward.
+        logits_fn: maps the model's output to its logits (None: a Tensor or ``.logits``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        model: nn.Module,
+        target: Target,
+        *,
+        divergence: str,
+        replay_dropout: bool,
+        logits_fn: Callable[[Any], Tensor] | None,
+    ) -> None:
+        self.module = module
+        self.target = target
+        self.divergence_name = divergence
+        self.divergence = get_divergence(divergence)
+        self.replay_dropout = bool(replay_dropout)
+        self.logits_fn = logits_fn
+        self.measure_during_forward = not parameters_are_sharded(model, module)
+        # d of each recorded forward call (0-dim float32), or a deferred call to measure.
+        self.records: list[Tensor | _Deferred] = []
+        self.in_reference = False
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Hook the module for one first pass: d of each training forward call goes to
+        :attr:`records` (or the call itself, when d must wait for ``first_step``)."""
+        pending: list[_Pending] = []
+        during_forward = self.measure_during_forward
+        # The target's state before its first reference forward of this pass (the noise
+        # generator's): a pass that fails is rolled back to it, so that the next step draws
+        # what it would have drawn had the failed one never run.
+        rollback: list[dict[str, Any]] = []
+
+        def target_logits(args: Any, kwargs: Any, replay: _Replay) -> Tensor:
+            if not rollback:
+                rollback.append(self.target.state_dict())
+            return self.target_logits(args, kwargs, replay)
+
+        def records_this_call(module: nn.Module) -> bool:
+            return module.training and torch.is_grad_enabled() and not self.in_reference
+
+        def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
+            if not records_this_call(module):
+                return
+            cpu_rng, cuda_rng = capture_rng(module)
+            entry = _Pending(_Replay(cpu_rng, cuda_rng, _AutocastState.current(module)))
+            if during_forward and self.replay_dropout:
+                # Before the forward, while its activations do not exist yet: the target's
+                # logits are then the only logits-sized tensor TRAM holds, and only until d is
+                # measured at the end of this forward.
+                entry.target_logits = target_logits(args, kwargs, entry.replay)
+            pending.append(entry)
+
+        def after_forward(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if not records_this_call(module) or not pending:
+                return
+            entry = pending.pop()
+            logits = extract_logits(output, self.logits_fn).detach()
+            if not during_forward:
+                self.records.append(_Deferred(tuple(args), dict(kwargs), logits, entry.replay))
+                return
+            target, entry.target_logits = entry.target_logits, None
+            if target is None:
+                # replay_dropout=False: fresh masks from the training stream after this forward,
+                # where the reference forward drew them when it ran in first_step.
+                target = target_logits(args, kwargs, entry.replay)
+            self.records.append(self.divergence_of(target, logits, kwargs))
+
+        handles = [
+            self.module.register_forward_pre_hook(before_forward, with_kwargs=True),
+            self.module.register_forward_hook(after_forward, with_kwargs=True),
+        ]
+        try:
+            yield
+        except BaseException:
+            # A failed first pass is never measured: its records must not leak into the next.
+            self.records.clear()
+            if rollback:
+                self.target.load_state_dict(rollback[0])
+            raise
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def measure(self, *, synchronise: bool) -> float:
+        """d over the recorded calls: their mean, averaged over ranks if ``synchronise``."""
+        values = [
+            self.divergence_of(
+                self.target_logits(record.args, record.kwargs, record.replay),
+                record.logits,
+                record.kwargs,
+            )
+            if isinstance(record, _Deferred)
+            else record
+            for record in self.records
+        ]
+        radius = torch.stack(values).mean()
+        distributed = dist.is_available() and dist.is_initialized()
+        if synchronise and distributed and dist.get_world_size() > 1:
+            dist.all_reduce(radius)
+            radius = radius / dist.get_world_size()
+        return float(radius.item())
+
+    @torch.no_grad()
+    def divergence_of(self, target: Tensor, logits: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """d of one recorded call: the divergence of its ``logits`` from the ``target``'s."""
+        if target.shape != logits.shape:
+            raise ValueError(
+                "the reference logits and the recorded logits must have the same shape, but got "
+                f"{tuple(target.shape)} and {tuple(logits.shape)}"
+            )
+        mask = logits_mask(kwargs, logits)
+        if self.divergence_name == "mmd":  # set-level: cannot be split over positions
+            return self.divergence(target, logits, mask=mask).float()
+        return chunked_mean_divergence(
+            self.divergence,
+            target,
+            logits,
+            mask,
+            forward_kl=self.divergence_name == "forward_kl",
+        )
+
+    @torch.no_grad()
+    def target_logits(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], replay: _Replay
+    ) -> Tensor:
+        """The target's logits on a recorded call's inputs.
+
+        The reference forward runs like the recorded forward (train mode, the same autocast
+        state, the same dropout masks unless ``replay_dropout=False``) except that BatchNorm
+        running statistics are not updated: they come from the first pass only, as for every
+        two-pass step.
+        """
+        self.in_reference = True
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.replay_dropout:
+                    devices = [] if replay.cuda_rng is None else [_cuda_device(self.module)]
+                    stack.enter_context(torch.random.fork_rng(devices=devices))
+                    torch.set_rng_state(replay.cpu_rng)
+                    if replay.cuda_rng is not None:
+                        torch.cuda.set_rng_state(replay.cuda_rng, devices[0])
+                stack.enter_context(frozen_running_stats(self.module))
+                stack.enter_context(replay.autocast.context())
+                output = self.target.output(tuple(args), dict(kwargs))
+                return extract_logits(output, self.logits_fn).detach()
+        finally:
+            self.in_reference = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["records"] = []  # references to live tensors of a step in progress
+        state["in_reference"] = False
+        return state
+
+
+_CHUNK_ELEMENTS = 1 << 16
+"""Logit elements per chunk of the divergence (256 KiB in fp32), unless that makes more than
+:data:`_MAX_CHUNKS` chunks: bounds its float32 temporaries, which are several times the logits
+for a language model's [B, T, vocabulary] output. d is measured at the end of the recorded
+forward, where the step's activations are all alive, so its temporaries add to the step's peak
+(for the forward KL two buffers of a chunk, or of a 64th of the logits when that is larger:
+0.01 x the parameters of the benchmarks' 14M-parameter Llama). On a CPU the time of d does not
+depend on the chunk size down to this one."""
+
+_MAX_CHUNKS = 64
+"""At most this many chunks (larger ones beyond): each costs a few kernel launches on a GPU."""
+
+
+def chunked_mean_divergence(
+    divergence: Callable[..., Tensor],
+    target: Tensor,
+    logits: Tensor,
+    mask: Tensor | None,
+    *,
+    forward_kl: bool = False,
+) -> Tensor:
+    """A per-position divergence averaged over the counted positions, computed in chunks.
+
+    Equal to ``divergence(target, logits, mask=mask)`` for divergences that are a mean over
+    positions (KL, JS, L2), with temporaries bounded by :data:`_CHUNK_ELEMENTS` (or a
+    :data:`_MAX_CHUNKS`-th of the logits, whichever is larger). The forward KL
+    (``forward_kl=True``: ``divergence`` is TRAM's default d) without gradients goes through
+    :func:`~tram.divergence.forward_kl_rows`, two in-place buffers per chunk.
+    """
+    classes = logits.shape[-1]
+    target = target.reshape(-1, classes)
+    logits = logits.reshape(-1, classes)
+    counted = None if mask is None else mask.reshape(-1) != 0
+    rows = max(1, _CHUNK_ELEMENTS // classes, -(-logits.shape[0] // _MAX_CHUNKS))
+    in_place = forward_kl and not torch.is_grad_enabled()
+    if logits.shape[0] <= rows and not in_place:
+        return divergence(target, logits, mask=counted).float()
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    count = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        chunk = slice(start, start + rows)
+        chunk_mask = None if counted is None else counted[chunk]
+        chunk_count = (
+            float(logits[chunk].shape[0]) if chunk_mask is None else chunk_mask.sum().float()
+        )
+        if in_place:
+            per_row = forward_kl_rows(target[chunk], logits[chunk])
+            if chunk_mask is not None:
+                per_row = torch.where(chunk_mask, per_row, 0.0)
+            total = total + per_row.sum()
+        else:
+            value = divergence(target[chunk], logits[chunk], mask=chunk_mask).float()
+            total = total + value * chunk_count
+        count = count + chunk_count
+    return total / count.clamp_min(1.0)
+
+
+def parameters_are_sharded(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded (FSDP, FSDP2, DeepSpeed).
+
+    Their forward gathers the parameters and scatters them again afterwards, so the reference
+    forward must not run inside it (:class:`tram.TRAM` measures d of such models in ``first_step``,
+    from the logits kept until then). Replicating wrappers (DDP, DataParallel) and
+    ``torch.compile`` leave the parameters whole.
+    """
+    wrapper = model
+    while wrapper is not module:
+        inner = _replicating_wrapper_inner(wrapper)
+        if inner is None:
+            return True  # FSDP1, DeepSpeed: a wrapper that shards
+        wrapper = inner
+    sharding = ("FullyShardedDataParallel", "DeepSpeedEngine")
+    for child in module.modules():
+        names = {cls.__name__ for cls in type(child).__mro__}
+        if names & set(sharding) or any(name.startswith("FSDP") for name in names):
+            return True  # FSDP1 inside, or FSDP2's fully_shard (which renames the class FSDP...)
+    return any(type(param).__name__ == "DTensor" for param in module.parameters())
+
+
+def _replicating_wrapper_inner(wrapper: nn.Module) -> nn.Module | None:
+    """The module inside DDP, DataParallel or ``torch.compile``'s wrapper; None otherwise."""
+    if isinstance(wrapper, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return wrapper.module
+    inner = getattr(wrapper, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _cuda_device(module: nn.Module) -> int:
+    device = next(module.parameters()).device
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capture_rng(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    cpu_state = torch.get_rng_state()
+    device = next(module.parameters()).device
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return cpu_state, cuda_state
