@@ -476,3 +476,33 @@ def test_ascent_function_errors() -> None:
     p, g = torch.ones(2), torch.ones(2)
     with pytest.raises(ValueError, match="Invalid scaling: 'diagonal'"):
         scaled_squared_norm([p], [g], [torch.empty(2)], scaling="diagonal", eta=0.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adaptive_ascent_without_eta_keeps_the_bits_of_abs_theta(foreach: bool) -> None:
+    """With η = 0 the ascent works with θ in place of |θ|: the norm, T² g and the moved weights
+    must be the bits (signed zeros included) of the |θ| form."""
+    params, grads = random_tensors(torch.float32, seed=13)
+    params[0].view(-1)[:4] = torch.tensor([0.0, -0.0, -0.0, 0.0])
+    grads[0].view(-1)[:4] = torch.tensor([-1.5, 2.0, -0.0, 0.0])
+    grads[1].view(-1)[:2] = torch.tensor([-0.0, 0.0])
+    expected_norm = sum(((p.abs() * g).double() ** 2).sum() for p, g in zip(params, grads))
+    expected_directions = [p.abs() * (p.abs() * g) for p, g in zip(params, grads)]
+    expected_params = [torch.add(p, d, alpha=0.03) for p, d in zip(params, expected_directions)]
+    backups = [torch.empty_like(p) for p in params]
+    squared = scaled_squared_norm(
+        params, grads, backups, scaling="adaptive", eta=0.0, foreach=foreach
+    )
+    direct = [p.abs() * g for p, g in zip(params, grads)]
+    direct_norms = torch.stack([torch.linalg.vector_norm(t) for t in direct])
+    assert torch.equal(squared, (direct_norms * direct_norms).sum())
+    torch.testing.assert_close(squared.double(), expected_norm)
+    apply_ascent_(
+        params, grads, backups, scaling="adaptive", eta=0.0, coefficient=0.03, foreach=foreach
+    )
+
+    def bits(tensors: list[Tensor]) -> list[Tensor]:
+        return [t.view(torch.int32) for t in tensors]
+
+    assert all(torch.equal(a, b) for a, b in zip(bits(grads), bits(expected_directions)))
+    assert all(torch.equal(a, b) for a, b in zip(bits(params), bits(expected_params)))

@@ -74,22 +74,30 @@ def scaled_squared_norm(
             else [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
         )
     else:
-        _write_operator_(
-            params,
-            grads,
-            scratch,
-            scaling=scaling,
-            eta=eta,
-            inverse_scale=inverse_scale,
-            foreach=foreach,
-        )
+        signed = _signed_adaptive(scaling, eta)
+        if not signed:
+            _write_operator_(
+                params,
+                grads,
+                scratch,
+                scaling=scaling,
+                eta=eta,
+                inverse_scale=inverse_scale,
+                foreach=foreach,
+            )
+        # With η = 0, T g = |θ| g is held as θ g: the same magnitudes, so the same norm.
         if foreach:
+            if signed:
+                foreach_copy_(scratch, params)
             torch._foreach_mul_(scratch, grads)
             norms = list(torch._foreach_norm(scratch, 2, dtype=dtype))
         else:
             norms = []
-            for work, g in zip(scratch, grads, strict=True):
-                work.mul_(g)
+            for work, p, g in zip(scratch, params, grads, strict=True):
+                if signed:
+                    torch.mul(p, g, out=work)
+                else:
+                    work.mul_(g)
                 norms.append(torch.linalg.vector_norm(work, dtype=dtype))
     device = norms[0].device
     stacked = torch.stack([n.to(device) for n in norms])
@@ -115,7 +123,16 @@ def apply_ascent_(
     The gradients are overwritten with :math:`T^2 g` and are meaningless afterwards; the
     caller clears them.
     """
-    if scaling != "identity":
+    if _signed_adaptive(scaling, eta):
+        # T^2 g = |θ| (|θ| g) = θ (θ g), bit for bit (the product's sign is g's either way):
+        # no pass for |θ|, and on the loop path θ (θ g) is written straight over g.
+        if foreach:
+            torch._foreach_mul_(grads, params)
+            torch._foreach_mul_(grads, params)
+        else:
+            for g, p, scaled in zip(grads, params, backups, strict=True):
+                torch.mul(p, scaled, out=g)
+    elif scaling != "identity":
         # T is a function of the parameters and the gradients alone, so it can be written over
         # the gradients; times the T g held in the backups, that is T^2 g.
         _write_operator_(
@@ -139,6 +156,17 @@ def apply_ascent_(
         for p, g, backup in zip(params, grads, backups, strict=True):
             backup.copy_(p)
             p.add_(g, alpha=coefficient)
+
+
+def _signed_adaptive(scaling: Scaling, eta: float) -> bool:
+    r"""Whether the adaptive operator can work with θ in place of :math:`T = |θ|` (η = 0).
+
+    With η = 0, :math:`T g = |θ| g` and :math:`θ g` differ in sign only, so their norms are
+    the same bits, and :math:`T^2 g = |θ| (|θ| g) = θ (θ g)` exactly (rounding to nearest is
+    symmetric in sign, and both products carry the sign of g, zeros included). That saves the
+    passes that take :math:`|θ|`: TRAM's default (Sherborne et al. 2024, Eq. 7 has η = 0).
+    """
+    return scaling == "adaptive" and eta == 0
 
 
 def restore_(params: list[Tensor], backups: list[Tensor], *, foreach: bool = False) -> None:
