@@ -42,12 +42,14 @@ from typing import Any
 
 import pytest
 import torch
+from step_timing import step_timer  # benchmarks/ is on sys.path: pytest's rootdir conftest
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 import tram
 from tram import _recording as recording_module
+from tram.adapters import AdapterOff
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -60,7 +62,12 @@ SEQ_LEN = 64
 MODELS: dict[str, str] = {
     "minilm_bert": "MiniLM-sized BERT for sequence classification (6 x 384, vocab 30522)",
     "small_llama": "small Llama causal LM (6 x 384, vocab 8192, tied embeddings)",
+    "small_llama_lora": "the small Llama with PEFT LoRA r=8 on q/k/v/o_proj, base weights frozen",
 }
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Method name -> label in the tables. AdamW first: the memory baseline.
 METHODS: dict[str, str] = {
@@ -79,7 +86,29 @@ METHODS: dict[str, str] = {
     "tram_x_every4": "TRAM-x, ascent_every=4",
     "tram_x_radius4": "TRAM-x, radius_every=4",
     "tram_theta0_radius4": "TRAM-θ0, radius_every=4",
+    "tram_adapter_off": "TRAM-θ0 (adapter off)",
+    "tram_adapter_off_radius4": "TRAM-θ0 (adapter off), radius_every=4",
 }
+
+PEFT_ONLY = ("tram_adapter_off", "tram_adapter_off_radius4")
+"""Methods that need a PEFT LoRA model (:class:`tram.adapters.AdapterOff`)."""
+
+MODEL_METHODS: dict[str, tuple[str, ...]] = {
+    name: tuple(m for m in METHODS if m not in PEFT_ONLY) for name in MODELS
+}
+# LoRA: the rows of its target (TRAM amortised ≤ 1.15 × SAM, SAM ≤ 2.05 × AdamW), every-step
+# TRAM and ASAM (the same ascent form as TRAM) beside them for the breakdown.
+MODEL_METHODS["small_llama_lora"] = (
+    "adamw",
+    "sam",
+    "asam",
+    "tram_x",
+    "tram_x_radius4",
+    "tram_theta0",
+    "tram_theta0_radius4",
+    "tram_adapter_off",
+    "tram_adapter_off_radius4",
+)
 
 LARGE_ALLOCATION_BYTES = 64 * 1024
 """An allocation of the wrapper's own code at least this large counts as a failure."""
@@ -113,10 +142,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--step-cost-clock",
-        choices=("auto", "cpu", "wall"),
+        choices=("auto", "cpu", "wall", "device"),
         default="auto",
-        help="clock the targets are checked on: auto is process CPU time on a CPU run with one "
-        "thread, wall-clock time otherwise",
+        help="clock the targets are checked on: auto is the CUDA-event time (device) on CUDA, "
+        "process CPU time on a CPU run with one thread, wall-clock time otherwise",
     )
 
 
@@ -130,10 +159,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "model_name" in metafunc.fixturenames:
+    if "model_name" in metafunc.fixturenames and "method" in metafunc.fixturenames:
+        pairs = [(model, method) for model in MODELS for method in MODEL_METHODS[model]]
+        metafunc.parametrize(
+            ("model_name", "method"), pairs, ids=[f"{model}-{method}" for model, method in pairs]
+        )
+    elif "model_name" in metafunc.fixturenames:
         metafunc.parametrize("model_name", list(MODELS))
-    if "method" in metafunc.fixturenames:
-        metafunc.parametrize("method", list(METHODS))
     if "block" in metafunc.fixturenames:
         blocks = metafunc.config.getoption("step_cost_blocks")
         metafunc.parametrize("block", range(blocks), ids=[f"block{b}" for b in range(blocks)])
@@ -166,7 +198,14 @@ def pick_device() -> torch.device:
 
 
 def build_model(name: str, device: torch.device) -> tuple[nn.Module, dict[str, Tensor]]:
-    """A model from its config (no download) and one seeded batch of 8 x 64 tokens."""
+    """A model from its config (no download) and one seeded batch of 8 x 64 tokens.
+
+    ``small_llama_lora`` is ``small_llama`` (the same weights and batch) wrapped by
+    ``peft.get_peft_model`` with LoRA adapters (r = 8, alpha = 16, dropout 0) on every attention
+    projection; only the adapters train.
+    """
+    if name == "small_llama_lora":
+        return _lora_model(device)
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -222,6 +261,41 @@ def build_model(name: str, device: torch.device) -> tuple[nn.Module, dict[str, T
     return model, batch
 
 
+def _lora_model(device: torch.device) -> tuple[nn.Module, dict[str, Tensor]]:
+    import warnings
+
+    import peft
+
+    model, batch = build_model("small_llama", device)
+    model.zero_grad(set_to_none=True)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=list(LORA_MODULES),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on the config, not about the benchmark
+        lora = peft.get_peft_model(model, config).train()
+    lora(**batch).loss.backward()  # the adapters' gradients, as build_model does for the others
+    return lora, batch
+
+
+def _reset_lora_b(model: nn.Module) -> None:
+    """Zero every ``lora_B``, as at PEFT's initialisation.
+
+    The methods share one model, which the steps of the methods built before have trained;
+    :class:`tram.adapters.AdapterOff` refuses adapters that are not at their initialisation
+    (``lora_B = 0``) when it is bound. Zeroing them makes the adapter-off model θ0 again; the
+    other methods' costs do not depend on the values of the weights.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.zero_()
+
+
 def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
@@ -243,16 +317,22 @@ class Runner:
     first_step_net_bytes: int | None = None
     cpu_times: list[float] = dataclasses.field(default_factory=list)
     wall_times: list[float] = dataclasses.field(default_factory=list)
+    device_times: list[float] = dataclasses.field(default_factory=list)  # CUDA events; CUDA only
+
+    def __post_init__(self) -> None:
+        self.timer = step_timer(self.device)
 
     def run(self) -> None:
-        """``steps_per_call`` optimizer steps; records their process CPU and wall-clock times."""
-        cpu, wall = time.process_time(), time.perf_counter()
+        """``steps_per_call`` optimizer steps; records their process CPU and wall-clock times,
+        and on CUDA their CUDA-event time (``step_timing.py``)."""
+        self.timer.start()
         for _ in range(self.steps_per_call):
             self.drive(self.closure)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.cpu_times.append(time.process_time() - cpu)
-        self.wall_times.append(time.perf_counter() - wall)
+        times = self.timer.stop()
+        self.cpu_times.append(times["cpu"])
+        self.wall_times.append(times["wall"])
+        if "device" in times:
+            self.device_times.append(times["device"])
 
 
 def build_runner(method: str, model: nn.Module, batch: dict[str, Tensor]) -> Runner:
@@ -299,8 +379,12 @@ def build_runner(method: str, model: nn.Module, batch: dict[str, Tensor]) -> Run
             "tram_x_radius4": {"trust_region": "noise", "sigma": 0.1, "radius_every": 4},
             "tram_theta0_radius4": {"trust_region": "pretrained", "radius_every": 4},
             "tram_fisher": {"trust_region": "fisher", "sigma": 0.1},
+            "tram_adapter_off": {"target": AdapterOff()},
+            "tram_adapter_off_radius4": {"target": AdapterOff(), "radius_every": 4},
         }[method]
         steps_per_call = options.get("ascent_every", 1) * options.get("radius_every", 1)
+        if isinstance(options.get("target"), AdapterOff):
+            _reset_lora_b(model)
         stepped = tram.TRAM(base, model, **options)
     elif method == "r3f":
         kind = "regularizer"

@@ -49,6 +49,35 @@ TARGETS: list[tuple[str, str, str, str, float | None]] = [
     ),
 ]
 
+# LoRA fine-tuning (``small_llama_lora``): the amortised TRAM against SAM and SAM against AdamW.
+# Memory is shown over the adapters' bytes for information only: the logits TRAM keeps for d do
+# not shrink with the number of trainable weights.
+LORA_TARGETS: list[tuple[str, str, str, str, float | None]] = [
+    ("SAM step / AdamW step", "sam", "adamw", "time", 2.05),
+    ("TRAM-x radius_every=4 step / SAM step", "tram_x_radius4", "sam", "time", 1.15),
+    ("TRAM-θ0 radius_every=4 step / SAM step", "tram_theta0_radius4", "sam", "time", 1.15),
+    (
+        "TRAM-θ0 (adapter off) radius_every=4 step / SAM step",
+        "tram_adapter_off_radius4",
+        "sam",
+        "time",
+        1.15,
+    ),
+    ("TRAM-x step / SAM step", "tram_x", "sam", "time", None),
+    ("TRAM-θ0 step / SAM step", "tram_theta0", "sam", "time", None),
+    ("TRAM-θ0 (adapter off) step / SAM step", "tram_adapter_off", "sam", "time", None),
+    ("ASAM step / SAM step", "asam", "sam", "time", None),
+    ("TRAM-x radius_every=4 step / ASAM step", "tram_x_radius4", "asam", "time", None),
+    ("SAM extra memory / trainable bytes", "sam", "P", "extra", None),
+    ("TRAM-x extra memory / trainable bytes", "tram_x", "P", "extra", None),
+]
+
+
+def targets_for(model: str) -> list[tuple[str, str, str, str, float | None]]:
+    """The targets a model's rows are checked against: LoRA models have their own."""
+    return LORA_TARGETS if model.endswith("_lora") else TARGETS
+
+
 WRAPPERS = (
     "sam",
     "asam",
@@ -62,22 +91,34 @@ WRAPPERS = (
     "tram_theta0_radius4",
     "sam_every4",
     "tram_x_every4",
+    "tram_adapter_off",
+    "tram_adapter_off_radius4",
 )
 
 
-CLOCKS = ("cpu", "wall")
+CLOCKS = ("cpu", "wall", "device")
+CLOCK_NAMES = {"cpu": "process CPU time", "wall": "wall-clock time", "device": "CUDA-event time"}
 
 
 def primary_clock(machine: dict[str, Any]) -> str:
-    """Process CPU time on a CPU run with one intra-op thread, wall-clock time otherwise.
+    """The CUDA-event time on CUDA; process CPU time on a CPU run with one intra-op thread;
+    wall-clock time otherwise.
 
     With one thread, the CPU time of the process is the work of the step, and it is far less
-    disturbed than the wall-clock time when other processes compete for the cores.
+    disturbed than the wall-clock time when other processes compete for the cores. On a GPU the
+    host's CPU time is not the work; the CUDA events around the round measure the device's.
     """
     clock = machine.get("clock")
     if clock in CLOCKS:
         return str(clock)
+    if str(machine.get("device", "")).startswith("cuda"):
+        return "device"
     return "cpu" if machine.get("device") == "cpu" and machine.get("torch_threads") == 1 else "wall"
+
+
+def beside_clock(clock: str) -> str:
+    """The clock shown in brackets beside the primary one."""
+    return "cpu" if clock == "wall" else "wall"
 
 
 def summarize(bench_json: dict[str, Any]) -> dict[str, Any]:
@@ -99,6 +140,7 @@ def summarize(bench_json: dict[str, Any]) -> dict[str, Any]:
             rounds = {
                 "wall": bench["stats"].get("data") or info.get("wall_s", []),
                 "cpu": info.get("cpu_s", []),
+                "device": info.get("device_s", []),
             }
             for clock, data in rounds.items():
                 series = times.setdefault(model, {}).setdefault(clock, {}).setdefault(method, [])
@@ -108,7 +150,7 @@ def summarize(bench_json: dict[str, Any]) -> dict[str, Any]:
     models: dict[str, Any] = {}
     for model in sorted(set(times) | set(memory), key=_model_order):
         models[model] = _summarize_model(
-            times.get(model, {}), memory.get(model, {}), machine["clock"]
+            times.get(model, {}), memory.get(model, {}), machine["clock"], targets_for(model)
         )
     return {"machine": machine, "models": models}
 
@@ -118,7 +160,10 @@ def _model_order(name: str) -> tuple[int, str]:
 
 
 def _summarize_model(
-    times: dict[str, dict[str, list[float]]], memory: dict[str, dict[str, Any]], clock: str
+    times: dict[str, dict[str, list[float]]],
+    memory: dict[str, dict[str, Any]],
+    clock: str,
+    model_targets: list[tuple[str, str, str, str, float | None]],
 ) -> dict[str, Any]:
     medians = {
         c: {m: statistics.median(v) for m, v in times.get(c, {}).items() if v} for c in CLOCKS
@@ -168,8 +213,8 @@ def _summarize_model(
                         entry["divergence_peak_per_logits"] = peak / allocations["logits_bytes"]
         methods[method] = entry
     targets = []
-    other = "wall" if clock == "cpu" else "cpu"
-    for name, numerator, denominator, quantity, limit in TARGETS:
+    other = beside_clock(clock)
+    for name, numerator, denominator, quantity, limit in model_targets:
         value = other_value = None
         if quantity == "time":
             value = _ratio(medians[clock], numerator, denominator)
@@ -221,8 +266,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
     """The tables of ``step_cost.md``."""
     machine = summary.get("machine", {})
     clock = machine.get("clock", "wall")
-    other = "wall" if clock == "cpu" else "cpu"
-    clock_name = {"cpu": "process CPU time", "wall": "wall-clock time"}
+    other = beside_clock(clock)
+    clock_name = CLOCK_NAMES
     lines = ["# Step cost of the tram optimizers", ""]
     if machine:
         lines += [
@@ -245,7 +290,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
     ]
     for model, data in summary.get("models", {}).items():
         p_bytes = data.get("parameter_bytes")
-        size = f", {p_bytes / 4 / 1e6:.1f}M fp32 parameters" if p_bytes else ""
+        size = f", {p_bytes / 4 / 1e6:.2f}M trainable fp32 parameters" if p_bytes else ""
         lines += [f"## {model}{size}", ""]
         lines += [
             f"| method | {clock} s/step | × AdamW | × SAM | held / P | extra / P "

@@ -25,6 +25,8 @@ def test_step_time(benchmark: Any, step_cost: Any, model_name: str, method: str,
     # pytest-benchmark keeps the wall-clock times; the process CPU time of the same rounds too.
     benchmark.extra_info["cpu_s"] = runner.cpu_times[first:]
     benchmark.extra_info["wall_s"] = runner.wall_times[first:]
+    if runner.device_times:  # CUDA: the CUDA-event time of the same rounds
+        benchmark.extra_info["device_s"] = runner.device_times[first:]
 
 
 def test_step_memory(benchmark: Any, step_cost: Any, model_name: str, method: str):
