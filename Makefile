@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 # Tests that CI runs: everything fast, plus the representative slow ones.
 TEST_MARKERS ?= not slow or representative
 
-.PHONY: setup run test test-slow test-all lint format bench clean
+.PHONY: setup run test test-slow test-all lint format bench bench-cuda clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ format: setup
 
 bench: setup
 	$(VENV)/bin/pytest benchmarks --benchmark-only -p no:cacheprovider
+
+# The step-cost benchmark on one CUDA GPU in under ten minutes; installs nothing (the GPU machine
+# may have no network). BENCH_CUDA_ARGS=--dry-run prints the plan. See benchmarks/README.md.
+bench-cuda:
+	bash benchmarks/cuda.sh $(BENCH_CUDA_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
