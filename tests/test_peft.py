@@ -271,3 +271,24 @@ def test_example_peft_lora_fine_tunes_minilm() -> None:
     stdout = run_example("peft_lora.py", None, "--model=minilm")
     assert "reference: adapter_off, holds 0.00 MiB" in stdout
     assert "step   2" in stdout
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_previous_reference_holds_the_adapters_before_each_base_step(kind: str) -> None:
+    """TRAM-θt−1 on LoRA: the snapshot is of the trainable (adapter) weights only, and after a
+    step it equals them as they were before that step's base update; frozen weights are read
+    from the live model, never copied."""
+    model = MODELS[kind]()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    base = torch.optim.AdamW(list(trainable.values()), lr=3e-2, weight_decay=0.01)
+    optimizer = tram.TRAM(base, model, trust_region="previous")
+    assert isinstance(optimizer.reference, ReferenceWeights)
+    assert list(optimizer.reference.state_dict()) == list(trainable)
+    assert all("lora_" in n or "modules_to_save" in n for n in trainable), list(trainable)
+    for batch in batches(kind, 2, seed=19):
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        train(model, optimizer, [batch])
+        snapshot = optimizer.reference.state_dict()
+        assert all(torch.equal(snapshot[n], before[n]) for n in trainable)
+        assert any(not torch.equal(snapshot[n], p) for n, p in trainable.items())
+    assert optimizer.radius_history[0] == 0.0  # θ1 against θ0 at the first step: d = 0
