@@ -21,9 +21,12 @@ skipped with the gradient intact), then :func:`apply_ascent_` overwrites the gra
 :math:`T^2 g = T (T g)`, reusing the :math:`T g` the first phase left, copies the parameters
 into the backups and moves the parameters. Reusing it saves three of the thirteen elementwise
 passes over the weights that an ASAM-form ascent made (TRAM's default), and gives the same bits:
-:math:`T (T g)` and :math:`(g T) T` are the same products. Each function has a loop
-implementation (the readable reference) and a ``torch._foreach_*`` one; the tests check they
-agree.
+:math:`T (T g)` and :math:`(g T) T` are the same products. With :math:`\eta = 0` (TRAM's
+default) the adaptive operator works with :math:`\theta` in place of :math:`|\theta|`
+(:func:`_signed_adaptive`): the same norm and the same :math:`T^2 g` bit for bit, without the
+passes that take the absolute value. Each function has a loop implementation (the readable
+reference; it writes products with ``out=`` where a pass can be saved) and a
+``torch._foreach_*`` one; the tests check they agree.
 
 ``inverse_scale`` is ``1 / s`` for gradients multiplied by a loss scale ``s`` (fp16 with a
 ``GradScaler``). The identity and adaptive directions are invariant to ``s``; the Fisher
