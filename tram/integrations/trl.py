@@ -28,9 +28,10 @@ draws the same dropout masks. TRAM records the twin (its logits, its inputs, its
 so d is measured exactly on the distribution the real forward computes, against the reference
 run on the same inputs with the same masks. It costs one forward with gradients enabled (its
 graph is freed as soon as it returns, and with it the full ``[batch, length, vocabulary]``
-logits: TRAM keeps only d of each recorded forward) per micro-batch: 4 forwards and 2 backwards per micro-batch instead of 3
-and 2. SAM, ASAM and Fisher SAM need no logits and cost what they cost under ``TramTrainer``.
-TRL's own reference model of DPO runs without gradients and is never recorded.
+logits: TRAM keeps only d of each recorded forward) per micro-batch: 4 forwards and 2
+backwards per micro-batch instead of 3 and 2. SAM, ASAM and Fisher SAM need no logits and cost
+what they cost under ``TramTrainer``. TRL's own reference model of DPO runs without gradients
+and is never recorded.
 
 What of TRL this relies on beyond its documented API, checked by ``tests/test_trl.py``: the
 arguments that select the fused head and its loss (``fused_lm_head``, ``labels``,
