@@ -191,6 +191,26 @@ def test_a_target_serves_one_optimizer() -> None:
         tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, target=target)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("target", targets.Pretrained()),
+        ("replay_dropout", False),
+        ("divergence", tram.get_divergence("l2")),
+        ("logits_fn", lambda output: output),
+    ],
+)
+def test_what_d_is_measured_with_is_fixed_at_construction(name: str, value: Any) -> None:
+    """The recorder that measures d holds these; a later assignment to the optimizer would
+    change what it reports without changing what it measures, so it raises instead."""
+    model = Net()
+    optimizer = tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, sigma=0.3)
+    before = getattr(optimizer, name)
+    with pytest.raises(AttributeError):
+        setattr(optimizer, name, value)
+    assert getattr(optimizer, name) is before
+
+
 def test_bad_target_objects_are_refused() -> None:
     with pytest.raises(ValueError, match=r"Invalid sigma: -0\.1"):
         targets.NoisedInputs(sigma=-0.1)

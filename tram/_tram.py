@@ -205,7 +205,7 @@ class TRAM(TwoPassOptimizer):
             "ema_decay": ema_decay,
             "reference_dtype": reference_dtype,
         }
-        self.target = _resolve_target(target, trust_region, shorthand_options)
+        resolved = _resolve_target(target, trust_region, shorthand_options)
         if max_radius is not None:
             max_radius = check_non_negative("max_radius", max_radius)
         self.max_radius = max_radius
@@ -220,18 +220,23 @@ class TRAM(TwoPassOptimizer):
             local_ascent=local_ascent,
             foreach=foreach,
         )
-        self.target.bind(self.module)
+        resolved.bind(self.module)
         self._radius_state = _RadiusState()
         self.recorder = ForwardRecorder(
             self.module,
             model,
-            self.target,
+            resolved,
             divergence=divergence,
             replay_dropout=replay_dropout,
             logits_fn=logits_fn,
         )
 
     # ------------------------------------------------------------------ views
+    @property
+    def target(self) -> Target:
+        """The :class:`~tram.targets.Target` d is measured against (fixed at construction)."""
+        return self.recorder.target
+
     @property
     def trust_region(self) -> str:
         """The target's name (``"noise"``, ``"pretrained"``, ... or a user target's ``name``)."""
