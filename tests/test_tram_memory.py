@@ -158,6 +158,18 @@ def test_d_is_the_d_measured_from_kept_logits(
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def holds_memory_at(obj: object, address: int) -> bool:
+    """Whether ``obj`` is a tensor whose data starts at ``address``. Tensors without storage
+    (the fake tensors that earlier ``torch.compile`` tests leave to the garbage collector)
+    hold nothing."""
+    if not issubclass(type(obj), Tensor) or obj.numel() == 0:  # type: ignore[attr-defined]
+        return False
+    try:
+        return obj.data_ptr() == address  # type: ignore[attr-defined]
+    except RuntimeError:
+        return False
+
+
 @pytest.mark.parametrize("during_forward", [True, False], ids=["in the forward", "kept"])
 @pytest.mark.parametrize("trust_region", ["noise", "pretrained"])
 def test_the_logits_are_not_held_through_the_backward(
@@ -178,12 +190,7 @@ def test_the_logits_are_not_held_through_the_backward(
         loss = output.loss
         del output
         gc.collect()
-        alive_at_backward.append(
-            any(
-                issubclass(type(obj), Tensor) and obj.numel() > 0 and obj.data_ptr() == address
-                for obj in gc.get_objects()
-            )
-        )
+        alive_at_backward.append(any(holds_memory_at(obj, address) for obj in gc.get_objects()))
         loss.backward()
         return loss
 
