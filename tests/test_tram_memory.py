@@ -24,7 +24,7 @@ from tram import _recording
 
 transformers = pytest.importorskip("transformers")
 
-from tests.helpers import tiny_bert  # noqa: E402
+from tests.helpers import tiny_bert, tiny_llama_config  # noqa: E402
 
 VOCAB = 97
 STEPS = 3
@@ -40,15 +40,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
 def tiny_llama(*, seed: int = 0, dropout: float = 0.1) -> nn.Module:
     """A two-layer, 32-wide ``LlamaForCausalLM`` from a config (attention dropout on)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    config = tiny_llama_config(
         vocab_size=VOCAB,
+        dropout=dropout,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=16,
-        attention_dropout=dropout,
         tie_word_embeddings=True,
         use_cache=False,
     )
