@@ -407,6 +407,8 @@ def test_grid_extends_past_the_edge_until_the_choice_is_interior(tmp_path, monke
     assert "| sam | rho | 0.0025: 80.0 (n = 1), 0.005: 85.0 (n = 3), 0.01: 84.0 (n = 3)" in (
         "\n".join(lines)
     )
+    # The seeds the report names are the ones the runs used, not the default tuning seeds.
+    assert "Seeds 7, 8, 9 (not among the evaluation seeds)" in "\n".join(lines)
     partial = tmp_path / "results" / Job("tune", "sam", 7, 0.0025).relative()
     (partial / "results.json").unlink()
     partial.rmdir()

@@ -732,7 +732,15 @@ def _tuning_lines(out: Path) -> list[str]:
     progress = _tuning_in_progress(out, list(selection))
     if not selection and not progress:
         return []
-    seeds = sorted({s for e in selection.values() for s in e.get("tuning_seeds", [])})
+    # The seeds the tuning runs on disk used (round 1 tuned on one seed and recorded none in
+    # its selection), together with any a selection records.
+    seeds = sorted(
+        {s for e in selection.values() for s in e.get("tuning_seeds", [])}
+        | {
+            int(path.parent.name[len("seed") :])
+            for path in (out / "results" / "tune").glob("*/seed*/results.json")
+        }
+    )
     lines = [
         "### Tuning (in-domain validation only)",
         "",
