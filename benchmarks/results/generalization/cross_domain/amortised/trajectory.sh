@@ -2,7 +2,9 @@
 # The d trajectory of TRAM-x, every step against radius_every=4, on round 1's cross-domain
 # budget (seeds 1 and 2; validation only, no test set). Run from the repository root:
 #   bash benchmarks/results/generalization/cross_domain/amortised/trajectory.sh
-# then `python benchmarks/results/generalization/cross_domain/amortised/trajectory.py`.
+# then `python benchmarks/results/generalization/amortised_trajectory.py \
+#   benchmarks/results/generalization/cross_domain/amortised/trajectory \
+#   benchmarks/results/generalization/cross_domain/amortised cross-domain`.
 set -eu
 OUT=benchmarks/results/generalization/cross_domain/amortised/trajectory
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false

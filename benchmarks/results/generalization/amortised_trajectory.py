@@ -1,11 +1,16 @@
 """Plot and tabulate the d trajectory of every-step TRAM-x against radius_every=4.
 
-Reads ``trajectory/radius_every{1,4}/seed*/results.json`` (written by ``trajectory.sh``) and
-writes ``trajectory.png`` and ``trajectory.txt`` next to this file.
+    python benchmarks/results/generalization/amortised_trajectory.py RUNS OUT TITLE
+
+reads ``RUNS/radius_every{1,4}/seed*/results.json`` (each with ``radius_per_step``, the d of
+every optimizer step) and writes ``OUT/trajectory.png`` and ``OUT/trajectory.txt``, pairing the
+two runs of each seed. Used for ``cross_domain/amortised/`` (runs in its ``trajectory/``) and
+``amortised_cross_lingual/`` (runs in its ``results/``).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from pathlib import Path
@@ -15,19 +20,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-HERE = Path(__file__).resolve().parent
 
-
-def load(every: int) -> dict[int, list[float]]:
+def load(runs_dir: Path, every: int) -> dict[int, list[float]]:
     runs = {}
-    for path in sorted((HERE / "trajectory" / f"radius_every{every}").glob("seed*/results.json")):
+    for path in sorted((runs_dir / f"radius_every{every}").glob("seed*/results.json")):
         results = json.loads(path.read_text())
         runs[int(results["seed"])] = [float(v) for v in results["radius_per_step"]]
     return runs
 
 
 def main() -> None:
-    every_step, amortised = load(1), load(4)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="the folder of radius_every1/ and radius_every4/")
+    parser.add_argument("out", type=Path, help="where trajectory.png and trajectory.txt go")
+    parser.add_argument("title", help="the task, for the plot titles")
+    args = parser.parse_args()
+    every_step, amortised = load(args.runs, 1), load(args.runs, 4)
     seeds = sorted(set(every_step) & set(amortised))
     figure, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 3.5), squeeze=False)
     lines = [
@@ -41,7 +49,7 @@ def main() -> None:
         axis.set_yscale("log")
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("d (forward KL)")
-        axis.set_title(f"TRAM-x, cross-domain, seed {seed}")
+        axis.set_title(f"TRAM-x, {args.title}, seed {seed}")
         axis.legend()
         # How far the reused d is from the d measured at the same step of the every-step run,
         # next to how far every-step d moves from one step to the next by itself.
@@ -53,8 +61,8 @@ def main() -> None:
             f"  {changes[len(changes) // 2]:>29.2f}"
         )
     figure.tight_layout()
-    figure.savefig(HERE / "trajectory.png", dpi=120)
-    (HERE / "trajectory.txt").write_text("\n".join(lines) + "\n")
+    figure.savefig(args.out / "trajectory.png", dpi=120)
+    (args.out / "trajectory.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
