@@ -31,19 +31,10 @@ from tram._step_state import (
     to_float,
     warn_missing_ascent,
 )
-from tram._validation import (
-    check_base_optimizer,
-    check_non_negative,
-    check_positive_int,
-    check_unit_interval,
-    inverse_grad_scale,
-)
+from tram._validation import check_base_optimizer, check_positive_int, inverse_grad_scale
 from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
 
 __all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
-
-# Re-exported for the methods' modules, which import them from here.
-__all__ += ["check_non_negative", "check_positive_int", "check_unit_interval"]
 
 WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
