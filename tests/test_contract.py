@@ -454,9 +454,12 @@ def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     model = make_model()
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, ascent_every=3)
     calls: list[int] = []
+    due: list[bool] = []
     for step in range(6):
+        due.append(optimizer.ascent_due)
         optimizer.step(closure_for(optimizer, model, step, calls))
     assert calls == [0, 0, 1, 2, 3, 3, 4, 5]
+    assert due == [True, False, False, True, False, False]
     # Off-steps are plain base steps: check step 1 against SGD on the same weights.
     model_a = make_model()
     optimizer_a = case.make(torch.optim.SGD(model_a.parameters(), lr=0.1), model_a, ascent_every=3)
@@ -466,6 +469,23 @@ def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     optimizer_a.step(closure_for(optimizer_a, model_a, 1))
     sgd.step(closure_for(sgd, model_b, 1))
     assert_same_params(model_a, model_b, exact=True)
+
+
+@EVERY_WRAPPER
+def test_observes_first_pass_exactly_when_first_pass_records_the_forward(
+    case: WrapperCase,
+) -> None:
+    """A caller that drives the passes itself (TramTrainer) asks ``observes_first_pass`` whether
+    the forward must run inside ``first_pass()``: True for the TRAMs, which measure d there."""
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert optimizer.observes_first_pass == (case in TRAMS)
+    if optimizer.observes_first_pass:
+        # A first pass outside first_pass() leaves nothing to measure d from: it refuses.
+        closure_for(optimizer, model, 0)()
+        with pytest.raises(RuntimeError, match="first_pass"):
+            optimizer.first_step()
+        optimizer.zero_grad()
 
 
 @EVERY_WRAPPER

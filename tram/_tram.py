@@ -304,7 +304,7 @@ class TRAM(TwoPassOptimizer):
 
     # ------------------------------------------------------------------ the first pass
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
-        if not (self._ascent_due() and self._measurement_due()):
+        if not (self.ascent_due and self._measurement_due()):
             return contextlib.nullcontext()
         return self.recorder.recording()
 

@@ -13,11 +13,17 @@ diagonal Fisher :math:`\tilde g^2`, with the Fisher SAM ascent
 This is the reading of the paper's ambiguous Algorithm 2 that keeps its stated cost of 2 forward
 and 2 backward passes; the loss ``step(closure)`` returns is the noised one. On an
 ``ascent_every`` off-step the pass is clean.
+
+A first pass that ran outside ``first_pass()`` (the explicit form) went through no noise: its
+ascent would silently be Fisher SAM's. ``first_step()`` refuses it, as TRAM refuses a first pass
+it did not record.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -29,6 +35,14 @@ from tram.noise import NoiseDistribution
 from tram.targets import NoisedInputs, refuse_unexpected_options
 
 __all__ = ["TRAMFisher"]
+
+
+@dataclass
+class _NoisedForwards:
+    """How many forwards of this step's first pass went through the noise hook. One object per
+    optimizer, shared by copies of its ``__dict__`` (Lightning's ``LightningOptimizer``)."""
+
+    count: int = 0
 
 
 class TRAMFisher(FisherSAM):
@@ -66,6 +80,7 @@ class TRAMFisher(FisherSAM):
             sigma=sigma, noise=noise, embeddings=embeddings, seed=seed
         )
         self.module = unwrap_model(model)
+        self._noised_forwards = _NoisedForwards()
         super().__init__(
             base_optimizer,
             rho=rho,
@@ -133,9 +148,26 @@ class TRAMFisher(FisherSAM):
         return []
 
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
-        if not self._ascent_due():
+        if not self.ascent_due:
             return contextlib.nullcontext()
-        return self.noised_inputs.noised()
+        return self._noised_first_pass()
+
+    @contextlib.contextmanager
+    def _noised_first_pass(self) -> Iterator[None]:
+        with self.noised_inputs.noised() as handle:
+            yield
+        # Counted only when the pass completed: a failed one leaves nothing to ascend from.
+        self._noised_forwards.count += handle.calls
+
+    def _radii(self) -> list[float] | None:
+        forwards, self._noised_forwards.count = self._noised_forwards.count, 0
+        if forwards == 0:
+            raise RuntimeError(
+                "TRAMFisher.first_step() found no first pass on noised inputs: run the first "
+                "forward and backward inside `with optimizer.first_pass():`, or use "
+                "optimizer.step(closure)"
+            )
+        return super()._radii()
 
     def _extra_state(self) -> dict[str, Any]:
         return self.noised_inputs.state_dict()

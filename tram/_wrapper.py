@@ -186,8 +186,20 @@ class TwoPassOptimizer(Optimizer):
         """True between a successful :meth:`first_step` and :meth:`restore`."""
         return bool(self._step_state.perturbed_buckets)
 
-    def _ascent_due(self) -> bool:
+    @property
+    def ascent_due(self) -> bool:
+        """True when the coming step ascends: its ``first_step()`` perturbs the weights unless
+        the gradient or the radius is not finite. False on an ``ascent_every`` off-step, whose
+        first pass is a plain step (under ``local_ascent=True`` its gradient is synchronised)."""
         return self.steps % self.ascent_every == 0
+
+    @property
+    def observes_first_pass(self) -> bool:
+        """True when :meth:`first_pass` does more than suspend synchronisation for
+        ``local_ascent``: the method watches the first pass's forward (TRAM records it to measure
+        its trust region), so a caller that drives the passes itself must run that forward
+        inside ``first_pass()``."""
+        return type(self)._observe_first_pass is not TwoPassOptimizer._observe_first_pass
 
     @torch.no_grad()
     def first_step(self, *, grad_scale: float | Tensor | None = None) -> bool:
@@ -225,7 +237,7 @@ class TwoPassOptimizer(Optimizer):
         state.ascent_attempted = True
         state.gradient_not_finite = False
         state.ascent_params = []
-        if not self._ascent_due():
+        if not self.ascent_due:
             return False
         radii = self._radii()
         if radii is None or not all(math.isfinite(radius) for radius in radii):
@@ -312,7 +324,7 @@ class TwoPassOptimizer(Optimizer):
         self._relink()
         state = self._step_state
         if closure is None:
-            if not state.ascent_attempted and self._ascent_due():
+            if not state.ascent_attempted and self.ascent_due:
                 warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)
             self.restore()
             self._base_step()
@@ -410,7 +422,7 @@ class TwoPassOptimizer(Optimizer):
                 when the optimizer was built before the model was wrapped).
         """
         with contextlib.ExitStack() as stack:
-            if self.local_ascent and self._ascent_due():
+            if self.local_ascent and self.ascent_due:
                 if no_sync is None:
                     model_no_sync = getattr(self.model, "no_sync", None)
                     if model_no_sync is None:

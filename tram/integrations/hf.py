@@ -204,12 +204,6 @@ def _regularizer_names(regularizers: Sequence[Any]) -> list[str]:
     return names
 
 
-def _observes_first_pass(optimizer: TwoPassOptimizer) -> bool:
-    """Whether the method does something in ``first_pass()`` beyond ``no_sync`` (TRAM)."""
-    observe = type(optimizer)._observe_first_pass
-    return observe is not TwoPassOptimizer._observe_first_pass
-
-
 @dataclass
 class _StepState:
     """Where :class:`TramTrainer` is inside one optimizer step, between the Trainer's calls."""
@@ -499,7 +493,7 @@ class TramTrainer(Trainer):
         # Per-worker ascent: pass 1 of every micro-batch under no_sync (the Trainer already
         # suspends synchronisation for all but the last). Off-steps of ascent_every are plain
         # steps whose pass-1 gradient must be synchronised.
-        local = optimizer.local_ascent and optimizer._ascent_due()
+        local = optimizer.local_ascent and optimizer.ascent_due
         step = self._tram_step
         step.phase, step.observed = "first", False
         try:
@@ -507,7 +501,7 @@ class TramTrainer(Trainer):
                 loss: Tensor = super().training_step(model, inputs, num_items_in_batch)
         finally:
             step.phase = None
-        if not step.observed and _observes_first_pass(optimizer):
+        if not step.observed and optimizer.observes_first_pass:
             raise RuntimeError(
                 f"{type(optimizer).__name__} observes the first forward pass, which "
                 "TramTrainer.compute_loss wraps in optimizer.first_pass(); a compute_loss "

@@ -57,7 +57,7 @@ from torch import nn
 from trl import DPOTrainer, SFTTrainer
 
 from tram._wrapper import TwoPassOptimizer
-from tram.integrations.hf import TramTrainer, _observes_first_pass
+from tram.integrations.hf import TramTrainer
 
 __all__ = ["TramDPOTrainer", "TramSFTTrainer", "with_tram"]
 
@@ -127,7 +127,7 @@ class _TwinLogitsMixin:
     def _observe_first_pass(
         self, model: nn.Module, optimizer: TwoPassOptimizer
     ) -> contextlib.AbstractContextManager[Any]:
-        if not _observes_first_pass(optimizer):
+        if not optimizer.observes_first_pass:
             return TramTrainer._observe_first_pass(self, model, optimizer)  # type: ignore[arg-type]
         module = getattr(optimizer, "module", None)
         if not isinstance(module, nn.Module):
