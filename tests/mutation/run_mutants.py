@@ -216,6 +216,13 @@ MUTANTS = [
         "    if hasattr(model, 'module') or _is_instance_of(",  # any child called `module`
         ("tests/test_guarantees.py@module",),
     ),
+    Mutant(
+        "tram-fisher-unnoised-first-pass-accepted",
+        "tram/_tram_fisher.py",
+        "        if forwards == 0:",
+        "        if False:",
+        ("tests/test_contract.py@observes_first_pass",),
+    ),
 ]
 
 
