@@ -86,6 +86,8 @@ METHODS: dict[str, str] = {
     "tram_x_every4": "TRAM-x, ascent_every=4",
     "tram_x_radius4": "TRAM-x, radius_every=4",
     "tram_theta0_radius4": "TRAM-θ0, radius_every=4",
+    "tram_x_radius8": "TRAM-x, radius_every=8",
+    "tram_theta0_radius8": "TRAM-θ0, radius_every=8",
     "tram_adapter_off": "TRAM-θ0 (adapter off)",
     "tram_adapter_off_radius4": "TRAM-θ0 (adapter off), radius_every=4",
 }
@@ -106,6 +108,8 @@ MODEL_METHODS["small_llama_lora"] = (
     "tram_x_radius4",
     "tram_theta0",
     "tram_theta0_radius4",
+    "tram_x_radius8",
+    "tram_theta0_radius8",
     "tram_adapter_off",
     "tram_adapter_off_radius4",
 )
@@ -378,6 +382,8 @@ def build_runner(method: str, model: nn.Module, batch: dict[str, Tensor]) -> Run
             "tram_previous": {"trust_region": "previous"},
             "tram_x_radius4": {"trust_region": "noise", "sigma": 0.1, "radius_every": 4},
             "tram_theta0_radius4": {"trust_region": "pretrained", "radius_every": 4},
+            "tram_x_radius8": {"trust_region": "noise", "sigma": 0.1, "radius_every": 8},
+            "tram_theta0_radius8": {"trust_region": "pretrained", "radius_every": 8},
             "tram_fisher": {"trust_region": "fisher", "sigma": 0.1},
             "tram_adapter_off": {"target": AdapterOff()},
             "tram_adapter_off_radius4": {"target": AdapterOff(), "radius_every": 4},
