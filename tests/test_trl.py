@@ -130,19 +130,17 @@ def plain_loss(model: nn.Module, batch: dict[str, Tensor], num_items: Any) -> Te
 
 
 # ---------------------------------------------------------------------- SFTTrainer
-@pytest.mark.parametrize("bf16", [False, True])
-def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
-    """SAM through TramSFTTrainer, gradient accumulation 2: the hand-written two-pass loop on the
-    same micro-batches with TRL's normalisation (the window's token count)."""
-    model = tiny_llama()
-    initial = copy.deepcopy(model)
-    trainer, windows, _ = train_sft(
-        tmp_path, model, method="sam", method_kwargs={"rho": 0.27}, config={"bf16": bf16}
-    )
-    assert len(windows) == 2
-    assert trainer.two_pass_optimizer.steps == 2
+def hand_loop(
+    initial: nn.Module,
+    windows: list[tuple[list[dict[str, Tensor]], Any]],
+    make_optimizer: Any,
+    *,
+    bf16: bool = False,
+) -> nn.Module:
+    """The two-pass steps by hand on the trainer's micro-batches, with TRL's normalisation (the
+    window's token count): the library's closure step, the contract tests' reference."""
     reference = copy.deepcopy(initial)
-    optimizer = tram.SAM(torch.optim.SGD(reference.parameters(), lr=0.3), rho=0.27)
+    optimizer = make_optimizer(reference)
     for window, num_items in windows:
 
         def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
@@ -156,6 +154,10 @@ def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
             return total
 
         optimizer.step(closure)
+    return reference
+
+
+def assert_trained_alike(model: nn.Module, reference: nn.Module, initial: nn.Module, bf16: bool):
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         # TRL's fused head sums the log-probabilities in another order than the model's loss
         # (and in bf16 rounds its chunks differently).
@@ -165,6 +167,42 @@ def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
         (p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters())
     )
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
+    """SAM through TramSFTTrainer, gradient accumulation 2: the hand-written two-pass loop on the
+    same micro-batches with TRL's normalisation (the window's token count)."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    trainer, windows, _ = train_sft(
+        tmp_path, model, method="sam", method_kwargs={"rho": 0.27}, config={"bf16": bf16}
+    )
+    assert len(windows) == 2
+    assert trainer.two_pass_optimizer.steps == 2
+    reference = hand_loop(
+        initial,
+        windows,
+        lambda m: tram.SAM(torch.optim.SGD(m.parameters(), lr=0.3), rho=0.27),
+        bf16=bf16,
+    )
+    assert_trained_alike(model, reference, initial, bf16)
+
+
+def test_sft_tram_fisher_ascends_from_the_noised_training_forward(tmp_path: Any) -> None:
+    """TRAM-Fisher needs no logits, so no twin: its noise goes on the training forward itself,
+    whose gradient gives the ascent (a noised twin beside a clean forward would be Fisher SAM)."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    options = {"trust_region": "fisher", "sigma": 0.37, "rho": 0.21, "fisher_eta": 0.13}
+    trainer, windows, _ = train_sft(tmp_path, model, method="tram", method_kwargs=options)
+    assert isinstance(trainer.two_pass_optimizer, tram.TRAMFisher)
+    reference = hand_loop(
+        initial,
+        windows,
+        lambda m: tram.TRAM(torch.optim.SGD(m.parameters(), lr=0.3), m, **options),
+    )
+    assert_trained_alike(model, reference, initial, bf16=False)
 
 
 def test_sft_tram_measures_the_exact_radius(tmp_path: Any) -> None:

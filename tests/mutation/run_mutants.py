@@ -223,6 +223,13 @@ MUTANTS = [
         "        if False:",
         ("tests/test_contract.py@observes_first_pass",),
     ),
+    Mutant(
+        "trl-twin-for-tram-fisher",
+        "tram/integrations/trl.py",
+        "        if not isinstance(optimizer, TRAM):",
+        "        if not optimizer.observes_first_pass:",  # the twin takes TRAM-Fisher's noise
+        ("tests/test_trl.py@fisher",),
+    ),
 ]
 
 

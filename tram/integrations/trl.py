@@ -20,18 +20,19 @@ are those of TRL), mixed precision, checkpoints, logging of ``tram/radius`` and
 
 **TRAM and TRL's fused language-model head.** TRL (1.x) trains causal LMs with a fused head:
 ``model(..., fused_lm_head=True)`` returns per-token log-probabilities of the labels and never
-builds the logits, so TRAM cannot measure its trust region on that forward. Under TRAM (a method
-that observes the first pass) these trainers therefore run, for every training forward of the
-first pass, a *twin* forward just before it: the same call without the fused head and without
-labels, on the same inputs, with the random state put back afterwards so that the real forward
-draws the same dropout masks. TRAM records the twin (its logits, its inputs, its random state),
-so d is measured exactly on the distribution the real forward computes, against the reference
-run on the same inputs with the same masks. It costs one forward with gradients enabled (its
-graph is freed as soon as it returns, and with it the full ``[batch, length, vocabulary]``
-logits: TRAM keeps only d of each recorded forward) per micro-batch: 4 forwards and 2
-backwards per micro-batch instead of 3 and 2. SAM, ASAM and Fisher SAM need no logits and cost
-what they cost under ``TramTrainer``. TRL's own reference model of DPO runs without gradients
-and is never recorded.
+builds the logits, so TRAM cannot measure its trust region on that forward. Under TRAM these
+trainers therefore run, for every training forward of the first pass, a *twin* forward just
+before it: the same call without the fused head and without labels, on the same inputs, with
+the random state put back afterwards so that the real forward draws the same dropout masks.
+TRAM records the twin (its logits, its inputs, its random state), so d is measured exactly on
+the distribution the real forward computes, against the reference run on the same inputs with
+the same masks. It costs one forward with gradients enabled (its graph is freed as soon as it
+returns, and with it the full ``[batch, length, vocabulary]`` logits: TRAM keeps only d of each
+recorded forward) per micro-batch: 4 forwards and 2 backwards per micro-batch instead of 3
+and 2. SAM, ASAM, Fisher SAM and TRAM-Fisher need no
+logits and cost what they cost under ``TramTrainer``; TRAM-Fisher's noise goes on the training
+forward itself, whose gradient gives its ascent. TRL's own reference model of DPO runs without
+gradients and is never recorded.
 
 What of TRL this relies on beyond its documented API, checked by ``tests/test_trl.py``: the
 arguments that select the fused head and its loss (``fused_lm_head``, ``labels``,
@@ -56,6 +57,7 @@ import torch
 from torch import nn
 from trl import DPOTrainer, SFTTrainer
 
+from tram._tram import TRAM
 from tram._wrapper import TwoPassOptimizer
 from tram.integrations.hf import TramTrainer
 
@@ -127,7 +129,10 @@ class _TwinLogitsMixin:
     def _observe_first_pass(
         self, model: nn.Module, optimizer: TwoPassOptimizer
     ) -> contextlib.AbstractContextManager[Any]:
-        if not optimizer.observes_first_pass:
+        if not isinstance(optimizer, TRAM):
+            # No logits needed (TRAM-Fisher only noises the first pass): the first pass itself
+            # runs inside first_pass(), as under TramTrainer. A twin would take the noise, and
+            # the clean training forward would give the ascent its gradient.
             return TramTrainer._observe_first_pass(self, model, optimizer)  # type: ignore[arg-type]
         module = getattr(optimizer, "module", None)
         if not isinstance(module, nn.Module):
