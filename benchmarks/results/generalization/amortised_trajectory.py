@@ -33,7 +33,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-
 REUSE_GAP_K = (2, 4, 8, 16)
 
 
