@@ -1,13 +1,15 @@
 """Paired OOD comparison of amortised TRAM-x (``radius_every=K``) against every-step TRAM-x.
 
     python benchmarks/results/generalization/amortised_compare.py \
-        --every-step DIR --amortised K=DIR [K=DIR ...] [--adamw DIR]
+        --every-step DIR --amortised K=DIR [K=DIR ...] [--adamw DIR] [--metric KEY]
 
 Each DIR holds ``seedN/results.json`` of one configuration. Runs are paired by seed (the same
 head initialisation and data order); only the seeds every listed configuration has are used.
-Prints, per seed, the out-of-domain average accuracy and the mean d each run used, then the
-paired differences (mean, 95% t interval, sd, paired-t p) of each amortised configuration
-against every step (and of each against AdamW, given ``--adamw``).
+Prints, per seed, the metric (``--metric``: a key of ``results.json``, by default
+``ood_average``, the out-of-domain average accuracy; ``in_domain_validation`` and ``in_domain``
+are the others) and the mean d each run used, then the paired differences of the metric (mean,
+95% t interval, sd, paired-t p) of each amortised configuration against every step (and of
+each against AdamW, given ``--adamw``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--every-step", type=Path, required=True)
     parser.add_argument("--amortised", type=amortised_option, nargs="+", required=True)
     parser.add_argument("--adamw", type=Path)
+    parser.add_argument("--metric", default="ood_average")
     args = parser.parse_args()
     configurations = {"every step": load(args.every_step)}
     for every, directory in args.amortised:
@@ -68,18 +71,19 @@ def main() -> None:
             radius = (
                 f", mean d {run['mean_radius']:.4f}" if run.get("mean_radius") is not None else ""
             )
-            cells.append(f"{name} {100 * run['ood_average']:.1f}{radius}")
-        print(f"seed {seed}: OOD " + "; ".join(cells))
-    ood = {
-        name: [runs[seed]["ood_average"] for seed in seeds] for name, runs in configurations.items()
+            cells.append(f"{name} {100 * run[args.metric]:.1f}{radius}")
+        label = "OOD" if args.metric == "ood_average" else args.metric
+        print(f"seed {seed}: {label} " + "; ".join(cells))
+    values = {
+        name: [runs[seed][args.metric] for seed in seeds] for name, runs in configurations.items()
     }
-    for name in ood:
+    for name in values:
         if name.startswith("radius_every"):
-            print(paired(f"{name} - every step", ood[name], ood["every step"]))
-    if "AdamW" in ood:
-        for name in ood:
+            print(paired(f"{name} - every step", values[name], values["every step"]))
+    if "AdamW" in values:
+        for name in values:
             if name != "AdamW":
-                print(paired(f"{name} - AdamW", ood[name], ood["AdamW"]))
+                print(paired(f"{name} - AdamW", values[name], values["AdamW"]))
 
 
 if __name__ == "__main__":
