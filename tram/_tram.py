@@ -141,9 +141,12 @@ class TRAM(TwoPassOptimizer):
         max_radius: clip d to this value (no clipping by default, as in the paper).
         radius_every: measure d on every ``radius_every``-th ascent only and reuse the last d on
             the ascents in between, whose first pass is not recorded and which run no reference
-            forward: they cost what a SAM step costs. 1 (the default, the paper) measures d at
-            every ascent. A departure from the paper; d drifts slowly over a run, so a small
-            value trades little accuracy of the radius for up to a third of TRAM's extra cost.
+            forward: they cost what an ASAM step costs. 1 (the default, the paper) measures d at
+            every ascent. A departure from the paper. d is noisy from batch to batch (about a
+            third from one step to the next on the repository's benchmark budgets) and a reused
+            d is off the d of its own step by about as much; 8 brings the step within 1.05 x
+            SAM's with no out-of-domain loss measured on those budgets, but with a hint of one in
+            domain on the longer one (README, "Cost of a step").
         replay_dropout: replay the recorded forward's dropout masks in the reference pass.
         logits_fn: maps the model's output to its logits when it is neither a Tensor nor has
             ``.logits``.
