@@ -189,6 +189,31 @@ def test_sft_sam_equals_hand_loop(tmp_path: Any, bf16: bool) -> None:
     assert_trained_alike(model, reference, initial, bf16)
 
 
+def test_sft_tram_runs_no_twin_on_a_step_that_reuses_d(tmp_path: Any) -> None:
+    """radius_every=2: the twin runs on the step that measures d only (2 micro-batches: 2 twins,
+    2 training and 2 replayed forwards, then 2 and 2), and the run equals the hand loop."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    forwards: list[int] = []
+    model.register_forward_pre_hook(
+        lambda module, args: (
+            forwards.append(1) if module.training and torch.is_grad_enabled() else None
+        )
+    )
+    options = {"trust_region": "noise", "sigma": 0.3, "seed": 4, "radius_every": 2}
+    trainer, windows, _ = train_sft(tmp_path, model, method="tram", method_kwargs=options)
+    assert len(forwards) == 6 + 4
+    radii = trainer.two_pass_optimizer.radius_history
+    assert len(radii) == 1
+    assert radii[0] > 0
+    reference = hand_loop(
+        initial,
+        windows,
+        lambda m: tram.TRAM(torch.optim.SGD(m.parameters(), lr=0.3), m, **options),
+    )
+    assert_trained_alike(model, reference, initial, bf16=False)
+
+
 def test_sft_tram_fisher_ascends_from_the_noised_training_forward(tmp_path: Any) -> None:
     """TRAM-Fisher needs no logits, so no twin: its noise goes on the training forward itself,
     whose gradient gives the ascent (a noised twin beside a clean forward would be Fisher SAM)."""

@@ -306,8 +306,14 @@ class TRAM(TwoPassOptimizer):
         return "identity", 0.0
 
     # ------------------------------------------------------------------ the first pass
+    @property
+    def records_first_pass(self) -> bool:
+        """True when the coming step's first pass is recorded to measure d: an ascent step on
+        which ``radius_every`` measures. On other steps ``first_pass()`` records nothing."""
+        return self.ascent_due and self._measurement_due()
+
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
-        if not (self.ascent_due and self._measurement_due()):
+        if not self.records_first_pass:
             return contextlib.nullcontext()
         return self.recorder.recording()
 

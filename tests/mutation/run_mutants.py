@@ -226,7 +226,7 @@ MUTANTS = [
     Mutant(
         "trl-twin-for-tram-fisher",
         "tram/integrations/trl.py",
-        "        if not isinstance(optimizer, TRAM):",
+        "        if not (isinstance(optimizer, TRAM) and optimizer.records_first_pass):",
         "        if not optimizer.observes_first_pass:",  # the twin takes TRAM-Fisher's noise
         ("tests/test_trl.py@fisher",),
     ),

@@ -129,10 +129,11 @@ class _TwinLogitsMixin:
     def _observe_first_pass(
         self, model: nn.Module, optimizer: TwoPassOptimizer
     ) -> contextlib.AbstractContextManager[Any]:
-        if not isinstance(optimizer, TRAM):
-            # No logits needed (TRAM-Fisher only noises the first pass): the first pass itself
-            # runs inside first_pass(), as under TramTrainer. A twin would take the noise, and
-            # the clean training forward would give the ascent its gradient.
+        if not (isinstance(optimizer, TRAM) and optimizer.records_first_pass):
+            # No logits needed: the first pass itself runs inside first_pass(), as under
+            # TramTrainer. TRAM-Fisher only noises it (a twin would take the noise, and the clean
+            # training forward would give the ascent its gradient); TRAM records nothing on an
+            # ascent_every off-step or a step that reuses d (a twin would be a wasted forward).
             return TramTrainer._observe_first_pass(self, model, optimizer)  # type: ignore[arg-type]
         module = getattr(optimizer, "module", None)
         if not isinstance(module, nn.Module):
