@@ -145,6 +145,27 @@ def test_equals_reference_loop(case: WrapperCase, base_name: str, explicit: bool
 
 @EVERY_WRAPPER
 @pytest.mark.parametrize("base_name", list(BASES))
+def test_scaled_step_equals_reference_loop(case: WrapperCase, base_name: str) -> None:
+    """``tram.scaled_step``, the fp16 recipe, runs its first pass inside ``first_pass()``: TRAM
+    measures d from it, TRAM-Fisher noises it. A power-of-two loss scale changes no fp32 gradient
+    beyond rounding, so the steps are the reference loop's."""
+    reference = reference_run(case, BASES[base_name], steps=6)
+    model = make_model()
+    optimizer = case.make(BASES[base_name](model.parameters()), model)
+    scale = 2.0**11
+    grad_scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    for step in range(6):
+        x, y = batch(step)
+        tram.scaled_step(optimizer, grad_scaler, lambda x=x, y=y: loss_of(model, x, y))
+        assert not optimizer.is_perturbed
+    assert optimizer.steps == 6
+    assert optimizer.skipped_ascents == 0
+    assert grad_scaler.get_scale() == scale
+    assert_same_params(model, reference)
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("base_name", list(BASES))
 def test_zero_radius_is_the_bare_base_optimizer(case: WrapperCase, base_name: str) -> None:
     model, optimizer = library_run(case, BASES[base_name], steps=5, **case.zero_radius)
     plain = make_model()

@@ -3,7 +3,9 @@
 bf16 autocast needs nothing special (fp32 master weights and gradients). fp16 needs loss scaling,
 and a two-pass step must respect how ``GradScaler`` works:
 
-1. ``scaler.scale(loss).backward()`` at θ;
+1. ``scaler.scale(loss).backward()`` at θ, inside ``optimizer.first_pass()`` (TRAM records
+   this forward to measure d, TRAM-Fisher noises it, ``local_ascent`` suspends the gradient
+   synchronisation);
 2. ``optimizer.first_step(grad_scale=scaler.get_scale())``: the ascent is computed from the
    *scaled* gradients (the direction is scale-invariant; the Fisher operator is unscaled
    internally). Never ``unscale_`` here: ``unscale_`` may run once per step. A non-finite
@@ -56,8 +58,9 @@ def scaled_step(
             f"optimizer must be a tram two-pass optimizer, but got {type(optimizer).__name__}"
         )
     optimizer.zero_grad()
-    loss = loss_fn()
-    scaler.scale(loss).backward()
+    with optimizer.first_pass():
+        loss = loss_fn()
+        scaler.scale(loss).backward()
     if optimizer.first_step(grad_scale=scaler.get_scale()):
         scaler.scale(loss_fn()).backward()
         optimizer.restore()
