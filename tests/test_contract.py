@@ -507,6 +507,39 @@ def test_observes_first_pass_exactly_when_first_pass_records_the_forward(
         with pytest.raises(RuntimeError, match="first_pass"):
             optimizer.first_step()
         optimizer.zero_grad()
+        # Nor does a recorded pass whose gradient zero_grad() dropped (a skipped batch) stand
+        # in for the next one: the closure zeroes the gradients before its forward.
+        first_pass(optimizer, closure_for(optimizer, model, 1))
+        closure_for(optimizer, model, 0)()
+        with pytest.raises(RuntimeError, match="first_pass"):
+            optimizer.first_step()
+
+
+@EVERY_WRAPPER
+def test_a_first_pass_dropped_by_zero_grad_leaves_no_trace(case: WrapperCase) -> None:
+    """A loop that skips a batch after its first pass (a non-finite or an oversized batch)
+    calls ``zero_grad()`` and goes on. What the method observed of that pass goes with its
+    gradient: TRAM measures d over the next batch alone. The noise generators are put back
+    where they were, so only what the wrapper kept of the dropped pass could differ."""
+    reference, reference_optimizer = library_run(case, BASES["AdamW"], steps=3, explicit=True)
+    model = make_model()
+    optimizer = case.make(BASES["AdamW"](model.parameters()), model)
+    noise = getattr(optimizer, "noised_inputs", None) or getattr(optimizer, "target", None)
+    for step in range(3):
+        if step == 1:  # after a step, where every target's d is positive
+            noise_state = copy.deepcopy(noise.state_dict()) if noise is not None else None
+            first_pass(optimizer, closure_for(optimizer, model, 7))
+            optimizer.zero_grad()
+            if noise is not None:
+                noise.load_state_dict(noise_state)
+        closure = closure_for(optimizer, model, step)
+        first_pass(optimizer, closure)
+        if optimizer.first_step():
+            closure()
+        optimizer.second_step()
+    assert_same_params(model, reference, exact=True)
+    history = getattr(optimizer, "radius_history", None)
+    assert history == getattr(reference_optimizer, "radius_history", None)
 
 
 @EVERY_WRAPPER

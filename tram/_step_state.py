@@ -50,6 +50,7 @@ class _StepState:
     __slots__ = (
         "ascent_attempted",
         "ascent_params",
+        "first_pass_depth",
         "frozen_batchnorms",
         "gradient_not_finite",
         "last_ascent_norm",
@@ -72,6 +73,8 @@ class _StepState:
         # a gradient from the second pass, which is checked before stepping.
         self.ascent_params: list[Tensor] = []
         self.gradient_not_finite = False
+        # How many first_pass() contexts are open: zero_grad() inside one keeps the pass.
+        self.first_pass_depth = 0
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False

@@ -317,6 +317,9 @@ class TRAM(TwoPassOptimizer):
             return contextlib.nullcontext()
         return self.recorder.recording()
 
+    def _forget_first_passes(self) -> None:
+        self._records.clear()
+
     def _measurement_due(self) -> bool:
         """Whether this step's ascent measures d (always, unless ``radius_every > 1``)."""
         if self.last_radius is None:

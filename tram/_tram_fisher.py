@@ -159,6 +159,9 @@ class TRAMFisher(FisherSAM):
         # Counted only when the pass completed: a failed one leaves nothing to ascend from.
         self._noised_forwards.count += handle.calls
 
+    def _forget_first_passes(self) -> None:
+        self._noised_forwards.count = 0
+
     def _radii(self) -> list[float] | None:
         forwards, self._noised_forwards.count = self._noised_forwards.count, 0
         if forwards == 0:

@@ -148,7 +148,17 @@ class TwoPassOptimizer(Optimizer):
         self._relink()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients through the base optimizer."""
+        """Zero the gradients through the base optimizer.
+
+        Called outside :meth:`first_pass`, it also forgets what the method observed of the
+        first passes since the last step (TRAM's recorded forwards, TRAM-Fisher's noised ones):
+        their gradients are gone, so no step may measure or accept them. A loop that skips a
+        batch after its first pass would otherwise measure d over that batch and the next.
+        Inside :meth:`first_pass` (a closure's ``zero_grad()`` before its forward, or between
+        its forward and backward) the pass is kept.
+        """
+        if self._step_state.first_pass_depth == 0:
+            self._forget_first_passes()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ what a method chooses
@@ -166,6 +176,9 @@ class TwoPassOptimizer(Optimizer):
             if radius < 0:  # set after construction, e.g. by a schedule; nan/inf are skipped
                 raise ValueError(f"Invalid rho: {radius}")
         return radii
+
+    def _forget_first_passes(self) -> None:
+        """Drop what :meth:`_observe_first_pass` kept of the passes since the last step."""
 
     def _before_base_step(self) -> None:
         """Called before every base step, with the weights at θ (TRAM snapshots θt−1 here)."""
@@ -421,21 +434,26 @@ class TwoPassOptimizer(Optimizer):
                 ``model.no_sync()`` when ``local_ascent=True`` (e.g. ``accelerator.no_sync(model)``
                 when the optimizer was built before the model was wrapped).
         """
-        with contextlib.ExitStack() as stack:
-            if self.local_ascent and self.ascent_due:
-                if no_sync is None:
-                    model_no_sync = getattr(self.model, "no_sync", None)
-                    if model_no_sync is None:
-                        got = "None" if self.model is None else type(self.model).__name__
-                        raise ValueError(
-                            "local_ascent=True needs model= with a no_sync() context "
-                            f"(DistributedDataParallel), but got model={got}; FSDP2 supports "
-                            "the synchronised ascent only"
-                        )
-                    no_sync = model_no_sync()
-                stack.enter_context(no_sync)
-            stack.enter_context(self._observe_first_pass())
-            yield
+        state = self._step_state
+        state.first_pass_depth += 1
+        try:
+            with contextlib.ExitStack() as stack:
+                if self.local_ascent and self.ascent_due:
+                    if no_sync is None:
+                        model_no_sync = getattr(self.model, "no_sync", None)
+                        if model_no_sync is None:
+                            got = "None" if self.model is None else type(self.model).__name__
+                            raise ValueError(
+                                "local_ascent=True needs model= with a no_sync() context "
+                                f"(DistributedDataParallel), but got model={got}; FSDP2 supports "
+                                "the synchronised ascent only"
+                            )
+                        no_sync = model_no_sync()
+                    stack.enter_context(no_sync)
+                stack.enter_context(self._observe_first_pass())
+                yield
+        finally:
+            state.first_pass_depth -= 1
 
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
         """What a method does around the first pass (TRAM: record the forward)."""

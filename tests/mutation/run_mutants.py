@@ -230,6 +230,20 @@ MUTANTS = [
         "        if not optimizer.observes_first_pass:",  # the twin takes TRAM-Fisher's noise
         ("tests/test_trl.py@fisher",),
     ),
+    Mutant(
+        "scaled-step-first-pass-unobserved",
+        "tram/amp.py",
+        "    with optimizer.first_pass():",
+        "    with torch.enable_grad():",  # TRAM records nothing, TRAM-Fisher noises nothing
+        ("tests/test_contract.py@scaled_step",),
+    ),
+    Mutant(
+        "zero-grad-keeps-a-dropped-first-pass",
+        "tram/_wrapper.py",
+        "        if self._step_state.first_pass_depth == 0:",
+        "        if False:",
+        ("tests/test_contract.py@dropped_by_zero_grad or observes_first_pass",),
+    ),
 ]
 
 
