@@ -155,7 +155,8 @@ class TwoPassOptimizer(Optimizer):
         their gradients are gone, so no step may measure or accept them. A loop that skips a
         batch after its first pass would otherwise measure d over that batch and the next.
         Inside :meth:`first_pass` (a closure's ``zero_grad()`` before its forward, or between
-        its forward and backward) the pass is kept.
+        its forward and backward) the pass is kept. ``model.zero_grad()`` does not reach the
+        wrapper: a loop that drops a step after its first pass should call this one.
         """
         if self._step_state.first_pass_depth == 0:
             self._forget_first_passes()
