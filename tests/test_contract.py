@@ -561,25 +561,47 @@ def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
 
 
 @EVERY_WRAPPER
-def test_non_finite_gradient_never_reaches_the_weights(case: WrapperCase) -> None:
+@pytest.mark.parametrize("poison", ["loss", "input"])
+@pytest.mark.parametrize("ascent_every", [1, 2], ids=["ascent-step", "off-step"])
+def test_non_finite_gradient_never_reaches_the_weights(
+    case: WrapperCase, poison: str, ascent_every: int
+) -> None:
+    """A nan in the loss, or in an input (then TRAM's d is nan too, and the gradient is checked
+    all the same), skips the step with the weights at θ. With ``ascent_every=2`` the poisoned
+    step is an off-step, whose first pass is its only pass: its gradient is checked as well."""
     model = make_model()
-    optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=0.1), model)
+    optimizer = case.make(
+        torch.optim.AdamW(model.parameters(), lr=0.1), model, ascent_every=ascent_every
+    )
     optimizer.step(closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batch(1)
+    if poison == "input":
+        x = x.clone()
+        x[0, 0] = float("nan")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = loss_of(model, x, y) * float("nan")
+        loss = loss_of(model, x, y)
+        if poison == "loss":
+            loss = loss * float("nan")
         loss.backward()
         return loss
 
     with pytest.warns(RuntimeWarning) as caught:
         optimizer.step(closure)
     messages = [str(warning.message) for warning in caught]
-    assert any("skipped the ascent because the gradient norm is not finite" in m for m in messages)
+    skipped_ascents = 1 if ascent_every == 1 else 0
+    assert (
+        sum("skipped the ascent because the gradient norm is not finite" in m for m in messages)
+        == skipped_ascents
+    )
     assert any("skipped the base step" in m for m in messages)
-    assert (optimizer.skipped_ascents, optimizer.skipped_steps, optimizer.steps) == (1, 1, 1)
+    assert (optimizer.skipped_ascents, optimizer.skipped_steps, optimizer.steps) == (
+        skipped_ascents,
+        1,
+        1,
+    )
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
     # The next finite step is taken normally.

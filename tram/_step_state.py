@@ -161,6 +161,14 @@ def warn_missing_ascent(state: _StepState, method: str, base: str) -> None:
     )
 
 
+def squared_gradient_norm(grads: list[Tensor], foreach: bool) -> float:
+    """``Σ‖g‖²`` over ``grads`` as a float (0.0 for none), in one fused norm."""
+    if not grads:
+        return 0.0
+    squared = scaled_squared_norm(grads, grads, [], scaling="identity", eta=0.0, foreach=foreach)
+    return to_float(squared)
+
+
 def second_pass_gradient_is_finite(params: list[Tensor], *, method: str, foreach: bool) -> bool:
     """Check the gradient a base step is about to use after an ascent.
 
@@ -169,13 +177,7 @@ def second_pass_gradient_is_finite(params: list[Tensor], *, method: str, foreach
     to a zero gradient, silently; that raises ``RuntimeError``. One fused norm over the
     gradients answers both questions.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    squared_norm = 0.0
-    if grads:
-        squared = scaled_squared_norm(
-            grads, grads, [], scaling="identity", eta=0.0, foreach=foreach
-        )
-        squared_norm = to_float(squared)
+    squared_norm = squared_gradient_norm([p.grad for p in params if p.grad is not None], foreach)
     if squared_norm == 0.0:
         raise RuntimeError(
             f"{method}: the base step after first_step() found no gradient from a second pass "

@@ -28,6 +28,7 @@ from tram._step_state import (
     _StepState,
     refuse_foreign_state_dict,
     second_pass_gradient_is_finite,
+    squared_gradient_norm,
     to_float,
     warn_missing_ascent,
 )
@@ -230,6 +231,8 @@ class TwoPassOptimizer(Optimizer):
             a warning); the gradients are then left untouched. After a non-finite gradient the
             next base step is skipped too (``skipped_steps``), so nan/inf never reach the
             weights; under a ``GradScaler`` the scaler skips it anyway and backs off its scale.
+            That holds on an off-step, whose gradient the base step would take as it is, and
+            when TRAM's d is not finite along with the gradient (a nan in the forward).
 
         After it returned True, the base step (``second_step()``, ``step()``) checks the gradient
         of the second pass: none at all (no second backward) raises ``RuntimeError``; a
@@ -252,10 +255,17 @@ class TwoPassOptimizer(Optimizer):
         state.gradient_not_finite = False
         state.ascent_params = []
         if not self.ascent_due:
+            # The off-step's base step takes this gradient as it is: never a non-finite one.
+            grads = [grad for bucket in buckets for grad in bucket.grads]
+            params = [param for bucket in buckets for param in bucket.params]
+            if not math.isfinite(squared_gradient_norm(grads, self._use_foreach(params))):
+                state.gradient_not_finite = True
             return False
+        # Measured before the gradient is checked, so that TRAM's records of this pass are
+        # consumed either way; a non-finite radius is reported only with a finite gradient, so
+        # that a non-finite gradient always skips the base step too.
         radii = self._radii()
-        if radii is None or not all(math.isfinite(radius) for radius in radii):
-            return state.skip_ascent(type(self).__name__, "the ascent radius is not finite")
+        radius_is_finite = radii is not None and all(math.isfinite(radius) for radius in radii)
         total = None
         for bucket in buckets:
             # The backups hold T g from here to apply_ascent_, which reuses it.
@@ -275,6 +285,9 @@ class TwoPassOptimizer(Optimizer):
         if not math.isfinite(norm):
             state.gradient_not_finite = True
             return state.skip_ascent(type(self).__name__, "the gradient norm is not finite")
+        if not radius_is_finite:
+            return state.skip_ascent(type(self).__name__, "the ascent radius is not finite")
+        assert radii is not None
         state.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
             foreach = self._use_foreach(bucket.params)

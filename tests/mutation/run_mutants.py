@@ -244,6 +244,24 @@ MUTANTS = [
         "        if False:",
         ("tests/test_contract.py@dropped_by_zero_grad or observes_first_pass",),
     ),
+    Mutant(
+        "off-step-gradient-unchecked",
+        "tram/_wrapper.py",
+        "            if not math.isfinite(squared_gradient_norm(grads, "
+        "self._use_foreach(params))):",
+        "            if False:",
+        ("tests/test_contract.py@never_reaches",),
+    ),
+    Mutant(
+        "nan-radius-reported-before-the-gradient",
+        "tram/_wrapper.py",
+        "        radius_is_finite = radii is not None and all(math.isfinite(radius) for radius in "
+        "radii)",
+        "        radius_is_finite = radii is not None and all(math.isfinite(radius) for radius in "
+        "radii)\n        if not radius_is_finite:\n            return state.skip_ascent("
+        "type(self).__name__, 'the ascent radius is not finite')",
+        ("tests/test_contract.py@never_reaches",),
+    ),
 ]
 
 
