@@ -823,6 +823,62 @@ def test_resume_is_bit_exact(trust_region: str) -> None:
             assert torch.equal(optimizer.reference.tensors[name], tensor), name
 
 
+def _gradually_unfrozen(
+    trust_region: str, *, built_trainable: bool, unfrozen_at: int, steps: int
+) -> Run:
+    """TRAM on the BERT task, its classifier frozen until step ``unfrozen_at``; TRAM is built
+    with the classifier trainable or frozen."""
+    task = TASKS["bert"]
+    model = task.make_model()
+    model.classifier.requires_grad_(built_trainable)
+    optimizer = make_tram(task, model, trust_region)
+    model.classifier.requires_grad_(False)
+    for step, batch in enumerate(task.batches(steps)):
+        if step == unfrozen_at:
+            model.classifier.requires_grad_(True)
+        optimizer.step(closure_for(task, optimizer, model, batch))
+    return Run(model, list(optimizer.radius_history), optimizer)
+
+
+@pytest.mark.parametrize("trust_region", ["pretrained", "previous", "ema"])
+@pytest.mark.parametrize("unfrozen_at", [0, 2])
+def test_a_parameter_unfrozen_later_is_part_of_the_reference(
+    trust_region: str, unfrozen_at: int
+) -> None:
+    """Gradual unfreezing: a parameter frozen when TRAM was built is copied into the reference
+    before its first update, so the run equals one whose TRAM was built with it trainable (a
+    frozen parameter never moves, so that copy held the same value all along)."""
+    expected = _gradually_unfrozen(
+        trust_region, built_trainable=True, unfrozen_at=unfrozen_at, steps=5
+    )
+    run = _gradually_unfrozen(trust_region, built_trainable=False, unfrozen_at=unfrozen_at, steps=5)
+    assert_same_params(run.model, expected.model, exact=True)
+    assert run.optimizer.radius_history == expected.optimizer.radius_history
+    assert run.optimizer.reference is not None
+    assert "classifier.weight" in run.optimizer.reference.tensors
+
+
+@pytest.mark.parametrize("trust_region", ["pretrained", "previous", "ema"])
+def test_a_checkpoint_after_unfreezing_resumes_into_a_tram_built_before(trust_region: str) -> None:
+    """A resumed script that builds TRAM with the classifier frozen, as the run started, then
+    loads a checkpoint taken after the classifier was unfrozen: the checkpoint's copy of it is
+    taken, and the resumed run equals the uninterrupted one."""
+    task = TASKS["bert"]
+    straight = _gradually_unfrozen(trust_region, built_trainable=False, unfrozen_at=1, steps=5)
+    first = _gradually_unfrozen(trust_region, built_trainable=False, unfrozen_at=1, steps=3)
+    checkpoint = _checkpoint(first.model, first.optimizer)
+    model = bert(seed=7)
+    model.classifier.requires_grad_(False)
+    optimizer = make_tram(task, model, trust_region)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    model.classifier.requires_grad_(True)
+    for batch in task.batches(5)[3:]:
+        optimizer.step(closure_for(task, optimizer, model, batch))
+    assert_same_params(model, straight.model, exact=True)
+    assert optimizer.radius_history == straight.optimizer.radius_history[3:]
+
+
 def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:
     task = TASKS["plain"]
     noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["tram"]

@@ -379,6 +379,8 @@ class TRAM(TwoPassOptimizer):
         self._records.clear()
         restored, self._radius_state.restored = self._radius_state.restored, []
         reference = self.reference
+        if reference is not None:
+            reference.track_trainable()  # a parameter unfrozen this step, before its update
         if reference is None or not restored:
             self.target.before_base_step()
             return

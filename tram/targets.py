@@ -57,7 +57,9 @@ class ReferenceWeights:
     Args:
         model: the live model (unwrapped from DDP first). Only parameters with
             ``requires_grad`` are copied; frozen parameters and buffers are read from the live
-            module at call time.
+            module at call time. A parameter unfrozen later (gradual unfreezing) is copied when
+            it is first seen trainable (:meth:`track_trainable`): before its first update, so
+            the copy holds the value it had all along.
         dtype: storage dtype of the copy (e.g. ``torch.bfloat16`` to halve its memory); the
             reference forward then runs under autocast in that dtype.
     """
@@ -69,14 +71,25 @@ class ReferenceWeights:
         self.live: list[Tensor] = []
         self.tensors: dict[str, Tensor] = {}
         self._spare_copies: Mapping[Tensor, Tensor] | None = None
+        self.track_trainable()
+        if not self.names:
+            raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
+
+    @torch.no_grad()
+    def track_trainable(self) -> None:
+        """Copy the parameters that require grad and have no copy yet.
+
+        A frozen parameter is not updated, so when it is unfrozen its value is still the one
+        the reference should hold (θ0 for TRAM-θ0, θt−1 for TRAM-θt−1 and TRPO, the EMA of a
+        constant for the EMA target). Called before every use of the copies and by TRAM before
+        every base step, which is before the parameter's first update.
+        """
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or name in self.tensors:
                 continue
             self.names.append(name)
             self.live.append(param)
-            self.tensors[name] = param.detach().to(dtype=dtype or param.dtype, copy=True)
-        if not self.names:
-            raise ValueError(f"{type(self.model).__name__} has no trainable parameters")
+            self.tensors[name] = param.detach().to(dtype=self.dtype or param.dtype, copy=True)
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
@@ -87,6 +100,7 @@ class ReferenceWeights:
         (``torch.utils.swap_tensors``: the reference tensor keeps its identity, the copy gets
         the reference's old values); the others are copied. The result is the same bits.
         """
+        self.track_trainable()
         spare = getattr(self, "_spare_copies", None)  # absent from objects pickled before
         destinations: list[Tensor] = []
         sources: list[Tensor] = []
@@ -119,6 +133,7 @@ class ReferenceWeights:
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         """reference ← decay · reference + (1 − decay) · live weights."""
+        self.track_trainable()
         tensors = list(self.tensors.values())
         if all(t.dtype == p.dtype for t, p in zip(tensors, self.live, strict=True)):
             torch._foreach_lerp_(tensors, self.live, 1.0 - decay)
@@ -140,6 +155,7 @@ class ReferenceWeights:
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Run the live module with the reference weights on ``(args, kwargs)``."""
+        self.track_trainable()
         live_dtype = self.live[0].dtype
         if self.dtype is None or self.dtype == live_dtype:
             return functional_call(self.model, self.tensors, args, kwargs, strict=False)
@@ -149,11 +165,21 @@ class ReferenceWeights:
 
     def state_dict(self) -> dict[str, Tensor]:
         """The reference tensors by parameter name (weights-only loadable)."""
+        self.track_trainable()
         return dict(self.tensors)
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        """Copy saved reference tensors in place; names must match."""
+        """Copy saved reference tensors in place; names must match, except that a saved tensor
+        of a parameter that was unfrozen after this copy was made is taken as its copy."""
+        self.track_trainable()
+        parameters = dict(self.model.named_parameters())
+        for name in set(state) - set(self.tensors):
+            if name in parameters:
+                param = parameters[name]
+                self.names.append(name)
+                self.live.append(param)
+                self.tensors[name] = torch.empty_like(param, dtype=self.dtype or param.dtype)
         missing = set(self.tensors) - set(state)
         unexpected = set(state) - set(self.tensors)
         if missing or unexpected:

@@ -262,6 +262,13 @@ MUTANTS = [
         "type(self).__name__, 'the ascent radius is not finite')",
         ("tests/test_contract.py@never_reaches",),
     ),
+    Mutant(
+        "reference-copies-only-what-was-trainable-at-construction",
+        "tram/targets.py",
+        "            if not param.requires_grad or name in self.tensors:",
+        "            if not param.requires_grad or name in self.tensors or self.names:",
+        ("tests/test_tram.py@unfrozen",),
+    ),
 ]
 
 
