@@ -611,6 +611,70 @@ def test_non_finite_gradient_never_reaches_the_weights(
 
 
 @EVERY_WRAPPER
+def test_step_closure_refuses_gradients_accumulated_outside_it(case: WrapperCase) -> None:
+    """An accumulation loop moved to ``step(closure)`` as it was: the first micro-batch
+    backpropagated before ``step()``, the last in a closure that does not zero the gradients.
+    The ascent would come from the whole window and the second pass would replay the last
+    micro-batch only: refused, nothing stepped, the weights at θ."""
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    optimizer.step(closure_for(optimizer, model, 0))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(1)
+    loss_of(model, x[:6], y[:6]).backward()
+
+    def closure() -> torch.Tensor:
+        loss = loss_of(model, x[6:], y[6:])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="accumulating_closure"):
+        optimizer.step(closure)
+    assert not optimizer.is_perturbed
+    assert optimizer.steps == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    # The window run inside the closure steps.
+    windows = [(x[:6], y[:6]), (x[6:], y[6:])]
+    optimizer.step(tram.accumulating_closure(optimizer, windows, lambda b: loss_of(model, *b)))
+    assert optimizer.steps == 2
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize(
+    "zeroing", ["optimizer.zero_grad", "model.zero_grad", "zero_grad(set_to_none=False) before"]
+)
+def test_step_closure_takes_gradients_that_are_zeroed(case: WrapperCase, zeroing: str) -> None:
+    """A backward before ``step(closure)`` is harmless when its gradients are zeroed, in the
+    closure or between it and the step: the step equals one without it."""
+
+    def run(stray_backward: bool) -> nn.Module:
+        model = make_model()
+        optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+        optimizer.step(closure_for(optimizer, model, 0))
+        x, y = batch(1)
+        if stray_backward:
+            loss_of(model, x[:6], y[:6]).backward()
+        if zeroing == "zero_grad(set_to_none=False) before":
+            optimizer.zero_grad(set_to_none=False)
+
+        def closure() -> torch.Tensor:
+            if zeroing == "optimizer.zero_grad":
+                optimizer.zero_grad()
+            elif zeroing == "model.zero_grad":
+                model.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        assert optimizer.steps == 2
+        return model
+
+    assert_same_params(run(stray_backward=True), run(stray_backward=False), exact=True)
+
+
+@EVERY_WRAPPER
 def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:
     model = make_model()
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)

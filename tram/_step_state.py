@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from torch import Tensor
@@ -55,11 +57,13 @@ class _StepState:
         "gradient_not_finite",
         "last_ascent_norm",
         "perturbed_buckets",
+        "resting_gradients",
         "skipped_ascents",
         "skipped_steps",
         "steps",
         "warned_lightning_logging",
         "warned_missing_ascent",
+        "zero_grad_calls",
     )
 
     def __init__(self) -> None:
@@ -75,6 +79,10 @@ class _StepState:
         self.gradient_not_finite = False
         # How many first_pass() contexts are open: zero_grad() inside one keeps the pass.
         self.first_pass_depth = 0
+        # The gradients as the last step or zero_grad() left them (weak references and version
+        # counters): step(closure) tells from them whether a backward ran outside the closure.
+        self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self.zero_grad_calls = 0
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False
@@ -159,6 +167,27 @@ def warn_missing_ascent(state: _StepState, method: str, base: str) -> None:
         MissingAscentWarning,
         stacklevel=4,  # past this, step() and torch's profiling wrapper of it, to the caller
     )
+
+
+def gradients_at_rest(params: Iterable[Tensor]) -> dict[Tensor, tuple[weakref.ref[Tensor], int]]:
+    """Each parameter's gradient, held weakly, with its version counter."""
+    return {p: (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+
+def gradients_written_since(
+    resting: dict[Tensor, tuple[weakref.ref[Tensor], int]], params: Iterable[Tensor]
+) -> dict[Tensor, weakref.ref[Tensor]]:
+    """The gradients that a backward (or any in-place write) produced after ``resting`` was
+    taken (a new gradient tensor, or the same one with a newer version), held weakly."""
+    written = {}
+    for param in params:
+        grad = param.grad
+        if grad is None:
+            continue
+        before = resting.get(param)
+        if before is None or before[0]() is not grad or before[1] != grad._version:
+            written[param] = weakref.ref(grad)
+    return written
 
 
 def squared_gradient_norm(grads: list[Tensor], foreach: bool) -> float:

@@ -26,6 +26,8 @@ from tram._step_state import (
     MissingAscentWarning,
     _SharedField,
     _StepState,
+    gradients_at_rest,
+    gradients_written_since,
     refuse_foreign_state_dict,
     second_pass_gradient_is_finite,
     squared_gradient_norm,
@@ -159,9 +161,12 @@ class TwoPassOptimizer(Optimizer):
         its forward and backward) the pass is kept. ``model.zero_grad()`` does not reach the
         wrapper: a loop that drops a step after its first pass should call this one.
         """
-        if self._step_state.first_pass_depth == 0:
+        state = self._step_state
+        if state.first_pass_depth == 0:
             self._forget_first_passes()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        state.zero_grad_calls += 1
+        state.resting_gradients = gradients_at_rest(self._params())
 
     # ------------------------------------------------------------------ what a method chooses
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -347,6 +352,10 @@ class TwoPassOptimizer(Optimizer):
         taken, as by :meth:`second_step`. A closure that returns a loss while the weights are
         perturbed would add a third pass to the gradient and raises ``RuntimeError``; once the
         weights are restored, it starts a new two-pass step and the abandoned one is dropped.
+
+        A closure that adds to gradients a backward left before ``step()`` (gradient
+        accumulation outside the closure) without zeroing them raises ``RuntimeError``: its
+        second pass would replay the closure alone.
         """
         self._relink()
         state = self._step_state
@@ -358,10 +367,28 @@ class TwoPassOptimizer(Optimizer):
             return None
         if state.ascent_attempted and self.is_perturbed:
             return self._finish_perturbed_step(closure)
+        written: dict[Tensor, Any] = {}
+        zero_grad_calls = state.zero_grad_calls
         if not state.ascent_attempted:
             check_step_closure(self, closure)
+            written = gradients_written_since(state.resting_gradients, self._params())
         with self.first_pass(), torch.enable_grad():
             loss = closure()
+        if (
+            written
+            and state.zero_grad_calls == zero_grad_calls
+            and any(grad() is param.grad for param, grad in written.items())
+        ):
+            self._forget_first_passes()
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure) found gradients from a backward run before "
+                "step() (the first micro-batches of a gradient-accumulation window?), and the "
+                "closure added to them without zeroing them: the ascent would come from all of "
+                "them, but the second pass only replays the closure, so the update would be the "
+                "closure's gradient alone. Run every micro-batch inside the closure "
+                "(tram.accumulating_closure builds one), or start the closure with "
+                "optimizer.zero_grad(). No step was taken; the weights are at θ"
+            )
         if loss is None and state.ascent_attempted:
             self._base_step()  # a hooks-only closure finishing an explicit step
             return None
@@ -403,6 +430,15 @@ class TwoPassOptimizer(Optimizer):
         self._base_step()
 
     def _base_step(self) -> None:
+        try:
+            self._take_base_step()
+        finally:
+            self._step_state.resting_gradients = gradients_at_rest(self._params())
+
+    def _params(self) -> list[Tensor]:
+        return [param for group in self.param_groups for param in group["params"]]
+
+    def _take_base_step(self) -> None:
         state = self._step_state
         state.ascent_attempted = False
         ascent_params, state.ascent_params = state.ascent_params, []

@@ -269,6 +269,20 @@ MUTANTS = [
         "            if not param.requires_grad or name in self.tensors or self.names:",
         ("tests/test_tram.py@unfrozen",),
     ),
+    Mutant(
+        "step-closure-takes-gradients-from-outside",
+        "tram/_wrapper.py",
+        "            written = gradients_written_since(state.resting_gradients, self._params())",
+        "            written = {}",
+        ("tests/test_contract.py@accumulated_outside",),
+    ),
+    Mutant(
+        "step-closure-refuses-gradients-the-model-zeroed",
+        "tram/_wrapper.py",
+        "            and any(grad() is param.grad for param, grad in written.items())",
+        "            and True",
+        ("tests/test_contract.py@gradients_that_are_zeroed",),
+    ),
 ]
 
 
