@@ -675,6 +675,37 @@ def test_step_closure_takes_gradients_that_are_zeroed(case: WrapperCase, zeroing
 
 
 @EVERY_WRAPPER
+@pytest.mark.parametrize("restore", ["restore", "eval-train", "load_state_dict"])
+def test_restoring_before_the_second_pass_refuses_the_step(case: WrapperCase, restore: str) -> None:
+    """The explicit form with the weights put back to θ between ``first_step()`` and the second
+    backward (an evaluation hook, a checkpoint load): that backward would run at θ and the base
+    step would be a plain one. Refused, nothing stepped; the next step is taken normally."""
+    model = make_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    optimizer.step(closure_for(optimizer, model, 0))
+    saved = optimizer.state_dict()
+    before = [p.detach().clone() for p in model.parameters()]
+    closure = closure_for(optimizer, model, 1)
+    first_pass(optimizer, closure)
+    assert optimizer.first_step()
+    if restore == "restore":
+        optimizer.restore()
+    elif restore == "eval-train":
+        optimizer.eval()
+        optimizer.train()
+    else:
+        optimizer.load_state_dict(saved)
+    closure()
+    with pytest.raises(RuntimeError, match="before any backward at the perturbed weights"):
+        optimizer.second_step()
+    assert optimizer.steps == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+    optimizer.step(closure_for(optimizer, model, 2))
+    assert optimizer.steps == 2
+
+
+@EVERY_WRAPPER
 def test_step_hooks_fire_once_per_step(case: WrapperCase) -> None:
     model = make_model()
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)

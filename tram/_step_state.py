@@ -58,12 +58,14 @@ class _StepState:
         "last_ascent_norm",
         "perturbed_buckets",
         "resting_gradients",
+        "restored_before_second_pass",
         "skipped_ascents",
         "skipped_steps",
         "steps",
         "warned_lightning_logging",
         "warned_missing_ascent",
         "zero_grad_calls",
+        "zeroed_gradients",
     )
 
     def __init__(self) -> None:
@@ -83,6 +85,10 @@ class _StepState:
         # counters): step(closure) tells from them whether a backward ran outside the closure.
         self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
         self.zero_grad_calls = 0
+        # The gradients first_step() zeroed, and whether restore() came before any backward
+        # wrote them (the second pass then ran at θ, not θ+ε).
+        self.zeroed_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self.restored_before_second_pass = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         self.warned_missing_ascent = False
@@ -92,6 +98,7 @@ class _StepState:
         """Forget a step that raised or was refused: the next step starts afresh."""
         self.ascent_attempted = False
         self.ascent_params = []
+        self.restored_before_second_pass = False
 
     def skip_ascent(self, method: str, reason: str) -> bool:
         """Count and warn an ascent skipped by ``first_step``; returns False, its result."""

@@ -259,6 +259,7 @@ class TwoPassOptimizer(Optimizer):
         state.ascent_attempted = True
         state.gradient_not_finite = False
         state.ascent_params = []
+        state.restored_before_second_pass = False
         if not self.ascent_due:
             # The off-step's base step takes this gradient as it is: never a non-finite one.
             grads = [grad for bucket in buckets for grad in bucket.grads]
@@ -317,6 +318,7 @@ class TwoPassOptimizer(Optimizer):
             bucket.grads = []
         state.perturbed_buckets[:] = buckets
         state.ascent_params = [param for bucket in buckets for param in bucket.params]
+        state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
             state.frozen_batchnorms[:] = freeze_running_stats(self.model)
         return True
@@ -325,6 +327,11 @@ class TwoPassOptimizer(Optimizer):
     def restore(self) -> None:
         """Copy the saved weights θ back (exact in every dtype). A no-op when not perturbed."""
         state = self._step_state
+        if state.perturbed_buckets and not gradients_written_since(
+            state.zeroed_gradients, state.ascent_params
+        ):
+            state.restored_before_second_pass = True
+        state.zeroed_gradients = {}
         for bucket in state.perturbed_buckets:
             restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
         state.perturbed_buckets.clear()
@@ -442,6 +449,7 @@ class TwoPassOptimizer(Optimizer):
         state = self._step_state
         state.ascent_attempted = False
         ascent_params, state.ascent_params = state.ascent_params, []
+        restored_early, state.restored_before_second_pass = state.restored_before_second_pass, False
         if state.gradient_not_finite:
             # Stepping would write nan/inf into the weights. (Under a GradScaler this point is
             # never reached: the scaler skips step() itself.)
@@ -455,6 +463,15 @@ class TwoPassOptimizer(Optimizer):
                 type(self).__name__, "the gradient of the second pass (at θ+ε) is not finite"
             )
             return
+        # After the check above, which names a step with no second backward at all.
+        if ascent_params and restored_early:
+            raise RuntimeError(
+                f"{type(self).__name__}: the weights were restored to θ (restore(), eval(), "
+                "load_state_dict()) after first_step() and before any backward at the perturbed "
+                "weights, so the gradient this step would take is not the second pass's (at "
+                "θ+ε). Run the second forward and backward before restoring, or start the step "
+                "again with a first pass and first_step(). No step was taken; the weights are at θ"
+            )
         self._before_base_step()
         self.base_optimizer.step()
         state.steps += 1
