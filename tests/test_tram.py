@@ -567,6 +567,46 @@ def test_lm_radius_is_the_mean_over_non_pad_tokens() -> None:
     assert abs(float(padded) - total / tokens) > 0.01 * total / tokens
 
 
+class _PositionalLM(nn.Module):
+    """A user's module around a causal LM: ``forward(input_ids, attention_mask)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["during-forward", "in-first-step"])
+def test_lm_radius_finds_a_padding_mask_passed_positionally(monkeypatch, sharded: bool) -> None:
+    """``model(ids, mask)`` measures d over the real tokens, as ``model(input_ids=ids,
+    attention_mask=mask)`` does (also when d is measured in ``first_step``, as for sharded
+    parameters)."""
+    if sharded:
+        monkeypatch.setattr(tram._recording, "parameters_are_sharded", lambda model, module: True)
+    batch = lm_batches(1)[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = batch["labels"][:, 1:].reshape(-1)
+    radii = []
+    for positional in (False, True):
+        model = _PositionalLM(gpt2())
+        optimizer = tram.TRAM(adamw(model, 1e-2), model, trust_region="pretrained")
+
+        def closure(model=model, optimizer=optimizer, positional=positional) -> Tensor:
+            optimizer.zero_grad()
+            logits = model(ids, mask) if positional else model(input_ids=ids, attention_mask=mask)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), targets)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        optimizer.step(closure)  # the second step's d is positive
+        radii.append(optimizer.radius_history)
+    assert radii[0][1] > 0
+    assert radii[1] == radii[0]
+
+
 def test_lm_radius_ignores_what_padding_holds() -> None:
     radii = []
     for pad_id in (0, 57):
@@ -877,6 +917,45 @@ def test_a_checkpoint_after_unfreezing_resumes_into_a_tram_built_before(trust_re
         optimizer.step(closure_for(task, optimizer, model, batch))
     assert_same_params(model, straight.model, exact=True)
     assert optimizer.radius_history == straight.optimizer.radius_history[3:]
+
+
+@pytest.mark.parametrize("trust_region", VARIANTS)
+@pytest.mark.parametrize("regularizer", ["r3f", "trpo"])
+def test_a_regularizer_inside_the_first_pass_is_not_the_training_forward(
+    trust_region: str, regularizer: str
+) -> None:
+    """R3F's noised forward and TRPO's reference forward run the model again. Called inside
+    ``first_pass()`` (as in a ``step(closure)`` whose closure adds the penalty), they are
+    neither recorded for d nor noised by TRAM-Fisher: the run equals the one that calls the
+    regularizer after leaving ``first_pass()``."""
+    task = TASKS["bert"]
+
+    def run(inside: bool) -> Run:
+        model = task.make_model()
+        optimizer = make_tram(task, model, trust_region)
+        penalty = (
+            tram.R3F(sigma=0.2, weight=0.3, seed=5)
+            if regularizer == "r3f"
+            else tram.TRPO(model, weight=0.3)
+        )
+        for batch in task.batches(3):
+            optimizer.zero_grad()
+            with optimizer.first_pass():
+                output = model(**batch)
+                loss = output.loss + (penalty(model, batch, output.logits) if inside else 0.0)
+            if not inside:
+                loss = loss + penalty(model, batch, output.logits)
+            loss.backward()
+            if optimizer.first_step():
+                output = model(**batch)
+                (output.loss + penalty(model, batch, output.logits)).backward()
+            optimizer.second_step()
+            penalty.after_step(model)
+        return Run(model, list(optimizer.radius_history), optimizer)
+
+    inside, outside = run(inside=True), run(inside=False)
+    assert_same_params(inside.model, outside.model, exact=True)
+    assert inside.radii == outside.radii
 
 
 def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:

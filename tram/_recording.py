@@ -12,6 +12,7 @@ averages the calls' d over the step, and over ranks.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from tram._auxiliary import in_auxiliary_forward
 from tram._model_io import extract_logits, logits_mask
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
@@ -132,7 +134,12 @@ class ForwardRecorder:
             return self.target_logits(args, kwargs, replay)
 
         def records_this_call(module: nn.Module) -> bool:
-            return module.training and torch.is_grad_enabled() and not self.in_reference
+            return (
+                module.training
+                and torch.is_grad_enabled()
+                and not self.in_reference
+                and not in_auxiliary_forward()
+            )
 
         def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
             if not records_this_call(module):
@@ -159,7 +166,7 @@ class ForwardRecorder:
                 # replay_dropout=False: fresh masks from the training stream after this forward,
                 # where the reference forward drew them when it ran in first_step.
                 target = target_logits(args, kwargs, entry.replay)
-            self.records.append(self.divergence_of(target, logits, kwargs))
+            self.records.append(self.divergence_of(target, logits, self.named_inputs(args, kwargs)))
 
         handles = [
             self.module.register_forward_pre_hook(before_forward, with_kwargs=True),
@@ -184,7 +191,7 @@ class ForwardRecorder:
             self.divergence_of(
                 self.target_logits(record.args, record.kwargs, record.replay),
                 record.logits,
-                record.kwargs,
+                self.named_inputs(record.args, record.kwargs),
             )
             if isinstance(record, _Deferred)
             else record
@@ -196,6 +203,22 @@ class ForwardRecorder:
             dist.all_reduce(radius)
             radius = radius / dist.get_world_size()
         return float(radius.item())
+
+    def named_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A recorded call's inputs by parameter name, positional ones included: the padding
+        mask of ``model(input_ids, attention_mask)`` is found as that of the keyword call."""
+        if not args:
+            return kwargs
+        try:
+            signature = inspect.signature(self.module.forward)
+            bound = signature.bind_partial(*args, **kwargs)
+        except (TypeError, ValueError):  # no signature, or one that does not take the call
+            return kwargs
+        named = dict(bound.arguments)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD and name in named:
+                named.update(named.pop(name))
+        return named
 
     @torch.no_grad()
     def divergence_of(self, target: Tensor, logits: Tensor, kwargs: dict[str, Any]) -> Tensor:

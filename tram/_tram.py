@@ -32,11 +32,13 @@ How this implementation works, and the choices made where the paper is silent:
   must not be re-entered, keep their logits until ``first_step`` and run the reference forward
   there.
 - **d** is the mean forward KL(target ‖ current), in float32, per example for classification
-  logits and per non-padding token (``attention_mask``, else ``labels != -100``) for
-  language-model logits; with several recorded forwards (gradient accumulation) it is their mean,
-  and under ``torch.distributed`` (synchronised ascent) the mean over ranks. It is detached; it
-  is a radius, not a loss. Optionally clipped to ``max_radius`` (the paper assumes d ≤ ρ_ASAM but
-  does not clip). A non-finite d skips the ascent.
+  logits and per non-padding token (``attention_mask``, by keyword or by position, else
+  ``labels != -100``) for language-model logits; with several recorded forwards (gradient
+  accumulation) it is their mean (each forward's d weighs the same, whatever its number of
+  examples or tokens), and under ``torch.distributed`` (synchronised ascent) the mean over
+  ranks, as DDP averages the ranks' gradients. It is detached; it is a radius, not a loss.
+  Optionally clipped to ``max_radius`` (the paper assumes d ≤ ρ_ASAM but does not clip). A
+  non-finite d skips the ascent.
 - **Dropout is not the trust region.** By default the reference forward replays the dropout masks
   of the recorded forward (the RNG state is captured before it and restored for the reference
   pass, and the training stream is put back afterwards), and the input noise comes from TRAM's

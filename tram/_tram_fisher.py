@@ -155,6 +155,7 @@ class TRAMFisher(FisherSAM):
     @contextlib.contextmanager
     def _noised_first_pass(self) -> Iterator[None]:
         with self.noised_inputs.noised() as handle:
+            handle.training_forwards_only = True
             yield
         # Counted only when the pass completed: a failed one leaves nothing to ascend from.
         self._noised_forwards.count += handle.calls

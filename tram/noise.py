@@ -56,6 +56,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from tram._auxiliary import in_auxiliary_forward
 from tram._model_io import unwrap_model
 
 __all__ = [
@@ -83,6 +84,9 @@ class NoiseHandle:
         calls: How many forwards of ``module`` ran inside the block (counted also when
             ``sigma == 0``, where the output is passed through unchanged).
         active: ``True`` while the hook is registered, i.e. inside the ``with`` block.
+        training_forwards_only: Leave the forwards that a regularizer runs (inside
+            :func:`tram._auxiliary.auxiliary_forwards`) alone, uncounted. TRAM-Fisher sets it:
+            its noise belongs to the step's training forward.
     """
 
     module: nn.Module
@@ -90,6 +94,7 @@ class NoiseHandle:
     distribution: NoiseDistribution
     calls: int = 0
     active: bool = False
+    training_forwards_only: bool = False
 
 
 def find_input_embeddings(model: nn.Module) -> nn.Module:
@@ -204,6 +209,8 @@ def _check_tensor(value: object, what: str) -> Tensor:
 
 def _make_hook(handle: NoiseHandle, generator: torch.Generator | None) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if handle.training_forwards_only and in_auxiliary_forward():
+            return None
         handle.calls += 1
         if isinstance(output, (tuple, list)):
             if len(output) == 0:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tram._auxiliary import auxiliary_forwards
 from tram._validation import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
@@ -43,7 +44,10 @@ class Regularizer:
         self.last_value: float | None = None
 
     def __call__(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
-        value = self.penalty(model, inputs, logits)
+        """The weighted penalty. Its forwards are auxiliary: inside a TRAM first pass they are
+        neither recorded for d nor noised by TRAM-Fisher."""
+        with auxiliary_forwards():
+            value = self.penalty(model, inputs, logits)
         self.last_value = float(value.detach())
         return self.weight * value
 

@@ -283,6 +283,34 @@ MUTANTS = [
         "            and True",
         ("tests/test_contract.py@gradients_that_are_zeroed",),
     ),
+    Mutant(
+        "restore-before-the-second-pass-unnoticed",
+        "tram/_wrapper.py",
+        "            state.restored_before_second_pass = True",
+        "            pass",
+        ("tests/test_contract.py@restoring_before",),
+    ),
+    Mutant(
+        "regularizer-forwards-recorded-as-the-training-forward",
+        "tram/regularizers.py",
+        "        with auxiliary_forwards():",
+        "        with torch.enable_grad():",
+        ("tests/test_tram.py@not_the_training_forward",),
+    ),
+    Mutant(
+        "tram-fisher-noises-regularizer-forwards",
+        "tram/noise.py",
+        "        if handle.training_forwards_only and in_auxiliary_forward():",
+        "        if False:",
+        ("tests/test_tram.py@not_the_training_forward and fisher",),
+    ),
+    Mutant(
+        "padding-mask-passed-positionally-ignored",
+        "tram/_recording.py",
+        "            bound = signature.bind_partial(*args, **kwargs)",
+        "            raise TypeError",
+        ("tests/test_tram.py@positionally",),
+    ),
 ]
 
 
