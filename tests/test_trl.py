@@ -377,6 +377,96 @@ def test_dpo_sam_accumulation_equals_the_large_batch(tmp_path: Any) -> None:
     assert moved > 1e-3
 
 
+class TrainLogs(transformers.TrainerCallback):
+    """Every training log (the ones with the loss)."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def logged(trainer: Any) -> list[dict[str, float]]:
+    callback = TrainLogs()
+    trainer.add_callback(callback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        trainer.train()
+    return callback.logs
+
+
+@pytest.mark.parametrize("method", ["sam", "tram"])
+def test_sft_logs_trls_metrics_of_the_first_pass_once(tmp_path: Any, method: str) -> None:
+    """With the learning rate at 0 the weights never move, so TRL's metrics (token count, token
+    accuracy, entropy, loss) must be those of the plain SFTTrainer: the replay at θ+ε goes
+    through TRL's compute_loss too, and its entries are not logged."""
+    kwargs = {"method": "sam", "method_kwargs": {"rho": 0.5}}
+    if method == "tram":
+        kwargs = {"method": "tram", "method_kwargs": {"trust_region": "noise", "sigma": 0.3}}
+
+    def run(trainer_class: type, **extra: Any) -> list[dict[str, float]]:
+        return logged(
+            trainer_class(
+                model=tiny_llama(),
+                args=sft_config(tmp_path, learning_rate=0.0),
+                train_dataset=sft_dataset(),
+                processing_class=tokenizer(),
+                **extra,
+            )
+        )
+
+    plain, tram_logs = run(trl.SFTTrainer), run(TramSFTTrainer, **kwargs)
+    keys = ("num_tokens", "mean_token_accuracy", "entropy", "loss")
+    assert len(plain) == len(tram_logs) == 2
+    for ours, theirs in zip(tram_logs, plain, strict=True):
+        assert {key: ours[key] for key in keys} == {key: theirs[key] for key in keys}
+
+
+def test_dpo_logs_trls_metrics_of_the_first_pass_once(tmp_path: Any) -> None:
+    """DPO's rewards, log-probabilities and token count, as logged by the plain DPOTrainer."""
+
+    def run(trainer_class: type, **extra: Any) -> list[dict[str, float]]:
+        model = tiny_llama()
+        args = trl.DPOConfig(
+            output_dir=str(tmp_path / trainer_class.__name__),
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=0.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            bf16=False,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_steps=1,
+            seed=5,
+        )
+        return logged(
+            trainer_class(
+                model=model,
+                ref_model=copy.deepcopy(model),
+                args=args,
+                train_dataset=dpo_dataset(),
+                processing_class=tokenizer(),
+                **extra,
+            )
+        )
+
+    plain = run(trl.DPOTrainer)
+    ours = run(TramDPOTrainer, method="sam", method_kwargs={"rho": 0.5})
+    assert len(plain) == len(ours) == 2
+    keys = [key for key in plain[0] if key.startswith(("rewards/", "logps/", "num_tokens"))]
+    assert "num_tokens" in keys
+    assert any(key.startswith("rewards/") for key in keys)
+    for mine, theirs in zip(ours, plain, strict=True):
+        assert {key: mine[key] for key in keys} == {key: theirs[key] for key in keys}
+
+
 def test_with_tram_builds_the_class_and_refuses_others() -> None:
     cls = with_tram(trl.SFTTrainer)
     assert cls.__name__ == "TramSFTTrainer"

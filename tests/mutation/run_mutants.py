@@ -311,6 +311,13 @@ MUTANTS = [
         "            raise TypeError",
         ("tests/test_tram.py@positionally",),
     ),
+    Mutant(
+        "trl-metrics-of-the-replay-logged",
+        "tram/integrations/trl.py",
+        "                self._metrics = metrics",
+        "                pass",
+        ("tests/test_trl.py@logs_trls",),
+    ),
 ]
 
 

@@ -14,8 +14,9 @@ The same two-line switch as :class:`tram.integrations.hf.TramTrainer`, the impor
 ``DPOTrainer``); :func:`with_tram` builds the same for any other ``transformers.Trainer``
 subclass. Everything ``TramTrainer`` does applies: the optimizer TRL configures is wrapped, the
 gradient accumulation is exact (every micro-batch replayed at θ+ε through the trainer's own
-``training_step``, so TRL's loss, its normalisation by the window's token count and its metrics
-are those of TRL), mixed precision, checkpoints, logging of ``tram/radius`` and
+``training_step``, so TRL's loss and its normalisation by the window's token count are those of
+TRL; the replay's entries in TRL's metrics are dropped, so they are the first pass's, at θ, as
+under TRL's own trainer), mixed precision, checkpoints, logging of ``tram/radius`` and
 ``tram/ascent_grad_norm``.
 
 **TRAM and TRL's fused language-model head.** TRL (1.x) trains causal LMs with a fused head:
@@ -50,7 +51,8 @@ A plain ``SFTTrainer``/``DPOTrainer`` (or ``transformers.Trainer``) given a tram
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import copy
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -139,6 +141,27 @@ class _TwinLogitsMixin:
         if not isinstance(module, nn.Module):
             module = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
         return twin_logits_forwards(module, optimizer)
+
+    def _replay(
+        self,
+        model: nn.Module,
+        optimizer: TwoPassOptimizer,
+        window: Sequence[dict[str, Any]],
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> None:
+        """Pass 2 through TRL's ``compute_loss``, which appends to TRL's metrics as the first
+        pass did (the token count, token accuracy and entropy of SFT; DPO's rewards and
+        log-probabilities). The replay's entries are dropped: TRL logs the first pass's values,
+        at θ and counted once, as its own trainer does."""
+        metrics = copy.deepcopy(getattr(self, "_metrics", None))
+        tokens = getattr(self, "_total_train_tokens", None)
+        try:
+            super()._replay(model, optimizer, window, num_items_in_batch)  # type: ignore[misc]
+        finally:
+            if metrics is not None:
+                self._metrics = metrics
+            if tokens is not None:
+                self._total_train_tokens = tokens
 
 
 class TramSFTTrainer(_TwinLogitsMixin, TramTrainer, SFTTrainer):
