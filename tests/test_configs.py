@@ -328,6 +328,13 @@ def test_unknown_trainer_key_is_an_error(tmp_path):
         (["+optimizer.regularizers.extra={sigma: 1}"], "needs|must be a config node"),
         (["+optimizer.base.weight_decay=0.1"], "train.weight_decay"),
         (["optimizer.base.lr=0.001"], r"optimizer.base.lr \(0.001\) differs.*train.lr"),
+        (["optimizer.base.betas=[0.9,0.999]"], r"optimizer.base.betas .*train.adam_betas"),
+        (["optimizer.base.eps=1e-6"], r"optimizer.base.eps \(1e-06\) differs.*adam_epsilon"),
+        # Hydra's "+" adds any key, even to a typed node: each would run the default silently.
+        (["optimizer=sam", "+optimizer.rho=0.1"], r"optimizer.rho .*optimizer.method.rho"),
+        (["+train.lrr=1e-3"], r"train.lrr is not a setting of train"),
+        (["+evaluate.tests=false"], r"evaluate.tests is not a setting"),
+        (["+diagnostics.ckaa=true"], r"diagnostics.ckaa is not a setting"),
         (["+optimizer.base.momentum=0.9"], r"optimizer.base.*momentum"),
         (["task=vader_lm", "model=minilm"], "needs a causal LM"),
         (["optimizer=r4f", "task=vader_lm", "model=smollm2"], "classification"),

@@ -318,6 +318,13 @@ MUTANTS = [
         "                pass",
         ("tests/test_trl.py@logs_trls",),
     ),
+    Mutant(
+        "hydra-added-key-ignored",
+        "tram/experiments/run.py",
+        "    _check_known_keys(cfg)",
+        "    pass",
+        ("tests/test_configs.py@validate_rejects",),
+    ),
 ]
 
 

@@ -26,6 +26,7 @@ task/, model/, optimizer/, trainer/, experiment/, hydra/); the wheel ships the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -111,14 +112,30 @@ def _validate(cfg: Any) -> build.OptimizerParts:
     from tram.experiments.tasks import check_task_config
 
     check_task_config(cfg.task)
+    _check_known_keys(cfg)
     parts = build.optimizer_parts(cfg.optimizer)
-    lr = parts.base.keywords.get("lr")
-    if lr is not None and float(lr) != float(cfg.trainer.learning_rate):
-        raise ExperimentError(
-            f"optimizer.base.lr ({lr}) differs from trainer.learning_rate "
-            f"({cfg.trainer.learning_rate}), which TrainingArguments records; set train.lr, "
-            "which both follow"
-        )
+    recorded = {
+        "lr": ("trainer.learning_rate", cfg.trainer.learning_rate, "train.lr"),
+        "betas": (
+            "trainer.adam_beta1/adam_beta2",
+            [cfg.trainer.adam_beta1, cfg.trainer.adam_beta2],
+            "train.adam_betas",
+        ),
+        "eps": ("trainer.adam_epsilon", cfg.trainer.adam_epsilon, "train.adam_epsilon"),
+    }
+    for key, (where, value, setting) in recorded.items():
+        used = parts.base.keywords.get(key)
+        if used is None:
+            continue
+        if key == "betas":
+            same = [float(v) for v in used] == [float(v) for v in value]
+        else:
+            same = float(used) == float(value)
+        if not same:
+            raise ExperimentError(
+                f"optimizer.base.{key} ({_plain(used)}) differs from {where} ({_plain(value)}), "
+                f"which TrainingArguments records; set {setting}, which both follow"
+            )
     if cfg.task.type == "lm" and cfg.model.get("kind") == "encoder":
         raise ExperimentError(
             f"model {cfg.model.name!r} is an encoder (model.kind); task {cfg.task.name!r} is "
@@ -134,6 +151,37 @@ def _validate(cfg: Any) -> build.OptimizerParts:
                     "a classification task"
                 )
     return parts
+
+
+_SCHEMA_NODES = ("train", "evaluate", "diagnostics")
+"""The runner's own nodes of ``finetune.yaml``: their keys are a fixed set."""
+
+
+def _check_known_keys(cfg: Any) -> None:
+    """Refuse a key the runner would never read: Hydra's ``+key=value`` adds any key, even to a
+    typed node, so a misspelt option (``+optimizer.rho=0.1``, ``+train.lrr=1e-3``) would
+    otherwise run the default silently."""
+    from omegaconf import OmegaConf
+
+    known = {field.name for field in dataclasses.fields(build.OptimizerConfig)}
+    unknown = sorted(set(cfg.optimizer) - known)
+    if unknown:
+        raise ExperimentError(
+            f"optimizer.{unknown[0]} is not an option of the optimizer group (expected one of "
+            f"{sorted(known)}); a method's options go under optimizer.method (e.g. "
+            "optimizer.method.rho=0.1), the base optimizer's under optimizer.base"
+        )
+    defaults: Any = OmegaConf.load(CONFIG_DIR / "finetune.yaml")
+    for node in _SCHEMA_NODES:
+        if node not in cfg or node not in defaults:
+            continue
+        expected = set(defaults[node])
+        unknown = sorted(set(cfg[node]) - expected)
+        if unknown:
+            raise ExperimentError(
+                f"{node}.{unknown[0]} is not a setting of {node} (expected one of "
+                f"{sorted(expected)}): a misspelt key would be ignored"
+            )
 
 
 def training_arguments(cfg: Any, output_dir: Path) -> Any:
