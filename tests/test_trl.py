@@ -329,23 +329,34 @@ def test_dpo_tram_trains_and_measures_the_radius(tmp_path: Any) -> None:
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def dpo_config(output_dir: Any, **kwargs: Any) -> Any:
+    """Two SGD steps of DPO on CPU in fp32, one pair per micro-batch, two per step."""
+    options: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 2,
+        "learning_rate": 0.1,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+        "bf16": False,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 5,
+    }
+    options.update(kwargs)
+    return trl.DPOConfig(**options)
+
+
 def dpo_run(tmp_path: Any, *, batch_size: int, accumulation: int) -> nn.Module:
     model = tiny_llama()
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / f"dpo{batch_size}"),
+    args = dpo_config(
+        tmp_path / f"dpo{batch_size}",
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
-        max_steps=2,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        bf16=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=5,
     )
     trainer = TramDPOTrainer(
         model=model,
@@ -429,23 +440,7 @@ def test_dpo_logs_trls_metrics_of_the_first_pass_once(tmp_path: Any) -> None:
 
     def run(trainer_class: type, **extra: Any) -> list[dict[str, float]]:
         model = tiny_llama()
-        args = trl.DPOConfig(
-            output_dir=str(tmp_path / trainer_class.__name__),
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=2,
-            max_steps=2,
-            learning_rate=0.0,
-            optim="sgd",
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            bf16=False,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            logging_steps=1,
-            seed=5,
-        )
+        args = dpo_config(tmp_path / trainer_class.__name__, learning_rate=0.0, logging_steps=1)
         return logged(
             trainer_class(
                 model=model,
