@@ -1036,6 +1036,7 @@ def test_reference_dtype_bfloat16_halves_the_memory_and_keeps_d() -> None:
 
 
 def test_gradient_accumulation_radius_is_the_mean_over_micro_batches() -> None:
+    """Two classification micro-batches of the same size: d is the mean of theirs."""
     task = TASKS["bert"]
     model = bert()
     reference_model = copy.deepcopy(model)
@@ -1054,6 +1055,32 @@ def test_gradient_accumulation_radius_is_the_mean_over_micro_batches() -> None:
             per_micro.append(float(mean_forward_kl(noised, clean)))
     assert optimizer.radius_history == pytest.approx([sum(per_micro) / 2], rel=1e-5)
     assert abs(per_micro[0] - per_micro[1]) > 1e-3  # the mean is not either of them
+
+
+def test_gradient_accumulation_measures_the_d_of_the_whole_batch() -> None:
+    """Micro-batches of one row (7 tokens) and two rows (4 + 6 tokens): d over the window is the
+    mean over its 17 tokens, the d of the one batch they make, not the mean of the two
+    micro-batches' d (which would weigh a token of the first three times as much)."""
+    task = TASKS["gpt2"]
+    batch = lm_batches(1)[0]
+    micro = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]
+
+    def radius(batches: list[dict[str, Tensor]]) -> float:
+        model = gpt2()
+        optimizer = make_tram(task, model, "pretrained")
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # away from θ0, so that d > 0 at the first step
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+        loss = lambda b: model(**b).loss  # noqa: E731
+        optimizer.step(tram.accumulating_closure(optimizer, batches, loss, model=model))
+        return optimizer.last_radius
+
+    whole, window = radius([batch]), radius(micro)
+    parts = [radius([m]) for m in micro]
+    assert window == pytest.approx(whole, rel=1e-5)
+    assert abs(sum(parts) / 2 - whole) > 0.01 * whole
 
 
 def test_ascent_every_skips_recording_and_the_second_pass() -> None:

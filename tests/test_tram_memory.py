@@ -207,9 +207,13 @@ def test_records_between_the_first_pass_and_first_step_are_d_only() -> None:
             model(**lm_batch(seed)).loss.backward()
     records = list(optimizer._records)
     assert len(records) == 2
-    assert all(isinstance(r, Tensor) and r.dim() == 0 and r.dtype == torch.float32 for r in records)
+    # [d, tokens] per forward: two numbers, never a logits-sized tensor.
+    assert all(
+        isinstance(r, Tensor) and r.shape == (2,) and r.dtype == torch.float32 for r in records
+    )
     assert optimizer.first_step()
-    assert optimizer.last_radius == pytest.approx(float(torch.stack(records).mean()), rel=1e-6)
+    weighted = sum(float(d * n) for d, n in records) / sum(float(n) for _, n in records)
+    assert optimizer.last_radius == pytest.approx(weighted, rel=1e-6)
     assert optimizer.last_radius > 0
     optimizer.zero_grad()
     model(**lm_batch(1)).loss.backward()

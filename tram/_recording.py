@@ -113,7 +113,7 @@ class ForwardRecorder:
         self.replay_dropout = bool(replay_dropout)
         self.logits_fn = logits_fn
         self.measure_during_forward = not parameters_are_sharded(model, module)
-        # d of each recorded forward call (0-dim float32), or a deferred call to measure.
+        # [d, count] of each recorded forward call (float32), or a deferred call to measure.
         self.records: list[Tensor | _Deferred] = []
         self.in_reference = False
 
@@ -186,7 +186,8 @@ class ForwardRecorder:
 
     @torch.no_grad()
     def measure(self, *, synchronise: bool) -> float:
-        """d over the recorded calls: their mean, averaged over ranks if ``synchronise``."""
+        """d over the recorded calls: the mean over all the examples (or tokens) they measured,
+        over every rank's calls if ``synchronise``."""
         values = [
             self.divergence_of(
                 self.target_logits(record.args, record.kwargs, record.replay),
@@ -197,12 +198,17 @@ class ForwardRecorder:
             else record
             for record in self.records
         ]
-        radius = torch.stack(values).mean()
+        measured = torch.stack(values)
         distributed = dist.is_available() and dist.is_initialized()
-        if synchronise and distributed and dist.get_world_size() > 1:
-            dist.all_reduce(radius)
-            radius = radius / dist.get_world_size()
-        return float(radius.item())
+        synchronised = synchronise and distributed and dist.get_world_size() > 1
+        if len(values) == 1 and not synchronised:
+            return float(measured[0, 0].item())
+        # Weighted by the examples (or tokens) each call measured d over: a window of
+        # micro-batches, or the ranks' shards, give the d of the whole batch.
+        totals = torch.stack([(measured[:, 0] * measured[:, 1]).sum(), measured[:, 1].sum()])
+        if synchronised:
+            dist.all_reduce(totals)
+        return float((totals[0] / totals[1].clamp_min(1.0)).item())
 
     def named_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """A recorded call's inputs by parameter name, positional ones included: the padding
@@ -222,22 +228,30 @@ class ForwardRecorder:
 
     @torch.no_grad()
     def divergence_of(self, target: Tensor, logits: Tensor, kwargs: dict[str, Any]) -> Tensor:
-        """d of one recorded call: the divergence of its ``logits`` from the ``target``'s."""
+        """d of one recorded call and what it is a mean over: ``[d, count]`` in float32, the
+        divergence of its ``logits`` from the ``target``'s and the number of examples (or
+        counted tokens) it averages."""
         if target.shape != logits.shape:
             raise ValueError(
                 "the reference logits and the recorded logits must have the same shape, but got "
                 f"{tuple(target.shape)} and {tuple(logits.shape)}"
             )
         mask = logits_mask(kwargs, logits)
-        if self.divergence_name == "mmd":  # set-level: cannot be split over positions
-            return self.divergence(target, logits, mask=mask).float()
-        return chunked_mean_divergence(
-            self.divergence,
-            target,
-            logits,
-            mask,
-            forward_kl=self.divergence_name == "forward_kl",
+        rows = logits.shape[:-1].numel()
+        count = (
+            torch.tensor(float(rows), device=logits.device) if mask is None else mask.sum().float()
         )
+        if self.divergence_name == "mmd":  # set-level: cannot be split over positions
+            value = self.divergence(target, logits, mask=mask).float()
+        else:
+            value = chunked_mean_divergence(
+                self.divergence,
+                target,
+                logits,
+                mask,
+                forward_kl=self.divergence_name == "forward_kl",
+            )
+        return torch.stack([value, count.to(value.device)])
 
     @torch.no_grad()
     def target_logits(

@@ -33,10 +33,11 @@ How this implementation works, and the choices made where the paper is silent:
   there.
 - **d** is the mean forward KL(target ‖ current), in float32, per example for classification
   logits and per non-padding token (``attention_mask``, by keyword or by position, else
-  ``labels != -100``) for language-model logits; with several recorded forwards (gradient
-  accumulation) it is their mean (each forward's d weighs the same, whatever its number of
-  examples or tokens), and under ``torch.distributed`` (synchronised ascent) the mean over
-  ranks, as DDP averages the ranks' gradients. It is detached; it is a radius, not a loss.
+  ``labels != -100``) for language-model logits. With several recorded forwards (gradient
+  accumulation) it is the mean over all their examples or tokens, and under
+  ``torch.distributed`` (synchronised ascent) over every rank's: a window of micro-batches, or
+  the ranks' shards, measure the d of the whole batch (the Trainer's loss too is normalised by
+  the window's token count). It is detached; it is a radius, not a loss.
   Optionally clipped to ``max_radius`` (the paper assumes d ≤ ρ_ASAM but does not clip). A
   non-finite d skips the ascent.
 - **Dropout is not the trust region.** By default the reference forward replays the dropout masks

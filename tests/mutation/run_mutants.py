@@ -325,6 +325,15 @@ MUTANTS = [
         "    pass",
         ("tests/test_configs.py@validate_rejects",),
     ),
+    Mutant(
+        "accumulated-d-unweighted",
+        "tram/_recording.py",
+        "        totals = torch.stack([(measured[:, 0] * measured[:, 1]).sum(), "
+        "measured[:, 1].sum()])",
+        "        totals = torch.stack([measured[:, 0].sum(), "
+        "measured[:, 1].new_tensor(len(values))])",
+        ("tests/test_tram.py@whole_batch",),
+    ),
 ]
 
 
