@@ -354,7 +354,8 @@ class TRAM(TwoPassOptimizer):
 
     @torch.no_grad()
     def measure_radius(self) -> float:
-        """d over the recorded forwards: their mean, averaged over ranks in synchronised mode."""
+        """d over the recorded forwards: the mean over their examples or tokens, over every rank's
+        in synchronised mode."""
         return self.recorder.measure(synchronise=not self.local_ascent)
 
     # ------------------------------------------------------------------ the target over time
