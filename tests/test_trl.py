@@ -243,14 +243,16 @@ def test_sft_tram_measures_the_exact_radius(tmp_path: Any) -> None:
     theta1 = copy.deepcopy(theta0)
     theta1.load_state_dict(snapshots.states[0])
     kl = get_divergence("forward_kl")
-    expected = []
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in windows[1][0]:
+        for batch in windows[1][0]:  # d over the window's tokens, every micro-batch's
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             mask = batch["attention_mask"] != 0
-            expected.append(float(kl(theta0(**inputs).logits, theta1(**inputs).logits, mask=mask)))
+            d = float(kl(theta0(**inputs).logits, theta1(**inputs).logits, mask=mask))
+            total += d * int(mask.sum())
+            tokens += int(mask.sum())
     assert radii[1] > 0
-    assert radii[1] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert radii[1] == pytest.approx(total / tokens, rel=1e-5)
     logged = [h["tram/radius"] for h in trainer.state.log_history if "tram/radius" in h]
     assert logged == pytest.approx(radii, rel=1e-6)
 
@@ -545,7 +547,10 @@ def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
     for name, target in (("copied", "pretrained"), ("adapter_off", AdapterOff())):
         model = tiny_llama(dropout=0.1)
         frozen = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight)
-        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj"])
+        # On q_proj alone one step moves the logits by d ~ 1e-9, round-off's size: v_proj too.
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]
+        )
         trainer, _, _ = train_sft(
             tmp_path / name,
             model,
@@ -558,7 +563,7 @@ def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
         runs[name] = trainer
     copied = runs["copied"].two_pass_optimizer
     assert copied.radius_history[0] == 0.0  # θ = θ0, the dropout masks (LoRA's too) replayed
-    assert copied.radius_history[1] > 0
+    assert copied.radius_history[1] > 1e-6
     reference = copied.reference.state_dict()
     assert reference
     assert all("lora_" in name for name in reference)
