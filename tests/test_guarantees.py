@@ -489,6 +489,24 @@ def test_a_davda54_sam_state_dict_is_refused_with_what_to_do() -> None:
         optimizer.load_state_dict(foreign)
 
 
+def test_resuming_with_another_rho_says_the_checkpoints_is_used() -> None:
+    """torch's load_state_dict restores every saved hyperparameter: a run resumed with another
+    rho trains with the checkpoint's. Kept (torch's contract), but said; repr shows it too."""
+    model = Net()
+    first = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, eta=0.03)
+    first.step(NanOnSecondPass(first, model, 1.0))
+    state = first.state_dict()
+    resumed = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.2, eta=0.03)
+    with pytest.warns(UserWarning, match=r"rho=0.2 -> 0.05 \(param group 0\)"):
+        resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["rho"] == 0.05
+    assert "rho=0.05" in repr(resumed)
+    same = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, eta=0.03)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+
+
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))

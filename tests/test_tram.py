@@ -501,6 +501,20 @@ def test_uniform_noise_equals_algorithm_1(task_name: str, trust_region: str) -> 
         assert min(abs(a - b) / b for a, b in zip(library.radii, gaussian.radii)) > 0.05
 
 
+def test_a_radius_below_zero_from_round_off_is_zero(monkeypatch) -> None:
+    """KL ≥ 0, but its float32 sum with the target at the model can come out just below 0 (seen
+    at -1.6e-8 under bf16 autocast); a negative radius would turn the ascent into a descent."""
+    import tram._recording
+
+    exact = tram._recording.chunked_mean_divergence
+    monkeypatch.setattr(
+        tram._recording, "chunked_mean_divergence", lambda *a, **k: exact(*a, **k) - 1e-8
+    )
+    run = library_tram(TASKS["plain"], "pretrained", steps=2)
+    assert run.radii[0] == 0.0  # θ = θ0: d = -1e-8 after the shift
+    assert run.radii[1] > 0
+
+
 def test_max_radius_clips_d() -> None:
     task = TASKS["plain"]
     unclipped = reference_tram(task, "noise").radii

@@ -11,6 +11,7 @@ oracle here: d and the weights must not change, to float tolerance, whichever pa
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -274,6 +275,35 @@ def test_the_divergence_keeps_at_most_max_chunks(monkeypatch: pytest.MonkeyPatch
         )
     assert calls == [8, 8, 8, 6]  # 5 rows would make 6 chunks: ceil(30 / 4) = 8 rows
     torch.testing.assert_close(value, divergence(target, logits))
+
+
+@pytest.mark.parametrize("reference", ["pretrained", "previous", "ema", "TRPO", "MESA"])
+def test_weight_references_refuse_sharded_parameters(tmp_path, reference: str) -> None:
+    """FSDP2 gathers the live parameters over the ones functional_call substitutes: a reference
+    forward would run the live weights and d would be 0 at every step. Refused up front."""
+    import torch.distributed as dist
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not (dist.is_available() and hasattr(fsdp, "fully_shard")):
+        pytest.skip("FSDP2 is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        for layer in (model[0], model[2], model):
+            fsdp.fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+        if reference in ("TRPO", "MESA"):
+            build = functools.partial(getattr(tram, reference), model)
+        else:
+            base = torch.optim.SGD(model.parameters(), lr=0.1)
+            build = functools.partial(tram.TRAM, base, model, trust_region=reference)
+        with pytest.raises(ValueError, match=r"sharded \(FSDP, FSDP2 or DeepSpeed\)"):
+            build()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_models_with_sharded_parameters_keep_their_logits_until_first_step(tmp_path) -> None:

@@ -107,3 +107,33 @@ def logits_mask(kwargs: Mapping[str, Any], logits: Tensor) -> Tensor | None:
     if isinstance(labels, Tensor) and labels.shape == positions:
         return labels != -100
     return None
+
+
+def parameters_are_sharded(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are sharded (FSDP, FSDP2, DeepSpeed).
+
+    Their forward gathers the parameters and scatters them again afterwards, so the reference
+    forward must not run inside it (:class:`tram.TRAM` measures d of such models in ``first_step``,
+    from the logits kept until then). Replicating wrappers (DDP, DataParallel) and
+    ``torch.compile`` leave the parameters whole.
+    """
+    wrapper = model
+    while wrapper is not module:
+        inner = _replicating_wrapper_inner(wrapper)
+        if inner is None:
+            return True  # FSDP1, DeepSpeed: a wrapper that shards
+        wrapper = inner
+    sharding = ("FullyShardedDataParallel", "DeepSpeedEngine")
+    for child in module.modules():
+        names = {cls.__name__ for cls in type(child).__mro__}
+        if names & set(sharding) or any(name.startswith("FSDP") for name in names):
+            return True  # FSDP1 inside, or FSDP2's fully_shard (which renames the class FSDP...)
+    return any(type(param).__name__ == "DTensor" for param in module.parameters())
+
+
+def _replicating_wrapper_inner(wrapper: nn.Module) -> nn.Module | None:
+    """The module inside DDP, DataParallel or ``torch.compile``'s wrapper; None otherwise."""
+    if isinstance(wrapper, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return wrapper.module
+    inner = getattr(wrapper, "_orig_mod", None)  # torch.compile's OptimizedModule
+    return inner if isinstance(inner, nn.Module) else None

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tram._auxiliary import in_auxiliary_forward
-from tram._model_io import extract_logits, logits_mask
+from tram._model_io import extract_logits, logits_mask, parameters_are_sharded
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
 from tram.targets import Target
@@ -202,13 +202,13 @@ class ForwardRecorder:
         distributed = dist.is_available() and dist.is_initialized()
         synchronised = synchronise and distributed and dist.get_world_size() > 1
         if len(values) == 1 and not synchronised:
-            return float(measured[0, 0].item())
+            return _non_negative(float(measured[0, 0].item()))
         # Weighted by the examples (or tokens) each call measured d over: a window of
         # micro-batches, or the ranks' shards, give the d of the whole batch.
         totals = torch.stack([(measured[:, 0] * measured[:, 1]).sum(), measured[:, 1].sum()])
         if synchronised:
             dist.all_reduce(totals)
-        return float((totals[0] / totals[1].clamp_min(1.0)).item())
+        return _non_negative(float((totals[0] / totals[1].clamp_min(1.0)).item()))
 
     def named_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """A recorded call's inputs by parameter name, positional ones included: the padding
@@ -344,34 +344,11 @@ def chunked_mean_divergence(
     return total / count.clamp_min(1.0)
 
 
-def parameters_are_sharded(model: nn.Module, module: nn.Module) -> bool:
-    """Whether ``module``'s parameters are sharded (FSDP, FSDP2, DeepSpeed).
-
-    Their forward gathers the parameters and scatters them again afterwards, so the reference
-    forward must not run inside it (:class:`tram.TRAM` measures d of such models in ``first_step``,
-    from the logits kept until then). Replicating wrappers (DDP, DataParallel) and
-    ``torch.compile`` leave the parameters whole.
-    """
-    wrapper = model
-    while wrapper is not module:
-        inner = _replicating_wrapper_inner(wrapper)
-        if inner is None:
-            return True  # FSDP1, DeepSpeed: a wrapper that shards
-        wrapper = inner
-    sharding = ("FullyShardedDataParallel", "DeepSpeedEngine")
-    for child in module.modules():
-        names = {cls.__name__ for cls in type(child).__mro__}
-        if names & set(sharding) or any(name.startswith("FSDP") for name in names):
-            return True  # FSDP1 inside, or FSDP2's fully_shard (which renames the class FSDP...)
-    return any(type(param).__name__ == "DTensor" for param in module.parameters())
-
-
-def _replicating_wrapper_inner(wrapper: nn.Module) -> nn.Module | None:
-    """The module inside DDP, DataParallel or ``torch.compile``'s wrapper; None otherwise."""
-    if isinstance(wrapper, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return wrapper.module
-    inner = getattr(wrapper, "_orig_mod", None)  # torch.compile's OptimizedModule
-    return inner if isinstance(inner, nn.Module) else None
+def _non_negative(radius: float) -> float:
+    """A divergence is ≥ 0, but its float32 sum at the noise floor (target ≈ model) can come
+    out a hair below 0, and a negative radius would turn the ascent into a descent: 0 then.
+    nan stays nan (the ascent is skipped)."""
+    return 0.0 if radius < 0 else radius
 
 
 def _cuda_device(module: nn.Module) -> int:

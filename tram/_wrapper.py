@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
@@ -566,13 +567,40 @@ class TwoPassOptimizer(Optimizer):
         refuse_foreign_state_dict(state_dict)
         state_dict = dict(state_dict)
         wrapper_state = state_dict.pop(WRAPPER_STATE_KEY, None)
+        before = [
+            {key: group[key] for key in self._method_defaults if key in group}
+            for group in self.param_groups
+        ]
         self.base_optimizer.load_state_dict(state_dict)
         self._relink()
+        self._warn_replaced_hyperparameters(before)
         if wrapper_state is not None:
             self.steps = int(wrapper_state.get("steps", 0))
             self.skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
             self.skipped_steps = int(wrapper_state.get("skipped_steps", 0))
             self._load_extra_state(wrapper_state)
+
+    def _warn_replaced_hyperparameters(self, before: list[dict[str, Any]]) -> None:
+        """Say which of this optimizer's method hyperparameters a loaded state dict replaced.
+
+        torch's ``load_state_dict`` restores every hyperparameter of the saved param groups, so
+        a run resumed with another ``rho`` (or ``eta``, ...) trains with the saved one; that is
+        torch's contract, kept, but not silently."""
+        replaced = [
+            f"{key}={old!r} -> {group[key]!r} (param group {index})"
+            for index, (group, values) in enumerate(zip(self.param_groups, before, strict=False))
+            for key, old in values.items()
+            if key in group and group[key] != old
+        ]
+        if replaced:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict() replaced this optimizer's "
+                f"{', '.join(replaced)} with the checkpoint's, as torch's load_state_dict "
+                "restores every hyperparameter of the saved param groups. To train with other "
+                "values, set optimizer.param_groups[i][key] after loading",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -587,5 +615,8 @@ class TwoPassOptimizer(Optimizer):
         self._relink()
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{key}={value}" for key, value in self._method_defaults.items())
+        group = self.param_groups[0] if self.param_groups else {}
+        options = ", ".join(
+            f"{key}={group.get(key, value)}" for key, value in self._method_defaults.items()
+        )
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"

@@ -31,7 +31,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from tram._ascent import foreach_copy_
-from tram._model_io import call_model, extract_logits, logits_mask, unwrap_model
+from tram._model_io import (
+    call_model,
+    extract_logits,
+    logits_mask,
+    parameters_are_sharded,
+    unwrap_model,
+)
 from tram._validation import check_non_negative, check_unit_interval
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
 
@@ -66,6 +72,14 @@ class ReferenceWeights:
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None) -> None:
         self.model = unwrap_model(model)
+        if parameters_are_sharded(model, self.model):
+            raise ValueError(
+                f"reference weights of {type(self.model).__name__} cannot be kept: its "
+                "parameters are sharded (FSDP, FSDP2 or DeepSpeed), and its forward gathers the "
+                "live parameters over any substituted ones, so the reference forward would run "
+                "the live weights (d = 0, a KL to itself). For TRAM use the noise target "
+                "(trust_region='noise') or TRAM-Fisher, or DDP, which keeps parameters whole"
+            )
         self.dtype = dtype
         self.names: list[str] = []
         self.live: list[Tensor] = []

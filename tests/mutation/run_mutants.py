@@ -334,6 +334,27 @@ MUTANTS = [
         "measured[:, 1].new_tensor(len(values))])",
         ("tests/test_tram.py@whole_batch",),
     ),
+    Mutant(
+        "sharded-reference-accepted",
+        "tram/targets.py",
+        "        if parameters_are_sharded(model, self.model):",
+        "        if False:",
+        ("tests/test_tram_memory.py@refuse_sharded",),
+    ),
+    Mutant(
+        "negative-radius-kept",
+        "tram/_recording.py",
+        "    return 0.0 if radius < 0 else radius",
+        "    return radius",
+        ("tests/test_tram.py@below_zero",),
+    ),
+    Mutant(
+        "replaced-hyperparameters-unsaid",
+        "tram/_wrapper.py",
+        "        if replaced:",
+        "        if False:",
+        ("tests/test_guarantees.py@another_rho",),
+    ),
 ]
 
 
