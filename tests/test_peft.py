@@ -174,6 +174,22 @@ def test_adapter_off_reference_equals_copied_reference(kind: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_adapter_off_takes_lora_on_the_embeddings() -> None:
+    """PEFT starts an embedding's LoRA with lora_embedding_A = 0 and a random B (a linear
+    layer's the other way round): B·A = 0 either way, so the adapter-off model is θ0 and its d
+    equals the copied reference's."""
+    lora = {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}
+    data = batches("llama", 3)
+    copied_model, off_model = tiny_llama(lora=lora), tiny_llama(lora=lora)
+    copied = make_tram(copied_model, adapter_off=False)
+    off = make_tram(off_model, adapter_off=True)
+    train(copied_model, copied, data)
+    train(off_model, off, data)
+    assert copied.radius_history[0] == 0.0
+    assert all(r > 0 for r in copied.radius_history[1:])
+    assert off.radius_history == pytest.approx(copied.radius_history, rel=1e-6, abs=0)
+
+
 def test_adapter_off_output_equals_theta0_output() -> None:
     model = tiny_bert()
     reference = adapter_off(model)
@@ -236,7 +252,7 @@ def test_adapter_off_checkpoint_round_trip() -> None:
 def test_adapter_off_refuses_what_is_not_theta0() -> None:
     batch = batches("bert", 1)[0]
     trained = adapter_off(tiny_bert(lora={"init_lora_weights": False}))
-    with pytest.raises(ValueError, match="non-zero lora_B"):
+    with pytest.raises(ValueError, match="non-zero lora factors"):
         trained.output((), batch)
     trained.load_state_dict({"adapter_off": True})  # resuming a run that used it: accepted
     trained.output((), batch)

@@ -114,14 +114,23 @@ class AdapterOff(Target):
                     f"adapter {adapter!r} uses DoRA, whose magnitude rescaling is not an exact "
                     "identity at initialisation; use tram.targets.Pretrained"
                 )
-            for factors in (layer.lora_B, layer.lora_embedding_B):
-                if adapter not in factors:
+            # The update is B·A: zero at initialisation when either factor is (PEFT starts
+            # lora_B at zero for linear layers, lora_embedding_A for embeddings).
+            for first, second in (
+                (layer.lora_A, layer.lora_B),
+                (layer.lora_embedding_A, layer.lora_embedding_B),
+            ):
+                if adapter not in first or adapter not in second:
                     continue
-                factor = factors[adapter]
-                weight = cast(Tensor, factor.weight if isinstance(factor, nn.Module) else factor)
-                if self._not_initial is None and torch.count_nonzero(weight.detach()).item():
+                nonzero = [
+                    torch.count_nonzero(
+                        cast(Tensor, f.weight if isinstance(f, nn.Module) else f).detach()
+                    ).item()
+                    for f in (first[adapter], second[adapter])
+                ]
+                if self._not_initial is None and all(nonzero):
                     self._not_initial = (
-                        f"adapter {adapter!r} has a non-zero lora_B in a {name} layer: with it "
+                        f"adapter {adapter!r} has non-zero lora factors in a {name} layer: with it "
                         "switched off the model is not the model at the start of training "
                         "(a loaded or trained adapter, or an initialisation such as PiSSA "
                         "that also changes the base weights); use "
