@@ -507,6 +507,31 @@ def test_resuming_with_another_rho_says_the_checkpoints_is_used() -> None:
         same.load_state_dict(state)
 
 
+def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None:
+    """torch.distributed.checkpoint's optimizer state dict (the one accelerate and Lightning use
+    under FSDP2) keeps 'state' and 'param_groups' only: tram's own entry (step counter, TRAM's
+    target state) is lost on the way, and the load says so."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = Net()
+    optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05)
+    for _ in range(2):
+        optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
+    saved = get_optimizer_state_dict(model, optimizer)
+    assert "tram" not in saved
+    resumed = tram.SAM(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.warns(UserWarning, match="without tram's own state"):
+        set_optimizer_state_dict(model, resumed, saved)
+    with pytest.warns(UserWarning, match="without tram's own state"):
+        resumed.load_state_dict(optimizer.base_optimizer.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(optimizer.state_dict())  # tram's own: exact, nothing to say
+
+
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))

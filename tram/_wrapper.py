@@ -574,7 +574,19 @@ class TwoPassOptimizer(Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self._relink()
         self._warn_replaced_hyperparameters(before)
-        if wrapper_state is not None:
+        if wrapper_state is None:
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict() got a state dict without tram's own "
+                f"state (the '{WRAPPER_STATE_KEY}' entry): one saved from the base optimizer, or "
+                "through torch.distributed.checkpoint's get_optimizer_state_dict, which keeps "
+                "only 'state' and 'param_groups'. The base optimizer's state is loaded; the "
+                "step counter (ascent_every, radius_every), TRAM's target state (reference "
+                "weights, noise generator) and the skip counters keep their current values, so "
+                "a resume is not exact. Save and load optimizer.state_dict() itself",
+                UserWarning,
+                stacklevel=2,
+            )
+        else:
             self.steps = int(wrapper_state.get("steps", 0))
             self.skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
             self.skipped_steps = int(wrapper_state.get("skipped_steps", 0))

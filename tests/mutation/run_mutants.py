@@ -355,6 +355,13 @@ MUTANTS = [
         "        if False:",
         ("tests/test_guarantees.py@another_rho",),
     ),
+    Mutant(
+        "state-dict-without-tram-state-unsaid",
+        "tram/_wrapper.py",
+        "        if wrapper_state is None:",
+        "        if False:",
+        ("tests/test_guarantees.py@without_trams",),
+    ),
 ]
 
 
