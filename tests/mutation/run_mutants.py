@@ -240,7 +240,7 @@ MUTANTS = [
     Mutant(
         "zero-grad-keeps-a-dropped-first-pass",
         "tram/_wrapper.py",
-        "        if self._step_state.first_pass_depth == 0:",
+        "        if state.first_pass_depth == 0:",
         "        if False:",
         ("tests/test_contract.py@dropped_by_zero_grad or observes_first_pass",),
     ),
