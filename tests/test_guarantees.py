@@ -532,6 +532,32 @@ def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None
         resumed.load_state_dict(optimizer.state_dict())  # tram's own: exact, nothing to say
 
 
+def test_local_ascent_refuses_a_static_graph_ddp(tmp_path: Path) -> None:
+    """DDP(static_graph=True) cannot run a backward under no_sync(); its reducer would fail on
+    an internal assert in the middle of the step. Refused before the first forward."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        model = Net()
+        static = nn.parallel.DistributedDataParallel(model, static_graph=True)
+        optimizer = tram.SAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), model=static, local_ascent=True
+        )
+        with pytest.raises(ValueError, match=r"static_graph=True"), optimizer.first_pass():
+            pass
+        dynamic = nn.parallel.DistributedDataParallel(Net())
+        other = tram.SAM(
+            torch.optim.SGD(dynamic.parameters(), lr=0.1), model=dynamic, local_ascent=True
+        )
+        with other.first_pass():
+            pass
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))

@@ -516,6 +516,13 @@ class TwoPassOptimizer(Optimizer):
                                 f"(DistributedDataParallel), but got model={got}; FSDP2 supports "
                                 "the synchronised ascent only"
                             )
+                        if getattr(self.model, "static_graph", False):
+                            raise ValueError(
+                                "local_ascent=True runs the first pass under no_sync(), which "
+                                "DistributedDataParallel(static_graph=True) does not support "
+                                "(its reducer would fail on an internal assert); build DDP "
+                                "with static_graph=False, or use the synchronised ascent"
+                            )
                         no_sync = model_no_sync()
                     stack.enter_context(no_sync)
                 stack.enter_context(self._observe_first_pass())
