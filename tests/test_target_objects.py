@@ -136,6 +136,46 @@ def test_a_users_target_measures_its_own_divergence() -> None:
     assert optimizer.radius_history[0] == pytest.approx(float(expected), rel=1e-5)
 
 
+class _ScaledTeacher(targets.Target):
+    """A user's target that keeps Target's default name, with state of its own."""
+
+    def __init__(self, teacher: nn.Module, scale: float) -> None:
+        self.teacher, self.scale = teacher, torch.tensor(scale)
+
+    def output(self, args: tuple, kwargs: dict) -> Tensor:
+        return self.teacher(*args, **kwargs) * self.scale
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state["scale"].clone()
+
+
+class _ShiftedTeacher(_ScaledTeacher):
+    def output(self, args: tuple, kwargs: dict) -> Tensor:
+        return self.teacher(*args, **kwargs) + self.scale
+
+
+def test_targets_that_keep_the_default_name_never_load_each_others_state() -> None:
+    teacher = Net(seed=9, dropout=0.0)
+    model = Net(dropout=0.0)
+    saved = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, target=_ScaledTeacher(teacher, 0.7)
+    ).state_dict()
+    assert saved["tram"]["target"] == "target:_ScaledTeacher"
+    same = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, target=_ScaledTeacher(teacher, 0.3)
+    )
+    same.load_state_dict(saved)
+    assert same.target.scale.item() == pytest.approx(0.7)
+    other = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, target=_ShiftedTeacher(teacher, 0.3)
+    )
+    with pytest.raises(ValueError, match=r"target:_ScaledTeacher.*target:_ShiftedTeacher"):
+        other.load_state_dict(saved)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -410,17 +410,24 @@ class TRAM(TwoPassOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         # The target's keys at the top level ("generator", "reference"), as before targets
         # were objects: checkpoints load both ways.
-        state = {"target": self.target.name, **self.target.state_dict()}
+        state = {"target": self._target_identity(), **self.target.state_dict()}
         if self.radius_every > 1:  # the d reused until the next measurement
             state["last_radius"] = self.last_radius
         return state
 
+    def _target_identity(self) -> str:
+        """The target's name in checkpoints; a subclass that keeps :class:`Target`'s default
+        name is told apart by its class name, so that two such targets never load each
+        other's state."""
+        name = self.target.name
+        return f"{name}:{type(self.target).__qualname__}" if name == Target.name else name
+
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         saved_name = state.get("target")
-        if saved_name is not None and saved_name != self.target.name:
+        if saved_name is not None and saved_name not in (self._target_identity(), Target.name):
             raise ValueError(
                 f"Invalid state_dict: it was saved by TRAM with the {saved_name!r} target, and "
-                f"this TRAM's target is {self.target.name!r}; a reference cannot be carried "
+                f"this TRAM's target is {self._target_identity()!r}; a reference cannot be carried "
                 "over to another target"
             )
         own = self.target.state_dict()

@@ -362,6 +362,14 @@ MUTANTS = [
         "        if False:",
         ("tests/test_guarantees.py@without_trams",),
     ),
+    Mutant(
+        "default-named-targets-share-checkpoints",
+        "tram/_tram.py",
+        '        return f"{name}:{type(self.target).__qualname__}" '
+        "if name == Target.name else name",
+        "        return name",
+        ("tests/test_target_objects.py@default_name",),
+    ),
 ]
 
 
