@@ -124,6 +124,32 @@ def test_selection_takes_the_best_validation_and_ties_keep_the_paper_value(tmp_p
     assert selection["asam"]["value"] == 0.5
 
 
+def test_equal_counts_of_correct_examples_are_a_tie_whatever_their_float_sums(
+    tmp_path, monkeypatch
+):
+    """Three seeds on 83 examples: 62 + 73 + 73 and 60 + 75 + 73 correct are the same mean, but
+    not the same float; the protocol's tie rule (the paper's value, else the smaller) applies."""
+    monkeypatch.setitem(GRIDS, "sam", Grid("rho", (0.1, 0.2, 0.4), 0.4))
+    monkeypatch.setitem(GRIDS, "asam", Grid("rho", (0.1, 0.2, 0.5), 0.5))
+    correct = {
+        ("sam", 0.1): (62, 73, 73),
+        ("sam", 0.2): (60, 75, 73),
+        ("sam", 0.4): (50, 50, 50),
+        ("asam", 0.1): (40, 40, 40),
+        ("asam", 0.2): (72, 74, 70),
+        ("asam", 0.5): (72, 72, 72),
+    }
+    for (method, value), counts in correct.items():
+        for seed, count in zip((7, 8, 9), counts, strict=True):
+            _write(tmp_path, Job("tune", method, seed, value), count / 83)
+    selection = select(tmp_path, ["sam", "asam"], [7, 8, 9])
+    sam, asam = selection["sam"]["validation"], selection["asam"]["validation"]
+    assert sam["0.1"] != sam["0.2"]  # the float sums differ ...
+    assert selection["sam"]["value"] == 0.1  # ... and the smaller value is kept
+    assert asam["0.2"] != asam["0.5"]
+    assert selection["asam"]["value"] == 0.5  # the paper's value, in a tie
+
+
 @pytest.mark.parametrize(("sd", "expected"), [(1.0, 10), (2.0, 34), (0.5, 5)])
 def test_seeds_needed_matches_paired_t_power_tables(sd, expected):
     # Standardised effect 1/sd at alpha 0.05, power 0.8: n = 10, 34, 5 (Cohen's tables; G*Power).
