@@ -558,6 +558,44 @@ def test_local_ascent_refuses_a_static_graph_ddp(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
+def test_asam_exclude_1d_refuses_fsdps_flattened_parameters(tmp_path: Path) -> None:
+    """FSDP(use_orig_params=False) hands the optimizer one 1-D flat parameter: exclude_1d would
+    give every weight the identity operator, silently SAM's step."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FSDP1's deprecation
+            model = FullyShardedDataParallel(
+                Net(), device_id=torch.device("cpu"), use_orig_params=False
+            )
+        tokens, labels = tokens_and_labels()
+        F.cross_entropy(model(tokens), labels).backward()
+        optimizer = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), exclude_1d=True)
+        with pytest.raises(ValueError, match="use_orig_params=True"):
+            optimizer.first_step()
+        assert not optimizer.is_perturbed
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["ASAM", "FisherSAM"])
+def test_an_eta_set_after_construction_is_checked_where_it_is_used(method: str) -> None:
+    """A group added through the base optimizer (or a schedule) skips the constructor's checks:
+    a negative eta would make |θ| + η zero or negative for some weights."""
+    model = Net()
+    base = torch.optim.SGD(list(model.parameters())[:-1], lr=0.1)
+    optimizer = getattr(tram, method)(base, eta=0.01)
+    base.add_param_group({"params": [list(model.parameters())[-1]], "eta": -0.5})
+    NanOnSecondPass(optimizer, model, 1.0)()
+    with pytest.raises(ValueError, match=r"Invalid eta: -0\.5"):
+        optimizer.first_step()
+
+
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2))

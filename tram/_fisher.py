@@ -69,4 +69,5 @@ class FisherSAM(TwoPassOptimizer):
         check_non_negative("eta", group["eta"])
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
-        return "fisher", float(group["eta"])
+        # Checked where it is used: a schedule or the base optimizer's add_param_group can set it.
+        return "fisher", check_non_negative("eta", group["eta"])

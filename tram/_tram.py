@@ -308,7 +308,7 @@ class TRAM(TwoPassOptimizer):
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
         if self.adaptive:
-            return "adaptive", float(group["eta"])
+            return "adaptive", check_non_negative("eta", group["eta"])
         return "identity", 0.0
 
     # ------------------------------------------------------------------ the first pass

@@ -370,6 +370,20 @@ MUTANTS = [
         "        return name",
         ("tests/test_target_objects.py@default_name",),
     ),
+    Mutant(
+        "tuning-ties-by-float-equality",
+        "tram/experiments/generalization.py",
+        "    tied = [value for value, score in scores.items() if best - score <= TIE_TOLERANCE]",
+        "    tied = [value for value, score in scores.items() if score == best]",
+        ("tests/test_generalization.py@float_sums",),
+    ),
+    Mutant(
+        "asam-exclude-1d-on-flat-parameters",
+        "tram/_sam.py",
+        '            if getattr(param, "_is_flat_param", False):',
+        "            if False:",
+        ("tests/test_guarantees.py@flattened",),
+    ),
 ]
 
 
