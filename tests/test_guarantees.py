@@ -522,9 +522,15 @@ def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None
         optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
     saved = get_optimizer_state_dict(model, optimizer)
     assert "tram" not in saved
-    resumed = tram.SAM(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05)
-    with pytest.warns(UserWarning, match="without tram's own state"):
-        set_optimizer_state_dict(model, resumed, saved)
+    fresh = Net()  # a resumed process: no gradients yet, no optimizer state
+    resumed = tram.SAM(torch.optim.AdamW(fresh.parameters(), lr=0.1), rho=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_optimizer_state_dict(fresh, resumed, saved)
+    # Its zero-gradient, lr-0 step() that creates AdamW's state is not a training step.
+    assert [str(w.message).split(".load_state_dict")[0] for w in caught] == ["SAM"]
+    assert "without tram's own state" in str(caught[0].message)
+    assert resumed.steps == 0
     with pytest.warns(UserWarning, match="without tram's own state"):
         resumed.load_state_dict(optimizer.base_optimizer.state_dict())
     with warnings.catch_warnings():

@@ -368,6 +368,9 @@ class TwoPassOptimizer(Optimizer):
         self._relink()
         state = self._step_state
         if closure is None:
+            if not state.ascent_attempted and self._initialises_the_base_state():
+                self.base_optimizer.step()
+                return None
             if not state.ascent_attempted and self.ascent_due:
                 warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)
             self.restore()
@@ -416,6 +419,19 @@ class TwoPassOptimizer(Optimizer):
             self.restore()
         self._base_step()
         return loss
+
+    def _initialises_the_base_state(self) -> bool:
+        """Whether this ``step()`` only makes the base optimizer create its state, as
+        ``torch.distributed.checkpoint``'s ``set_optimizer_state_dict`` does before loading
+        (accelerate and Lightning under FSDP2): no state yet, every learning rate 0, every
+        gradient zero. Not a training step: it is not counted, has no ascent to warn about and
+        runs no target hook."""
+        if self.base_optimizer.state:
+            return False
+        if any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
+            return False
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        return bool(grads) and squared_gradient_norm(grads, self._use_foreach(grads)) == 0.0
 
     def _finish_perturbed_step(self, closure: Callable[[], Any]) -> None:
         state = self._step_state

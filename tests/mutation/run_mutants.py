@@ -384,6 +384,13 @@ MUTANTS = [
         "            if False:",
         ("tests/test_guarantees.py@flattened",),
     ),
+    Mutant(
+        "dcp-state-initialising-step-counted",
+        "tram/_wrapper.py",
+        "            if not state.ascent_attempted and self._initialises_the_base_state():",
+        "            if False:",
+        ("tests/test_guarantees.py@without_trams",),
+    ),
 ]
 
 
