@@ -202,6 +202,7 @@ class ForwardRecorder:
         distributed = dist.is_available() and dist.is_initialized()
         synchronised = synchronise and distributed and dist.get_world_size() > 1
         if len(values) == 1 and not synchronised:
+            # The one call's d as it is: (d · n) / n would not always give back its bits.
             return _non_negative(float(measured[0, 0].item()))
         # Weighted by the examples (or tokens) each call measured d over: a window of
         # micro-batches, or the ranks' shards, give the d of the whole batch.

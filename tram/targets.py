@@ -99,11 +99,13 @@ class ReferenceWeights:
         every base step, which is before the parameter's first update.
         """
         for name, param in self.model.named_parameters():
-            if not param.requires_grad or name in self.tensors:
-                continue
-            self.names.append(name)
-            self.live.append(param)
-            self.tensors[name] = param.detach().to(dtype=self.dtype or param.dtype, copy=True)
+            if param.requires_grad and name not in self.tensors:
+                self._copy(name, param)
+
+    def _copy(self, name: str, param: Tensor) -> None:
+        self.names.append(name)
+        self.live.append(param)
+        self.tensors[name] = param.detach().to(dtype=self.dtype or param.dtype, copy=True)
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
@@ -188,12 +190,9 @@ class ReferenceWeights:
         of a parameter that was unfrozen after this copy was made is taken as its copy."""
         self.track_trainable()
         parameters = dict(self.model.named_parameters())
-        for name in set(state) - set(self.tensors):
-            if name in parameters:
-                param = parameters[name]
-                self.names.append(name)
-                self.live.append(param)
-                self.tensors[name] = torch.empty_like(param, dtype=self.dtype or param.dtype)
+        for name in state:
+            if name not in self.tensors and name in parameters:
+                self._copy(name, parameters[name])  # overwritten below with the saved tensor
         missing = set(self.tensors) - set(state)
         unexpected = set(state) - set(self.tensors)
         if missing or unexpected:
