@@ -265,8 +265,8 @@ MUTANTS = [
     Mutant(
         "reference-copies-only-what-was-trainable-at-construction",
         "tram/targets.py",
-        "            if not param.requires_grad or name in self.tensors:",
-        "            if not param.requires_grad or name in self.tensors or self.names:",
+        "            if param.requires_grad and name not in self.tensors:",
+        "            if param.requires_grad and name not in self.tensors and not self.names:",
         ("tests/test_tram.py@unfrozen",),
     ),
     Mutant(
