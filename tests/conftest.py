@@ -28,6 +28,20 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_process_group(tmp_path: Any) -> Iterator[None]:
+    """A gloo process group of one rank, for real DDP and FSDP in the test's own process;
+    destroyed afterwards."""
+    import torch.distributed as dist
+
+    store = f"file://{tmp_path / 'process_group_store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def running_in_ci() -> bool:
     """True when the environment variable ``CI`` is set to a truthy value (CI services set
     ``CI=true``; ``CI=0``, ``false``, ``no``, ``off`` or empty mean a local run)."""

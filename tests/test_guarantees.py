@@ -538,55 +538,40 @@ def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None
         resumed.load_state_dict(optimizer.state_dict())  # tram's own: exact, nothing to say
 
 
-def test_local_ascent_refuses_a_static_graph_ddp(tmp_path: Path) -> None:
+def test_local_ascent_refuses_a_static_graph_ddp(one_process_group: None) -> None:
     """DDP(static_graph=True) cannot run a backward under no_sync(); its reducer would fail on
     an internal assert in the middle of the step. Refused before the first forward."""
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    model = Net()
+    static = nn.parallel.DistributedDataParallel(model, static_graph=True)
+    optimizer = tram.SAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=static, local_ascent=True
     )
-    try:
-        model = Net()
-        static = nn.parallel.DistributedDataParallel(model, static_graph=True)
-        optimizer = tram.SAM(
-            torch.optim.SGD(model.parameters(), lr=0.1), model=static, local_ascent=True
-        )
-        with pytest.raises(ValueError, match=r"static_graph=True"), optimizer.first_pass():
-            pass
-        dynamic = nn.parallel.DistributedDataParallel(Net())
-        other = tram.SAM(
-            torch.optim.SGD(dynamic.parameters(), lr=0.1), model=dynamic, local_ascent=True
-        )
-        with other.first_pass():
-            pass
-    finally:
-        dist.destroy_process_group()
+    with pytest.raises(ValueError, match=r"static_graph=True"), optimizer.first_pass():
+        pass
+    dynamic = nn.parallel.DistributedDataParallel(Net())
+    other = tram.SAM(
+        torch.optim.SGD(dynamic.parameters(), lr=0.1), model=dynamic, local_ascent=True
+    )
+    with other.first_pass():
+        pass
 
 
-def test_asam_exclude_1d_refuses_fsdps_flattened_parameters(tmp_path: Path) -> None:
+def test_asam_exclude_1d_refuses_fsdps_flattened_parameters(one_process_group: None) -> None:
     """FSDP(use_orig_params=False) hands the optimizer one 1-D flat parameter: exclude_1d would
     give every weight the identity operator, silently SAM's step."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # FSDP1's deprecation
-            model = FullyShardedDataParallel(
-                Net(), device_id=torch.device("cpu"), use_orig_params=False
-            )
-        tokens, labels = tokens_and_labels()
-        F.cross_entropy(model(tokens), labels).backward()
-        optimizer = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), exclude_1d=True)
-        with pytest.raises(ValueError, match="use_orig_params=True"):
-            optimizer.first_step()
-        assert not optimizer.is_perturbed
-    finally:
-        dist.destroy_process_group()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation
+        model = FullyShardedDataParallel(
+            Net(), device_id=torch.device("cpu"), use_orig_params=False
+        )
+    tokens, labels = tokens_and_labels()
+    F.cross_entropy(model(tokens), labels).backward()
+    optimizer = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), exclude_1d=True)
+    with pytest.raises(ValueError, match="use_orig_params=True"):
+        optimizer.first_step()
+    assert not optimizer.is_perturbed
 
 
 @pytest.mark.parametrize("method", ["ASAM", "FisherSAM"])

@@ -278,7 +278,9 @@ def test_the_divergence_keeps_at_most_max_chunks(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize("reference", ["pretrained", "previous", "ema", "TRPO", "MESA"])
-def test_weight_references_refuse_sharded_parameters(tmp_path, reference: str) -> None:
+def test_weight_references_refuse_sharded_parameters(
+    one_process_group: None, reference: str
+) -> None:
     """FSDP2 gathers the live parameters over the ones functional_call substitutes: a reference
     forward would run the live weights and d would be 0 at every step. Refused up front."""
     import torch.distributed as dist
@@ -288,25 +290,21 @@ def test_weight_references_refuse_sharded_parameters(tmp_path, reference: str) -
         pytest.skip("FSDP2 is not available")
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        for layer in (model[0], model[2], model):
-            fsdp.fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
-        if reference in ("TRPO", "MESA"):
-            build = functools.partial(getattr(tram, reference), model)
-        else:
-            base = torch.optim.SGD(model.parameters(), lr=0.1)
-            build = functools.partial(tram.TRAM, base, model, trust_region=reference)
-        with pytest.raises(ValueError, match=r"sharded \(FSDP, FSDP2 or DeepSpeed\)"):
-            build()
-    finally:
-        dist.destroy_process_group()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    for layer in (model[0], model[2], model):
+        fsdp.fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+    if reference in ("TRPO", "MESA"):
+        build = functools.partial(getattr(tram, reference), model)
+    else:
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        build = functools.partial(tram.TRAM, base, model, trust_region=reference)
+    with pytest.raises(ValueError, match=r"sharded \(FSDP, FSDP2 or DeepSpeed\)"):
+        build()
 
 
-def test_models_with_sharded_parameters_keep_their_logits_until_first_step(tmp_path) -> None:
+def test_models_with_sharded_parameters_keep_their_logits_until_first_step(
+    one_process_group: None,
+) -> None:
     """FSDP2 gathers and scatters the parameters around its forward, which the reference
     forward must not re-enter: d is measured in first_step there. DDP replicates: in the forward."""
     import torch.distributed as dist
@@ -316,40 +314,35 @@ def test_models_with_sharded_parameters_keep_their_logits_until_first_step(tmp_p
         pytest.skip("FSDP2 is not available")
     from torch.distributed.device_mesh import init_device_mesh
 
-    store = f"file://{tmp_path / 'store'}"
-    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
 
-        def stepped(model: nn.Module, wrapped: nn.Module) -> tram.TRAM:
-            optimizer = tram.TRAM(
-                torch.optim.SGD(model.parameters(), lr=0.1), wrapped, embeddings=model[0]
-            )
+    def stepped(model: nn.Module, wrapped: nn.Module) -> tram.TRAM:
+        optimizer = tram.TRAM(
+            torch.optim.SGD(model.parameters(), lr=0.1), wrapped, embeddings=model[0]
+        )
 
-            def closure() -> Tensor:
-                optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(wrapped(x), y)
-                loss.backward()
-                return loss
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(wrapped(x), y)
+            loss.backward()
+            return loss
 
-            optimizer.step(closure)
-            return optimizer
+        optimizer.step(closure)
+        return optimizer
 
-        plain = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-        sharded = copy.deepcopy(plain)
-        fsdp.fully_shard(sharded[0], mesh=init_device_mesh("cpu", (1,)))
-        fsdp.fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
-        replicated = copy.deepcopy(plain)
-        ddp = nn.parallel.DistributedDataParallel(replicated)
-        on_sharded = stepped(sharded, sharded)
-        on_ddp = stepped(replicated, ddp)
-        on_plain = stepped(plain, plain)
-        assert not on_sharded.recorder.measure_during_forward
-        assert on_ddp.recorder.measure_during_forward
-        assert on_plain.recorder.measure_during_forward
-        assert on_plain.last_radius > 0
-        assert on_sharded.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
-        assert on_ddp.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
-    finally:
-        dist.destroy_process_group()
+    plain = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    sharded = copy.deepcopy(plain)
+    fsdp.fully_shard(sharded[0], mesh=init_device_mesh("cpu", (1,)))
+    fsdp.fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+    replicated = copy.deepcopy(plain)
+    ddp = nn.parallel.DistributedDataParallel(replicated)
+    on_sharded = stepped(sharded, sharded)
+    on_ddp = stepped(replicated, ddp)
+    on_plain = stepped(plain, plain)
+    assert not on_sharded.recorder.measure_during_forward
+    assert on_ddp.recorder.measure_during_forward
+    assert on_plain.recorder.measure_during_forward
+    assert on_plain.last_radius > 0
+    assert on_sharded.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
+    assert on_ddp.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
