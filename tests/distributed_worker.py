@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import tram
+from tram.targets import NoisedInputs
 
 Spec = dict[str, Any]
 Record = dict[str, Any]
@@ -212,6 +214,94 @@ def fsdp_local_ascent_error(spec: Spec, rank: int) -> Record:
     }
 
 
+def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> Record:
+    """Train a step, checkpoint through ``torch.distributed.checkpoint``'s state-dict functions
+    the way accelerate and Lightning do under FSDP2, train on; then a fresh model and optimizer
+    load the checkpoint and train the same steps. Records both runs' parameters after every step.
+
+    ``layout``: ``"sharded"`` (every rank writes its shards with ``dcp.save``) or ``"full"``
+    (rank 0 ``torch.save``-s the gathered state dict; on load, rank 0 reads it and broadcasts,
+    ``broadcast_from_rank0=True``, the other ranks pass an empty dict). SAM runs with
+    ``ascent_every=2`` (its step counter decides which steps ascend); TRAM-x ascends every
+    step, so the noise generator's state decides its noise."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import distribute_tensor
+
+    directory = Path(spec["checkpoint_dir"]) / f"{method}-{layout}"
+    full_file = directory / "optimizer.pt"
+
+    def build() -> tuple[nn.Module, tram.TwoPassOptimizer]:
+        model = fsdp_model(spec)
+        base = torch.optim.AdamW(
+            model.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
+        )
+        if method == "TRAM-x":
+            noise = NoisedInputs(sigma=spec["sigma"], embeddings=model[0], seed=spec["noise_seed"])
+            return model, tram.TRAM(base, model=model, target=noise)
+        return model, tram.SAM(base, rho=spec["rho"], model=model, ascent_every=2)
+
+    def train(model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range) -> list:
+        params = []
+        for step in steps:
+            x, y = spec["x"][step, rank], spec["y"][step, rank]
+
+            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+            params.append([full(p) for p in model.parameters()])
+        return params
+
+    resume_at = range(1, spec["steps"])
+    model, optimizer = build()
+    train(model, optimizer, range(1))
+    # The model's state is carried by hand (a resumed process would load it the same way);
+    # what is under test is the optimizer's.
+    weights = [full(p) for p in model.parameters()]
+    if layout == "sharded":
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        gathered = get_optimizer_state_dict(model, optimizer, options=options)
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            torch.save(gathered, full_file)
+        dist.barrier()
+    straight = train(model, optimizer, resume_at)
+
+    model, resumed = build()
+    with torch.no_grad():
+        for param, value in zip(model.parameters(), weights, strict=True):
+            shard = distribute_tensor(value, param.device_mesh, param.placements)
+            param.to_local().copy_(shard.to_local())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if layout == "sharded":
+            checkpoint = {"optimizer": get_optimizer_state_dict(model, resumed)}
+            dcp.load(checkpoint, checkpoint_id=directory)
+            set_optimizer_state_dict(model, resumed, checkpoint["optimizer"])
+        else:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            loaded = torch.load(full_file, weights_only=True) if rank == 0 else {}
+            set_optimizer_state_dict(model, resumed, loaded, options=options)
+    steps_after_load = resumed.steps
+    return {
+        "straight": straight,
+        "resumed": train(model, resumed, resume_at),
+        "steps_after_load": steps_after_load,
+        "load_warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
+        "live_group_keys": sorted(resumed.param_groups[0]),
+    }
+
+
 def make_wrapper(
     spec: Spec, method: str, base: torch.optim.Optimizer, **kwargs: Any
 ) -> tram.TwoPassOptimizer:
@@ -238,6 +328,15 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
         spec, rank, "FisherSAM", "sgd", foreach=True
     ),
     "fsdp_local_ascent_error": fsdp_local_ascent_error,
+    **{
+        f"fsdp_checkpoint_resume_{method.lower().replace('-', '_')}_{layout}": (
+            lambda spec, rank, method=method, layout=layout: fsdp_checkpoint_resume(
+                spec, rank, method, layout
+            )
+        )
+        for method in ("SAM", "TRAM-x")
+        for layout in ("sharded", "full")
+    },
 }
 
 

@@ -226,7 +226,7 @@ def test_state_dict_holds_base_state_and_no_weight_backup(case: WrapperCase) -> 
     per_param = state_dict["state"][0]
     assert set(per_param) == {"step", "exp_avg", "exp_avg_sq"}
     counters = {"steps": 2, "skipped_ascents": 0, "skipped_steps": 0}
-    assert {key: state_dict["tram"][key] for key in counters} == counters
+    assert {key: state_dict["param_groups"][0]["tram"][key] for key in counters} == counters
     for key, value in case.group_defaults.items():
         assert state_dict["param_groups"][0][key] == value
     # A checkpoint taken while perturbed still holds no backup.
@@ -557,7 +557,7 @@ def test_non_finite_gradient_skips_the_ascent(case: WrapperCase) -> None:
     for p, b, g in zip(model.parameters(), before, grads):
         assert torch.equal(p, b)
         assert torch.equal(p.grad, g)
-    assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
+    assert optimizer.state_dict()["param_groups"][0]["tram"]["skipped_ascents"] == 1
 
 
 @EVERY_WRAPPER

@@ -47,6 +47,8 @@ SPEC: dict[str, Any] = {
     "fisher_eta": 5.0,
     "adam_lr": 0.01,
     "weight_decay": 0.01,
+    "sigma": 0.3,
+    "noise_seed": 7,
     "timeout_s": 60,
 }
 # The per-step tolerance against the references: float32 round-off only (measured ~3e-8).
@@ -218,7 +220,7 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
         pytest.skip("torch.distributed with gloo is not available")
     directory = tmp_path_factory.mktemp("distributed")
     spec_path = directory / "spec.pt"
-    torch.save(spec, spec_path)
+    torch.save({**spec, "checkpoint_dir": str(directory / "checkpoints")}, spec_path)
     elapsed = launch_workers(
         WORKER, spec_path, directory, directory, world_size=WORLD_SIZE, timeout_s=LAUNCH_TIMEOUT_S
     )
@@ -417,3 +419,28 @@ def test_fsdp2_local_ascent_raises(results: list[dict]) -> None:
         assert "FSDP2 supports the synchronised ascent only" in record["message"]
         assert record["closure_calls"] == 0
         assert record["unchanged"]
+
+
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+@pytest.mark.parametrize("layout", ["sharded", "full"])
+@pytest.mark.parametrize("method", ["sam", "tram_x"])
+def test_fsdp2_distributed_checkpoint_resume_is_exact(
+    results: list[dict], method: str, layout: str
+) -> None:
+    """A resume through torch.distributed.checkpoint's get/set_optimizer_state_dict (how
+    accelerate and Lightning checkpoint under FSDP2), sharded with dcp.save or gathered to rank 0
+    and broadcast back, takes the steps the uninterrupted run took, bit for bit: the step
+    counter (SAM with ascent_every=2) and TRAM-x's noise generator travel in the first param
+    group, which those functions keep."""
+    name = f"fsdp_checkpoint_resume_{method}_{layout}"
+    for rank, record in enumerate(scenario(results, name)):
+        for step, (straight, resumed) in enumerate(
+            zip(record["straight"], record["resumed"], strict=True), start=1
+        ):
+            for index, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+                assert torch.equal(a, b), f"rank {rank}, step {step}, parameter {index}"
+        assert record["steps_after_load"] == 1
+        assert record["load_warnings"] == [], f"rank {rank}: {record['load_warnings']}"
+        assert "tram" not in record["live_group_keys"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import io
 import math
 import re
 import warnings
@@ -507,11 +508,52 @@ def test_resuming_with_another_rho_says_the_checkpoints_is_used() -> None:
         same.load_state_dict(state)
 
 
-def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None:
+def test_distributed_checkpoint_state_dicts_resume_exactly() -> None:
     """torch.distributed.checkpoint's optimizer state dict (the one accelerate and Lightning use
-    under FSDP2) keeps 'state' and 'param_groups' only: tram's own entry (step counter, TRAM's
-    target state) is lost on the way, and the load says so."""
+    under FSDP2) keeps 'state' and 'param_groups' only, with every key of every group: tram's
+    own state rides in the first group, so the step counter survives and the next steps are the
+    uninterrupted run's. (Sharded, two processes: tests/test_distributed.py.)"""
     from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def run(optimizer: tram.SAM, model: nn.Module, steps: int) -> None:
+        for _ in range(steps):
+            optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
+
+    model = Net()
+    optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05, ascent_every=2)
+    run(optimizer, model, 3)
+    saved = get_optimizer_state_dict(model, optimizer)
+    assert set(saved) == {"state", "param_groups"}
+    # Through a file, as a resume reads it: the dict shares its tensors with the optimizer.
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = copy.deepcopy(model)  # a resumed process: no gradients yet, no optimizer state
+    for param in fresh.parameters():
+        param.grad = None
+    resumed = tram.SAM(torch.optim.AdamW(fresh.parameters(), lr=0.1), rho=0.05, ascent_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_optimizer_state_dict(fresh, resumed, saved)
+    # Its zero-gradient, lr-0 step() that creates AdamW's state is not a training step.
+    assert resumed.steps == optimizer.steps == 3
+    assert "tram" not in resumed.param_groups[0]
+    run(optimizer, model, 2)
+    run(resumed, fresh, 2)
+    for straight, again in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(straight, again)
+
+
+def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None:
+    """A base optimizer's state dict, or torch.distributed.checkpoint's flattened one (which
+    keeps only the keys the live param groups have), loads the base state and says that the
+    step counter and TRAM's target state were not restored."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
@@ -520,22 +562,50 @@ def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=0.1), rho=0.05)
     for _ in range(2):
         optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
-    saved = get_optimizer_state_dict(model, optimizer)
-    assert "tram" not in saved
-    fresh = Net()  # a resumed process: no gradients yet, no optimizer state
+    flattened = StateDictOptions(flatten_optimizer_state_dict=True)
+    saved = get_optimizer_state_dict(model, optimizer, options=flattened)
+    fresh = Net()
     resumed = tram.SAM(torch.optim.AdamW(fresh.parameters(), lr=0.1), rho=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        set_optimizer_state_dict(fresh, resumed, saved)
-    # Its zero-gradient, lr-0 step() that creates AdamW's state is not a training step.
+        set_optimizer_state_dict(fresh, resumed, saved, options=flattened)
     assert [str(w.message).split(".load_state_dict")[0] for w in caught] == ["SAM"]
     assert "without tram's own state" in str(caught[0].message)
+    assert "flatten_optimizer_state_dict=True" in str(caught[0].message)
     assert resumed.steps == 0
     with pytest.warns(UserWarning, match="without tram's own state"):
         resumed.load_state_dict(optimizer.base_optimizer.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resumed.load_state_dict(optimizer.state_dict())  # tram's own: exact, nothing to say
+    assert resumed.steps == 2
+
+
+def test_checkpoints_of_earlier_versions_load() -> None:
+    """Checkpoints of earlier versions kept the wrapper's state beside 'state' and
+    'param_groups'; such a checkpoint loads exactly, and one that holds the entry twice is
+    refused rather than guessed at."""
+    model = Net()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, ascent_every=3)
+    for _ in range(2):
+        optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
+    current = optimizer.state_dict()
+    earlier = {
+        "state": current["state"],
+        "param_groups": [
+            {k: v for k, v in g.items() if k != "tram"} for g in current["param_groups"]
+        ],
+        "tram": current["param_groups"][0]["tram"],
+    }
+    resumed = tram.SAM(torch.optim.SGD(Net().parameters(), lr=0.1), rho=0.05, ascent_every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(earlier)
+    assert resumed.steps == 2
+    assert "tram" not in resumed.param_groups[0]
+    twice = {**current, "tram": current["param_groups"][0]["tram"]}
+    with pytest.raises(ValueError, match=r"tram's own state \('tram'\) 2 times"):
+        resumed.load_state_dict(twice)
 
 
 def test_local_ascent_refuses_a_static_graph_ddp(one_process_group: None) -> None:

@@ -401,7 +401,7 @@ def test_resume_mid_run_equals_the_uninterrupted_run(tmp_path, resume_from):
     full, full_model, full_regularizer = run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-3"
     saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    assert saved["tram"]["steps"] == 3
+    assert saved["param_groups"][0]["tram"]["steps"] == 3
     assert (checkpoint / REGULARIZERS_NAME).is_file()
 
     resume: str | bool = str(checkpoint)

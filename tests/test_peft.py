@@ -237,8 +237,8 @@ def test_adapter_off_checkpoint_round_trip() -> None:
     rng_state = torch.get_rng_state()
     state = copy.deepcopy(optimizer.state_dict())
     weights = copy.deepcopy(model.state_dict())
-    assert state["tram"]["adapter_off"] is True
-    assert "reference" not in state["tram"]
+    assert state["param_groups"][0]["tram"]["adapter_off"] is True
+    assert "reference" not in state["param_groups"][0]["tram"]
 
     resumed_model = tiny_bert(seed=1)
     resumed_model.load_state_dict(weights)  # trained adapters: lora_B is not zero any more

@@ -163,7 +163,7 @@ def test_targets_that_keep_the_default_name_never_load_each_others_state() -> No
     saved = tram.TRAM(
         torch.optim.SGD(model.parameters(), lr=0.1), model, target=_ScaledTeacher(teacher, 0.7)
     ).state_dict()
-    assert saved["tram"]["target"] == "target:_ScaledTeacher"
+    assert saved["param_groups"][0]["tram"]["target"] == "target:_ScaledTeacher"
     same = tram.TRAM(
         torch.optim.SGD(model.parameters(), lr=0.1), model, target=_ScaledTeacher(teacher, 0.3)
     )
@@ -299,7 +299,8 @@ def test_tram_fisher_loads_a_checkpoint_of_the_shorthand_era() -> None:
         {**{k: v for k, v in g.items() if k != "eta"}, "eta": 0.0, "fisher_eta": 0.3}
         for g in state["param_groups"]
     ]
-    optimizer.load_state_dict(state)
+    with pytest.warns(UserWarning, match=r"eta=0.2 -> 0.3 \(param group 0\)"):
+        optimizer.load_state_dict(state)
     assert base.param_groups[0]["eta"] == 0.3
     assert "fisher_eta" not in base.param_groups[0]
 
@@ -409,7 +410,7 @@ def test_radius_every_resumes_bit_exactly_between_measurements() -> None:
     for batch in data[:2]:  # stop after step 1: step 2 reuses the d of step 0
         first.step(closure_of(first, first_model, batch))
     checkpoint = {"model": first_model.state_dict(), "optimizer": first.state_dict()}
-    assert checkpoint["optimizer"]["tram"]["last_radius"] == first.last_radius
+    assert checkpoint["optimizer"]["param_groups"][0]["tram"]["last_radius"] == first.last_radius
 
     model = CountingNet()
     resumed = build(model)

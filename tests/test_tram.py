@@ -868,8 +868,8 @@ def test_resume_is_bit_exact(trust_region: str) -> None:
         assert set(optimizer.state[p]) == set(straight.optimizer.state[q])
         for key, value in straight.optimizer.state[q].items():
             assert torch.equal(torch.as_tensor(optimizer.state[p][key]), torch.as_tensor(value))
-    resumed_target = optimizer.state_dict()["tram"]
-    straight_target = straight.optimizer.state_dict()["tram"]
+    resumed_target = optimizer.state_dict()["param_groups"][0]["tram"]
+    straight_target = straight.optimizer.state_dict()["param_groups"][0]["tram"]
     if "generator" in straight_target:  # the noise targets
         assert torch.equal(resumed_target["generator"], straight_target["generator"])
     if optimizer.reference is not None:
@@ -974,11 +974,11 @@ def test_a_regularizer_inside_the_first_pass_is_not_the_training_forward(
 
 def test_checkpoint_holds_the_noise_generator_and_the_reference_weights() -> None:
     task = TASKS["plain"]
-    noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["tram"]
+    noise = library_tram(task, "noise", steps=2).optimizer.state_dict()["param_groups"][0]["tram"]
     assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "target", "generator"}
     assert noise["target"] == "noise"
     previous = library_tram(task, "previous", steps=2)
-    state = previous.optimizer.state_dict()["tram"]
+    state = previous.optimizer.state_dict()["param_groups"][0]["tram"]
     assert set(state["reference"]) == {"embed.weight", "head.weight", "head.bias"}
     # θt−1 is saved, not θt.
     assert not torch.equal(state["reference"]["head.weight"], previous.model.head.weight)
@@ -1022,7 +1022,7 @@ def test_non_finite_radius_skips_the_ascent(how: str) -> None:
     assert calls == [1]
     assert optimizer.skipped_ascents == 1
     assert optimizer.radius_history == []
-    assert optimizer.state_dict()["tram"]["skipped_ascents"] == 1
+    assert optimizer.state_dict()["param_groups"][0]["tram"]["skipped_ascents"] == 1
     # The step was a plain base step with the first pass's gradient.
     base.step(closure_for(task, base, plain, batch))
     assert_same_params(model, plain, exact=True)

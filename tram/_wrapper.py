@@ -570,13 +570,20 @@ class TwoPassOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict, plus the wrapper's own state under ``"tram"``.
+        """The base optimizer's state dict, with the wrapper's own state under ``"tram"`` in its
+        first param group.
 
-        The weight backups are never saved. Everything is loadable with ``weights_only=True``.
+        Inside a param group rather than beside ``state`` and ``param_groups``:
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` and
+        ``set_optimizer_state_dict`` (how accelerate and Lightning checkpoint under FSDP2) keep
+        those two entries only, with every key of every param group, so the step counter and
+        TRAM's target state travel with them and an FSDP2 resume is exact. The weight backups
+        are never saved. Everything is loadable with ``weights_only=True``.
         """
         self._relink()
         state_dict = self.base_optimizer.state_dict()
-        state_dict[WRAPPER_STATE_KEY] = {
+        # torch packs each group into a new dict: the live param groups never see this entry.
+        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = {
             "steps": self.steps,
             "skipped_ascents": self.skipped_ascents,
             "skipped_steps": self.skipped_steps,
@@ -585,11 +592,13 @@ class TwoPassOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict).
+
+        Checkpoints of earlier versions, which kept the wrapper's state beside ``state`` and
+        ``param_groups``, load too."""
         self.restore()
         refuse_foreign_state_dict(state_dict)
-        state_dict = dict(state_dict)
-        wrapper_state = state_dict.pop(WRAPPER_STATE_KEY, None)
+        state_dict, wrapper_state = _split_wrapper_state(state_dict)
         before = [
             {key: group[key] for key in self._method_defaults if key in group}
             for group in self.param_groups
@@ -600,12 +609,14 @@ class TwoPassOptimizer(Optimizer):
         if wrapper_state is None:
             warnings.warn(
                 f"{type(self).__name__}.load_state_dict() got a state dict without tram's own "
-                f"state (the '{WRAPPER_STATE_KEY}' entry): one saved from the base optimizer, or "
-                "through torch.distributed.checkpoint's get_optimizer_state_dict, which keeps "
-                "only 'state' and 'param_groups'. The base optimizer's state is loaded; the "
-                "step counter (ascent_every, radius_every), TRAM's target state (reference "
-                "weights, noise generator) and the skip counters keep their current values, so "
-                "a resume is not exact. Save and load optimizer.state_dict() itself",
+                f"state (the '{WRAPPER_STATE_KEY}' entry of its first param group): one saved "
+                "from the base optimizer, or through torch.distributed.checkpoint with "
+                "StateDictOptions(flatten_optimizer_state_dict=True), which keeps only the keys "
+                "the live param groups have. The base optimizer's state is loaded; the step "
+                "counter (ascent_every, radius_every), TRAM's target state (reference weights, "
+                "noise generator) and the skip counters keep their current values, so a resume "
+                "is not exact. Save and load optimizer.state_dict() itself, or "
+                "get_optimizer_state_dict without flattening",
                 UserWarning,
                 stacklevel=2,
             )
@@ -655,3 +666,35 @@ class TwoPassOptimizer(Optimizer):
             f"{key}={group.get(key, value)}" for key, value in self._method_defaults.items()
         )
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _split_wrapper_state(
+    state_dict: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``state_dict`` without the wrapper's entry, and that entry (``None`` when absent).
+
+    The entry is in a param group (where :meth:`TwoPassOptimizer.state_dict` puts it, in the
+    first; ``set_optimizer_state_dict`` may hand the groups back in the live order) or, in
+    checkpoints of earlier versions, beside ``state`` and ``param_groups``. It is taken out of
+    every group, so that the base optimizer's ``load_state_dict`` never copies it into the live
+    param groups."""
+    state_dict = dict(state_dict)
+    found = []
+    if WRAPPER_STATE_KEY in state_dict:
+        found.append(state_dict.pop(WRAPPER_STATE_KEY))
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, list):
+        stripped = []
+        for group in groups:
+            if isinstance(group, dict) and WRAPPER_STATE_KEY in group:
+                group = dict(group)
+                found.append(group.pop(WRAPPER_STATE_KEY))
+            stripped.append(group)
+        state_dict["param_groups"] = stripped
+    if len(found) > 1:
+        raise ValueError(
+            f"Invalid state_dict: it holds tram's own state ('{WRAPPER_STATE_KEY}') {len(found)} "
+            "times (beside 'param_groups' or in several groups); expected it once, in the first "
+            "param group, as optimizer.state_dict() saves it"
+        )
+    return state_dict, (found[0] if found else None)

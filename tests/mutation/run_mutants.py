@@ -391,6 +391,23 @@ MUTANTS = [
         "            if False:",
         ("tests/test_guarantees.py@without_trams",),
     ),
+    Mutant(
+        "wrapper-state-beside-param-groups",
+        "tram/_wrapper.py",
+        '        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = {',
+        "        state_dict[WRAPPER_STATE_KEY] = {",
+        (
+            "tests/test_guarantees.py@resume_exactly",
+            "tests/test_distributed.py@checkpoint_resume",
+        ),
+    ),
+    Mutant(
+        "wrapper-state-left-in-the-loaded-group",
+        "tram/_wrapper.py",
+        "                found.append(group.pop(WRAPPER_STATE_KEY))",
+        "                found.append(group[WRAPPER_STATE_KEY])",
+        ("tests/test_guarantees.py@resume_exactly or earlier_versions",),
+    ),
 ]
 
 
