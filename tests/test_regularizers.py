@@ -389,6 +389,121 @@ def test_bad_regularizer_arguments() -> None:
         tram.TRPO(model, divergence="kl")
 
 
+# ============================================================================= after_step
+# TRPO's θt−1 and MESA's average advance once per optimizer step; the caller's after_step()
+# calls are checked against the steps torch optimizers take.
+REFERENCE_REGULARIZERS = {
+    "trpo": lambda model: tram.TRPO(model, weight=0.7),
+    "mesa": lambda model: tram.MESA(model, weight=0.7, decay=0.6),
+}
+
+
+def train_with_calls(make: Callable[[nn.Module], Any], calls_per_step: int) -> Any:
+    """Three SGD steps with the penalty, ``after_step`` called ``calls_per_step`` times after
+    each (as a hook run once per micro-batch would)."""
+    model = Toy()
+    ids, y = toy_data(16)
+    regularizer = make(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        logits = model(ids)
+        (F.cross_entropy(logits, y) + regularizer(model, ids, logits)).backward()
+        optimizer.step()
+        for _ in range(calls_per_step):
+            regularizer.after_step(model)
+    return regularizer
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_REGULARIZERS))
+def test_after_step_advances_once_per_optimizer_step(name: str) -> None:
+    make = REFERENCE_REGULARIZERS[name]
+    once, thrice = train_with_calls(make, 1), train_with_calls(make, 3)
+    for key, tensor in once.reference.tensors.items():
+        assert torch.equal(thrice.reference.tensors[key], tensor), key
+    assert thrice.last_value == once.last_value > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_REGULARIZERS))
+def test_after_step_without_a_step_changes_nothing(name: str) -> None:
+    """A step that was not taken (a GradScaler skip, a wrapper's non-finite skip) does not move
+    the reference, even though the weights differ from it."""
+    regularizer = train_with_calls(REFERENCE_REGULARIZERS[name], 1)
+    before = {key: tensor.clone() for key, tensor in regularizer.reference.tensors.items()}
+    model = regularizer.reference.model
+    assert not torch.equal(model.hidden.weight, before["hidden.weight"])
+    regularizer.after_step(model)
+    for key, tensor in regularizer.reference.tensors.items():
+        assert torch.equal(tensor, before[key]), key
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_REGULARIZERS))
+def test_a_forgotten_after_step_is_refused(name: str) -> None:
+    model = Toy()
+    ids, y = toy_data(16)
+    regularizer = REFERENCE_REGULARIZERS[name](model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    logits = model(ids)
+    (F.cross_entropy(logits, y) + regularizer(model, ids, logits)).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"since the last .*after_step\(model\).* stale"):
+        regularizer(model, ids, model(ids))
+    regularizer.after_step(model)
+    regularizer(model, ids, model(ids))
+
+
+def test_steps_that_are_not_this_models_are_not_its_steps() -> None:
+    """Another model's optimizer, a tram wrapper whose base step was skipped (non-finite loss
+    at θ+ε) and the zero-gradient lr-0 step with which torch.distributed.checkpoint creates an
+    optimizer's state move none of this model's weights: the penalty goes on without
+    after_step."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, other = Toy(), Toy(seed=3)
+    ids, y = toy_data(16)
+    mesa = tram.MESA(model, weight=0.7, decay=0.6)
+    foreign = torch.optim.SGD(other.parameters(), lr=0.5)
+    F.cross_entropy(other(ids), y).backward()
+    foreign.step()
+    mesa(model, ids, model(ids))
+
+    sam = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.5), rho=0.3)
+
+    def closure() -> Tensor:
+        sam.zero_grad()
+        logits = model(ids)
+        loss = F.cross_entropy(logits, y) + mesa(model, ids, logits)
+        (loss * (torch.inf if sam.is_perturbed else 1.0)).backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="skipped the base step"):
+        sam.step(closure)
+    assert sam.skipped_steps == 1
+    mesa(model, ids, model(ids))
+
+    donor = Toy(seed=4)
+    saved = get_optimizer_state_dict(donor, torch.optim.AdamW(donor.parameters(), lr=0.01))
+    model.zero_grad(set_to_none=True)  # a resumed process: no gradients, no optimizer state
+    resumed = torch.optim.AdamW(model.parameters(), lr=0.01)
+    set_optimizer_state_dict(model, resumed, saved)
+    assert resumed.state  # created by its zero-gradient, lr-0 step
+    mesa(model, ids, model(ids))
+
+
+def test_a_copied_regularizer_watches_its_own_model() -> None:
+    model = Toy()
+    ids, y = toy_data(16)
+    copied_model, copied = copy.deepcopy((model, tram.MESA(model, weight=0.7, decay=0.6)))
+    optimizer = torch.optim.SGD(copied_model.parameters(), lr=0.5)
+    F.cross_entropy(copied_model(ids), y).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="stale"):
+        copied(copied_model, ids, copied_model(ids))
+
+
 # ============================================================================= with SAM
 def test_r3f_inside_a_sam_closure_equals_sam_by_hand() -> None:
     ids, y = toy_data(16)

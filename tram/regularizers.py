@@ -5,7 +5,9 @@ Each regularizer is a callable ``penalty = regularizer(model, inputs, logits)`` 
 (a mapping of keyword arguments, a tuple of positional arguments, or a single tensor) and
 ``logits`` the logits of that forward pass. ``last_value`` holds the unweighted divergence of the
 last call, for logging. ``after_step(model)`` must be called after every optimizer step (TRPO
-and MESA update their references there); ``state_dict()``/``load_state_dict()`` checkpoint them.
+and MESA update their references there; they see the steps of any ``torch.optim.Optimizer``, so
+an extra call for the same step changes nothing and a forgotten one raises at the next
+penalty); ``state_dict()``/``load_state_dict()`` checkpoint them.
 They combine with any optimizer, the SAM family included (paper §C.3: "ASAM+R3F" and so on).
 
 Defaults follow the TRAM paper's baselines (App. B.2: σ = 0.1, λ = 0.1, EMA decay 0.999); the
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tram._auxiliary import auxiliary_forwards
+from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
 from tram.noise import NoiseDistribution, representation_noise, resolve_module
@@ -224,8 +227,36 @@ class _ReferenceRegularizer(Regularizer):
             raise ValueError(f"Invalid temperature: {temperature}")
         self.temperature = temperature
         self.reference = ReferenceWeights(model, dtype=reference_dtype)
+        self._steps = OptimizerStepWatch(self.reference.model)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Advance the reference, once per optimizer step.
+
+        A call with no optimizer step of the model's weights since the last one (a second call
+        for the same step, a call per micro-batch, a step a ``GradScaler`` skipped) changes
+        nothing. When the weights' optimizer is not a ``torch.optim.Optimizer`` (or they are
+        updated by hand), steps cannot be seen and every call advances."""
+        if self._steps.observed and not self._steps.stepped:
+            return
+        self._steps.reset()
+        self._advance()
+
+    def _advance(self) -> None:
+        """Move the reference on by one step."""
+        raise NotImplementedError
+
+    def _check_reference_is_current(self) -> None:
+        if self._steps.stepped:
+            raise RuntimeError(
+                f"{type(self).__name__}: an optimizer stepped the model's weights since the last "
+                f"{type(self).__name__}.after_step(model), so this penalty would compare with a "
+                "stale reference. Call after_step(model) after every optimizer step (TramTrainer "
+                "calls it; in a Lightning module, from on_train_batch_end or after "
+                "optimizer.step() in manual optimization)"
+            )
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        self._check_reference_is_current()
         module = self.reference.model
         was_training = module.training
         module.eval()
@@ -243,6 +274,7 @@ class _ReferenceRegularizer(Regularizer):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.reference.load_state_dict(state["reference"])
+        self._steps.reset()  # the checkpoint's reference is the one of the step to come
 
 
 class TRPO(_ReferenceRegularizer):
@@ -284,12 +316,13 @@ class TRPO(_ReferenceRegularizer):
         self._captured = False
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
+        self._check_reference_is_current()
         if not self._captured:
             self._current.copy_from_model()
             self._captured = True
         return super().penalty(model, inputs, logits)
 
-    def after_step(self, model: nn.Module) -> None:
+    def _advance(self) -> None:
         if self._captured:
             self.reference.tensors, self._current.tensors = (
                 self._current.tensors,
@@ -343,5 +376,5 @@ class MESA(_ReferenceRegularizer):
         )
         self.decay = check_unit_interval("decay", decay)
 
-    def after_step(self, model: nn.Module) -> None:
+    def _advance(self) -> None:
         self.reference.update_ema(self.decay)

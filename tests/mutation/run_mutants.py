@@ -408,6 +408,34 @@ MUTANTS = [
         "                found.append(group[WRAPPER_STATE_KEY])",
         ("tests/test_guarantees.py@resume_exactly or earlier_versions",),
     ),
+    Mutant(
+        "reference-advances-on-every-after-step",
+        "tram/regularizers.py",
+        "        if self._steps.observed and not self._steps.stepped:",
+        "        if False:",
+        ("tests/test_regularizers.py@advances_once or without_a_step",),
+    ),
+    Mutant(
+        "forgotten-after-step-not-refused",
+        "tram/regularizers.py",
+        "        if self._steps.stepped:",
+        "        if False:",
+        ("tests/test_regularizers.py@forgotten or copied",),
+    ),
+    Mutant(
+        "state-initialising-step-is-a-step",
+        "tram/_step_watch.py",
+        '    if any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):',
+        "    if True:",
+        ("tests/test_regularizers.py@not_this",),
+    ),
+    Mutant(
+        "wrapper-step-is-a-step",
+        "tram/_step_watch.py",
+        "        if isinstance(inner, Optimizer):",
+        "        if False:",
+        ("tests/test_regularizers.py@not_this",),
+    ),
 ]
 
 
