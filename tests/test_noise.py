@@ -129,6 +129,31 @@ def test_resolve_module_by_name_and_object() -> None:
     assert resolve_module(wrapped(net), net.embeds[1]) is net.embeds[1]
     with representation_noise(net, sigma=0.1, module="embeds.1") as handle:
         assert handle.module is net.embeds[1]
+        net(torch.tensor([[1, 2]]))
+
+
+def test_a_block_without_a_hooked_forward_raises() -> None:
+    """Nothing noised is an error, not a clean forward passed off as a noised one: the hooked
+    module never ran (another module was named), or the model is torch.compile'd and its
+    graph ignores hooks added after compilation."""
+    net = TinyNet(2)
+    x = torch.tensor([[1, 2, 3]])
+    with (
+        pytest.raises(RuntimeError, match=r"no forward of the hooked Embedding ran"),
+        representation_noise(net, sigma=0.1, module="embeds.1"),
+    ):
+        net.proj(torch.zeros(1, 8))
+    compiled = torch.compile(TinyNet(), backend="aot_eager")
+    clean = compiled(x)  # compiled outside any block: its graph has no hook
+    with (
+        pytest.raises(RuntimeError, match=r"torch.compile'd model .* \(model._orig_mod\)"),
+        representation_noise(compiled, sigma=0.1, generator=_gen()),
+    ):
+        compiled(x)
+    with representation_noise(compiled, sigma=0.1, generator=_gen()) as handle:
+        noised = compiled._orig_mod(x)
+    assert handle.calls == 1
+    assert not torch.equal(noised, clean)
 
 
 def test_resolve_module_errors() -> None:

@@ -193,6 +193,20 @@ def test_r3f_state_dict_round_trip() -> None:
     assert tram.R3F(sigma=0.5).state_dict() == {}
 
 
+def test_r3f_on_a_compiled_model_noises_its_second_forward() -> None:
+    """torch.compile's graph ignores hooks added after compilation: R3F runs its noised
+    forward on the uncompiled module, so a compiled model gets the penalty the eager one does
+    (it was 0, silently, before)."""
+    ids, _ = toy_data(8)
+    model = Toy()
+    compiled = torch.compile(model, backend="aot_eager")
+    logits = compiled(ids)
+    on_compiled = tram.R3F(sigma=0.3, weight=1.0, seed=5)(compiled, ids, logits)
+    on_eager = tram.R3F(sigma=0.3, weight=1.0, seed=5)(model, ids, model(ids))
+    assert float(on_compiled) > 1e-4
+    torch.testing.assert_close(on_compiled, on_eager, rtol=1e-5, atol=1e-9)
+
+
 # ============================================================================= R4F
 def test_r4f_spectrally_normalises_the_head() -> None:
     model = bert()

@@ -50,6 +50,20 @@ def _wrapped_module(model: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) else None
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` without the ``torch.compile`` wrappers around it (the module that runs its
+    forward hooks; a compiled graph ignores hooks added after compilation). Distribution
+    wrappers are kept."""
+    for _ in range(_MAX_WRAPPER_DEPTH):
+        if not _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+            return model
+        inner = model._orig_mod
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    raise ValueError(f"{type(model).__name__}: more than {_MAX_WRAPPER_DEPTH} nested wrappers")
+
+
 def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:
     # Only when the defining module is already imported: an instance cannot exist otherwise,
     # and importing FSDP or dynamo here would cost seconds on every call.

@@ -169,7 +169,8 @@ class TRAMFisher(FisherSAM):
             raise RuntimeError(
                 "TRAMFisher.first_step() found no first pass on noised inputs: run the first "
                 "forward and backward inside `with optimizer.first_pass():`, or use "
-                "optimizer.step(closure)"
+                "optimizer.step(closure). A torch.compile'd model ignores the noise hook "
+                "TRAM-Fisher adds: give it the uncompiled model"
             )
         return super()._radii()
 

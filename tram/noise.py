@@ -244,6 +244,14 @@ def _scope(handle: NoiseHandle, generator: torch.Generator | None) -> Iterator[N
     finally:
         hook.remove()
         handle.active = False
+    if handle.calls == 0 and not handle.training_forwards_only:
+        # TRAM-Fisher (training forwards only) says it in its own words, at its ascent.
+        raise RuntimeError(
+            f"representation_noise: no forward of the hooked {type(handle.module).__name__} ran "
+            "inside the block, so nothing was noised. A torch.compile'd model runs the graph it "
+            "compiled and ignores hooks added later: call its uncompiled module (model._orig_mod) "
+            "inside the block. Otherwise pass module= the layer the forward calls"
+        )
 
 
 def representation_noise(
@@ -277,7 +285,9 @@ def representation_noise(
 
     Returns:
         A single-use context manager; entering it registers the hook and yields a
-        :class:`NoiseHandle` whose ``calls`` counts the hooked forwards.
+        :class:`NoiseHandle` whose ``calls`` counts the hooked forwards. A block that ends
+        without an exception and without a hooked forward raises ``RuntimeError``: nothing was
+        noised (a ``torch.compile``'d model ignores the hook).
 
     Raises:
         ValueError: If ``sigma`` is negative or not finite, ``distribution`` is unknown, or the

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tram._auxiliary import auxiliary_forwards
+from tram._model_io import uncompiled
 from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
@@ -132,7 +133,8 @@ class R3F(Regularizer):
             module=self.embeddings,
             generator=generator,
         ):
-            noised = extract_logits(call_model(model, inputs))
+            # Eagerly: a compiled graph would not run the noise hook.
+            noised = extract_logits(call_model(uncompiled(model), inputs))
         return self.divergence(logits, noised, mask=_mask_for(inputs, logits))
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:

@@ -436,6 +436,20 @@ MUTANTS = [
         "        if False:",
         ("tests/test_regularizers.py@not_this",),
     ),
+    Mutant(
+        "noise-block-without-a-forward-passes",
+        "tram/noise.py",
+        "    if handle.calls == 0 and not handle.training_forwards_only:",
+        "    if False:",
+        ("tests/test_noise.py@hooked_forward",),
+    ),
+    Mutant(
+        "r3f-noised-forward-through-the-compiled-graph",
+        "tram/regularizers.py",
+        "            noised = extract_logits(call_model(uncompiled(model), inputs))",
+        "            noised = extract_logits(call_model(model, inputs))",
+        ("tests/test_regularizers.py@compiled",),
+    ),
 ]
 
 
