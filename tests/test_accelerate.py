@@ -226,6 +226,63 @@ def test_fp16_overflow_skips_the_step_with_the_weights_restored(perturbed):
     assert torch.isfinite(flat(model)).all()
 
 
+RESUMABLE = {
+    # SAM's step counter decides which steps ascend; TRAM-x's noise generator its noise.
+    "SAM-every-2": lambda base, model: tram.SAM(base, rho=0.07, ascent_every=2),
+    "TRAM-x": lambda base, model: tram.TRAM(
+        base, model, trust_region="noise", embeddings=model[0], sigma=0.3
+    ),
+}
+
+
+def train_windows(accelerator, model, optimizer, scheduler, batches) -> None:
+    backward = TwoPassBackward(accelerator, model, optimizer, loss_fn)
+    for batch in batches:
+        with accelerator.accumulate(model):
+            backward(batch)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+
+def prepared(method, steps: int, accelerator: Accelerator):
+    model = make_model()
+    optimizer = make_optimizer(method, model)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=steps)
+    return accelerator.prepare(model, optimizer, scheduler)
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_save_state_and_load_state_resume_exactly(name, tmp_path):
+    """accelerate's save_state/load_state (the optimizer's state dict, the scheduler, the RNG
+    states) in the middle of a run: the resumed run ends where the uninterrupted one does, bit
+    for bit."""
+    method, steps, stop = RESUMABLE[name], 4, 2
+    batches = [
+        (torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows]))
+        for rows in (
+            make_data(steps)[start : start + BATCH] for start in range(0, steps * GA * BATCH, BATCH)
+        )
+    ]
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    model, optimizer, scheduler = prepared(method, steps, accelerator)
+    train_windows(accelerator, model, optimizer, scheduler, batches[: stop * GA])
+    accelerator.save_state(tmp_path)
+    train_windows(accelerator, model, optimizer, scheduler, batches[stop * GA :])
+    straight, straight_steps = flat(model), unwrap_optimizer(optimizer).steps
+
+    fresh_accelerate_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    model, optimizer, scheduler = prepared(method, steps, accelerator)
+    accelerator.load_state(tmp_path)
+    assert unwrap_optimizer(optimizer).steps == stop
+    train_windows(accelerator, model, optimizer, scheduler, batches[stop * GA :])
+    assert unwrap_optimizer(optimizer).steps == straight_steps == steps
+    assert torch.equal(flat(model), straight)
+
+
 def test_a_plain_optimizer_is_refused():
     accelerator = Accelerator(cpu=True)
     model = make_model()
