@@ -176,6 +176,47 @@ def test_zero_radius_is_the_bare_base_optimizer(case: WrapperCase, base_name: st
     assert optimizer.steps == 5
 
 
+MAXIMIZING: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "SGD": lambda params, maximize: torch.optim.SGD(
+        params, lr=0.1, momentum=0.9, maximize=maximize
+    ),
+    "AdamW": lambda params, maximize: torch.optim.AdamW(
+        params, lr=1e-2, weight_decay=0.01, maximize=maximize
+    ),
+}
+
+
+def signed_loss_run(case: WrapperCase, base_name: str, *, maximize: bool) -> nn.Module:
+    """Three steps on L with ``maximize=True``, or on −L with ``maximize=False``."""
+    model = make_model()
+    optimizer = case.make(MAXIMIZING[base_name](model.parameters(), maximize), model)
+    sign = 1.0 if maximize else -1.0
+    for step in range(3):
+        x, y = batch(step)
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = sign * loss_of(model, x, y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    return model
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("base_name", list(MAXIMIZING))
+def test_maximize_is_minimizing_the_negated_loss(case: WrapperCase, base_name: str) -> None:
+    """A base optimizer with maximize=True ascends the loss, and the two-pass step's worst case
+    near θ is then down the gradient: maximizing L takes the steps of minimizing −L, bit for
+    bit (torch's maximize negates the gradient exactly, as autograd does for −L)."""
+    assert_same_params(
+        signed_loss_run(case, base_name, maximize=True),
+        signed_loss_run(case, base_name, maximize=False),
+        exact=True,
+    )
+
+
 @EVERY_WRAPPER
 def test_step_returns_the_first_pass_loss_and_calls_the_closure_twice(case: WrapperCase) -> None:
     model = make_model()

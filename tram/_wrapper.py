@@ -298,13 +298,16 @@ class TwoPassOptimizer(Optimizer):
         state.last_ascent_norm = norm * inverse_scale
         for bucket in buckets:
             foreach = self._use_foreach(bucket.params)
+            # A base optimizer with maximize=True ascends the loss: the worst point near θ is
+            # then down the gradient (maximizing L is minimizing −L, whose ascent is −ε).
+            direction = -1.0 if self.param_groups[bucket.group_index].get("maximize") else 1.0
             apply_ascent_(
                 bucket.params,
                 bucket.grads,
                 bucket.backups,
                 scaling=bucket.scaling,
                 eta=bucket.eta,
-                coefficient=radii[bucket.group_index] / (norm + NORM_EPSILON),
+                coefficient=direction * radii[bucket.group_index] / (norm + NORM_EPSILON),
                 inverse_scale=inverse_scale,
                 foreach=foreach,
             )

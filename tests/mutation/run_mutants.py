@@ -450,6 +450,14 @@ MUTANTS = [
         "            noised = extract_logits(call_model(model, inputs))",
         ("tests/test_regularizers.py@compiled",),
     ),
+    Mutant(
+        "maximize-ascends-up-the-gradient",
+        "tram/_wrapper.py",
+        "            direction = -1.0 if self.param_groups[bucket.group_index]"
+        '.get("maximize") else 1.0',
+        "            direction = 1.0",
+        ("tests/test_contract.py@maximize",),
+    ),
 ]
 
 
