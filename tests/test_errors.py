@@ -211,6 +211,12 @@ CASES: list[ErrorCase] = [
         _literal("base_optimizer is already a two-pass optimizer (FisherSAM)"),
     ),
     ErrorCase(
+        "base-is-lbfgs",
+        lambda env: tram.ASAM(torch.optim.LBFGS(env.model.parameters())),
+        TypeError,
+        _literal("ASAM cannot wrap LBFGS: its step() needs a closure, which it calls again"),
+    ),
+    ErrorCase(
         "base-has-no-parameters",
         lambda env: tram.SAM(torch.optim.SGD([{"params": []}], lr=0.1)),
         ValueError,

@@ -6,6 +6,7 @@ kind of object) and names the argument and the value it got.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -87,6 +88,12 @@ def check_base_optimizer(
         )
     if not any(group["params"] for group in base_optimizer.param_groups):
         raise ValueError("base_optimizer has an empty parameter list")
+    if _step_needs_a_closure(base_optimizer):
+        raise TypeError(
+            f"{method} cannot wrap {type(base_optimizer).__name__}: its step() needs a closure, "
+            "which it calls again and again (a line search), whereas the two-pass step hands "
+            "the base optimizer the gradient of the second pass, with no closure"
+        )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     collisions = sorted(set(defaults) & set(base_optimizer.defaults))
@@ -97,3 +104,12 @@ def check_base_optimizer(
             "groups: the ascent would use the base optimizer's value, and setting the method's "
             "would change the base optimizer. This base optimizer cannot be wrapped by this method"
         )
+
+
+def _step_needs_a_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` has a ``closure`` argument without a default (LBFGS)."""
+    try:
+        parameter = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: assume torch's contract
+        return False
+    return parameter is not None and parameter.default is inspect.Parameter.empty
