@@ -7,6 +7,7 @@ forward at θ, exactly, for any ``momentum`` (``None`` is the cumulative average
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import _global_forward_pre_hooks as global_forward_pre_hooks
 
 import tram
 
@@ -89,19 +91,63 @@ def test_with_model_the_statistics_are_those_of_the_first_pass(make, momentum) -
         assert not optimizer.is_perturbed
 
 
+@pytest.mark.parametrize("make", WRAPPERS, ids=WRAPPER_IDS)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
-def test_without_model_both_passes_update_the_statistics(momentum) -> None:
+def test_without_model_a_second_update_is_refused(make, momentum) -> None:
+    """Without model= the wrapper cannot freeze the statistics, and the second pass would
+    update them at θ+ε: the BatchNorm's forward there raises, naming the fix, with the weights
+    back at θ and the statistics those of the first pass."""
     model = make_cnn(momentum)
-    reference = copy.deepcopy(model)
-    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1))
     x, y = data()
+    weights = [p.detach().clone() for p in model.parameters()]
+    reference = copy.deepcopy(model)
     with torch.no_grad():
         reference(x)
-    optimizer.step(closure_for(optimizer, model, x, y))
-    assert int(batchnorms(model)[0].num_batches_tracked) == 2
-    after, once = buffers(model), buffers(reference)
-    assert not torch.equal(after["1.running_mean"], once["1.running_mean"])
-    assert not torch.equal(after["6.running_var"], once["6.running_var"])
+    hooks = len(global_forward_pre_hooks)
+    with pytest.raises(RuntimeError, match=r"BatchNorm2d in training mode ran at the perturbed"):
+        optimizer.step(closure_for(optimizer, model, x, y))
+    assert len(global_forward_pre_hooks) == hooks  # the guard is removed with the restore
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert_same_buffers(buffers(model), buffers(reference))
+    # Disarmed with the restore: a training-mode forward goes through again.
+    with torch.no_grad():
+        model(x)
+
+
+def test_without_model_what_updates_nothing_passes() -> None:
+    """Eval mode, momentum=0 (the statistics stay put) and frozen_running_stats in the
+    explicit form update nothing at θ+ε; another model's BatchNorm is not this step's."""
+    x, y = data()
+    evaluated = make_cnn().eval()
+    still = make_cnn(momentum=0.0)
+    frozen = make_cnn()
+    other = make_cnn(seed=3)
+    for model in (evaluated, still, frozen):
+        optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+        closure = closure_for(optimizer, model, x, y)
+        closure()
+        assert optimizer.first_step()
+        with tram.frozen_running_stats(frozen) if model is frozen else contextlib.nullcontext():
+            closure()
+        with torch.no_grad():
+            other(x)
+        optimizer.second_step()
+
+
+def test_a_wrapper_dropped_while_perturbed_leaves_nothing_armed() -> None:
+    import gc
+
+    model = make_cnn()
+    x, y = data()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    closure_for(optimizer, model, x, y)()
+    assert optimizer.first_step()
+    del optimizer
+    gc.collect()
+    with torch.no_grad():
+        model(x)  # no wrapper is perturbed any more: nothing to refuse
 
 
 def test_explicit_form_freezes_between_first_step_and_second_step() -> None:

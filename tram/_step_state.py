@@ -50,8 +50,10 @@ class _StepState:
     """
 
     __slots__ = (
+        "__weakref__",  # the BatchNorm guard holds the state weakly
         "ascent_attempted",
         "ascent_params",
+        "batchnorm_guard",
         "first_pass_depth",
         "frozen_batchnorms",
         "gradient_not_finite",
@@ -91,8 +93,14 @@ class _StepState:
         self.restored_before_second_pass = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
+        # Without a model to freeze, a hook that refuses BatchNorm updates while perturbed
+        # (its finalizer removes it).
+        self.batchnorm_guard: weakref.finalize | None = None
         self.warned_missing_ascent = False
         self.warned_lightning_logging = False
+
+    def still_perturbed(self) -> bool:
+        return bool(self.perturbed_buckets)
 
     def abandon(self) -> None:
         """Forget a step that raised or was refused: the next step starts afresh."""

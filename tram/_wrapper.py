@@ -36,7 +36,11 @@ from tram._step_state import (
     warn_missing_ascent,
 )
 from tram._validation import check_base_optimizer, check_positive_int, inverse_grad_scale
-from tram.batchnorm import freeze_running_stats, unfreeze_running_stats
+from tram.batchnorm import (
+    freeze_running_stats,
+    refuse_running_stats_updates,
+    unfreeze_running_stats,
+)
 
 __all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
 
@@ -325,6 +329,10 @@ class TwoPassOptimizer(Optimizer):
         state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
             state.frozen_batchnorms[:] = freeze_running_stats(self.model)
+        else:
+            state.batchnorm_guard = refuse_running_stats_updates(
+                type(self).__name__, state.still_perturbed, state.ascent_params
+            )
         return True
 
     @torch.no_grad()
@@ -341,6 +349,9 @@ class TwoPassOptimizer(Optimizer):
         state.perturbed_buckets.clear()
         unfreeze_running_stats(state.frozen_batchnorms)
         state.frozen_batchnorms.clear()
+        if state.batchnorm_guard is not None:
+            state.batchnorm_guard()
+            state.batchnorm_guard = None
 
     def second_step(self) -> None:
         """Restore the weights and take the base optimizer step with the current gradient."""

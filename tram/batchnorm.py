@@ -14,13 +14,21 @@ wrong) and touches no buffer values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_forward_pre_hook
 
-__all__ = ["freeze_running_stats", "frozen_running_stats", "unfreeze_running_stats"]
+__all__ = [
+    "freeze_running_stats",
+    "frozen_running_stats",
+    "refuse_running_stats_updates",
+    "unfreeze_running_stats",
+]
 
 
 def freeze_running_stats(model: nn.Module) -> list[_BatchNorm]:
@@ -62,3 +70,45 @@ def frozen_running_stats(model: nn.Module) -> Iterator[list[_BatchNorm]]:
         yield frozen
     finally:
         unfreeze_running_stats(frozen)
+
+
+def refuse_running_stats_updates(
+    method: str, armed: Callable[[], bool], parameters: Iterable[Tensor]
+) -> weakref.finalize:
+    """Until the returned finalizer is called, a forward of a BatchNorm whose affine weights are
+    among ``parameters`` and that would update its running statistics raises ``RuntimeError``
+    (before it runs), while ``armed()`` is True.
+
+    What a wrapper built without ``model=`` arms between ``first_step`` and ``restore``, with the
+    parameters it perturbed: it cannot freeze statistics it cannot find, and the second pass at
+    θ+ε would update them a second time in the step. A BatchNorm in eval mode, frozen
+    (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and passes; one
+    without affine weights among the perturbed ones cannot be told apart from another model's
+    and passes too. The hook is global (torch's module forward pre-hook) and holds ``armed`` (a
+    bound method) weakly: the finalizer removes it when called, or when ``armed``'s object is
+    collected (a wrapper dropped while perturbed).
+    """
+    weak_armed = weakref.WeakMethod(armed)
+    perturbed = {id(param) for param in parameters}
+
+    def check(module: nn.Module, args: Any) -> None:
+        if not (
+            isinstance(module, _BatchNorm)
+            and module.training
+            and module.track_running_stats
+            and module.running_mean is not None
+            and module.momentum != 0
+            and any(id(param) in perturbed for param in module.parameters(recurse=False))
+        ):
+            return
+        is_armed = weak_armed()
+        if is_armed is not None and is_armed():
+            raise RuntimeError(
+                f"{method}: a {type(module).__name__} in training mode ran at the perturbed "
+                "weights θ+ε, and would update its running statistics a second time in this "
+                f"step. Pass model= to {method} (it freezes them between first_step() and "
+                "restore()), or run the second pass inside tram.frozen_running_stats(model)"
+            )
+
+    handle = register_module_forward_pre_hook(check)
+    return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]

@@ -458,6 +458,20 @@ MUTANTS = [
         "            direction = 1.0",
         ("tests/test_contract.py@maximize",),
     ),
+    Mutant(
+        "batchnorm-updated-twice-without-model",
+        "tram/batchnorm.py",
+        "        if is_armed is not None and is_armed():",
+        "        if False:",
+        ("tests/test_batchnorm.py@second_update_is_refused",),
+    ),
+    Mutant(
+        "batchnorm-guard-left-armed-after-restore",
+        "tram/_wrapper.py",
+        "            state.batchnorm_guard()\n",
+        "            pass\n",
+        ("tests/test_batchnorm.py@second_update_is_refused",),
+    ),
 ]
 
 
