@@ -9,8 +9,9 @@ changed.
 - :func:`linear_cka` compares two sets of features of the same examples.
 - :func:`collect_features` runs a model over batches and returns the features to compare, for
   example the base-model output of the pre-trained and of the fine-tuned model for one domain.
-- :func:`top_hessian_eigenvalue` estimates the largest-magnitude Hessian eigenvalue by power
-  iteration on Hessian-vector products.
+- :func:`top_hessian_eigenvalue` estimates the top (largest) Hessian eigenvalue by power
+  iteration on Hessian-vector products, shifted where a negative eigenvalue is larger in
+  magnitude.
 - :func:`epsilon_sharpness` is the ε-sharpness of Keskar et al. (2017), as used in the TRAM paper.
 
 Example::
@@ -265,6 +266,31 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(torch.stack([t.to(parts[0].device) for t in parts]).sum())
 
 
+def _power_iteration(
+    product: Callable[[list[Tensor]], list[Tensor]],
+    start: list[Tensor],
+    shift: float,
+    iterations: int,
+    tolerance: float,
+) -> tuple[float, list[Tensor]]:
+    """Power iteration on ``v -> product(v) - shift * v`` from the unit vector ``start``: the
+    Rayleigh quotient of the last iterate (of the shifted operator) and that iterate."""
+    v = start
+    eigenvalue = 0.0
+    for k in range(iterations):
+        hv = product(v)
+        if shift != 0.0:
+            hv = [h - shift * t for h, t in zip(hv, v, strict=True)]
+        estimate = _dot(v, hv)
+        converged = k > 0 and abs(estimate - eigenvalue) < tolerance * abs(eigenvalue)
+        eigenvalue = estimate
+        hv_norm = math.sqrt(_dot(hv, hv))
+        if converged or hv_norm == 0.0 or k == iterations - 1:
+            break
+        v = [t / hv_norm for t in hv]
+    return eigenvalue, v
+
+
 def top_hessian_eigenvalue(
     loss_fn: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -273,31 +299,40 @@ def top_hessian_eigenvalue(
     tolerance: float = 1e-4,
     generator: torch.Generator | None = None,
 ) -> tuple[float, list[Tensor]]:
-    r"""Largest-magnitude eigenvalue of the Hessian of ``loss_fn()``, by power iteration.
+    r"""Top (largest) eigenvalue of the Hessian of ``loss_fn()``, by power iteration.
 
     With :math:`H = \nabla^2_\theta L(\theta)` (:math:`L` is ``loss_fn``, :math:`\theta` the
-    concatenation of ``params``) and a random unit start :math:`v_0`,
+    concatenation of ``params``) and a random unit start :math:`v_0`, power iteration
 
     .. math::
 
-        \lambda_k = v_k^\top H v_k, \qquad v_{k+1} = \frac{H v_k}{\lVert H v_k \rVert},
+        \lambda_k = v_k^\top (H - s I) v_k + s, \qquad
+        v_{k+1} = \frac{(H - s I) v_k}{\lVert (H - s I) v_k \rVert},
 
-    stopping when :math:`|\lambda_k - \lambda_{k-1}| < \text{tolerance}\,|\lambda_{k-1}|`. Each
-    :math:`H v` is a double-backward Hessian-vector product through one gradient graph, built once
-    with ``create_graph=True`` and reused, so ``loss_fn`` runs once.
+    stops when :math:`|\lambda_k - \lambda_{k-1}| < \text{tolerance}\,|\lambda_{k-1}|` (on the
+    shifted quotient). It first runs with :math:`s = 0` and converges to the eigenvalue of largest
+    *magnitude*. Away from a minimum that can be a negative one (a direction of descent), which
+    is not the sharpness the top eigenvalue is meant to measure, and which would read as the
+    flattest value of all. So when it is negative, a second run from the same start uses that
+    value as the shift :math:`s`: :math:`H - sI` has its largest-magnitude eigenvalue at
+    :math:`\lambda_{\max} - s`, and the result is :math:`\lambda_{\max}`. Each :math:`Hv`
+    is a double-backward Hessian-vector product through one gradient graph, built once with
+    ``create_graph=True`` and reused, so ``loss_fn`` runs once.
 
     Args:
         loss_fn: zero-argument callable returning the scalar loss; it must not call backward.
         params: the tensors (requiring grad) the Hessian is taken over.
-        iterations: maximum number of Hessian-vector products.
+        iterations: maximum number of Hessian-vector products per run (two runs at most: the
+            second only when the largest-magnitude eigenvalue is negative).
         tolerance: relative change of :math:`\lambda` below which the iteration stops.
         generator: random generator for the start vector (``None``: the global one).
 
     Returns:
-        ``(eigenvalue, eigenvector)``: the signed Rayleigh quotient :math:`\lambda` of the last
-        iterate, and that iterate as a list of tensors shaped like ``params`` with unit global
-        norm. If the iteration has not converged after ``iterations`` steps, the last estimate is
-        returned. A Hessian that is exactly zero gives ``0.0`` and the random start.
+        ``(eigenvalue, eigenvector)``: the Rayleigh quotient :math:`v^\top H v` of the last
+        iterate (at most :math:`\lambda_{\max}`; equal to it once converged), and that iterate
+        as a list of tensors shaped like ``params`` with unit global norm. If the iteration has
+        not converged after ``iterations`` steps, the last estimate is returned. A Hessian that
+        is exactly zero gives ``0.0`` and the random start.
 
     Raises:
         ValueError: if ``iterations < 1``, ``tolerance`` is not a positive finite number, or
@@ -306,13 +341,14 @@ def top_hessian_eigenvalue(
     References:
         Pearlmutter, `Fast Exact Multiplication by the Hessian
         <https://doi.org/10.1162/neco.1994.6.1.147>`_, Neural Computation 1994 (the product).
-        Golub and Van Loan, *Matrix Computations* (power iteration).
+        Golub and Van Loan, *Matrix Computations* (power iteration, shifts).
 
     .. note::
-        Power iteration converges at rate :math:`|\lambda_2/\lambda_1|`; if :math:`\lambda` and
-        :math:`-\lambda` are both extreme eigenvalues it does not converge. ``.grad`` is never
-        touched (``torch.autograd.grad`` is used, not ``backward``). Call ``model.eval()`` first if
-        the loss has dropout.
+        Power iteration converges at rate :math:`|\lambda_2/\lambda_1|` of the (shifted)
+        operator; after a shift that is :math:`(\lambda_2 - s)/(\lambda_{\max} - s)`, slower
+        than without. If :math:`\lambda` and :math:`-\lambda` are both extreme eigenvalues the
+        first run does not converge. ``.grad`` is never touched (``torch.autograd.grad`` is used,
+        not ``backward``). Call ``model.eval()`` first if the loss has dropout.
     """
     if iterations < 1:
         raise ValueError(f"Invalid iterations: {iterations}")
@@ -336,7 +372,7 @@ def top_hessian_eigenvalue(
             return [h.detach() if h is not None else o for h, o in zip(hv, out, strict=True)]
 
         # Draw on the generator's device (randn requires it), then move to each parameter's.
-        v = [
+        start = [
             torch.randn(
                 p.shape,
                 generator=generator,
@@ -345,18 +381,12 @@ def top_hessian_eigenvalue(
             ).to(p.device)
             for p in params
         ]
-        norm = math.sqrt(_dot(v, v))
-        v = [t / norm for t in v]
-        eigenvalue = 0.0
-        for k in range(iterations):
-            hv = hvp(v)
-            estimate = _dot(v, hv)
-            converged = k > 0 and abs(estimate - eigenvalue) < tolerance * abs(eigenvalue)
-            eigenvalue = estimate
-            hv_norm = math.sqrt(_dot(hv, hv))
-            if converged or hv_norm == 0.0 or k == iterations - 1:
-                break
-            v = [t / hv_norm for t in hv]
+        norm = math.sqrt(_dot(start, start))
+        start = [t / norm for t in start]
+        eigenvalue, v = _power_iteration(hvp, start, 0.0, iterations, tolerance)
+        if eigenvalue < 0.0:
+            shifted, v = _power_iteration(hvp, start, eigenvalue, iterations, tolerance)
+            eigenvalue = shifted + eigenvalue
     return eigenvalue, v
 
 
