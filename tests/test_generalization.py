@@ -487,6 +487,28 @@ def test_budget_is_the_fewest_steps_within_a_point_of_the_best(tmp_path):
     assert curve_steps(tmp_path, [50, 100], [1, 2], doublings=0) == [50, 100]
 
 
+def test_a_point_exactly_one_point_below_the_best_is_within_the_tolerance(tmp_path):
+    """Three seeds on 1,000 validation examples: 791 + 785 + 802 correct is exactly 30 examples,
+    1 point, below 801 + 795 + 812, but the float difference of the means is 1.0000000000000009
+    points; the rule ("within 1 point") takes it, as it takes equal counts as a tie."""
+    correct = {
+        80: (700, 700, 700),
+        160: (791, 785, 802),
+        320: (800, 790, 805),
+        640: (801, 795, 812),
+    }
+    for steps, counts in correct.items():
+        for seed, count in zip((101, 102, 103), counts, strict=True):
+            _write_curve(tmp_path, steps, seed, count / 1000)
+    chosen, means = choose_steps(tmp_path, list(correct), [101, 102, 103])
+    assert 100 * (means[640] - means[160]) > 1.0  # the float sums overshoot ...
+    assert chosen == 160  # ... and the point 1 point below the best is still the budget
+    # Anything a count more than 1 point below stays outside.
+    for steps, counts in correct.items():
+        _write_curve(tmp_path, steps, 104, (counts[0] - (1 if steps == 160 else 0)) / 1000)
+    assert choose_steps(tmp_path, list(correct), [101, 102, 103, 104])[0] == 320
+
+
 def _results_with_predictions(out: Path, method: str, seed: int, shift: float, rng) -> None:
     """A test run on domains movies (in-domain), amazon, tweets whose OOD scores are shifted by
     ``shift`` (accuracy moves with the threshold, AUROC does not)."""

@@ -305,7 +305,9 @@ def choose_steps(
 
     Returns the fewest steps whose mean validation accuracy over ``tuning_seeds`` is within
     :data:`CURVE_TOLERANCE` points of the best mean, and the means (fractions); None while a
-    curve run is missing."""
+    curve run is missing. "Within" allows :data:`TIE_TOLERANCE` of float rounding, as the tie
+    rule does: 30 examples of 3 x 1,000 are exactly 1 point, but their float means can differ
+    by 1.0000000000000009 points."""
     means: dict[int, float] = {}
     for steps in curve:
         runs = [_validation(out, Job("curve", "adamw", s, steps)) for s in tuning_seeds]
@@ -313,7 +315,8 @@ def choose_steps(
             return None, means
         means[steps] = sum(r for r in runs if r is not None) / len(runs)
     best = max(means.values())
-    return min(s for s, m in means.items() if 100 * (best - m) <= CURVE_TOLERANCE), means
+    within = CURVE_TOLERANCE + 100 * TIE_TOLERANCE
+    return min(s for s, m in means.items() if 100 * (best - m) <= within), means
 
 
 def curve_steps(
