@@ -137,6 +137,43 @@ def test_paired_tests_edge_cases():
     assert report.mean_ci([3.0]) == (3.0, None)
 
 
+def test_wilcoxon_ranks_differences_that_are_equal_up_to_float_rounding_as_ties():
+    """OOD averages of accuracies on 3 x 1,000 examples, in percent: seeds 3 and 5 differ from
+    the baseline by exactly 11/10 point, but the floats differ in the last bits, and ranking
+    them as two values gives Wilcoxon p = 0.4375 instead of the exact differences' 0.40625."""
+    from fractions import Fraction
+
+    method = [(729, 780, 737), (715, 746, 740), (763, 761, 702), (702, 744, 783)]
+    method += [(768, 741, 768), (724, 734, 722)]
+    baseline = [(735, 765, 716), (704, 769, 724), (737, 730, 726), (725, 723, 773)]
+    baseline += [(742, 759, 743), (790, 759, 770)]
+
+    def ood(counts: tuple[int, int, int]) -> float:  # as the runner: the mean of accuracies
+        return 100 * sum(c / 1000 for c in counts) / len(counts)
+
+    a = {seed: ood(c) for seed, c in enumerate(method, start=1)}
+    b = {seed: ood(c) for seed, c in enumerate(baseline, start=1)}
+    exact = [100 * Fraction(sum(x) - sum(y), 3000) for x, y in zip(method, baseline, strict=True)]
+    assert exact[2] == exact[4] == Fraction(11, 10)
+    assert a[3] - b[3] != a[5] - b[5]  # not in floats
+    test = report.paired_tests(a, b)
+    assert test["wilcoxon_p"] == pytest.approx(
+        scipy_stats.wilcoxon([float(d) for d in exact]).pvalue, rel=1e-12
+    )
+    assert test["wilcoxon_p"] == pytest.approx(0.40625)
+    # The mean, the interval and the t-test keep the measured values.
+    assert test["diff"] == pytest.approx(float(sum(exact) / len(exact)), rel=1e-12)
+    assert test["t_p"] == pytest.approx(
+        scipy_stats.ttest_rel(list(a.values()), list(b.values())).pvalue
+    )
+    # A difference of zero up to rounding is a zero: dropped by Wilcoxon, constant for the t-test.
+    same = report.paired_tests({1: 0.1 + 0.2, 2: 0.7}, {1: 0.3, 2: 0.7})
+    assert same["t_p"] == 1.0
+    assert same["wilcoxon_p"] is None
+    shifted = report.paired_tests({1: 0.1 + 0.2 + 1.0, 2: 1.7, 3: 2.0}, {1: 0.3, 2: 0.7, 3: 1.0})
+    assert shifted["t_p"] == 0.0  # every difference is 1 (up to rounding): no variance
+
+
 def test_render_markdown(sweep):
     text = report.render(report.collect([sweep]))
     lines = text.splitlines()

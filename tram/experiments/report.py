@@ -197,13 +197,42 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, float(stats.t.ppf(0.975, len(clean) - 1)) * sd / math.sqrt(len(clean))
 
 
+ROUNDING = 1e-9
+"""Relative size (of the largest value compared) below which two paired differences are the same
+number: see :func:`_without_rounding`."""
+
+
+def _without_rounding(diffs: Sequence[float], scale: float) -> list[float]:
+    """``diffs`` with float rounding taken out: a magnitude within ``ROUNDING * scale`` of zero is
+    zero, and magnitudes within that of the smallest of their run are that value.
+
+    Paired differences of means of accuracies that count the same examples are equal in exact
+    arithmetic, but not always in floats (100 * (a/1000 + b/1000 + c/1000) / 3 minus another such
+    mean); a rank test would rank such ties as distinct values and a zero as a tiny difference.
+    Real differences are far apart: one example of 1,000 is 0.1 point, 1e-7 of the 100 here."""
+    tolerance = ROUNDING * max(scale, 1.0)
+    snapped = [0.0 if abs(d) <= tolerance else d for d in diffs]
+    start: float | None = None
+    by_magnitude = sorted((abs(d), i) for i, d in enumerate(snapped) if d != 0.0)
+    for magnitude, i in by_magnitude:
+        if start is None or magnitude - start > tolerance:
+            start = magnitude
+        snapped[i] = math.copysign(start, snapped[i])
+    return snapped
+
+
 def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Paired comparison of ``a`` against ``b`` over their common seeds with finite values: the
-    mean difference, its 95% CI half-width and sample standard deviation, and the p-values."""
+    mean difference, its 95% CI half-width and sample standard deviation, and the p-values.
+
+    Which differences are zero, equal to each other (ties of the Wilcoxon ranks) or all the same
+    (no variance for the t-test) is judged up to float rounding (:func:`_without_rounding`)."""
     from scipy import stats
 
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
     diffs = [a[s] - b[s] for s in seeds]
+    scale = max((max(abs(a[s]), abs(b[s])) for s in seeds), default=1.0)
+    exact = _without_rounding(diffs, scale)
     out: dict[str, Any] = {
         "n": len(seeds),
         "diff": None,
@@ -220,14 +249,14 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     out["diff_sd"] = statistics.stdev(diffs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if any(d != diffs[0] for d in diffs):
+        if any(d != exact[0] for d in exact):
             out["t_p"] = float(stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).pvalue)
-        elif diffs[0] == 0:
+        elif exact[0] == 0:
             out["t_p"] = 1.0
         else:  # a constant, non-zero difference: no variance, the t statistic is infinite
             out["t_p"] = 0.0
-        if any(d != 0 for d in diffs):
-            out["wilcoxon_p"] = float(stats.wilcoxon(diffs).pvalue)
+        if any(d != 0 for d in exact):
+            out["wilcoxon_p"] = float(stats.wilcoxon(exact).pvalue)
     return out
 
 
