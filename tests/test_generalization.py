@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.test_experiments import assets  # noqa: F401  (module-scoped fixture)
 from tram.experiments import generalization, metrics
+from tram.experiments import report as report_module
 from tram.experiments.generalization import (
     BASES,
     BUDGETS,
@@ -507,6 +509,69 @@ def test_a_point_exactly_one_point_below_the_best_is_within_the_tolerance(tmp_pa
     for steps, counts in correct.items():
         _write_curve(tmp_path, steps, 104, (counts[0] - (1 if steps == 160 else 0)) / 1000)
     assert choose_steps(tmp_path, list(correct), [101, 102, 103, 104])[0] == 320
+
+
+def _verdict_group(ood: dict[str, dict[int, float]]) -> Any:
+    from tram.experiments.report import Group
+
+    runs = {
+        method: {
+            seed: {"domains": {"en": {"accuracy": 0.8}}, "ood_average": value}
+            for seed, value in by_seed.items()
+        }
+        for method, by_seed in ood.items()
+    }
+    return Group("topics", "e5", "accuracy", True, "en", ["it", "ja", "ko"], runs)
+
+
+def test_verdict_rule_holm_over_every_method_and_a_gain_of_exactly_one_point():
+    """The protocol's rule per TRAM variant on the OOD average: "beats" needs a mean gain of at
+    least 1 point and a Holm-adjusted p < 0.05 (Holm over every method compared, not only the
+    TRAM variants); "excluded" needs the 95% CI's upper end below +1."""
+    # Accuracies on 3 x 1,000 examples: tram_theta0 gains exactly 30 examples per 3,000 on average
+    # (1 point), which the float mean of the differences puts at 0.9999999999999977.
+    base = [(786, 745, 789), (779, 770, 723), (776, 705, 757)]
+    base += [(740, 799, 719), (794, 709, 762), (758, 789, 729)]
+    gain = (31, 28, 34, 28, 27, 32)  # examples of the first language
+    seeds = range(1, 7)
+
+    def ood(counts: tuple[int, ...]) -> float:  # as the runner: the mean of accuracies
+        return sum(c / 1000 for c in counts) / len(counts)
+
+    adamw = {s: ood(c) for s, c in zip(seeds, base, strict=True)}
+    shifted = {s: ood((c[0] + g, *c[1:])) for s, c, g in zip(seeds, base, gain, strict=True)}
+
+    def plus(points: tuple[float, ...]) -> dict[int, float]:
+        return {s: adamw[s] + d / 100 for s, d in zip(seeds, points, strict=True)}
+
+    group = _verdict_group(
+        {
+            "adamw": adamw,
+            "sam": plus((1.0, -1.0, 2.0, -2.0, 0.5, -0.5)),
+            "asam": plus((0.3, -0.2, 0.1, -0.4, 0.2, 0.1)),
+            "tram_theta0": shifted,
+            # p = 0.021 alone; Holm's 3rd of 6 (x 3) makes it 0.062; over the four TRAM
+            # variants only, it would be the last (x 1), 0.021.
+            "tram_x": plus((3.0, 0.5, 2.5, 4.0, 0.2, 1.8)),
+            "tram_prev": plus((-1.2, -0.8, -1.0, -0.9, -1.1, -1.0)),
+            "tram_fisher": plus((0.5, 0.6, 0.4, 0.5, 0.45, 0.55)),
+        }
+    )
+    tests = report_module.paired_differences(group, "adamw")
+    assert tests["tram_theta0"]["OOD avg"]["diff"] < 1.0  # the float mean ...
+    assert tests["tram_x"]["OOD avg"]["t_p"] < 0.05
+    text = generalization._verdict_lines(group, "adamw")
+    assert any("(over the 6 methods compared)" in line for line in text)
+    lines = {line.split(":")[0][2:]: line for line in text if line.startswith("- ")}
+    assert lines.keys() == {"tram_theta0", "tram_x", "tram_prev", "tram_fisher"}
+    beats = "**beats adamw (mean gain ≥ 1 point, Holm-adjusted p < 0.05)**."
+    assert lines["tram_theta0"].endswith(beats)  # ... is a gain of 1 point
+    assert lines["tram_x"].endswith("**undecided**.")
+    raw = tests["tram_x"]["OOD avg"]["t_p"]  # the third smallest of six p-values: x 3
+    assert f"Holm-adjusted p = {3 * raw:.3f}" in lines["tram_x"]
+    assert 3 * raw > 0.05
+    assert lines["tram_prev"].endswith("**a 1-point gain is excluded**.")
+    assert lines["tram_fisher"].endswith("**a 1-point gain is excluded**.")
 
 
 def _results_with_predictions(out: Path, method: str, seed: int, shift: float, rng) -> None:
