@@ -659,3 +659,32 @@ def test_report_rescores_from_predictions_with_verdict_and_mechanism(tmp_path):
     assert "![mechanism](mechanism.png)" in text
     assert (tmp_path / "mechanism.png").stat().st_size > 0
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_report_says_which_runs_have_no_predictions_and_what_stands_in(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for seed in (1, 2, 3):
+        _results_with_predictions(tmp_path, "adamw", seed, 0.0, rng)
+        _results_with_predictions(tmp_path, "tram_x", seed, 0.05, rng)
+    (tmp_path / "protocol.json").write_text(json.dumps({"primary_metric": "auroc"}))
+    (tmp_path / "results" / "test" / "tram_x" / "seed2" / "predictions.npz").unlink()
+    text = generalization.report(tmp_path)
+    primary = text.split("# accuracy (secondary metric)")[0]
+    assert primary.startswith("# AUROC (primary metric)")
+    assert (
+        "**1 of 6 runs have no saved predictions and are left out of the tables computed from "
+        "them: tram_x seed 2.**" in primary
+    )
+    row = next(line for line in primary.splitlines() if line.startswith("| tram_x |"))
+    assert row.split(" | ")[5] == "2"  # seeds: 1 and 3
+    # No predictions at all: the results files' accuracy, named as what it is.
+    for path in (tmp_path / "results" / "test").rglob("predictions.npz"):
+        path.unlink()
+    text = generalization.report(tmp_path)
+    assert text.startswith("# accuracy (in place of the primary metric, AUROC)")
+    assert (
+        "**No run has saved predictions: AUROC cannot be computed; the results files' accuracy "
+        "stands in.**" in text
+    )

@@ -1002,16 +1002,41 @@ def report(out: Path, baseline: str = "adamw", primary: str | None = None) -> st
     groups = tables.collect([test_dir]) if test_dir.exists() else []
     for group in groups:
         scored = rescored(group, out, primary) if group.metric == "accuracy" else group
+        # Runs without saved predictions cannot be rescored: say so where the numbers are, never
+        # drop them, or put the results files' metric in the primary metric's place, silently.
+        primary_name = tables.PERCENT_METRICS.get(primary, primary)
+        missing = [
+            f"{method} seed {seed}"
+            for method, by_seed in group.runs.items()
+            for seed in sorted(by_seed)
+            if seed not in scored.runs.get(method, {})
+        ]
+        notes = []
+        primary_role = "primary metric"
         if not scored.runs:  # no predictions (round 1): the results files' accuracy
             scored = group
+            if primary != group.metric:
+                primary_role = f"in place of the primary metric, {primary_name}"
+                notes = [
+                    f"**No run has saved predictions: {primary_name} cannot be computed; the "
+                    f"results files' {group.metric} stands in.**",
+                    "",
+                ]
+        elif missing:
+            notes = [
+                f"**{len(missing)} of {len(missing) + sum(map(len, scored.runs.values()))} runs "
+                "have no saved predictions and are left out of the tables computed from them: "
+                f"{', '.join(missing)}.**",
+                "",
+            ]
         views = [scored]
         if scored.metric != "accuracy":
             accuracy = rescored(group, out, "accuracy")
             views.append(accuracy if accuracy.runs else group)
         for i, view in enumerate(views):
-            role = "primary metric" if i == 0 else "secondary metric"
+            role = primary_role if i == 0 else "secondary metric"
             name = tables.PERCENT_METRICS.get(view.metric, view.metric)
-            lines += [f"# {name} ({role})", ""]
+            lines += [f"# {name} ({role})", "", *(notes if i == 0 else [])]
             lines += [tables.render([view], baseline=baseline).rstrip(), ""]
             lines += _verdict_lines(view, baseline)
             lines += _power_lines(view, baseline)
