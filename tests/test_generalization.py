@@ -688,3 +688,55 @@ def test_report_says_which_runs_have_no_predictions_and_what_stands_in(tmp_path)
         "**No run has saved predictions: AUROC cannot be computed; the results files' accuracy "
         "stands in.**" in text
     )
+
+
+def test_mechanism_correlation_p_value_permutes_seeds_not_pairs():
+    """The pairs of one seed share the baseline's run (every difference subtracts it), so they
+    are not independent and the p-value of Spearman's test over the pairs is too small. The
+    p-value is the share of the permutations of the seeds' OOD differences (all methods moved
+    together) whose |ρ| reaches the observed one; here computed by brute force."""
+    import itertools
+
+    import numpy as np
+    from scipy import stats
+
+    from tram.experiments.report import Group
+
+    rng = np.random.default_rng(3)
+    seeds = [1, 2, 3, 4]
+    methods = ["adamw", "sam", "tram_theta0", "tram_x"]
+    base_sharp = {s: float(v) for s, v in zip(seeds, rng.normal(2.0, 1.0, 4), strict=True)}
+    base_ood = {s: float(v) for s, v in zip(seeds, rng.normal(0.7, 0.05, 4), strict=True)}
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    for method in methods:
+        for seed in seeds:
+            if method == "adamw":
+                sharp, ood = base_sharp[seed], base_ood[seed]
+            else:
+                sharp = base_sharp[seed] + float(rng.normal(0.0, 0.3))
+                ood = base_ood[seed] + float(rng.normal(0.0, 0.02))
+            runs.setdefault(method, {})[seed] = {
+                "domains": {"en": {"accuracy": 0.8}},
+                "ood_average": ood,
+                "diagnostics": {"epsilon_sharpness": sharp},
+            }
+    group = Group("t", "m", "accuracy", True, "en", ["it"], runs)
+    rho, p, n = generalization.mechanism(group, group, "adamw")["correlations"]["ε-sharpness"]
+
+    def pairs(order: tuple[int, ...]) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for method in methods[1:]:
+            for seed, other in zip(seeds, order, strict=True):
+                diagnostic = runs[method][seed]["diagnostics"]["epsilon_sharpness"]
+                xs.append(diagnostic - base_sharp[seed])
+                ood = runs[method][other]["ood_average"]
+                ys.append(100 * ood - 100 * base_ood[other])
+        return xs, ys
+
+    observed = stats.spearmanr(*pairs(tuple(seeds))).statistic
+    permuted = [abs(stats.spearmanr(*pairs(o)).statistic) for o in itertools.permutations(seeds)]
+    expected = sum(r >= abs(observed) - 1e-12 for r in permuted) / len(permuted)
+    assert n == 12
+    assert rho == pytest.approx(observed)
+    assert p == pytest.approx(expected)
+    assert p != pytest.approx(stats.spearmanr(*pairs(tuple(seeds))).pvalue)
