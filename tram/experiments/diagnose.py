@@ -8,6 +8,10 @@
   in-domain validation examples, in eval mode.
 - ``hessian``: the top Hessian eigenvalue of the same loss by power iteration.
 
+Both take the trainable parameters only: a frozen part (the multilingual model's word
+embeddings in the cross-lingual preset) is not in the box of the ε-sharpness or in the Hessian,
+where the paper's :math:`A = I` covers the whole model it fine-tunes.
+
 All three use a fixed, evenly spaced subset of the examples (``examples`` per domain), so every
 optimizer and seed is measured on the same inputs.
 """
