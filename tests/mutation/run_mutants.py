@@ -132,7 +132,7 @@ MUTANTS = [
     Mutant(
         "ascent-is-zero",
         "tram/_wrapper.py",
-        "coefficient=radii[bucket.group_index] / (norm + NORM_EPSILON),",
+        "coefficient=direction * radii[bucket.group_index] / (norm + NORM_EPSILON),",
         "coefficient=0.0 * radii[bucket.group_index] / (norm + NORM_EPSILON),",
         (
             "tests/test_factory.py::test_registered_methods_take_the_reference_step",
