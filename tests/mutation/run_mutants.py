@@ -42,16 +42,22 @@ class Mutant:
     tests: tuple[str, ...]
     """pytest node ids (or ``file::name`` prefixes, with ``-k`` expressions after ``@``)."""
 
+    def stale(self, root: Path) -> str | None:
+        """Why the mutant no longer applies to the code under ``root`` (None when it does)."""
+        count = (root / self.path).read_text().count(self.original)
+        if count == 1:
+            return None
+        return (
+            f"mutant {self.name}: expected the line {self.original!r} once in {self.path}, "
+            f"found it {count} times; update the mutant to the current code"
+        )
+
     def apply(self, root: Path) -> None:
+        problem = self.stale(root)
+        if problem is not None:
+            raise SystemExit(problem)
         file = root / self.path
-        text = file.read_text()
-        count = text.count(self.original)
-        if count != 1:
-            raise SystemExit(
-                f"mutant {self.name}: expected the line {self.original!r} once in {self.path}, "
-                f"found it {count} times; update the mutant to the current code"
-            )
-        file.write_text(text.replace(self.original, self.mutated))
+        file.write_text(file.read_text().replace(self.original, self.mutated))
 
 
 TRAM = "tests/test_tram.py"
@@ -551,6 +557,11 @@ def main(argv: list[str] | None = None) -> int:
         baseline = Path(scratch) / "baseline"
         copy_tree(baseline)
         check_imports_from(baseline)
+        # Every mutant must still apply before any runs: a stale one found after twenty
+        # minutes of the others would stop the run there.
+        stale = [problem for mutant in chosen if (problem := mutant.stale(baseline)) is not None]
+        if stale:
+            raise SystemExit("\n".join(stale))
         for mutant in chosen:
             start = time.perf_counter()
             broken = run_tests(baseline, mutant.tests, args.timeout)
