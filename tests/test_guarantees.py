@@ -879,20 +879,13 @@ def _steps_on(model: nn.Module, called: nn.Module, method: str) -> tram.TwoPassO
         optimizer = tram.TRAM(base, model=called, trust_region="pretrained")
     else:
         optimizer = tram.TRAMFisher(base, called, rho=0.1, eta=0.3)
-    tokens, labels = tokens_and_labels()
+    closure = NanOnSecondPass(optimizer, called, 1.0)  # finite at θ+ε too: a plain closure
     # One forward before training (eager and compiled alike, for the BatchNorm statistics):
     # the compiled one traces its training graph there, outside any hook's block, from a fresh
     # cache (dynamo's is per code object, shared by every Net of the process).
     torch._dynamo.reset()
-    called(tokens)
+    closure.loss()
     for _ in range(3):
-
-        def closure() -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(called(tokens), labels)
-            loss.backward()
-            return loss
-
         optimizer.step(closure)
     return optimizer
 
