@@ -740,3 +740,53 @@ def test_mechanism_correlation_p_value_permutes_seeds_not_pairs():
     assert rho == pytest.approx(observed)
     assert p == pytest.approx(expected)
     assert p != pytest.approx(stats.spearmanr(*pairs(tuple(seeds))).pvalue)
+
+
+def _write_timed(
+    out: Path, job: Job, seconds: float, validation: float = 0.5, **extra: Any
+) -> None:
+    path = out / "results" / job.relative() / "results.json"
+    path.parent.mkdir(parents=True)
+    steps = int(job.value) if job.phase == "curve" else 40
+    record = {"in_domain_validation": validation, "steps": steps, "train_time_s": seconds - 2.0}
+    path.write_text(json.dumps({**record, "eval_time_s": 2.0, **extra}))
+
+
+def test_status_counts_the_runs_and_estimates_the_compute_left(tmp_path):
+    """Runs done and left per phase, and each run left priced at its method's median (a method
+    with none yet: the two-pass methods' median), diagnosed seeds with the diagnostics' median;
+    curve points of another length than the budget's price nothing."""
+    from tram.experiments.sweep_status import sweep_status
+
+    invocation = (
+        "python -m tram.experiments.generalization run --jobs 2 --out X --task cross_lingual "
+        "--tuning-seeds 101-102 --curve 20,40 --diagnose-seeds 1 --methods adamw,sam,tram_x "
+        "--seeds 1-2"
+    )
+    (tmp_path / "protocol.json").write_text(
+        json.dumps({"task": "cross_lingual", "invocations": ["older", invocation]})
+    )
+    (tmp_path / "curve.json").write_text(json.dumps({"steps": 40, "curve": {"20": 0.4, "40": 0.5}}))
+    for seed in (101, 102):
+        _write_timed(tmp_path, Job("curve", "adamw", seed, 20), 7.0)  # another length: unpriced
+        _write_timed(tmp_path, Job("curve", "adamw", seed, 40), 100.0 if seed == 101 else 120.0)
+        for value, seconds, validation in (
+            (0.01, 300.0, 0.5),
+            (0.02, 340.0, 0.6),
+            (0.05, 320.0, 0.5),
+        ):
+            _write_timed(tmp_path, Job("tune", "sam", seed, value), seconds, validation)
+    _write_timed(tmp_path, Job("test", "adamw", 1), 110.0, diagnostics_time_s=50.0)
+    text = sweep_status(tmp_path)
+    assert "last run with --jobs 2" in text
+    assert "curve adamw          4 of   4 runs" in text
+    assert "tune  sam            6 of   6 runs" in text
+    assert "tune  tram_x         0 of   6 runs" in text
+    assert "test  adamw          1 of   2 runs" in text
+    assert "all: 11 of 22 runs" in text
+    assert "adamw 110 s" in text  # median of 100, 120 and 110: the 20-step points are not priced
+    assert "tram_x ~320 s (none yet)" in text
+    # Left: adamw seed 2 (110); sam seeds 1, 2 (320 each, seed 1 diagnosed +50); tram_x six
+    # tuning and two test runs (8 x 320, seed 1 diagnosed +50).
+    left = 110 + 2 * 320 + 50 + 8 * 320 + 50
+    assert f"left: about {left / 3600:.1f} core-hours, {left / 7200:.1f} h at --jobs 2" in text

@@ -4,6 +4,7 @@
         [--methods adamw,sam,asam,r3f,tram_x,tram_theta0] [--seeds 1-8] [--tuning-seeds 101-103]
         [--curve 50,100,200,400] [--diagnose-seeds 1-5] [--jobs 1] [--threads 1] [overrides]
     python -m tram.experiments.generalization report DIR [--primary auroc]
+    python -m tram.experiments.generalization status DIR
 
 ``run`` does the whole protocol, resumable (a run whose results file exists is not repeated):
 
@@ -1136,7 +1137,9 @@ def _seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tram.experiments.generalization`` (``run``, ``report``,
+    ``status``); ``status`` parses the recorded ``run`` invocations with it too."""
     parser = argparse.ArgumentParser(
         prog="python -m tram.experiments.generalization", description=__doc__.split("\n\n")[0]
     )
@@ -1174,9 +1177,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     report_parser.add_argument(
         "--primary", default=None, help="metric of the main table (default: protocol.json's)"
     )
+    status_parser = commands.add_parser(
+        "status", help="runs done and left, and the core-hours left, of a sweep"
+    )
+    status_parser.add_argument("out", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "report":
         print(report(args.out, primary=args.primary))
+        return 0
+    if args.command == "status":
+        from tram.experiments.sweep_status import sweep_status
+
+        print(sweep_status(args.out))
         return 0
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
