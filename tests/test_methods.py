@@ -506,3 +506,54 @@ def test_adaptive_ascent_without_eta_keeps_the_bits_of_abs_theta(foreach: bool) 
 
     assert all(torch.equal(a, b) for a, b in zip(bits(grads), bits(expected_directions)))
     assert all(torch.equal(a, b) for a, b in zip(bits(params), bits(expected_params)))
+
+
+# ----------------------------------------------------------------------------- complex weights
+COMPLEX_CASES = {
+    "SAM": (lambda base, foreach: tram.SAM(base, rho=0.3, foreach=foreach), "identity", 0.0),
+    "ASAM-eta0": (
+        lambda base, foreach: tram.ASAM(base, rho=0.3, eta=0.0, foreach=foreach),
+        "adaptive",
+        0.0,
+    ),
+    "ASAM": (
+        lambda base, foreach: tram.ASAM(base, rho=0.3, eta=0.07, foreach=foreach),
+        "adaptive",
+        0.07,
+    ),
+    "FisherSAM": (
+        lambda base, foreach: tram.FisherSAM(base, rho=0.3, eta=0.6, foreach=foreach),
+        "fisher",
+        0.6,
+    ),
+}
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+@pytest.mark.parametrize("name", list(COMPLEX_CASES))
+def test_complex_weights_take_the_ascent_of_their_magnitudes(name: str, foreach: bool) -> None:
+    """A complex weight beside a real one: ε = ρ T² g / ‖T g‖ over both, with T = |θ| + η
+    (ASAM) or (1 + η |g|²)^(-1/2) (Fisher SAM), by hand in complex128. ASAM's η = 0 shortcut
+    (θ (θ g) for |θ| (|θ| g)) would rotate a complex ε by twice θ's phase; Fisher's g² would not
+    be |g|²."""
+    make, scaling, eta = COMPLEX_CASES[name]
+    generator = torch.Generator().manual_seed(5)
+    z = torch.randn(6, dtype=torch.complex64, generator=generator).requires_grad_()
+    r = torch.randn(3, generator=generator).requires_grad_()
+    x = torch.randn(6, dtype=torch.complex64, generator=generator)
+    optimizer = make(torch.optim.SGD([z, r], lr=0.1), foreach)
+    ((z * x).abs().square().sum() + (r * r.sin()).sum()).backward()
+    weights = [z.detach().to(torch.complex128), r.detach().double()]
+    grads = [z.grad.to(torch.complex128), r.grad.double()]
+    if scaling == "identity":
+        scales = [torch.ones_like(w.real) for w in weights]
+    elif scaling == "adaptive":
+        scales = [w.abs() + eta for w in weights]
+    else:
+        scales = [(1 + eta * g.abs().square()).rsqrt() for g in grads]
+    norm = torch.sqrt(sum(((t * g).abs().square()).sum() for t, g in zip(scales, grads)))
+    expected = [0.3 * t * t * g / (norm + 1e-12) for t, g in zip(scales, grads)]
+    assert optimizer.first_step()
+    for param, weight, epsilon in zip((z, r), weights, expected, strict=True):
+        moved = param.detach().to(weight.dtype) - weight
+        torch.testing.assert_close(moved, epsilon, rtol=1e-4, atol=1e-6)

@@ -77,7 +77,7 @@ def scaled_squared_norm(
             else [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
         )
     else:
-        signed = _signed_adaptive(scaling, eta)
+        signed = _signed_adaptive(scaling, eta, params)
         if not signed:
             _write_operator_(
                 params,
@@ -126,7 +126,7 @@ def apply_ascent_(
     The gradients are overwritten with :math:`T^2 g` and are meaningless afterwards; the
     caller clears them.
     """
-    if _signed_adaptive(scaling, eta):
+    if _signed_adaptive(scaling, eta, params):
         # T^2 g = |θ| (|θ| g) = θ (θ g), bit for bit (the product's sign is g's either way):
         # no pass for |θ|, and on the loop path θ (θ g) is written straight over g.
         if foreach:
@@ -161,15 +161,17 @@ def apply_ascent_(
             p.add_(g, alpha=coefficient)
 
 
-def _signed_adaptive(scaling: Scaling, eta: float) -> bool:
+def _signed_adaptive(scaling: Scaling, eta: float, params: list[Tensor]) -> bool:
     r"""Whether the adaptive operator can work with θ in place of :math:`T = |θ|` (η = 0).
 
     With η = 0, :math:`T g = |θ| g` and :math:`θ g` differ in sign only, so their norms are
     the same bits, and :math:`T^2 g = |θ| (|θ| g) = θ (θ g)` exactly (rounding to nearest is
     symmetric in sign, and both products carry the sign of g, zeros included). That saves the
     passes that take :math:`|θ|`: TRAM's default (Sherborne et al. 2024, Eq. 7 has η = 0).
+    Not for complex parameters: there :math:`θ^2 g` is :math:`|θ|^2 g` rotated by twice θ's
+    phase (a bucket holds one dtype, so its first parameter speaks for all).
     """
-    return scaling == "adaptive" and eta == 0
+    return scaling == "adaptive" and eta == 0 and not params[0].is_complex()
 
 
 def restore_(params: list[Tensor], backups: list[Tensor], *, foreach: bool = False) -> None:
@@ -198,7 +200,8 @@ def _write_operator_(
     if scaling == "adaptive":
         # Every elementwise pass over all the weights costs about as much as SAM's whole ascent,
         # so: abs written straight into ``out``, and no pass adding eta = 0 (TRAM's default).
-        if foreach:
+        # torch has no in-place abs of complex tensors: those take the loop.
+        if foreach and not params[0].is_complex():
             foreach_copy_(out, params)
             torch._foreach_abs_(out)
             if eta != 0:
@@ -209,9 +212,13 @@ def _write_operator_(
                 if eta != 0:
                     o.add_(eta)
     elif scaling == "fisher":
-        # T = (1 + eta * (g / s)^2) ** -1/2
+        # T = (1 + eta * |g / s|^2) ** -1/2
         factor = eta * inverse_scale * inverse_scale
-        if foreach:
+        if grads[0].is_complex():
+            # |g|^2 = g conj(g), not g^2 (a bucket holds one dtype). Rare: no fused path.
+            for o, g in zip(out, grads, strict=True):
+                o.copy_(g.abs().square()).mul_(factor).add_(1.0).rsqrt_()
+        elif foreach:
             if out is grads:
                 torch._foreach_mul_(out, grads)
             else:

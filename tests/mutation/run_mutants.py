@@ -478,6 +478,20 @@ MUTANTS = [
         "            pass\n",
         ("tests/test_batchnorm.py@second_update_is_refused",),
     ),
+    Mutant(
+        "complex-weights-take-the-signed-shortcut",
+        "tram/_ascent.py",
+        '    return scaling == "adaptive" and eta == 0 and not params[0].is_complex()',
+        '    return scaling == "adaptive" and eta == 0',
+        ("tests/test_methods.py@complex and loop",),
+    ),
+    Mutant(
+        "complex-fisher-squares-the-gradient",
+        "tram/_ascent.py",
+        "        if grads[0].is_complex():",
+        "        if False:",
+        ("tests/test_methods.py@complex and FisherSAM",),
+    ),
 ]
 
 
