@@ -256,3 +256,36 @@ def test_eval_mode_forward_inside_is_unaffected() -> None:
     model.train()
     with torch.no_grad():
         assert not torch.allclose(model(x), outside)
+
+
+def make_mlp_with_untrained_batchnorm(kind: str, seed: int = 0) -> nn.Module:
+    """A BatchNorm with no trainable weights of its own (``affine=False``, or affine weights
+    frozen) between two trained layers: its input at θ+ε comes from perturbed weights."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.BatchNorm1d(7, affine=kind == "frozen"), nn.Tanh(), nn.Linear(7, 3)
+    )
+    if kind == "frozen":
+        model[1].requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["affine=False", "frozen"])
+def test_without_model_a_batchnorm_without_trained_weights_is_refused(kind: str) -> None:
+    """It cannot be recognised by its weights, but its input depends on the perturbed ones: its
+    statistics would be updated a second time at θ+ε, silently."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    model = make_mlp_with_untrained_batchnorm(kind)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = tram.SAM(torch.optim.SGD(trained, lr=0.1), rho=0.3)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the perturbed"):
+        optimizer.step(closure_for(optimizer, model, x, y))
+    assert not optimizer.is_perturbed
+    # Another model's such BatchNorm, on inputs that do not depend on the perturbed weights,
+    # is not this step's: it passes while the wrapper is perturbed.
+    other = make_mlp_with_untrained_batchnorm(kind, seed=3)
+    closure_for(optimizer, model, x, y)()
+    assert optimizer.first_step()
+    other(x).sum().backward()
+    optimizer.restore()

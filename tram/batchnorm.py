@@ -82,11 +82,14 @@ def refuse_running_stats_updates(
     What a wrapper built without ``model=`` arms between ``first_step`` and ``restore``, with the
     parameters it perturbed: it cannot freeze statistics it cannot find, and the second pass at
     θ+ε would update them a second time in the step. A BatchNorm in eval mode, frozen
-    (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and passes; one
-    without affine weights among the perturbed ones cannot be told apart from another model's
-    and passes too. The hook is global (torch's module forward pre-hook) and holds ``armed`` (a
-    bound method) weakly: the finalizer removes it when called, or when ``armed``'s object is
-    collected (a wrapper dropped while perturbed).
+    (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and passes. A
+    BatchNorm is taken as the perturbed model's when its affine weights are among
+    ``parameters``; one with no trainable weights of its own (``affine=False``, or frozen) when
+    its input was computed from them (its autograd graph reaches one). Others pass: another
+    model's, and one whose input does not depend on the perturbed weights (a BatchNorm on the
+    raw inputs, which cannot be told apart from another model's). The hook is global (torch's
+    module forward pre-hook) and holds ``armed`` (a bound method) weakly: the finalizer removes
+    it when called, or when ``armed``'s object is collected (a wrapper dropped while perturbed).
     """
     weak_armed = weakref.WeakMethod(armed)
     perturbed = {id(param) for param in parameters}
@@ -98,7 +101,7 @@ def refuse_running_stats_updates(
             and module.track_running_stats
             and module.running_mean is not None
             and module.momentum != 0
-            and any(id(param) in perturbed for param in module.parameters(recurse=False))
+            and _runs_at_perturbed_weights(module, args, perturbed)
         ):
             return
         is_armed = weak_armed()
@@ -112,3 +115,30 @@ def refuse_running_stats_updates(
 
     handle = register_module_forward_pre_hook(check)
     return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]
+
+
+def _runs_at_perturbed_weights(module: nn.Module, args: Any, perturbed: set[int]) -> bool:
+    """Whether this BatchNorm forward belongs to the model whose ``perturbed`` weights are at
+    θ+ε: its affine weights are among them, or, when it has no trainable weights of its own,
+    its input's autograd graph reaches one of them. A BatchNorm with trainable weights that are
+    not perturbed is another model's."""
+    own = list(module.parameters(recurse=False))
+    if any(id(param) in perturbed for param in own):
+        return True
+    if any(param.requires_grad for param in own):
+        return False
+    inputs = args[0] if args else None
+    if not isinstance(inputs, Tensor) or inputs.grad_fn is None:
+        return False
+    seen: set[Any] = set()
+    pending = [inputs.grad_fn]
+    while pending:  # depth-first: the perturbed layer just before it is found in a few nodes
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+        if variable is not None and id(variable) in perturbed:
+            return True
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return False
