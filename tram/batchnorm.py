@@ -131,7 +131,7 @@ def _runs_at_perturbed_weights(module: nn.Module, args: Any, perturbed: set[int]
     if not isinstance(inputs, Tensor) or inputs.grad_fn is None:
         return False
     seen: set[Any] = set()
-    pending = [inputs.grad_fn]
+    pending: list[Any] = [inputs.grad_fn]
     while pending:  # depth-first: the perturbed layer just before it is found in a few nodes
         node = pending.pop()
         if node is None or node in seen:
