@@ -1,3 +1,4 @@
+# ruff: noqa
 """BatchNorm guard of a wrapper built without model=: BN variants whose running statistics are
 updated at θ+ε. Expected: RuntimeError (or stats identical to model=). Prints what happens."""
 

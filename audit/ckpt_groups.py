@@ -1,3 +1,4 @@
+# ruff: noqa
 """Checkpoint layout probes: several groups, DCP get/set round trip (single process), base
 optimizer's own load_state_dict fed a tram state dict, deep copy cost of TRAM-θ0."""
 

@@ -1,3 +1,4 @@
+# ruff: noqa
 """FSDP1 FSDP.optim_state_dict / optim_state_dict_to_load with a tram wrapper (gloo, 1 process, CPU),
 and ZeroRedundancyOptimizer as a base optimizer."""
 

@@ -1,3 +1,4 @@
+# ruff: noqa
 """Which real optimizers does tram's closure check refuse? Only closure-only ones should be."""
 
 import sys, inspect, warnings

@@ -1,3 +1,4 @@
+# ruff: noqa
 import sys, warnings
 
 sys.path.insert(0, "/work/wt-audit6")

@@ -1,3 +1,4 @@
+# ruff: noqa
 """A TRPO / MESA regularizer created before PEFT wraps the model."""
 
 import sys, warnings

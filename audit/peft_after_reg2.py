@@ -1,3 +1,4 @@
+# ruff: noqa
 """TRPO created before PEFT, with modules_to_save: does its reference forward silently run the
 current model (penalty 0 after steps)?"""
 

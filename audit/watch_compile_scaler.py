@@ -1,3 +1,4 @@
+# ruff: noqa
 """TRPO/MESA step watch: torch.compile'd optimizer step, GradScaler skipping the first step,
 two optimizers, PEFT applied after the regularizer."""
 

@@ -1,3 +1,4 @@
+# ruff: noqa
 """Is a ZeroRedundancyOptimizer resume exact without tram? (control for fsdp1_zero.py)"""
 
 import sys, os

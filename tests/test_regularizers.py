@@ -207,6 +207,31 @@ def test_r3f_on_a_compiled_model_noises_its_second_forward() -> None:
     torch.testing.assert_close(on_compiled, on_eager, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("how", ["Module.compile()", "forward = torch.compile(forward)"])
+def test_r3f_on_a_model_compiled_in_place_noises_its_second_forward(how: str) -> None:
+    """``model.compile()`` (torch's in-place form) and a compiled ``forward`` leave no
+    ``OptimizedModule`` to unwrap; their graphs ignore the noise hook too. R3F runs its noised
+    forward eagerly all the same (it raised that nothing was noised)."""
+    ids, _ = toy_data(8)
+    model = Toy()
+    eager = Toy()
+    eager.load_state_dict(model.state_dict())
+    if how == "Module.compile()":
+        model.compile(backend="aot_eager")
+    else:
+        model.forward = torch.compile(model.forward, backend="aot_eager")  # type: ignore[method-assign]
+    logits = model(ids)
+    on_compiled = tram.R3F(sigma=0.3, weight=1.0, seed=5)(model, ids, logits)
+    on_eager = tram.R3F(sigma=0.3, weight=1.0, seed=5)(eager, ids, eager(ids))
+    assert float(on_compiled) > 1e-4
+    torch.testing.assert_close(on_compiled, on_eager, rtol=1e-5, atol=1e-9)
+    # The compiled forward is back in place afterwards.
+    if how == "Module.compile()":
+        assert model._compiled_call_impl is not None
+    else:
+        assert hasattr(vars(model)["forward"], "_torchdynamo_orig_callable")
+
+
 # ============================================================================= R4F
 def test_r4f_spectrally_normalises_the_head() -> None:
     model = bert()

@@ -62,6 +62,7 @@ from tram._model_io import unwrap_model
 __all__ = [
     "NoiseDistribution",
     "NoiseHandle",
+    "eager_forward",
     "find_input_embeddings",
     "representation_noise",
     "resolve_module",
@@ -322,3 +323,33 @@ def representation_noise(
         module=resolve_module(model, module), sigma=float(sigma), distribution=distribution
     )
     return _scope(handle, generator)
+
+
+@contextlib.contextmanager
+def eager_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``model`` and its submodules run eagerly, hooks added after
+    compilation included.
+
+    ``torch.compile(model)`` leaves an ``OptimizedModule`` whose ``_orig_mod`` can be called
+    instead; the in-place forms leave nothing to unwrap: ``Module.compile()`` sets the module's
+    ``_compiled_call_impl`` (what ``Module.__call__`` runs when set), and
+    ``module.forward = torch.compile(module.forward)`` keeps the eager forward as the compiled
+    function's ``_torchdynamo_orig_callable``. Both are set aside here and put back on exit.
+    Their graphs do not guard on module hooks (dynamo's ``skip_nnmodule_hook_guards``), so a
+    hook added later, such as :func:`representation_noise`'s, would not run in them."""
+    set_aside: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module in model.modules():
+            compiled_call = vars(module).get("_compiled_call_impl")
+            if compiled_call is not None:
+                set_aside.append((module, "_compiled_call_impl", compiled_call))
+                module._compiled_call_impl = None
+            forward = vars(module).get("forward")
+            original = getattr(forward, "_torchdynamo_orig_callable", None)
+            if original is not None:
+                set_aside.append((module, "forward", forward))
+                module.forward = original
+        yield model
+    finally:
+        for module, name, value in reversed(set_aside):
+            setattr(module, name, value)

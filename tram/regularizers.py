@@ -30,7 +30,7 @@ from tram._model_io import uncompiled
 from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
 from tram.divergence import get_divergence
-from tram.noise import NoiseDistribution, representation_noise, resolve_module
+from tram.noise import NoiseDistribution, eager_forward, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model
 
 __all__ = ["MESA", "R3F", "R4F", "TRPO", "Regularizer", "spectral_normalize"]
@@ -126,15 +126,18 @@ class R3F(Regularizer):
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
         generator = self._generator_for(logits.device)
-        with representation_noise(
-            model,
-            sigma=self.sigma,
-            distribution=self.noise,
-            module=self.embeddings,
-            generator=generator,
+        # Eagerly: a compiled graph would not run the noise hook.
+        with (
+            representation_noise(
+                model,
+                sigma=self.sigma,
+                distribution=self.noise,
+                module=self.embeddings,
+                generator=generator,
+            ),
+            eager_forward(uncompiled(model)) as eager,
         ):
-            # Eagerly: a compiled graph would not run the noise hook.
-            noised = extract_logits(call_model(uncompiled(model), inputs))
+            noised = extract_logits(call_model(eager, inputs))
         return self.divergence(logits, noised, mask=_mask_for(inputs, logits))
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:
