@@ -387,6 +387,35 @@ def test_trpo_and_mesa_state_dict_round_trip() -> None:
         assert torch.equal(resumed(other_model, ids, logits), regularizer(model, ids, logits))
 
 
+@pytest.mark.parametrize("make", [tram.TRPO, tram.MESA], ids=["TRPO", "MESA"])
+def test_a_reference_whose_parameters_were_replaced_is_refused(make) -> None:
+    """A module replaced after the regularizer was built (a new head, PEFT's LoRA layers): the
+    reference holds copies of parameters the model no longer has under those names. A new head
+    of the same shape took the old head's copy, silently; PEFT failed inside functional_call
+    with "property 'weight' of 'Linear' object has no setter"."""
+    model = Toy()
+    ids, _ = toy_data(8)
+    regularizer = make(model, weight=0.7)
+    regularizer(model, ids, model(ids))
+    model.classifier = nn.Linear(16, 3)
+    with pytest.raises(RuntimeError, match=r"classifier\.weight.*after it was built"):
+        regularizer(model, ids, model(ids))
+
+
+@pytest.mark.parametrize("make", [tram.TRPO, tram.MESA], ids=["TRPO", "MESA"])
+def test_a_regularizer_built_before_peft_wrapped_the_model_is_refused(make) -> None:
+    peft = pytest.importorskip("peft")
+    model = Toy()
+    ids, _ = toy_data(8)
+    regularizer = make(model, weight=0.7)
+    config = peft.LoraConfig(r=2, target_modules=["hidden"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(model, config)
+    with pytest.raises(RuntimeError, match=r"hidden\.weight.*after it was built"):
+        regularizer(wrapped, ids, wrapped(ids))
+    # Built after get_peft_model, it works.
+    make(wrapped, weight=0.7)(wrapped, ids, wrapped(ids))
+
+
 # ============================================================================= MESA
 def test_mesa_is_tau_squared_kl_from_the_ema_with_temperature() -> None:
     model = Toy(dropout=0.3)

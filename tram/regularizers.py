@@ -251,6 +251,7 @@ class _ReferenceRegularizer(Regularizer):
         raise NotImplementedError
 
     def _check_reference_is_current(self) -> None:
+        self._check_reference_matches_model()
         if self._steps.stepped:
             raise RuntimeError(
                 f"{type(self).__name__}: an optimizer stepped the model's weights since the last "
@@ -259,6 +260,22 @@ class _ReferenceRegularizer(Regularizer):
                 "calls it; in a Lightning module, from on_train_batch_end or after "
                 "optimizer.step() in manual optimization)"
             )
+
+    def _check_reference_matches_model(self) -> None:
+        """Refuse a reference copied from parameters the model no longer has under their names:
+        a module replaced after construction (a new head; PEFT's ``get_peft_model``, whose LoRA
+        layers move ``layer.weight`` to ``layer.base_layer.weight``). Its copy would stand in
+        for the new module's parameter of the same name (a new head of the same shape: silently
+        the old head's values) or fail inside ``functional_call``."""
+        parameters = dict(self.reference.model.named_parameters())
+        for name, live in zip(self.reference.names, self.reference.live, strict=True):
+            if parameters.get(name) is not live:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the model's parameter {name!r} is not the one its "
+                    "reference was copied from: a module of the model was replaced after it was "
+                    f"built (a new head, or PEFT's get_peft_model). Build {type(self).__name__} "
+                    "with the model as it is trained, after such changes"
+                )
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
         self._check_reference_is_current()
