@@ -207,29 +207,45 @@ def test_r3f_on_a_compiled_model_noises_its_second_forward() -> None:
     torch.testing.assert_close(on_compiled, on_eager, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("how", ["Module.compile()", "forward = torch.compile(forward)"])
+class Holder(nn.Module):
+    """A module that calls another, as DistributedDataParallel does."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.module(ids)
+
+
+@pytest.mark.parametrize(
+    "how", ["Module.compile()", "forward = torch.compile(forward)", "held torch.compile(model)"]
+)
 def test_r3f_on_a_model_compiled_in_place_noises_its_second_forward(how: str) -> None:
-    """``model.compile()`` (torch's in-place form) and a compiled ``forward`` leave no
-    ``OptimizedModule`` to unwrap; their graphs ignore the noise hook too. R3F runs its noised
-    forward eagerly all the same (it raised that nothing was noised)."""
+    """``model.compile()`` (torch's in-place form), a compiled ``forward``, and a compiled model
+    inside another module (``DDP(torch.compile(model))``) leave no outer ``OptimizedModule`` to
+    unwrap; their graphs ignore the noise hook too. R3F runs its noised forward eagerly all the
+    same (it raised that nothing was noised)."""
     ids, _ = toy_data(8)
-    model = Toy()
+    model: nn.Module = Toy()
     eager = Toy()
     eager.load_state_dict(model.state_dict())
     if how == "Module.compile()":
         model.compile(backend="aot_eager")
-    else:
+        compiled_call = lambda: model._compiled_call_impl  # noqa: E731
+    elif how == "forward = torch.compile(forward)":
         model.forward = torch.compile(model.forward, backend="aot_eager")  # type: ignore[method-assign]
+        compiled_call = lambda: vars(model)["forward"]  # noqa: E731
+    else:
+        model = Holder(torch.compile(model, backend="aot_eager"))
+        compiled_call = lambda: vars(model.module)["forward"]  # noqa: E731
+    before = compiled_call()
     logits = model(ids)
     on_compiled = tram.R3F(sigma=0.3, weight=1.0, seed=5)(model, ids, logits)
     on_eager = tram.R3F(sigma=0.3, weight=1.0, seed=5)(eager, ids, eager(ids))
     assert float(on_compiled) > 1e-4
     torch.testing.assert_close(on_compiled, on_eager, rtol=1e-5, atol=1e-9)
-    # The compiled forward is back in place afterwards.
-    if how == "Module.compile()":
-        assert model._compiled_call_impl is not None
-    else:
-        assert hasattr(vars(model)["forward"], "_torchdynamo_orig_callable")
+    assert compiled_call() is before  # the compiled forward is back in place
 
 
 # ============================================================================= R4F
