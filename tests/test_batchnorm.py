@@ -289,3 +289,22 @@ def test_without_model_a_batchnorm_without_trained_weights_is_refused(kind: str)
     assert optimizer.first_step()
     other(x).sum().backward()
     optimizer.restore()
+
+
+def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
+    """``model=`` names the module whose BatchNorms are frozen; one outside it (here in a head
+    the same optimizer trains) would be updated a second time at θ+ε, silently."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh())
+    head = nn.Sequential(nn.Linear(7, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model = nn.Sequential(body, head)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=body)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
+        optimizer.step(closure_for(optimizer, model, x, y))
+    assert not optimizer.is_perturbed
+    assert all(m.track_running_stats for m in batchnorms(model))  # body's unfrozen again
+    # With the whole model, the step goes through.
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
+    optimizer.step(closure_for(optimizer, model, x, y))

@@ -329,9 +329,14 @@ class TwoPassOptimizer(Optimizer):
         state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
             state.frozen_batchnorms[:] = freeze_running_stats(self.model)
-        else:
+        if self.model is None or _any_outside(state.ascent_params, self.model):
+            # With model= too when it does not hold every perturbed weight: a BatchNorm outside
+            # it is not frozen (the frozen ones pass the guard).
             state.batchnorm_guard = refuse_running_stats_updates(
-                type(self).__name__, state.still_perturbed, state.ascent_params
+                type(self).__name__,
+                state.still_perturbed,
+                state.ascent_params,
+                model_given=self.model is not None,
             )
         return True
 
@@ -680,6 +685,12 @@ class TwoPassOptimizer(Optimizer):
             f"{key}={group.get(key, value)}" for key, value in self._method_defaults.items()
         )
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _any_outside(params: list[Tensor], model: nn.Module) -> bool:
+    """Whether some of ``params`` are not parameters of ``model``."""
+    inside = {id(param) for param in model.parameters()}
+    return any(id(param) not in inside for param in params)
 
 
 def _split_wrapper_state(

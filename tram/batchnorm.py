@@ -73,17 +73,22 @@ def frozen_running_stats(model: nn.Module) -> Iterator[list[_BatchNorm]]:
 
 
 def refuse_running_stats_updates(
-    method: str, armed: Callable[[], bool], parameters: Iterable[Tensor]
+    method: str,
+    armed: Callable[[], bool],
+    parameters: Iterable[Tensor],
+    *,
+    model_given: bool = False,
 ) -> weakref.finalize:
     """Until the returned finalizer is called, a forward of a BatchNorm whose affine weights are
     among ``parameters`` and that would update its running statistics raises ``RuntimeError``
     (before it runs), while ``armed()`` is True.
 
-    What a wrapper built without ``model=`` arms between ``first_step`` and ``restore``, with the
-    parameters it perturbed: it cannot freeze statistics it cannot find, and the second pass at
-    θ+ε would update them a second time in the step. A BatchNorm in eval mode, frozen
-    (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and passes. A
-    BatchNorm is taken as the perturbed model's when its affine weights are among
+    What a wrapper arms between ``first_step`` and ``restore``, with the parameters it
+    perturbed: without ``model=`` it cannot freeze statistics it cannot find, and the second pass
+    at θ+ε would update them a second time in the step; with ``model=`` (``model_given``), the
+    BatchNorms inside it are frozen and pass, and one outside it is refused. A BatchNorm in eval
+    mode, frozen (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and
+    passes. A BatchNorm is taken as the perturbed model's when its affine weights are among
     ``parameters``; one with no trainable weights of its own (``affine=False``, or frozen) when
     its input was computed from them (its autograd graph reaches one). Others pass: another
     model's, and one whose input does not depend on the perturbed weights (a BatchNorm on the
@@ -106,11 +111,17 @@ def refuse_running_stats_updates(
             return
         is_armed = weak_armed()
         if is_armed is not None and is_armed():
+            fix = (
+                f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
+                "between first_step() and restore(): pass a model= that contains every trained "
+                "BatchNorm"
+                if model_given
+                else f"Pass model= to {method} (it freezes them between first_step() and restore())"
+            )
             raise RuntimeError(
                 f"{method}: a {type(module).__name__} in training mode ran at the perturbed "
                 "weights θ+ε, and would update its running statistics a second time in this "
-                f"step. Pass model= to {method} (it freezes them between first_step() and "
-                "restore()), or run the second pass inside tram.frozen_running_stats(model)"
+                f"step. {fix}, or run the second pass inside tram.frozen_running_stats(model)"
             )
 
     handle = register_module_forward_pre_hook(check)
