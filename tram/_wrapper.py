@@ -329,7 +329,7 @@ class TwoPassOptimizer(Optimizer):
         state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
             state.frozen_batchnorms[:] = freeze_running_stats(self.model)
-        if self.model is None or _any_outside(state.ascent_params, self.model):
+        if self.model is None or self._perturbs_outside_the_model(state.ascent_params):
             # With model= too when it does not hold every perturbed weight: a BatchNorm outside
             # it is not frozen (the frozen ones pass the guard).
             state.batchnorm_guard = refuse_running_stats_updates(
@@ -339,6 +339,17 @@ class TwoPassOptimizer(Optimizer):
                 model_given=self.model is not None,
             )
         return True
+
+    def _perturbs_outside_the_model(self, params: list[Tensor]) -> bool:
+        """Whether some of the perturbed ``params`` are not ``model``'s: computed once per set of
+        perturbed parameters (a walk over the model's modules costs ~0.3 ms per 200 parameters)."""
+        key = tuple(id(param) for param in params)
+        cached = self.__dict__.get("_outside_the_model")
+        if cached is None or cached[0] != key:
+            assert self.model is not None
+            cached = (key, _any_outside(params, self.model))
+            self._outside_the_model = cached
+        return cached[1]
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -672,6 +683,7 @@ class TwoPassOptimizer(Optimizer):
         # Backups and perturbed buckets are scratch space tied to live parameters; never
         # pickle them.
         state["_backups"] = {}
+        state.pop("_outside_the_model", None)  # ids of this process's tensors
         state["_step_state"] = self._step_state.for_copy()
         return state
 
