@@ -403,8 +403,9 @@ def test_trpo_and_mesa_state_dict_round_trip() -> None:
         assert torch.equal(resumed(other_model, ids, logits), regularizer(model, ids, logits))
 
 
+@pytest.mark.parametrize("replace", ["new head", "load_state_dict(assign=True)"])
 @pytest.mark.parametrize("make", [tram.TRPO, tram.MESA], ids=["TRPO", "MESA"])
-def test_a_reference_whose_parameters_were_replaced_is_refused(make) -> None:
+def test_a_reference_whose_parameters_were_replaced_is_refused(make, replace: str) -> None:
     """A module replaced after the regularizer was built (a new head, PEFT's LoRA layers): the
     reference holds copies of parameters the model no longer has under those names. A new head
     of the same shape took the old head's copy, silently; PEFT failed inside functional_call
@@ -413,8 +414,11 @@ def test_a_reference_whose_parameters_were_replaced_is_refused(make) -> None:
     ids, _ = toy_data(8)
     regularizer = make(model, weight=0.7)
     regularizer(model, ids, model(ids))
-    model.classifier = nn.Linear(16, 3)
-    with pytest.raises(RuntimeError, match=r"classifier\.weight.*after it was built"):
+    if replace == "new head":
+        model.classifier = nn.Linear(16, 3)
+    else:  # new parameter objects: the reference would be refreshed from the old ones
+        model.load_state_dict(Toy(seed=4).state_dict(), assign=True)
+    with pytest.raises(RuntimeError, match=r"(classifier|embed)\.weight.*after it was built"):
         regularizer(model, ids, model(ids))
 
 
