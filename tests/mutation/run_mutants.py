@@ -452,9 +452,37 @@ MUTANTS = [
     Mutant(
         "r3f-noised-forward-through-the-compiled-graph",
         "tram/regularizers.py",
-        "            noised = extract_logits(call_model(uncompiled(model), inputs))",
+        "            noised = extract_logits(call_model(eager, inputs))",
         "            noised = extract_logits(call_model(model, inputs))",
         ("tests/test_regularizers.py@compiled",),
+    ),
+    Mutant(
+        "r3f-in-place-compiled-forward-kept",
+        "tram/noise.py",
+        "            if compiled_call is not None:",
+        "            if False:",
+        ("tests/test_regularizers.py@compiled_in_place",),
+    ),
+    Mutant(
+        "batchnorm-without-trained-weights-passes",
+        "tram/batchnorm.py",
+        "        if variable is not None and id(variable) in perturbed:",
+        "        if False:",
+        ("tests/test_batchnorm.py@without_trained_weights",),
+    ),
+    Mutant(
+        "batchnorm-outside-model-not-guarded",
+        "tram/_wrapper.py",
+        "        if self.model is None or self._perturbs_outside_the_model(state.ascent_params):",
+        "        if self.model is None:",
+        ("tests/test_batchnorm.py@outside_the_model_given",),
+    ),
+    Mutant(
+        "regularizer-reference-of-replaced-parameters",
+        "tram/regularizers.py",
+        "            if parameters.get(name) is not live:",
+        "            if False:",
+        ("tests/test_regularizers.py@replaced or before_peft",),
     ),
     Mutant(
         "maximize-ascends-up-the-gradient",
