@@ -248,6 +248,17 @@ def test_r3f_on_a_model_compiled_in_place_noises_its_second_forward(how: str) ->
     assert compiled_call() is before  # the compiled forward is back in place
 
 
+def test_r3f_with_inputs_embeds_says_the_token_embeddings_were_skipped() -> None:
+    """An HF model given inputs_embeds never calls its token embeddings, so nothing is noised:
+    the error names inputs_embeds (it spoke of torch.compile only)."""
+    model = bert()
+    ids = torch.randint(0, 100, (4, 7), generator=torch.Generator().manual_seed(3))
+    inputs = {"inputs_embeds": model.get_input_embeddings()(ids).detach()}
+    logits = model(**inputs).logits
+    with pytest.raises(RuntimeError, match=r"inputs_embeds=\) skip the token embeddings"):
+        tram.R3F(sigma=0.3, seed=9)(model, inputs, logits)
+
+
 # ============================================================================= R4F
 def test_r4f_spectrally_normalises_the_head() -> None:
     model = bert()

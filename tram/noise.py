@@ -251,7 +251,9 @@ def _scope(handle: NoiseHandle, generator: torch.Generator | None) -> Iterator[N
             f"representation_noise: no forward of the hooked {type(handle.module).__name__} ran "
             "inside the block, so nothing was noised. A torch.compile'd model runs the graph it "
             "compiled and ignores hooks added later: call its uncompiled module (model._orig_mod) "
-            "inside the block. Otherwise pass module= the layer the forward calls"
+            "inside the block, or run the call inside tram.noise.eager_forward(model). Inputs "
+            "given as embeddings (inputs_embeds=) skip the token embeddings: pass input_ids. "
+            "Otherwise pass module= the layer the forward calls"
         )
 
 
