@@ -223,6 +223,30 @@ def test_bad_target_arguments_are_refused(kwargs: dict, error: type, match: str)
         tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
 
 
+@pytest.mark.parametrize("region", ["pretrained", "previous", "ema"])
+def test_a_weight_target_whose_parameters_were_replaced_is_refused(region: str) -> None:
+    """A head replaced after TRAM was built: its copy in the reference would stand in for the
+    new head (same shape: silently the old head's values). Refused at the next first pass,
+    naming the parameter; the weights stay at θ."""
+    model = Net()
+    optimizer = tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, trust_region=region)
+    tokens, labels = torch.randint(0, 20, (10, 6)), torch.randint(0, 3, (10,))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    model.head = nn.Linear(8, 3)
+    optimizer.base_optimizer.param_groups[0]["params"][-2:] = list(model.head.parameters())
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"parameter 'head\.weight' is not the one its"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
 def test_a_target_serves_one_optimizer() -> None:
     model = Net()
     target = targets.Pretrained()

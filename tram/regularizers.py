@@ -262,22 +262,9 @@ class _ReferenceRegularizer(Regularizer):
             )
 
     def _check_reference_matches_model(self) -> None:
-        """Refuse a reference copied from parameters the model no longer has under their names:
-        a module replaced after construction (a new head; PEFT's ``get_peft_model``, whose LoRA
-        layers move ``layer.weight`` to ``layer.base_layer.weight``), or parameters replaced
-        (``fully_shard``, ``load_state_dict(assign=True)``). Its copy would stand in for the new
-        parameter of the same name (a new head of the same shape: silently the old head's
-        values), be refreshed from the old one, or fail inside ``functional_call``."""
-        parameters = dict(self.reference.model.named_parameters())
-        for name, live in zip(self.reference.names, self.reference.live, strict=True):
-            if parameters.get(name) is not live:
-                raise RuntimeError(
-                    f"{type(self).__name__}: the model's parameter {name!r} is not the one its "
-                    "reference was copied from: a module or parameter of the model was replaced "
-                    "after it was built (a new head, PEFT's get_peft_model, FSDP's fully_shard, "
-                    f"load_state_dict(assign=True)). Build {type(self).__name__} with the model "
-                    "as it is trained, after such changes"
-                )
+        """Refuse a reference copied from parameters since replaced
+        (:meth:`ReferenceWeights.check_live`)."""
+        self.reference.check_live(type(self).__name__)
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
         self._check_reference_is_current()

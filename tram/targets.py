@@ -102,6 +102,25 @@ class ReferenceWeights:
             if param.requires_grad and name not in self.tensors:
                 self._copy(name, param)
 
+    def check_live(self, owner: str) -> None:
+        """Refuse a reference copied from parameters the model no longer has under their names:
+        a module replaced after construction (a new head; PEFT's ``get_peft_model``, whose LoRA
+        layers move ``layer.weight`` to ``layer.base_layer.weight``), or parameters replaced
+        (``fully_shard``, ``load_state_dict(assign=True)``). Its copy would stand in for the new
+        parameter of the same name (a new head of the same shape: silently the old head's
+        values), be refreshed from the old one, or fail inside ``functional_call``. ``owner``
+        names the method in the message."""
+        parameters = dict(self.model.named_parameters())
+        for name, live in zip(self.names, self.live, strict=True):
+            if parameters.get(name) is not live:
+                raise RuntimeError(
+                    f"{owner}: the model's parameter {name!r} is not the one its reference was "
+                    "copied from: a module or parameter of the model was replaced after it was "
+                    "built (a new head, PEFT's get_peft_model, FSDP's fully_shard, "
+                    f"load_state_dict(assign=True)). Build {owner} with the model as it is "
+                    "trained, after such changes"
+                )
+
     def _copy(self, name: str, param: Tensor) -> None:
         self.names.append(name)
         self.live.append(param)
@@ -351,6 +370,7 @@ class _WeightsTarget(Target):
         self.reference = ReferenceWeights(model, dtype=self.dtype)
 
     def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self.reference.check_live(f"TRAM's {type(self).__name__} target")
         return self.reference.call(args, kwargs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -480,8 +480,8 @@ MUTANTS = [
     Mutant(
         "regularizer-reference-of-replaced-parameters",
         "tram/regularizers.py",
-        "            if parameters.get(name) is not live:",
-        "            if False:",
+        "        self.reference.check_live(type(self).__name__)",
+        "        pass",
         ("tests/test_regularizers.py@replaced or before_peft",),
     ),
     Mutant(
@@ -519,6 +519,13 @@ MUTANTS = [
         "        if grads[0].is_complex():",
         "        if False:",
         ("tests/test_methods.py@complex and FisherSAM",),
+    ),
+    Mutant(
+        "tram-target-reference-of-replaced-parameters",
+        "tram/targets.py",
+        '        self.reference.check_live(f"TRAM\'s {type(self).__name__} target")',
+        "        pass",
+        ("tests/test_target_objects.py@replaced",),
     ),
 ]
 
