@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from tram._fisher import FisherSAM
 from tram._model_io import unwrap_model
-from tram.noise import NoiseDistribution
+from tram.noise import NoiseDistribution, eager_forward
 from tram.targets import NoisedInputs, refuse_unexpected_options
 
 __all__ = ["TRAMFisher"]
@@ -154,7 +154,9 @@ class TRAMFisher(FisherSAM):
 
     @contextlib.contextmanager
     def _noised_first_pass(self) -> Iterator[None]:
-        with self.noised_inputs.noised() as handle:
+        # Eagerly: a model compiled in place (Module.compile(), a compiled forward) would run
+        # a graph that skips the noise hook.
+        with eager_forward(self.module), self.noised_inputs.noised() as handle:
             handle.training_forwards_only = True
             yield
         # Counted only when the pass completed: a failed one leaves nothing to ascend from.
@@ -169,8 +171,9 @@ class TRAMFisher(FisherSAM):
             raise RuntimeError(
                 "TRAMFisher.first_step() found no first pass on noised inputs: run the first "
                 "forward and backward inside `with optimizer.first_pass():`, or use "
-                "optimizer.step(closure). A torch.compile'd model ignores the noise hook "
-                "TRAM-Fisher adds: give it the uncompiled model"
+                "optimizer.step(closure). A model compiled with torch.compile(model) runs a "
+                "graph that ignores the noise hook TRAM-Fisher adds: call model._orig_mod in "
+                "the closure, or compile in place (model.compile())"
             )
         return super()._radii()
 

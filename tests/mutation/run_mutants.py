@@ -527,6 +527,13 @@ MUTANTS = [
         "        pass",
         ("tests/test_target_objects.py@replaced",),
     ),
+    Mutant(
+        "tram-fisher-first-pass-through-an-in-place-compiled-graph",
+        "tram/_tram_fisher.py",
+        "        with eager_forward(self.module), self.noised_inputs.noised() as handle:",
+        "        with self.noised_inputs.noised() as handle:",
+        ("tests/test_guarantees.py@in_place",),
+    ),
 ]
 
 
