@@ -43,6 +43,18 @@ def run(make: Any, steps: int = 4) -> tuple[list[float], list[Tensor], Any]:
     return list(optimizer.radius_history), [p.detach() for p in model.parameters()], optimizer
 
 
+def closure_on(optimizer: Any, model: nn.Module, tokens: Tensor, labels: Tensor) -> Any:
+    """The closure of one fixed batch."""
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def assert_same(a: tuple, b: tuple) -> None:
     assert a[0] == b[0]
     for x, y in zip(a[1], b[1], strict=True):
@@ -124,13 +136,7 @@ def test_a_users_target_measures_its_own_divergence() -> None:
             reduction="batchmean",
         )
 
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(tokens), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    optimizer.step(closure_on(optimizer, model, tokens, labels))
     assert target.calls == 1
     assert optimizer.trust_region == "teacher"
     assert optimizer.radius_history[0] == pytest.approx(float(expected), rel=1e-5)
@@ -230,14 +236,9 @@ def test_a_weight_target_whose_parameters_were_replaced_is_refused(region: str) 
     naming the parameter; the weights stay at θ."""
     model = Net()
     optimizer = tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, trust_region=region)
-    tokens, labels = torch.randint(0, 20, (10, 6)), torch.randint(0, 3, (10,))
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(tokens), labels)
-        loss.backward()
-        return loss
-
+    closure = closure_on(
+        optimizer, model, torch.randint(0, 20, (10, 6)), torch.randint(0, 3, (10,))
+    )
     optimizer.step(closure)
     model.head = nn.Linear(8, 3)
     optimizer.base_optimizer.param_groups[0]["params"][-2:] = list(model.head.parameters())
