@@ -251,7 +251,7 @@ class _ReferenceRegularizer(Regularizer):
         raise NotImplementedError
 
     def _check_reference_is_current(self) -> None:
-        self._check_reference_matches_model()
+        self.reference.check_live(type(self).__name__)
         if self._steps.stepped:
             raise RuntimeError(
                 f"{type(self).__name__}: an optimizer stepped the model's weights since the last "
@@ -261,13 +261,12 @@ class _ReferenceRegularizer(Regularizer):
                 "optimizer.step() in manual optimization)"
             )
 
-    def _check_reference_matches_model(self) -> None:
-        """Refuse a reference copied from parameters since replaced
-        (:meth:`ReferenceWeights.check_live`)."""
-        self.reference.check_live(type(self).__name__)
+    def _before_reference_forward(self) -> None:
+        """Called by :meth:`penalty` after its checks, before the reference forward."""
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
         self._check_reference_is_current()
+        self._before_reference_forward()
         module = self.reference.model
         was_training = module.training
         module.eval()
@@ -326,12 +325,10 @@ class TRPO(_ReferenceRegularizer):
         self._current = ReferenceWeights(model, dtype=reference_dtype)
         self._captured = False
 
-    def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
-        self._check_reference_is_current()
+    def _before_reference_forward(self) -> None:
         if not self._captured:
             self._current.copy_from_model()
             self._captured = True
-        return super().penalty(model, inputs, logits)
 
     def _advance(self) -> None:
         if self._captured:
