@@ -213,6 +213,18 @@ def squared_gradient_norm(grads: list[Tensor], foreach: bool) -> float:
     return to_float(squared)
 
 
+def zero_learning_rate_and_gradient(
+    param_groups: list[dict[str, Any]], grads: list[Tensor], foreach: bool
+) -> bool:
+    """Every learning rate of ``param_groups`` is 0 and every gradient of ``grads`` is zero
+    (true of none): the step with which ``torch.distributed.checkpoint``'s
+    ``set_optimizer_state_dict`` creates an optimizer's state before loading into it. It moves
+    no weight and is no training step."""
+    if any(float(group.get("lr", 1.0)) != 0.0 for group in param_groups):
+        return False
+    return squared_gradient_norm(grads, foreach) == 0.0
+
+
 def second_pass_gradient_is_finite(params: list[Tensor], *, method: str, foreach: bool) -> bool:
     """Check the gradient a base step is about to use after an ascent.
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from tram._step_state import zero_learning_rate_and_gradient
 
 
 class OptimizerStepWatch:
@@ -66,8 +67,9 @@ class OptimizerStepWatch:
             for param in group["params"]
             if id(param) in ids
         ]
-        if not params or _initialises_state(optimizer, params):
-            return
+        grads = [param.grad for param in params if param.grad is not None]
+        if not params or zero_learning_rate_and_gradient(optimizer.param_groups, grads, False):
+            return  # torch.distributed.checkpoint's state-initialising step
         self.stepped = True
         self.observed = True
 
@@ -81,13 +83,3 @@ class OptimizerStepWatch:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._register()
-
-
-def _initialises_state(optimizer: Optimizer, params: list[Tensor]) -> bool:
-    """The zero-gradient, lr-0 step that ``torch.distributed.checkpoint``'s
-    ``set_optimizer_state_dict`` takes to create an optimizer's state before loading into it:
-    it moves no weight and is no training step."""
-    if any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):
-        return False
-    with torch.no_grad():
-        return all(param.grad is None or not bool(param.grad.any()) for param in params)

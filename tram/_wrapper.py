@@ -34,6 +34,7 @@ from tram._step_state import (
     squared_gradient_norm,
     to_float,
     warn_missing_ascent,
+    zero_learning_rate_and_gradient,
 )
 from tram._validation import check_base_optimizer, check_positive_int, inverse_grad_scale
 from tram.batchnorm import (
@@ -458,10 +459,10 @@ class TwoPassOptimizer(Optimizer):
         runs no target hook."""
         if self.base_optimizer.state:
             return False
-        if any(float(group.get("lr", 1.0)) != 0.0 for group in self.param_groups):
-            return False
         grads = [p.grad for p in self._params() if p.grad is not None]
-        return bool(grads) and squared_gradient_norm(grads, self._use_foreach(grads)) == 0.0
+        return bool(grads) and zero_learning_rate_and_gradient(
+            self.param_groups, grads, self._use_foreach(grads)
+        )
 
     def _finish_perturbed_step(self, closure: Callable[[], Any]) -> None:
         state = self._step_state

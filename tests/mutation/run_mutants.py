@@ -430,10 +430,10 @@ MUTANTS = [
     ),
     Mutant(
         "state-initialising-step-is-a-step",
-        "tram/_step_watch.py",
-        '    if any(float(group.get("lr", 1.0)) != 0.0 for group in optimizer.param_groups):',
+        "tram/_step_state.py",
+        '    if any(float(group.get("lr", 1.0)) != 0.0 for group in param_groups):',
         "    if True:",
-        ("tests/test_regularizers.py@not_this",),
+        ("tests/test_regularizers.py@not_this", "tests/test_guarantees.py@without_trams"),
     ),
     Mutant(
         "wrapper-step-is-a-step",
