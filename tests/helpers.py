@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,20 @@ def tiny_gpt2(*, seed: int = 0, dropout: float = 0.0, **overrides: Any) -> nn.Mo
     }
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**settings, **overrides}))
+
+
+def cross_entropy_closure(
+    optimizer: torch.optim.Optimizer, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+) -> Any:
+    """The user's closure of one fixed batch: zero the gradients, cross-entropy, backward."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    return closure
 
 
 def wrapped(module: nn.Module) -> nn.Module:

@@ -12,12 +12,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import _global_forward_pre_hooks as global_forward_pre_hooks
 
 import tram
+from tests.helpers import cross_entropy_closure
 
 WRAPPERS = [
     lambda base, **kw: tram.SAM(base, rho=0.05, **kw),
@@ -61,16 +61,6 @@ def assert_same_buffers(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor):
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 @pytest.mark.parametrize("make", WRAPPERS, ids=WRAPPER_IDS)
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
 def test_with_model_the_statistics_are_those_of_the_first_pass(make, momentum) -> None:
@@ -84,7 +74,7 @@ def test_with_model_the_statistics_are_those_of_the_first_pass(make, momentum) -
         with torch.no_grad():
             reference(x)
         expected = buffers(reference)
-        optimizer.step(closure_for(optimizer, model, x, y))
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
         assert_same_buffers(buffers(model), expected)
         assert int(batchnorms(model)[0].num_batches_tracked) == step + 1
         assert all(m.track_running_stats for m in batchnorms(model))
@@ -106,7 +96,7 @@ def test_without_model_a_second_update_is_refused(make, momentum) -> None:
         reference(x)
     hooks = len(global_forward_pre_hooks)
     with pytest.raises(RuntimeError, match=r"BatchNorm2d in training mode ran at the perturbed"):
-        optimizer.step(closure_for(optimizer, model, x, y))
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
     assert len(global_forward_pre_hooks) == hooks  # the guard is removed with the restore
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
@@ -126,7 +116,7 @@ def test_without_model_what_updates_nothing_passes() -> None:
     other = make_cnn(seed=3)
     for model in (evaluated, still, frozen):
         optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
-        closure = closure_for(optimizer, model, x, y)
+        closure = cross_entropy_closure(optimizer, model, x, y)
         closure()
         assert optimizer.first_step()
         with tram.frozen_running_stats(frozen) if model is frozen else contextlib.nullcontext():
@@ -142,7 +132,7 @@ def test_a_wrapper_dropped_while_perturbed_leaves_nothing_armed() -> None:
     model = make_cnn()
     x, y = data()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
-    closure_for(optimizer, model, x, y)()
+    cross_entropy_closure(optimizer, model, x, y)()
     assert optimizer.first_step()
     del optimizer
     gc.collect()
@@ -154,7 +144,7 @@ def test_explicit_form_freezes_between_first_step_and_second_step() -> None:
     model = make_cnn()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
     x, y = data()
-    closure = closure_for(optimizer, model, x, y)
+    closure = cross_entropy_closure(optimizer, model, x, y)
     closure()
     after_first = buffers(model)
     assert optimizer.first_step()
@@ -178,7 +168,7 @@ def test_statistics_unfrozen_when_the_second_pass_raises() -> None:
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("second pass failed")
-        return closure_for(optimizer, model, x, y)()
+        return cross_entropy_closure(optimizer, model, x, y)()
 
     with pytest.raises(RuntimeError, match="second pass failed"):
         optimizer.step(closure)
@@ -192,7 +182,7 @@ def test_modules_without_running_statistics_are_left_alone() -> None:
     model[6] = untracked
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
     x, y = data()
-    optimizer.step(closure_for(optimizer, model, x, y))
+    optimizer.step(cross_entropy_closure(optimizer, model, x, y))
     assert untracked.track_running_stats is False
     assert untracked.running_mean is None
     assert model[1].track_running_stats is True
@@ -280,12 +270,12 @@ def test_without_model_a_batchnorm_without_trained_weights_is_refused(kind: str)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = tram.SAM(torch.optim.SGD(trained, lr=0.1), rho=0.3)
     with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the perturbed"):
-        optimizer.step(closure_for(optimizer, model, x, y))
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
     assert not optimizer.is_perturbed
     # Another model's such BatchNorm, on inputs that do not depend on the perturbed weights,
     # is not this step's: it passes while the wrapper is perturbed.
     other = make_mlp_with_untrained_batchnorm(kind, seed=3)
-    closure_for(optimizer, model, x, y)()
+    cross_entropy_closure(optimizer, model, x, y)()
     assert optimizer.first_step()
     other(x).sum().backward()
     optimizer.restore()
@@ -302,9 +292,9 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     model = nn.Sequential(body, head)
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=body)
     with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
-        optimizer.step(closure_for(optimizer, model, x, y))
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
     assert not optimizer.is_perturbed
     assert all(m.track_running_stats for m in batchnorms(model))  # body's unfrozen again
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
-    optimizer.step(closure_for(optimizer, model, x, y))
+    optimizer.step(cross_entropy_closure(optimizer, model, x, y))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import cross_entropy_closure
 from tram import targets
 
 
@@ -41,18 +42,6 @@ def run(make: Any, steps: int = 4) -> tuple[list[float], list[Tensor], Any]:
 
         optimizer.step(closure)
     return list(optimizer.radius_history), [p.detach() for p in model.parameters()], optimizer
-
-
-def closure_on(optimizer: Any, model: nn.Module, tokens: Tensor, labels: Tensor) -> Any:
-    """The closure of one fixed batch."""
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(tokens), labels)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def assert_same(a: tuple, b: tuple) -> None:
@@ -136,7 +125,7 @@ def test_a_users_target_measures_its_own_divergence() -> None:
             reduction="batchmean",
         )
 
-    optimizer.step(closure_on(optimizer, model, tokens, labels))
+    optimizer.step(cross_entropy_closure(optimizer, model, tokens, labels))
     assert target.calls == 1
     assert optimizer.trust_region == "teacher"
     assert optimizer.radius_history[0] == pytest.approx(float(expected), rel=1e-5)
@@ -236,7 +225,7 @@ def test_a_weight_target_whose_parameters_were_replaced_is_refused(region: str) 
     naming the parameter; the weights stay at θ."""
     model = Net()
     optimizer = tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, trust_region=region)
-    closure = closure_on(
+    closure = cross_entropy_closure(
         optimizer, model, torch.randint(0, 20, (10, 6)), torch.randint(0, 3, (10,))
     )
     optimizer.step(closure)
