@@ -33,6 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import tram
+from tests.helpers import cross_entropy_closure
 from tram.targets import NoisedInputs
 
 Spec = dict[str, Any]
@@ -249,14 +250,7 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
         params = []
         for step in steps:
             x, y = spec["x"][step, rank], spec["y"][step, rank]
-
-            def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-                optimizer.zero_grad()
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            optimizer.step(closure)
+            optimizer.step(cross_entropy_closure(optimizer, model, x, y))
             params.append([full(p) for p in model.parameters()])
         return params
 
