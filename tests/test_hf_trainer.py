@@ -892,6 +892,11 @@ def _ddp_worker(out_path: str) -> None:
     results["mode_diff"] = (finals["sync"] - finals["local"]).abs().max().item()
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
+    # The Trainer's accelerator created the process group and never destroys it; left to
+    # interpreter exit, gloo's threads can be torn down while joinable and abort the worker
+    # (SIGABRT, "terminate called without an active exception") after a successful run.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.mark.distributed
