@@ -298,3 +298,33 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
     optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+
+
+# ------------------------------------------------------------------------------ regularizers
+class EmbeddingBatchNorm(nn.Module):
+    """Token embeddings, mean-pooled, through a BatchNorm: R3F noises the embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embeddings = nn.Embedding(11, 6)
+        self.norm = nn.BatchNorm1d(6, momentum=0.3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.head(self.norm(self.embeddings(input_ids).mean(dim=1)))
+
+
+def test_the_r3f_noised_forward_leaves_the_running_statistics_to_the_clean_forward() -> None:
+    model = EmbeddingBatchNorm()
+    twin = copy.deepcopy(model)
+    input_ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(2))
+    regularizer = tram.R3F(sigma=0.7, weight=0.3, seed=9)
+    logits = model(input_ids)
+    penalty = regularizer(model, input_ids, logits)
+    with torch.no_grad():
+        twin(input_ids)
+    assert penalty.item() > 0  # the noised forward ran, in training mode, on other inputs
+    assert_same_buffers(buffers(model), buffers(twin))
+    assert int(model.norm.num_batches_tracked) == 1
+    assert model.norm.track_running_stats is True

@@ -29,6 +29,7 @@ from tram._auxiliary import auxiliary_forwards
 from tram._model_io import uncompiled
 from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
+from tram.batchnorm import frozen_running_stats
 from tram.divergence import get_divergence
 from tram.noise import NoiseDistribution, eager_forward, representation_noise, resolve_module
 from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model
@@ -86,7 +87,10 @@ class R3F(Regularizer):
         \quad z \sim \mathcal{N}(0, \sigma^2 I)\ \text{or}\ \mathcal{U}(-\sigma, \sigma)
 
     The noised forward runs the model again, with gradients, through the representation noise
-    hook on the token embeddings; gradients flow through both logits, as in the original.
+    hook on the token embeddings; gradients flow through both logits, as in the original. It
+    normalises with its own batch statistics but leaves BatchNorm running statistics alone
+    (:func:`tram.frozen_running_stats`): they are updated once per step, by the clean forward,
+    as with every auxiliary forward in tram. The original's transformers have no BatchNorm.
     Defaults are the TRAM paper's baseline (σ = 0.1, λ = 0.1); the original's fairseq code uses
     σ = 1e-5, λ = 1.0 and uniform noise for classification.
 
@@ -136,6 +140,7 @@ class R3F(Regularizer):
                 generator=generator,
             ),
             eager_forward(uncompiled(model)) as eager,
+            frozen_running_stats(model),
         ):
             noised = extract_logits(call_model(eager, inputs))
         return self.divergence(logits, noised, mask=_mask_for(inputs, logits))

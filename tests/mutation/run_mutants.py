@@ -534,6 +534,13 @@ MUTANTS = [
         "        with self.noised_inputs.noised() as handle:",
         ("tests/test_guarantees.py@in_place",),
     ),
+    Mutant(
+        "r3f-noised-forward-updates-batchnorm",
+        "tram/regularizers.py",
+        "            frozen_running_stats(model),\n",
+        "",
+        ("tests/test_batchnorm.py@r3f",),
+    ),
 ]
 
 
