@@ -407,6 +407,7 @@ def test_restore_is_exact_in_bfloat16(case: WrapperCase, foreach: bool) -> None:
         lambda p: torch.optim.SGD(p, lr=0.1),
         lambda p: torch.optim.Adam(p, lr=1e-2),
         lambda p: torch.optim.AdamW(p, lr=1e-2),
+        pytest.param(lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True), id="AdamW-fused"),
         pytest.param("Lamb", id="torch_optimizer.Lamb"),
         pytest.param("RAdam", id="torch_optimizer.RAdam"),
     ],
