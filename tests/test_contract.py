@@ -512,6 +512,60 @@ def test_add_param_group_goes_through_the_base(case: WrapperCase) -> None:
     assert len(base.state) == 4
 
 
+def fsdp1(module: nn.Module, *, use_orig_params: bool) -> nn.Module:
+    """``module`` under FSDP1 (``FullyShardedDataParallel``) on the CPU, in the process group of
+    one rank that the ``one_process_group`` fixture creates."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP1's deprecation
+        return FullyShardedDataParallel(
+            module, device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        )
+
+
+FSDP1_REFUSED = r"does not support parameters flattened by FSDP1.*fully_shard"
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("use_orig_params", [False, True], ids=["flat", "orig_params"])
+def test_fsdp1_parameters_are_refused_at_construction(
+    case: WrapperCase, use_orig_params: bool, one_process_group: None
+) -> None:
+    """FSDP1's parameters are one rank's shard each, as plain tensors: ‖g‖ would be a shard's
+    (two ranks measured: SAM's step off by 8e-4 at lr 0.1). FSDP2 (DTensor) is the supported
+    sharding (``tests/test_distributed.py``)."""
+    model = fsdp1(make_model(), use_orig_params=use_orig_params)
+    with pytest.raises(RuntimeError, match=f"^{case.cls.__name__}(Fisher)? {FSDP1_REFUSED}"):
+        case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_fsdp1_parameters_are_refused_by_add_param_group(one_process_group: None) -> None:
+    sharded = fsdp1(make_model(seed=1), use_orig_params=True)
+    base = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    optimizer = tram.SAM(base, rho=0.05)
+    with pytest.raises(RuntimeError, match=FSDP1_REFUSED):
+        optimizer.add_param_group({"params": sharded.parameters()})
+    assert len(base.param_groups) == 1
+
+
+def test_fsdp1_wrapping_after_the_optimizer_is_refused_at_the_first_ascent(
+    one_process_group: None,
+) -> None:
+    """With ``use_orig_params=True`` FSDP1 keeps the parameter objects the optimizer was built
+    with and flags them only then: the first ascent refuses them, before perturbing any."""
+    inner = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(inner.parameters(), lr=0.1), rho=0.05)
+    model = fsdp1(inner, use_orig_params=True)
+    x, y = batch(0)
+    loss_of(model, x, y).backward()
+    before = [p.detach().clone() for p in inner.parameters()]
+    with pytest.raises(RuntimeError, match=FSDP1_REFUSED):
+        optimizer.first_step()
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(inner.parameters(), before))
+
+
 @EVERY_WRAPPER
 def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     model = make_model()

@@ -637,24 +637,6 @@ def test_local_ascent_refuses_a_static_graph_ddp(one_process_group: None) -> Non
         pass
 
 
-def test_asam_exclude_1d_refuses_fsdps_flattened_parameters(one_process_group: None) -> None:
-    """FSDP(use_orig_params=False) hands the optimizer one 1-D flat parameter: exclude_1d would
-    give every weight the identity operator, silently SAM's step."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FSDP1's deprecation
-        model = FullyShardedDataParallel(
-            Net(), device_id=torch.device("cpu"), use_orig_params=False
-        )
-    tokens, labels = tokens_and_labels()
-    F.cross_entropy(model(tokens), labels).backward()
-    optimizer = tram.ASAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model, exclude_1d=True)
-    with pytest.raises(ValueError, match="use_orig_params=True"):
-        optimizer.first_step()
-    assert not optimizer.is_perturbed
-
-
 @pytest.mark.parametrize("method", ["ASAM", "FisherSAM"])
 def test_an_eta_set_after_construction_is_checked_where_it_is_used(method: str) -> None:
     """A group added through the base optimizer (or a schedule) skips the constructor's checks:

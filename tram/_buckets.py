@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from tram._ascent import Scaling
+from tram._validation import refuse_fsdp1_parameters
 
 __all__ = ["Bucket", "collect_buckets", "use_foreach"]
 
@@ -57,10 +58,15 @@ def collect_buckets(
     return list(buckets.values())
 
 
-def backup_for(backups: dict[Tensor, Tensor], param: Tensor) -> Tensor:
-    """The buffer that holds ``param``'s weights while perturbed, allocated once per parameter."""
+def backup_for(backups: dict[Tensor, Tensor], param: Tensor, *, method: str) -> Tensor:
+    """The buffer that holds ``param``'s weights while perturbed, allocated once per parameter.
+
+    A parameter's first ascent is also where FSDP1 parameters are refused when FSDP1 wrapped
+    the model after the optimizer was built (the constructor saw them unflattened).
+    """
     backup = backups.get(param)
     if backup is None:
+        refuse_fsdp1_parameters(method, [param])
         backup = torch.empty_like(param, memory_format=torch.preserve_format)
         backups[param] = backup
     return backup

@@ -123,15 +123,7 @@ class ASAM(TwoPassOptimizer):
         check_non_negative("eta", group["eta"])
 
     def _scaling(self, group: dict[str, Any], param: Tensor) -> tuple[Scaling, float]:
-        if group["exclude_1d"]:
-            if getattr(param, "_is_flat_param", False):
-                raise ValueError(
-                    "ASAM(exclude_1d=True) cannot tell biases and norms apart in FSDP's "
-                    "flattened parameters (use_orig_params=False): every weight would get the "
-                    "identity operator, SAM's step. Wrap with FSDP(use_orig_params=True) or "
-                    "FSDP2 (fully_shard), or set exclude_1d=False"
-                )
-            if param.dim() < 2:
-                return "identity", 0.0
+        if group["exclude_1d"] and param.dim() < 2:
+            return "identity", 0.0
         # Checked where it is used: a schedule or the base optimizer's add_param_group can set it.
         return "adaptive", check_non_negative("eta", group["eta"])

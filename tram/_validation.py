@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ __all__ = [
     "check_positive_int",
     "check_unit_interval",
     "inverse_grad_scale",
+    "refuse_fsdp1_parameters",
 ]
 
 
@@ -94,6 +96,9 @@ def check_base_optimizer(
             "which it calls again and again (a line search), whereas the two-pass step hands "
             "the base optimizer the gradient of the second pass, with no closure"
         )
+    refuse_fsdp1_parameters(
+        method, (param for group in base_optimizer.param_groups for param in group["params"])
+    )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     collisions = sorted(set(defaults) & set(base_optimizer.defaults))
@@ -113,3 +118,24 @@ def _step_needs_a_closure(optimizer: Optimizer) -> bool:
     except (TypeError, ValueError):  # no signature to read: assume torch's contract
         return False
     return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def refuse_fsdp1_parameters(method: str, params: Iterable[Tensor]) -> None:
+    """Refuse parameters that FSDP1 (``FullyShardedDataParallel``) has flattened.
+
+    FSDP1 marks every parameter it manages, its ``FlatParameter`` and (with
+    ``use_orig_params=True``) the original parameters viewing into it, with ``_fsdp_flattened``.
+    They are plain tensors holding one rank's shard: the ascent's ‖g‖ would be that shard's, so
+    each rank would scale its part of ε by a different norm, none of them the model's. FSDP2's
+    ``DTensor`` parameters reduce the norm over the shards, so the wrappers support it instead.
+    """
+    if any(getattr(param, "_fsdp_flattened", False) for param in params):
+        raise RuntimeError(
+            f"{method} does not support parameters flattened by FSDP1 "
+            "(torch.distributed.fsdp.FullyShardedDataParallel): each rank holds a shard, and "
+            "the ascent would scale each shard by its own gradient norm instead of the "
+            "model's. Shard the model with FSDP2 instead (torch.distributed.fsdp.fully_shard; "
+            "accelerate: FullyShardedDataParallelPlugin(fsdp_version=2); Hugging Face "
+            "Trainer: fsdp_config={'version': 2}), or replicate it with "
+            "DistributedDataParallel"
+        )

@@ -36,7 +36,12 @@ from tram._step_state import (
     warn_missing_ascent,
     zero_learning_rate_and_gradient,
 )
-from tram._validation import check_base_optimizer, check_positive_int, inverse_grad_scale
+from tram._validation import (
+    check_base_optimizer,
+    check_positive_int,
+    inverse_grad_scale,
+    refuse_fsdp1_parameters,
+)
 from tram.batchnorm import (
     freeze_running_stats,
     refuse_running_stats_updates,
@@ -153,6 +158,13 @@ class TwoPassOptimizer(Optimizer):
             super().add_param_group(param_group)
             return
         self._validate_group({**self._method_defaults, **param_group})
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            refuse_fsdp1_parameters(type(self).__name__, [params])
+        elif not isinstance(params, set):  # torch refuses a set, with its own message
+            # A generator is read once: the base optimizer gets the list that was checked.
+            param_group = {**param_group, "params": list(params)}
+            refuse_fsdp1_parameters(type(self).__name__, param_group["params"])
         self.base_optimizer.add_param_group(param_group)
         self._relink()
 
@@ -281,7 +293,9 @@ class TwoPassOptimizer(Optimizer):
         total = None
         for bucket in buckets:
             # The backups hold T g from here to apply_ascent_, which reuses it.
-            bucket.backups = [backup_for(self._backups, p) for p in bucket.params]
+            bucket.backups = [
+                backup_for(self._backups, p, method=type(self).__name__) for p in bucket.params
+            ]
             part = scaled_squared_norm(
                 bucket.params,
                 bucket.grads,

@@ -384,11 +384,18 @@ MUTANTS = [
         ("tests/test_generalization.py@float_sums",),
     ),
     Mutant(
-        "asam-exclude-1d-on-flat-parameters",
-        "tram/_sam.py",
-        '            if getattr(param, "_is_flat_param", False):',
-        "            if False:",
-        ("tests/test_guarantees.py@flattened",),
+        "fsdp1-parameters-accepted",
+        "tram/_validation.py",
+        '    if any(getattr(param, "_fsdp_flattened", False) for param in params):',
+        "    if False:",
+        ("tests/test_contract.py@fsdp1",),
+    ),
+    Mutant(
+        "fsdp1-flagged-after-construction-not-checked",
+        "tram/_buckets.py",
+        "        refuse_fsdp1_parameters(method, [param])\n",
+        "",
+        ("tests/test_contract.py@fsdp1_wrapping_after",),
     ),
     Mutant(
         "dcp-state-initialising-step-counted",
