@@ -77,11 +77,9 @@ class ErrorCase:
         return self.id
 
 
-def _step_without_the_ascent(env: Any) -> None:
-    """Take a due step with step() alone, so that the next one is an off-step (it warns)."""
-    env.backward()
-    with pytest.warns(tram.MissingAscentWarning, match="no ascent was taken"):
-        env.optimizer.step()
+def _step_with_the_ascent(env: Any) -> None:
+    """Take a due step with step(closure), so that the next one is an off-step."""
+    env.optimizer.step(env.closure_returning(torch.tensor(0.0)))
 
 
 def _literal(message: str) -> str:
@@ -302,7 +300,7 @@ CASES: list[ErrorCase] = [
         lambda env: env.optimizer.first_step(grad_scale=-1.0),
         ValueError,
         _literal("Invalid grad_scale: -1.0"),
-        setup=lambda env: (env.wrap(ascent_every=2), _step_without_the_ascent(env)),
+        setup=lambda env: (env.wrap(ascent_every=2), _step_with_the_ascent(env)),
     ),
     ErrorCase(
         "scaled_step-with-a-plain-optimizer",

@@ -229,37 +229,40 @@ def test_restore_then_step_without_a_second_backward_raises() -> None:
 
 
 # ----------------------------------------------------------------------------- driven by step()
-def test_step_without_ascent_warns_once_with_the_fix() -> None:
+def test_step_without_ascent_is_refused_with_the_fix() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
     tokens, labels = tokens_and_labels()
-    for _ in range(3):
-        optimizer.zero_grad()
-        F.cross_entropy(model(tokens), labels).backward()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    F.cross_entropy(model(tokens), labels).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    gradients = [p.grad.clone() for p in model.parameters()]
+    for _ in range(2):  # every time, not once
+        with pytest.raises(tram.MissingAscentError) as raised:
             optimizer.step()
-        if _ == 0:
-            assert [w.category for w in caught] == [tram.MissingAscentWarning]
-            message = str(caught[0].message)
-            assert "plain SGD step" in message
-            assert "TramTrainer" in message
-            assert "step(closure)" in message
-            assert caught[0].filename == __file__  # points at the caller
-        else:
-            assert not caught
+        message = str(raised.value)
+        assert "plain SGD step, so no step was taken" in message
+        assert "TramTrainer" in message
+        assert "step(closure)" in message
+    assert isinstance(raised.value, RuntimeError)
+    assert optimizer.steps == 0
+    for p, b, g in zip(model.parameters(), before, gradients):
+        assert torch.equal(p, b)
+        assert torch.equal(p.grad, g)
+    # The refused step is not half-taken: the next step(closure) is the ordinary two-pass one.
+    optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
+    assert optimizer.steps == 1
 
 
 @pytest.mark.parametrize(
     "drive",
     ["step_closure", "explicit", "explicit_skipped_ascent", "off_step"],
 )
-def test_the_supported_forms_do_not_warn(drive: str) -> None:
+def test_the_supported_forms_are_not_refused(drive: str) -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model, ascent_every=2)
     closure = NanOnSecondPass(optimizer, model, 1.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", tram.MissingAscentWarning)
+        warnings.simplefilter("error")
         optimizer.step(closure)  # step 0: an ascent step
         if drive == "step_closure":
             optimizer.step(closure)
@@ -283,17 +286,17 @@ def test_the_supported_forms_do_not_warn(drive: str) -> None:
                 optimizer.second_step()
 
 
-def test_grad_scaler_step_alone_warns() -> None:
+def test_grad_scaler_step_alone_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     tokens, labels = tokens_and_labels()
     scaler.scale(F.cross_entropy(model(tokens), labels)).backward()
-    with pytest.warns(tram.MissingAscentWarning):
+    with pytest.raises(tram.MissingAscentError, match=r"tram\.scaled_step"):
         scaler.step(optimizer)
 
 
-def test_plain_hf_trainer_given_a_wrapper_warns_and_names_tram_trainer(tmp_path: Path) -> None:
+def test_plain_hf_trainer_given_a_wrapper_is_refused_naming_tram_trainer(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
 
     class Model(nn.Module):
@@ -322,8 +325,11 @@ def test_plain_hf_trainer_given_a_wrapper_warns_and_names_tram_trainer(tmp_path:
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data, optimizers=(optimizer, scheduler)
     )
-    with pytest.warns(tram.MissingAscentWarning, match="TramTrainer"):
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(tram.MissingAscentError, match="TramTrainer"):
         trainer.train()
+    assert optimizer.steps == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 # ----------------------------------------------------------------------------- TRAM's reference
@@ -847,7 +853,7 @@ def test_an_abandoned_step_is_forgotten(failure: str) -> None:
             optimizer.step(closure)
     assert not optimizer.is_perturbed
     closure()
-    with pytest.warns(tram.MissingAscentWarning):
+    with pytest.raises(tram.MissingAscentError):
         optimizer.step()
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from tests.helpers import run_example  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
-MissingAscentWarning = tram.MissingAscentWarning
+MissingAscentError = tram.MissingAscentError
 
 VOCAB, WIDTH, CLASSES, LENGTH = 23, 8, 3, 5
 BATCH = 4
@@ -443,11 +443,13 @@ def test_without_callback_single_batch_is_exact_and_warns() -> None:
     assert_same_weights(module.net, net)
 
 
-def test_without_callback_fp16_warns_missing_ascent() -> None:
+def test_without_callback_fp16_refuses_the_step_without_ascent() -> None:
     module = Module("sam")
+    before = [p.detach().clone() for p in module.parameters()]
     run = trainer(max_epochs=1, plugins=[fp16_plugin()])
-    with pytest.warns(MissingAscentWarning, match="16-mixed"):
+    with pytest.raises(MissingAscentError, match="16-mixed"):
         run.fit(module, loader(make_data(2)))
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
 
 
 # ---------------------------------------------------------------------- manual optimization

@@ -23,7 +23,7 @@ datasets = pytest.importorskip("datasets")
 from tests.helpers import tiny_llama_config  # noqa: E402
 from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
 
-MissingAscentWarning = tram.MissingAscentWarning
+MissingAscentError = tram.MissingAscentError
 
 VOCAB = 40
 UNK, PAD, EOS = VOCAB - 3, VOCAB - 2, VOCAB - 1
@@ -475,7 +475,9 @@ def test_with_tram_builds_the_class_and_refuses_others() -> None:
 
 # ---------------------------------------------------------------------- without the integration
 @pytest.mark.parametrize("trainer_class", ["Trainer", "SFTTrainer"])
-def test_plain_trainers_given_a_tram_optimizer_warn(tmp_path: Any, trainer_class: str) -> None:
+def test_plain_trainers_given_a_tram_optimizer_are_refused(
+    tmp_path: Any, trainer_class: str
+) -> None:
     model = tiny_llama()
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
     if trainer_class == "Trainer":
@@ -503,9 +505,9 @@ def test_plain_trainers_given_a_tram_optimizer_warn(tmp_path: Any, trainer_class
             processing_class=tokenizer(),
             optimizers=(optimizer, None),
         )
-    with pytest.warns(MissingAscentWarning, match="TramTrainer"):
+    with pytest.raises(MissingAscentError, match="TramTrainer"):
         trainer.train()
-    assert optimizer.steps == 1
+    assert optimizer.steps == 0
 
 
 def test_sft_tram_resume_is_bit_exact(tmp_path: Any) -> None:

@@ -8,7 +8,7 @@ from tram._fisher import FisherSAM
 from tram._sam import ASAM, SAM
 from tram._tram import TRAM, TRUST_REGIONS
 from tram._tram_fisher import TRAMFisher
-from tram._wrapper import MissingAscentWarning, TwoPassOptimizer
+from tram._wrapper import MissingAscentError, TwoPassOptimizer
 from tram.accumulation import accumulating_closure
 from tram.amp import scaled_step
 from tram.batchnorm import frozen_running_stats
@@ -30,7 +30,7 @@ __all__ = [
     "TRPO",
     "TRUST_REGIONS",
     "FisherSAM",
-    "MissingAscentWarning",
+    "MissingAscentError",
     "ReferenceWeights",
     "TRAMFisher",
     "TwoPassOptimizer",

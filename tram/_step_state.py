@@ -4,7 +4,7 @@
 wrapper's ``__dict__``; :class:`_SharedField` exposes its counters as wrapper attributes. The
 refusals listed in the README's "Guarantees" that do not need the step's control flow live here
 too: the skip warnings (:meth:`_StepState.skip_ascent`, :meth:`_StepState.skip_base_step`),
-:func:`warn_missing_ascent`, :func:`second_pass_gradient_is_finite` and
+:func:`refuse_missing_ascent`, :func:`second_pass_gradient_is_finite` and
 :func:`refuse_foreign_state_dict`; :mod:`tram._wrapper` decides when each applies.
 """
 
@@ -14,7 +14,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -24,19 +24,19 @@ from tram._ascent import scaled_squared_norm
 if TYPE_CHECKING:
     from tram._buckets import Bucket
 
-__all__ = ["MissingAscentWarning", "refuse_foreign_state_dict"]
+__all__ = ["MissingAscentError", "refuse_foreign_state_dict"]
 
 _V = TypeVar("_V")
 
 
-class MissingAscentWarning(UserWarning):
-    """A two-pass optimizer was stepped without its ascent: the step was a plain base step.
+class MissingAscentError(RuntimeError):
+    """A two-pass optimizer was stepped without its ascent, on a step due one: no step was taken.
 
-    Issued once per wrapper, when ``step()`` is called with no closure on a step that was due an
-    ascent and ``first_step()`` was not called: a caller that only knows the plain optimizer
-    protocol (``transformers.Trainer`` or TRL given a tram optimizer, Lightning's ``"16-mixed"``
-    precision, ``GradScaler.step``) drives it. Turn it into an error with
-    ``warnings.simplefilter("error", tram.MissingAscentWarning)``.
+    Raised when ``step()`` is called with no closure and without ``first_step()`` on a step that
+    was due an ascent: a caller that only knows the plain optimizer protocol
+    (``transformers.Trainer`` or TRL given a tram optimizer, Lightning's ``"16-mixed"``
+    precision, ``GradScaler.step``) drives it. A plain base step there would train with the base
+    optimizer under the wrapper's name for the whole run, so the step is refused instead.
     """
 
 
@@ -65,7 +65,6 @@ class _StepState:
         "skipped_steps",
         "steps",
         "warned_lightning_logging",
-        "warned_missing_ascent",
         "zero_grad_calls",
         "zeroed_gradients",
     )
@@ -96,7 +95,6 @@ class _StepState:
         # Without a model to freeze, a hook that refuses BatchNorm updates while perturbed
         # (its finalizer removes it).
         self.batchnorm_guard: weakref.finalize | None = None
-        self.warned_missing_ascent = False
         self.warned_lightning_logging = False
 
     def still_perturbed(self) -> bool:
@@ -136,7 +134,6 @@ class _StepState:
         copy.skipped_ascents = self.skipped_ascents
         copy.skipped_steps = self.skipped_steps
         copy.last_ascent_norm = self.last_ascent_norm
-        copy.warned_missing_ascent = self.warned_missing_ascent
         copy.warned_lightning_logging = self.warned_lightning_logging
         return copy
 
@@ -165,22 +162,17 @@ class _SharedField(Generic[_V]):
         setattr(instance._step_state, self.name, value)  # type: ignore[attr-defined]
 
 
-def warn_missing_ascent(state: _StepState, method: str, base: str) -> None:
-    """Warn, once per wrapper, that ``step()`` took a plain base step on a step due an ascent."""
-    if state.warned_missing_ascent:
-        return
-    state.warned_missing_ascent = True
-    warnings.warn(
-        f"{method}.step() was called without a closure and without first_step(), so no ascent "
-        f"was taken: this was a plain {base} step. A caller that only calls step() "
+def refuse_missing_ascent(method: str, base: str) -> NoReturn:
+    """Raise :class:`MissingAscentError`: ``step()`` alone on a step due an ascent."""
+    raise MissingAscentError(
+        f"{method}.step() was called without a closure and without first_step() on a step "
+        f"due an ascent: it would be a plain {base} step, so no step was taken (the weights "
+        "and gradients are as they were). A caller that only calls step() "
         "(transformers.Trainer or TRL given this optimizer, Lightning's 16-mixed precision, "
         "GradScaler.step) never takes the two-pass step. Use "
         "tram.integrations.hf.TramTrainer for the Hugging Face Trainer and TRL, "
         "tram.integrations.lightning for Lightning, tram.scaled_step for a GradScaler, "
-        "or step(closure) / first_step() and second_step() in your own loop. "
-        "(Warned once per optimizer.)",
-        MissingAscentWarning,
-        stacklevel=4,  # past this, step() and torch's profiling wrapper of it, to the caller
+        "or step(closure) / first_step() and second_step() in your own loop"
     )
 
 

@@ -24,16 +24,16 @@ from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_
 from tram._buckets import backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure
 from tram._step_state import (
-    MissingAscentWarning,
+    MissingAscentError,
     _SharedField,
     _StepState,
     gradients_at_rest,
     gradients_written_since,
     refuse_foreign_state_dict,
+    refuse_missing_ascent,
     second_pass_gradient_is_finite,
     squared_gradient_norm,
     to_float,
-    warn_missing_ascent,
     zero_learning_rate_and_gradient,
 )
 from tram._validation import (
@@ -48,7 +48,7 @@ from tram.batchnorm import (
     unfreeze_running_stats,
 )
 
-__all__ = ["MissingAscentWarning", "TwoPassOptimizer"]
+__all__ = ["MissingAscentError", "TwoPassOptimizer"]
 
 WRAPPER_STATE_KEY = "tram"
 """Key of the wrapper's own state inside :meth:`TwoPassOptimizer.state_dict`."""
@@ -417,7 +417,7 @@ class TwoPassOptimizer(Optimizer):
                 self.base_optimizer.step()
                 return None
             if not state.ascent_attempted and self.ascent_due:
-                warn_missing_ascent(state, type(self).__name__, type(self.base_optimizer).__name__)
+                refuse_missing_ascent(type(self).__name__, type(self.base_optimizer).__name__)
             self.restore()
             self._base_step()
             return None

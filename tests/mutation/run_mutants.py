@@ -542,6 +542,14 @@ MUTANTS = [
         ("tests/test_guarantees.py@in_place",),
     ),
     Mutant(
+        "step-without-ascent-taken-as-a-plain-step",
+        "tram/_wrapper.py",
+        "                refuse_missing_ascent(type(self).__name__, "
+        "type(self.base_optimizer).__name__)",
+        "                pass",
+        ("tests/test_guarantees.py@without_ascent_is_refused or scaler_step_alone",),
+    ),
+    Mutant(
         "r3f-noised-forward-updates-batchnorm",
         "tram/regularizers.py",
         "            frozen_running_stats(model),\n",

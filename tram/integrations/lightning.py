@@ -27,8 +27,8 @@ checkpoints and ``self.log`` keep working. What the callback does, and why:
   passes per micro-batch. Without the callback, Lightning would replay only the last
   micro-batch at θ+ε (the update would be that micro-batch's gradient divided by the window
   size): the wrapper refuses such a step (``tram._callers.check_step_closure``), and under
-  ``"16-mixed"``, where Lightning calls ``step()`` without a closure, it warns
-  (``tram.MissingAscentWarning``).
+  ``"16-mixed"``, where Lightning calls ``step()`` without a closure, it raises
+  ``tram.MissingAscentError``.
 - **Mixed precision.** Under ``"16-mixed"`` the ascent is taken from the scaled gradient with
   ``grad_scale=scaler.get_scale()``; the weights are restored before ``scaler.step``, which skips
   the step on overflow (either pass) and backs off the scale. ``"bf16-mixed"`` needs nothing.

@@ -44,8 +44,8 @@ Loss-side regularizers (``regularizers=``) are refused: they need the training f
 with gradients, which the fused head never builds.
 
 A plain ``SFTTrainer``/``DPOTrainer`` (or ``transformers.Trainer``) given a tram optimizer in
-``optimizers=`` only calls ``optimizer.step()``: the wrapper warns once
-(``tram.MissingAscentWarning``) that no ascent was taken and names these classes.
+``optimizers=`` only calls ``optimizer.step()``: the wrapper refuses that step
+(``tram.MissingAscentError``) and names these classes.
 """
 
 from __future__ import annotations
