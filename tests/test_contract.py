@@ -8,6 +8,7 @@ import io
 import pickle
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -408,12 +409,15 @@ def test_restore_is_exact_in_bfloat16(case: WrapperCase, foreach: bool) -> None:
         lambda p: torch.optim.Adam(p, lr=1e-2),
         lambda p: torch.optim.AdamW(p, lr=1e-2),
         pytest.param(lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True), id="AdamW-fused"),
+        pytest.param("AdamWScheduleFree", id="schedulefree.AdamWScheduleFree"),
         pytest.param("Lamb", id="torch_optimizer.Lamb"),
         pytest.param("RAdam", id="torch_optimizer.RAdam"),
     ],
 )
 def test_wraps_common_optimizers(case: WrapperCase, base_factory) -> None:
-    if isinstance(base_factory, str):
+    if base_factory == "AdamWScheduleFree":
+        base_factory = schedule_free_adamw
+    elif isinstance(base_factory, str):
         torch_optimizer = pytest.importorskip("torch_optimizer")
         name = base_factory
         base_factory = lambda p: getattr(torch_optimizer, name)(p, lr=1e-2)  # noqa: E731
@@ -822,6 +826,37 @@ def test_eval_restores_the_weights(case: WrapperCase) -> None:
     optimizer.eval()
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def schedule_free_adamw(params: Any) -> torch.optim.Optimizer:
+    """Schedule-free AdamW in train mode (it refuses to step otherwise); a warm-up and weight
+    decay so that its interpolation and averaging both matter."""
+    schedulefree = pytest.importorskip("schedulefree")
+    optimizer = schedulefree.AdamWScheduleFree(params, lr=2e-2, warmup_steps=2, weight_decay=0.03)
+    optimizer.train()
+    return optimizer
+
+
+@EVERY_WRAPPER
+def test_train_and_eval_reach_a_schedule_free_base(case: WrapperCase) -> None:
+    """Schedule-free optimizers keep the weights at the gradient point y in train mode and at
+    the average x in eval mode; the wrapper forwards ``train()``/``eval()``, restoring θ first
+    (x from θ+ε would be evaluated otherwise)."""
+    model, optimizer = library_run(case, schedule_free_adamw, steps=2)
+    twin_model, twin_base = copy.deepcopy((model, optimizer.base_optimizer))  # both at y = θ
+    first_pass(optimizer, closure_for(optimizer, model, 2))
+    assert optimizer.first_step()
+    optimizer.eval()  # while perturbed
+    twin_base.eval()
+    assert not optimizer.is_perturbed
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not optimizer.base_optimizer.param_groups[0]["train_mode"]
+    optimizer.train()
+    twin_base.train()
+    assert optimizer.base_optimizer.param_groups[0]["train_mode"]
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 @EVERY_WRAPPER

@@ -212,7 +212,17 @@ CASES: list[ErrorCase] = [
         "base-is-lbfgs",
         lambda env: tram.ASAM(torch.optim.LBFGS(env.model.parameters())),
         TypeError,
-        _literal("ASAM cannot wrap LBFGS: its step() needs a closure, which it calls again"),
+        _literal("ASAM cannot wrap LBFGS: its step() needs a closure, which it calls itself"),
+    ),
+    ErrorCase(
+        "base-is-a-schedule-free-closure-optimizer",
+        lambda env: tram.SAM(
+            pytest.importorskip("schedulefree").SGDScheduleFreeClosure(
+                env.model.parameters(), lr=0.1
+            )
+        ),
+        TypeError,
+        _literal("SAM cannot wrap SGDScheduleFreeClosure: its step() needs a closure"),
     ),
     ErrorCase(
         "base-has-no-parameters",

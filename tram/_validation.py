@@ -93,8 +93,10 @@ def check_base_optimizer(
     if _step_needs_a_closure(base_optimizer):
         raise TypeError(
             f"{method} cannot wrap {type(base_optimizer).__name__}: its step() needs a closure, "
-            "which it calls again and again (a line search), whereas the two-pass step hands "
-            "the base optimizer the gradient of the second pass, with no closure"
+            "which it calls itself for the gradients it steps with (LBFGS's line search, the "
+            "schedule-free *Closure optimizers' gradient at their own point), whereas the "
+            "two-pass step hands the base optimizer the gradient of the second pass, with no "
+            "closure"
         )
     refuse_fsdp1_parameters(
         method, (param for group in base_optimizer.param_groups for param in group["params"])
