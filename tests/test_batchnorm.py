@@ -281,6 +281,50 @@ def test_without_model_a_batchnorm_without_trained_weights_is_refused(kind: str)
     optimizer.restore()
 
 
+def frozen_backbone_and_input_norm() -> nn.Module:
+    """A BatchNorm on the raw inputs, then a frozen backbone with its own BatchNorm (train mode,
+    ``requires_grad=False``), then the trained head: no BatchNorm's input depends on the trained
+    weights, so none can be told from another model's by its autograd graph."""
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.BatchNorm1d(5, affine=False, momentum=0.3),
+        nn.Linear(5, 7),
+        nn.BatchNorm1d(7, momentum=0.3),
+        nn.Tanh(),
+        nn.Linear(7, 3),
+    )
+    model[1:3].requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("frozen", ["input_norm", "backbone"])
+def test_step_closure_refuses_any_batchnorm_its_second_call_updates(frozen: str) -> None:
+    """``step(closure)`` runs the closure twice: whatever feeds a BatchNorm there (the raw
+    inputs, a frozen backbone), its statistics would be updated twice in the step, silently,
+    without ``model=``. With ``model=`` they keep the first call's update."""
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    model = frozen_backbone_and_input_norm()
+    if frozen == "backbone":
+        model[0].eval()  # only the backbone's BatchNorm updates
+    head = list(model[4].parameters())
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(x)
+    optimizer = tram.SAM(torch.optim.SGD(head, lr=0.1), rho=0.3)
+    weights = [p.detach().clone() for p in head]
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the perturbed"):
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, w) for p, w in zip(head, weights, strict=True))
+    assert_same_buffers(buffers(model), buffers(reference))  # one update, the first call's
+    optimizer = tram.SAM(torch.optim.SGD(head, lr=0.1), rho=0.3, model=model)
+    optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    with torch.no_grad():
+        reference(x)
+    assert_same_buffers(buffers(model), buffers(reference))
+
+
 def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     """``model=`` names the module whose BatchNorms are frozen; one outside it (here in a head
     the same optimizer trains) would be updated a second time at θ+ε, silently."""

@@ -59,6 +59,7 @@ class _StepState:
         "gradient_not_finite",
         "last_ascent_norm",
         "perturbed_buckets",
+        "replaying_the_closure",
         "resting_gradients",
         "restored_before_second_pass",
         "skipped_ascents",
@@ -82,6 +83,7 @@ class _StepState:
         self.gradient_not_finite = False
         # How many first_pass() contexts are open: zero_grad() inside one keeps the pass.
         self.first_pass_depth = 0
+        self.replaying_the_closure = False
         # The gradients as the last step or zero_grad() left them (weak references and version
         # counters): step(closure) tells from them whether a backward ran outside the closure.
         self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
@@ -99,6 +101,11 @@ class _StepState:
 
     def still_perturbed(self) -> bool:
         return bool(self.perturbed_buckets)
+
+    def in_the_closures_second_call(self) -> bool:
+        """Whether ``step(closure)`` is running its closure at θ+ε: every forward there is the
+        closure's second in this step."""
+        return self.replaying_the_closure
 
     def abandon(self) -> None:
         """Forget a step that raised or was refused: the next step starts afresh."""

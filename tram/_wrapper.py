@@ -352,6 +352,7 @@ class TwoPassOptimizer(Optimizer):
                 state.still_perturbed,
                 state.ascent_params,
                 model_given=self.model is not None,
+                replaying=state.in_the_closures_second_call,
             )
         return True
 
@@ -455,12 +456,14 @@ class TwoPassOptimizer(Optimizer):
             )
         try:
             if self.first_step():
+                state.replaying_the_closure = True
                 with torch.enable_grad():
                     closure()
         except BaseException:
             state.abandon()  # the next step must start afresh, not finish this one
             raise
         finally:
+            state.replaying_the_closure = False
             self.restore()
         self._base_step()
         return loss

@@ -78,6 +78,7 @@ def refuse_running_stats_updates(
     parameters: Iterable[Tensor],
     *,
     model_given: bool = False,
+    replaying: Callable[[], bool] | None = None,
 ) -> weakref.finalize:
     """Until the returned finalizer is called, a forward of a BatchNorm whose affine weights are
     among ``parameters`` and that would update its running statistics raises ``RuntimeError``
@@ -92,12 +93,21 @@ def refuse_running_stats_updates(
     ``parameters``; one with no trainable weights of its own (``affine=False``, or frozen) when
     its input was computed from them (its autograd graph reaches one). Others pass: another
     model's, and one whose input does not depend on the perturbed weights (a BatchNorm on the
-    raw inputs, which cannot be told apart from another model's). The hook is global (torch's
-    module forward pre-hook) and holds ``armed`` (a bound method) weakly: the finalizer removes
-    it when called, or when ``armed``'s object is collected (a wrapper dropped while perturbed).
+    raw inputs, which cannot be told apart from another model's) — except while ``replaying()``
+    is True: ``step(closure)`` calling its closure a second time, where every BatchNorm that
+    runs is the closure's and updates a second time in the step, whatever feeds it (a frozen
+    backbone's, one on the raw inputs). The hook is global (torch's module forward pre-hook)
+    and holds ``armed`` and ``replaying`` (bound methods of one object) weakly: the finalizer
+    removes it when called, or when that object is collected (a wrapper dropped while
+    perturbed).
     """
     weak_armed = weakref.WeakMethod(armed)
+    weak_replaying = None if replaying is None else weakref.WeakMethod(replaying)
     perturbed = {id(param) for param in parameters}
+
+    def in_the_closures_second_call() -> bool:
+        is_replaying = None if weak_replaying is None else weak_replaying()
+        return is_replaying is not None and is_replaying()
 
     def check(module: nn.Module, args: Any) -> None:
         if not (
@@ -106,7 +116,9 @@ def refuse_running_stats_updates(
             and module.track_running_stats
             and module.running_mean is not None
             and module.momentum != 0
-            and _runs_at_perturbed_weights(module, args, perturbed)
+            and (
+                in_the_closures_second_call() or _runs_at_perturbed_weights(module, args, perturbed)
+            )
         ):
             return
         is_armed = weak_armed()

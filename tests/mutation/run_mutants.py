@@ -550,6 +550,20 @@ MUTANTS = [
         ("tests/test_guarantees.py@without_ascent_is_refused or scaler_step_alone",),
     ),
     Mutant(
+        "batchnorm-guard-ignores-the-closures-second-call",
+        "tram/batchnorm.py",
+        "in_the_closures_second_call() or _runs_at_perturbed_weights(module, args, perturbed)",
+        "_runs_at_perturbed_weights(module, args, perturbed)",
+        ("tests/test_batchnorm.py@any_batchnorm",),
+    ),
+    Mutant(
+        "step-closure-second-call-not-flagged",
+        "tram/_wrapper.py",
+        "                state.replaying_the_closure = True\n",
+        "",
+        ("tests/test_batchnorm.py@any_batchnorm",),
+    ),
+    Mutant(
         "r3f-noised-forward-updates-batchnorm",
         "tram/regularizers.py",
         "            frozen_running_stats(model),\n",
