@@ -42,6 +42,10 @@ class Env:
         self.optimizer = cls(self.sgd(), **kwargs)
         return self
 
+    def wrap_params(self, params: list[torch.Tensor]) -> Env:
+        self.optimizer = tram.SAM(torch.optim.SGD(params, lr=0.1))
+        return self
+
     def backward(self) -> torch.Tensor:
         assert self.optimizer is not None
         self.optimizer.zero_grad()
@@ -223,6 +227,25 @@ CASES: list[ErrorCase] = [
         ),
         TypeError,
         _literal("SAM cannot wrap SGDScheduleFreeClosure: its step() needs a closure"),
+    ),
+    ErrorCase(
+        "base-lists-a-parameter-twice",
+        lambda env: tram.TRAM(
+            torch.optim.SGD([*env.model.parameters(), env.model[0].weight], lr=0.1),
+            env.model,
+            trust_region="pretrained",
+        ),
+        ValueError,
+        _literal("TRAM: the same parameter (shape (5, 4)) is listed more than once"),
+    ),
+    ErrorCase(
+        "add_param_group-lists-a-parameter-twice",
+        lambda env: env.optimizer.add_param_group(
+            {"params": [env.model[2].bias, env.model[2].bias]}
+        ),
+        ValueError,
+        _literal("SAM: the same parameter (shape (3,)) is listed more than once"),
+        setup=lambda env: env.wrap_params(list(env.model[0].parameters())),
     ),
     ErrorCase(
         "base-has-no-parameters",

@@ -20,6 +20,7 @@ __all__ = [
     "check_positive_int",
     "check_unit_interval",
     "inverse_grad_scale",
+    "refuse_duplicate_parameters",
     "refuse_fsdp1_parameters",
 ]
 
@@ -98,9 +99,9 @@ def check_base_optimizer(
             "two-pass step hands the base optimizer the gradient of the second pass, with no "
             "closure"
         )
-    refuse_fsdp1_parameters(
-        method, (param for group in base_optimizer.param_groups for param in group["params"])
-    )
+    params = [param for group in base_optimizer.param_groups for param in group["params"]]
+    refuse_fsdp1_parameters(method, params)
+    refuse_duplicate_parameters(method, params)
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     collisions = sorted(set(defaults) & set(base_optimizer.defaults))
@@ -141,3 +142,18 @@ def refuse_fsdp1_parameters(method: str, params: Iterable[Tensor]) -> None:
             "Trainer: fsdp_config={'version': 2}), or replicate it with "
             "DistributedDataParallel"
         )
+
+
+def refuse_duplicate_parameters(method: str, params: Iterable[Tensor]) -> None:
+    """Refuse a tensor listed twice (torch only warns, "in future, this will cause an error"):
+    its gradient would count twice in the ascent's norm and ε would be added once per listing."""
+    seen: set[int] = set()
+    for param in params:
+        if id(param) in seen:
+            raise ValueError(
+                f"{method}: the same parameter (shape {tuple(param.shape)}) is listed more than "
+                "once in the param groups: its gradient would count twice in the ascent's "
+                "norm and the ascent would move it twice. List each parameter once (e.g. "
+                "model.parameters(), which lists tied weights once)"
+            )
+        seen.add(id(param))

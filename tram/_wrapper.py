@@ -40,6 +40,7 @@ from tram._validation import (
     check_base_optimizer,
     check_positive_int,
     inverse_grad_scale,
+    refuse_duplicate_parameters,
     refuse_fsdp1_parameters,
 )
 from tram.batchnorm import (
@@ -165,6 +166,7 @@ class TwoPassOptimizer(Optimizer):
             # A generator is read once: the base optimizer gets the list that was checked.
             param_group = {**param_group, "params": list(params)}
             refuse_fsdp1_parameters(type(self).__name__, param_group["params"])
+            refuse_duplicate_parameters(type(self).__name__, param_group["params"])
         self.base_optimizer.add_param_group(param_group)
         self._relink()
 

@@ -564,6 +564,13 @@ MUTANTS = [
         ("tests/test_batchnorm.py@any_batchnorm",),
     ),
     Mutant(
+        "duplicate-parameters-accepted",
+        "tram/_validation.py",
+        "        if id(param) in seen:",
+        "        if False:",
+        ("tests/test_errors.py@twice",),
+    ),
+    Mutant(
         "r3f-noised-forward-updates-batchnorm",
         "tram/regularizers.py",
         "            frozen_running_stats(model),\n",
