@@ -1,0 +1,58 @@
+"""Whether the forward running now is inside ``torch.utils.checkpoint``, or is its recomputation.
+
+Activation checkpointing runs a block's forward twice: once without keeping its activations, and
+again during the backward to rebuild them. A hook that must see each forward of the step once
+(TRAM's recorder, ``tram/_recording.py``), or whose effect must be the same in both runs (the
+representation noise, ``tram/noise.py``), has to tell them apart. torch names neither, so they are
+read from how ``torch/utils/checkpoint.py`` runs them:
+
+- ``use_reentrant=False`` (the default of ``torch.utils.checkpoint.checkpoint`` and of Hugging
+  Face ``gradient_checkpointing_enable()``): the block's forward runs under the saved-tensor hooks
+  of its ``_checkpoint_hook``, its recomputation under those of ``_recomputation_hook``; the
+  innermost saved-tensor hooks are those of the innermost region.
+- ``use_reentrant=True``: the forward runs inside ``CheckpointFunction.forward`` (gradients
+  disabled), its recomputation inside ``CheckpointFunction.backward``: frames on the stack.
+
+``tests/test_checkpointing.py`` pins both readings against the installed torch.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import FrameType
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import CheckpointFunction
+
+__all__ = ["checkpoint_phase"]
+
+CheckpointPhase = Literal["forward", "recomputation"]
+
+_REENTRANT_CODE: dict[object, CheckpointPhase] = {
+    CheckpointFunction.forward.__code__: "forward",
+    CheckpointFunction.backward.__code__: "recomputation",
+}
+_NON_REENTRANT_HOOKS: dict[str, CheckpointPhase] = {
+    "_checkpoint_hook.": "forward",
+    "_recomputation_hook.": "recomputation",
+}
+
+
+def checkpoint_phase() -> tuple[CheckpointPhase, bool] | None:
+    """``(phase, reentrant)`` when called inside an activation-checkpointed block: ``"forward"``
+    while the block first runs, ``"recomputation"`` while the backward runs it again; None
+    outside checkpointed blocks."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:
+        name = getattr(hooks[0], "__qualname__", "")
+        for prefix, phase in _NON_REENTRANT_HOOKS.items():
+            if name.startswith(prefix):
+                return phase, False
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        reentrant_phase = _REENTRANT_CODE.get(frame.f_code)
+        if reentrant_phase is not None:
+            return reentrant_phase, True
+        frame = frame.f_back
+    return None
