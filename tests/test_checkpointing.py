@@ -194,7 +194,7 @@ def test_noise_in_a_checkpointed_block_raises_before_any_step(noised, mode):
     case, r3f = NOISED_TRAINING_FORWARDS[noised]
     model = Net(mode, embeddings_inside=True)
     before = flat(model)
-    with pytest.raises(RuntimeError, match=f"use_reentrant={mode == 'reentrant'}.*embeddings="):
+    with pytest.raises(RuntimeError, match=rf"use_reentrant={mode == 'reentrant'}.*embeddings="):
         train(case, model, steps=1, r3f=r3f)
     assert_equal(flat(model), before)
 

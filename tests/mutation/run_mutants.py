@@ -546,7 +546,10 @@ MUTANTS = [
         "tram/noise.py",
         "            _refuse_checkpointed(module)\n",
         "            pass\n",
-        ("tests/test_checkpointing.py@raises",),
+        (
+            "tests/test_checkpointing.py@raises",
+            "tests/test_hf_trainer.py@refuses_r3f_noise_inside",
+        ),
     ),
     Mutant(
         "noise-refused-in-a-reference-forward-without-gradients",
