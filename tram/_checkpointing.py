@@ -9,7 +9,8 @@ read from how ``torch/utils/checkpoint.py`` runs them:
 - ``use_reentrant=False`` (the default of ``torch.utils.checkpoint.checkpoint`` and of Hugging
   Face ``gradient_checkpointing_enable()``): the block's forward runs under the saved-tensor hooks
   of its ``_checkpoint_hook``, its recomputation under those of ``_recomputation_hook``; the
-  innermost saved-tensor hooks are those of the innermost region.
+  innermost saved-tensor hooks are those of the innermost region. (Saved-tensor hooks entered
+  inside the block, such as ``torch.autograd.graph.save_on_cpu``, hide it.)
 - ``use_reentrant=True``: the forward runs inside ``CheckpointFunction.forward`` (gradients
   disabled), its recomputation inside ``CheckpointFunction.backward``: frames on the stack.
 

@@ -353,8 +353,7 @@ def _recomputed_after_recording() -> bool:
     recorded again, it would count its d twice and draw the noise target's noise twice. Under
     ``use_reentrant=True`` the first run had gradients disabled and was not recorded, so its
     recomputation is (with the same dropout masks: checkpoint restores the RNG state)."""
-    phase = checkpoint_phase()
-    return phase is not None and phase == ("recomputation", False)
+    return checkpoint_phase() == ("recomputation", False)
 
 
 def _non_negative(radius: float) -> float:
