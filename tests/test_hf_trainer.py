@@ -37,6 +37,7 @@ from transformers import (  # noqa: E402
 )
 
 import tram  # noqa: E402
+import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import read_scalars, tiny_bert_config  # noqa: E402
 from tram import factory  # noqa: E402
@@ -519,6 +520,87 @@ def test_regularizers_combine_with_a_method(tmp_path):
     assert {"tram/fake", "tram/task_loss", "tram/ascent_grad_norm", "tram/skipped_ascents"} <= set(
         entry
     )
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+CHECKPOINTING_KWARGS: dict[str, dict[str, bool] | None] = {
+    "default": None,
+    "non-reentrant": {"use_reentrant": False},
+    "reentrant": {"use_reentrant": True},
+}
+CHECKPOINTED_METHODS = {
+    "sam": ("sam", {"rho": 0.05}, False),
+    "tram-noise-r3f": ("tram", {"trust_region": "noise", "sigma": 0.3}, True),
+}
+
+
+def checkpointing_run(
+    output_dir: Path, case: str, gradient_checkpointing_kwargs: str | None
+) -> tuple[torch.Tensor, int]:
+    """Two optimizer steps (two micro-batches each) of a BERT with dropout 0.15; ``None``: no
+    checkpointing. The flat weights, and how many forwards of the first layer's attention the
+    backward recomputed (0 without checkpointing)."""
+    method, method_kwargs, r3f = CHECKPOINTED_METHODS[case]
+    model = tiny_bert(dropout=0.15)
+    recomputed = []
+    model.bert.encoder.layer[0].attention.register_forward_hook(
+        lambda module, args, output: recomputed.append(tram._checkpointing.checkpoint_phase())
+    )
+    settings: dict[str, Any] = {"gradient_checkpointing": gradient_checkpointing_kwargs is not None}
+    if gradient_checkpointing_kwargs is not None:
+        settings["gradient_checkpointing_kwargs"] = CHECKPOINTING_KWARGS[
+            gradient_checkpointing_kwargs
+        ]
+    trainer = TramTrainer(
+        model=model,
+        args=make_args(output_dir, max_steps=2, **settings),
+        train_dataset=TinyDataset(),
+        method=method,
+        method_kwargs=method_kwargs,
+        regularizers=[tram.regularizers.R3F(sigma=0.2, weight=0.7, seed=3)] if r3f else None,
+    )
+    trainer.train()
+    recomputations = sum(phase is not None and phase[0] == "recomputation" for phase in recomputed)
+    return flat_params(model), recomputations
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_kwargs` is deprecated:FutureWarning")
+@pytest.mark.parametrize("kwargs", list(CHECKPOINTING_KWARGS))
+@pytest.mark.parametrize("case", list(CHECKPOINTED_METHODS))
+def test_gradient_checkpointing_trains_as_without_it(tmp_path, case, kwargs):
+    """``TrainingArguments(gradient_checkpointing=True)``: the same weights. Bit for bit, except
+    R3F under ``use_reentrant=True``: a reentrant block's weights get their gradient from a
+    backward of their own per forward, so the clean and the noised forward's gradients are
+    summed into ``.grad`` in another order (the plain Trainer with R3F differs the same, by
+    4e-9 after these steps); fp32 round-off, far below one step's change (lr 1e-3)."""
+    expected, none = checkpointing_run(tmp_path / "plain", case, None)
+    got, recomputations = checkpointing_run(tmp_path / "checkpointed", case, kwargs)
+    assert none == 0
+    # 2 steps x 2 micro-batches x 2 passes, and R3F's noised forward in each.
+    assert recomputations == 8 * (2 if CHECKPOINTED_METHODS[case][2] else 1)
+    if kwargs == "reentrant" and CHECKPOINTED_METHODS[case][2]:
+        torch.testing.assert_close(got, expected, rtol=0.0, atol=1e-7)
+    else:
+        assert torch.equal(got, expected), f"max difference {(got - expected).abs().max()}"
+
+
+def test_gradient_checkpointing_refuses_r3f_noise_inside_a_checkpointed_layer(tmp_path):
+    model = tiny_bert(dropout=0.15)
+    before = flat_params(model)
+    trainer = TramTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=1, gradient_checkpointing=True),
+        train_dataset=TinyDataset(),
+        method="sam",
+        method_kwargs={"rho": 0.05},
+        regularizers=[
+            tram.regularizers.R3F(sigma=0.2, embeddings="bert.encoder.layer.0.output.dense")
+        ],
+    )
+    with pytest.raises(RuntimeError, match=r"activation-checkpointed block.*embeddings="):
+        trainer.train()
+    assert torch.equal(flat_params(model), before)
 
 
 # --------------------------------------------------------------------------- mixed precision

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import tram
 from tests.helpers import run_example, tiny_llama_config
+from tram._checkpointing import checkpoint_phase
 from tram.adapters import AdapterOff
 from tram.targets import ReferenceWeights
 
@@ -150,6 +151,52 @@ def test_lora_trains_and_base_weights_stay(kind: str, method: str) -> None:
             assert torch.equal(param, frozen[name]), name
     if method == "tram_noise":
         assert all(r > 0 for r in optimizer.radius_history)  # type: ignore[attr-defined]
+
+
+PEFT_CHECKPOINTED = {
+    "adapter-off": {"target": "adapter_off"},
+    "tram-fisher": {"trust_region": "fisher", "sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5},
+}
+
+
+def checkpointed_lora_run(options: dict[str, Any], mode: str | None) -> tuple[Tensor, int]:
+    """Three steps of TRAM on the LoRA Llama (dropout 0.15, LoRA dropout 0.2), its layers
+    checkpointed by ``gradient_checkpointing_enable`` in ``mode`` (None: not checkpointed): the
+    trainable weights, and how many forwards of the first layer's attention were recomputed."""
+    model = tiny_llama()
+    if mode is not None:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
+        )
+        # The embeddings are frozen: a reentrant block gives gradients to its adapters only if
+        # its input requires grad (what PEFT's prepare_model_for_kbit_training also does).
+        model.enable_input_require_grads()
+    phases: list[Any] = []
+    model.base_model.model.model.layers[0].self_attn.register_forward_hook(
+        lambda module, args, output: phases.append(checkpoint_phase())
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    base = torch.optim.AdamW(trainable, lr=1e-2)
+    if options.get("target") == "adapter_off":
+        optimizer = tram.TRAM(base, model, target=AdapterOff())
+    else:
+        optimizer = tram.TRAM(base, model, **options)
+    weights = train(model, optimizer, batches("llama", 3))[-1]
+    return weights, sum(phase is not None and phase[0] == "recomputation" for phase in phases)
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("case", list(PEFT_CHECKPOINTED))
+def test_gradient_checkpointing_trains_lora_as_without_it(case: str, mode: str) -> None:
+    """``model.gradient_checkpointing_enable()`` on a LoRA model: TRAM-θ0 as the adapter-off
+    forward (its reference forward replays the dropout masks, LoRA's too) and TRAM-Fisher (its
+    noise on the frozen embeddings, outside the checkpointed layers) take the same steps, bit
+    for bit."""
+    expected, none = checkpointed_lora_run(PEFT_CHECKPOINTED[case], None)
+    got, recomputed = checkpointed_lora_run(PEFT_CHECKPOINTED[case], mode)
+    assert none == 0
+    assert recomputed == 3 * 2  # each step's two backwards
+    assert torch.equal(got, expected), f"max difference {(got - expected).abs().max()}"
 
 
 # ---------------------------------------------------------------------- adapter-off θ0

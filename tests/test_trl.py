@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import tram
+from tram._checkpointing import checkpoint_phase
 from tram.divergence import get_divergence
 
 trl = pytest.importorskip("trl")
@@ -576,6 +577,45 @@ def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
         runs["copied"].model.parameters(), runs["adapter_off"].model.parameters(), strict=True
     ):
         assert torch.equal(p, q)
+
+
+TRL_CHECKPOINTED = {
+    "tram-noise": {"trust_region": "noise", "sigma": 0.3},
+    "tram-fisher": {"trust_region": "fisher", "sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5},
+}
+
+
+@pytest.mark.parametrize("use_reentrant", [None, True], ids=["default", "reentrant"])
+@pytest.mark.parametrize("case", list(TRL_CHECKPOINTED))
+def test_sft_gradient_checkpointing_trains_as_without_it(
+    tmp_path: Any, case: str, use_reentrant: bool | None
+) -> None:
+    """SFTConfig checkpoints the layers by default (``gradient_checkpointing=True``): with
+    dropout, TRAM's twin and reference forwards and TRAM-Fisher's noised forward train to the
+    weights of the run without checkpointing, bit for bit."""
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_llama(dropout=0.15)
+        phases: list[Any] = []
+        model.model.layers[0].self_attn.register_forward_hook(
+            lambda module, args, output, phases=phases: phases.append(checkpoint_phase())
+        )
+        config: dict[str, Any] = {"gradient_checkpointing": checkpointing}
+        if checkpointing and use_reentrant is not None:
+            config["gradient_checkpointing_kwargs"] = {"use_reentrant": use_reentrant}
+        train_sft(
+            tmp_path / str(checkpointing),
+            model,
+            method="tram",
+            method_kwargs=TRL_CHECKPOINTED[case],
+            config=config,
+        )
+        recomputed = sum(phase is not None and phase[0] == "recomputation" for phase in phases)
+        runs.append((torch.cat([p.detach().reshape(-1) for p in model.parameters()]), recomputed))
+    (expected, none), (got, recomputed) = runs
+    assert none == 0
+    assert recomputed == 2 * 2 * 2  # steps x micro-batches x passes (the twin has no backward)
+    assert torch.equal(got, expected), f"max difference {(got - expected).abs().max()}"
 
 
 def test_regularizers_are_refused_with_trl(tmp_path: Any) -> None:

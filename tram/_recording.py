@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tram._auxiliary import in_auxiliary_forward
+from tram._checkpointing import checkpoint_phase
 from tram._model_io import extract_logits, logits_mask, parameters_are_sharded
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
@@ -139,6 +140,7 @@ class ForwardRecorder:
                 and torch.is_grad_enabled()
                 and not self.in_reference
                 and not in_auxiliary_forward()
+                and not _recomputed_after_recording()
             )
 
         def before_forward(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -343,6 +345,15 @@ def chunked_mean_divergence(
             total = total + value * chunk_count
         count = count + chunk_count
     return total / count.clamp_min(1.0)
+
+
+def _recomputed_after_recording() -> bool:
+    """Whether this forward is the backward's recomputation of a checkpointed forward that was
+    recorded already (``torch.utils.checkpoint`` around the whole model, ``use_reentrant=False``):
+    recorded again, it would count its d twice and draw the noise target's noise twice. Under
+    ``use_reentrant=True`` the first run had gradients disabled and was not recorded, so its
+    recomputation is (with the same dropout masks: checkpoint restores the RNG state)."""
+    return checkpoint_phase() == ("recomputation", False)
 
 
 def _non_negative(radius: float) -> float:

@@ -38,11 +38,13 @@ RNG then. That matters for TRAM, which replays the dropout masks of the model's 
 restoring the global RNG state: noise drawn from the global stream would shift those masks. With
 ``generator=None`` the global RNG of the output's device is used (and advanced).
 
-.. note::
-    Keep the hook outside activation-checkpointed blocks. The embeddings of Hugging Face models
-    sit outside the checkpointed layers, so the hook fires once per forward. A hook inside a
-    checkpointed block would be re-run during the backward recomputation, after the ``with``
-    block has exited, and the recomputed activations would then differ from the forward ones.
+**Activation checkpointing.** The hooked module must run outside activation-checkpointed blocks
+(``torch.utils.checkpoint``): the backward recomputes such a block, with no noise once the ``with``
+block has exited, or with a fresh draw while it is open, so the gradient would not be that of the
+noised forward. A hooked forward inside a checkpointed block, in a block entered with gradients
+enabled, raises ``RuntimeError`` (``sigma == 0`` adds nothing and passes); without gradients (a
+reference forward) nothing is recomputed and it runs. The embeddings of Hugging Face models sit
+outside their checkpointed layers, so the default hook point is fine there.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from tram._auxiliary import in_auxiliary_forward
+from tram._checkpointing import checkpoint_phase
 from tram._model_io import unwrap_model
 
 __all__ = [
@@ -88,6 +91,9 @@ class NoiseHandle:
         training_forwards_only: Leave the forwards that a regularizer runs (inside
             :func:`tram._auxiliary.auxiliary_forwards`) alone, uncounted. TRAM-Fisher sets it:
             its noise belongs to the step's training forward.
+        builds_graph: Whether the block was entered with gradients enabled: its forwards may
+            then be recomputed by a backward (activation checkpointing, see the module
+            docstring).
     """
 
     module: nn.Module
@@ -96,6 +102,7 @@ class NoiseHandle:
     calls: int = 0
     active: bool = False
     training_forwards_only: bool = False
+    builds_graph: bool = False
 
 
 def find_input_embeddings(model: nn.Module) -> nn.Module:
@@ -222,6 +229,8 @@ def _make_hook(handle: NoiseHandle, generator: torch.Generator | None) -> Any:
         if handle.sigma == 0.0:
             # Returning None keeps the output: bit-identical, and the generator does not advance.
             return None
+        if handle.builds_graph:
+            _refuse_checkpointed(module)
         # Out of place: the module's output (and anything aliasing it) is never modified.
         noised = first + _draw(first, handle.sigma, handle.distribution, generator)
         if isinstance(output, Tensor):
@@ -236,8 +245,25 @@ def _make_hook(handle: NoiseHandle, generator: torch.Generator | None) -> Any:
     return hook
 
 
+def _refuse_checkpointed(module: nn.Module) -> None:
+    phase = checkpoint_phase()
+    if phase is None:
+        return
+    when, reentrant = phase
+    raise RuntimeError(
+        f"representation_noise: the hooked {type(module).__name__} ran inside an "
+        f"activation-checkpointed block (torch.utils.checkpoint with use_reentrant={reentrant}, "
+        f"in its {when}). The backward recomputes that block without this noise, or with "
+        "another draw, so the gradient would not be the noised forward's. Hook a module that "
+        "runs before the checkpointed blocks (module=, or embeddings= of R3F, TRAM and "
+        "TRAM-Fisher; Hugging Face models checkpoint their layers, not their input "
+        "embeddings), or leave the embeddings out of the checkpointed block"
+    )
+
+
 @contextlib.contextmanager
 def _scope(handle: NoiseHandle, generator: torch.Generator | None) -> Iterator[NoiseHandle]:
+    handle.builds_graph = torch.is_grad_enabled()
     hook = handle.module.register_forward_hook(_make_hook(handle, generator))
     handle.active = True
     try:

@@ -577,6 +577,30 @@ MUTANTS = [
         "",
         ("tests/test_batchnorm.py@r3f",),
     ),
+    Mutant(
+        "noise-in-a-checkpointed-block-not-refused",
+        "tram/noise.py",
+        "            _refuse_checkpointed(module)\n",
+        "            pass\n",
+        (
+            "tests/test_checkpointing.py@raises",
+            "tests/test_hf_trainer.py@refuses_r3f_noise_inside",
+        ),
+    ),
+    Mutant(
+        "noise-refused-in-a-reference-forward-without-gradients",
+        "tram/noise.py",
+        "    handle.builds_graph = torch.is_grad_enabled()",
+        "    handle.builds_graph = True",
+        ("tests/test_checkpointing.py@inside or without_gradients",),
+    ),
+    Mutant(
+        "tram-records-the-checkpoint-recomputation",
+        "tram/_recording.py",
+        "                and not _recomputed_after_recording()\n",
+        "",
+        ("tests/test_checkpointing.py@whole_model",),
+    ),
 ]
 
 
