@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import tram
+from tests.helpers import cross_entropy_closure
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram._checkpointing import checkpoint_phase
 
@@ -236,14 +237,7 @@ class NormNet(nn.Module):
 
 
 def batchnorm_steps(model: NormNet, optimizer: torch.optim.Optimizer, steps: int = 2) -> None:
-    inputs, labels = batch()
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(inputs), labels)
-        loss.backward()
-        return loss
-
+    closure = cross_entropy_closure(optimizer, model, *batch())
     for _ in range(steps):
         optimizer.step(closure)
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import cross_entropy_closure
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
@@ -84,14 +85,7 @@ def assert_unchanged(model: nn.Module, before: dict[str, Tensor]) -> None:
 
 
 def train(optimizer: tram.TwoPassOptimizer, model: nn.Module, *, steps: int) -> None:
-    tokens, labels = tokens_and_labels()
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(tokens), labels)
-        loss.backward()
-        return loss
-
+    closure = cross_entropy_closure(optimizer, model, *tokens_and_labels())
     for _ in range(steps):
         optimizer.step(closure)
 
