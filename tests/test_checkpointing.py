@@ -280,3 +280,17 @@ def test_checkpoint_phase_reads_the_forward_and_the_recomputation(mode):
     reentrant = mode == "reentrant"
     assert seen == [None, ("forward", reentrant), ("recomputation", reentrant)]
     assert checkpoint_phase() is None
+
+
+def test_checkpoint_phase_is_none_while_torch_compile_traces():
+    """A compiled forward that runs the noise hook or TRAM's recorder asks too: under tracing
+    the answer is None, with no graph break on torch's untraceable private lookups."""
+
+    def noised(inputs: Tensor) -> Tensor:
+        return inputs * 2 if checkpoint_phase() is None else inputs
+
+    torch._dynamo.reset()
+    compiled = torch.compile(noised, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))

@@ -52,7 +52,10 @@ _NON_REENTRANT_HOOKS: dict[str, CheckpointPhase] = {
 def checkpoint_phase() -> tuple[CheckpointPhase, bool] | None:
     """``(phase, reentrant)`` when called inside an activation-checkpointed block: ``"forward"``
     while the block first runs, ``"recomputation"`` while the backward runs it again; None
-    outside checkpointed blocks."""
+    outside checkpointed blocks, and while torch.compile traces (it cannot trace the private
+    lookups, and a compiled graph does not run the hooks that ask)."""
+    if torch.compiler.is_compiling():
+        return None
     hooks = None if _TOP_SAVED_TENSORS_HOOKS is None else _TOP_SAVED_TENSORS_HOOKS(False)
     if hooks is not None:
         name = getattr(hooks[0], "__qualname__", "")

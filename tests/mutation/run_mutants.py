@@ -571,6 +571,13 @@ MUTANTS = [
         ("tests/test_errors.py@twice",),
     ),
     Mutant(
+        "checkpoint-phase-traced-by-torch-compile",
+        "tram/_checkpointing.py",
+        "    if torch.compiler.is_compiling():\n        return None\n",
+        "",
+        ("tests/test_checkpointing.py@torch_compile_traces",),
+    ),
+    Mutant(
         "r3f-noised-forward-updates-batchnorm",
         "tram/regularizers.py",
         "            frozen_running_stats(model),\n",
