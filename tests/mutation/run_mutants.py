@@ -207,14 +207,6 @@ MUTANTS = [
         ("tests/test_tram_memory.py@llama and plain",),
     ),
     Mutant(
-        "missing-ascent-not-warned",
-        "tram/_wrapper.py",
-        "                warn_missing_ascent(state, type(self).__name__, "
-        "type(self.base_optimizer).__name__)",
-        "                pass",
-        ("tests/test_guarantees.py@warns",),
-    ),
-    Mutant(
         "any-child-called-module-unwrapped",
         "tram/_model_io.py",
         "    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or "
