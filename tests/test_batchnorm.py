@@ -263,14 +263,22 @@ def make_mlp_with_untrained_batchnorm(kind: str, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("kind", ["affine=False", "frozen"])
 def test_without_model_a_batchnorm_without_trained_weights_is_refused(kind: str) -> None:
     """It cannot be recognised by its weights, but its input depends on the perturbed ones: its
-    statistics would be updated a second time at θ+ε, silently."""
+    statistics would be updated a second time at θ+ε, silently. In the explicit form (where
+    another model's BatchNorm may run between the passes) the autograd graph tells them apart;
+    ``step(closure)`` refuses it as every BatchNorm of its second call."""
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
     model = make_mlp_with_untrained_batchnorm(kind)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = tram.SAM(torch.optim.SGD(trained, lr=0.1), rho=0.3)
+    closure = cross_entropy_closure(optimizer, model, x, y)
+    closure()
+    assert optimizer.first_step()
     with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the perturbed"):
-        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+        closure()
+    optimizer.restore()
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the perturbed"):
+        optimizer.step(closure)
     assert not optimizer.is_perturbed
     # Another model's such BatchNorm, on inputs that do not depend on the perturbed weights,
     # is not this step's: it passes while the wrapper is perturbed.
