@@ -48,8 +48,9 @@ coefficient): each replayed loss runs on the state its first pass ran on, and th
 updates are dropped, so the step, the generation schedule and every logged value are those of
 TRL's own trainer (``grad_norm``, the θ+ε gradient's, and the timings excepted).
 ``RewardTrainer``, ``KTOTrainer`` and the experimental ``ORPOTrainer`` and ``CPOTrainer`` take
-the exact step the same way. Trainers that generate inside ``training_step`` (the experimental ``GKDTrainer``,
-``GOLDTrainer``, ``OnlineDPOTrainer``) are refused: pass 2 would train on other completions.
+the exact step the same way. Trainers that generate inside ``training_step`` (the experimental
+``GKDTrainer``, ``GOLDTrainer``, ``OnlineDPOTrainer``) are refused: pass 2 would train on other
+completions.
 
 What of TRL this relies on beyond its documented API, checked by ``tests/test_trl.py``: the
 arguments that select the fused head and its loss (``fused_lm_head``, ``labels``,
