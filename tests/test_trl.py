@@ -962,3 +962,40 @@ def test_grpo_replays_with_the_adaptive_entropy_coefficient_of_the_first_pass(
     hand_two_pass(plain, windows, lambda base: tram.SAM(base, rho=0.07), set_coefficient)
     for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
+
+
+def test_grpo_tram_measures_the_exact_radius(tmp_path: Any) -> None:
+    """GRPO's forward uses TRL's fused head too: the twin gives TRAM d over the prompt and
+    completion tokens of the step's generated micro-batches, exactly (d = 0 at θ0)."""
+    model = tiny_llama()
+    theta0 = copy.deepcopy(model)
+    trainer = build_trainer(
+        "grpo",
+        with_tram(trl.GRPOTrainer),
+        model,
+        tmp_path,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    windows = record_prepared_windows(trainer)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    train_quietly(trainer)
+    radii = trainer.two_pass_optimizer.radius_history
+    assert len(radii) == 2
+    assert radii[0] == 0.0
+    theta1 = copy.deepcopy(theta0)
+    theta1.load_state_dict(snapshots.states[0])
+    kl = get_divergence("forward_kl")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in windows[1]:
+            ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+            attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+            inputs = {"input_ids": ids, "attention_mask": attention}
+            mask = attention != 0
+            d = float(kl(theta0(**inputs).logits, theta1(**inputs).logits, mask=mask))
+            total += d * int(mask.sum())
+            tokens += int(mask.sum())
+    assert radii[1] > 1e-5
+    assert radii[1] == pytest.approx(total / tokens, rel=1e-5)
