@@ -644,7 +644,7 @@ def prompt_dataset(rows: int = 8) -> Any:
     return datasets.Dataset.from_list([{"prompt": words(generator, 3)} for _ in range(rows)])
 
 
-def preference_dataset(rows: int = 4) -> Any:
+def preference_dataset(rows: int = 8) -> Any:
     generator = torch.Generator().manual_seed(1)
     return datasets.Dataset.from_list(
         [
@@ -658,7 +658,7 @@ def preference_dataset(rows: int = 4) -> Any:
     )
 
 
-def kto_dataset(rows: int = 4) -> Any:
+def kto_dataset(rows: int = 8) -> Any:
     generator = torch.Generator().manual_seed(2)
     return datasets.Dataset.from_list(
         [
@@ -683,7 +683,7 @@ def tiny_reward_model() -> nn.Module:
 
 TRAINER_ARGS: dict[str, Any] = {
     "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 1,
+    "gradient_accumulation_steps": 2,
     "max_steps": 2,
     "learning_rate": 0.3,
     "optim": "sgd",
