@@ -709,6 +709,14 @@ GENERATING = {
 }
 
 
+DISTILLING = {
+    # On-policy distillation: the student generates in _prepare_inputs, once per optimizer step.
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "max_completion_length": 4,
+}
+
+
 def trainer_class(name: str) -> type:
     if name in ("orpo", "cpo"):
         module = pytest.importorskip(f"trl.experimental.{name}")
@@ -718,6 +726,7 @@ def trainer_class(name: str) -> type:
         "rloo": trl.RLOOTrainer,
         "reward": trl.RewardTrainer,
         "kto": trl.KTOTrainer,
+        "distillation": trl.DistillationTrainer,
     }[name]
 
 
@@ -725,8 +734,12 @@ def build_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any, **opti
     """A trainer of kind ``name`` (cls: its class, or a tram subclass) on the tiny model."""
     kwargs: dict[str, Any] = {"model": model, "processing_class": tokenizer()}
     kwargs.update({key: options.pop(key) for key in ("method", "method_kwargs") if key in options})
-    args = {**TRAINER_ARGS, **(GENERATING if name in ("grpo", "rloo") else {}), **options}
-    if name in ("grpo", "rloo"):
+    preset = {"grpo": GENERATING, "rloo": GENERATING, "distillation": DISTILLING}.get(name, {})
+    args = {**TRAINER_ARGS, **preset, **options}
+    if name == "distillation":
+        config = trl.DistillationConfig
+        kwargs.update(teacher_model=tiny_llama(seed=1), train_dataset=prompt_dataset())
+    elif name in ("grpo", "rloo"):
         config = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[name]
         kwargs.update(reward_funcs=distinct_words_reward, train_dataset=prompt_dataset())
     elif name == "kto":
@@ -814,6 +827,8 @@ EXACT_CASES = {
     ),
     "grpo-tram-fisher": ("grpo", "tram-fisher", {}),
     "rloo-sam": ("rloo", "sam", {}),
+    "distillation-sam": ("distillation", "sam", {}),
+    "distillation-tram-fisher": ("distillation", "tram-fisher", {}),
     "reward-sam": ("reward", "sam", {}),
     "kto-sam": ("kto", "sam", {}),
     "orpo-sam": ("orpo", "sam", {}),
@@ -865,7 +880,7 @@ def test_other_trl_trainers_take_the_exact_two_pass_step(tmp_path: Any, case: st
     assert moved > 1e-3
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "reward", "kto", "orpo", "cpo"])
+@pytest.mark.parametrize("name", ["grpo", "rloo", "distillation", "reward", "kto", "orpo", "cpo"])
 def test_other_trl_trainers_log_the_first_pass_once(tmp_path: Any, name: str) -> None:
     """At learning rate 0 the weights never move, so everything TRL logs and counts must be what
     its plain trainer logs and counts: the replay at θ+ε goes through the trainer's training_step
@@ -895,7 +910,7 @@ def test_other_trl_trainers_log_the_first_pass_once(tmp_path: Any, name: str) ->
     for mine, reference in zip(ours, theirs, strict=True):
         expected = {k: v for k, v in reference.items() if k not in ignored}
         assert {k: mine.get(k) for k in expected} == expected
-    if name in ("grpo", "rloo"):
+    if name in ("grpo", "rloo", "distillation"):
         assert ours_trainer._step == plain._step == 4  # micro-batches trained, counted once
 
 
@@ -999,3 +1014,27 @@ def test_grpo_tram_measures_the_exact_radius(tmp_path: Any) -> None:
             tokens += int(mask.sum())
     assert radii[1] > 1e-5
     assert radii[1] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_distillation_refuses_a_trust_region_on_logits_before_any_step(tmp_path: Any) -> None:
+    """DistillationTrainer never builds the student's logits (its loss projects hidden states in
+    chunks), so TRAM cannot measure d: the first training step raises, naming the methods that
+    work, before any forward of the first pass and any optimizer step. TRAM-Fisher needs no
+    logits and takes the exact step."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        "distillation",
+        with_tram(trl.DistillationTrainer),
+        model,
+        tmp_path,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    with pytest.raises(
+        TypeError, match=r"DistillationTrainer computes its loss .*trust_region='fisher'"
+    ):
+        train_quietly(trainer)
+    assert trainer.two_pass_optimizer.steps == 0
+    for p, q in zip(model.parameters(), initial.parameters(), strict=True):
+        assert torch.equal(p, q)

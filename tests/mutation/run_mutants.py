@@ -346,6 +346,13 @@ MUTANTS = [
         ("tests/test_trl.py@exact_two_pass and (grpo or rloo)",),
     ),
     Mutant(
+        "trl-distillation-tram-on-logits-accepted",
+        "tram/integrations/trl.py",
+        "        if without_logits is not None:",
+        "        if False:",
+        ("tests/test_trl.py@distillation_refuses",),
+    ),
+    Mutant(
         "trl-generating-trainer-accepted",
         "tram/integrations/trl.py",
         "    if generating is not None:",

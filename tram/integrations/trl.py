@@ -36,21 +36,24 @@ logits and cost what they cost under ``TramTrainer``; TRAM-Fisher's noise goes o
 forward itself, whose gradient gives its ascent. TRL's own reference model of DPO runs without
 gradients and is never recorded.
 
-**Other TRL trainers** (:func:`with_tram`). ``GRPOTrainer`` and ``RLOOTrainer`` generate their
-completions in ``_prepare_inputs``, once per generation batch, and hand out one slice of it per
-micro-batch, counted by ``self._step`` (``steps_per_generation``, ``num_iterations``). The first
-pass's ``_prepare_inputs`` runs as under TRL; the replay does not call it again but trains on the
-micro-batches it returned, so that pass 2 sees the very completions, advantages and old
-log-probabilities pass 1 saw, generates nothing and draws no random numbers for sampling. Their
-``training_step`` and ``compute_loss``, which pass 2 runs too, update the trainer's state
-(``_TRAINER_STATE``: the metrics lists, the token and micro-batch counters, GRPO's adaptive entropy
-coefficient): each replayed loss runs on the state its first pass ran on, and the replay's
-updates are dropped, so the step, the generation schedule and every logged value are those of
-TRL's own trainer (``grad_norm``, the θ+ε gradient's, and the timings excepted).
-``RewardTrainer``, ``KTOTrainer`` and the experimental ``ORPOTrainer`` and ``CPOTrainer`` take
-the exact step the same way. Trainers that generate inside ``training_step`` (the experimental
-``GKDTrainer``, ``GOLDTrainer``, ``OnlineDPOTrainer``) are refused: pass 2 would train on other
-completions.
+**Other TRL trainers** (:func:`with_tram`). ``GRPOTrainer``, ``RLOOTrainer`` and
+``DistillationTrainer`` (on-policy) generate their completions in ``_prepare_inputs``, once per
+generation batch, and hand out one slice of it per micro-batch, counted by ``self._step``
+(``steps_per_generation``, ``num_iterations``). The first pass's ``_prepare_inputs`` runs as under
+TRL; the replay does not call it again but trains on the micro-batches it returned, so that pass 2
+sees the very completions, advantages and old log-probabilities pass 1 saw, generates nothing and
+draws no random numbers for sampling. Their ``training_step`` and ``compute_loss``, which pass 2
+runs too, update the trainer's state (``_TRAINER_STATE``: the metrics lists, the token and
+micro-batch counters, GRPO's adaptive entropy coefficient): each replayed loss runs on the state
+its first pass ran on, and the replay's updates are dropped, so the step, the generation schedule
+and every logged value are those of TRL's own trainer (``grad_norm``, the θ+ε gradient's, and the
+timings excepted). ``RewardTrainer``, ``KTOTrainer`` and the experimental ``ORPOTrainer`` and
+``CPOTrainer`` take the exact step the same way. Trainers that generate inside ``training_step``
+(the experimental ``GKDTrainer``, ``GOLDTrainer``, ``OnlineDPOTrainer``) are refused: pass 2 would
+train on other completions. ``DistillationTrainer`` never builds the student's logits (its loss
+projects hidden states chunk by chunk): TRAM's trust region on logits is refused there on the first
+training step, before any forward; the methods that need no logits take the exact step there
+(SAM and TRAM-Fisher tested).
 
 What of TRL this relies on beyond its documented API, checked by ``tests/test_trl.py``: the
 arguments that select the fused head and its loss (``fused_lm_head``, ``labels``,
@@ -116,6 +119,22 @@ def _trainer_state(trainer: Any) -> dict[str, Any]:
 def _set_trainer_state(trainer: Any, state: dict[str, Any]) -> None:
     for name, value in state.items():
         setattr(trainer, name, value)
+
+
+_COMPUTES_NO_LOGITS = {"DistillationTrainer": "trl.trainer.distillation_trainer"}
+"""TRL trainers whose training forward never builds the logits (not even through the fused head
+that TRAM's twin undoes): ``DistillationTrainer`` projects the student's and the teacher's hidden
+states to the vocabulary chunk by chunk inside its loss."""
+
+
+def _trl_base(trainer_class: type[Any], names: dict[str, str]) -> type[Any] | None:
+    """The class among ``trainer_class``'s bases that is one of TRL's trainers in ``names``
+    (class name: the module it comes from), or None."""
+    for klass in trainer_class.__mro__:
+        module = names.get(klass.__name__)
+        if module is not None and klass.__module__.startswith(module):
+            return klass
+    return None
 
 
 def _rng_state(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.device]:
@@ -189,6 +208,15 @@ class _TRLMixin:
             # training forward would give the ascent its gradient); TRAM records nothing on an
             # ascent_every off-step or a step that reuses d (a twin would be a wasted forward).
             return TramTrainer._observe_first_pass(self, model, optimizer)  # type: ignore[arg-type]
+        without_logits = _trl_base(type(self), _COMPUTES_NO_LOGITS)
+        if without_logits is not None:
+            raise TypeError(
+                f"{type(optimizer).__name__} measures its trust region on the model's logits, but "
+                f"{without_logits.__name__} computes its loss from the hidden states in chunks "
+                "and never builds them (a twin forward would run its loss instead); use a method "
+                "that needs no logits: 'sam', 'asam', 'fisher_sam', or 'tram' with "
+                "trust_region='fisher'"
+            )
         module = getattr(optimizer, "module", None)
         if not isinstance(module, nn.Module):
             module = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
@@ -283,20 +311,13 @@ _GENERATES_IN_TRAINING_STEP = {
 ``lmbda``, drawn from Python's ``random``; online DPO always), from the weights of the moment."""
 
 
-def _generating_base(trainer_class: type[Any]) -> type[Any] | None:
-    for klass in trainer_class.__mro__:
-        module = _GENERATES_IN_TRAINING_STEP.get(klass.__name__)
-        if module is not None and klass.__module__.startswith(module):
-            return klass
-    return None
-
-
 def with_tram(trainer_class: type[Any]) -> type[Any]:
     """``TramTrainer`` combined with another ``transformers.Trainer`` subclass (e.g. another TRL
     trainer that trains with ``training_step``/``compute_loss``).
 
-    Exact with TRL's ``GRPOTrainer``, ``RLOOTrainer``, ``RewardTrainer``, ``KTOTrainer`` and the
-    experimental ``ORPOTrainer`` and ``CPOTrainer`` (``tests/test_trl.py``): completions generated
+    Exact with TRL's ``GRPOTrainer``, ``RLOOTrainer``, ``DistillationTrainer``,
+    ``RewardTrainer``, ``KTOTrainer`` and the experimental ``ORPOTrainer`` and ``CPOTrainer``
+    (``tests/test_trl.py``): completions generated
     in ``_prepare_inputs`` are generated once, in the first pass, and replayed (see
     ``TramTrainer._prepare_inputs``); the trainer state their ``training_step``/``compute_loss``
     update is that of the first pass (:data:`_TRAINER_STATE`).
@@ -316,7 +337,7 @@ def with_tram(trainer_class: type[Any]) -> type[Any]:
         )
     if issubclass(trainer_class, TramTrainer):
         return trainer_class
-    generating = _generating_base(trainer_class)
+    generating = _trl_base(trainer_class, _GENERATES_IN_TRAINING_STEP)
     if generating is not None:
         raise TypeError(
             f"with_tram(): {generating.__name__} generates completions inside training_step, "
