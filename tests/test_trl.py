@@ -830,6 +830,7 @@ EXACT_CASES = {
     "distillation-sam": ("distillation", "sam", {}),
     "distillation-tram-fisher": ("distillation", "tram-fisher", {}),
     "reward-sam": ("reward", "sam", {}),
+    "reward-tram-fisher": ("reward", "tram-fisher", {}),
     "kto-sam": ("kto", "sam", {}),
     "orpo-sam": ("orpo", "sam", {}),
     "cpo-sam": ("cpo", "sam", {}),
@@ -1034,6 +1035,28 @@ def test_distillation_refuses_a_trust_region_on_logits_before_any_step(tmp_path:
     with pytest.raises(
         TypeError, match=r"DistillationTrainer computes its loss .*trust_region='fisher'"
     ):
+        train_quietly(trainer)
+    assert trainer.two_pass_optimizer.steps == 0
+    for p, q in zip(model.parameters(), initial.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_reward_model_tram_refuses_a_divergence_of_one_logit(tmp_path: Any) -> None:
+    """A reward model outputs one logit per sequence: every divergence of its softmax is 0 for
+    any weights, so TRAM would ascend by radius 0 (the base optimizer under TRAM's name). Refused
+    when d is first measured, before any optimizer step; TRAM-Fisher measures no divergence and
+    takes the exact step (the hand loop of RewardTrainer.compute_loss)."""
+    model = tiny_reward_model()
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        "reward",
+        with_tram(trl.RewardTrainer),
+        model,
+        tmp_path / "kl",
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    with pytest.raises(ValueError, match=r"at least 2 classes .*\(4, 1\)"):
         train_quietly(trainer)
     assert trainer.two_pass_optimizer.steps == 0
     for p, q in zip(model.parameters(), initial.parameters(), strict=True):

@@ -353,6 +353,13 @@ MUTANTS = [
         ("tests/test_trl.py@distillation_refuses",),
     ),
     Mutant(
+        "divergence-of-one-class-accepted",
+        "tram/divergence.py",
+        "    if logits.shape[-1] < 2:",
+        "    if False:",
+        ("tests/test_divergence.py@single_class", "tests/test_trl.py@one_logit"),
+    ),
+    Mutant(
         "trl-generating-trainer-accepted",
         "tram/integrations/trl.py",
         "    if generating is not None:",
