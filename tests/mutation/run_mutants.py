@@ -332,6 +332,20 @@ MUTANTS = [
         ("tests/test_trl.py@first_pass_once and (orpo or cpo)",),
     ),
     Mutant(
+        "trl-grpo-micro-batch-counter-advanced-by-the-replay",
+        "tram/integrations/trl.py",
+        '    "_step",  # GRPO, RLOO:',
+        '    # "_step",  # GRPO, RLOO:',
+        ("tests/test_trl.py@(exact_two_pass or first_pass_once) and grpo",),
+    ),
+    Mutant(
+        "trl-grpo-entropy-coefficient-of-the-next-step-replayed",
+        "tram/integrations/trl.py",
+        '    "entropy_coef",  # GRPO',
+        '    # "entropy_coef",  # GRPO',
+        ("tests/test_trl.py@adaptive_entropy",),
+    ),
+    Mutant(
         "trl-replay-on-the-state-pass-one-left",
         "tram/integrations/trl.py",
         "            _set_trainer_state(self, self._tram_loss_states.pop(0))",
