@@ -11,6 +11,7 @@ from torch import Tensor
 
 from tram.divergence import (
     DIVERGENCES,
+    forward_kl_rows,
     get_divergence,
     js_divergence,
     kl_divergence,
@@ -468,3 +469,19 @@ def test_token_mask_errors() -> None:
         token_mask(labels=torch.zeros(2, 3), attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"^shift=True needs a sequence dimension"):
         token_mask(labels=torch.tensor(3), shift=True)
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+def test_divergences_refuse_a_single_class(name: str) -> None:
+    """One logit per row (a reward or regression head): the softmax is 1 for any logit, so every
+    divergence (all compare softmax distributions) would be 0 for any weights; refused, naming
+    the methods that measure none."""
+    target, logits = torch.zeros(3, 1), torch.full((3, 1), 2.3)
+    with pytest.raises(
+        ValueError, match=r"at least 2 classes .*shape \(3, 1\).*trust_region='fisher'"
+    ):
+        get_divergence(name)(target, logits)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        forward_kl_rows(target, logits)
+    two = torch.cat([target, logits], dim=-1)
+    assert float(get_divergence(name)(two, two.flip(-1))) > 0

@@ -627,3 +627,437 @@ def test_regularizers_are_refused_with_trl(tmp_path: Any) -> None:
             processing_class=tokenizer(),
             regularizers=[tram.R3F()],
         )
+
+
+# ---------------------------------------------------------------------- other TRL trainers
+# with_tram on TRL's other trainers. Each run is compared with a hand-written two-pass loop that
+# calls a plain instance of the same trainer's compute_loss on the micro-batches the tram run's
+# first pass trained on (as its _prepare_inputs returned them: for GRPO and RLOO, slices of a
+# generated batch), with the base optimizer the trainer builds (its parameter groups set the
+# order in which the ascent's norm is summed, so the same groups make the weights bit-equal).
+def words(generator: torch.Generator, n: int) -> str:
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 3, (n,), generator=generator))
+
+
+def prompt_dataset(rows: int = 8) -> Any:
+    generator = torch.Generator().manual_seed(1)
+    return datasets.Dataset.from_list([{"prompt": words(generator, 3)} for _ in range(rows)])
+
+
+def preference_dataset(rows: int = 8) -> Any:
+    generator = torch.Generator().manual_seed(1)
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": words(generator, 3),
+                "chosen": words(generator, 3),
+                "rejected": words(generator, 2),
+            }
+            for _ in range(rows)
+        ]
+    )
+
+
+def kto_dataset(rows: int = 8) -> Any:
+    generator = torch.Generator().manual_seed(2)
+    return datasets.Dataset.from_list(
+        [
+            {"prompt": words(generator, 3), "completion": words(generator, 3), "label": bool(i % 2)}
+            for i in range(rows)
+        ]
+    )
+
+
+def distinct_words_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """A reward that differs between completions, so that the advantages are not all zero."""
+    return [0.37 * len(set(c.split())) + (0.11 if "w3" in c.split() else 0.0) for c in completions]
+
+
+def tiny_reward_model() -> nn.Module:
+    torch.manual_seed(0)
+    config = tiny_llama_config(
+        vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, num_labels=1
+    )
+    return transformers.LlamaForSequenceClassification(config)
+
+
+TRAINER_ARGS: dict[str, Any] = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "max_steps": 2,
+    "learning_rate": 0.3,
+    "optim": "sgd",
+    "lr_scheduler_type": "constant",
+    "max_grad_norm": 0.0,
+    "bf16": False,
+    "report_to": [],
+    "use_cpu": True,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "disable_tqdm": True,
+    "seed": 5,
+}
+GENERATING = {
+    # 4 prompts x 2 completions per optimizer step, in 2 micro-batches; beta=0: no reference
+    # model to load by name (its log-probabilities would be inputs like the old ones).
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "num_generations": 2,
+    "max_completion_length": 4,
+    "beta": 0.0,
+    "seed": 7,
+}
+
+
+DISTILLING = {
+    # On-policy distillation: the student generates in _prepare_inputs, once per optimizer step.
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "max_completion_length": 4,
+}
+
+
+def trainer_class(name: str) -> type:
+    if name in ("orpo", "cpo"):
+        module = pytest.importorskip(f"trl.experimental.{name}")
+        return getattr(module, f"{name.upper()}Trainer")
+    return {
+        "grpo": trl.GRPOTrainer,
+        "rloo": trl.RLOOTrainer,
+        "reward": trl.RewardTrainer,
+        "kto": trl.KTOTrainer,
+        "distillation": trl.DistillationTrainer,
+    }[name]
+
+
+def build_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any, **options: Any) -> Any:
+    """A trainer of kind ``name`` (cls: its class, or a tram subclass) on the tiny model."""
+    kwargs: dict[str, Any] = {"model": model, "processing_class": tokenizer()}
+    kwargs.update({key: options.pop(key) for key in ("method", "method_kwargs") if key in options})
+    preset = {"grpo": GENERATING, "rloo": GENERATING, "distillation": DISTILLING}.get(name, {})
+    args = {**TRAINER_ARGS, **preset, **options}
+    if name == "distillation":
+        config = trl.DistillationConfig
+        kwargs.update(teacher_model=tiny_llama(seed=1), train_dataset=prompt_dataset())
+    elif name in ("grpo", "rloo"):
+        config = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[name]
+        kwargs.update(reward_funcs=distinct_words_reward, train_dataset=prompt_dataset())
+    elif name == "kto":
+        config = trl.KTOConfig
+        kwargs.update(ref_model=copy.deepcopy(model), train_dataset=kto_dataset())
+    else:
+        config = {"reward": trl.RewardConfig}.get(name)
+        if config is None:
+            config = getattr(
+                pytest.importorskip(f"trl.experimental.{name}"), f"{name.upper()}Config"
+            )
+        kwargs.update(train_dataset=preference_dataset())
+    return cls(args=config(output_dir=str(output_dir), **args), **kwargs)
+
+
+def new_model(name: str) -> nn.Module:
+    return tiny_reward_model() if name == "reward" else tiny_llama()
+
+
+def record_prepared_windows(trainer: Any) -> list[list[dict[str, Any]]]:
+    """Each optimizer step's micro-batches as the first pass's _prepare_inputs returned them."""
+    windows: list[list[dict[str, Any]]] = []
+    original = trainer._prepare_inputs
+
+    def prepare(inputs: Any) -> Any:
+        prepared = original(inputs)
+        step = trainer._tram_step
+        if step.phase == "first":
+            if len(step.window) == 1:
+                windows.append([])
+            windows[-1].append(
+                {k: v.clone() if torch.is_tensor(v) else v for k, v in prepared.items()}
+            )
+        return prepared
+
+    trainer._prepare_inputs = prepare
+    return windows
+
+
+def hand_two_pass(
+    plain: Any, windows: list[list[dict[str, Any]]], wrapper: Any, before_window: Any = None
+) -> None:
+    """The two-pass steps by hand with ``plain.compute_loss`` on ``plain.model``, scaled for the
+    accumulation as the Trainer does (unless the trainer's loss is scaled already)."""
+    model = plain.model
+    model.train()
+    optimizer = wrapper(plain.create_optimizer())
+    for index, window in enumerate(windows):
+        if before_window is not None:
+            before_window(index)
+        plain.current_gradient_accumulation_steps = len(window)
+        divisor = 1 if plain.loss_is_scaled_for_ga else len(window)
+
+        def closure(window: list[dict[str, Any]] = window, divisor: int = divisor) -> Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for batch in window:
+                loss = plain.compute_loss(model, dict(batch)) / divisor
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        optimizer.step(closure)
+
+
+def train_quietly(trainer: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+
+
+EXACT_CASES = {
+    "grpo-sam": ("grpo", "sam", {}),
+    # One generation batch for two optimizer steps, each trained twice: the replay must not
+    # regenerate, nor move on to the next slice.
+    "grpo-sam-reused-generations": (
+        "grpo",
+        "sam",
+        {
+            "per_device_train_batch_size": 2,
+            "steps_per_generation": 4,
+            "num_iterations": 2,
+            "max_steps": 3,
+        },
+    ),
+    "grpo-tram-fisher": ("grpo", "tram-fisher", {}),
+    "rloo-sam": ("rloo", "sam", {}),
+    "distillation-sam": ("distillation", "sam", {}),
+    "distillation-tram-fisher": ("distillation", "tram-fisher", {}),
+    "reward-sam": ("reward", "sam", {}),
+    "reward-tram-fisher": ("reward", "tram-fisher", {}),
+    "kto-sam": ("kto", "sam", {}),
+    "orpo-sam": ("orpo", "sam", {}),
+    "cpo-sam": ("cpo", "sam", {}),
+}
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sam": ("sam", {"rho": 0.07}),
+    "tram-fisher": (
+        "tram",
+        {"trust_region": "fisher", "sigma": 0.37, "rho": 0.21, "fisher_eta": 0.13},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_other_trl_trainers_take_the_exact_two_pass_step(tmp_path: Any, case: str) -> None:
+    """with_tram(GRPO/RLOO/Reward/KTO/ORPO/CPO trainer): the weights equal, bit for bit, the hand
+    loop of the trainer's own loss (at θ, ascent, at θ+ε on the same micro-batches, restore,
+    base step)."""
+    name, method, options = EXACT_CASES[case]
+    method_name, method_kwargs = METHODS[method]
+    cls = trainer_class(name)
+    model = new_model(name)
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        name,
+        with_tram(cls),
+        model,
+        tmp_path / "tram",
+        method=method_name,
+        method_kwargs=method_kwargs,
+        **options,
+    )
+    windows = record_prepared_windows(trainer)
+    train_quietly(trainer)
+    steps = options.get("max_steps", 2)
+    assert trainer.two_pass_optimizer.steps == steps
+    assert len(windows) == steps
+    reference = copy.deepcopy(initial)
+    plain = build_trainer(name, cls, reference, tmp_path / "plain", **options)
+    wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
+    model_arg = (reference,) if method_name == "tram" else ()
+    hand_two_pass(plain, windows, lambda base: wrapper_class(base, *model_arg, **method_kwargs))
+    for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
+    moved = max(
+        (p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters())
+    )
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "distillation", "reward", "kto", "orpo", "cpo"])
+def test_other_trl_trainers_log_the_first_pass_once(tmp_path: Any, name: str) -> None:
+    """At learning rate 0 the weights never move, so everything TRL logs and counts must be what
+    its plain trainer logs and counts: the replay at θ+ε goes through the trainer's training_step
+    and compute_loss too (GRPO/RLOO: the micro-batch counter that picks the slice of the
+    generation batch, which a replay must neither advance nor regenerate; ORPO/CPO:
+    ``_stored_metrics``). Only grad_norm (the θ+ε gradient) and the timings may differ."""
+    cls = trainer_class(name)
+    runs = []
+    for trainer_cls, extra in (
+        (cls, {}),
+        (with_tram(cls), {"method": "sam", "method_kwargs": {"rho": 0.5}}),
+    ):
+        trainer = build_trainer(
+            name,
+            trainer_cls,
+            new_model(name),
+            tmp_path / trainer_cls.__name__,
+            learning_rate=0.0,
+            **extra,
+        )
+        train_quietly(trainer)
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        runs.append((trainer, logs))
+    (plain, theirs), (ours_trainer, ours) = runs
+    assert len(theirs) == len(ours) == 2
+    ignored = ("grad_norm", "step_time")
+    for mine, reference in zip(ours, theirs, strict=True):
+        expected = {k: v for k, v in reference.items() if k not in ignored}
+        assert {k: mine.get(k) for k in expected} == expected
+    if name in ("grpo", "rloo", "distillation"):
+        assert ours_trainer._step == plain._step == 4  # micro-batches trained, counted once
+
+
+@pytest.mark.parametrize("name", ["GKDTrainer", "GOLDTrainer", "OnlineDPOTrainer"])
+def test_with_tram_refuses_trainers_that_generate_in_training_step(name: str) -> None:
+    """These trainers sample completions inside training_step, from the weights of the moment:
+    a replay at θ+ε would train on other completions than the first pass (and GKD/GOLD draw
+    Python's random to decide whether to generate), so no exact two-pass step exists."""
+    module = pytest.importorskip(
+        {
+            "GKDTrainer": "trl.experimental.gkd",
+            "GOLDTrainer": "trl.experimental.gold",
+            "OnlineDPOTrainer": "trl.experimental.online_dpo",
+        }[name]
+    )
+    cls = getattr(module, name)
+    with pytest.raises(TypeError, match=rf"{name} generates .*inside training_step"):
+        with_tram(cls)
+    subclass = type("MyTrainer", (cls,), {})
+    with pytest.raises(TypeError, match=rf"{name} generates"):
+        with_tram(subclass)
+
+
+def test_grpo_replays_with_the_adaptive_entropy_coefficient_of_the_first_pass(
+    tmp_path: Any,
+) -> None:
+    """GRPO's adaptive entropy bonus updates its coefficient inside compute_loss, on the last
+    micro-batch of each optimizer step, for the next step. Pass 2 runs after that update: it must
+    still use the coefficient pass 1 used (0 at step 1, before any entropy was measured; then
+    0.03 + 0.02), as the hand loop does with the coefficient fixed per step."""
+    target = 5.0  # above the entropy of the tiny model (about ln 40): the coefficient grows
+    adaptive = {"use_adaptive_entropy": True, "entropy_coef": 0.03, "entropy_coef_delta": 0.02}
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        "grpo",
+        with_tram(trl.GRPOTrainer),
+        model,
+        tmp_path / "tram",
+        method="sam",
+        method_kwargs={"rho": 0.07},
+        entropy_target=target,
+        **adaptive,
+    )
+    windows = record_prepared_windows(trainer)
+    applied: list[float] = []
+    original = trainer._prepare_inputs
+
+    def prepare(inputs: Any) -> Any:
+        if trainer._tram_step.phase == "first" and len(trainer._tram_step.window) == 1:
+            measured = trainer._last_world_entropy <= target
+            applied.append(trainer.entropy_coef if measured else 0.0)
+        return original(inputs)
+
+    trainer._prepare_inputs = prepare
+    train_quietly(trainer)
+    assert applied == pytest.approx([0.0, 0.05])
+    reference = copy.deepcopy(initial)
+    plain = build_trainer("grpo", trl.GRPOTrainer, reference, tmp_path / "plain", entropy_coef=0.03)
+
+    def set_coefficient(index: int) -> None:
+        plain.entropy_coef = applied[index]
+
+    hand_two_pass(plain, windows, lambda base: tram.SAM(base, rho=0.07), set_coefficient)
+    for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
+
+
+def test_grpo_tram_measures_the_exact_radius(tmp_path: Any) -> None:
+    """GRPO's forward uses TRL's fused head too: the twin gives TRAM d over the prompt and
+    completion tokens of the step's generated micro-batches, exactly (d = 0 at θ0)."""
+    model = tiny_llama()
+    theta0 = copy.deepcopy(model)
+    trainer = build_trainer(
+        "grpo",
+        with_tram(trl.GRPOTrainer),
+        model,
+        tmp_path,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    windows = record_prepared_windows(trainer)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    train_quietly(trainer)
+    radii = trainer.two_pass_optimizer.radius_history
+    assert len(radii) == 2
+    assert radii[0] == 0.0
+    theta1 = copy.deepcopy(theta0)
+    theta1.load_state_dict(snapshots.states[0])
+    kl = get_divergence("forward_kl")
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in windows[1]:
+            ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+            attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+            inputs = {"input_ids": ids, "attention_mask": attention}
+            mask = attention != 0
+            d = float(kl(theta0(**inputs).logits, theta1(**inputs).logits, mask=mask))
+            total += d * int(mask.sum())
+            tokens += int(mask.sum())
+    assert radii[1] > 1e-5
+    assert radii[1] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_distillation_refuses_a_trust_region_on_logits_before_any_step(tmp_path: Any) -> None:
+    """DistillationTrainer never builds the student's logits (its loss projects hidden states in
+    chunks), so TRAM cannot measure d: the first training step raises, naming the methods that
+    work, before any forward of the first pass and any optimizer step. TRAM-Fisher needs no
+    logits and takes the exact step."""
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        "distillation",
+        with_tram(trl.DistillationTrainer),
+        model,
+        tmp_path,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    with pytest.raises(
+        TypeError, match=r"DistillationTrainer computes its loss .*trust_region='fisher'"
+    ):
+        train_quietly(trainer)
+    assert trainer.two_pass_optimizer.steps == 0
+    for p, q in zip(model.parameters(), initial.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_reward_model_tram_refuses_a_divergence_of_one_logit(tmp_path: Any) -> None:
+    """A reward model outputs one logit per sequence: every divergence of its softmax is 0 for
+    any weights, so TRAM would ascend by radius 0 (the base optimizer under TRAM's name). Refused
+    when d is first measured, before any optimizer step; TRAM-Fisher measures no divergence and
+    takes the exact step (the hand loop of RewardTrainer.compute_loss)."""
+    model = tiny_reward_model()
+    initial = copy.deepcopy(model)
+    trainer = build_trainer(
+        "reward",
+        with_tram(trl.RewardTrainer),
+        model,
+        tmp_path / "kl",
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+    with pytest.raises(ValueError, match=r"at least 2 classes .*\(4, 1\)"):
+        train_quietly(trainer)
+    assert trainer.two_pass_optimizer.steps == 0
+    for p, q in zip(model.parameters(), initial.parameters(), strict=True):
+        assert torch.equal(p, q)

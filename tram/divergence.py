@@ -120,6 +120,19 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_classes(logits: Tensor) -> None:
+    """Every divergence here compares softmax distributions, and the softmax of a single logit is
+    1 whatever its value: on a one-output head (a reward model, a regression head) d would be 0
+    for any weights, and TRAM's trust region (or R3F's penalty) would silently vanish."""
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            "divergences need logits over at least 2 classes (last dimension), but got shape "
+            f"{_shape(logits)}: the softmax of a single logit is 1 for any weights, so the "
+            "divergence would be 0 (a reward or regression head); use a method that measures no "
+            "divergence: SAM, ASAM, Fisher SAM, or TRAM with trust_region='fisher'"
+        )
+
+
 @contextlib.contextmanager
 def _fp32(device: torch.device) -> Iterator[None]:
     """Disable autocast (which would run matmuls in half precision) on ``device``."""
@@ -148,6 +161,7 @@ def _flatten(
             "logits must have at least 2 dimensions (positions..., classes), "
             f"but got shape {_shape(logits)}"
         )
+    _check_classes(logits)
     num_classes = logits.shape[-1]
     target = target_logits.to(torch.float32).reshape(-1, num_classes)
     current = logits.to(torch.float32).reshape(-1, num_classes)
@@ -189,6 +203,7 @@ def forward_kl_rows(target_logits: Tensor, logits: Tensor) -> Tensor:
     buffers worked in place instead of about seven temporaries: TRAM measures d this way, where
     no gradient is needed and the logits of a language model are large.
     """
+    _check_classes(logits)
     with _fp32(logits.device):
         log_p = torch.log_softmax(target_logits, dim=-1, dtype=torch.float32).clamp_min_(_LOG_FLOOR)
         log_q = torch.log_softmax(logits, dim=-1, dtype=torch.float32).clamp_min_(_LOG_FLOOR)
@@ -223,7 +238,8 @@ def kl_divergence(
         (0 when the mask selects nothing).
 
     Raises:
-        ValueError: On an unknown ``direction`` or inconsistent shapes.
+        ValueError: On an unknown ``direction``, inconsistent shapes, or a single class (every
+            divergence of a one-logit softmax is 0).
 
     Example:
         >>> target = torch.tensor([[2.0, 0.0, -1.0]])
@@ -361,8 +377,8 @@ def mmd(
         A float32 scalar (0 when the mask selects nothing).
 
     Raises:
-        ValueError: On an unknown ``kernel``, empty or non-positive ``bandwidths``, or
-            inconsistent shapes.
+        ValueError: On an unknown ``kernel``, empty or non-positive ``bandwidths``,
+            inconsistent shapes, or a single class.
     """
     if kernel not in ("imq", "rbf"):
         raise ValueError(f"Invalid kernel: {kernel!r}. Expected 'imq' or 'rbf'")
