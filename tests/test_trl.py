@@ -59,24 +59,27 @@ def sft_dataset(rows: int = 8) -> Any:
     return datasets.Dataset.from_dict({"input_ids": sequences})
 
 
+TRAINER_ARGS: dict[str, Any] = {
+    # SGD at a constant rate, no clipping, fp32: every trainer's step is checked by hand.
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "max_steps": 2,
+    "learning_rate": 0.3,
+    "optim": "sgd",
+    "lr_scheduler_type": "constant",
+    "max_grad_norm": 0.0,
+    "bf16": False,  # TRL's default is bf16 autocast
+    "report_to": [],
+    "use_cpu": True,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "disable_tqdm": True,
+    "seed": 5,
+}
+
+
 def sft_config(tmp_path: Any, **kwargs: Any) -> Any:
-    options: dict[str, Any] = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "max_steps": 2,
-        "learning_rate": 0.3,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "max_grad_norm": 0.0,
-        "report_to": [],
-        "use_cpu": True,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "seed": 3,
-        "disable_tqdm": True,
-        "bf16": False,  # TRL's default is bf16 autocast
-    }
+    options: dict[str, Any] = {**TRAINER_ARGS, "output_dir": str(tmp_path / "out"), "seed": 3}
     options.update(kwargs)
     return trl.SFTConfig(**options)
 
@@ -681,22 +684,6 @@ def tiny_reward_model() -> nn.Module:
     return transformers.LlamaForSequenceClassification(config)
 
 
-TRAINER_ARGS: dict[str, Any] = {
-    "per_device_train_batch_size": 2,
-    "gradient_accumulation_steps": 2,
-    "max_steps": 2,
-    "learning_rate": 0.3,
-    "optim": "sgd",
-    "lr_scheduler_type": "constant",
-    "max_grad_norm": 0.0,
-    "bf16": False,
-    "report_to": [],
-    "use_cpu": True,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "disable_tqdm": True,
-    "seed": 5,
-}
 GENERATING = {
     # 4 prompts x 2 completions per optimizer step, in 2 micro-batches; beta=0: no reference
     # model to load by name (its log-probabilities would be inputs like the old ones).
@@ -980,19 +967,24 @@ def test_grpo_replays_with_the_adaptive_entropy_coefficient_of_the_first_pass(
         assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
 
 
+def tram_theta0_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any) -> Any:
+    """:func:`build_trainer` with TRAM-θ0, the trust region whose first d is exactly 0."""
+    return build_trainer(
+        name,
+        with_tram(cls),
+        model,
+        output_dir,
+        method="tram",
+        method_kwargs={"trust_region": "pretrained"},
+    )
+
+
 def test_grpo_tram_measures_the_exact_radius(tmp_path: Any) -> None:
     """GRPO's forward uses TRL's fused head too: the twin gives TRAM d over the prompt and
     completion tokens of the step's generated micro-batches, exactly (d = 0 at θ0)."""
     model = tiny_llama()
     theta0 = copy.deepcopy(model)
-    trainer = build_trainer(
-        "grpo",
-        with_tram(trl.GRPOTrainer),
-        model,
-        tmp_path,
-        method="tram",
-        method_kwargs={"trust_region": "pretrained"},
-    )
+    trainer = tram_theta0_trainer("grpo", trl.GRPOTrainer, model, tmp_path)
     windows = record_prepared_windows(trainer)
     snapshots = Snapshots()
     trainer.add_callback(snapshots)
@@ -1024,14 +1016,7 @@ def test_distillation_refuses_a_trust_region_on_logits_before_any_step(tmp_path:
     logits and takes the exact step."""
     model = tiny_llama()
     initial = copy.deepcopy(model)
-    trainer = build_trainer(
-        "distillation",
-        with_tram(trl.DistillationTrainer),
-        model,
-        tmp_path,
-        method="tram",
-        method_kwargs={"trust_region": "pretrained"},
-    )
+    trainer = tram_theta0_trainer("distillation", trl.DistillationTrainer, model, tmp_path)
     with pytest.raises(
         TypeError, match=r"DistillationTrainer computes its loss .*trust_region='fisher'"
     ):
@@ -1048,14 +1033,7 @@ def test_reward_model_tram_refuses_a_divergence_of_one_logit(tmp_path: Any) -> N
     takes the exact step (the hand loop of RewardTrainer.compute_loss)."""
     model = tiny_reward_model()
     initial = copy.deepcopy(model)
-    trainer = build_trainer(
-        "reward",
-        with_tram(trl.RewardTrainer),
-        model,
-        tmp_path / "kl",
-        method="tram",
-        method_kwargs={"trust_region": "pretrained"},
-    )
+    trainer = tram_theta0_trainer("reward", trl.RewardTrainer, model, tmp_path / "kl")
     with pytest.raises(ValueError, match=r"at least 2 classes .*\(4, 1\)"):
         train_quietly(trainer)
     assert trainer.two_pass_optimizer.steps == 0
