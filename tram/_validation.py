@@ -17,10 +17,10 @@ from torch.optim import Optimizer
 __all__ = [
     "check_base_optimizer",
     "check_non_negative",
+    "check_parameters",
     "check_positive_int",
     "check_unit_interval",
     "inverse_grad_scale",
-    "refuse_duplicate_parameters",
     "refuse_fsdp1_parameters",
 ]
 
@@ -99,9 +99,9 @@ def check_base_optimizer(
             "two-pass step hands the base optimizer the gradient of the second pass, with no "
             "closure"
         )
-    params = [param for group in base_optimizer.param_groups for param in group["params"]]
-    refuse_fsdp1_parameters(method, params)
-    refuse_duplicate_parameters(method, params)
+    check_parameters(
+        method, [param for group in base_optimizer.param_groups for param in group["params"]]
+    )
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     collisions = sorted(set(defaults) & set(base_optimizer.defaults))
@@ -121,6 +121,12 @@ def _step_needs_a_closure(optimizer: Optimizer) -> bool:
     except (TypeError, ValueError):  # no signature to read: assume torch's contract
         return False
     return parameter is not None and parameter.default is inspect.Parameter.empty
+
+
+def check_parameters(method: str, params: list[Tensor]) -> None:
+    """Refuse what no wrapper can perturb exactly: FSDP1's shards, a tensor listed twice."""
+    refuse_fsdp1_parameters(method, params)
+    refuse_duplicate_parameters(method, params)
 
 
 def refuse_fsdp1_parameters(method: str, params: Iterable[Tensor]) -> None:

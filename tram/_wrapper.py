@@ -38,10 +38,9 @@ from tram._step_state import (
 )
 from tram._validation import (
     check_base_optimizer,
+    check_parameters,
     check_positive_int,
     inverse_grad_scale,
-    refuse_duplicate_parameters,
-    refuse_fsdp1_parameters,
 )
 from tram.batchnorm import (
     freeze_running_stats,
@@ -160,13 +159,12 @@ class TwoPassOptimizer(Optimizer):
             return
         self._validate_group({**self._method_defaults, **param_group})
         params = param_group["params"]
-        if isinstance(params, Tensor):
-            refuse_fsdp1_parameters(type(self).__name__, [params])
-        elif not isinstance(params, set):  # torch refuses a set, with its own message
-            # A generator is read once: the base optimizer gets the list that was checked.
-            param_group = {**param_group, "params": list(params)}
-            refuse_fsdp1_parameters(type(self).__name__, param_group["params"])
-            refuse_duplicate_parameters(type(self).__name__, param_group["params"])
+        if not isinstance(params, set):  # torch refuses a set, with its own message
+            # As torch does, a tensor becomes a list of one; a generator is read once, and the
+            # base optimizer gets the list that was checked.
+            params = [params] if isinstance(params, Tensor) else list(params)
+            check_parameters(type(self).__name__, params)
+            param_group = {**param_group, "params": params}
         self.base_optimizer.add_param_group(param_group)
         self._relink()
 

@@ -319,7 +319,7 @@ def with_tram(trainer_class: type[Any]) -> type[Any]:
     ``RewardTrainer``, ``KTOTrainer`` and the experimental ``ORPOTrainer`` and ``CPOTrainer``
     (``tests/test_trl.py``): completions generated
     in ``_prepare_inputs`` are generated once, in the first pass, and replayed (see
-    ``TramTrainer._prepare_inputs``); the trainer state their ``training_step``/``compute_loss``
+    ``_TRLMixin._prepare_inputs``); the trainer state their ``training_step``/``compute_loss``
     update is that of the first pass (:data:`_TRAINER_STATE`).
 
     Raises:
