@@ -582,6 +582,82 @@ def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
         assert torch.equal(p, q)
 
 
+def autocast_of_block(block: nn.Module) -> list[bool]:
+    """Whether CPU autocast was on, for each forward of ``block`` with gradients enabled."""
+    autocast: list[bool] = []
+    block.register_forward_hook(
+        lambda module, args, output: (
+            autocast.append(torch.is_autocast_enabled("cpu")) if torch.is_grad_enabled() else None
+        )
+    )
+    return autocast
+
+
+def sft_loss_loop(
+    plain: Any,
+    windows: list[tuple[list[dict[str, Tensor]], Any]],
+    optimizer: tram.TwoPassOptimizer,
+    *,
+    bf16: bool,
+) -> None:
+    """The two-pass steps by hand with the plain SFTTrainer's own ``compute_loss`` (TRL's fused
+    head, so the sums run in TRL's order) on ``plain.model``, normalised by each window's token
+    count; with ``bf16``, under bf16 autocast."""
+    model = plain.model
+    model.train()
+    for window, num_items in windows:
+
+        def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for batch in window:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = plain.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        optimizer.step(closure)
+
+
+def assert_same_parameters(model: nn.Module, reference: nn.Module, initial: nn.Module) -> None:
+    trained = dict(model.named_parameters())
+    for key, q in reference.named_parameters():
+        assert torch.equal(trained[key], q), (
+            f"{key}: max difference {(trained[key] - q).abs().max()}"
+        )
+    moved = max((p - q).abs().max().item() for p, q in zip(trained.values(), initial.parameters()))
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("method", ["sam", "tram-fisher"])
+def test_sft_under_bf16_equals_the_plain_trainers_loss(tmp_path: Any, method: str) -> None:
+    """``bf16=True``: the weights equal, bit for bit, the hand loop of the plain SFTTrainer's
+    loss under bf16 autocast, and every training forward of both passes runs under autocast
+    (:func:`test_sft_sam_equals_hand_loop` compares with the model's own loss, to rtol 1e-2 and
+    atol 1e-3, which lets a replay at θ+ε outside autocast pass: it ends about 3e-4 away)."""
+    method_name, method_kwargs = METHODS[method]
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    autocast = autocast_of_block(model.model.layers[0])
+    _, windows, _ = train_sft(
+        tmp_path, model, method=method_name, method_kwargs=method_kwargs, config={"bf16": True}
+    )
+    assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
+    reference = copy.deepcopy(initial)
+    plain = trl.SFTTrainer(
+        model=reference,
+        args=sft_config(tmp_path / "plain", bf16=True),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+    )
+    wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
+    model_arg = (reference,) if method_name == "tram" else ()
+    optimizer = wrapper_class(plain.create_optimizer(), *model_arg, **method_kwargs)
+    sft_loss_loop(plain, windows, optimizer, bf16=True)
+    assert_same_parameters(model, reference, initial)
+
+
 def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
     """``peft_config=`` and ``bf16=True``: SAM on the LoRA adapters equals, bit for bit, the
     hand loop of the plain SFTTrainer's loss under bf16 autocast on the same PeftModel (copied
@@ -590,12 +666,7 @@ def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = tiny_llama()
-    autocast: list[bool] = []
-    model.model.layers[0].register_forward_hook(
-        lambda module, args, output: (
-            autocast.append(torch.is_autocast_enabled("cpu")) if torch.is_grad_enabled() else None
-        )
-    )
+    autocast = autocast_of_block(model.model.layers[0])
     trainer = TramSFTTrainer(
         model=model,
         args=sft_config(tmp_path, bf16=True),
@@ -609,6 +680,7 @@ def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
     windows = record_windows(trainer)
     train_quietly(trainer)
     assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
+    assert all("lora_" in key for key, p in trainer.model.named_parameters() if p.requires_grad)
     reference = copy.deepcopy(initial)
     plain = trl.SFTTrainer(
         model=reference,
@@ -616,29 +688,9 @@ def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
         train_dataset=sft_dataset(),
         processing_class=tokenizer(),
     )
-    reference.train()
     optimizer = tram.SAM(plain.create_optimizer(), rho=0.27)
-    for window, num_items in windows:
-
-        def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
-            optimizer.zero_grad()
-            total = torch.zeros(())
-            for batch in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = plain.compute_loss(reference, dict(batch), num_items_in_batch=num_items)
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
-        optimizer.step(closure)
-    trained = dict(trainer.model.named_parameters())
-    for key, q in reference.named_parameters():
-        assert torch.equal(trained[key], q), (
-            f"{key}: max difference {(trained[key] - q).abs().max()}"
-        )
-    assert all("lora_" in key for key, p in trained.items() if p.requires_grad)
-    moved = max((p - q).abs().max().item() for p, q in zip(trained.values(), initial.parameters()))
-    assert moved > 1e-3
+    sft_loss_loop(plain, windows, optimizer, bf16=True)
+    assert_same_parameters(trainer.model, reference, initial)
 
 
 TRL_CHECKPOINTED = {
