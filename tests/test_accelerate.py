@@ -58,9 +58,17 @@ def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def reference_run(method, steps: int) -> nn.Module:
+def reference_run(
+    method, steps: int, *, bf16: bool = False
+) -> tuple[nn.Module, tram.TwoPassOptimizer]:
     """By hand: accumulate GA micro-batches (loss / GA, as accelerator.backward divides),
-    one ascent, replay, restore, clip, base step, schedule."""
+    one ascent, replay, restore, clip, base step, schedule; with ``bf16``, every loss of both
+    passes under CPU bf16 autocast."""
+
+    def loss(model: nn.Module, batch) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return loss_fn(model, batch) / GA
+
     model = make_model()
     optimizer = make_optimizer(method, model)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=steps)
@@ -73,20 +81,22 @@ def reference_run(method, steps: int) -> nn.Module:
             window.append((torch.stack([x for x, _ in rows]), torch.stack([y for _, y in rows])))
         for batch in window:
             with optimizer.first_pass():
-                (loss_fn(model, batch) / GA).backward()
+                loss(model, batch).backward()
         if optimizer.first_step():
             for batch in window:
-                (loss_fn(model, batch) / GA).backward()
+                loss(model, batch).backward()
             optimizer.restore()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
-    return model
+    return model, optimizer
 
 
-def accelerate_run(method, steps: int, accelerator: Accelerator, inject=None):
+def accelerate_run(method, steps: int, accelerator: Accelerator, inject=None, forward_hook=None):
     model = make_model()
+    if forward_hook is not None:  # on a layer: inside accelerate's autocast wrapper of forward
+        model[0].register_forward_hook(forward_hook)
     optimizer = make_optimizer(method, model)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=steps)
     loader = torch.utils.data.DataLoader(make_data(steps), batch_size=BATCH, shuffle=False)
@@ -124,7 +134,7 @@ def test_accelerate_loop_equals_the_hand_written_loop(method):
     steps = 3
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
     model, wrapper, history = accelerate_run(method, steps, accelerator)
-    reference = reference_run(method, steps)
+    reference, _ = reference_run(method, steps)
     assert (flat(model) - flat(reference)).abs().max().item() == 0.0
     assert wrapper.steps == steps
     assert len(history) == steps
@@ -224,6 +234,87 @@ def test_fp16_overflow_skips_the_step_with_the_weights_restored(perturbed):
     assert wrapper.steps == 2
     assert scaler.get_scale() == 2.0**7
     assert torch.isfinite(flat(model)).all()
+
+
+BF16_METHODS = {
+    "SAM": tram.SAM,
+    "ASAM": tram.ASAM,
+    "TRAM-x": lambda base, model: tram.TRAM(
+        base, model, trust_region="noise", embeddings=model[0], sigma=0.3, seed=3
+    ),
+    "TRAM-Fisher": SCALE_DEPENDENT["TRAM-Fisher"][0],
+}
+
+
+@pytest.mark.parametrize("name", list(BF16_METHODS))
+def test_bf16_equals_the_hand_written_loop_under_autocast(name):
+    """``mixed_precision="bf16"`` on CPU: accelerate runs the model's forward under bf16
+    autocast, in both passes; the hand loop under the same autocast takes the same steps, bit
+    for bit (TRAM-x: the same radii too). The fp32 loop ends elsewhere, so bf16 is in effect."""
+    method, steps = BF16_METHODS[name], 3
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, mixed_precision="bf16")
+    autocast: list[bool] = []
+    model, wrapper, _ = accelerate_run(
+        method,
+        steps,
+        accelerator,
+        forward_hook=lambda module, args, output: autocast.append(torch.is_autocast_enabled("cpu")),
+    )
+    assert wrapper.steps == steps
+    # Every forward of both passes; TRAM-x's target forward on the noised inputs too.
+    forwards = 3 if name == "TRAM-x" else 2
+    assert autocast == [True] * (steps * GA * forwards)
+    reference, reference_optimizer = reference_run(method, steps, bf16=True)
+    assert torch.equal(flat(model), flat(reference))
+    if name == "TRAM-x":
+        assert min(wrapper.radius_history) > 0
+        assert wrapper.radius_history == reference_optimizer.radius_history
+    fp32, _ = reference_run(method, steps)
+    assert (flat(model) - flat(fp32)).abs().max() > 1e-5
+
+
+class RecordingTracker(accelerate.tracking.GeneralTracker):
+    """An accelerate tracker (its documented custom-tracker interface) that keeps what it is
+    given."""
+
+    name = "recording"
+    requires_logging_directory = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[dict, int | None]] = []
+
+    @property
+    def tracker(self) -> list[tuple[dict, int | None]]:
+        return self.logged
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        self.logged.append((dict(values), step))
+
+
+def test_the_radius_reaches_accelerates_trackers():
+    """TwoPassBackward logs nothing itself; after ``optimizer.step()`` the wrapper's
+    ``last_radius`` is this step's d, which ``accelerator.log`` hands to every tracker."""
+    tracker = RecordingTracker()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, log_with=[tracker])
+    accelerator.init_trackers("tram")
+    method = BF16_METHODS["TRAM-x"]
+    model, optimizer, _ = prepared(method, 3, accelerator)
+    backward = TwoPassBackward(accelerator, model, optimizer, loss_fn)
+    for index, batch in enumerate(torch.utils.data.DataLoader(make_data(3), batch_size=BATCH)):
+        with accelerator.accumulate(model):
+            backward(batch)
+            optimizer.step()
+            optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                radius = unwrap_optimizer(optimizer).last_radius
+                accelerator.log({"tram/radius": radius}, step=index // GA)
+    accelerator.end_training()
+    history = unwrap_optimizer(optimizer).radius_history
+    assert len(history) == 3
+    assert min(history) > 0
+    assert len(set(history)) == 3
+    assert tracker.logged == [({"tram/radius": d}, step) for step, d in enumerate(history)]
 
 
 RESUMABLE = {

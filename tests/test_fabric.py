@@ -5,14 +5,17 @@ Fabric hands back its own optimizer wrapper, whose ``step(closure)`` goes throug
 plugin to the tram wrapper, and a module wrapper that runs the forward under the precision's
 autocast and casts the output back to float32. Every wrapper driven that way takes the same
 steps as in a plain loop that does by hand what Fabric does (autocast around the forward, the
-float32 cast of the logits), bit for bit; ``step()`` alone is refused, as everywhere. Fabric is
-real (no mock).
+float32 cast of the logits), bit for bit; ``step()`` alone is refused, as everywhere; a run saved
+with ``fabric.save`` and resumed with ``fabric.load`` ends where the uninterrupted one does.
+Fabric is real (no mock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -27,8 +30,8 @@ fabric_module = pytest.importorskip("lightning.fabric")
 STEPS = 3
 
 
-def make_model() -> nn.Module:
-    torch.manual_seed(0)
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
@@ -67,14 +70,9 @@ def plain_run(case: WrapperCase, precision: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-@pytest.mark.parametrize("case", WRAPPERS, ids=str)
-def test_fabric_takes_the_plain_loops_steps(case: WrapperCase, precision: str) -> None:
-    fabric = make_fabric(precision)
-    model = make_model()
-    wrapper = case.make(torch.optim.AdamW(model.parameters(), lr=0.01), model)
-    fabric_model, optimizer = fabric.setup(model, wrapper)
-    for step in range(STEPS):
+def fabric_steps(fabric: Any, fabric_model: nn.Module, optimizer: Any, steps: range) -> None:
+    """One ``optimizer.step(closure)`` per step, on that step's batch."""
+    for step in steps:
         x, y = batch(step)
 
         def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
@@ -84,6 +82,16 @@ def test_fabric_takes_the_plain_loops_steps(case: WrapperCase, precision: str) -
             return loss
 
         optimizer.step(closure)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+def test_fabric_takes_the_plain_loops_steps(case: WrapperCase, precision: str) -> None:
+    fabric = make_fabric(precision)
+    model = make_model()
+    wrapper = case.make(torch.optim.AdamW(model.parameters(), lr=0.01), model)
+    fabric_model, optimizer = fabric.setup(model, wrapper)
+    fabric_steps(fabric, fabric_model, optimizer, range(STEPS))
     assert wrapper.steps == STEPS
     assert not wrapper.is_perturbed
     expected = plain_run(case, precision)
@@ -102,3 +110,42 @@ def test_fabric_step_without_closure_is_refused() -> None:
     with pytest.raises(tram.MissingAscentError, match="no step was taken"):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+RESUMABLE: dict[str, Callable[[torch.optim.Optimizer, nn.Module], tram.TwoPassOptimizer]] = {
+    # SAM's step counter decides which steps ascend; TRAM-x's noise generator draws its noise.
+    "SAM-every-2": lambda base, model: tram.SAM(base, rho=0.07, ascent_every=2),
+    "TRAM-x": lambda base, model: tram.TRAM(
+        base, model, trust_region="noise", embeddings=model[0], sigma=0.3, seed=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_fabric_save_and_load_resume_bit_exactly(name: str, tmp_path: Any) -> None:
+    """``fabric.save`` of the model and the optimizer after 3 of 5 steps, ``fabric.load`` into
+    a model built with other weights and a new optimizer: the resumed run ends where the
+    uninterrupted one does, bit for bit (AdamW's moments, the wrapper's step counter and TRAM's
+    noise generator come from the file)."""
+    method, steps, stop = RESUMABLE[name], 5, 3
+
+    def setup(seed: int) -> tuple[Any, nn.Module, Any, tram.TwoPassOptimizer]:
+        fabric = make_fabric("32-true")
+        model = make_model(seed)
+        wrapper = method(torch.optim.AdamW(model.parameters(), lr=0.01), model)
+        return fabric, *fabric.setup(model, wrapper), wrapper
+
+    fabric, straight, optimizer, _ = setup(0)
+    fabric_steps(fabric, straight, optimizer, range(steps))
+
+    fabric, model, optimizer, _ = setup(0)
+    fabric_steps(fabric, model, optimizer, range(stop))
+    fabric.save(tmp_path / "state.ckpt", {"model": model, "optimizer": optimizer})
+
+    fabric, resumed, optimizer, wrapper = setup(1)
+    fabric.load(tmp_path / "state.ckpt", {"model": resumed, "optimizer": optimizer})
+    assert wrapper.steps == stop
+    fabric_steps(fabric, resumed, optimizer, range(stop, steps))
+    assert wrapper.steps == steps
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()

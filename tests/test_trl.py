@@ -582,6 +582,117 @@ def test_sft_with_a_lora_adapter_and_tram(tmp_path: Any) -> None:
         assert torch.equal(p, q)
 
 
+def autocast_of_block(block: nn.Module) -> list[bool]:
+    """Whether CPU autocast was on, for each forward of ``block`` with gradients enabled."""
+    autocast: list[bool] = []
+    block.register_forward_hook(
+        lambda module, args, output: (
+            autocast.append(torch.is_autocast_enabled("cpu")) if torch.is_grad_enabled() else None
+        )
+    )
+    return autocast
+
+
+def sft_loss_loop(
+    plain: Any,
+    windows: list[tuple[list[dict[str, Tensor]], Any]],
+    optimizer: tram.TwoPassOptimizer,
+    *,
+    bf16: bool,
+) -> None:
+    """The two-pass steps by hand with the plain SFTTrainer's own ``compute_loss`` (TRL's fused
+    head, so the sums run in TRL's order) on ``plain.model``, normalised by each window's token
+    count; with ``bf16``, under bf16 autocast."""
+    model = plain.model
+    model.train()
+    for window, num_items in windows:
+
+        def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
+            optimizer.zero_grad()
+            total = torch.zeros(())
+            for batch in window:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = plain.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        optimizer.step(closure)
+
+
+def assert_same_parameters(model: nn.Module, reference: nn.Module, initial: nn.Module) -> None:
+    trained = dict(model.named_parameters())
+    for key, q in reference.named_parameters():
+        assert torch.equal(trained[key], q), (
+            f"{key}: max difference {(trained[key] - q).abs().max()}"
+        )
+    moved = max((p - q).abs().max().item() for p, q in zip(trained.values(), initial.parameters()))
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("method", ["sam", "tram-fisher"])
+def test_sft_under_bf16_equals_the_plain_trainers_loss(tmp_path: Any, method: str) -> None:
+    """``bf16=True``: the weights equal, bit for bit, the hand loop of the plain SFTTrainer's
+    loss under bf16 autocast, and every training forward of both passes runs under autocast
+    (:func:`test_sft_sam_equals_hand_loop` compares with the model's own loss, to rtol 1e-2 and
+    atol 1e-3, which lets a replay at θ+ε outside autocast pass: it ends about 3e-4 away)."""
+    method_name, method_kwargs = METHODS[method]
+    model = tiny_llama()
+    initial = copy.deepcopy(model)
+    autocast = autocast_of_block(model.model.layers[0])
+    _, windows, _ = train_sft(
+        tmp_path, model, method=method_name, method_kwargs=method_kwargs, config={"bf16": True}
+    )
+    assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
+    reference = copy.deepcopy(initial)
+    plain = trl.SFTTrainer(
+        model=reference,
+        args=sft_config(tmp_path / "plain", bf16=True),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+    )
+    wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
+    model_arg = (reference,) if method_name == "tram" else ()
+    optimizer = wrapper_class(plain.create_optimizer(), *model_arg, **method_kwargs)
+    sft_loss_loop(plain, windows, optimizer, bf16=True)
+    assert_same_parameters(model, reference, initial)
+
+
+def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
+    """``peft_config=`` and ``bf16=True``: SAM on the LoRA adapters equals, bit for bit, the
+    hand loop of the plain SFTTrainer's loss under bf16 autocast on the same PeftModel (copied
+    before training: TRL built its adapters), with TRL's normalisation by the window's token
+    count. The fp32 loop ends about 2e-4 away, the loop without an ascent about 1e-2."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = tiny_llama()
+    autocast = autocast_of_block(model.model.layers[0])
+    trainer = TramSFTTrainer(
+        model=model,
+        args=sft_config(tmp_path, bf16=True),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+        peft_config=config,
+        method="sam",
+        method_kwargs={"rho": 0.27},
+    )
+    initial = copy.deepcopy(trainer.model)
+    windows = record_windows(trainer)
+    train_quietly(trainer)
+    assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
+    assert all("lora_" in key for key, p in trainer.model.named_parameters() if p.requires_grad)
+    reference = copy.deepcopy(initial)
+    plain = trl.SFTTrainer(
+        model=reference,
+        args=sft_config(tmp_path / "plain", bf16=True),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+    )
+    optimizer = tram.SAM(plain.create_optimizer(), rho=0.27)
+    sft_loss_loop(plain, windows, optimizer, bf16=True)
+    assert_same_parameters(trainer.model, reference, initial)
+
+
 TRL_CHECKPOINTED = {
     "tram-noise": {"trust_region": "noise", "sigma": 0.3},
     "tram-fisher": {"trust_region": "fisher", "sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5},
@@ -714,31 +825,38 @@ def trainer_class(name: str) -> type:
         "reward": trl.RewardTrainer,
         "kto": trl.KTOTrainer,
         "distillation": trl.DistillationTrainer,
+        "dpo": trl.DPOTrainer,
     }[name]
 
 
 def build_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any, **options: Any) -> Any:
     """A trainer of kind ``name`` (cls: its class, or a tram subclass) on the tiny model."""
     kwargs: dict[str, Any] = {"model": model, "processing_class": tokenizer()}
-    kwargs.update({key: options.pop(key) for key in ("method", "method_kwargs") if key in options})
+    passed = ("method", "method_kwargs", "ref_model", "train_dataset")
+    kwargs.update({key: options.pop(key) for key in passed if key in options})
     preset = {"grpo": GENERATING, "rloo": GENERATING, "distillation": DISTILLING}.get(name, {})
     args = {**TRAINER_ARGS, **preset, **options}
     if name == "distillation":
         config = trl.DistillationConfig
-        kwargs.update(teacher_model=tiny_llama(seed=1), train_dataset=prompt_dataset())
+        kwargs.update(teacher_model=tiny_llama(seed=1))
+        kwargs.setdefault("train_dataset", prompt_dataset())
     elif name in ("grpo", "rloo"):
         config = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[name]
-        kwargs.update(reward_funcs=distinct_words_reward, train_dataset=prompt_dataset())
+        kwargs.update(reward_funcs=distinct_words_reward)
+        kwargs.setdefault("train_dataset", prompt_dataset())
     elif name == "kto":
         config = trl.KTOConfig
-        kwargs.update(ref_model=copy.deepcopy(model), train_dataset=kto_dataset())
+        kwargs.setdefault("ref_model", copy.deepcopy(model))
+        kwargs.setdefault("train_dataset", kto_dataset())
     else:
-        config = {"reward": trl.RewardConfig}.get(name)
+        if name == "dpo":
+            kwargs.setdefault("ref_model", copy.deepcopy(model))  # no hub name to load it from
+        config = {"reward": trl.RewardConfig, "dpo": trl.DPOConfig}.get(name)
         if config is None:
             config = getattr(
                 pytest.importorskip(f"trl.experimental.{name}"), f"{name.upper()}Config"
             )
-        kwargs.update(train_dataset=preference_dataset())
+        kwargs.setdefault("train_dataset", preference_dataset())
     return cls(args=config(output_dir=str(output_dir), **args), **kwargs)
 
 
@@ -767,10 +885,17 @@ def record_prepared_windows(trainer: Any) -> list[list[dict[str, Any]]]:
 
 
 def hand_two_pass(
-    plain: Any, windows: list[list[dict[str, Any]]], wrapper: Any, before_window: Any = None
+    plain: Any,
+    windows: list[list[dict[str, Any]]],
+    wrapper: Any,
+    before_window: Any = None,
+    *,
+    bf16: bool = False,
 ) -> None:
     """The two-pass steps by hand with ``plain.compute_loss`` on ``plain.model``, scaled for the
-    accumulation as the Trainer does (unless the trainer's loss is scaled already)."""
+    accumulation as the Trainer does (unless the trainer's loss is scaled already); with
+    ``bf16``, every loss (both passes) under CPU bf16 autocast, as accelerate runs the forwards
+    of a trainer with ``bf16=True``."""
     model = plain.model
     model.train()
     optimizer = wrapper(plain.create_optimizer())
@@ -784,7 +909,8 @@ def hand_two_pass(
             optimizer.zero_grad()
             total = torch.zeros(())
             for batch in window:
-                loss = plain.compute_loss(model, dict(batch)) / divisor
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = plain.compute_loss(model, dict(batch)) / divisor
                 loss.backward()
                 total = total + loss.detach()
             return total
@@ -831,41 +957,133 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(EXACT_CASES))
-def test_other_trl_trainers_take_the_exact_two_pass_step(tmp_path: Any, case: str) -> None:
-    """with_tram(GRPO/RLOO/Reward/KTO/ORPO/CPO trainer): the weights equal, bit for bit, the hand
-    loop of the trainer's own loss (at θ, ascent, at θ+ε on the same micro-batches, restore,
-    base step)."""
-    name, method, options = EXACT_CASES[case]
+def tram_class(name: str) -> type:
+    """The tram trainer of kind ``name``: the library's ``TramDPOTrainer`` for DPO, else
+    ``with_tram`` of TRL's class."""
+    return TramDPOTrainer if name == "dpo" else with_tram(trainer_class(name))
+
+
+def assert_exact_two_pass(
+    tmp_path: Any, name: str, method: str, options: dict[str, Any], *, bf16: bool = False
+) -> None:
+    """The tram trainer's weights equal, bit for bit, the hand loop of the plain trainer's own
+    loss on the micro-batches the tram run's first pass trained on; with ``bf16``, both under
+    bf16 autocast, every training forward of both passes checked to run under it."""
     method_name, method_kwargs = METHODS[method]
     cls = trainer_class(name)
     model = new_model(name)
     initial = copy.deepcopy(model)
+    precision = {"bf16": True} if bf16 else {}
     trainer = build_trainer(
         name,
-        with_tram(cls),
+        tram_class(name),
         model,
         tmp_path / "tram",
         method=method_name,
         method_kwargs=method_kwargs,
         **options,
+        **precision,
+    )
+    autocast: list[bool] = []
+    block = model.model.layers[0]  # inside accelerate's autocast wrapper of model.forward
+    block.register_forward_hook(
+        lambda module, args, output: (
+            autocast.append(torch.is_autocast_enabled("cpu")) if torch.is_grad_enabled() else None
+        )
     )
     windows = record_prepared_windows(trainer)
     train_quietly(trainer)
     steps = options.get("max_steps", 2)
     assert trainer.two_pass_optimizer.steps == steps
     assert len(windows) == steps
+    micro_batches = sum(len(window) for window in windows)
+    assert autocast == [bf16] * (2 * micro_batches)  # pass 1 and pass 2 (TRAM-Fisher: no twin)
     reference = copy.deepcopy(initial)
-    plain = build_trainer(name, cls, reference, tmp_path / "plain", **options)
+    plain = build_trainer(name, cls, reference, tmp_path / "plain", **options, **precision)
     wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
     model_arg = (reference,) if method_name == "tram" else ()
-    hand_two_pass(plain, windows, lambda base: wrapper_class(base, *model_arg, **method_kwargs))
+    hand_two_pass(
+        plain, windows, lambda base: wrapper_class(base, *model_arg, **method_kwargs), bf16=bf16
+    )
     for (key, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
     moved = max(
         (p - q).abs().max().item() for p, q in zip(model.parameters(), initial.parameters())
     )
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_other_trl_trainers_take_the_exact_two_pass_step(tmp_path: Any, case: str) -> None:
+    """with_tram(GRPO/RLOO/Reward/KTO/ORPO/CPO trainer): the weights equal, bit for bit, the hand
+    loop of the trainer's own loss (at θ, ascent, at θ+ε on the same micro-batches, restore,
+    base step)."""
+    name, method, options = EXACT_CASES[case]
+    assert_exact_two_pass(tmp_path, name, method, options)
+
+
+BF16_CASES = {
+    "dpo-sam": ("dpo", "sam"),
+    "dpo-tram-fisher": ("dpo", "tram-fisher"),
+    "grpo-sam": ("grpo", "sam"),
+    "rloo-sam": ("rloo", "sam"),
+    # Not DistillationTrainer: it calls the student's backbone (``base_model``) directly, outside
+    # the autocast accelerate wraps around ``forward``, so bf16=True trains fp32 weights in fp32.
+}
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_trl_trainers_under_bf16_take_the_hand_loops_step(tmp_path: Any, case: str) -> None:
+    """``bf16=True`` on CPU: accelerate runs every forward under bf16 autocast, the replay at
+    θ+ε included; the weights equal the hand loop's under the same autocast, bit for bit (the
+    bf16 run and the fp32 one differ by about 1e-4 on these models)."""
+    name, method = BF16_CASES[case]
+    assert_exact_two_pass(tmp_path, name, method, {}, bf16=True)
+
+
+RESUME_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # TRAM-θ0 (its reference copy is checkpointed) through the logits twin; TRAM-Fisher (the
+    # generator of its noise is checkpointed) where the trainer builds no logits.
+    "dpo-tram": ("dpo", "tram", {"trust_region": "pretrained"}),
+    "grpo-tram": ("grpo", "tram", {"trust_region": "pretrained"}),
+    "rloo-tram-fisher": ("rloo", "tram", {**METHODS["tram-fisher"][1], "seed": 6}),
+    "distillation-tram-fisher": ("distillation", "tram", {**METHODS["tram-fisher"][1], "seed": 6}),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_trl_trainers_resume_bit_exactly(tmp_path: Any, case: str) -> None:
+    """Four steps, or two, a checkpoint, and two more from it on a model built with other
+    weights (all must come from the files: the weights, the optimizer's state with TRAM's
+    reference or noise generator, the random state that generation samples from): the same
+    weights, bit for bit."""
+    name, method, method_kwargs = RESUME_CASES[case]
+    method_options: dict[str, Any] = {"method": method, "method_kwargs": method_kwargs}
+    if name == "dpo":  # TRL's reference model is the caller's, never checkpointed
+        method_options["ref_model"] = tiny_llama()
+    else:
+        # The four steps in one epoch: TRL's RepeatSampler (GRPO, RLOO, distillation) seeds its
+        # own generator at construction, so a run resumed in its second epoch draws the first
+        # epoch's order again (TRL's plain trainers resume so too).
+        method_options["train_dataset"] = prompt_dataset(16)
+
+    def trainer(model: nn.Module, output_dir: Any, **options: Any) -> Any:
+        return build_trainer(
+            name, tram_class(name), model, output_dir, max_steps=4, **method_options, **options
+        )
+
+    straight = tiny_llama()
+    train_quietly(trainer(straight, tmp_path / "straight"))
+    interrupted = tmp_path / "interrupted"
+    train_quietly(trainer(tiny_llama(), interrupted, save_strategy="steps", save_steps=2))
+    resumed = tiny_llama(seed=1)
+    resuming = trainer(resumed, interrupted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resuming.train(resume_from_checkpoint=str(interrupted / "checkpoint-2"))
+    assert resuming.two_pass_optimizer.steps == 4
+    for (key, p), q in zip(resumed.named_parameters(), straight.parameters(), strict=True):
+        assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
 
 
 @pytest.mark.parametrize("name", ["grpo", "rloo", "distillation", "reward", "kto", "orpo", "cpo"])

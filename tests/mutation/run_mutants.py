@@ -656,6 +656,33 @@ MUTANTS = [
         "",
         ("tests/test_checkpointing.py@whole_model",),
     ),
+    # Resumes through each client's checkpoint: TRAM's reference (EMA, θ0) or noise generator,
+    # TRAM-Fisher's noise generator and the step counter must come from the loaded state.
+    Mutant(
+        "tram-target-state-not-loaded",
+        "tram/_tram.py",
+        "        if own:",
+        "        if False:",
+        (
+            "tests/test_fabric.py@resume and TRAM",
+            "tests/test_lightning.py::test_manual_step_resume_is_bit_exact",
+            "tests/test_trl.py@resume_bit_exactly and dpo",
+        ),
+    ),
+    Mutant(
+        "tram-fisher-generator-not-loaded",
+        "tram/_tram_fisher.py",
+        '        if "generator" in state:',
+        "        if False:",
+        ("tests/test_trl.py@resume_bit_exactly and rloo",),
+    ),
+    Mutant(
+        "step-counter-not-loaded",
+        "tram/_wrapper.py",
+        '            self.steps = int(wrapper_state.get("steps", 0))',
+        "            self.steps = 0",
+        ("tests/test_fabric.py@resume and SAM",),
+    ),
 ]
 
 
