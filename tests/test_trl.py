@@ -787,8 +787,8 @@ def distinct_words_reward(completions: list[str], **kwargs: Any) -> list[float]:
     return [0.37 * len(set(c.split())) + (0.11 if "w3" in c.split() else 0.0) for c in completions]
 
 
-def tiny_reward_model() -> nn.Module:
-    torch.manual_seed(0)
+def tiny_reward_model(*, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     config = tiny_llama_config(
         vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None, num_labels=1
     )
@@ -860,8 +860,8 @@ def build_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any, **opti
     return cls(args=config(output_dir=str(output_dir), **args), **kwargs)
 
 
-def new_model(name: str) -> nn.Module:
-    return tiny_reward_model() if name == "reward" else tiny_llama()
+def new_model(name: str, *, seed: int = 0) -> nn.Module:
+    return tiny_reward_model(seed=seed) if name == "reward" else tiny_llama(seed=seed)
 
 
 def record_prepared_windows(trainer: Any) -> list[list[dict[str, Any]]]:
@@ -894,9 +894,13 @@ def hand_two_pass(
 ) -> None:
     """The two-pass steps by hand with ``plain.compute_loss`` on ``plain.model``, scaled for the
     accumulation as the Trainer does (unless the trainer's loss is scaled already); with
-    ``bf16``, every loss (both passes) under CPU bf16 autocast, as accelerate runs the forwards
-    of a trainer with ``bf16=True``."""
+    ``bf16``, on the model as the plain trainer's accelerator prepares it (its forward under CPU
+    bf16 autocast, the outputs cast back to float32), as a trainer with ``bf16=True`` runs both
+    passes. Autocast around all of ``compute_loss`` would be another computation: the reward,
+    ORPO and CPO losses then end about 7e-4 away."""
     model = plain.model
+    if bf16:
+        model = plain.accelerator.prepare_model(model)
     model.train()
     optimizer = wrapper(plain.create_optimizer())
     for index, window in enumerate(windows):
@@ -909,8 +913,7 @@ def hand_two_pass(
             optimizer.zero_grad()
             total = torch.zeros(())
             for batch in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = plain.compute_loss(model, dict(batch)) / divisor
+                loss = plain.compute_loss(model, dict(batch)) / divisor
                 loss.backward()
                 total = total + loss.detach()
             return total
@@ -1027,6 +1030,10 @@ BF16_CASES = {
     "dpo-tram-fisher": ("dpo", "tram-fisher"),
     "grpo-sam": ("grpo", "sam"),
     "rloo-sam": ("rloo", "sam"),
+    "reward-sam": ("reward", "sam"),
+    "kto-sam": ("kto", "sam"),
+    "orpo-sam": ("orpo", "sam"),
+    "cpo-sam": ("cpo", "sam"),
     # Not DistillationTrainer: it calls the student's backbone (``base_model``) directly, outside
     # the autocast accelerate wraps around ``forward``, so bf16=True trains fp32 weights in fp32.
 }
@@ -1048,6 +1055,10 @@ RESUME_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "grpo-tram": ("grpo", "tram", {"trust_region": "pretrained"}),
     "rloo-tram-fisher": ("rloo", "tram", {**METHODS["tram-fisher"][1], "seed": 6}),
     "distillation-tram-fisher": ("distillation", "tram", {**METHODS["tram-fisher"][1], "seed": 6}),
+    "reward-tram-fisher": ("reward", "tram", {**METHODS["tram-fisher"][1], "seed": 6}),
+    "kto-tram": ("kto", "tram", {"trust_region": "pretrained"}),
+    "orpo-tram": ("orpo", "tram", {"trust_region": "pretrained"}),
+    "cpo-tram": ("cpo", "tram", {"trust_region": "pretrained"}),
 }
 
 
@@ -1059,9 +1070,9 @@ def test_trl_trainers_resume_bit_exactly(tmp_path: Any, case: str) -> None:
     weights, bit for bit."""
     name, method, method_kwargs = RESUME_CASES[case]
     method_options: dict[str, Any] = {"method": method, "method_kwargs": method_kwargs}
-    if name == "dpo":  # TRL's reference model is the caller's, never checkpointed
+    if name in ("dpo", "kto"):  # TRL's reference model is the caller's, never checkpointed
         method_options["ref_model"] = tiny_llama()
-    else:
+    elif name in ("grpo", "rloo", "distillation"):
         # The four steps in one epoch: TRL's RepeatSampler (GRPO, RLOO, distillation) seeds its
         # own generator at construction, so a run resumed in its second epoch draws the first
         # epoch's order again (TRL's plain trainers resume so too).
@@ -1072,11 +1083,11 @@ def test_trl_trainers_resume_bit_exactly(tmp_path: Any, case: str) -> None:
             name, tram_class(name), model, output_dir, max_steps=4, **method_options, **options
         )
 
-    straight = tiny_llama()
+    straight = new_model(name)
     train_quietly(trainer(straight, tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
-    train_quietly(trainer(tiny_llama(), interrupted, save_strategy="steps", save_steps=2))
-    resumed = tiny_llama(seed=1)
+    train_quietly(trainer(new_model(name), interrupted, save_strategy="steps", save_steps=2))
+    resumed = new_model(name, seed=1)
     resuming = trainer(resumed, interrupted)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
