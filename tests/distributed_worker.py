@@ -342,12 +342,13 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     return {"straight": straight, "resumed": train(model, resumed, resume_at)}
 
 
-def ddp_mixed_precision(spec: Spec, rank: int, dtype: torch.dtype) -> Record:
-    """SAM under DDP with CPU autocast: bf16 through ``step(closure)``; fp16 through
-    ``tram.scaled_step`` with ``torch.amp.GradScaler("cpu")``. In the fp16 run rank 1's loss
-    at θ+ε of step ``spec["overflow_step"]`` is inf: the all-reduce carries the overflow to
-    every rank, and each must skip that step with its weights at θ."""
-    ddp = DistributedDataParallel(build_model(spec))
+def mixed_precision(spec: Spec, rank: int, dtype: torch.dtype, *, sharded: bool) -> Record:
+    """SAM under DDP (or FSDP2 if ``sharded``) with CPU autocast: bf16 through
+    ``step(closure)``; fp16 through ``tram.scaled_step`` with ``torch.amp.GradScaler("cpu")``.
+    In the fp16 run rank 1's loss at θ+ε of step ``spec["overflow_step"]`` is inf: the
+    gradient reduction carries the overflow to every rank, and each must skip that step with
+    its weights at θ."""
+    ddp = fsdp_model(spec) if sharded else DistributedDataParallel(build_model(spec))
     base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
     optimizer = tram.SAM(base, rho=spec["rho"], model=ddp)
     scaler = torch.amp.GradScaler("cpu", init_scale=spec["init_scale"])
@@ -410,8 +411,15 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "fsdp_local_ascent_error": fsdp_local_ascent_error,
     "ddp_checkpoint_resume_sam": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "SAM"),
     "ddp_checkpoint_resume_tram_x": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "TRAM-x"),
-    "ddp_sam_bf16": lambda spec, rank: ddp_mixed_precision(spec, rank, torch.bfloat16),
-    "ddp_sam_fp16": lambda spec, rank: ddp_mixed_precision(spec, rank, torch.float16),
+    **{
+        f"{kind}_sam_{name}": (
+            lambda spec, rank, dtype=dtype, kind=kind: mixed_precision(
+                spec, rank, dtype, sharded=kind == "fsdp"
+            )
+        )
+        for kind in ("ddp", "fsdp")
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+    },
     **{
         f"fsdp_checkpoint_resume_{method.lower().replace('-', '_')}_{layout}": (
             lambda spec, rank, method=method, layout=layout: fsdp_checkpoint_resume(

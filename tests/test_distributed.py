@@ -550,12 +550,31 @@ def one_process_mixed_precision(spec: dict[str, Any], dtype: torch.dtype) -> dic
 def test_ddp_mixed_precision_equals_one_process_global_batch(
     results: list[dict], spec: dict[str, Any], dtype: torch.dtype
 ) -> None:
+    check_mixed_precision(results, spec, dtype, "ddp")
+
+
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fsdp2_mixed_precision_equals_one_process_global_batch(
+    results: list[dict], spec: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """As under DDP: the gradients are reduce-scattered in float32 (the parameters are float32,
+    autocast casts them per op), GradScaler unscales the DTensor shards, and an overflow in a
+    shard is an overflow on every rank."""
+    check_mixed_precision(results, spec, dtype, "fsdp")
+
+
+def check_mixed_precision(
+    results: list[dict], spec: dict[str, Any], dtype: torch.dtype, kind: str
+) -> None:
     """SAM under DDP with CPU autocast, bf16 through step(closure) and fp16 through
     tram.scaled_step with a CPU GradScaler, equals the same run in one process on the global
     batch to float32 round-off (TOLERANCE; measured bit-equal). In fp16, rank 1's overflow at θ+ε
     reaches every rank through the all-reduce: all skip that step with their weights at θ and
     back the scale off, as the one-process run does."""
-    name = "ddp_sam_bf16" if dtype == torch.bfloat16 else "ddp_sam_fp16"
+    name = f"{kind}_sam_{'bf16' if dtype == torch.bfloat16 else 'fp16'}"
     records = scenario(results, name)
     assert_replicas_identical(records)
     expected = one_process_mixed_precision(spec, dtype)
