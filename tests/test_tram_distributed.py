@@ -2,10 +2,10 @@
 
 One launch of ``tests/tram_distributed_worker.py`` (two ranks, started here as two processes)
 trains a DDP-wrapped embedding model with ``TRAM.step(closure)`` for TRAM-x (``"noise"``) and
-TRAM-θ0 (``"pretrained"``), with the synchronised ascent and with ``local_ascent=True``, and an
-FSDP2 (``fully_shard``) one with TRAM-x and TRAM-Fisher (synchronised: FSDP2 has no ``no_sync``).
-The test checks what the ranks saw against a single-process reference written here with plain
-tensor maths:
+TRAM-θ0 (``"pretrained"``), with the synchronised ascent and with ``local_ascent=True``, an FSDP2
+(``fully_shard``) one with TRAM-x (synchronised: FSDP2 has no ``no_sync``), and both with
+TRAM-Fisher (synchronised). The test checks what the ranks saw against a single-process
+reference written here with plain tensor maths:
 
 - synchronised: one ascent for the global batch, along the all-reduced gradient, with the radius
   d = the mean over ranks of each rank's d on its own shard (TRAM all-reduces it);
@@ -308,11 +308,15 @@ def test_fsdp2_tram_x_is_global_batch_tram(spec: dict[str, Any], results: list[d
     assert_trajectory(records[0]["after"], records_of(results, "noise")[0]["after"])
 
 
-def test_fsdp2_tram_fisher_is_global_batch_tram_fisher(
-    spec: dict[str, Any], results: list[dict]
+@pytest.mark.parametrize("name", ["fisher", "fsdp2_fisher"], ids=["DDP", "FSDP2"])
+def test_tram_fisher_is_global_batch_tram_fisher(
+    spec: dict[str, Any], results: list[dict], name: str
 ) -> None:
-    records = records_of(results, "fsdp2_fisher")
-    assert all(r["param_types"] == ["DTensor"] for r in records)
+    """TRAM-Fisher's first pass on noised embeddings (each rank's own draw, in lockstep), its
+    Fisher ascent from the reduced gradient, under DDP and FSDP2."""
+    records = records_of(results, name)
+    kind = "DTensor" if name.startswith("fsdp2") else "Parameter"
+    assert all(r["param_types"] == [kind] for r in records)
     assert_replicas_identical(records)
     assert all(r["radius"] == [None] * spec["steps"] for r in records)
     expected = fisher_reference(spec, spec["sigma"])

@@ -37,6 +37,7 @@ SCENARIOS = {
     "pretrained": {"trust_region": "pretrained", "local_ascent": False},
     "noise_local": {"trust_region": "noise", "local_ascent": True},
     "pretrained_local": {"trust_region": "pretrained", "local_ascent": True},
+    "fisher": {"trust_region": "fisher"},
     "fsdp2_noise": {"trust_region": "noise", "sharded": True},
     "fsdp2_fisher": {"trust_region": "fisher", "sharded": True},
 }
