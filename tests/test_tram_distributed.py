@@ -127,8 +127,25 @@ def gradient_at(model: nn.Module, epsilon: list[Tensor], ids: Tensor, y: Tensor)
     return gradient(moved, ids, y)
 
 
-def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str, list[Any]]:
-    """TRAM over two data shards in one process; returns the weights after every step and d."""
+def radius_over_micro_batches(
+    trust_region: str, model: nn.Module, pretrained: nn.Module, ids: Tensor, zs: list[Tensor]
+) -> float:
+    """d on one rank's shard run as ``len(zs)`` equal micro-batches, each with its own noise:
+    the mean of the micro-batches' d (they hold as many examples each)."""
+    chunks = ids.chunk(len(zs))
+    return sum(
+        radius_on_shard(trust_region, model, pretrained, chunk, z)
+        for chunk, z in zip(chunks, zs, strict=True)
+    ) / len(zs)
+
+
+def reference(
+    spec: dict[str, Any], trust_region: str, local: bool, *, micro_batches: int = 1
+) -> dict[str, list[Any]]:
+    """TRAM over two data shards in one process; returns the weights after every step and d.
+
+    With ``micro_batches`` > 1 each rank accumulates its shard in that many micro-batches: the
+    gradient is the shard's, and each micro-batch has its own noise draw."""
     model = build(spec)
     pretrained = build(spec)
     base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
@@ -136,10 +153,12 @@ def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str,
     out: dict[str, list[Any]] = {"after": [], "radius": []}
     for step in range(spec["steps"]):
         shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
-        # Every rank's generator makes one draw of its shard's shape per step, in lockstep.
-        shape = (spec["batch_per_rank"], spec["length"], spec["width"])
-        z = torch.randn(shape, generator=generator) * spec["sigma"]
-        radii = [radius_on_shard(trust_region, model, pretrained, ids, z) for ids, _ in shards]
+        # Every rank's generator makes one draw per micro-batch of its shape, in lockstep.
+        shape = (spec["batch_per_rank"] // micro_batches, spec["length"], spec["width"])
+        zs = [torch.randn(shape, generator=generator) * spec["sigma"] for _ in range(micro_batches)]
+        radii = [
+            radius_over_micro_batches(trust_region, model, pretrained, ids, zs) for ids, _ in shards
+        ]
         grads = [gradient(model, ids, y) for ids, y in shards]
         if local:
             epsilons = [ascent(model, g, d) for g, d in zip(grads, radii)]
@@ -306,6 +325,23 @@ def test_fsdp2_tram_x_is_global_batch_tram(spec: dict[str, Any], results: list[d
     assert_trajectory(records[0]["after"], reference(spec, "noise", local=False)["after"])
     # The same steps as DDP's (the ranks gather the shards; DDP holds whole replicas).
     assert_trajectory(records[0]["after"], records_of(results, "noise")[0]["after"])
+
+
+@pytest.mark.parametrize(
+    "name", ["noise_accumulate", "fsdp2_noise_accumulate"], ids=["DDP", "FSDP2"]
+)
+def test_accumulating_closure_is_global_batch_tram(
+    spec: dict[str, Any], results: list[dict], name: str
+) -> None:
+    """TRAM-x with tram.accumulating_closure, two micro-batches per rank: d is the mean over every
+    rank's micro-batches (under FSDP2 measured in first_step, each recorded forward replayed
+    with its own noise draw, in order), the step TRAM's on the global batch."""
+    records = records_of(results, name)
+    assert_replicas_identical(records)
+    ref = reference(spec, "noise", local=False, micro_batches=2)
+    assert records[0]["radius"] == records[1]["radius"]
+    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=1e-5)
+    assert_trajectory(records[0]["after"], ref["after"])
 
 
 @pytest.mark.parametrize("name", ["fisher", "fsdp2_fisher"], ids=["DDP", "FSDP2"])

@@ -38,6 +38,8 @@ SCENARIOS = {
     "noise_local": {"trust_region": "noise", "local_ascent": True},
     "pretrained_local": {"trust_region": "pretrained", "local_ascent": True},
     "fisher": {"trust_region": "fisher"},
+    "noise_accumulate": {"trust_region": "noise", "micro_batches": 2},
+    "fsdp2_noise_accumulate": {"trust_region": "noise", "sharded": True, "micro_batches": 2},
     "fsdp2_noise": {"trust_region": "noise", "sharded": True},
     "fsdp2_fisher": {"trust_region": "fisher", "sharded": True},
 }
@@ -102,6 +104,7 @@ def make_optimizer(
 
 def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, Any]:
     options = dict(options)
+    micro_batches = options.pop("micro_batches", 1)
     if options.pop("sharded", False):
         model = wrapped = fully_sharded(spec)
     else:
@@ -123,6 +126,14 @@ def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, A
             loss = F.cross_entropy(wrapped(ids), y)
             loss.backward()
             return loss
+
+        if micro_batches > 1:
+            closure = tram.accumulating_closure(
+                optimizer,
+                list(zip(ids.chunk(micro_batches), y.chunk(micro_batches), strict=True)),
+                lambda batch: F.cross_entropy(wrapped(batch[0]), batch[1]),
+                model=wrapped,
+            )
 
         record["before"].append(snapshot(model))
         optimizer.step(closure)
