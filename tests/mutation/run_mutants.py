@@ -663,8 +663,16 @@ MUTANTS = [
         "    return grad._version, 0",
         (
             "tests/test_contract.py@fsdp2_step_closure or fsdp2_second_backward",
+            "tests/test_tram_memory.py@recorded_forwards_autocast",
             "tests/test_distributed.py@fsdp2_mixed_precision",
         ),
+    ),
+    Mutant(
+        "sharded-reference-forward-outside-the-recorded-autocast",
+        "tram/_recording.py",
+        "                stack.enter_context(replay.autocast.context())",
+        "                pass",
+        ("tests/test_tram_memory.py@recorded_forwards_autocast",),
     ),
     Mutant(
         "radius-not-all-reduced",
