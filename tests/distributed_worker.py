@@ -303,11 +303,15 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     ``state_dict()``, train on; then every rank loads that file into a fresh model, DDP and
     optimizer and trains the same steps. Records both runs' parameters after every step.
     SAM runs with ``ascent_every=2`` (the step counter decides which steps ascend); TRAM-x
-    ascends every step, so the noise generator's state decides its noise."""
+    ascends every step, so the noise generator's state decides its noise; TRAM-θ0's optimizer
+    is built after the model loaded θ1, so only the checkpoint can give back its θ0."""
     path = Path(spec["checkpoint_dir"]) / f"ddp-{method}.pt"
 
-    def build() -> tuple[nn.Module, tram.TwoPassOptimizer]:
-        ddp = DistributedDataParallel(build_model(spec))
+    def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TwoPassOptimizer]:
+        model = build_model(spec)
+        if weights is not None:
+            model.load_state_dict(weights)
+        ddp = DistributedDataParallel(model)
         base = torch.optim.AdamW(
             ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
         )
@@ -316,6 +320,8 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
                 sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"]
             )
             return ddp, tram.TRAM(base, model=ddp, target=noise)
+        if method == "TRAM-θ0":
+            return ddp, tram.TRAM(base, model=ddp, trust_region="pretrained")
         return ddp, tram.SAM(base, rho=spec["rho"], model=ddp, ascent_every=2)
 
     def train(model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range) -> list:
@@ -335,9 +341,8 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     dist.barrier()
     straight = train(model, optimizer, resume_at)
 
-    model, resumed = build()
     checkpoint = torch.load(path, weights_only=True)
-    model.module.load_state_dict(checkpoint["model"])
+    model, resumed = build(checkpoint["model"])
     resumed.load_state_dict(checkpoint["optimizer"])
     return {"straight": straight, "resumed": train(model, resumed, resume_at)}
 
@@ -411,6 +416,9 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "fsdp_local_ascent_error": fsdp_local_ascent_error,
     "ddp_checkpoint_resume_sam": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "SAM"),
     "ddp_checkpoint_resume_tram_x": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "TRAM-x"),
+    "ddp_checkpoint_resume_tram_theta0": lambda spec, rank: ddp_checkpoint_resume(
+        spec, rank, "TRAM-θ0"
+    ),
     **{
         f"{kind}_sam_{name}": (
             lambda spec, rank, dtype=dtype, kind=kind: mixed_precision(

@@ -480,11 +480,11 @@ def test_fsdp2_gradient_accumulation_is_large_batch_sam(
 # ---------------------------------------------------------------------------- DDP: resume
 @pytest.mark.distributed
 @needs_gloo
-@pytest.mark.parametrize("method", ["sam", "tram_x"])
+@pytest.mark.parametrize("method", ["sam", "tram_x", "tram_theta0"])
 def test_ddp_checkpoint_resume_is_exact(results: list[dict], method: str) -> None:
     """Rank 0's model and optimizer state_dict(), loaded on every rank into a fresh model, DDP
     and optimizer, takes the steps the uninterrupted run took, bit for bit (SAM's step counter
-    with ascent_every=2, TRAM-x's noise generator)."""
+    with ascent_every=2, TRAM-x's noise generator, TRAM-θ0's reference weights)."""
     for rank, record in enumerate(scenario(results, f"ddp_checkpoint_resume_{method}")):
         for step, (straight, resumed) in enumerate(
             zip(record["straight"], record["resumed"], strict=True), start=1
