@@ -169,7 +169,9 @@ def fsdp_model(spec: Spec) -> nn.Module:
     return model
 
 
-def fsdp_scenario(spec: Spec, rank: int, method: str, base_name: str, *, foreach: bool) -> Record:
+def fsdp_scenario(
+    spec: Spec, rank: int, method: str, base_name: str, *, foreach: bool, micro_batches: int = 1
+) -> Record:
     model = fsdp_model(spec)
     record_kinds = sorted({type(p).__name__ for p in model.parameters()})
     if base_name == "sgd":
@@ -181,7 +183,7 @@ def fsdp_scenario(spec: Spec, rank: int, method: str, base_name: str, *, foreach
             model.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
         )
     optimizer = make_wrapper(spec, method, base, model=model, foreach=foreach)
-    record = run_steps(spec, rank, model, optimizer)
+    record = run_steps(spec, rank, model, optimizer, micro_batches=micro_batches)
     record["param_types"] = record_kinds
     return record
 
@@ -296,6 +298,93 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
     }
 
 
+def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
+    """Train a step under DDP, rank 0 ``torch.save``-s the model's and the optimizer's
+    ``state_dict()``, train on; then every rank loads that file into a fresh model, DDP and
+    optimizer and trains the same steps. Records both runs' parameters after every step.
+    SAM runs with ``ascent_every=2`` (the step counter decides which steps ascend); TRAM-x
+    ascends every step, so the noise generator's state decides its noise; TRAM-θ0's optimizer
+    is built after the model loaded θ1, so only the checkpoint can give back its θ0."""
+    path = Path(spec["checkpoint_dir"]) / f"ddp-{method}.pt"
+
+    def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TwoPassOptimizer]:
+        model = build_model(spec)
+        if weights is not None:
+            model.load_state_dict(weights)
+        ddp = DistributedDataParallel(model)
+        base = torch.optim.AdamW(
+            ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
+        )
+        if method == "TRAM-x":
+            noise = NoisedInputs(
+                sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"]
+            )
+            return ddp, tram.TRAM(base, model=ddp, target=noise)
+        if method == "TRAM-θ0":
+            return ddp, tram.TRAM(base, model=ddp, trust_region="pretrained")
+        return ddp, tram.SAM(base, rho=spec["rho"], model=ddp, ascent_every=2)
+
+    def train(model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range) -> list:
+        params = []
+        for step in steps:
+            x, y = spec["x"][step, rank], spec["y"][step, rank]
+            optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+            params.append([full(p) for p in model.parameters()])
+        return params
+
+    resume_at = range(1, spec["steps"])
+    model, optimizer = build()
+    train(model, optimizer, range(1))
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    dist.barrier()
+    straight = train(model, optimizer, resume_at)
+
+    checkpoint = torch.load(path, weights_only=True)
+    model, resumed = build(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    return {"straight": straight, "resumed": train(model, resumed, resume_at)}
+
+
+def mixed_precision(spec: Spec, rank: int, dtype: torch.dtype, *, sharded: bool) -> Record:
+    """SAM under DDP (or FSDP2 if ``sharded``) with CPU autocast: bf16 through
+    ``step(closure)``; fp16 through ``tram.scaled_step`` with ``torch.amp.GradScaler("cpu")``.
+    In the fp16 run rank 1's loss at θ+ε of step ``spec["overflow_step"]`` is inf: the
+    gradient reduction carries the overflow to every rank, and each must skip that step with
+    its weights at θ."""
+    ddp = fsdp_model(spec) if sharded else DistributedDataParallel(build_model(spec))
+    base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+    optimizer = tram.SAM(base, rho=spec["rho"], model=ddp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=spec["init_scale"])
+    record: Record = {"params": [], "scales": []}
+    for step in range(spec["steps"]):
+        x, y = spec["x"][step, rank], spec["y"][step, rank]
+        calls: list[int] = []
+
+        def loss_fn(x: Tensor = x, y: Tensor = y, step: int = step, calls: list = calls) -> Tensor:
+            calls.append(1)
+            with torch.autocast("cpu", dtype=dtype):
+                loss = F.cross_entropy(ddp(x), y)
+            overflow = dtype == torch.float16 and step == spec["overflow_step"]
+            return loss * float("inf") if overflow and rank == 1 and len(calls) == 2 else loss
+
+        if dtype == torch.float16:
+            tram.scaled_step(optimizer, scaler, loss_fn)
+            record["scales"].append(scaler.get_scale())
+        else:
+
+            def closure(loss_fn: Callable[[], Tensor] = loss_fn) -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        record["params"].append([full(p) for p in ddp.parameters()])
+    return record
+
+
 def make_wrapper(
     spec: Spec, method: str, base: torch.optim.Optimizer, **kwargs: Any
 ) -> tram.TwoPassOptimizer:
@@ -321,7 +410,24 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "fsdp_fishersam_sgd_foreach": lambda spec, rank: fsdp_scenario(
         spec, rank, "FisherSAM", "sgd", foreach=True
     ),
+    "fsdp_sam_accumulate": lambda spec, rank: fsdp_scenario(
+        spec, rank, "SAM", "sgd", foreach=False, micro_batches=2
+    ),
     "fsdp_local_ascent_error": fsdp_local_ascent_error,
+    "ddp_checkpoint_resume_sam": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "SAM"),
+    "ddp_checkpoint_resume_tram_x": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "TRAM-x"),
+    "ddp_checkpoint_resume_tram_theta0": lambda spec, rank: ddp_checkpoint_resume(
+        spec, rank, "TRAM-θ0"
+    ),
+    **{
+        f"{kind}_sam_{name}": (
+            lambda spec, rank, dtype=dtype, kind=kind: mixed_precision(
+                spec, rank, dtype, sharded=kind == "fsdp"
+            )
+        )
+        for kind in ("ddp", "fsdp")
+        for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+    },
     **{
         f"fsdp_checkpoint_resume_{method.lower().replace('-', '_')}_{layout}": (
             lambda spec, rank, method=method, layout=layout: fsdp_checkpoint_resume(

@@ -570,6 +570,70 @@ def test_fsdp1_wrapping_after_the_optimizer_is_refused_at_the_first_ascent(
     assert all(torch.equal(p, b) for p, b in zip(inner.parameters(), before))
 
 
+def fsdp2(module: nn.Module) -> nn.Module:
+    """``module`` under FSDP2 (``fully_shard``, every layer and the root) on the CPU, in the
+    process group of one rank that the ``one_process_group`` fixture creates."""
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in (*(m for m in module if isinstance(m, nn.Linear)), module):
+        fsdp.fully_shard(layer, mesh=mesh)
+    return module
+
+
+def test_fsdp2_step_closure_refuses_gradients_accumulated_outside_it(
+    one_process_group: None,
+) -> None:
+    """FSDP2 adds a backward's gradient into the existing one's local shard in place
+    (``grad._local_tensor +=``), which bumps the local tensor's version counter, not the
+    ``DTensor``'s: the accumulation before ``step()`` is seen there, and refused as without
+    FSDP2 (``test_step_closure_refuses_gradients_accumulated_outside_it``)."""
+    model = fsdp2(make_model())
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
+    optimizer.step(closure_for(optimizer, model, 0))
+    assert type(next(model.parameters()).grad).__name__ == "DTensor"
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    x, y = batch(1)
+    loss_of(model, x[:6], y[:6]).backward()
+
+    def closure() -> torch.Tensor:
+        loss = loss_of(model, x[6:], y[6:])
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="accumulating_closure"):
+        optimizer.step(closure)
+    assert optimizer.steps == 1
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach().full_tensor(), b)
+
+
+def test_fsdp2_second_backward_into_the_zeroed_gradients_steps(one_process_group: None) -> None:
+    """The explicit form without ``zero_grad()`` between the passes (as ``tram.scaled_step``
+    runs it): FSDP2 adds the second backward into the gradients ``first_step()`` zeroed, in
+    their local shards. That backward is seen (no refusal as if the weights had been restored
+    before it) and the step is the one ``step(closure)`` takes on the unsharded model."""
+    model = fsdp2(make_model())
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
+    plain = make_model()
+    reference = tram.SAM(torch.optim.SGD(plain.parameters(), lr=0.1), rho=0.05, model=plain)
+    for step in range(2):
+        x, y = batch(step)
+        optimizer.zero_grad()
+        with optimizer.first_pass():
+            loss_of(model, x, y).backward()
+        assert optimizer.first_step()
+        loss_of(model, x, y).backward()
+        optimizer.second_step()
+        reference.step(closure_for(reference, plain, step))
+    assert optimizer.steps == 2
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.detach().full_tensor(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
 @EVERY_WRAPPER
 def test_ascent_every_skips_the_second_pass(case: WrapperCase) -> None:
     model = make_model()

@@ -8,8 +8,13 @@ maths (autograd for the gradients, the ascent and the base optimizers by hand, n
 - synchronised ascent (the default): SAM over the global batch, the exact algorithm;
 - ``local_ascent=True``: each worker ascends along its own shard's gradient, the update averages
   the workers' gradients at their own θ+ε (the SAM paper's m-sharpness, m = per-worker batch);
-- gradient accumulation with ``tram.accumulating_closure`` under DDP;
-- FSDP2 (``fully_shard``, ``DTensor`` parameters): the ascent norm must be global, not a shard's.
+- gradient accumulation with ``tram.accumulating_closure`` under DDP and FSDP2;
+- FSDP2 (``fully_shard``, ``DTensor`` parameters): the ascent norm must be global, not a shard's;
+- checkpoints: a resume bit-equal to the uninterrupted run, under FSDP2 (``torch.distributed.
+  checkpoint``) and DDP (rank 0's ``state_dict()`` loaded on every rank);
+- mixed precision under DDP: bf16 autocast, and fp16 with ``tram.scaled_step`` and a CPU
+  ``GradScaler``, against the same run in one process on the global batch (there the reference
+  is the library's own single-process step, which the non-distributed tests check by hand).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.distributed_worker import build_model
 from tests.helpers import launch_workers
 from tests.helpers import scenario_records as scenario
 
@@ -49,6 +55,8 @@ SPEC: dict[str, Any] = {
     "weight_decay": 0.01,
     "sigma": 0.3,
     "noise_seed": 7,
+    "init_scale": 4096.0,
+    "overflow_step": 2,
     "timeout_s": 60,
 }
 # The per-step tolerance against the references: float32 round-off only (measured ~3e-8).
@@ -444,3 +452,148 @@ def test_fsdp2_distributed_checkpoint_resume_is_exact(
         assert record["steps_after_load"] == 1
         assert record["load_warnings"] == [], f"rank {rank}: {record['load_warnings']}"
         assert "tram" not in record["live_group_keys"]
+
+
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_gradient_accumulation_is_large_batch_sam(
+    results: list[dict], spec: dict[str, Any]
+) -> None:
+    """tram.accumulating_closure on an FSDP2 model (two micro-batches per rank): FSDP2 has no
+    no_sync, so every micro-batch's backward reduce-scatters and the shards accumulate the sum,
+    which is the large batch's gradient."""
+    records = scenario(results, "fsdp_sam_accumulate")
+    expected = reference(spec, "SAM")
+    assert_replicas_identical(records)
+    assert_replicas_identical(records, "perturbed")
+    for rank, record in enumerate(records):
+        assert record["param_types"] == ["DTensor"]
+        assert record["closure_calls"] == [2] * spec["steps"]
+        assert record["norms"] == pytest.approx([n[rank] for n in expected["norms"]], rel=1e-5)
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+        assert_matches(
+            record["perturbed"], [p[rank] for p in expected["perturbed"]], f"rank {rank} θ+ε"
+        )
+
+
+# ---------------------------------------------------------------------------- DDP: resume
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("method", ["sam", "tram_x", "tram_theta0"])
+def test_ddp_checkpoint_resume_is_exact(results: list[dict], method: str) -> None:
+    """Rank 0's model and optimizer state_dict(), loaded on every rank into a fresh model, DDP
+    and optimizer, takes the steps the uninterrupted run took, bit for bit (SAM's step counter
+    with ascent_every=2, TRAM-x's noise generator, TRAM-θ0's reference weights)."""
+    for rank, record in enumerate(scenario(results, f"ddp_checkpoint_resume_{method}")):
+        for step, (straight, resumed) in enumerate(
+            zip(record["straight"], record["resumed"], strict=True), start=1
+        ):
+            for index, (a, b) in enumerate(zip(straight, resumed, strict=True)):
+                assert torch.equal(a, b), f"rank {rank}, step {step}, parameter {index}"
+
+
+# ---------------------------------------------------------------------------- DDP: precision
+def one_process_mixed_precision(spec: dict[str, Any], dtype: torch.dtype) -> dict[str, list]:
+    """The run of ``ddp_mixed_precision`` in one process on the global batch: its loss is the
+    mean of the two shards' losses, each shard's forward in an autocast region of its own, as a
+    rank runs it.
+
+    Neither of the two simpler references is the same computation in low precision: one
+    forward of the concatenated batch rounds its bf16/fp16 matmuls over 16 rows instead of 8
+    (measured here: 4.6e-4 away from DDP after 4 bf16 steps, more than DDP's own 3.8e-4
+    departure from float32), and both shards in one autocast region share its cached
+    low-precision copy of each weight, so autograd sums their gradients in bf16/fp16 before
+    the cast back (2.8e-4 away). With the shards apart, the only difference left is the float32
+    sum of the two shards' gradients (the all-reduce's g0/2 + g1/2 against autograd's
+    accumulation), and the runs were measured bit-equal.
+    """
+    model = build_model(spec)
+    base = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+    optimizer = tram.SAM(base, rho=spec["rho"], model=model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=spec["init_scale"])
+    out: dict[str, list] = {"params": [], "scales": []}
+    for step in range(spec["steps"]):
+        calls: list[int] = []
+
+        def loss_fn(step: int = step, calls: list = calls) -> Tensor:
+            calls.append(1)
+            losses = []
+            for rank in range(WORLD_SIZE):
+                with torch.autocast("cpu", dtype=dtype):
+                    losses.append(
+                        F.cross_entropy(model(spec["x"][step, rank]), spec["y"][step, rank])
+                    )
+            loss = sum(losses) / WORLD_SIZE
+            overflow = dtype == torch.float16 and step == spec["overflow_step"]
+            return loss * float("inf") if overflow and len(calls) == 2 else loss
+
+        if dtype == torch.float16:
+            tram.scaled_step(optimizer, scaler, loss_fn)
+            out["scales"].append(scaler.get_scale())
+        else:
+
+            def closure(loss_fn: Any = loss_fn) -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        out["params"].append([p.detach().clone() for p in model.parameters()])
+    return out
+
+
+@pytest.mark.distributed
+@needs_gloo
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_ddp_mixed_precision_equals_one_process_global_batch(
+    results: list[dict], spec: dict[str, Any], dtype: torch.dtype
+) -> None:
+    check_mixed_precision(results, spec, dtype, "ddp")
+
+
+@pytest.mark.distributed
+@needs_gloo
+@needs_fsdp2
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fsdp2_mixed_precision_equals_one_process_global_batch(
+    results: list[dict], spec: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """As under DDP: the gradients are reduce-scattered in float32 (the parameters are float32,
+    autocast casts them per op), GradScaler unscales the DTensor shards, and an overflow in a
+    shard is an overflow on every rank."""
+    check_mixed_precision(results, spec, dtype, "fsdp")
+
+
+def check_mixed_precision(
+    results: list[dict], spec: dict[str, Any], dtype: torch.dtype, kind: str
+) -> None:
+    """SAM under DDP with CPU autocast, bf16 through step(closure) and fp16 through
+    tram.scaled_step with a CPU GradScaler, equals the same run in one process on the global
+    batch to float32 round-off (TOLERANCE; measured bit-equal). In fp16, rank 1's overflow at θ+ε
+    reaches every rank through the all-reduce: all skip that step with their weights at θ and
+    back the scale off, as the one-process run does."""
+    name = f"{kind}_sam_{'bf16' if dtype == torch.bfloat16 else 'fp16'}"
+    records = scenario(results, name)
+    assert_replicas_identical(records)
+    expected = one_process_mixed_precision(spec, dtype)
+    for rank, record in enumerate(records):
+        assert_matches(record["params"], expected["params"], f"rank {rank} parameters")
+    # The one-process run is SAM by hand (float32) up to the low precision's rounding: a step
+    # moves a weight by lr·|g| ~ 0.05, rounded at 2^-8 relative in bf16 and 2^-11 in fp16
+    # (measured after two steps: 1.6e-4 and 1.8e-5). And autocast ran: that departure is
+    # beyond the tolerance.
+    fp32 = reference(spec, "SAM")["params"]
+    bound = 1e-3 if dtype == torch.bfloat16 else 1e-4
+    departures = [max_difference(expected["params"][step], fp32[step]) for step in range(2)]
+    assert max(departures) < bound, departures
+    assert departures[1] > 1e-5, departures
+    if dtype == torch.float16:
+        overflow = spec["overflow_step"]
+        init = spec["init_scale"]
+        for record in records:
+            assert record["scales"] == expected["scales"]
+            assert record["scales"][overflow - 1 : overflow + 1] == [init, init / 2]
+            skipped, previous = record["params"][overflow], record["params"][overflow - 1]
+            assert all(torch.equal(a, b) for a, b in zip(skipped, previous, strict=True))

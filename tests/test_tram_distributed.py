@@ -1,16 +1,20 @@
-"""TRAM under DistributedDataParallel: two gloo processes on CPU.
+"""TRAM under DistributedDataParallel and FSDP2: two gloo processes on CPU.
 
-One launch of ``tests/tram_ddp_worker.py`` (two ranks, started here as two processes) trains a
-DDP-wrapped embedding model with ``TRAM.step(closure)`` for TRAM-x (``"noise"``) and TRAM-θ0
-(``"pretrained"``), with the synchronised ascent and with ``local_ascent=True``. The test checks
-what the ranks saw against a single-process reference written here with plain tensor maths:
+One launch of ``tests/tram_distributed_worker.py`` (two ranks, started here as two processes)
+trains a DDP-wrapped embedding model with ``TRAM.step(closure)`` for TRAM-x (``"noise"``) and
+TRAM-θ0 (``"pretrained"``), with the synchronised ascent and with ``local_ascent=True``, an FSDP2
+(``fully_shard``) one with TRAM-x (synchronised: FSDP2 has no ``no_sync``), and both with
+TRAM-Fisher (synchronised). The test checks what the ranks saw against a single-process
+reference written here with plain tensor maths:
 
 - synchronised: one ascent for the global batch, along the all-reduced gradient, with the radius
   d = the mean over ranks of each rank's d on its own shard (TRAM all-reduces it);
 - local: each rank ascends along its own gradient with its own d; the update averages the
   ranks' gradients at their own θ + ε.
 
-Every rank's weights must be bit-identical after every step in both modes.
+Every rank's weights must be bit-identical after every step in both modes. Under FSDP2 the
+weight targets (θ0, θt−1, EMA) are refused on every rank: a sharded model's forward gathers its
+live weights over substituted ones.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import Tensor, nn
 
 from tests.helpers import launch_workers
 from tests.helpers import scenario_records as records_of
-from tests.tram_ddp_worker import EmbeddingClassifier
+from tests.tram_distributed_worker import WEIGHT_TARGETS, EmbeddingClassifier
 
 pytestmark = [
     pytest.mark.distributed,
@@ -38,7 +42,7 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "tram_ddp_worker.py"
+WORKER = Path(__file__).resolve().parent / "tram_distributed_worker.py"
 WORLD_SIZE = 2
 LAUNCH_TIMEOUT_S = 120.0
 SPEC: dict[str, Any] = {
@@ -55,6 +59,9 @@ SPEC: dict[str, Any] = {
     "adam_eps": 1e-3,
     "sigma": 0.3,
     "seed": 0,
+    # TRAM-Fisher's ascent: eta large enough that 1 + eta g² departs from 1 (|g| ~ 0.1 to 0.5).
+    "fisher_rho": 0.07,
+    "fisher_eta": 3.0,
     "timeout_s": 60,
 }
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -120,8 +127,25 @@ def gradient_at(model: nn.Module, epsilon: list[Tensor], ids: Tensor, y: Tensor)
     return gradient(moved, ids, y)
 
 
-def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str, list[Any]]:
-    """TRAM over two data shards in one process; returns the weights after every step and d."""
+def radius_over_micro_batches(
+    trust_region: str, model: nn.Module, pretrained: nn.Module, ids: Tensor, zs: list[Tensor]
+) -> float:
+    """d on one rank's shard run as ``len(zs)`` equal micro-batches, each with its own noise:
+    the mean of the micro-batches' d (they hold as many examples each)."""
+    chunks = ids.chunk(len(zs))
+    return sum(
+        radius_on_shard(trust_region, model, pretrained, chunk, z)
+        for chunk, z in zip(chunks, zs, strict=True)
+    ) / len(zs)
+
+
+def reference(
+    spec: dict[str, Any], trust_region: str, local: bool, *, micro_batches: int = 1
+) -> dict[str, list[Any]]:
+    """TRAM over two data shards in one process; returns the weights after every step and d.
+
+    With ``micro_batches`` > 1 each rank accumulates its shard in that many micro-batches: the
+    gradient is the shard's, and each micro-batch has its own noise draw."""
     model = build(spec)
     pretrained = build(spec)
     base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
@@ -129,10 +153,12 @@ def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str,
     out: dict[str, list[Any]] = {"after": [], "radius": []}
     for step in range(spec["steps"]):
         shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
-        # Every rank's generator makes one draw of its shard's shape per step, in lockstep.
-        shape = (spec["batch_per_rank"], spec["length"], spec["width"])
-        z = torch.randn(shape, generator=generator) * spec["sigma"]
-        radii = [radius_on_shard(trust_region, model, pretrained, ids, z) for ids, _ in shards]
+        # Every rank's generator makes one draw per micro-batch of its shape, in lockstep.
+        shape = (spec["batch_per_rank"] // micro_batches, spec["length"], spec["width"])
+        zs = [torch.randn(shape, generator=generator) * spec["sigma"] for _ in range(micro_batches)]
+        radii = [
+            radius_over_micro_batches(trust_region, model, pretrained, ids, zs) for ids, _ in shards
+        ]
         grads = [gradient(model, ids, y) for ids, y in shards]
         if local:
             epsilons = [ascent(model, g, d) for g, d in zip(grads, radii)]
@@ -148,6 +174,40 @@ def reference(spec: dict[str, Any], trust_region: str, local: bool) -> dict[str,
             p.grad = sum(gs) / WORLD_SIZE
         base.step()
         out["after"].append([p.detach().clone() for p in model.parameters()])
+    return out
+
+
+def noised_gradient(model: nn.Module, ids: Tensor, y: Tensor, z: Tensor) -> list[Tensor]:
+    """∇ of the cross-entropy with ``z`` added to the token embeddings."""
+    model.zero_grad()
+    hidden = torch.tanh(model.hidden((model.embed(ids) + z).mean(dim=1)))
+    F.cross_entropy(model.head(hidden), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def fisher_reference(spec: dict[str, Any], sigma: float) -> list[list[Tensor]]:
+    """TRAM-Fisher (Algorithm 2) over two data shards in one process: the all-reduced gradient
+    on noised inputs g gives ε = ρ (g / (1 + η g²)) / √(Σ g² / (1 + η g²)); the update averages
+    the shards' clean gradients at θ + ε. Returns the weights after every step."""
+    model = build(spec)
+    base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
+    generator = torch.Generator().manual_seed(spec["seed"])
+    rho, eta = spec["fisher_rho"], spec["fisher_eta"]
+    shape = (spec["batch_per_rank"], spec["length"], spec["width"])
+    out = []
+    for step in range(spec["steps"]):
+        shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
+        z = torch.randn(shape, generator=generator) * sigma  # each rank's draw, in lockstep
+        grads = [noised_gradient(model, ids, y, z) for ids, y in shards]
+        mean = [sum(gs) / WORLD_SIZE for gs in zip(*grads)]
+        norm = torch.sqrt(sum((g * g / (1 + eta * g * g)).sum() for g in mean))
+        epsilon = [rho * g / (1 + eta * g * g) / (norm + 1e-12) for g in mean]
+        second = [gradient_at(model, epsilon, ids, y) for ids, y in shards]
+        base.zero_grad()
+        for p, gs in zip(model.parameters(), zip(*second)):
+            p.grad = sum(gs) / WORLD_SIZE
+        base.step()
+        out.append([p.detach().clone() for p in model.parameters()])
     return out
 
 
@@ -168,6 +228,12 @@ def results(spec: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> l
     return [
         torch.load(directory / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)
     ]
+
+
+def assert_trajectory(got: list[list[Tensor]], want: list[list[Tensor]]) -> None:
+    for step, (mine, theirs) in enumerate(zip(got, want, strict=True)):
+        for p, q in zip(mine, theirs, strict=True):
+            torch.testing.assert_close(p, q, **TOLERANCE, msg=lambda m, s=step: f"step {s}: {m}")
 
 
 def assert_replicas_identical(records: list[dict]) -> None:
@@ -242,3 +308,66 @@ def test_local_ascent(spec: dict[str, Any], results: list[dict], trust_region: s
         max(float((p - q).abs().max()) for p, q in zip(records[0]["after"][-1], synchronised))
         > 3e-5  # d ~ sigma^2 is small at sigma = 0.3; still 30 times TOLERANCE's atol
     )
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def test_fsdp2_tram_x_is_global_batch_tram(spec: dict[str, Any], results: list[dict]) -> None:
+    """TRAM-x on a fully_shard model (DTensor parameters, d measured in first_step) takes the
+    steps of TRAM on the global batch: the noise reaches the sharded embedding, d is the mean
+    of the ranks' d, the ascent norm is the model's (not a shard's)."""
+    records = records_of(results, "fsdp2_noise")
+    assert all(r["param_types"] == ["DTensor"] for r in records)
+    assert_replicas_identical(records)
+    assert records[0]["radius"] == records[1]["radius"]
+    per_rank = radii_from_recorded_weights(spec, records, "noise")
+    assert records[0]["radius"] == pytest.approx([sum(d) / WORLD_SIZE for d in per_rank], rel=1e-5)
+    assert all(abs(a - b) > 1e-3 * max(a, b) for a, b in per_rank)  # neither rank's own d
+    assert_trajectory(records[0]["after"], reference(spec, "noise", local=False)["after"])
+    # The same steps as DDP's (the ranks gather the shards; DDP holds whole replicas).
+    assert_trajectory(records[0]["after"], records_of(results, "noise")[0]["after"])
+
+
+@pytest.mark.parametrize(
+    "name", ["noise_accumulate", "fsdp2_noise_accumulate"], ids=["DDP", "FSDP2"]
+)
+def test_accumulating_closure_is_global_batch_tram(
+    spec: dict[str, Any], results: list[dict], name: str
+) -> None:
+    """TRAM-x with tram.accumulating_closure, two micro-batches per rank: d is the mean over every
+    rank's micro-batches (under FSDP2 measured in first_step, each recorded forward replayed
+    with its own noise draw, in order), the step TRAM's on the global batch."""
+    records = records_of(results, name)
+    assert_replicas_identical(records)
+    ref = reference(spec, "noise", local=False, micro_batches=2)
+    assert records[0]["radius"] == records[1]["radius"]
+    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=1e-5)
+    assert_trajectory(records[0]["after"], ref["after"])
+
+
+@pytest.mark.parametrize("name", ["fisher", "fsdp2_fisher"], ids=["DDP", "FSDP2"])
+def test_tram_fisher_is_global_batch_tram_fisher(
+    spec: dict[str, Any], results: list[dict], name: str
+) -> None:
+    """TRAM-Fisher's first pass on noised embeddings (each rank's own draw, in lockstep), its
+    Fisher ascent from the reduced gradient, under DDP and FSDP2."""
+    records = records_of(results, name)
+    kind = "DTensor" if name.startswith("fsdp2") else "Parameter"
+    assert all(r["param_types"] == [kind] for r in records)
+    assert_replicas_identical(records)
+    assert all(r["radius"] == [None] * spec["steps"] for r in records)
+    expected = fisher_reference(spec, spec["sigma"])
+    assert_trajectory(records[0]["after"], expected)
+    # The noise counts: without it (Fisher SAM) the weights differ by 30 times the atol.
+    clean = fisher_reference(spec, 0.0)[-1]
+    assert max(float((p - q).abs().max()) for p, q in zip(expected[-1], clean)) > 3e-5
+
+
+def test_fsdp2_weight_targets_are_refused_on_every_rank(results: list[dict]) -> None:
+    """The reference forward of θ0, θt−1 or the EMA would run the live weights under FSDP2
+    (d = 0 at every step): each rank refuses them when TRAM is built."""
+    for rank, record in enumerate(records_of(results, "fsdp2_weight_targets")):
+        for trust_region in WEIGHT_TARGETS:
+            message = record["messages"][trust_region]
+            assert message is not None, f"rank {rank}: trust_region={trust_region!r} was built"
+            assert "parameters are sharded (FSDP, FSDP2 or DeepSpeed)" in message
+            assert "use the noise target (trust_region='noise') or TRAM-Fisher" in message

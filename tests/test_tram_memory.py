@@ -346,3 +346,61 @@ def test_models_with_sharded_parameters_keep_their_logits_until_first_step(
     assert on_plain.last_radius > 0
     assert on_sharded.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
     assert on_ddp.last_radius == pytest.approx(on_plain.last_radius, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sharded_models_measure_d_under_the_recorded_forwards_autocast(
+    one_process_group: None, dtype: torch.dtype
+) -> None:
+    """FSDP2's d is measured in first_step, outside the autocast region of the forward it
+    replays: the reference forward runs under that forward's autocast state, so d and the step
+    are the unsharded model's, bit for bit (bf16 through step(closure), fp16 through
+    tram.scaled_step with a CPU GradScaler, which FSDP2's DTensor gradients go through)."""
+    import torch.distributed as dist
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not (dist.is_available() and hasattr(fsdp, "fully_shard")):
+        pytest.skip("FSDP2 is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randn(6, 4, generator=generator), torch.randint(0, 3, (6,))) for _ in range(2)
+    ]
+
+    def train(sharded: bool) -> tuple[list[float], list[Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        if sharded:
+            for module in (model[0], model[2], model):
+                fsdp.fully_shard(module, mesh=init_device_mesh("cpu", (1,)))
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = tram.TRAM(base, model, embeddings=model[0], sigma=0.3, seed=5)
+        assert optimizer.recorder.measure_during_forward is not sharded
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        radii = []
+        for x, y in batches:
+
+            def loss_fn(x: Tensor = x, y: Tensor = y) -> Tensor:
+                with torch.autocast("cpu", dtype=dtype):
+                    return nn.functional.cross_entropy(model(x), y)
+
+            def closure(loss_fn: Callable[[], Tensor] = loss_fn) -> Tensor:
+                optimizer.zero_grad()
+                loss = loss_fn()
+                loss.backward()
+                return loss
+
+            if dtype == torch.float16:
+                tram.scaled_step(optimizer, scaler, loss_fn)
+            else:
+                optimizer.step(closure)
+            radii.append(optimizer.last_radius)
+        full = [getattr(p, "full_tensor", p.detach)().detach() for p in model.parameters()]
+        return radii, full
+
+    (plain_radii, plain), (sharded_radii, sharded) = train(False), train(True)
+    assert sharded_radii == plain_radii
+    assert all(d > 1e-4 for d in plain_radii)
+    for p, q in zip(sharded, plain, strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()

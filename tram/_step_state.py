@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
+import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["MissingAscentError", "refuse_foreign_state_dict"]
 
 _V = TypeVar("_V")
+_Version = tuple[int, int]
+"""A gradient's version counter and its local shard's (see :func:`_version`)."""
 
 
 class MissingAscentError(RuntimeError):
@@ -86,11 +89,11 @@ class _StepState:
         self.replaying_the_closure = False
         # The gradients as the last step or zero_grad() left them (weak references and version
         # counters): step(closure) tells from them whether a backward ran outside the closure.
-        self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], _Version]] = {}
         self.zero_grad_calls = 0
         # The gradients first_step() zeroed, and whether restore() came before any backward
         # wrote them (the second pass then ran at θ, not θ+ε).
-        self.zeroed_gradients: dict[Tensor, tuple[weakref.ref[Tensor], int]] = {}
+        self.zeroed_gradients: dict[Tensor, tuple[weakref.ref[Tensor], _Version]] = {}
         self.restored_before_second_pass = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
@@ -183,13 +186,27 @@ def refuse_missing_ascent(method: str, base: str) -> NoReturn:
     )
 
 
-def gradients_at_rest(params: Iterable[Tensor]) -> dict[Tensor, tuple[weakref.ref[Tensor], int]]:
-    """Each parameter's gradient, held weakly, with its version counter."""
-    return {p: (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+def _version(grad: Tensor) -> _Version:
+    """What changes when ``grad`` is written in place: its version counter, and that of its
+    local shard for a ``DTensor``. FSDP2 adds a backward's gradient to an existing one with
+    ``grad._local_tensor += ...`` (``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``,
+    ``foreach_reduce``), which bumps the local tensor's counter only."""
+    if type(grad).__name__ != "DTensor":  # by name, as _model_io.parameters_are_sharded tells it
+        return grad._version, 0
+    with torch.no_grad():  # to_local() then returns the shard itself, not a view
+        local = grad.to_local()  # type: ignore[attr-defined]
+    return grad._version, local._version
+
+
+def gradients_at_rest(
+    params: Iterable[Tensor],
+) -> dict[Tensor, tuple[weakref.ref[Tensor], _Version]]:
+    """Each parameter's gradient, held weakly, with its version (see :func:`_version`)."""
+    return {p: (weakref.ref(p.grad), _version(p.grad)) for p in params if p.grad is not None}
 
 
 def gradients_written_since(
-    resting: dict[Tensor, tuple[weakref.ref[Tensor], int]], params: Iterable[Tensor]
+    resting: dict[Tensor, tuple[weakref.ref[Tensor], _Version]], params: Iterable[Tensor]
 ) -> dict[Tensor, weakref.ref[Tensor]]:
     """The gradients that a backward (or any in-place write) produced after ``resting`` was
     taken (a new gradient tensor, or the same one with a newer version), held weakly."""
@@ -199,7 +216,7 @@ def gradients_written_since(
         if grad is None:
             continue
         before = resting.get(param)
-        if before is None or before[0]() is not grad or before[1] != grad._version:
+        if before is None or before[0]() is not grad or before[1] != _version(grad):
             written[param] = weakref.ref(grad)
     return written
 

@@ -11,7 +11,12 @@ wrapper's ``step(closure)`` calls it once at θ and once at θ+ε, which is exac
 
 With equal-sized micro-batches and a mean-reduced loss the result equals one step on the
 concatenated batch (tested). Under ``DistributedDataParallel`` the backward of every micro-batch
-but the last runs under ``model.no_sync()``, so each pass all-reduces once.
+but the last runs under ``model.no_sync()``, so each pass all-reduces once. An FSDP2 module
+(``fully_shard``) has no ``no_sync``: every micro-batch's backward reduce-scatters its gradient
+and the shards accumulate the sum, which is exact too (``tests/test_distributed.py``). FSDP2's
+``set_requires_gradient_sync(False)`` would save those reduce-scatters by holding unsharded
+gradients on every rank until the last micro-batch; that trade of memory for communication is
+left to the caller.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def accumulating_closure(
         optimizer: its ``zero_grad`` is called at the start of each call.
         micro_batches: the micro-batches of one optimizer step (kept and replayed).
         loss_fn: maps a micro-batch to its mean loss (forward only; the closure backpropagates).
-        model: when it has ``no_sync`` (DDP), all but the last backward run under it.
+        model: when it has ``no_sync`` (DDP), all but the last backward run under it; an
+            FSDP2 module reduce-scatters every micro-batch's gradient (see above).
         weights: the weight of each micro-batch loss; by default ``1 / len(micro_batches)``.
             Pass ``size_i / total_size`` for unequal micro-batches of a mean-reduced loss.
 

@@ -683,6 +683,31 @@ MUTANTS = [
         "            self.steps = 0",
         ("tests/test_fabric.py@resume and SAM",),
     ),
+    Mutant(
+        "fsdp2-gradient-written-in-its-shard-unseen",
+        "tram/_step_state.py",
+        "    return grad._version, local._version",
+        "    return grad._version, 0",
+        (
+            "tests/test_contract.py@fsdp2_step_closure or fsdp2_second_backward",
+            "tests/test_tram_memory.py@recorded_forwards_autocast",
+            "tests/test_distributed.py@fsdp2_mixed_precision",
+        ),
+    ),
+    Mutant(
+        "sharded-reference-forward-outside-the-recorded-autocast",
+        "tram/_recording.py",
+        "                stack.enter_context(replay.autocast.context())",
+        "                pass",
+        ("tests/test_tram_memory.py@recorded_forwards_autocast",),
+    ),
+    Mutant(
+        "radius-not-all-reduced",
+        "tram/_recording.py",
+        "            dist.all_reduce(totals)",
+        "            pass",
+        ("tests/test_tram_distributed.py@synchronised or fsdp2_tram_x",),
+    ),
 ]
 
 
