@@ -473,6 +473,48 @@ def test_unknown_domain(assets, tmp_path):
     _fails_before_training(cfg, tmp_path, ExperimentError, "imdb")
 
 
+def dropout_free_bert(assets: dict[str, Path], dest: Path) -> Path:
+    """The tiny BERT without dropout: runs that split a batch differently (micro-batches,
+    ranks) draw other dropout masks, so only a dropout-free model can be compared exactly."""
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(
+        assets["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(assets["bert"]).save_pretrained(dest)
+    return dest
+
+
+def saved_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def test_gradient_accumulation_is_the_big_batch(assets, tmp_path):
+    """Two micro-batches of 4 are one batch of 8: BERT's classification head ignores
+    ``num_items_in_batch``, so the Trainer must not take its mean loss for a sum (it would not
+    divide by grad_accum, doubling the loss and gradient)."""
+    bert = dropout_free_bert(assets, tmp_path / "bert")
+    common = [*tiny_overrides(assets), f"model.source={bert}", "train.save_model=true"]
+    common += ["train.lr=1e-3", "optimizer=r3f"]
+    runs = {}
+    for name, split in {"big": ["train.batch_size=8"], "accum": ["train.grad_accum=2"]}.items():
+        runs[name] = finetune(compose_config([*common, *split]), output_dir=tmp_path / name)
+    assert runs["accum"]["train_loss"] == pytest.approx(runs["big"]["train_loss"], rel=1e-6)
+    big, accum = saved_weights(tmp_path / "big"), saved_weights(tmp_path / "accum")
+    assert max((big[k] - accum[k]).abs().max().item() for k in big) < 1e-6
+    # The weights moved by far more than that tolerance.
+    assert max((big[k] - v).abs().max().item() for k, v in saved_weights_of(bert).items()) > 1e-4
+
+
+def saved_weights_of(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"bert.{k}": v for k, v in load_file(model_dir / "model.safetensors").items()}
+
+
 # ------------------------------------------------------------------------------ real assets
 
 

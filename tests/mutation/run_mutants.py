@@ -155,6 +155,13 @@ MUTANTS = [
         ("tests/test_experiments.py::test_tiny_sentiment",),
     ),
     Mutant(
+        "runner-classification-loss-taken-for-a-sum",
+        "tram/experiments/models.py",
+        "        _mean_loss_only(model)",
+        "        pass",
+        ("tests/test_experiments.py::test_gradient_accumulation_is_the_big_batch",),
+    ),
+    Mutant(
         "runner-drops-method-arguments",
         "tram/experiments/run.py",
         "method_kwargs=None if parts.method is None else parts.method.keywords,",
