@@ -515,6 +515,69 @@ def saved_weights_of(model_dir: Path) -> dict:
     return {f"bert.{k}": v for k, v in load_file(model_dir / "model.safetensors").items()}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path):
+    """``torchrun --nproc_per_node 2 -m tram.experiments.run trainer=ddp_cpu`` with batches of 4
+    per rank is the one-process run with batches of 8: the same weights, TRAM's all-reduced
+    radius, every domain's metrics over the whole evaluation set (13 examples in batches of 4:
+    the last rank's last batch is padded by the sampler), the diagnostics; and only rank 0
+    writes. Each rank gets its own run directory here, so what rank 1 wrote can be seen."""
+    import numpy as np
+
+    bert = dropout_free_bert(assets, tmp_path / "bert")
+    overrides = [*tiny_overrides(assets), f"model.source={bert}", "train.save_model=true"]
+    # TRAM-theta0: a deterministic radius (no noise draws, which differ between a batch of 8
+    # and two shards of 4); lr 0.01 so that the weights move away from theta0.
+    overrides += ["optimizer=tram_theta0", "train.lr=0.01"]
+    overrides += ["train.eval_batch_size=4", "task.max_eval_examples=13"]
+    overrides += ["diagnostics.cka=true", "diagnostics.sharpness=true", "diagnostics.hessian=true"]
+    overrides += ["diagnostics.examples=8", "diagnostics.batch_size=4"]
+    overrides += ["diagnostics.sharpness_steps=2", "diagnostics.hessian_iterations=3"]
+    one = finetune(compose_config([*overrides, "train.batch_size=8"]), output_dir=tmp_path / "one")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "tram.experiments.run", *overrides, "train.batch_size=4", "trainer=ddp_cpu"]
+    command += [f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"]
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+
+    rank0, rank1 = tmp_path / "rank0", tmp_path / "rank1"
+    written = {"results.json", "predictions.npz", "model", "tensorboard"}
+    assert written <= {p.name for p in rank0.iterdir()}
+    assert not written & {p.name for p in rank1.iterdir()}
+    two = json.loads((rank0 / "results.json").read_text())
+    assert two["config"]["trainer"]["ddp_backend"] == "gloo"
+    assert (two["steps"], two["train_examples"]) == (one["steps"], one["train_examples"])
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    assert two["radius_per_step"] == pytest.approx(one["radius_per_step"], rel=1e-4)
+    assert min(one["radius_per_step"][1:]) > 1e-6
+    for split in [*(f"test_{d}" for d in one["domains"]), "validation"]:
+        metrics = one["validation"] if split == "validation" else one["domains"][split[5:]]
+        other = two["validation"] if split == "validation" else two["domains"][split[5:]]
+        assert other["examples"] == metrics["examples"]
+        assert other["accuracy"] == metrics["accuracy"]
+        assert other["loss"] == pytest.approx(metrics["loss"], rel=1e-6), split
+    paths = tmp_path / "one" / "predictions.npz", rank0 / "predictions.npz"
+    with np.load(paths[0]) as a, np.load(paths[1]) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert a[key].shape == b[key].shape, key
+            np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)
+        assert len(b["test_amazon/labels"]) == 13
+    cka_one, cka_two = one["diagnostics"].pop("cka"), two["diagnostics"].pop("cka")
+    assert cka_two == pytest.approx(cka_one, abs=1e-6)
+    assert two["diagnostics"] == pytest.approx(one["diagnostics"], rel=1e-4)
+    weights, start = saved_weights(tmp_path / "one"), saved_weights_of(bert)
+    assert max((w - saved_weights(rank0)[k]).abs().max().item() for k, w in weights.items()) < 1e-6
+    assert max((weights[k] - v).abs().max().item() for k, v in start.items()) > 1e-3
+
+
 # ------------------------------------------------------------------------------ real assets
 
 

@@ -162,6 +162,20 @@ MUTANTS = [
         ("tests/test_experiments.py::test_gradient_accumulation_is_the_big_batch",),
     ),
     Mutant(
+        "runner-evaluation-loss-of-padded-batches",
+        "tram/experiments/run.py",
+        '    metrics[f"{name}_loss"] = _exact_loss(output.predictions, task_type=task.type)',
+        "    pass",
+        ("tests/test_experiments.py::test_torchrun_two_ranks_are_one_process_on_the_global_batch",),
+    ),
+    Mutant(
+        "runner-every-rank-writes-results",
+        "tram/experiments/run.py",
+        "    if trainer.is_world_process_zero():",
+        "    if True:",
+        ("tests/test_experiments.py::test_torchrun_two_ranks_are_one_process_on_the_global_batch",),
+    ),
+    Mutant(
         "runner-drops-method-arguments",
         "tram/experiments/run.py",
         "method_kwargs=None if parts.method is None else parts.method.keywords,",
