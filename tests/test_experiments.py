@@ -531,6 +531,9 @@ def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path
     # and two shards of 4); lr 0.01 so that the weights move away from theta0.
     overrides += ["optimizer=tram_theta0", "train.lr=0.01"]
     overrides += ["train.eval_batch_size=4", "task.max_eval_examples=13"]
+    # The third step is past the last multiple of logging_steps: train_loss must still average
+    # the ranks' losses of it.
+    overrides += ["train.logging_steps=2"]
     overrides += ["diagnostics.cka=true", "diagnostics.sharpness=true", "diagnostics.hessian=true"]
     overrides += ["diagnostics.examples=8", "diagnostics.batch_size=4"]
     overrides += ["diagnostics.sharpness_steps=2", "diagnostics.hessian_iterations=3"]

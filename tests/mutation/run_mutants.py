@@ -169,6 +169,13 @@ MUTANTS = [
         ("tests/test_experiments.py::test_torchrun_two_ranks_are_one_process_on_the_global_batch",),
     ),
     Mutant(
+        "runner-train-loss-of-rank-0-after-the-last-log",
+        "tram/experiments/run.py",
+        "                control.should_log = True",
+        "                pass",
+        ("tests/test_experiments.py::test_torchrun_two_ranks_are_one_process_on_the_global_batch",),
+    ),
+    Mutant(
         "runner-every-rank-writes-results",
         "tram/experiments/run.py",
         "    if trainer.is_world_process_zero():",

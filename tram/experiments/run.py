@@ -194,7 +194,8 @@ def training_arguments(cfg: Any, output_dir: Path) -> Any:
 
 
 def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
-    """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius."""
+    """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius; log
+    the last step."""
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
@@ -211,6 +212,22 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
             if radius is not None and math.isfinite(float(radius)):
                 self.values.append(float(radius))
 
+    class LogTheLastStep(TrainerCallback):
+        """Logs the last step whatever ``logging_steps`` is, so ``train_loss`` averages every
+        rank's loss.
+
+        The Trainer averages the loss over ranks when it logs; at the end of training it adds
+        the steps since the last log as the local rank's loss (``_finalize_training`` in
+        transformers/trainer.py), which would make rank 0's shard stand for the whole batch in
+        ``results.json``'s ``train_loss`` whenever ``logging_steps`` does not divide
+        ``max_steps``.
+        """
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    trainer.add_callback(LogTheLastStep())
     if trainer.pop_callback(TensorBoardCallback) is not None:
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(output_dir / "tensorboard")
