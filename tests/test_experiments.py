@@ -515,6 +515,33 @@ def saved_weights_of(model_dir: Path) -> dict:
     return {f"bert.{k}": v for k, v in load_file(model_dir / "model.safetensors").items()}
 
 
+@pytest.mark.parametrize("task", ["sentiment", "lm"])
+def test_evaluation_loss_is_the_mean_over_the_examples(assets, tmp_path, task):
+    """Each split's loss is the saved model's mean loss over its examples one by one (blocks of
+    equal length for language modelling: the mean over tokens), evaluated in batches of 3."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tram.experiments import models, tasks
+
+    overrides = [*tiny_overrides(assets, task), "train.save_model=true", "train.eval_batch_size=3"]
+    cfg = compose_config(overrides)
+    results = finetune(cfg, output_dir=tmp_path)
+    loaded = tasks.load_task(cfg.task)
+    resolved, model_config = models.load_model_config(cfg.model)
+    kind = cfg.model.get("kind") or models.model_kind(model_config)
+    tokenizer = models.load_tokenizer(cfg.model, resolved, kind=kind)
+    data = tasks.encode_task(loaded, tokenizer, cfg.task, text_prefix=cfg.model.text_prefix or "")
+    auto = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(tmp_path / "model").eval()
+    splits = {d: (data.test[d], results["domains"][d]) for d in loaded.domains}
+    splits["validation"] = (data.validation, results["validation"])
+    for name, (dataset, reported) in splits.items():
+        with torch.no_grad():
+            losses = [model(**data.collator([dataset[i]])).loss for i in range(len(dataset))]
+        assert reported["loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5), name
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path):

@@ -176,6 +176,13 @@ MUTANTS = [
         ("tests/test_experiments.py::test_torchrun_two_ranks_are_one_process_on_the_global_batch",),
     ),
     Mutant(
+        "runner-lm-evaluation-loss-unshifted",
+        "tram/experiments/run.py",
+        "    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]",
+        "    shifted = labels",
+        ("tests/test_experiments.py::test_evaluation_loss_is_the_mean_over_the_examples",),
+    ),
+    Mutant(
         "runner-every-rank-writes-results",
         "tram/experiments/run.py",
         "    if trainer.is_world_process_zero():",

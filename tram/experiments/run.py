@@ -418,10 +418,15 @@ def _token_losses(logits: Any, labels: Any) -> Any:
 
     if isinstance(logits, tuple):
         logits = logits[0]
-    shifted = labels[:, 1:]
+    # Labels shifted left against the whole logits, as the causal-LM loss does
+    # (transformers/loss/loss_utils.py): no copy of a sliced vocabulary-sized tensor.
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
     losses = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=-100, reduction="none"
-    )
+        logits.float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shifted.shape)
     return torch.stack([losses.sum(dim=1), shifted.ne(-100).sum(dim=1).to(losses.dtype)], dim=1)
 
 
