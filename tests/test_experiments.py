@@ -473,6 +473,144 @@ def test_unknown_domain(assets, tmp_path):
     _fails_before_training(cfg, tmp_path, ExperimentError, "imdb")
 
 
+def dropout_free_bert(assets: dict[str, Path], dest: Path) -> Path:
+    """The tiny BERT without dropout: runs that split a batch differently (micro-batches,
+    ranks) draw other dropout masks, so only a dropout-free model can be compared exactly."""
+    from transformers import AutoTokenizer, BertModel
+
+    model = BertModel.from_pretrained(
+        assets["bert"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(assets["bert"]).save_pretrained(dest)
+    return dest
+
+
+def saved_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def test_gradient_accumulation_is_the_big_batch(assets, tmp_path):
+    """Two micro-batches of 4 are one batch of 8: BERT's classification head ignores
+    ``num_items_in_batch``, so the Trainer must not take its mean loss for a sum (it would not
+    divide by grad_accum, doubling the loss and gradient)."""
+    bert = dropout_free_bert(assets, tmp_path / "bert")
+    common = [*tiny_overrides(assets), f"model.source={bert}", "train.save_model=true"]
+    common += ["train.lr=1e-3", "optimizer=r3f"]
+    runs = {}
+    for name, split in {"big": ["train.batch_size=8"], "accum": ["train.grad_accum=2"]}.items():
+        runs[name] = finetune(compose_config([*common, *split]), output_dir=tmp_path / name)
+    assert runs["accum"]["train_loss"] == pytest.approx(runs["big"]["train_loss"], rel=1e-6)
+    big, accum = saved_weights(tmp_path / "big"), saved_weights(tmp_path / "accum")
+    assert max((big[k] - accum[k]).abs().max().item() for k in big) < 1e-6
+    # The weights moved by far more than that tolerance.
+    assert max((big[k] - v).abs().max().item() for k, v in saved_weights_of(bert).items()) > 1e-4
+
+
+def saved_weights_of(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return {f"bert.{k}": v for k, v in load_file(model_dir / "model.safetensors").items()}
+
+
+@pytest.mark.parametrize("task", ["sentiment", "lm"])
+def test_evaluation_loss_is_the_mean_over_the_examples(assets, tmp_path, task):
+    """Each split's loss is the saved model's mean loss over its examples one by one (blocks of
+    equal length for language modelling: the mean over tokens), evaluated in batches of 3."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tram.experiments import models, tasks
+
+    overrides = [*tiny_overrides(assets, task), "train.save_model=true", "train.eval_batch_size=3"]
+    cfg = compose_config(overrides)
+    results = finetune(cfg, output_dir=tmp_path)
+    loaded = tasks.load_task(cfg.task)
+    resolved, model_config = models.load_model_config(cfg.model)
+    kind = cfg.model.get("kind") or models.model_kind(model_config)
+    tokenizer = models.load_tokenizer(cfg.model, resolved, kind=kind)
+    data = tasks.encode_task(loaded, tokenizer, cfg.task, text_prefix=cfg.model.text_prefix or "")
+    auto = AutoModelForCausalLM if task == "lm" else AutoModelForSequenceClassification
+    model = auto.from_pretrained(tmp_path / "model").eval()
+    splits = {d: (data.test[d], results["domains"][d]) for d in loaded.domains}
+    splits["validation"] = (data.validation, results["validation"])
+    for name, (dataset, reported) in splits.items():
+        with torch.no_grad():
+            losses = [model(**data.collator([dataset[i]])).loss for i in range(len(dataset))]
+        assert reported["loss"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5), name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path):
+    """``torchrun --nproc_per_node 2 -m tram.experiments.run trainer=ddp_cpu`` with batches of 4
+    per rank is the one-process run with batches of 8: the same weights, TRAM's all-reduced
+    radius, every domain's metrics over the whole evaluation set (13 examples in batches of 4:
+    the last rank's last batch is padded by the sampler), the diagnostics; and only rank 0
+    writes. Each rank gets its own run directory here, so what rank 1 wrote can be seen."""
+    import numpy as np
+
+    bert = dropout_free_bert(assets, tmp_path / "bert")
+    overrides = [*tiny_overrides(assets), f"model.source={bert}", "train.save_model=true"]
+    # TRAM-theta0: a deterministic radius (no noise draws, which differ between a batch of 8
+    # and two shards of 4); lr 0.01 so that the weights move away from theta0.
+    overrides += ["optimizer=tram_theta0", "train.lr=0.01"]
+    overrides += ["train.eval_batch_size=4", "task.max_eval_examples=13"]
+    # The third step is past the last multiple of logging_steps: train_loss must still average
+    # the ranks' losses of it.
+    overrides += ["train.logging_steps=2"]
+    overrides += ["diagnostics.cka=true", "diagnostics.sharpness=true", "diagnostics.hessian=true"]
+    overrides += ["diagnostics.examples=8", "diagnostics.batch_size=4"]
+    overrides += ["diagnostics.sharpness_steps=2", "diagnostics.hessian_iterations=3"]
+    one = finetune(compose_config([*overrides, "train.batch_size=8"]), output_dir=tmp_path / "one")
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "tram.experiments.run", *overrides, "train.batch_size=4", "trainer=ddp_cpu"]
+    command += [f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"]
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    # trainer=ddp_cpu's ddp_find_unused_parameters: false reached DDP, which otherwise warns
+    # that its search found nothing.
+    assert "find_unused_parameters=True" not in done.stderr
+
+    rank0, rank1 = tmp_path / "rank0", tmp_path / "rank1"
+    written = {"results.json", "predictions.npz", "model", "tensorboard"}
+    assert written <= {p.name for p in rank0.iterdir()}
+    assert not written & {p.name for p in rank1.iterdir()}
+    two = json.loads((rank0 / "results.json").read_text())
+    assert two["config"]["trainer"]["ddp_backend"] == "gloo"
+    assert (two["steps"], two["train_examples"]) == (one["steps"], one["train_examples"])
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    assert two["radius_per_step"] == pytest.approx(one["radius_per_step"], rel=1e-4)
+    assert min(one["radius_per_step"][1:]) > 1e-6
+    for split in [*(f"test_{d}" for d in one["domains"]), "validation"]:
+        metrics = one["validation"] if split == "validation" else one["domains"][split[5:]]
+        other = two["validation"] if split == "validation" else two["domains"][split[5:]]
+        assert other["examples"] == metrics["examples"]
+        assert other["accuracy"] == metrics["accuracy"]
+        assert other["loss"] == pytest.approx(metrics["loss"], rel=1e-6), split
+    paths = tmp_path / "one" / "predictions.npz", rank0 / "predictions.npz"
+    with np.load(paths[0]) as a, np.load(paths[1]) as b:
+        assert sorted(a.files) == sorted(b.files)
+        for key in a.files:
+            assert a[key].shape == b[key].shape, key
+            np.testing.assert_allclose(b[key], a[key], atol=1e-6, err_msg=key)
+        assert len(b["test_amazon/labels"]) == 13
+    cka_one, cka_two = one["diagnostics"].pop("cka"), two["diagnostics"].pop("cka")
+    assert cka_two == pytest.approx(cka_one, abs=1e-6)
+    assert two["diagnostics"] == pytest.approx(one["diagnostics"], rel=1e-4)
+    weights, start = saved_weights(tmp_path / "one"), saved_weights_of(bert)
+    assert max((w - saved_weights(rank0)[k]).abs().max().item() for k, w in weights.items()) < 1e-6
+    assert max((weights[k] - v).abs().max().item() for k, v in start.items()) > 1e-3
+
+
 # ------------------------------------------------------------------------------ real assets
 
 

@@ -220,7 +220,12 @@ def build_regularizers(parts: OptimizerParts, model: Any) -> list[Any]:
 
 def training_arguments(cfg: Any, output_dir: str | Path) -> Any:
     """``transformers.TrainingArguments`` from the ``trainer`` node (``_target_``), with the run
-    directory and, for language modelling, loss-only evaluation filled in."""
+    directory filled in.
+
+    Evaluation keeps per-example outputs for language modelling too (``prediction_loss_only``
+    stays False): the runner reduces the logits to each block's token losses
+    (``tram.experiments.run``), from which the loss is exact on any number of processes.
+    """
     node = cfg.trainer
     if "_target_" not in node:
         raise ExperimentError(
@@ -231,7 +236,6 @@ def training_arguments(cfg: Any, output_dir: str | Path) -> Any:
         args = instantiate(
             node,
             output_dir=str(output_dir),
-            prediction_loss_only=cfg.task.type == "lm",
             _convert_="all",
         )
     except InstantiationException as error:

@@ -205,10 +205,30 @@ def build_model(
             )
     except OSError as error:
         raise _not_found(cfg, resolved, error) from error
+    if task_type != "lm":
+        _mean_loss_only(model)
     if cfg.get("freeze_embeddings"):
         frozen = freeze_input_embeddings(model)
         logger.info("froze the input embeddings: %d parameters", frozen)
     return model
+
+
+def _mean_loss_only(model: Any) -> None:
+    """Make the Trainer treat the classification loss as the batch mean it is.
+
+    A forward with ``**kwargs`` makes ``transformers.Trainer`` pass ``num_items_in_batch`` and
+    take the loss as a sum over the whole step's examples: it then skips the division by
+    ``gradient_accumulation_steps`` and multiplies by the number of processes (``compute_loss``
+    and ``training_step`` in transformers/trainer.py). The sequence-classification heads of
+    BERT, XLM-R and their kin ignore ``num_items_in_batch`` and return
+    ``CrossEntropyLoss()``'s mean (transformers/models/bert/modeling_bert.py), so the loss,
+    its gradient (against ``max_grad_norm``, and against every regularizer's penalty) and the
+    reported evaluation loss would be ``grad_accum`` x world size too large. The Trainer reads
+    ``accepts_loss_kwargs`` from the model; False keeps every head on its per-batch mean, which
+    averages exactly over equal micro-batches and ranks. Language modelling keeps the token
+    count: the causal-LM loss divides by it (transformers/loss/loss_utils.py).
+    """
+    model.accepts_loss_kwargs = False
 
 
 def freeze_input_embeddings(model: Any) -> int:

@@ -194,7 +194,8 @@ def training_arguments(cfg: Any, output_dir: Path) -> Any:
 
 
 def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
-    """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius."""
+    """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius; log
+    the last step."""
     from transformers import TrainerCallback
     from transformers.integrations import TensorBoardCallback
 
@@ -211,6 +212,22 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
             if radius is not None and math.isfinite(float(radius)):
                 self.values.append(float(radius))
 
+    class LogTheLastStep(TrainerCallback):
+        """Logs the last step whatever ``logging_steps`` is, so ``train_loss`` averages every
+        rank's loss.
+
+        The Trainer averages the loss over ranks when it logs; at the end of training it adds
+        the steps since the last log as the local rank's loss (``_finalize_training`` in
+        transformers/trainer.py), which would make rank 0's shard stand for the whole batch in
+        ``results.json``'s ``train_loss`` whenever ``logging_steps`` does not divide
+        ``max_steps``.
+        """
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+    trainer.add_callback(LogTheLastStep())
     if trainer.pop_callback(TensorBoardCallback) is not None:
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(output_dir / "tensorboard")
@@ -258,7 +275,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         data_collator=data.collator,
         processing_class=tokenizer,
         compute_metrics=_accuracy if classification else None,
-        preprocess_logits_for_metrics=_probabilities if classification else None,
+        preprocess_logits_for_metrics=_probabilities if classification else _token_losses,
         optimizer_cls_and_kwargs=parts.base_cls_and_kwargs,
         method=parts.method_class,
         method_kwargs=None if parts.method is None else parts.method.keywords,
@@ -348,13 +365,11 @@ def evaluate_split(
     class probabilities and labels, in the dataset's order, for :mod:`tram.experiments.metrics`.
     """
     output = trainer.predict(dataset, metric_key_prefix=name)
-    metrics = output.metrics
-    trainer.log(dict(metrics))  # as Trainer.evaluate would: the metrics reach TensorBoard
+    metrics = dict(output.metrics)
+    metrics[f"{name}_loss"] = _exact_loss(output.predictions, task_type=task.type)
+    trainer.log(metrics)  # as Trainer.evaluate would: the metrics reach TensorBoard
     if predictions is not None and task.type != "lm":
-        probabilities = output.predictions
-        if isinstance(probabilities, tuple):
-            probabilities = probabilities[0]
-        predictions[name] = (probabilities, output.label_ids)
+        predictions[name] = (output.predictions[0], output.label_ids)
     prefix = f"{name}_"
     values = {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
     entry = {"loss": values["loss"], "examples": len(dataset)}
@@ -365,11 +380,54 @@ def evaluate_split(
     return entry
 
 
+def _exact_loss(per_example: Any, *, task_type: str) -> float:
+    """The evaluation loss over exactly the dataset's examples, from the per-example values
+    :func:`_probabilities` or :func:`_token_losses` kept.
+
+    The Trainer's own ``<split>_loss`` is each batch's mean repeated per example. On several
+    processes the distributed sampler completes the last batch of a rank with examples from the
+    start of the dataset (accelerate's ``even_batches``); the gathered per-example outputs are cut
+    back to the dataset, but that batch's mean still counts the repeated examples. Per-example
+    values carry no such mixing.
+    """
+    import numpy as np
+
+    if task_type == "lm":
+        sums, counts = np.asarray(per_example, dtype=np.float64).T
+        return float(sums.sum() / counts.sum())
+    return float(np.asarray(per_example[1], dtype=np.float64).mean())
+
+
 def _probabilities(logits: Any, labels: Any) -> Any:
-    """``preprocess_logits_for_metrics``: the class probabilities (fp32), kept per example."""
+    """``preprocess_logits_for_metrics`` for classification: each example's class probabilities
+    (fp32) and cross-entropy, the loss the head averages."""
+    import torch.nn.functional as F
+
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.float().softmax(dim=-1)
+    logits = logits.float()
+    return logits.softmax(dim=-1), F.cross_entropy(logits, labels, reduction="none")
+
+
+def _token_losses(logits: Any, labels: Any) -> Any:
+    """``preprocess_logits_for_metrics`` for language modelling: each block's summed next-token
+    cross-entropy and its number of predicted tokens, as ``[blocks, 2]`` (the vocabulary-sized
+    logits are never gathered)."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    # Labels shifted left against the whole logits, as the causal-LM loss does
+    # (transformers/loss/loss_utils.py): no copy of a sliced vocabulary-sized tensor.
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shifted.shape)
+    return torch.stack([losses.sum(dim=1), shifted.ne(-100).sum(dim=1).to(losses.dtype)], dim=1)
 
 
 def _accuracy(eval_prediction: Any) -> dict[str, float]:
