@@ -177,6 +177,15 @@ MUTANTS = [
         ("tests/test_guarantees.py@batchnorm",),
     ),
     Mutant(
+        "fsdp2-root-left-gathered",
+        "tram/_recording.py",
+        "            child.reshard()  # type: ignore[operator]",
+        "            pass",
+        (
+            "tests/test_tram_memory.py::test_a_sharded_root_with_its_own_parameters_gathers_the_perturbed_weights",
+        ),
+    ),
+    Mutant(
         "reference-forward-outside-autocast",
         "tram/_recording.py",
         "                stack.enter_context(replay.autocast.context())",
