@@ -389,6 +389,21 @@ def test_a_plain_optimizer_is_refused():
         TwoPassBackward(accelerator, model, optimizer, loss_fn)
 
 
+def test_local_ascent_under_fsdp2_is_refused():
+    """Under FSDP2 a backward always reduce-scatters: there is no per-rank gradient to ascend
+    along."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    from tests.helpers import accelerate_fsdp2_on_cpu
+
+    accelerator = Accelerator(cpu=True)
+    accelerate_fsdp2_on_cpu(accelerator, FullyShardedDataParallelPlugin(fsdp_version=2))
+    model = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), local_ascent=True)
+    with pytest.raises(ValueError, match="local_ascent=True is not available under FSDP2"):
+        TwoPassBackward(accelerator, model, optimizer, loss_fn)
+
+
 def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
     accelerator = Accelerator(cpu=True)
     model = make_model()

@@ -1105,6 +1105,25 @@ def _fsdp2_worker(out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def test_local_ascent_under_fsdp2_is_refused(tmp_path):
+    """Under FSDP2 a backward always reduce-scatters: there is no per-rank gradient to ascend
+    along."""
+    from accelerate.state import AcceleratorState
+
+    try:
+        trainer = CpuFsdp2TramTrainer(
+            model=tiny_bert(),
+            args=make_args(tmp_path, fsdp=True, fsdp_config={"version": 2}),
+            train_dataset=TinyDataset(),
+            method="sam",
+            method_kwargs={"local_ascent": True},
+        )
+        with pytest.raises(ValueError, match="local_ascent=True is not available under FSDP"):
+            trainer.create_optimizer()
+    finally:  # the FSDP2 forced on accelerate's process-wide state must not reach other tests
+        AcceleratorState._reset_state(True)
+
+
 # float32 round-off only (measured up to 6e-8); an ascent norm taken over each rank's shard
 # alone moves the weights by 3e-3.
 FSDP2_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
