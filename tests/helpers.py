@@ -247,3 +247,23 @@ def launch_workers(
             pytrace=False,
         )
     pytest.fail(f"{worker.name} could not bind a free port in 3 attempts", pytrace=False)
+
+
+def accelerate_fsdp2_on_cpu(accelerator: Any, plugin: Any) -> None:
+    """Make ``accelerator`` (built with ``cpu=True`` in a gloo process group) take accelerate's
+    FSDP2 code paths: ``prepare`` shards with ``fully_shard``, ``clip_grad_norm_`` and
+    ``save_state``/``load_state`` go through their FSDP2 branches.
+
+    accelerate 1.15 turns a ``FullyShardedDataParallelPlugin`` on only for accelerator devices
+    (``AcceleratorState.__init__`` in ``accelerate/state.py`` sets ``DistributedType.FSDP`` in the
+    multi-GPU branch; on CPU it stays ``MULTI_CPU`` and the model is wrapped in DDP), although
+    ``fully_shard`` itself runs on CPU over gloo. Both shared states hold the distributed type:
+    ``AcceleratorState`` copies ``PartialState``'s each time it is built, so both are set.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2

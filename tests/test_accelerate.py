@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -384,6 +389,21 @@ def test_a_plain_optimizer_is_refused():
         TwoPassBackward(accelerator, model, optimizer, loss_fn)
 
 
+def test_local_ascent_under_fsdp2_is_refused():
+    """Under FSDP2 a backward always reduce-scatters: there is no per-rank gradient to ascend
+    along."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    from tests.helpers import accelerate_fsdp2_on_cpu
+
+    accelerator = Accelerator(cpu=True)
+    accelerate_fsdp2_on_cpu(accelerator, FullyShardedDataParallelPlugin(fsdp_version=2))
+    model = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), local_ascent=True)
+    with pytest.raises(ValueError, match="local_ascent=True is not available under FSDP2"):
+        TwoPassBackward(accelerator, model, optimizer, loss_fn)
+
+
 def test_unwrap_optimizer_finds_the_wrapper_through_accelerate():
     accelerator = Accelerator(cpu=True)
     model = make_model()
@@ -403,3 +423,170 @@ def test_example_accelerate_loop_fine_tunes_minilm():
     method = "tram" if "tram" in factory.list_methods() else "asam"
     stdout = run_example("accelerate_loop.py", method)
     assert "step   2" in stdout
+
+
+# --------------------------------------------------------------------------- FSDP2, two ranks
+
+FSDP2_STEPS = 3
+FSDP2_RESUME_AT = 2
+FSDP2_METHODS: dict[str, Any] = {
+    "sam": lambda base, model: tram.SAM(base, rho=0.07),
+    "tram_x": lambda base, model: tram.TRAM(
+        base, model, trust_region="noise", embeddings=model[0], sigma=0.3, seed=3
+    ),
+}
+
+
+def fsdp2_base(model: nn.Module) -> torch.optim.Optimizer:
+    # SGD: AdamW's first steps move an element by lr·g/(|g| + eps) and would amplify the
+    # round-off of tiny gradients into differences the tolerance has to admit.
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+
+
+def global_micro_batches(steps: int, world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every optimizer step's GA global micro-batches of ``world * BATCH`` rows."""
+    generator = torch.Generator().manual_seed(1)
+    count = steps * GA
+    x = torch.randn(count, world * BATCH, 6, generator=generator)
+    y = torch.randint(0, 3, (count, world * BATCH), generator=generator)
+    return list(zip(x, y))
+
+
+def full_flat(model: nn.Module) -> torch.Tensor:
+    """The unsharded parameters (an FSDP2 model's DTensors gathered)."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in full])
+
+
+def hand_written_run(make, batches, *, shard: bool, ddp: bool = False) -> torch.Tensor:
+    """The two-pass step written out: accumulate GA micro-batches (loss / GA), ascend, replay,
+    restore, clip, step; sharded with ``fully_shard`` on this rank's rows, or on one process
+    with the global micro-batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    if shard:
+        fully_shard(model)
+    optimizer = make(fsdp2_base(model), model)
+    inner = model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model)
+    for step in range(FSDP2_STEPS):
+        window = batches[step * GA : (step + 1) * GA]
+        for batch in window:
+            with optimizer.first_pass():
+                (loss_fn(model, batch) / GA).backward()
+        if optimizer.first_step():
+            for batch in window:
+                (loss_fn(model, batch) / GA).backward()
+            optimizer.restore()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return full_flat(inner)
+
+
+def accelerate_fsdp2_run(accelerator, make, batches, checkpoint: str) -> dict[str, Any]:
+    """TwoPassBackward under accelerate's FSDP2; ``save_state`` after FSDP2_RESUME_AT steps,
+    then ``load_state`` at the end and the last steps again."""
+    # Only this run's model and optimizer: save_state saves every prepared one, and FSDP2's
+    # clip_grad_norm_ compares the parameters with each prepared model's.
+    accelerator.free_memory()
+    model = make_model()
+    optimizer = make(fsdp2_base(model), model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backward = TwoPassBackward(accelerator, model, optimizer, loss_fn)
+
+    def train(windows: range) -> None:
+        for micro in range(windows.start * GA, windows.stop * GA):
+            with accelerator.accumulate(model):
+                backward(batches[micro])
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    train(range(FSDP2_RESUME_AT))
+    accelerator.save_state(checkpoint)
+    train(range(FSDP2_RESUME_AT, FSDP2_STEPS))
+    straight = full_flat(model)
+    wrapper = unwrap_optimizer(optimizer)
+    straight_steps = wrapper.steps
+    accelerator.load_state(checkpoint)
+    loaded_steps = wrapper.steps
+    train(range(FSDP2_RESUME_AT, FSDP2_STEPS))
+    return {
+        "wrapped": type(model).__name__,
+        "sharded": type(next(model.parameters())).__name__,
+        "straight": straight,
+        "steps": (straight_steps, loaded_steps, wrapper.steps),
+        "resumed": full_flat(model),
+    }
+
+
+def _fsdp2_worker(out_path: str) -> None:
+    """Run under torchrun (two gloo ranks): train with TwoPassBackward under accelerate's FSDP2
+    and with the hand-written ``fully_shard`` loop on each rank's rows; rank 0 also trains on
+    one process with the global micro-batches, and saves everything to ``out_path``."""
+    import torch.distributed as dist
+    from accelerate import FullyShardedDataParallelPlugin
+
+    from tests.helpers import accelerate_fsdp2_on_cpu
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    accelerate_fsdp2_on_cpu(accelerator, FullyShardedDataParallelPlugin(fsdp_version=2))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    global_batches = global_micro_batches(FSDP2_STEPS, world)
+    mine = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in global_batches]
+    results: dict[str, Any] = {"world": world}
+    for name, make in FSDP2_METHODS.items():
+        result = accelerate_fsdp2_run(accelerator, make, mine, f"{out_path}-{name}")
+        result["hand_written_fsdp2"] = hand_written_run(make, mine, shard=True)
+        result["one_process"] = hand_written_run(make, global_batches, shard=False)
+        result["ddp"] = hand_written_run(make, mine, shard=False, ddp=True)
+        result["initial"] = flat(make_model())
+        results[name] = {
+            key: value if key != "steps" else tuple(value) for key, value in result.items()
+        }
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# float32 round-off only (measured up to 3e-8); the mutant and the bug it guards move TRAM-x by
+# 5e-5.
+FSDP2_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+@pytest.mark.distributed
+def test_fsdp2_two_pass_backward_is_the_hand_written_fsdp2_loop(tmp_path):
+    """TwoPassBackward under accelerate's FSDP2 (``fsdp_version=2``, two gloo ranks, the tram
+    wrapper built before ``prepare`` shards the model) steps as the hand-written ``fully_shard``
+    loop and as DDP; SAM as one process on the global batch. ``save_state``/``load_state``
+    (sharded ``torch.distributed.checkpoint``) resume bit for bit, with the step counter."""
+    out = tmp_path / "fsdp2.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [__file__, "--fsdp2-worker", str(out)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    results = torch.load(out, weights_only=True)
+    assert results["world"] == 2
+    for name in FSDP2_METHODS:
+        result = results[name]
+        assert result["wrapped"] == "FSDPSequential"
+        assert result["sharded"] == "DTensor"
+        assert result["steps"] == (FSDP2_STEPS, FSDP2_RESUME_AT, FSDP2_STEPS)
+        assert torch.equal(result["resumed"], result["straight"])
+        assert (result["straight"] - result["initial"]).abs().max() > 1e-2
+        for reference in ("hand_written_fsdp2", "ddp"):
+            torch.testing.assert_close(result["straight"], result[reference], **FSDP2_TOLERANCE)
+    sam = results["sam"]
+    torch.testing.assert_close(sam["straight"], sam["one_process"], **FSDP2_TOLERANCE)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
+    torch.set_num_threads(1)
+    _fsdp2_worker(sys.argv[2])

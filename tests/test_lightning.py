@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -623,3 +626,140 @@ def test_ddp_with_accumulation_equals_global_batch(tmp_path: Any, method: str) -
     for (name, p), q in zip(module.net.named_parameters(), net.parameters(), strict=True):
         # All-reduced means against means over the concatenated batch: rounding only.
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------- FSDP2
+FSDP2_METHODS = ("sam", "tram_noise")
+
+
+class ShardedModule(Module):
+    """``Module`` under ModelParallelStrategy: ``configure_model`` shards the network with
+    FSDP2 (the root only, so it holds every parameter), before ``configure_optimizers`` builds
+    the tram wrapper on the sharded parameters."""
+
+    batches_seen = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.batches_seen += 1
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
+def full_parameters(net: nn.Module) -> Tensor:
+    full = [getattr(p, "full_tensor", lambda p=p: p)() for p in net.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in full])
+
+
+def wrapped_loop(method: str, batches: list[tuple[Tensor, Tensor]], wrap: Callable) -> Tensor:
+    """The two-pass step written out with k = 2 on this rank's batches, the network wrapped by
+    ``wrap`` (DDP, or FSDP2 in place) before the optimizer is built."""
+    torch.manual_seed(0)
+    net = Net()
+    model = wrap(net)
+    optimizer = METHODS[method](make_base(net), net)
+    for start in range(0, len(batches), 2):
+        window = batches[start : start + 2]
+        for batch in window:
+            with optimizer.first_pass():
+                (loss_of(model, batch) / 2).backward()
+        if optimizer.first_step():
+            for batch in window:
+                (loss_of(model, batch) / 2).backward()
+        optimizer.restore()
+        optimizer.step()
+        optimizer.zero_grad()
+    return full_parameters(net)
+
+
+def _fsdp2_worker(out_path: str) -> None:
+    """Run under torchrun (two gloo ranks): Lightning's ModelParallelStrategy with TramCallback,
+    then the written-out loop under FSDP2 and DDP on the same batches of each rank."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    data = make_data(16)
+    mine = data[int(os.environ["RANK"]) :: 2]
+
+    def fit_sharded(method: str, epochs: int, resume: str | None = None) -> tuple[Any, Any]:
+        module = ShardedModule(method)
+        run = trainer(
+            devices=2,
+            strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            max_epochs=epochs,
+            accumulate_grad_batches=2,
+            use_distributed_sampler=False,  # each rank's batches are `mine`
+            callbacks=[TramCallback()],
+            default_root_dir=f"{out_path}-{method}",
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run.fit(module, loader(mine), ckpt_path=resume)
+        return run, module
+
+    results: dict[str, Any] = {}
+    for method in FSDP2_METHODS:
+        _, straight = fit_sharded(method, 2)
+        first, _ = fit_sharded(method, 1)
+        checkpoint = f"{out_path}-{method}/epoch-1.ckpt"
+        first.save_checkpoint(checkpoint)  # sharded: torch.distributed.checkpoint
+        _, resumed = fit_sharded(method, 2, resume=checkpoint)
+        results[method] = {
+            "lightning": full_parameters(straight.net),
+            "resumed": full_parameters(resumed.net),
+            "sharded": type(next(straight.net.parameters())).__name__,
+            "steps": [m.optimizers().optimizer.steps for m in (straight, resumed)],
+            "batches": [m.batches_seen for m in (straight, resumed)],
+            "fsdp2": wrapped_loop(method, mine + mine, lambda net: fully_shard(net) or net),
+            "ddp": wrapped_loop(method, mine + mine, nn.parallel.DistributedDataParallel),
+        }
+    global_batches = [
+        (torch.cat([data[i][0], data[i + 1][0]]), torch.cat([data[i][1], data[i + 1][1]]))
+        for i in range(0, len(data), 2)
+    ]
+    net, _, _ = hand_loop("sam", global_batches * 2, accumulate=2)
+    results["sam"]["one_process"] = full_parameters(net)
+    results["world"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_model_parallel_strategy_fsdp2_is_ddp_and_resumes_exactly(tmp_path: Any) -> None:
+    """ModelParallelStrategy (two gloo ranks, ``fully_shard`` in ``configure_model``, the tram
+    wrapper built on the sharded parameters, k = 2) with TramCallback steps as the written-out
+    FSDP2 loop (bit for bit) and as DDP, SAM as one process on the global batch; a resume from
+    Lightning's sharded checkpoint ends where the run does, bit for bit. Before the root's
+    gathered parameters were freed after TRAM's reference forward, TRAM-x moved 1e-5 off DDP."""
+    out = tmp_path / "fsdp2.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [__file__, "--fsdp2-worker", str(out)]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    results = torch.load(out, weights_only=True)
+    assert results["world"] == 2
+    torch.manual_seed(0)
+    initial = full_parameters(Net())
+    for method in FSDP2_METHODS:
+        result = results[method]
+        assert result["sharded"] == "DTensor"
+        assert result["steps"] == [8, 8]
+        assert result["batches"] == [16, 8]  # the resumed run trained the second epoch only
+        assert torch.equal(result["resumed"], result["lightning"])
+        assert torch.equal(result["fsdp2"], result["lightning"])
+        assert (result["lightning"] - initial).abs().max() > 1e-2
+        torch.testing.assert_close(result["lightning"], result["ddp"], rtol=1e-5, atol=1e-6)
+    sam = results["sam"]
+    torch.testing.assert_close(sam["lightning"], sam["one_process"], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
+    torch.set_num_threads(1)
+    _fsdp2_worker(sys.argv[2])

@@ -404,3 +404,50 @@ def test_sharded_models_measure_d_under_the_recorded_forwards_autocast(
     assert all(d > 1e-4 for d in plain_radii)
     for p, q in zip(sharded, plain, strict=True):
         assert torch.equal(p, q), (p - q).abs().max()
+
+
+def test_a_sharded_root_with_its_own_parameters_gathers_the_perturbed_weights(
+    one_process_group: None,
+) -> None:
+    """d of an FSDP2 model is measured in first_step by a forward of the model, after which
+    ``fully_shard`` keeps the root's own parameters gathered. The ascent perturbs the shards, so
+    they must be freed for the second pass to gather θ+ε: with only the root sharded (accelerate's
+    FSDP2 default) the steps are the unsharded model's, bit for bit."""
+    import torch.distributed as dist
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not (dist.is_available() and hasattr(fsdp, "fully_shard")):
+        pytest.skip("FSDP2 is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(4, 6, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+        for _ in range(3)
+    ]
+
+    def train(sharded: bool) -> tuple[list[float], list[Tensor]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        if sharded:
+            fsdp.fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = tram.TRAM(base, model, embeddings=model[0], sigma=0.3, seed=3)
+        assert optimizer.recorder.measure_during_forward is not sharded
+        radii = []
+        for x, y in batches:
+            with optimizer.first_pass():
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            assert optimizer.first_step()
+            radii.append(optimizer.last_radius)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.restore()
+            optimizer.step()
+            optimizer.zero_grad()
+        full = [getattr(p, "full_tensor", lambda p=p: p)() for p in model.parameters()]
+        return radii, [p.detach().clone() for p in full]
+
+    (plain_radii, plain), (sharded_radii, sharded) = train(False), train(True)
+    assert sharded_radii == plain_radii
+    for p, q in zip(sharded, plain, strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()

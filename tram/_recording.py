@@ -41,6 +41,20 @@ class _Replay:
     autocast: _AutocastState
 
 
+def _reshard_fsdp2(module: nn.Module) -> None:
+    """Free the parameters FSDP2 left gathered after a reference forward.
+
+    ``fully_shard`` keeps the root module's parameters unsharded after its forward (the
+    backward needs them at once; ``FSDPModule.reshard`` in
+    ``torch/distributed/fsdp/_fully_shard/_fully_shard.py``). The ascent then perturbs the
+    sharded parameters, and the second pass's forward would run on the stale gathered θ instead
+    of gathering θ+ε. Recognised by name, as :func:`parameters_are_sharded` does.
+    """
+    for child in module.modules():
+        if any(cls.__name__ == "FSDPModule" for cls in type(child).__mro__):
+            child.reshard()  # type: ignore[operator]
+
+
 @dataclass
 class _Deferred:
     """A recorded forward call whose d is measured in ``first_step``, from its logits kept until
@@ -200,6 +214,8 @@ class ForwardRecorder:
             else record
             for record in self.records
         ]
+        if any(isinstance(record, _Deferred) for record in self.records):
+            _reshard_fsdp2(self.module)
         measured = torch.stack(values)
         distributed = dist.is_available() and dist.is_initialized()
         synchronised = synchronise and distributed and dist.get_world_size() > 1

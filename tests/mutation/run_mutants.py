@@ -212,6 +212,29 @@ MUTANTS = [
         ("tests/test_guarantees.py@batchnorm",),
     ),
     Mutant(
+        "fsdp2-root-left-gathered",
+        "tram/_recording.py",
+        "            child.reshard()  # type: ignore[operator]",
+        "            pass",
+        (
+            "tests/test_tram_memory.py::test_a_sharded_root_with_its_own_parameters_gathers_the_perturbed_weights",
+        ),
+    ),
+    Mutant(
+        "accelerate-fsdp2-local-ascent-allowed",
+        "tram/integrations/accelerate.py",
+        'if wrapper.local_ascent and getattr(accelerator, "is_fsdp2", False):',
+        "if False:",
+        ("tests/test_accelerate.py::test_local_ascent_under_fsdp2_is_refused",),
+    ),
+    Mutant(
+        "trainer-fsdp-local-ascent-allowed",
+        "tram/integrations/hf.py",
+        'if self.tram_method_kwargs.get("local_ascent") and self.is_fsdp_enabled:',
+        "if False:",
+        ("tests/test_hf_trainer.py::test_local_ascent_under_fsdp2_is_refused",),
+    ),
+    Mutant(
         "reference-forward-outside-autocast",
         "tram/_recording.py",
         "                stack.enter_context(replay.autocast.context())",
