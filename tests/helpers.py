@@ -167,6 +167,21 @@ def scenario_records(results: list[dict], name: str) -> list[dict]:
     return records
 
 
+def torchrun(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc_per_node=2 <arguments>`` on one thread per rank, with
+    this checkout importable and no model hub; fails the test with the tail of the output
+    unless it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    completed = subprocess.run(
+        [*command, *arguments], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    return completed
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +17,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import tram  # noqa: E402
-from tests.helpers import run_example  # noqa: E402
+from tests.helpers import run_example, torchrun  # noqa: E402
 from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer  # noqa: E402
 
 GA = 2
@@ -566,12 +563,7 @@ def test_fsdp2_two_pass_backward_is_the_hand_written_fsdp2_loop(tmp_path):
     loop and as DDP; SAM as one process on the global batch. ``save_state``/``load_state``
     (sharded ``torch.distributed.checkpoint``) resume bit for bit, with the step counter."""
     out = tmp_path / "fsdp2.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [__file__, "--fsdp2-worker", str(out)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    torchrun(__file__, "--fsdp2-worker", str(out))
     results = torch.load(out, weights_only=True)
     assert results["world"] == 2
     for name in FSDP2_METHODS:

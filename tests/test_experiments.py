@@ -19,7 +19,7 @@ pytest.importorskip("tensorboard")
 
 from hydra import compose, initialize_config_dir
 
-from tests.helpers import read_scalars
+from tests.helpers import read_scalars, torchrun
 from tram.experiments import report
 from tram.experiments.run import CONFIG_DIR, finetune
 from tram.experiments.tasks import ExperimentError
@@ -566,16 +566,11 @@ def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path
     overrides += ["diagnostics.sharpness_steps=2", "diagnostics.hessian_iterations=3"]
     one = finetune(compose_config([*overrides, "train.batch_size=8"]), output_dir=tmp_path / "one")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "tram.experiments.run", *overrides, "train.batch_size=4", "trainer=ddp_cpu"]
-    command += [f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}"]
-    done = subprocess.run(
-        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    done = torchrun(
+        *("-m", "tram.experiments.run", *overrides, "train.batch_size=4", "trainer=ddp_cpu"),
+        f"hydra.run.dir={tmp_path}/rank${{oc.env:RANK}}",
+        cwd=tmp_path,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     # trainer=ddp_cpu's ddp_find_unused_parameters: false reached DDP, which otherwise warns
     # that its search found nothing.
     assert "find_unused_parameters=True" not in done.stderr

@@ -10,9 +10,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import subprocess
 import sys
 import warnings
 from collections.abc import Mapping
@@ -39,7 +37,7 @@ from transformers import (  # noqa: E402
 import tram  # noqa: E402
 import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
-from tests.helpers import read_scalars, tiny_bert_config  # noqa: E402
+from tests.helpers import read_scalars, tiny_bert_config, torchrun  # noqa: E402
 from tram import factory  # noqa: E402
 from tram.integrations.hf import REGULARIZERS_NAME, TramTrainer  # noqa: E402
 
@@ -984,20 +982,7 @@ def _ddp_worker(out_path: str) -> None:
 @pytest.mark.distributed
 def test_ddp_replicas_stay_identical_in_both_ascent_modes(tmp_path):
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        "--ddp-worker",
-        str(out),
-    ]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    torchrun(__file__, "--ddp-worker", str(out))
     results = json.loads(out.read_text())
     for mode in ("sync", "local"):
         result = results[mode]
@@ -1136,12 +1121,7 @@ def test_fsdp2_trains_as_ddp_and_resumes_exactly(tmp_path):
     batch, and a resume from the Trainer's FSDP2 checkpoint ends where the run does, bit for
     bit (the step counter and TRAM-x's noise generator with it)."""
     out = tmp_path / "fsdp2.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [__file__, "--fsdp2-worker", str(out)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    torchrun(__file__, "--fsdp2-worker", str(out))
     results = torch.load(out, weights_only=True)
     assert results["world"] == 2
     initial = flat_params(tiny_bert())

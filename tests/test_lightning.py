@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +25,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from tests.helpers import run_example  # noqa: E402
+from tests.helpers import run_example, torchrun  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -737,12 +735,7 @@ def test_model_parallel_strategy_fsdp2_is_ddp_and_resumes_exactly(tmp_path: Any)
     Lightning's sharded checkpoint ends where the run does, bit for bit. Before the root's
     gathered parameters were freed after TRAM's reference forward, TRAM-x moved 1e-5 off DDP."""
     out = tmp_path / "fsdp2.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [__file__, "--fsdp2-worker", str(out)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]
+    torchrun(__file__, "--fsdp2-worker", str(out))
     results = torch.load(out, weights_only=True)
     assert results["world"] == 2
     torch.manual_seed(0)
