@@ -1238,6 +1238,20 @@ def test_grpo_tram_measures_the_exact_radius(tmp_path: Any) -> None:
     assert radii[1] == pytest.approx(total / tokens, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["kto", "orpo", "cpo"])
+def test_preference_trainers_log_tram_radius(tmp_path: Any, name: str) -> None:
+    """with_tram(KTO/ORPO/CPO trainer) with TRAM-θ0: d is 0 at θ0, positive once the weights
+    moved, and each step's d reaches the trainer's log (``tram/radius``, logging_steps=1)."""
+    trainer = tram_theta0_trainer(name, trainer_class(name), tiny_llama(), tmp_path)
+    train_quietly(trainer)
+    radii = trainer.two_pass_optimizer.radius_history
+    assert len(radii) == 2
+    assert radii[0] == 0.0
+    assert radii[1] > 1e-5
+    logged = [entry["tram/radius"] for entry in trainer.state.log_history if "tram/radius" in entry]
+    assert logged == pytest.approx(radii, rel=1e-6)
+
+
 def test_distillation_refuses_a_trust_region_on_logits_before_any_step(tmp_path: Any) -> None:
     """DistillationTrainer never builds the student's logits (its loss projects hidden states in
     chunks), so TRAM cannot measure d: the first training step raises, naming the methods that
