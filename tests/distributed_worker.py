@@ -217,6 +217,18 @@ def fsdp_local_ascent_error(spec: Spec, rank: int) -> Record:
     }
 
 
+def train_steps(
+    spec: Spec, rank: int, model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range
+) -> list[list[Tensor]]:
+    """``step(closure)`` on this rank's shard of each of ``steps``; the full weights after each."""
+    params = []
+    for step in steps:
+        x, y = spec["x"][step, rank], spec["y"][step, rank]
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+        params.append([full(p) for p in model.parameters()])
+    return params
+
+
 def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> Record:
     """Train a step, checkpoint through ``torch.distributed.checkpoint``'s state-dict functions
     the way accelerate and Lightning do under FSDP2, train on; then a fresh model and optimizer
@@ -248,17 +260,9 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
             return model, tram.TRAM(base, model=model, target=noise)
         return model, tram.SAM(base, rho=spec["rho"], model=model, ascent_every=2)
 
-    def train(model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range) -> list:
-        params = []
-        for step in steps:
-            x, y = spec["x"][step, rank], spec["y"][step, rank]
-            optimizer.step(cross_entropy_closure(optimizer, model, x, y))
-            params.append([full(p) for p in model.parameters()])
-        return params
-
     resume_at = range(1, spec["steps"])
     model, optimizer = build()
-    train(model, optimizer, range(1))
+    train_steps(spec, rank, model, optimizer, range(1))
     # The model's state is carried by hand (a resumed process would load it the same way);
     # what is under test is the optimizer's.
     weights = [full(p) for p in model.parameters()]
@@ -271,7 +275,7 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
             directory.mkdir(parents=True, exist_ok=True)
             torch.save(gathered, full_file)
         dist.barrier()
-    straight = train(model, optimizer, resume_at)
+    straight = train_steps(spec, rank, model, optimizer, resume_at)
 
     model, resumed = build()
     with torch.no_grad():
@@ -291,7 +295,7 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
     steps_after_load = resumed.steps
     return {
         "straight": straight,
-        "resumed": train(model, resumed, resume_at),
+        "resumed": train_steps(spec, rank, model, resumed, resume_at),
         "steps_after_load": steps_after_load,
         "load_warnings": [str(w.message) for w in caught if issubclass(w.category, UserWarning)],
         "live_group_keys": sorted(resumed.param_groups[0]),
@@ -324,27 +328,19 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
             return ddp, tram.TRAM(base, model=ddp, trust_region="pretrained")
         return ddp, tram.SAM(base, rho=spec["rho"], model=ddp, ascent_every=2)
 
-    def train(model: nn.Module, optimizer: tram.TwoPassOptimizer, steps: range) -> list:
-        params = []
-        for step in steps:
-            x, y = spec["x"][step, rank], spec["y"][step, rank]
-            optimizer.step(cross_entropy_closure(optimizer, model, x, y))
-            params.append([full(p) for p in model.parameters()])
-        return params
-
     resume_at = range(1, spec["steps"])
     model, optimizer = build()
-    train(model, optimizer, range(1))
+    train_steps(spec, rank, model, optimizer, range(1))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, path)
     dist.barrier()
-    straight = train(model, optimizer, resume_at)
+    straight = train_steps(spec, rank, model, optimizer, resume_at)
 
     checkpoint = torch.load(path, weights_only=True)
     model, resumed = build(checkpoint["model"])
     resumed.load_state_dict(checkpoint["optimizer"])
-    return {"straight": straight, "resumed": train(model, resumed, resume_at)}
+    return {"straight": straight, "resumed": train_steps(spec, rank, model, resumed, resume_at)}
 
 
 def mixed_precision(spec: Spec, rank: int, dtype: torch.dtype, *, sharded: bool) -> Record:
