@@ -42,6 +42,20 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y)
 
 
+def backward_outside_the_closure(model: nn.Module) -> Callable[[], torch.Tensor]:
+    """An accumulation loop moved to ``step(closure)`` as it was: batch 1's first micro-batch
+    backpropagated now, the closure backpropagating the last without zeroing the gradients."""
+    x, y = batch(1)
+    loss_of(model, x[:6], y[:6]).backward()
+
+    def closure() -> torch.Tensor:
+        loss = loss_of(model, x[6:], y[6:])
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def closure_for(optimizer: torch.optim.Optimizer, model: nn.Module, step: int, counter=None):
     """The user's closure for ``step``'s batch."""
     x, y = batch(step, next(model.parameters()).dtype)
@@ -596,16 +610,8 @@ def test_fsdp2_step_closure_refuses_gradients_accumulated_outside_it(
     optimizer.step(closure_for(optimizer, model, 0))
     assert type(next(model.parameters()).grad).__name__ == "DTensor"
     before = [p.detach().full_tensor().clone() for p in model.parameters()]
-    x, y = batch(1)
-    loss_of(model, x[:6], y[:6]).backward()
-
-    def closure() -> torch.Tensor:
-        loss = loss_of(model, x[6:], y[6:])
-        loss.backward()
-        return loss
-
     with pytest.raises(RuntimeError, match="accumulating_closure"):
-        optimizer.step(closure)
+        optimizer.step(backward_outside_the_closure(model))
     assert optimizer.steps == 1
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach().full_tensor(), b)
@@ -784,21 +790,14 @@ def test_step_closure_refuses_gradients_accumulated_outside_it(case: WrapperCase
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)
     optimizer.step(closure_for(optimizer, model, 0))
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = batch(1)
-    loss_of(model, x[:6], y[:6]).backward()
-
-    def closure() -> torch.Tensor:
-        loss = loss_of(model, x[6:], y[6:])
-        loss.backward()
-        return loss
-
     with pytest.raises(RuntimeError, match="accumulating_closure"):
-        optimizer.step(closure)
+        optimizer.step(backward_outside_the_closure(model))
     assert not optimizer.is_perturbed
     assert optimizer.steps == 1
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
     # The window run inside the closure steps.
+    x, y = batch(1)
     windows = [(x[:6], y[:6]), (x[6:], y[6:])]
     optimizer.step(tram.accumulating_closure(optimizer, windows, lambda b: loss_of(model, *b)))
     assert optimizer.steps == 2
