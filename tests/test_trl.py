@@ -145,6 +145,21 @@ def hand_loop(
     window's token count): the library's closure step, the contract tests' reference."""
     reference = copy.deepcopy(initial)
     optimizer = make_optimizer(reference)
+    step_windows(
+        optimizer, windows, lambda batch, num_items: plain_loss(reference, batch, num_items), bf16
+    )
+    return reference
+
+
+def step_windows(
+    optimizer: tram.TwoPassOptimizer,
+    windows: list[tuple[list[dict[str, Tensor]], Any]],
+    loss_of: Any,
+    bf16: bool,
+) -> None:
+    """One ``step(closure)`` per window, whose closure backpropagates ``loss_of(batch,
+    num_items)`` of each micro-batch (under bf16 autocast with ``bf16``), unscaled: TRL
+    normalises by the window's token count ``num_items``."""
     for window, num_items in windows:
 
         def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
@@ -152,13 +167,12 @@ def hand_loop(
             total = torch.zeros(())
             for batch in window:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = plain_loss(reference, batch, num_items)
+                    loss = loss_of(batch, num_items)
                 loss.backward()
                 total = total + loss.detach()
             return total
 
         optimizer.step(closure)
-    return reference
 
 
 def assert_trained_alike(model: nn.Module, reference: nn.Module, initial: nn.Module, bf16: bool):
@@ -605,19 +619,14 @@ def sft_loss_loop(
     count; with ``bf16``, under bf16 autocast."""
     model = plain.model
     model.train()
-    for window, num_items in windows:
-
-        def closure(window: list[dict[str, Tensor]] = window, num_items: Any = num_items) -> Tensor:
-            optimizer.zero_grad()
-            total = torch.zeros(())
-            for batch in window:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = plain.compute_loss(model, dict(batch), num_items_in_batch=num_items)
-                loss.backward()
-                total = total + loss.detach()
-            return total
-
-        optimizer.step(closure)
+    step_windows(
+        optimizer,
+        windows,
+        lambda batch, num_items: plain.compute_loss(
+            model, dict(batch), num_items_in_batch=num_items
+        ),
+        bf16,
+    )
 
 
 def assert_same_parameters(model: nn.Module, reference: nn.Module, initial: nn.Module) -> None:
