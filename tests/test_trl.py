@@ -607,6 +607,16 @@ def autocast_of_block(block: nn.Module) -> list[bool]:
     return autocast
 
 
+def plain_bf16_sft_trainer(model: nn.Module, output_dir: Any) -> Any:
+    """TRL's own SFTTrainer with ``bf16=True`` on the test's data: the reference's loss."""
+    return trl.SFTTrainer(
+        model=model,
+        args=sft_config(output_dir, bf16=True),
+        train_dataset=sft_dataset(),
+        processing_class=tokenizer(),
+    )
+
+
 def sft_loss_loop(
     plain: Any,
     windows: list[tuple[list[dict[str, Tensor]], Any]],
@@ -654,12 +664,7 @@ def test_sft_under_bf16_equals_the_plain_trainers_loss(tmp_path: Any, method: st
     )
     assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
     reference = copy.deepcopy(initial)
-    plain = trl.SFTTrainer(
-        model=reference,
-        args=sft_config(tmp_path / "plain", bf16=True),
-        train_dataset=sft_dataset(),
-        processing_class=tokenizer(),
-    )
+    plain = plain_bf16_sft_trainer(reference, tmp_path / "plain")
     wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
     model_arg = (reference,) if method_name == "tram" else ()
     optimizer = wrapper_class(plain.create_optimizer(), *model_arg, **method_kwargs)
@@ -691,12 +696,7 @@ def test_sft_lora_under_bf16_equals_the_hand_loop(tmp_path: Any) -> None:
     assert autocast == [True] * (2 * 2 * 2)  # steps x micro-batches x passes
     assert all("lora_" in key for key, p in trainer.model.named_parameters() if p.requires_grad)
     reference = copy.deepcopy(initial)
-    plain = trl.SFTTrainer(
-        model=reference,
-        args=sft_config(tmp_path / "plain", bf16=True),
-        train_dataset=sft_dataset(),
-        processing_class=tokenizer(),
-    )
+    plain = plain_bf16_sft_trainer(reference, tmp_path / "plain")
     optimizer = tram.SAM(plain.create_optimizer(), rho=0.27)
     sft_loss_loop(plain, windows, optimizer, bf16=True)
     assert_same_parameters(trainer.model, reference, initial)
