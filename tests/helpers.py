@@ -85,6 +85,23 @@ def cross_entropy_closure(
     return closure
 
 
+class CountingBackend:
+    """A ``torch.compile`` backend: ``aot_eager`` (AOTAutograd's graphs run by the eager
+    kernels, so a compiled run equals the eager one bit for bit), counting the graphs dynamo
+    hands it. A test of a compiled model asserts that some were: in torch 2.13
+    ``Module.compile()`` on a bare ``nn.Sequential`` compiles nothing (dynamo skips torch.nn's
+    own forward), and a test that compiled nothing would pass without testing anything."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: Any, example_inputs: list[Any]) -> Any:
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.graphs += 1
+        return aot_eager(graph, example_inputs)
+
+
 def wrapped(module: nn.Module) -> nn.Module:
     """``module`` inside a real torch wrapper that keeps it in ``.module``, as
     DistributedDataParallel does: ``nn.DataParallel``, which on CPU just calls the module."""

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import _global_forward_pre_hooks as global_forward_pre_hooks
 
 import tram
-from tests.helpers import cross_entropy_closure
+from tests.helpers import CountingBackend, cross_entropy_closure
 
 WRAPPERS = [
     lambda base, **kw: tram.SAM(base, rho=0.05, **kw),
@@ -350,6 +350,96 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
     optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+
+
+# --------------------------------------------------------------------------- torch.compile
+class Module(nn.Module):
+    """A module of its own around ``inner``: dynamo compiles its forward in place (it skips
+    torch.nn's own, so ``nn.Sequential.compile()`` would compile nothing)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def compiled_forward(model: nn.Module, backend: CountingBackend) -> nn.Module:
+    model.forward = torch.compile(model.forward, backend=backend)
+    return model
+
+
+def child_compiled_in_place(model: nn.Module, backend: CountingBackend) -> nn.Module:
+    model.compile(backend=backend)
+    return Module(model)  # its parent runs eagerly: the compiled child runs no hook of its own
+
+
+COMPILED = {
+    "torch.compile(model)": lambda model, backend: torch.compile(model, backend=backend),
+    "compiled forward": compiled_forward,
+    "child compiled in place": child_compiled_in_place,
+}
+
+
+@pytest.mark.parametrize("form", list(COMPILED))
+def test_without_model_a_batchnorm_inside_a_compiled_graph_is_refused(form: str) -> None:
+    """A compiled graph runs its BatchNorms without the guard's hook (dynamo ignores hooks added
+    after compilation): they are judged when the compiled module is called at θ+ε, and refused
+    as in eager mode, statistics and weights left as the first pass left them."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    model = Module(make_cnn(momentum=0.3))
+    reference = copy.deepcopy(model)  # before compiling: a compiled forward is bound to model
+    called = COMPILED[form](model, backend)
+    x, y = data()
+    with torch.no_grad():
+        called(x)  # compiled here, before any guard exists
+        reference(x)
+        reference(x)
+    assert backend.graphs > 0
+    weights = [p.detach().clone() for p in model.parameters()]
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.raises(
+        RuntimeError, match=r"BatchNorm2d in training mode inside a torch.compile'd module ran"
+    ):
+        optimizer.step(cross_entropy_closure(optimizer, called, x, y))
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert_same_buffers(buffers(model), buffers(reference))  # the warm-up's and the first pass's
+    # With model= the statistics are frozen at θ+ε and the step goes through, compiled.
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
+    optimizer.step(cross_entropy_closure(optimizer, called, x, y))
+    with torch.no_grad():
+        reference(x)
+    assert_same_buffers(buffers(model), buffers(reference))
+
+
+def test_a_compiled_batchnorm_without_trained_weights_is_judged_by_its_module() -> None:
+    """Inside a graph its input cannot be traced back to the perturbed weights: an
+    ``affine=False`` BatchNorm is the model's when the compiled module holds perturbed weights,
+    and another model's (a teacher's, run between the passes) when it holds none."""
+    torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    backend = CountingBackend()
+    model = torch.compile(make_mlp_with_untrained_batchnorm("affine=False"), backend=backend)
+    teacher = torch.compile(
+        make_mlp_with_untrained_batchnorm("affine=False", seed=3), backend=backend
+    )
+    with torch.no_grad():
+        model(x)
+        teacher(x)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+    closure = cross_entropy_closure(optimizer, model, x, y)
+    closure()
+    assert optimizer.first_step()
+    with torch.no_grad():
+        teacher(x)  # not this step's
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a torch.compile"):
+        closure()
+    optimizer.restore()
+    assert backend.graphs > 0
 
 
 # ------------------------------------------------------------------------------ regularizers

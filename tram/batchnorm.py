@@ -110,34 +110,81 @@ def refuse_running_stats_updates(
         return is_replaying is not None and is_replaying()
 
     def check(module: nn.Module, args: Any) -> None:
-        if not (
-            isinstance(module, _BatchNorm)
-            and module.training
-            and module.track_running_stats
-            and module.running_mean is not None
-            and module.momentum != 0
-            and (
+        if isinstance(module, _BatchNorm):
+            if _updates_running_stats(module) and (
                 in_the_closures_second_call() or _runs_at_perturbed_weights(module, args, perturbed)
-            )
-        ):
+            ):
+                refuse(module, "")
             return
+        # A compiled graph runs the BatchNorms inside it without calling this hook (hooks added
+        # after compilation are not in the graph), so they are judged here, before it runs.
+        for subtree in _compiled_subtrees(module):
+            holds_perturbed = any(id(param) in perturbed for param in subtree.parameters())
+            for inner in subtree.modules():
+                if (
+                    isinstance(inner, _BatchNorm)
+                    and _updates_running_stats(inner)
+                    and (in_the_closures_second_call() or _is_the_models(inner, holds_perturbed))
+                ):
+                    refuse(inner, " inside a torch.compile'd module")
+
+    def _is_the_models(batchnorm: _BatchNorm, holds_perturbed: bool) -> bool:
+        # Its input cannot be inspected inside the graph: one without trainable weights of its
+        # own is taken as the model's when the compiled module holds perturbed weights.
+        own = list(batchnorm.parameters(recurse=False))
+        if any(id(param) in perturbed for param in own):
+            return True
+        return holds_perturbed and not any(param.requires_grad for param in own)
+
+    def refuse(batchnorm: _BatchNorm, where: str) -> None:
         is_armed = weak_armed()
-        if is_armed is not None and is_armed():
-            fix = (
-                f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
-                "between first_step() and restore(): pass a model= that contains every trained "
-                "BatchNorm"
-                if model_given
-                else f"Pass model= to {method} (it freezes them between first_step() and restore())"
-            )
-            raise RuntimeError(
-                f"{method}: a {type(module).__name__} in training mode ran at the perturbed "
-                "weights θ+ε, and would update its running statistics a second time in this "
-                f"step. {fix}, or run the second pass inside tram.frozen_running_stats(model)"
-            )
+        if is_armed is None or not is_armed():
+            return
+        fix = (
+            f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
+            "between first_step() and restore(): pass a model= that contains every trained "
+            "BatchNorm"
+            if model_given
+            else f"Pass model= to {method} (it freezes them between first_step() and restore())"
+        )
+        raise RuntimeError(
+            f"{method}: a {type(batchnorm).__name__} in training mode{where} ran at the "
+            "perturbed weights θ+ε, and would update its running statistics a second time in "
+            f"this step. {fix}, or run the second pass inside tram.frozen_running_stats(model)"
+        )
 
     handle = register_module_forward_pre_hook(check)
     return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]
+
+
+def _updates_running_stats(module: _BatchNorm) -> bool:
+    """Whether a forward of ``module`` now would update its running statistics."""
+    return (
+        module.training
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.momentum != 0
+    )
+
+
+def _compiled_subtrees(module: nn.Module) -> list[nn.Module]:
+    """The modules whose forward runs as a compiled graph when ``module`` is called:
+    ``torch.compile(model)``'s wrapped model, ``module`` itself when its ``forward`` was replaced
+    by ``torch.compile(module.forward)``, and the children compiled in place
+    (``child.compile()``, which runs no module hook of its own). A root compiled in place runs
+    no hook at all and is not seen here: wrappers freeze its BatchNorms when given ``model=``."""
+    subtrees = []
+    inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(inner, nn.Module):
+        subtrees.append(inner)
+    if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):
+        subtrees.append(module)
+    subtrees.extend(
+        child
+        for child in module.children()
+        if vars(child).get("_compiled_call_impl") is not None and child is not inner
+    )
+    return subtrees
 
 
 def _runs_at_perturbed_weights(module: nn.Module, args: Any, perturbed: set[int]) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -224,7 +225,11 @@ class ReferenceWeights:
 
 
 def _can_take_storage(reference: Tensor, copy: Tensor) -> bool:
-    """Whether ``reference`` can take ``copy``'s storage and be what a copy into it would be."""
+    """Whether ``reference`` can take ``copy``'s storage and be what a copy into it would be.
+
+    ``torch.utils.swap_tensors`` refuses a tensor that something references weakly: dynamo does
+    so for the tensors a compiled graph was traced with (the reference weights, when TRAM's
+    reference forward ran through a ``torch.compile``'d model); those are copied."""
     return (
         type(reference) is Tensor  # a subclass (FSDP2's DTensor) is copied
         and type(copy) is Tensor
@@ -235,6 +240,8 @@ def _can_take_storage(reference: Tensor, copy: Tensor) -> bool:
         and copy.device == reference.device
         and not copy.requires_grad
         and not reference.requires_grad
+        and weakref.getweakrefcount(reference) == 0
+        and weakref.getweakrefcount(copy) == 0
     )
 
 

@@ -1,0 +1,170 @@
+"""A ``torch.compile``'d model with every wrapper: accumulation, bf16 autocast and resume.
+
+Each run is compared with the same run on the eager model, bit for bit, through
+``tests.helpers.CountingBackend`` (``aot_eager``: a compiled run that trains differently is
+tram's doing, not a fused kernel's rounding), which also counts the graphs compiled: none would
+make a test vacuous, and a step that recompiled every time would, after dynamo's cache limit,
+fall back to eager unnoticed.
+
+The wrappers' guarantees on one compiled step are in ``tests/test_guarantees.py``; the clients'
+compile options (``TrainingArguments(torch_compile=True)``, Lightning, Fabric) in their files.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tram
+from tests.helpers import CountingBackend
+from tests.wrappers_table import WRAPPERS, WrapperCase
+
+STEPS = 3
+
+
+class Mlp(nn.Module):
+    """The contract tests' model as a module of its own: ``Module.compile()`` compiles it."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inputs = nn.Linear(5, 8)
+        self.outputs = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.outputs(torch.tanh(self.inputs(x)))
+
+
+def compiled(model: nn.Module, case: WrapperCase, backend: CountingBackend) -> nn.Module:
+    """The module the training loop calls: ``torch.compile(model)``, or the model compiled in
+    place for TRAM-Fisher, which refuses a ``torch.compile`` wrapper (its noise hook would be
+    skipped by the graph: ``test_guarantees::test_tram_fisher_refuses_a_compiled_model``)."""
+    if case.name == "TRAM-fisher":
+        model.compile(backend=backend)
+        return model
+    return torch.compile(model, backend=backend)
+
+
+def micro_batches(step: int) -> list[tuple[Tensor, Tensor]]:
+    """Two micro-batches of unequal size (6 and 10 examples), so their weights are not 1/2."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, 5, generator=generator)
+    y = torch.randint(0, 3, (16,), generator=generator)
+    return [(x[:6], y[:6]), (x[6:], y[6:])]
+
+
+def train(
+    model: nn.Module,
+    called: nn.Module,
+    optimizer: tram.TwoPassOptimizer,
+    steps: range,
+    *,
+    autocast: torch.dtype | None = None,
+    after_step: Callable[[], None] = lambda: None,
+) -> None:
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            return F.cross_entropy(called(x).float(), y)
+
+    for step in steps:
+        closure = tram.accumulating_closure(
+            optimizer, micro_batches(step), loss_fn, weights=[6 / 16, 10 / 16]
+        )
+        optimizer.step(closure)
+        after_step()
+
+
+def make_optimizer(case: WrapperCase, model: nn.Module, called: nn.Module) -> tram.TwoPassOptimizer:
+    base = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.03)
+    return case.make(base, called)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name} differs by {(p - q).abs().max().item():.3g}"
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo_cache() -> None:
+    # Dynamo's cache is per code object, shared by every Mlp of the process.
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+def test_accumulation_on_a_compiled_model_is_the_eager_run(
+    case: WrapperCase, autocast: torch.dtype | None
+) -> None:
+    eager = Mlp()
+    eager_optimizer = make_optimizer(case, eager, eager)
+    train(eager, eager, eager_optimizer, range(STEPS), autocast=autocast)
+
+    backend = CountingBackend()
+    model = Mlp()
+    called = compiled(model, case, backend)
+    optimizer = make_optimizer(case, model, called)
+    graphs_after: list[int] = []
+    train(
+        model,
+        called,
+        optimizer,
+        range(STEPS),
+        autocast=autocast,
+        after_step=lambda: graphs_after.append(backend.graphs),
+    )
+
+    assert_same_weights(model, eager)
+    if case.is_tram and case.name != "TRAM-fisher":  # TRAM-Fisher measures no d
+        assert optimizer.radius_history == eager_optimizer.radius_history
+        assert len(optimizer.radius_history) == STEPS
+        assert min(optimizer.radius_history[1:]) > 0
+    assert graphs_after[0] > 0, "nothing was compiled"
+    assert graphs_after[-1] == graphs_after[0], f"recompiled after the first step: {graphs_after}"
+
+
+@pytest.mark.parametrize("resumed_compiled", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_compiled: bool) -> None:
+    """The checkpoint of a compiled run (its model's keys start ``_orig_mod.``) resumes to the
+    uninterrupted run, compiled again or not: the wrapper's state (TRAM's reference weights and
+    noise generator, the step counters) does not depend on the module that was called."""
+    backend = CountingBackend()
+    straight = Mlp()
+    straight_called = compiled(straight, case, backend)
+    straight_optimizer = make_optimizer(case, straight, straight_called)
+    train(straight, straight_called, straight_optimizer, range(2 * STEPS))
+
+    first = Mlp()
+    first_called = compiled(first, case, backend)
+    first_optimizer = make_optimizer(case, first, first_called)
+    train(first, first_called, first_optimizer, range(STEPS))
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": first_called.state_dict(), "optimizer": first_optimizer.state_dict()}, buffer
+    )
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    assert backend.graphs > 0
+
+    resumed = Mlp(seed=123)  # other weights: everything must come from the checkpoint
+    if resumed_compiled:
+        resumed_called = compiled(resumed, case, CountingBackend())
+        resumed_called.load_state_dict(checkpoint["model"])
+    else:
+        resumed_called = resumed
+        prefix = "" if case.name == "TRAM-fisher" else "_orig_mod."
+        resumed.load_state_dict({k.removeprefix(prefix): v for k, v in checkpoint["model"].items()})
+    resumed_optimizer = make_optimizer(case, resumed, resumed_called)
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    train(resumed, resumed_called, resumed_optimizer, range(STEPS, 2 * STEPS))
+
+    assert_same_weights(resumed, straight)
+    assert resumed_optimizer.steps == straight_optimizer.steps == 2 * STEPS
+    if case.is_tram:
+        assert resumed_optimizer.radius_history == straight_optimizer.radius_history[STEPS:]
