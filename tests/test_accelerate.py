@@ -275,6 +275,25 @@ def test_bf16_equals_the_hand_written_loop_under_autocast(name):
     assert (flat(model) - flat(fp32)).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("name", list(BF16_METHODS))
+def test_a_compiled_model_takes_the_hand_written_loops_steps(name):
+    """``dynamo_backend`` makes ``prepare`` compile the model (``torch.compile(model)``); with
+    ``aot_eager`` the steps are the eager hand loop's, bit for bit (TRAM-x: its radii too), and
+    graphs were compiled (a run that compiled nothing would pass as well)."""
+    method, steps = BF16_METHODS[name], 3
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA, dynamo_backend="aot_eager")
+    model, wrapper, _ = accelerate_run(method, steps, accelerator)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert wrapper.steps == steps
+    reference, reference_optimizer = reference_run(method, steps)
+    assert torch.equal(flat(model), flat(reference))
+    if name == "TRAM-x":
+        assert min(wrapper.radius_history) > 0
+        assert wrapper.radius_history == reference_optimizer.radius_history
+
+
 class RecordingTracker(accelerate.tracking.GeneralTracker):
     """An accelerate tracker (its documented custom-tracker interface) that keeps what it is
     given."""

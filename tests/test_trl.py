@@ -275,6 +275,49 @@ def test_sft_tram_measures_the_exact_radius(tmp_path: Any) -> None:
     assert logged == pytest.approx(radii, rel=1e-6)
 
 
+SFT_COMPILE_CASES = {
+    "sam": ("sam", {"rho": 0.27}),
+    "tram-pretrained": ("tram", {"trust_region": "pretrained"}),
+    "tram-fisher": ("tram", {"trust_region": "fisher", "sigma": 0.37, "rho": 0.21}),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [  # ~40 s each, compiling a LLaMA: one in the fast suite
+        pytest.param("sam", marks=pytest.mark.slow),
+        "tram-pretrained",
+        pytest.param("tram-fisher", marks=pytest.mark.slow),
+    ],
+)
+def test_sft_with_torch_compile_trains_as_without(tmp_path: Any, case: str) -> None:
+    """``torch_compile=True`` (``aot_eager``): TRL's loss, TRAM's twin forward for d and
+    TRAM-Fisher's noised forward through the compiled model take the eager run's steps, with
+    dropout; graphs were compiled."""
+    method, method_kwargs = SFT_COMPILE_CASES[case]
+    runs = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        config = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compile else {}
+        trainer, _, snapshots = train_sft(
+            tmp_path / str(compile),
+            tiny_llama(dropout=0.2),
+            method=method,
+            method_kwargs=method_kwargs,
+            config=config,
+        )
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compile
+        runs.append((trainer, snapshots))
+    (eager, eager_snapshots), (compiled, compiled_snapshots) = runs
+    for a, b in zip(eager_snapshots.states, compiled_snapshots.states, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    if case == "tram-pretrained":
+        assert compiled.two_pass_optimizer.radius_history == eager.two_pass_optimizer.radius_history
+        assert compiled.two_pass_optimizer.radius_history[1] > 0
+
+
 def test_sft_tram_twin_keeps_the_dropout_masks(tmp_path: Any) -> None:
     """With dropout, d = 0 at θ0 (the reference replays the twin's masks) and the first pass's
     loss equals SAM's (the twin gives the random stream back to the real forward)."""
