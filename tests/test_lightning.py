@@ -76,6 +76,7 @@ METHODS: dict[str, MethodFactory] = {
     "fisher_sam": lambda base, net: tram.FisherSAM(base, rho=0.21, eta=0.7),
     "tram_noise": lambda base, net: tram.TRAM(base, net, trust_region="noise", sigma=0.3, seed=5),
     "tram_ema": lambda base, net: tram.TRAM(base, net, trust_region="ema", ema_decay=0.7),
+    "tram_previous": lambda base, net: tram.TRAM(base, net, trust_region="previous"),
     "tram_fisher": lambda base, net: tram.TRAMFisher(base, net, sigma=0.3, rho=0.21, eta=0.7),
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -235,6 +236,12 @@ def _can_take_storage(reference: Tensor, copy: Tensor) -> bool:
         and copy.device == reference.device
         and not copy.requires_grad
         and not reference.requires_grad
+        # torch.utils.swap_tensors refuses a tensor that something refers to weakly: a graph
+        # torch.compile traced with the reference weights as inputs guards on them that way
+        # (the reference forward runs the live module, in-place compiled or inside the
+        # compiled model's call). Such a reference is copied into.
+        and not weakref.getweakrefs(reference)
+        and not weakref.getweakrefs(copy)
     )
 
 

@@ -648,6 +648,16 @@ MUTANTS = [
         ("tests/test_guarantees.py@in_place",),
     ),
     Mutant(
+        "previous-reference-swapped-while-a-compiled-graph-holds-it",
+        "tram/targets.py",
+        "        and not weakref.getweakrefs(reference)\n",
+        "",
+        (
+            "tests/test_guarantees.py@traced_in_its_first_pass",
+            "tests/test_lightning.py@compiled_net_accumulation and tram_previous",
+        ),
+    ),
+    Mutant(
         "step-without-ascent-taken-as-a-plain-step",
         "tram/_wrapper.py",
         "                refuse_missing_ascent(type(self).__name__, "
