@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import cross_entropy_closure
+from tests.helpers import counting_backend, cross_entropy_closure
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
@@ -905,12 +905,7 @@ def test_tram_previous_traced_in_its_first_pass_steps_as_the_eager_one(how: str)
     ``torch.utils.swap_tensors`` refuses such tensors, so the reference is refreshed by a copy
     (``tram.targets._can_take_storage``) and the steps are the eager run's, bit for bit."""
     eager, compiled_model = Net(), Net()
-    graphs: list[Any] = []
-
-    def backend(graph: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        graphs.append(graph)
-        return graph.forward
-
+    backend, graphs = counting_backend()
     called: nn.Module = compiled_model
     if how == "torch.compile(model)":
         called = torch.compile(compiled_model, backend=backend)  # type: ignore[assignment]

@@ -25,7 +25,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from tests.helpers import run_example, torchrun  # noqa: E402
+from tests.helpers import counting_backend, run_example, torchrun  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -566,21 +566,6 @@ def test_hooks_before_the_step_see_theta() -> None:
 
 
 # ---------------------------------------------------------------------- torch.compile
-def counting_backend() -> tuple[Callable[..., Any], list[Any]]:
-    """A ``torch.compile`` backend that runs each graph as dynamo traced it (bit for bit the
-    eager arithmetic) and keeps it, so that every test can assert something was compiled:
-    torch 2.13's ``Module.compile()`` on a container of ``torch.nn`` compiles nothing (dynamo
-    skips torch.nn's own forwards), and a test that passes because nothing was compiled proves
-    nothing. A plain function: Fabric deep-copies the compile arguments, which keeps functions."""
-    graphs: list[Any] = []
-
-    def backend(graph: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-        graphs.append(graph)
-        return graph.forward
-
-    return backend, graphs
-
-
 COMPILES = ("torch.compile(net)", "net.compile()")
 
 
