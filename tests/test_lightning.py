@@ -766,6 +766,97 @@ def test_compiled_net_manual_step_equals_step_closure(method: str, how: str) -> 
         assert logger.values("tram/radius") == pytest.approx(optimizer.radius_history, rel=1e-6)
 
 
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_fp16_mixed_equals_scaled_step(how: str) -> None:
+    """ "16-mixed" (a CPU GradScaler in Lightning's plugin) with a compiled net: the eager
+    ``tram.scaled_step`` loop, bit for bit (FisherSAM: its ascent is not scale-invariant)."""
+    data = make_data(3)
+    backend, graphs = counting_backend()
+    module = compiled_module("fisher_sam", how, backend)
+    fit(module, data, max_epochs=1, plugins=[fp16_plugin()], callbacks=[TramCallback()])
+    assert graphs
+    assert_same_weights(module.net, scaled_step_loop("fisher_sam", data))
+    assert module.trainer.optimizers[0].steps == 3
+
+
+def scaled_step_loop(method: str, data: list[tuple[Tensor, Tensor]]) -> Net:
+    """The eager reference under "16-mixed": fp16 autocast and ``tram.scaled_step``."""
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS[method](make_base(net), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in data:
+
+        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return loss_of(net, batch)
+
+        tram.scaled_step(optimizer, scaler, loss_fn)
+    return net
+
+
+@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_compiled_net_manual_step_under_mixed_precision(precision: str, how: str) -> None:
+    """manual_step with a compiled net under bf16-mixed (the eager ``step(closure)`` loop
+    under bf16 autocast) and "16-mixed" (the eager ``tram.scaled_step`` loop), bit for bit."""
+    data = make_data(3)
+    backend, graphs = counting_backend()
+    if precision == "16-mixed":
+        # FisherSAM: its ascent is not scale-invariant, so grad_scale must be right.
+        module = compiled_module("fisher_sam", how, backend, manual="manual_step")
+        fit(module, data, max_epochs=1, plugins=[fp16_plugin()])
+        assert graphs
+        assert_same_weights(module.net, scaled_step_loop("fisher_sam", data))
+        return
+    module = compiled_module("tram_noise", how, backend, manual="manual_step")
+    fit(module, data, max_epochs=1, precision=precision)
+    assert graphs
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["tram_noise"](make_base(net), net)
+    for batch in data:
+
+        def closure(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(net, batch)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert_same_weights(module.net, net)
+    assert module.trainer.optimizers[0].radius_history == optimizer.radius_history
+    fp32, _, _ = hand_loop("tram_noise", data)
+    assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_manual_step_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
+    """manual_step with a compiled net resumed through ``fit(ckpt_path=...)`` into a module
+    built with other weights: the uninterrupted run's weights (TRAM-x's noise generator and
+    step counter from the checkpoint), bit for bit."""
+    data = make_data(3)
+    method = "tram_noise"
+    backend, graphs = counting_backend()
+    straight = compiled_module(method, how, backend, manual="manual_step")
+    fit(straight, data, max_epochs=2)
+
+    first = compiled_module(method, how, backend, manual="manual_step")
+    run = fit(first, data, max_epochs=1)
+    path = str(tmp_path / "epoch1.ckpt")
+    run.save_checkpoint(path)
+    resumed = compiled_module(method, how, backend, seed=1, manual="manual_step")
+    graphs.clear()
+    run = trainer(max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(resumed, loader(data), ckpt_path=path)
+    assert graphs
+    assert_same_weights(resumed.net, straight.net)
+    assert run.optimizers[0].steps == 6
+
+
 # ---------------------------------------------------------------------- the example
 @pytest.mark.slow
 def test_example_lightning_fine_tunes_minilm(tmp_path: Any) -> None:
