@@ -1,5 +1,6 @@
 """Helpers shared by several test files: tiny Hugging Face models built from configs (no hub),
-TensorBoard scalars, the README examples run as scripts, distributed workers' launch and records.
+TensorBoard scalars, the README examples run as scripts, distributed workers' launch and records,
+a torch.compile backend that counts its graphs.
 
 Only torch is imported at module level; transformers and tensorboard are imported by the
 helpers that need them, after the calling test file has checked they are installed.
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,27 +87,33 @@ def cross_entropy_closure(
     return closure
 
 
-class CountingBackend:
-    """A ``torch.compile`` backend: ``aot_eager`` (AOTAutograd's graphs run by the eager
-    kernels, so a compiled run equals the eager one bit for bit), counting the graphs dynamo
-    hands it. A test of a compiled model asserts that some were: in torch 2.13
-    ``Module.compile()`` on a bare ``nn.Sequential`` compiles nothing (dynamo skips torch.nn's
-    own forward), and a test that compiled nothing would pass without testing anything."""
-
-    def __init__(self) -> None:
-        self.graphs = 0
-
-    def __call__(self, graph: Any, example_inputs: list[Any]) -> Any:
-        from torch._dynamo.backends.debugging import aot_eager
-
-        self.graphs += 1
-        return aot_eager(graph, example_inputs)
-
-
 def wrapped(module: nn.Module) -> nn.Module:
     """``module`` inside a real torch wrapper that keeps it in ``.module``, as
     DistributedDataParallel does: ``nn.DataParallel``, which on CPU just calls the module."""
     return nn.DataParallel(module)
+
+
+def counting_backend(*, aot: bool = False) -> tuple[Callable[..., Any], list[Any]]:
+    """A ``torch.compile`` backend that runs each graph as dynamo traced it (bit for bit the
+    eager arithmetic), or with ``aot`` through AOTAutograd's forward and backward graphs
+    (``aot_eager``: the eager kernels, bit for bit in float32; under bf16 autocast its casts
+    round otherwise), and keeps it, so that every test can assert something was compiled:
+    torch 2.13's ``Module.compile()`` on a container of ``torch.nn`` compiles nothing (dynamo
+    skips torch.nn's own forwards), and a test that passes because nothing was compiled proves
+    nothing. A plain function: Fabric deep-copies the compile arguments, which keeps functions.
+    Call ``torch._dynamo.reset()`` before each compiled run: dynamo's cache belongs to the code
+    object (a class's ``forward``), so a second model of the class reuses the first's graphs."""
+    graphs: list[Any] = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        graphs.append(graph)
+        if aot:
+            from torch._dynamo.backends.debugging import aot_eager
+
+            return aot_eager(graph, example_inputs)
+        return graph.forward
+
+    return backend, graphs
 
 
 def read_scalars(directory: Path) -> dict[str, list[float]]:

@@ -1,10 +1,10 @@
 """A ``torch.compile``'d model with every wrapper: accumulation, bf16 autocast and resume.
 
 Each run is compared with the same run on the eager model, bit for bit, through
-``tests.helpers.CountingBackend`` (``aot_eager``: a compiled run that trains differently is
-tram's doing, not a fused kernel's rounding), which also counts the graphs compiled: none would
-make a test vacuous, and a step that recompiled every time would, after dynamo's cache limit,
-fall back to eager unnoticed.
+``tests.helpers.counting_backend(aot=True)`` (``aot_eager``: a compiled run that trains
+differently is tram's doing, not a fused kernel's rounding), which also keeps the graphs
+compiled: none would make a test vacuous, and a step that recompiled every time would, after
+dynamo's cache limit, fall back to eager unnoticed.
 
 The wrappers' guarantees on one compiled step are in ``tests/test_guarantees.py``; the clients'
 compile options (``TrainingArguments(torch_compile=True)``, Lightning, Fabric) in their files.
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import CountingBackend
+from tests.helpers import counting_backend
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 STEPS = 3
@@ -40,7 +40,7 @@ class Mlp(nn.Module):
         return self.outputs(torch.tanh(self.inputs(x)))
 
 
-def compiled(model: nn.Module, case: WrapperCase, backend: CountingBackend) -> nn.Module:
+def compiled(model: nn.Module, case: WrapperCase, backend: Callable) -> nn.Module:
     """The module the training loop calls: ``torch.compile(model)``, or the model compiled in
     place for TRAM-Fisher, which refuses a ``torch.compile`` wrapper (its noise hook would be
     skipped by the graph: ``test_guarantees::test_tram_fisher_refuses_a_compiled_model``)."""
@@ -105,7 +105,7 @@ def test_accumulation_on_a_compiled_model_is_the_eager_run(
     eager_optimizer = make_optimizer(case, eager, eager)
     train(eager, eager, eager_optimizer, range(STEPS), autocast=autocast)
 
-    backend = CountingBackend()
+    backend, graphs = counting_backend(aot=True)
     model = Mlp()
     called = compiled(model, case, backend)
     optimizer = make_optimizer(case, model, called)
@@ -116,7 +116,7 @@ def test_accumulation_on_a_compiled_model_is_the_eager_run(
         optimizer,
         range(STEPS),
         autocast=autocast,
-        after_step=lambda: graphs_after.append(backend.graphs),
+        after_step=lambda: graphs_after.append(len(graphs)),
     )
 
     assert_same_weights(model, eager)
@@ -134,7 +134,7 @@ def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_comp
     """The checkpoint of a compiled run (its model's keys start ``_orig_mod.``) resumes to the
     uninterrupted run, compiled again or not: the wrapper's state (TRAM's reference weights and
     noise generator, the step counters) does not depend on the module that was called."""
-    backend = CountingBackend()
+    backend, graphs = counting_backend(aot=True)
     straight = Mlp()
     straight_called = compiled(straight, case, backend)
     straight_optimizer = make_optimizer(case, straight, straight_called)
@@ -150,11 +150,11 @@ def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_comp
     )
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    assert backend.graphs > 0
+    assert graphs
 
     resumed = Mlp(seed=123)  # other weights: everything must come from the checkpoint
     if resumed_compiled:
-        resumed_called = compiled(resumed, case, CountingBackend())
+        resumed_called = compiled(resumed, case, counting_backend(aot=True)[0])
         resumed_called.load_state_dict(checkpoint["model"])
     else:
         resumed_called = resumed

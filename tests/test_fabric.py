@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
+from tests.helpers import counting_backend
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 fabric_module = pytest.importorskip("lightning.fabric")
@@ -46,7 +47,7 @@ def make_fabric(precision: str) -> fabric_module.Fabric:
         return fabric_module.Fabric(accelerator="cpu", devices=1, precision=precision)
 
 
-def plain_run(case: WrapperCase, precision: str) -> nn.Module:
+def plain_run(case: WrapperCase, precision: str) -> tuple[nn.Module, tram.TwoPassOptimizer]:
     """The loop without Fabric: autocast as Fabric's precision sets it, logits cast to float32."""
     model = make_model()
     optimizer = case.make(torch.optim.AdamW(model.parameters(), lr=0.01), model)
@@ -67,7 +68,7 @@ def plain_run(case: WrapperCase, precision: str) -> nn.Module:
             return loss
 
         optimizer.step(closure)
-    return model
+    return model, optimizer
 
 
 def fabric_steps(fabric: Any, fabric_model: nn.Module, optimizer: Any, steps: range) -> None:
@@ -94,8 +95,99 @@ def test_fabric_takes_the_plain_loops_steps(case: WrapperCase, precision: str) -
     fabric_steps(fabric, fabric_model, optimizer, range(STEPS))
     assert wrapper.steps == STEPS
     assert not wrapper.is_perturbed
-    expected = plain_run(case, precision)
+    expected, _ = plain_run(case, precision)
     for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()
+
+
+class Mlp(nn.Module):
+    """``make_model``'s layers and initial weights in a class of its own: dynamo skips the
+    forwards of torch.nn's containers, so a compiled ``nn.Sequential`` would run eagerly."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(5, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.hidden(x)))
+
+
+COMPILES = ("torch.compile(model)", "model.compile()")
+
+
+def compiled_mlp(how: str, backend: Callable[..., Any], seed: int = 0) -> tuple[Mlp, nn.Module]:
+    """An ``Mlp`` and what its user holds once it is compiled: ``torch.compile``'s
+    ``OptimizedModule``, or the ``Mlp`` itself compiled in place."""
+    torch._dynamo.reset()  # dynamo's cache belongs to Mlp.forward: a new run traces anew
+    model = Mlp(seed)
+    if how == "torch.compile(model)":
+        return model, torch.compile(model, backend=backend)  # type: ignore[return-value]
+    model.compile(backend=backend)
+    return model, model
+
+
+@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+def test_fabric_with_a_compiled_model_takes_the_plain_loops_steps(
+    case: WrapperCase, precision: str, how: str
+) -> None:
+    """``fabric.setup(torch.compile(model))`` (Fabric takes the module out, sets it up and
+    compiles it again with the same arguments, inside its ``_FabricModule``) and
+    ``model.compile()`` before ``fabric.setup``: the eager plain loop's steps, and TRAM's d,
+    bit for bit."""
+    backend, graphs = counting_backend()
+    fabric = make_fabric(precision)
+    model, held = compiled_mlp(how, backend)
+    wrapper = case.make(torch.optim.AdamW(model.parameters(), lr=0.01), held)
+    fabric_model, optimizer = fabric.setup(held, wrapper)
+    recompiled = type(fabric_model._forward_module).__name__ == "OptimizedModule"
+    assert recompiled == (held is not model)
+    fabric_steps(fabric, fabric_model, optimizer, range(STEPS))
+    assert graphs
+    assert wrapper.steps == STEPS
+    assert not wrapper.is_perturbed
+    expected, reference = plain_run(case, precision)
+    for p, q in zip(model.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(p, q), (p - q).abs().max()
+    if isinstance(wrapper, tram.TRAM):
+        assert wrapper.radius_history == reference.radius_history  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_fabric_with_a_compiled_model_resumes_bit_exactly(how: str, tmp_path: Any) -> None:
+    """``fabric.save`` after 3 of 5 steps with a compiled model (TRAM-x: its noise generator
+    and step counter in the optimizer's state), ``fabric.load`` into a compiled model built with
+    other weights: the uninterrupted run's weights, bit for bit."""
+    steps, stop = 5, 3
+    backend, graphs = counting_backend()
+
+    def setup(seed: int) -> tuple[Any, nn.Module, Any, tram.TwoPassOptimizer]:
+        fabric = make_fabric("32-true")
+        model, held = compiled_mlp(how, backend, seed)
+        base = torch.optim.AdamW(model.parameters(), lr=0.01)
+        wrapper = tram.TRAM(
+            base, held, trust_region="noise", embeddings=model.hidden, sigma=0.3, seed=2
+        )
+        return fabric, *fabric.setup(held, wrapper), wrapper
+
+    fabric, straight, optimizer, _ = setup(0)
+    fabric_steps(fabric, straight, optimizer, range(steps))
+
+    fabric, model, optimizer, _ = setup(0)
+    fabric_steps(fabric, model, optimizer, range(stop))
+    fabric.save(tmp_path / "state.ckpt", {"model": model, "optimizer": optimizer})
+
+    fabric, resumed, optimizer, wrapper = setup(1)
+    graphs.clear()
+    fabric.load(tmp_path / "state.ckpt", {"model": resumed, "optimizer": optimizer})
+    assert wrapper.steps == stop
+    fabric_steps(fabric, resumed, optimizer, range(stop, steps))
+    assert graphs
+    assert wrapper.steps == steps
+    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(p, q), (p - q).abs().max()
 
 

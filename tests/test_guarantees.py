@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import cross_entropy_closure
+from tests.helpers import counting_backend, cross_entropy_closure
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
@@ -851,7 +851,9 @@ def test_an_abandoned_step_is_forgotten(failure: str) -> None:
         optimizer.step()
 
 
-def _steps_on(model: nn.Module, called: nn.Module, method: str) -> tram.TwoPassOptimizer:
+def _steps_on(
+    model: nn.Module, called: nn.Module, method: str, *, traced_before: bool = True
+) -> tram.TwoPassOptimizer:
     base = torch.optim.SGD(model.parameters(), lr=0.3)
     if method == "SAM":
         optimizer: tram.TwoPassOptimizer = tram.SAM(base, rho=0.2, model=called)
@@ -859,6 +861,8 @@ def _steps_on(model: nn.Module, called: nn.Module, method: str) -> tram.TwoPassO
         optimizer = tram.TRAM(base, model=called, trust_region="noise", sigma=0.4)
     elif method == "TRAM-theta0":
         optimizer = tram.TRAM(base, model=called, trust_region="pretrained")
+    elif method == "TRAM-previous":
+        optimizer = tram.TRAM(base, model=called, trust_region="previous")
     else:
         optimizer = tram.TRAMFisher(base, called, rho=0.1, eta=0.3)
     closure = NanOnSecondPass(optimizer, called, 1.0)  # finite at θ+ε too: a plain closure
@@ -866,7 +870,8 @@ def _steps_on(model: nn.Module, called: nn.Module, method: str) -> tram.TwoPassO
     # the compiled one traces its training graph there, outside any hook's block, from a fresh
     # cache (dynamo's is per code object, shared by every Net of the process).
     torch._dynamo.reset()
-    closure.loss()
+    if traced_before:
+        closure.loss()
     for _ in range(3):
         optimizer.step(closure)
     return optimizer
@@ -890,6 +895,33 @@ def test_a_compiled_model_steps_as_the_eager_one(method: str) -> None:
     if method != "SAM":
         assert second.radius_history == first.radius_history
         assert min(first.radius_history[1:]) > 0
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "model.compile()"])
+def test_tram_previous_traced_in_its_first_pass_steps_as_the_eager_one(how: str) -> None:
+    """A model whose graph dynamo first traces inside TRAM's first pass (as Lightning and
+    Fabric do: the training loop's first forward is recorded) runs TRAM's reference forward
+    through dynamo too, whose graph then refers to TRAM-θt−1's reference weights weakly;
+    ``torch.utils.swap_tensors`` refuses such tensors, so the reference is refreshed by a copy
+    (``tram.targets._can_take_storage``) and the steps are the eager run's, bit for bit."""
+    eager, compiled_model = Net(), Net()
+    backend, graphs = counting_backend()
+    called: nn.Module = compiled_model
+    if how == "torch.compile(model)":
+        called = torch.compile(compiled_model, backend=backend)  # type: ignore[assignment]
+    else:
+        compiled_model.compile(backend=backend)
+    first = _steps_on(eager, eager, "TRAM-previous", traced_before=False)
+    second = _steps_on(compiled_model, called, "TRAM-previous", traced_before=False)
+    assert graphs
+    for a, b in zip(
+        [*eager.parameters(), *eager.buffers()],
+        [*compiled_model.parameters(), *compiled_model.buffers()],
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    assert second.radius_history == first.radius_history
+    assert min(first.radius_history[1:]) > 0
 
 
 def test_tram_fisher_refuses_a_compiled_model() -> None:

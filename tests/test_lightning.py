@@ -25,7 +25,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from tests.helpers import run_example, torchrun  # noqa: E402
+from tests.helpers import counting_backend, run_example, torchrun  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -76,6 +76,7 @@ METHODS: dict[str, MethodFactory] = {
     "fisher_sam": lambda base, net: tram.FisherSAM(base, rho=0.21, eta=0.7),
     "tram_noise": lambda base, net: tram.TRAM(base, net, trust_region="noise", sigma=0.3, seed=5),
     "tram_ema": lambda base, net: tram.TRAM(base, net, trust_region="ema", ema_decay=0.7),
+    "tram_previous": lambda base, net: tram.TRAM(base, net, trust_region="previous"),
     "tram_fisher": lambda base, net: tram.TRAMFisher(base, net, sigma=0.3, rho=0.21, eta=0.7),
 }
 
@@ -562,6 +563,298 @@ def test_hooks_before_the_step_see_theta() -> None:
     assert len(watch.before_step) == 2
     for theta, seen in zip(watch.at_start, watch.before_step, strict=True):
         assert torch.equal(theta, seen)
+
+
+# ---------------------------------------------------------------------- torch.compile
+COMPILES = ("torch.compile(net)", "net.compile()")
+
+
+def compiled_module(
+    method: str | None,
+    how: str,
+    backend: Callable[..., Any],
+    *,
+    seed: int = 0,
+    manual: str | None = None,
+) -> Module:
+    """``Module`` whose ``net`` is compiled: wrapped (``self.net = torch.compile(Net())``, the
+    checkpoint keys gain ``_orig_mod.``) or in place (``self.net.compile()``)."""
+    # Dynamo's cache belongs to the code object (Net.forward), shared by every Net of the
+    # process: without the reset a run would reuse an earlier run's graphs and trace nothing.
+    torch._dynamo.reset()
+    module = Module(method, seed=seed, manual=manual)
+    if how == "torch.compile(net)":
+        module.net = torch.compile(module.net, backend=backend)  # type: ignore[assignment]
+    else:
+        module.net.compile(backend=backend)
+    return module
+
+
+def tram_radii(method: str) -> bool:
+    return method.startswith("tram") and method != "tram_fisher"  # TRAM-Fisher measures no d
+
+
+@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_net_accumulation_equals_the_eager_loop(method: str, how: str) -> None:
+    """The network compiled inside the LightningModule, k = 2: the eager loop's weights and d,
+    bit for bit, and d logged. TRAM-Fisher included: Lightning's first forward of the compiled
+    net runs inside its noised first pass, where dynamo traces the noise hook in (a graph traced
+    before is refused, see the next test)."""
+    data = make_data(6)
+    backend, graphs = counting_backend()
+    module = compiled_module(method, how, backend)
+    logger = MemoryLogger()
+    fit(
+        module,
+        data,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        logger=logger,
+        callbacks=[TramCallback()],
+    )
+    assert graphs
+    net, optimizer, _ = hand_loop(method, data, accumulate=2)
+    assert_same_weights(module.net, net)
+    wrapper = module.trainer.optimizers[0]
+    assert wrapper.steps == optimizer.steps == 3
+    if tram_radii(method):
+        assert wrapper.radius_history == optimizer.radius_history
+        assert min(optimizer.radius_history[1:]) > 0
+        assert logger.values("tram/radius") == pytest.approx(optimizer.radius_history, rel=1e-6)
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_traced_before_fit_tram_fisher(how: str) -> None:
+    """A training graph traced before TRAM-Fisher adds its noise hook runs without it (dynamo
+    does not guard on module hooks): the ``torch.compile(net)`` wrapper is refused at the first
+    ascent, naming the fix, with the weights untouched; in place, TRAM-Fisher runs the noised
+    pass eagerly (``tram.noise.eager_forward``) and the steps are the eager loop's."""
+    data = make_data(4)
+    backend, graphs = counting_backend()
+    module = compiled_module("tram_fisher", how, backend)
+    module.net(data[0][0])  # a training-mode forward before fit: the graph is traced here
+    assert graphs
+    before = copy.deepcopy(module.net)
+    if how == "torch.compile(net)":
+        with pytest.raises(RuntimeError, match=r"ignores the noise hook .* model\._orig_mod"):
+            fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+        assert_same_weights(module.net, before)
+        return
+    fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    net, _, _ = hand_loop("tram_fisher", data, accumulate=2)
+    assert_same_weights(module.net, net)
+
+
+class ForwardModule(Module):
+    """``training_step`` through ``self(...)``, logging nothing: ``trainer.fit(torch.compile(
+    module))`` compiles the module's ``forward`` and ``training_step``
+    (``lightning.pytorch.utilities.compile.from_compiled``), and ``self.log`` inside a compiled
+    ``training_step`` stops dynamo with any optimizer (torch 2.13, Lightning 2.6)."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.net(tokens)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self(tokens), labels)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fit_of_a_compiled_lightning_module_equals_the_eager_loop(method: str) -> None:
+    """Lightning's documented way, ``trainer.fit(torch.compile(module))``, k = 2: the callback's
+    replay at θ+ε calls the compiled ``training_step`` too; weights and d are the eager loop's."""
+    data = make_data(6)
+    backend, graphs = counting_backend()
+    torch._dynamo.reset()
+    module = ForwardModule(method)
+    logger = MemoryLogger()
+    run = trainer(
+        max_epochs=1, accumulate_grad_batches=2, logger=logger, callbacks=[TramCallback()]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(torch.compile(module, backend=backend), loader(data))
+    assert module._compiler_ctx is not None  # fit ran the LightningModule Lightning compiled
+    assert graphs
+    net, optimizer, _ = hand_loop(method, data, accumulate=2)
+    assert_same_weights(module.net, net)
+    wrapper = run.optimizers[0]
+    assert wrapper.steps == optimizer.steps == 3
+    if tram_radii(method):
+        assert wrapper.radius_history == optimizer.radius_history
+        assert logger.values("tram/radius") == pytest.approx(optimizer.radius_history, rel=1e-6)
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_bf16_mixed_equals_autocast_loop(how: str) -> None:
+    """bf16-mixed with a compiled net, k = 2: the eager loop under autocast, bit for bit."""
+    data = make_data(4)
+    backend, graphs = counting_backend()
+    module = compiled_module("tram_noise", how, backend)
+    fit(
+        module,
+        data,
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+        callbacks=[TramCallback()],
+    )
+    assert graphs
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["tram_noise"](make_base(net), net)
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_of(net, batch)
+
+    for start in range(0, 4, 2):
+        optimizer.step(tram.accumulating_closure(optimizer, data[start : start + 2], loss_fn))
+    assert_same_weights(module.net, net)
+    assert module.trainer.optimizers[0].radius_history == optimizer.radius_history
+    fp32, _, _ = hand_loop("tram_noise", data, accumulate=2)
+    assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
+    """A run with a compiled net resumed from Lightning's checkpoint into a module built with
+    other weights ends where the uninterrupted one does, bit for bit; the wrapped net's keys
+    carry ``_orig_mod.``, so a checkpoint loads into a module compiled the same way."""
+    data = make_data(4)
+    method = "tram_ema"  # the EMA reference lives in the optimizer's checkpoint
+    backend, graphs = counting_backend()
+    straight = compiled_module(method, how, backend)
+    fit(straight, data, max_epochs=2, accumulate_grad_batches=2, callbacks=[TramCallback()])
+
+    first = compiled_module(method, how, backend)
+    run = fit(first, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    path = str(tmp_path / "epoch1.ckpt")
+    run.save_checkpoint(path)
+    keys = set(torch.load(path, weights_only=False)["state_dict"])
+    wrapped = how == "torch.compile(net)"
+    assert ("net._orig_mod.embed.weight" in keys) == wrapped
+    assert ("net.embed.weight" in keys) != wrapped
+    resumed = compiled_module(method, how, backend, seed=1)  # weights must come from the file
+    graphs.clear()
+    run = trainer(max_epochs=2, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(resumed, loader(data), ckpt_path=path)
+    assert graphs
+    assert_same_weights(resumed.net, straight.net)
+    assert run.optimizers[0].steps == 4
+    history = straight.trainer.optimizers[0].radius_history
+    assert run.optimizers[0].radius_history[-2:] == history[-2:]
+
+
+@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_compiled_net_manual_step_equals_step_closure(method: str, how: str) -> None:
+    """manual_step with a compiled net: the eager ``step(closure)`` loop's weights and d."""
+    data = make_data(3)
+    backend, graphs = counting_backend()
+    module = compiled_module(method, how, backend, manual="manual_step")
+    logger = MemoryLogger()
+    fit(module, data, max_epochs=1, logger=logger)
+    assert graphs
+    net, optimizer, _ = hand_loop(method, data)
+    assert_same_weights(module.net, net)
+    if tram_radii(method):
+        assert module.trainer.optimizers[0].radius_history == optimizer.radius_history
+        assert logger.values("tram/radius") == pytest.approx(optimizer.radius_history, rel=1e-6)
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_fp16_mixed_equals_scaled_step(how: str) -> None:
+    """ "16-mixed" (a CPU GradScaler in Lightning's plugin) with a compiled net: the eager
+    ``tram.scaled_step`` loop, bit for bit (FisherSAM: its ascent is not scale-invariant)."""
+    data = make_data(3)
+    backend, graphs = counting_backend()
+    module = compiled_module("fisher_sam", how, backend)
+    fit(module, data, max_epochs=1, plugins=[fp16_plugin()], callbacks=[TramCallback()])
+    assert graphs
+    assert_same_weights(module.net, scaled_step_loop("fisher_sam", data))
+    assert module.trainer.optimizers[0].steps == 3
+
+
+def scaled_step_loop(method: str, data: list[tuple[Tensor, Tensor]]) -> Net:
+    """The eager reference under "16-mixed": fp16 autocast and ``tram.scaled_step``."""
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS[method](make_base(net), net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in data:
+
+        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return loss_of(net, batch)
+
+        tram.scaled_step(optimizer, scaler, loss_fn)
+    return net
+
+
+@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_compiled_net_manual_step_under_mixed_precision(precision: str, how: str) -> None:
+    """manual_step with a compiled net under bf16-mixed (the eager ``step(closure)`` loop
+    under bf16 autocast) and "16-mixed" (the eager ``tram.scaled_step`` loop), bit for bit."""
+    data = make_data(3)
+    backend, graphs = counting_backend()
+    if precision == "16-mixed":
+        # FisherSAM: its ascent is not scale-invariant, so grad_scale must be right.
+        module = compiled_module("fisher_sam", how, backend, manual="manual_step")
+        fit(module, data, max_epochs=1, plugins=[fp16_plugin()])
+        assert graphs
+        assert_same_weights(module.net, scaled_step_loop("fisher_sam", data))
+        return
+    module = compiled_module("tram_noise", how, backend, manual="manual_step")
+    fit(module, data, max_epochs=1, precision=precision)
+    assert graphs
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS["tram_noise"](make_base(net), net)
+    for batch in data:
+
+        def closure(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(net, batch)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert_same_weights(module.net, net)
+    assert module.trainer.optimizers[0].radius_history == optimizer.radius_history
+    fp32, _, _ = hand_loop("tram_noise", data)
+    assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
+
+
+@pytest.mark.parametrize("how", COMPILES)
+def test_compiled_net_manual_step_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
+    """manual_step with a compiled net resumed through ``fit(ckpt_path=...)`` into a module
+    built with other weights: the uninterrupted run's weights (TRAM-x's noise generator and
+    step counter from the checkpoint), bit for bit."""
+    data = make_data(3)
+    method = "tram_noise"
+    backend, graphs = counting_backend()
+    straight = compiled_module(method, how, backend, manual="manual_step")
+    fit(straight, data, max_epochs=2)
+
+    first = compiled_module(method, how, backend, manual="manual_step")
+    run = fit(first, data, max_epochs=1)
+    path = str(tmp_path / "epoch1.ckpt")
+    run.save_checkpoint(path)
+    resumed = compiled_module(method, how, backend, seed=1, manual="manual_step")
+    graphs.clear()
+    run = trainer(max_epochs=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(resumed, loader(data), ckpt_path=path)
+    assert graphs
+    assert_same_weights(resumed.net, straight.net)
+    assert run.optimizers[0].steps == 6
 
 
 # ---------------------------------------------------------------------- the example

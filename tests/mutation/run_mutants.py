@@ -645,7 +645,11 @@ MUTANTS = [
         "tram/targets.py",
         "        and weakref.getweakrefcount(reference) == 0\n",
         "\n",
-        ("tests/test_compile.py@TRAM-previous",),
+        (
+            "tests/test_compile.py@TRAM-previous",
+            "tests/test_guarantees.py@traced_in_its_first_pass",
+            "tests/test_lightning.py@compiled_net_accumulation and tram_previous",
+        ),
     ),
     Mutant(
         "batchnorm-guard-left-armed-after-restore",

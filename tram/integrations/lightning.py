@@ -46,6 +46,14 @@ checkpoints and ``self.log`` keep working. What the callback does, and why:
 - **Checkpoints.** Lightning saves ``optimizer.state_dict()``, which holds the wrapper's own state
   (TRAM's reference, step counters); resuming from a checkpoint taken at an optimizer-step boundary
   reproduces the uninterrupted run bit for bit.
+- **torch.compile.** A network compiled inside the module (``self.net = torch.compile(net)`` or
+  ``self.net.compile()``) and Lightning's ``trainer.fit(torch.compile(module))`` (which compiles
+  the module's ``forward`` and ``training_step``; ``self.log`` inside a compiled
+  ``training_step`` stops dynamo with any optimizer) take the eager model's steps, both passes
+  and the replay included (``tests/test_lightning.py``, the ``compiled`` tests). TRAM-Fisher on
+  a ``torch.compile(net)`` wrapper needs the net's training graph traced in its noised first
+  pass, as Lightning's first forward does; a graph traced before ``fit`` is refused at the
+  ascent (compile in place instead).
 
 Manual optimization (``self.automatic_optimization = False``) takes the step in
 ``training_step`` with :func:`manual_step`, which runs both passes through
