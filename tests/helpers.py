@@ -87,6 +87,17 @@ def cross_entropy_closure(
     return closure
 
 
+def some_fast(values: Any, *fast: Any) -> list[Any]:
+    """A test matrix's parameters, those not in ``fast`` marked slow: the fast suite runs a
+    representative few, ``pytest -m slow`` the rest. Values are matched by ``str`` (wrapper
+    cases, whose ids are their names)."""
+    names = {str(value) for value in fast}
+    return [
+        pytest.param(value, marks=() if str(value) in names else pytest.mark.slow, id=str(value))
+        for value in values
+    ]
+
+
 def wrapped(module: nn.Module) -> nn.Module:
     """``module`` inside a real torch wrapper that keeps it in ``.module``, as
     DistributedDataParallel does: ``nn.DataParallel``, which on CPU just calls the module."""

@@ -96,8 +96,21 @@ def fresh_dynamo_cache() -> None:
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["float32", "bf16"])
-@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+@pytest.mark.parametrize(
+    ("case", "autocast"),
+    [
+        *[pytest.param(case, None, id=f"{case}-float32") for case in WRAPPERS],
+        *[
+            pytest.param(
+                case,
+                torch.bfloat16,
+                id=f"{case}-bf16",
+                marks=() if case.name in ("SAM", "TRAM-noise", "TRAM-fisher") else pytest.mark.slow,
+            )
+            for case in WRAPPERS
+        ],
+    ],
+)
 def test_accumulation_on_a_compiled_model_is_the_eager_run(
     case: WrapperCase, autocast: torch.dtype | None
 ) -> None:
@@ -128,8 +141,28 @@ def test_accumulation_on_a_compiled_model_is_the_eager_run(
     assert graphs_after[-1] == graphs_after[0], f"recompiled after the first step: {graphs_after}"
 
 
-@pytest.mark.parametrize("resumed_compiled", [True, False], ids=["compiled", "eager"])
-@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+FAST_RESUMES = {
+    ("SAM", True),
+    ("TRAM-noise", True),
+    ("TRAM-previous", True),
+    ("TRAM-fisher", True),
+    ("TRAM-pretrained", False),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "resumed_compiled"),
+    [
+        pytest.param(
+            case,
+            resumed_compiled,
+            id=f"{case}-{'compiled' if resumed_compiled else 'eager'}",
+            marks=() if (case.name, resumed_compiled) in FAST_RESUMES else pytest.mark.slow,
+        )
+        for case in WRAPPERS
+        for resumed_compiled in (True, False)
+    ],
+)
 def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_compiled: bool) -> None:
     """The checkpoint of a compiled run (its model's keys start ``_orig_mod.``) resumes to the
     uninterrupted run, compiled again or not: the wrapper's state (TRAM's reference weights and

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
-from tests.helpers import counting_backend
+from tests.helpers import counting_backend, some_fast
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 fabric_module = pytest.importorskip("lightning.fabric")
@@ -130,7 +130,7 @@ def compiled_mlp(how: str, backend: Callable[..., Any], seed: int = 0) -> tuple[
 
 @pytest.mark.parametrize("how", COMPILES)
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-@pytest.mark.parametrize("case", WRAPPERS, ids=str)
+@pytest.mark.parametrize("case", some_fast(WRAPPERS, "SAM", "TRAM-noise", "TRAM-fisher"))
 def test_fabric_with_a_compiled_model_takes_the_plain_loops_steps(
     case: WrapperCase, precision: str, how: str
 ) -> None:
@@ -156,7 +156,7 @@ def test_fabric_with_a_compiled_model_takes_the_plain_loops_steps(
         assert wrapper.radius_history == reference.radius_history  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("how", some_fast(COMPILES, "model.compile()"))
 def test_fabric_with_a_compiled_model_resumes_bit_exactly(how: str, tmp_path: Any) -> None:
     """``fabric.save`` after 3 of 5 steps with a compiled model (TRAM-x: its noise generator
     and step counter in the optimizer's state), ``fabric.load`` into a compiled model built with

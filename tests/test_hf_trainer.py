@@ -37,7 +37,7 @@ from transformers import (  # noqa: E402
 import tram  # noqa: E402
 import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
-from tests.helpers import read_scalars, tiny_bert_config, torchrun  # noqa: E402
+from tests.helpers import read_scalars, some_fast, tiny_bert_config, torchrun  # noqa: E402
 from tram import factory  # noqa: E402
 from tram.integrations.hf import REGULARIZERS_NAME, TramTrainer  # noqa: E402
 
@@ -692,7 +692,7 @@ def logged(trainer: TramTrainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-@pytest.mark.parametrize("case", list(COMPILE_CASES))
+@pytest.mark.parametrize("case", some_fast(COMPILE_CASES, "tram-noise", "tram-fisher"))
 def test_torch_compile_trains_as_the_eager_trainer(tmp_path, case):
     """With dropout and gradient accumulation; TRAM-x's and TRAM-θ0's d logged as the eager
     run's. Counted graphs show the compiled model ran (a test of nothing would pass too)."""
@@ -714,7 +714,7 @@ def test_torch_compile_trains_as_the_eager_trainer(tmp_path, case):
         assert max(radii) > 0
 
 
-@pytest.mark.parametrize("case", list(COMPILE_CASES))
+@pytest.mark.parametrize("case", some_fast(COMPILE_CASES, "tram-pretrained"))
 def test_torch_compile_under_bf16_equals_the_compiled_hand_loop(tmp_path, case):
     """Compiled under bf16 autocast, a graph rounds otherwise than the eager model (the plain
     ``Trainer`` ends ~2e-3 away from its eager run here): the reference is the hand-written loop
@@ -753,6 +753,7 @@ def test_torch_compile_under_bf16_equals_the_compiled_hand_loop(tmp_path, case):
         assert max(radii) > 0
 
 
+@pytest.mark.slow  # ~20 s; a compiled model's resume: test_compile, test_lightning, test_fabric
 def test_torch_compile_resumes_bit_exactly(tmp_path):
     """TRAM-θ0's reference weights and the dropout generator come back from the checkpoint."""
     full = compiled_run(

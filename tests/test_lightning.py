@@ -25,7 +25,7 @@ pl = pytest.importorskip("lightning.pytorch")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from tests.helpers import counting_backend, run_example, torchrun  # noqa: E402
+from tests.helpers import counting_backend, run_example, some_fast, torchrun  # noqa: E402
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -595,7 +595,9 @@ def tram_radii(method: str) -> bool:
 
 
 @pytest.mark.parametrize("how", COMPILES)
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(
+    "method", some_fast(METHODS, "sam", "tram_noise", "tram_fisher", "tram_previous")
+)
 def test_compiled_net_accumulation_equals_the_eager_loop(method: str, how: str) -> None:
     """The network compiled inside the LightningModule, k = 2: the eager loop's weights and d,
     bit for bit, and d logged. TRAM-Fisher included: Lightning's first forward of the compiled
@@ -660,7 +662,7 @@ class ForwardModule(Module):
         return nn.functional.cross_entropy(self(tokens), labels)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", some_fast(METHODS, "tram_noise", "tram_fisher"))
 def test_fit_of_a_compiled_lightning_module_equals_the_eager_loop(method: str) -> None:
     """Lightning's documented way, ``trainer.fit(torch.compile(module))``, k = 2: the callback's
     replay at θ+ε calls the compiled ``training_step`` too; weights and d are the eager loop's."""
@@ -717,7 +719,7 @@ def test_compiled_net_bf16_mixed_equals_autocast_loop(how: str) -> None:
     assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
 
 
-@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("how", some_fast(COMPILES, "torch.compile(net)"))
 def test_compiled_net_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
     """A run with a compiled net resumed from Lightning's checkpoint into a module built with
     other weights ends where the uninterrupted one does, bit for bit; the wrapped net's keys
@@ -750,7 +752,7 @@ def test_compiled_net_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", COMPILES)
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", some_fast(METHODS, "fisher_sam", "tram_noise"))
 def test_compiled_net_manual_step_equals_step_closure(method: str, how: str) -> None:
     """manual_step with a compiled net: the eager ``step(closure)`` loop's weights and d."""
     data = make_data(3)
@@ -831,7 +833,7 @@ def test_compiled_net_manual_step_under_mixed_precision(precision: str, how: str
     assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
 
 
-@pytest.mark.parametrize("how", COMPILES)
+@pytest.mark.parametrize("how", some_fast(COMPILES, "torch.compile(net)"))
 def test_compiled_net_manual_step_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
     """manual_step with a compiled net resumed through ``fit(ckpt_path=...)`` into a module
     built with other weights: the uninterrupted run's weights (TRAM-x's noise generator and

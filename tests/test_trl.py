@@ -282,14 +282,8 @@ SFT_COMPILE_CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [  # ~40 s each, compiling a LLaMA: one in the fast suite
-        pytest.param("sam", marks=pytest.mark.slow),
-        "tram-pretrained",
-        pytest.param("tram-fisher", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow  # ~40 s each, compiling a LLaMA; the mechanism is TramTrainer's (test_hf_trainer)
+@pytest.mark.parametrize("case", list(SFT_COMPILE_CASES))
 def test_sft_with_torch_compile_trains_as_without(tmp_path: Any, case: str) -> None:
     """``torch_compile=True`` (``aot_eager``): TRL's loss, TRAM's twin forward for d and
     TRAM-Fisher's noised forward through the compiled model take the eager run's steps, with
