@@ -33,7 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 import tram
-from tests.helpers import cross_entropy_closure
+from tests.helpers import counting_backend, cross_entropy_closure
 from tram.targets import NoisedInputs
 
 Spec = dict[str, Any]
@@ -128,6 +128,18 @@ def _grads(params: list[Tensor]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+class OwnForward(nn.Module):
+    """``inner`` behind a forward of its own: dynamo traces it (it skips ``nn.Sequential``'s,
+    torch.nn's own code, and would compile nothing)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
 def ddp_scenario(
     spec: Spec,
     rank: int,
@@ -135,9 +147,15 @@ def ddp_scenario(
     *,
     local_ascent: bool = False,
     micro_batches: int = 1,
+    compiled: bool = False,
 ) -> Record:
-    """DDP with a comm hook that counts the bucket all-reduces."""
-    model = build_model(spec)
+    """DDP with a comm hook that counts the bucket all-reduces; with ``compiled``, the
+    ``torch.compile(DDP(model))`` of torch's DDP tutorial (dynamo splits the graph at the
+    buckets, whose all-reduces run between the pieces), with ``aot_eager`` so the steps are
+    the eager ones bit for bit."""
+    model: nn.Module = build_model(spec)
+    if compiled:
+        model = OwnForward(model)
     ddp = DistributedDataParallel(model)
     counter: dict[str, Any] = {"calls": 0, "buckets": set()}
 
@@ -148,12 +166,18 @@ def ddp_scenario(
         return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
     ddp.register_comm_hook(counter, counting_allreduce)
+    called: nn.Module = ddp
+    backend, graphs = counting_backend()
+    if compiled:
+        torch._dynamo.reset()
+        called = torch.compile(ddp, backend=backend)  # type: ignore[assignment]
     base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
-    optimizer = make_wrapper(spec, method, base, model=ddp, local_ascent=local_ascent)
+    optimizer = make_wrapper(spec, method, base, model=called, local_ascent=local_ascent)
     record = run_steps(
-        spec, rank, ddp, optimizer, micro_batches=micro_batches, allreduce_counter=counter
+        spec, rank, called, optimizer, micro_batches=micro_batches, allreduce_counter=counter
     )
     record["buckets"] = sorted(counter["buckets"])
+    record["graphs"] = len(graphs)
     return record
 
 
@@ -399,6 +423,13 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "ddp_sam_local": lambda spec, rank: ddp_scenario(spec, rank, "SAM", local_ascent=True),
     "ddp_asam_local": lambda spec, rank: ddp_scenario(spec, rank, "ASAM", local_ascent=True),
     "ddp_sam_accumulate": lambda spec, rank: ddp_scenario(spec, rank, "SAM", micro_batches=2),
+    "ddp_compiled_sam_sync": lambda spec, rank: ddp_scenario(spec, rank, "SAM", compiled=True),
+    "ddp_compiled_sam_local": lambda spec, rank: ddp_scenario(
+        spec, rank, "SAM", local_ascent=True, compiled=True
+    ),
+    "ddp_compiled_sam_accumulate": lambda spec, rank: ddp_scenario(
+        spec, rank, "SAM", micro_batches=2, compiled=True
+    ),
     "fsdp_sam_sgd": lambda spec, rank: fsdp_scenario(spec, rank, "SAM", "sgd", foreach=False),
     "fsdp_asam_adamw_foreach": lambda spec, rank: fsdp_scenario(
         spec, rank, "ASAM", "adamw", foreach=True

@@ -317,11 +317,16 @@ def test_local_ascent_without_no_sync_raises() -> None:
 
 @pytest.mark.distributed
 @needs_gloo
-@pytest.mark.parametrize("method", ["SAM", "ASAM"])
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("ddp_sam_sync", "SAM"), ("ddp_asam_sync", "ASAM"), ("ddp_compiled_sam_sync", "SAM")],
+    ids=["SAM", "ASAM", "SAM-torch.compile(DDP(model))"],
+)
 def test_ddp_synchronised_ascent_is_global_batch_sam(
-    results: list[dict], spec: dict[str, Any], method: str
+    results: list[dict], spec: dict[str, Any], name: str, method: str
 ) -> None:
-    records = scenario(results, f"ddp_{method.lower()}_sync")
+    records = scenario(results, name)
+    assert all((record["graphs"] > 0) == ("compiled" in name) for record in records)
     expected = reference(spec, method)
     assert_replicas_identical(records)
     assert_replicas_identical(records, "perturbed")
@@ -339,11 +344,16 @@ def test_ddp_synchronised_ascent_is_global_batch_sam(
 
 @pytest.mark.distributed
 @needs_gloo
-@pytest.mark.parametrize("method", ["SAM", "ASAM"])
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("ddp_sam_local", "SAM"), ("ddp_asam_local", "ASAM"), ("ddp_compiled_sam_local", "SAM")],
+    ids=["SAM", "ASAM", "SAM-torch.compile(DDP(model))"],
+)
 def test_ddp_local_ascent_is_per_worker_sam(
-    results: list[dict], spec: dict[str, Any], method: str
+    results: list[dict], spec: dict[str, Any], name: str, method: str
 ) -> None:
-    records = scenario(results, f"ddp_{method.lower()}_local")
+    records = scenario(results, name)
+    assert all((record["graphs"] > 0) == ("compiled" in name) for record in records)
     expected = reference(spec, method, local=True)
     assert_replicas_identical(records)
     for step in range(spec["steps"]):
@@ -363,10 +373,16 @@ def test_ddp_local_ascent_is_per_worker_sam(
 
 @pytest.mark.distributed
 @needs_gloo
+@pytest.mark.parametrize(
+    "name",
+    ["ddp_sam_accumulate", "ddp_compiled_sam_accumulate"],
+    ids=["SAM", "SAM-torch.compile(DDP(model))"],
+)
 def test_ddp_gradient_accumulation_is_large_batch_sam(
-    results: list[dict], spec: dict[str, Any]
+    results: list[dict], spec: dict[str, Any], name: str
 ) -> None:
-    records = scenario(results, "ddp_sam_accumulate")
+    records = scenario(results, name)
+    assert all((record["graphs"] > 0) == ("compiled" in name) for record in records)
     expected = reference(spec, "SAM")
     assert_replicas_identical(records)
     assert_replicas_identical(records, "perturbed")
