@@ -165,6 +165,7 @@ def test_fabric_with_a_compiled_model_resumes_bit_exactly(how: str, tmp_path: An
     backend, graphs = counting_backend()
 
     def setup(seed: int) -> tuple[Any, nn.Module, Any, tram.TwoPassOptimizer]:
+        graphs.clear()
         fabric = make_fabric("32-true")
         model, held = compiled_mlp(how, backend, seed)
         base = torch.optim.AdamW(model.parameters(), lr=0.01)
@@ -173,6 +174,17 @@ def test_fabric_with_a_compiled_model_resumes_bit_exactly(how: str, tmp_path: An
         )
         return fabric, *fabric.setup(held, wrapper), wrapper
 
+    assert_resumes_bit_exactly(setup, tmp_path, steps=steps, stop=stop)
+    assert graphs  # the resumed run's
+
+
+Setup = Callable[[int], tuple[Any, nn.Module, Any, tram.TwoPassOptimizer]]
+
+
+def assert_resumes_bit_exactly(setup: Setup, tmp_path: Any, *, steps: int, stop: int) -> None:
+    """``steps`` steps straight, and ``stop`` steps saved with ``fabric.save`` then loaded with
+    ``fabric.load`` into ``setup(1)`` (other weights: everything must come from the file) and
+    continued: the same weights, bit for bit."""
     fabric, straight, optimizer, _ = setup(0)
     fabric_steps(fabric, straight, optimizer, range(steps))
 
@@ -181,11 +193,9 @@ def test_fabric_with_a_compiled_model_resumes_bit_exactly(how: str, tmp_path: An
     fabric.save(tmp_path / "state.ckpt", {"model": model, "optimizer": optimizer})
 
     fabric, resumed, optimizer, wrapper = setup(1)
-    graphs.clear()
     fabric.load(tmp_path / "state.ckpt", {"model": resumed, "optimizer": optimizer})
     assert wrapper.steps == stop
     fabric_steps(fabric, resumed, optimizer, range(stop, steps))
-    assert graphs
     assert wrapper.steps == steps
     for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
         assert torch.equal(p, q), (p - q).abs().max()
@@ -227,17 +237,4 @@ def test_fabric_save_and_load_resume_bit_exactly(name: str, tmp_path: Any) -> No
         wrapper = method(torch.optim.AdamW(model.parameters(), lr=0.01), model)
         return fabric, *fabric.setup(model, wrapper), wrapper
 
-    fabric, straight, optimizer, _ = setup(0)
-    fabric_steps(fabric, straight, optimizer, range(steps))
-
-    fabric, model, optimizer, _ = setup(0)
-    fabric_steps(fabric, model, optimizer, range(stop))
-    fabric.save(tmp_path / "state.ckpt", {"model": model, "optimizer": optimizer})
-
-    fabric, resumed, optimizer, wrapper = setup(1)
-    fabric.load(tmp_path / "state.ckpt", {"model": resumed, "optimizer": optimizer})
-    assert wrapper.steps == stop
-    fabric_steps(fabric, resumed, optimizer, range(stop, steps))
-    assert wrapper.steps == steps
-    for p, q in zip(resumed.parameters(), straight.parameters(), strict=True):
-        assert torch.equal(p, q), (p - q).abs().max()
+    assert_resumes_bit_exactly(setup, tmp_path, steps=steps, stop=stop)

@@ -315,19 +315,28 @@ def test_bf16_mixed_equals_autocast_loop() -> None:
         precision="bf16-mixed",
         callbacks=[TramCallback()],
     )
+    net, _ = bf16_hand_loop("sam", data)
+    assert_same_weights(module.net, net)
+
+
+def bf16_hand_loop(
+    method: str, data: list[tuple[Tensor, Tensor]]
+) -> tuple[Net, TwoPassOptimizer | torch.optim.Optimizer]:
+    """bf16-mixed's reference with k = 2: ``accumulating_closure`` under CPU bf16 autocast
+    (which moves the weights otherwise than float32 does, checked here)."""
     torch.manual_seed(0)
     net = Net()
-    optimizer = METHODS["sam"](make_base(net), net)
+    optimizer = METHODS[method](make_base(net), net)
 
     def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return loss_of(net, batch)
 
-    for start in range(0, 4, 2):
+    for start in range(0, len(data), 2):
         optimizer.step(tram.accumulating_closure(optimizer, data[start : start + 2], loss_fn))
-    assert_same_weights(module.net, net)
-    fp32, _, _ = hand_loop("sam", data, accumulate=2)
+    fp32, _, _ = hand_loop(method, data, accumulate=2)
     assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
+    return net, optimizer
 
 
 def fp16_plugin() -> MixedPrecision:
@@ -703,20 +712,9 @@ def test_compiled_net_bf16_mixed_equals_autocast_loop(how: str) -> None:
         callbacks=[TramCallback()],
     )
     assert graphs
-    torch.manual_seed(0)
-    net = Net()
-    optimizer = METHODS["tram_noise"](make_base(net), net)
-
-    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return loss_of(net, batch)
-
-    for start in range(0, 4, 2):
-        optimizer.step(tram.accumulating_closure(optimizer, data[start : start + 2], loss_fn))
+    net, optimizer = bf16_hand_loop("tram_noise", data)
     assert_same_weights(module.net, net)
     assert module.trainer.optimizers[0].radius_history == optimizer.radius_history
-    fp32, _, _ = hand_loop("tram_noise", data, accumulate=2)
-    assert not torch.equal(fp32.head.weight, net.head.weight)  # autocast was on
 
 
 @pytest.mark.parametrize("how", some_fast(COMPILES, "torch.compile(net)"))
