@@ -348,18 +348,7 @@ def test_fp16_mixed_equals_scaled_step() -> None:
     data = make_data(3)
     module = Module("fisher_sam")  # its ascent is not scale-invariant: grad_scale must be right
     fit(module, data, max_epochs=1, plugins=[fp16_plugin()], callbacks=[TramCallback()])
-    torch.manual_seed(0)
-    net = Net()
-    optimizer = METHODS["fisher_sam"](make_base(net), net)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    for batch in data:
-
-        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.float16):
-                return loss_of(net, batch)
-
-        tram.scaled_step(optimizer, scaler, loss_fn)
-    assert_same_weights(module.net, net)
+    assert_same_weights(module.net, scaled_step_loop("fisher_sam", data))
     assert module.trainer.optimizers[0].steps == 3
 
 
@@ -515,18 +504,7 @@ def test_manual_step_fp16_equals_scaled_step() -> None:
     data = make_data(3)
     module = Module("sam", manual="manual_step")
     fit(module, data, max_epochs=1, plugins=[fp16_plugin()])
-    torch.manual_seed(0)
-    net = Net()
-    optimizer = METHODS["sam"](make_base(net), net)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    for batch in data:
-
-        def loss_fn(batch: tuple[Tensor, Tensor] = batch) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.float16):
-                return loss_of(net, batch)
-
-        tram.scaled_step(optimizer, scaler, loss_fn)
-    assert_same_weights(module.net, net)
+    assert_same_weights(module.net, scaled_step_loop("sam", data))
 
 
 def test_manual_step_closure_is_exact_and_not_refused() -> None:
