@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import counting_backend
+from tests.helpers import counting_backend, some_fast
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 STEPS = 3
@@ -50,11 +51,14 @@ def compiled(model: nn.Module, case: WrapperCase, backend: Callable) -> nn.Modul
     return torch.compile(model, backend=backend)
 
 
+def batch(step: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+
+
 def micro_batches(step: int) -> list[tuple[Tensor, Tensor]]:
     """Two micro-batches of unequal size (6 and 10 examples), so their weights are not 1/2."""
-    generator = torch.Generator().manual_seed(1000 + step)
-    x = torch.randn(16, 5, generator=generator)
-    y = torch.randint(0, 3, (16,), generator=generator)
+    x, y = batch(step)
     return [(x[:6], y[:6]), (x[6:], y[6:])]
 
 
@@ -201,3 +205,75 @@ def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_comp
     assert resumed_optimizer.steps == straight_optimizer.steps == 2 * STEPS
     if case.is_tram:
         assert resumed_optimizer.radius_history == straight_optimizer.radius_history[STEPS:]
+
+
+# ------------------------------------------------------------------ a compiled optimizer step
+def compiled_step_run(
+    case: WrapperCase, form: str, *, compile_step: bool
+) -> tuple[Mlp, tram.TwoPassOptimizer, list[Any]]:
+    """Three steps of SGD with momentum wrapped in ``case``, its ``step`` called through
+    ``torch.compile`` (torch's compiled-optimizer recipe) or not, in the closure or the explicit
+    form. SGD: AdamW under dynamo takes another code path, which rounds otherwise."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend()
+    model = Mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    optimizer = case.make(base, model)
+    step = torch.compile(optimizer.step, backend=backend) if compile_step else optimizer.step
+    for index in range(STEPS):
+        x, y = batch(index)
+
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if form == "closure":
+            step(closure)
+            continue
+        with optimizer.first_pass():
+            closure()
+        if optimizer.first_step():
+            closure()
+        step()
+    return model, optimizer, graphs
+
+
+@pytest.mark.parametrize("form", ["closure", "explicit"])
+@pytest.mark.parametrize("case", some_fast(WRAPPERS, "SAM", "TRAM-pretrained", "TRAM-fisher"))
+def test_a_compiled_optimizer_step_is_the_eager_step(case: WrapperCase, form: str) -> None:
+    """``torch.compile(optimizer.step)``: dynamo traces the wrapper's step (and, in the closure
+    form, both passes of the closure it calls), breaking the graph at the wrapper's bookkeeping;
+    the steps and TRAM's d are the eager ones, bit for bit."""
+    eager, eager_optimizer, _ = compiled_step_run(case, form, compile_step=False)
+    model, optimizer, graphs = compiled_step_run(case, form, compile_step=True)
+    assert graphs
+    assert_same_weights(model, eager)
+    assert optimizer.steps == STEPS
+    if case.is_tram and case.name != "TRAM-fisher":
+        assert optimizer.radius_history == eager_optimizer.radius_history
+        assert max(optimizer.radius_history) > 0
+
+
+def test_a_compiled_optimizer_step_refuses_as_the_eager_one() -> None:
+    """The wrapper's refusals hold inside a compiled step: a step without an ascent, and a base
+    step after ``first_step()`` without the second pass's gradient; the weights stay put."""
+    torch._dynamo.reset()
+    backend, _ = counting_backend()
+    model = Mlp()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.07)
+    step = torch.compile(optimizer.step, backend=backend)
+    x, y = batch(0)
+    weights = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(tram.MissingAscentError, match=r"without a closure and without first_step"):
+        step()
+    optimizer.zero_grad()
+    with optimizer.first_pass():
+        F.cross_entropy(model(x), y).backward()
+    assert optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"found no gradient from a second pass"):
+        step()
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
