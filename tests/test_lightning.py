@@ -21,6 +21,7 @@ import tram
 from tram._wrapper import TwoPassOptimizer
 
 pl = pytest.importorskip("lightning.pytorch")
+torchmetrics = pytest.importorskip("torchmetrics")
 
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
@@ -290,6 +291,81 @@ def test_logs_first_pass_loss_and_radius() -> None:
     assert all(r > 0 for r in radii)
     assert len(logger.values("tram/ascent_grad_norm")) == 4
     assert logger.values("tram/skipped_ascents") == [0.0] * 4
+
+
+class MetricsModule(Module):
+    """Updates torchmetrics metrics in the training step, as Lightning's documentation does:
+    a tensor state (the mean loss), a list state (every prediction) and a metric called for its
+    batch value and logged (accuracy). Manually (``manual_step``), inside ``loss_fn``."""
+
+    def __init__(self, method: str, *, manual: str | None = None) -> None:
+        super().__init__(method, manual=manual)
+        self.mean_loss = torchmetrics.MeanMetric()
+        self.predictions = torchmetrics.CatMetric()
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(CLASSES, average="micro")
+
+    def measured_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, labels = batch
+        logits = self.net(tokens)
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.mean_loss.update(loss.detach())
+        self.predictions.update(logits.detach().argmax(dim=-1))
+        self.log("train_accuracy", self.accuracy(logits.detach(), labels), on_epoch=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.manual == "manual_step":
+            return manual_step(self, lambda: self.measured_loss(batch))
+        return self.measured_loss(batch)
+
+
+def first_pass_outputs(method: str, data: list[tuple[Tensor, Tensor]], accumulate: int):
+    """The hand loop's loss and predictions of every micro-batch at θ (its first pass)."""
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = METHODS[method](make_base(net), net)
+    losses: list[Tensor] = []
+    predictions: list[Tensor] = []
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        logits = net(batch[0])
+        if not optimizer.is_perturbed:
+            losses.append(nn.functional.cross_entropy(logits, batch[1]).detach())
+            predictions.append(logits.detach().argmax(dim=-1))
+        return nn.functional.cross_entropy(logits, batch[1])
+
+    for start in range(0, len(data), accumulate):
+        window = data[start : start + accumulate]
+        optimizer.step(tram.accumulating_closure(optimizer, window, loss_fn))
+    return torch.stack(losses), torch.cat(predictions)
+
+
+@pytest.mark.parametrize(
+    ("manual", "accumulate"), [(None, 2), ("manual_step", 1)], ids=["TramCallback", "manual_step"]
+)
+def test_torchmetrics_count_each_batch_once_at_theta(manual: str | None, accumulate: int) -> None:
+    """A metric updated in the training step sees the first pass only: the replay at θ+ε
+    (TramCallback) or the second call of ``loss_fn`` (manual_step) leaves every metric's state
+    as the first pass left it, so the epoch's metrics are a plain optimizer's, at θ."""
+    data = make_data(4)
+    module = MetricsModule("sam", manual=manual)
+    logger = MemoryLogger()
+    callbacks = [TramCallback()] if manual is None else []
+    fit(
+        module,
+        data,
+        max_epochs=1,
+        accumulate_grad_batches=accumulate,
+        logger=logger,
+        callbacks=callbacks,
+    )
+    losses, predictions = first_pass_outputs("sam", data, accumulate)
+    labels = torch.cat([y for _, y in data])
+    assert module.mean_loss.update_count == len(data)
+    assert float(module.mean_loss.compute()) == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert torch.equal(module.predictions.compute(), predictions)
+    accuracy = float((predictions == labels).float().mean())
+    assert logger.values("train_accuracy_epoch") == [pytest.approx(accuracy)]
 
 
 def test_loss_logged_at_theta_not_theta_plus_epsilon() -> None:

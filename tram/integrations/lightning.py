@@ -37,8 +37,10 @@ checkpoints and ``self.log`` keep working. What the callback does, and why:
   first-pass loss at θ, comparable with a plain optimizer's curve. The callback logs
   ``tram/ascent_grad_norm`` (‖T∇L‖ at θ), ``tram/radius`` (the method's ``last_radius``, TRAM's d)
   on every optimizer step that ascended, and ``tram/skipped_ascents`` / ``tram/skipped_steps``.
-  Side effects of ``training_step`` other than logging (updating a ``torchmetrics`` metric, for
-  example) run in both passes; guard them with :attr:`TramCallback.in_second_pass`.
+  The ``torchmetrics`` metrics of the module keep the state the first pass left (each
+  metric's state is put back after the replay), so a metric updated in ``training_step`` counts
+  each batch once, at θ. Other side effects of ``training_step`` run in both passes; guard them
+  with :attr:`TramCallback.in_second_pass`.
 - **TRAM.** Pass 1 of every micro-batch runs inside ``optimizer.first_pass()``, which records the
   forward of the model TRAM was given (pass the network whose forward returns the logits, e.g.
   ``self.model``, not the ``LightningModule`` itself, unless its ``forward`` is what
@@ -77,6 +79,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -139,6 +142,41 @@ def _muted_logging(module: Any) -> Iterator[None]:
     finally:
         for name in shadowed:
             vars(module).pop(name, None)
+
+
+@contextlib.contextmanager
+def _metric_states_kept(module: Any) -> Iterator[None]:
+    """Every ``torchmetrics`` metric inside ``module`` leaves the block with the state it entered
+    with: a metric updated in ``training_step`` (``self.train_accuracy(logits, labels)``) would
+    otherwise count each batch twice per step, the second time with the outputs at θ+ε.
+
+    A metric's state is its ``add_state`` variables (tensors, cloned; list states, copied) and
+    its update count and cached results; ``Metric.reset`` restores the same attributes."""
+    metric_class = getattr(sys.modules.get("torchmetrics"), "Metric", None)
+    if metric_class is None:  # not imported: no metric can exist
+        yield
+        return
+    saved = [
+        (metric, _metric_state(metric))
+        for metric in module.modules()
+        if isinstance(metric, metric_class)
+    ]
+    try:
+        yield
+    finally:
+        for metric, state in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+
+
+def _metric_state(metric: Any) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        name: value.clone() if isinstance(value, Tensor) else list(value)
+        for name, value in metric.metric_state.items()
+    }
+    for name in ("_update_count", "_computed", "_forward_cache"):
+        state[name] = getattr(metric, name)
+    return state
 
 
 def _log_metrics(module: Any, metrics: Mapping[str, float], *, prog_bar: bool) -> None:
@@ -321,7 +359,7 @@ class TramCallback(pl.Callback):
         last = len(window) - 1
         self.in_second_pass = True
         try:
-            with _muted_logging(pl_module), torch.enable_grad():
+            with _muted_logging(pl_module), _metric_states_kept(pl_module), torch.enable_grad():
                 for index, (batch, index_in_epoch) in enumerate(window):
                     sync = contextlib.nullcontext() if index == last else _no_sync(strategy)
                     with sync:
@@ -351,6 +389,9 @@ def manual_step(
     optimizer's ``first_pass()``, ascends (from the scaled gradient under ``"16-mixed"``), runs
     them again at θ+ε, restores θ, and steps through the ``LightningOptimizer`` (so the precision
     plugin's ``GradScaler``, ``on_before_optimizer_step`` and Lightning's step counting apply).
+    The second call of ``loss_fn`` logs nothing (``self.log`` muted) and leaves the module's
+    ``torchmetrics`` metrics as the first call left them: what ``loss_fn`` logs and measures is
+    the model at θ, once per step.
     Without clipping: clip in ``on_before_optimizer_step`` (Lightning's manual-optimization
     recipe), which sees the unscaled descent gradient.
 
@@ -387,7 +428,8 @@ def manual_step(
     perturbed = wrapper.first_step(grad_scale=_grad_scale(trainer))
     if perturbed:
         try:
-            pl_module.manual_backward(loss_fn())
+            with _muted_logging(pl_module), _metric_states_kept(pl_module):
+                pl_module.manual_backward(loss_fn())
         finally:
             wrapper.restore()
     optimizer.step()
