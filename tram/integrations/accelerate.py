@@ -38,7 +38,9 @@ ascent only), and TRAM records the forward it measures its trust region on. A re
 extra forward inside ``loss_fn`` is recorded with it; to combine TRAM with forward-running
 regularizers (R3F, TRPO, MESA) use the Trainer integration, which keeps them apart. Both passes
 go through ``accelerator.backward``, which divides by accelerate's accumulation steps, so they
-are normalised alike.
+are normalised alike. ``loss_fn`` runs in both passes: measure and log from the loss the call
+returns (the first pass's, at θ), or inside ``loss_fn`` only while
+``unwrap_optimizer(optimizer).is_perturbed`` is False.
 
 This module does not import accelerate at import time; it works with any object that has
 accelerate's ``Accelerator`` interface (``backward``, ``no_sync``, ``sync_gradients``,

@@ -55,6 +55,10 @@ What it does, and why:
   without a GradScaler), and with regularizers ``tram/task_loss`` and
   ``tram/<regularizer name>``; means over the optimizer steps since the last log and over the
   workers.
+- **Side effects.** ``compute_loss`` runs in both passes. What the Trainer itself counts (the
+  loss it logs, tokens seen, FLOPs) is the first pass's; a ``compute_loss`` override that
+  measures or logs on its own should do it while ``self.two_pass_optimizer.is_perturbed`` is
+  False (the first pass, at θ).
 - **Bad input** fails in the constructor, before any training: an unknown method, an argument the
   method does not take, a regularizer that is not callable; a regularizer on a model whose
   output has no logits fails on the first training forward, before any backward pass, any
