@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -441,6 +443,43 @@ def test_a_compiled_batchnorm_without_trained_weights_is_judged_by_its_module() 
         closure()
     optimizer.restore()
     assert graphs
+
+
+def test_the_guard_is_armed_and_disarmed_outside_compiled_graphs(monkeypatch) -> None:
+    """In a compiled ``optimizer.step`` dynamo would trace the change to torch's global hooks,
+    and it failed there ("dictionary changed size during iteration") when a dropped wrapper's
+    finalizer removed its own hook during the trace: arming and disarming run eagerly, even
+    inside compiled code (``torch.compiler.is_compiling()`` is False in them)."""
+    torch._dynamo.reset()
+    backend, _ = counting_backend()
+    compiling: dict[str, bool] = {}
+    register = tram.batchnorm.register_module_forward_pre_hook
+
+    def recording_register(hook: Any) -> Any:
+        compiling["arm"] = torch.compiler.is_compiling()
+        return register(hook)
+
+    monkeypatch.setattr(tram.batchnorm, "register_module_forward_pre_hook", recording_register)
+
+    class Owner:
+        def armed(self) -> bool:
+            return True
+
+    owner = Owner()
+    probe = weakref.finalize(owner, lambda: compiling.update(disarm=torch.compiler.is_compiling()))
+
+    def arm_and_disarm(x: Tensor) -> Tensor:
+        guard = tram.batchnorm.refuse_running_stats_updates("SAM", owner.armed, [])
+        tram.batchnorm.disarm(guard)
+        tram.batchnorm.disarm(probe)
+        return x + 1
+
+    hooks = len(global_forward_pre_hooks)
+    assert torch.equal(
+        torch.compile(arm_and_disarm, backend=backend)(torch.ones(2)), 2 * torch.ones(2)
+    )
+    assert compiling == {"arm": False, "disarm": False}
+    assert len(global_forward_pre_hooks) == hooks
 
 
 # ------------------------------------------------------------------------------ regularizers

@@ -43,6 +43,7 @@ from tram._validation import (
     inverse_grad_scale,
 )
 from tram.batchnorm import (
+    disarm,
     freeze_running_stats,
     refuse_running_stats_updates,
     unfreeze_running_stats,
@@ -382,7 +383,7 @@ class TwoPassOptimizer(Optimizer):
         unfreeze_running_stats(state.frozen_batchnorms)
         state.frozen_batchnorms.clear()
         if state.batchnorm_guard is not None:
-            state.batchnorm_guard()
+            disarm(state.batchnorm_guard)
             state.batchnorm_guard = None
 
     def second_step(self) -> None:

@@ -19,11 +19,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 __all__ = [
+    "disarm",
     "freeze_running_stats",
     "frozen_running_stats",
     "refuse_running_stats_updates",
@@ -72,6 +74,7 @@ def frozen_running_stats(model: nn.Module) -> Iterator[list[_BatchNorm]]:
         unfreeze_running_stats(frozen)
 
 
+@torch.compiler.disable
 def refuse_running_stats_updates(
     method: str,
     armed: Callable[[], bool],
@@ -80,9 +83,9 @@ def refuse_running_stats_updates(
     model_given: bool = False,
     replaying: Callable[[], bool] | None = None,
 ) -> weakref.finalize:
-    """Until the returned finalizer is called, a forward of a BatchNorm whose affine weights are
-    among ``parameters`` and that would update its running statistics raises ``RuntimeError``
-    (before it runs), while ``armed()`` is True.
+    """Until the returned finalizer is called (:func:`disarm`), a forward of a BatchNorm whose
+    affine weights are among ``parameters`` and that would update its running statistics raises
+    ``RuntimeError`` (before it runs), while ``armed()`` is True.
 
     What a wrapper arms between ``first_step`` and ``restore``, with the parameters it
     perturbed: without ``model=`` it cannot freeze statistics it cannot find, and the second pass
@@ -155,6 +158,17 @@ def refuse_running_stats_updates(
 
     handle = register_module_forward_pre_hook(check)
     return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]
+
+
+@torch.compiler.disable
+def disarm(guard: weakref.finalize) -> None:
+    """Remove the hook of :func:`refuse_running_stats_updates` now (call its finalizer).
+
+    Arming and disarming run eagerly, outside any graph dynamo traces (a compiled
+    ``optimizer.step``): traced, the change to torch's dictionary of global hooks failed inside
+    dynamo ("dictionary changed size during iteration") when a dropped wrapper's finalizer
+    removed its own hook during the trace."""
+    guard()
 
 
 def _updates_running_stats(module: _BatchNorm) -> bool:
