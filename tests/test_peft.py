@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import run_example, tiny_llama_config
+from tests.helpers import counting_backend, run_example, tiny_llama_config
 from tram._checkpointing import checkpoint_phase
 from tram.adapters import AdapterOff
 from tram.targets import ReferenceWeights
@@ -219,6 +219,38 @@ def test_adapter_off_reference_equals_copied_reference(kind: str) -> None:
     assert off.radius_history == pytest.approx(copied.radius_history, rel=1e-6, abs=0)
     for a, b in zip(copied_weights, off_weights, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "adapter_off",
+    [
+        pytest.param(True, id="adapter-off"),
+        pytest.param(False, id="copied", marks=pytest.mark.slow),
+    ],
+)
+def test_a_compiled_lora_model_trains_as_the_eager_one(adapter_off: bool) -> None:
+    """``torch.compile`` of the PEFT model: TRAM-θ0's reference forward with the adapters
+    switched off (a flag on every LoRA layer) runs another graph than the training forward, and
+    dynamo, guarding on the flag, keeps them apart; d and the adapters are the eager run's, bit
+    for bit, with LoRA dropout."""
+    data = batches("bert", 4)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        backend, graphs = counting_backend()
+        model = tiny_bert()
+        called = torch.compile(model, backend=backend) if compiled else model
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        base = torch.optim.AdamW(trainable, lr=3e-2, weight_decay=0.01)
+        optimizer = tram.TRAM(base, called, target=AdapterOff() if adapter_off else "pretrained")
+        runs.append((train(called, optimizer, data), optimizer.radius_history))
+        assert bool(graphs) == compiled
+    (eager, eager_radii), (weights, radii) = runs
+    assert radii == eager_radii
+    assert radii[0] == 0.0
+    assert min(radii[1:]) > 0
+    for a, b in zip(eager, weights, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_adapter_off_takes_lora_on_the_embeddings() -> None:
