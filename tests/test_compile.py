@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import counting_backend, some_fast
+from tests.helpers import counting_backend, cross_entropy_closure, some_fast
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 STEPS = 3
@@ -221,14 +221,7 @@ def compiled_step_run(
     optimizer = case.make(base, model)
     step = torch.compile(optimizer.step, backend=backend) if compile_step else optimizer.step
     for index in range(STEPS):
-        x, y = batch(index)
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = cross_entropy_closure(optimizer, model, *batch(index))
         if form == "closure":
             step(closure)
             continue
