@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -443,6 +445,16 @@ def test_a_compiled_batchnorm_without_trained_weights_is_judged_by_its_module() 
         closure()
     optimizer.restore()
     assert graphs
+
+
+def test_keeping_the_guard_out_of_compiled_graphs_leaves_import_tram_light() -> None:
+    """``torch.compiler.disable`` as a decorator imports ``torch._dynamo`` (about a second) when
+    ``tram`` is imported; its lazy form waits for the first call."""
+    script = "import sys, tram\nassert 'torch._dynamo' not in sys.modules\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_guard_is_armed_and_disarmed_outside_compiled_graphs(monkeypatch) -> None:

@@ -43,7 +43,7 @@ def _wrapped_module(model: nn.Module) -> nn.Module | None:
         model, "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
     ):
         inner = model.module
-    elif _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+    elif compiled_wrapper_inner(model) is not None:
         inner = model._orig_mod
     elif any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__):
         inner = model.module
@@ -55,13 +55,36 @@ def uncompiled(model: nn.Module) -> nn.Module:
     forward hooks; a compiled graph ignores hooks added after compilation). Distribution
     wrappers are kept."""
     for _ in range(_MAX_WRAPPER_DEPTH):
-        if not _is_instance_of(model, "torch._dynamo.eval_frame", "OptimizedModule"):
-            return model
-        inner = model._orig_mod
-        if not isinstance(inner, nn.Module):
+        inner = compiled_wrapper_inner(model)
+        if inner is None:
             return model
         model = inner
     raise ValueError(f"{type(model).__name__}: more than {_MAX_WRAPPER_DEPTH} nested wrappers")
+
+
+# The three ways torch.compile marks a module, named once here (torch's attribute names).
+def compiled_wrapper_inner(module: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) compiles, or None
+    when ``module`` is not such a wrapper."""
+    if not _is_instance_of(module, "torch._dynamo.eval_frame", "OptimizedModule"):
+        return None
+    inner = module._orig_mod
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def compiled_in_place(module: nn.Module) -> Callable[..., Any] | None:
+    """The compiled call ``module.compile()`` set (what ``Module.__call__`` runs instead of the
+    module's own call, hooks included), or None."""
+    compiled_call: Callable[..., Any] | None = vars(module).get("_compiled_call_impl")
+    return compiled_call
+
+
+def uncompiled_forward(module: nn.Module) -> Callable[..., Any] | None:
+    """The eager forward kept by ``module.forward = torch.compile(module.forward)``, or None
+    when ``module``'s forward is not a compiled one."""
+    forward = vars(module).get("forward")
+    original: Callable[..., Any] | None = getattr(forward, "_torchdynamo_orig_callable", None)
+    return original
 
 
 def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:

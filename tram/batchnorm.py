@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from tram._model_io import compiled_in_place, compiled_wrapper_inner, uncompiled_forward
+
 __all__ = [
     "disarm",
     "freeze_running_stats",
@@ -74,7 +76,11 @@ def frozen_running_stats(model: nn.Module) -> Iterator[list[_BatchNorm]]:
         unfreeze_running_stats(frozen)
 
 
-@torch.compiler.disable
+# Arming and disarming are optimizer bookkeeping that a compiled ``optimizer.step`` would
+# trace: torch's own bookkeeping (``Optimizer.zero_grad``, ``add_param_group``) is kept out of
+# dynamo with ``torch._disable_dynamo``, the lazy form of ``torch.compiler.disable`` that imports
+# ``torch._dynamo`` (about a second) at the first call instead of at ``import tram``.
+@torch._disable_dynamo
 def refuse_running_stats_updates(
     method: str,
     armed: Callable[[], bool],
@@ -160,14 +166,14 @@ def refuse_running_stats_updates(
     return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]
 
 
-@torch.compiler.disable
+@torch._disable_dynamo
 def disarm(guard: weakref.finalize) -> None:
     """Remove the hook of :func:`refuse_running_stats_updates` now (call its finalizer).
 
     Arming and disarming run eagerly, outside any graph dynamo traces (a compiled
-    ``optimizer.step``): traced, the change to torch's dictionary of global hooks failed inside
-    dynamo ("dictionary changed size during iteration") when a dropped wrapper's finalizer
-    removed its own hook during the trace."""
+    ``optimizer.step``): traced, the change to torch's
+    dictionary of global hooks failed inside dynamo ("dictionary changed size during
+    iteration") when a dropped wrapper's finalizer removed its own hook during the trace."""
     guard()
 
 
@@ -187,16 +193,14 @@ def _compiled_subtrees(module: nn.Module) -> list[nn.Module]:
     by ``torch.compile(module.forward)``, and the children compiled in place
     (``child.compile()``, which runs no module hook of its own). A root compiled in place runs
     no hook at all and is not seen here: wrappers freeze its BatchNorms when given ``model=``."""
-    subtrees = []
-    inner = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-    if isinstance(inner, nn.Module):
-        subtrees.append(inner)
-    if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):
+    inner = compiled_wrapper_inner(module)
+    subtrees = [] if inner is None else [inner]
+    if uncompiled_forward(module) is not None:
         subtrees.append(module)
     subtrees.extend(
         child
         for child in module.children()
-        if vars(child).get("_compiled_call_impl") is not None and child is not inner
+        if compiled_in_place(child) is not None and child is not inner
     )
     return subtrees
 

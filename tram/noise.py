@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from tram._auxiliary import in_auxiliary_forward
 from tram._checkpointing import checkpoint_phase
-from tram._model_io import unwrap_model
+from tram._model_io import compiled_in_place, uncompiled_forward, unwrap_model
 
 __all__ = [
     "NoiseDistribution",
@@ -368,14 +368,13 @@ def eager_forward(model: nn.Module) -> Iterator[nn.Module]:
     set_aside: list[tuple[nn.Module, str, Any]] = []
     try:
         for module in model.modules():
-            compiled_call = vars(module).get("_compiled_call_impl")
+            compiled_call = compiled_in_place(module)
             if compiled_call is not None:
                 set_aside.append((module, "_compiled_call_impl", compiled_call))
                 module._compiled_call_impl = None
-            forward = vars(module).get("forward")
-            original = getattr(forward, "_torchdynamo_orig_callable", None)
+            original = uncompiled_forward(module)
             if original is not None:
-                set_aside.append((module, "forward", forward))
+                set_aside.append((module, "forward", vars(module)["forward"]))
                 module.forward = original
         yield model
     finally:

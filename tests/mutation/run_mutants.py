@@ -622,14 +622,14 @@ MUTANTS = [
     Mutant(
         "compiled-forward-batchnorm-unseen",
         "tram/batchnorm.py",
-        '    if hasattr(vars(module).get("forward"), "_torchdynamo_orig_callable"):',
+        "    if uncompiled_forward(module) is not None:",
         "    if False:",
         ("tests/test_batchnorm.py@compiled_graph_is_refused",),
     ),
     Mutant(
         "child-compiled-in-place-batchnorm-unseen",
         "tram/batchnorm.py",
-        '        if vars(child).get("_compiled_call_impl") is not None and child is not inner',
+        "        if compiled_in_place(child) is not None and child is not inner",
         "        if False",
         ("tests/test_batchnorm.py@compiled_graph_is_refused",),
     ),
@@ -682,16 +682,23 @@ MUTANTS = [
     Mutant(
         "batchnorm-guard-armed-inside-the-graph",
         "tram/batchnorm.py",
-        "@torch.compiler.disable\ndef refuse_running_stats_updates(",
+        "@torch._disable_dynamo\ndef refuse_running_stats_updates(",
         "def refuse_running_stats_updates(",
         ("tests/test_batchnorm.py@outside_compiled_graphs",),
     ),
     Mutant(
         "batchnorm-guard-disarmed-inside-the-graph",
         "tram/batchnorm.py",
-        "@torch.compiler.disable\ndef disarm(",
+        "@torch._disable_dynamo\ndef disarm(",
         "def disarm(",
         ("tests/test_batchnorm.py@outside_compiled_graphs",),
+    ),
+    Mutant(
+        "guard-kept-out-of-graphs-at-import",
+        "tram/batchnorm.py",
+        "@torch._disable_dynamo\ndef disarm(",
+        "@torch.compiler.disable\ndef disarm(",
+        ("tests/test_batchnorm.py@leaves_import_tram_light",),
     ),
     Mutant(
         "batchnorm-guard-left-armed-after-restore",
