@@ -380,18 +380,34 @@ def child_compiled_in_place(model: nn.Module, backend: Callable) -> nn.Module:
     return Module(model)  # its parent runs eagerly: the compiled child runs no hook of its own
 
 
+def compiled_in_place(model: nn.Module, backend: Callable) -> nn.Module:
+    model.compile(backend=backend)
+    return model  # its call runs the graph and no module hook at all
+
+
 COMPILED = {
     "torch.compile(model)": lambda model, backend: torch.compile(model, backend=backend),
     "compiled forward": compiled_forward,
     "child compiled in place": child_compiled_in_place,
+    "compiled in place": compiled_in_place,
+}
+IN_A_GRAPH = r"BatchNorm2d in training mode inside a torch.compile'd module ran"
+IN_PLACE = r"BatchNorm2d in training mode inside a module compiled in place \(module.compile"
+REFUSAL = {
+    "torch.compile(model)": IN_A_GRAPH,
+    "compiled forward": IN_A_GRAPH,
+    # Found before the ascent (the first_step refuses): no hook sees a model compiled in place.
+    "child compiled in place": IN_PLACE,
+    "compiled in place": IN_PLACE,
 }
 
 
 @pytest.mark.parametrize("form", list(COMPILED))
 def test_without_model_a_batchnorm_inside_a_compiled_graph_is_refused(form: str) -> None:
     """A compiled graph runs its BatchNorms without the guard's hook (dynamo ignores hooks added
-    after compilation): they are judged when the compiled module is called at θ+ε, and refused
-    as in eager mode, statistics and weights left as the first pass left them."""
+    after compilation): they are judged when the compiled module is called at θ+ε, or, inside a
+    module compiled in place, whose call runs no hook at all, before the ascent; and refused as
+    in eager mode, statistics and weights left as the first pass left them."""
     torch._dynamo.reset()
     backend, graphs = counting_backend(aot=True)
     model = Module(make_cnn(momentum=0.3))
@@ -405,9 +421,7 @@ def test_without_model_a_batchnorm_inside_a_compiled_graph_is_refused(form: str)
     assert graphs
     weights = [p.detach().clone() for p in model.parameters()]
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
-    with pytest.raises(
-        RuntimeError, match=r"BatchNorm2d in training mode inside a torch.compile'd module ran"
-    ):
+    with pytest.raises(RuntimeError, match=REFUSAL[form]):
         optimizer.step(cross_entropy_closure(optimizer, called, x, y))
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
@@ -445,6 +459,219 @@ def test_a_compiled_batchnorm_without_trained_weights_is_judged_by_its_module() 
         closure()
     optimizer.restore()
     assert graphs
+
+
+class WithBatchNorm(nn.Module):
+    """A model class of its own (dynamo compiles its forward in place, not torch.nn's)."""
+
+    def __init__(self, *, affine: bool | None, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        norm = nn.Identity() if affine is None else nn.BatchNorm1d(7, affine=affine, momentum=0.3)
+        self.inner = nn.Sequential(nn.Linear(5, 7), norm, nn.Tanh(), nn.Linear(7, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def mlp_data() -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+
+
+@pytest.mark.parametrize("make", WRAPPERS, ids=WRAPPER_IDS)
+def test_a_model_compiled_in_place_is_refused_before_the_ascent(make) -> None:
+    """``model.compile()``: the model's call runs its graph and no module hook, so without
+    ``model=`` the wrapper finds its BatchNorms (through the garbage collector, once) and
+    ``first_step`` refuses before it moves a weight: one with perturbed weights of its own, and
+    one without trainable weights (``affine=False``) in a compiled module that holds perturbed
+    weights. In eval mode or frozen it updates nothing and the step goes through; the same
+    wrapper refuses again when it is back in training mode."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    for affine in (True, False):
+        model = WithBatchNorm(affine=affine, seed=2)
+        model.compile(backend=backend)
+        optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1))
+        closure = cross_entropy_closure(optimizer, model, x, y)
+        closure()
+        weights = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]
+        statistics = buffers(model)
+        with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a module"):
+            optimizer.first_step()
+        assert not optimizer.is_perturbed
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+        assert_same_buffers(buffers(model), statistics)
+        model.eval()
+        optimizer.step(closure)
+        model.train()
+        with pytest.raises(RuntimeError, match=r"in place \(module.compile\(\), which runs no"):
+            optimizer.step(closure)
+    assert graphs
+
+
+def test_beside_a_model_compiled_in_place_other_models_pass() -> None:
+    """A teacher compiled in place holds no perturbed weight: another model's, it passes, and
+    its statistics move once per call of its own. A ``model=`` that holds only some of the
+    perturbed weights has its BatchNorms frozen (compiled in place or not), so only a BatchNorm
+    outside it is refused, with the fix that names ``model=``."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    student = WithBatchNorm(affine=None, seed=2)
+    teacher = WithBatchNorm(affine=False, seed=3)
+    for module in (student, teacher):
+        module.compile(backend=backend)
+    twin = copy.deepcopy(teacher)  # eager, called as often as the teacher
+    optimizer = tram.SAM(torch.optim.SGD(student.parameters(), lr=0.1), rho=0.3)
+    for _ in range(2):
+        closure = cross_entropy_closure(optimizer, student, x, y)
+        closure()
+        with torch.no_grad():
+            teacher(x)  # between the passes, in training mode
+            twin(x)
+        assert optimizer.first_step()
+        closure()
+        optimizer.second_step()
+    assert_same_buffers(buffers(teacher), buffers(twin))
+    # With model= holding some of the perturbed weights: a BatchNorm outside it is refused,
+    # with the fix that names model=; one inside it (compiled in place too) is frozen and passes.
+    body = WithBatchNorm(affine=True, seed=4)
+    body.compile(backend=backend)
+    reference = copy.deepcopy(body)
+    pair = nn.ModuleDict({"body": body, "head": nn.Linear(3, 3)})
+
+    def step(model: nn.Module) -> None:
+        optimizer = tram.SAM(torch.optim.SGD(pair.parameters(), lr=0.1), rho=0.3, model=model)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(pair["head"](body(x)), y).backward()
+        assert optimizer.first_step()
+        nn.functional.cross_entropy(pair["head"](body(x)), y).backward()
+        optimizer.second_step()
+
+    for model in (pair["head"], body, pair):
+        with torch.no_grad():
+            reference.load_state_dict(body.state_dict())
+            reference(x)  # the first pass, at θ
+        if model is pair["head"]:
+            with pytest.raises(RuntimeError, match=r"in place.*not inside the model= given"):
+                step(model)
+        else:
+            step(model)
+        assert_same_buffers(buffers(body), buffers(reference))
+    assert graphs
+
+
+def compile_something() -> None:
+    """Have dynamo compile a graph (a function's, not a module's)."""
+    backend, graphs = counting_backend()
+    torch.compile(lambda t: t + 1, backend=backend)(torch.ones(2))
+    assert graphs
+
+
+def test_a_model_compiled_in_place_after_a_search_is_found_at_the_next_step() -> None:
+    """Its first call compiles it: the search walks again at the next ascent."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    model = WithBatchNorm(affine=True, seed=2)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+    compile_something()
+    model.eval()
+    optimizer.step(cross_entropy_closure(optimizer, model, x, y))  # searched: nothing in place
+    model.train()
+    model.compile(backend=backend)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a module comp"):
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    assert graphs
+
+
+def test_the_batchnorms_compiled_in_place_are_picked_again_for_other_perturbed_weights() -> None:
+    """A step whose BatchNorm weights have no gradient does not perturb them (the BatchNorm
+    is then another model's); the next step, which does, is refused."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    model = WithBatchNorm(affine=True, seed=2)
+    model.compile(backend=backend)
+    for frozen in (False, True):  # both graphs compiled first: no walk is due to a compilation
+        with tram.frozen_running_stats(model) if frozen else contextlib.nullcontext():
+            nn.functional.cross_entropy(model(x), y).backward()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+    closure = cross_entropy_closure(optimizer, model, x, y)
+    for _ in range(2):  # the first one's guard compiles frames (no graph): searched again
+        closure()
+        model.inner[1].weight.grad = model.inner[1].bias.grad = None
+        assert optimizer.first_step()
+        with tram.frozen_running_stats(model):
+            closure()
+        optimizer.second_step()
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a module comp"):
+        optimizer.step(closure)
+    assert graphs
+
+
+def test_a_child_compiled_in_place_is_judged_by_its_parents_hook(monkeypatch) -> None:
+    """Defence in depth: a child compiled in place that the search did not find (here made
+    blind) is judged when its eagerly called parent runs at θ+ε."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    monkeypatch.setattr(tram._wrapper, "batchnorms_compiled_in_place", lambda *a, **k: [])
+    x, y = mlp_data()
+    child = WithBatchNorm(affine=True, seed=2)
+    child.compile(backend=backend)
+    model = Module(child)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a torch.compile"):
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    assert graphs
+
+
+def test_modules_compiled_in_place_are_searched_again_only_after_a_compilation(
+    monkeypatch,
+) -> None:
+    """The search walks every object the garbage collector tracks: not while dynamo has
+    compiled nothing, and then again only after it compiled something (or after
+    ``torch._dynamo.reset()``, which drops the callback that tells), whatever wrapper asks."""
+    torch._dynamo.reset()  # nothing compiled since
+    walks = []
+    get_objects = tram.batchnorm.gc.get_objects
+
+    def counting_get_objects(*args: Any) -> list[Any]:
+        walks.append(1)
+        return get_objects(*args)
+
+    monkeypatch.setattr(tram.batchnorm.gc, "get_objects", counting_get_objects)
+    model = make_cnn()
+    x, y = data()
+
+    def sam_steps(steps: int, **options: Any) -> None:
+        optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, **options)
+        for _ in range(steps):
+            optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+
+    sam_steps(2, model=model)
+    model.eval()
+    sam_steps(3)
+    assert walks == []  # nothing compiled
+    compile_something()
+    sam_steps(3)
+    sam_steps(2, model=model)  # model= holds every perturbed weight: nothing to search
+    sam_steps(2)  # another wrapper: the same answer
+    assert walks == [1]
+    # A dead weak proxy among the collector's objects answers isinstance() with an error.
+    proxy = weakref.proxy(nn.Linear(2, 2))
+    compile_something()
+    sam_steps(2)
+    assert walks == [1, 1]
+    del proxy
+    torch._dynamo.reset()
+    compile_something()
+    sam_steps(2)
+    assert walks == [1, 1, 1]
 
 
 def test_keeping_the_guard_out_of_compiled_graphs_leaves_import_tram_light() -> None:

@@ -43,10 +43,14 @@ from tram._validation import (
     inverse_grad_scale,
 )
 from tram.batchnorm import (
+    batchnorms_compiled_in_place,
     disarm,
     freeze_running_stats,
     refuse_running_stats_updates,
+    running_stats_refusal,
+    search_compiled_in_place,
     unfreeze_running_stats,
+    updating_running_stats,
 )
 
 __all__ = ["MissingAscentError", "TwoPassOptimizer"]
@@ -275,6 +279,10 @@ class TwoPassOptimizer(Optimizer):
             raise RuntimeError(
                 "first_step() found no gradients: call loss.backward() before first_step()"
             )
+        if self.ascent_due:
+            self._refuse_batchnorms_compiled_in_place(
+                [param for bucket in buckets for param in bucket.params]
+            )
         state.ascent_attempted = True
         state.gradient_not_finite = False
         state.ascent_params = []
@@ -356,6 +364,29 @@ class TwoPassOptimizer(Optimizer):
                 replaying=state.in_the_closures_second_call,
             )
         return True
+
+    def _refuse_batchnorms_compiled_in_place(self, params: list[Tensor]) -> None:
+        """Raise ``RuntimeError`` before the ascent when a BatchNorm that the guard armed below
+        cannot see (inside a module compiled in place, :func:`batchnorms_compiled_in_place`)
+        would update its running statistics at θ+ε. The search walks the collector's objects
+        again only after dynamo compiled something, and the BatchNorms of these parameters are
+        picked again only after a walk or for another set of parameters."""
+        if self.model is not None and not self._perturbs_outside_the_model(params):
+            return  # every perturbed weight is the model's, whose BatchNorms are frozen
+        key = (search_compiled_in_place(), tuple(id(param) for param in params))
+        cached = self.__dict__.get("_batchnorms_compiled_in_place")
+        if cached is None or cached[0] != key:
+            cached = (key, batchnorms_compiled_in_place(params, excluding=self.model))
+            self._batchnorms_compiled_in_place = cached
+        batchnorm = updating_running_stats(cached[1])
+        if batchnorm is not None:
+            raise running_stats_refusal(
+                type(self).__name__,
+                batchnorm,
+                " inside a module compiled in place (module.compile(), which runs no module "
+                "hook) would run",
+                model_given=self.model is not None,
+            )
 
     def _perturbs_outside_the_model(self, params: list[Tensor]) -> bool:
         """Whether some of the perturbed ``params`` are not ``model``'s: computed once per set of
@@ -703,6 +734,7 @@ class TwoPassOptimizer(Optimizer):
         # pickle them.
         state["_backups"] = {}
         state.pop("_outside_the_model", None)  # ids of this process's tensors
+        state.pop("_batchnorms_compiled_in_place", None)  # and weak references
         state["_step_state"] = self._step_state.for_copy()
         return state
 

@@ -14,6 +14,8 @@ wrong) and touches no buffer values.
 
 from __future__ import annotations
 
+import gc
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,11 +29,15 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from tram._model_io import compiled_in_place, compiled_wrapper_inner, uncompiled_forward
 
 __all__ = [
+    "batchnorms_compiled_in_place",
     "disarm",
     "freeze_running_stats",
     "frozen_running_stats",
     "refuse_running_stats_updates",
+    "running_stats_refusal",
+    "search_compiled_in_place",
     "unfreeze_running_stats",
+    "updating_running_stats",
 ]
 
 
@@ -133,37 +139,158 @@ def refuse_running_stats_updates(
                 if (
                     isinstance(inner, _BatchNorm)
                     and _updates_running_stats(inner)
-                    and (in_the_closures_second_call() or _is_the_models(inner, holds_perturbed))
+                    and (
+                        in_the_closures_second_call()
+                        or _is_the_models(inner, holds_perturbed, perturbed)
+                    )
                 ):
                     refuse(inner, " inside a torch.compile'd module")
-
-    def _is_the_models(batchnorm: _BatchNorm, holds_perturbed: bool) -> bool:
-        # Its input cannot be inspected inside the graph: one without trainable weights of its
-        # own is taken as the model's when the compiled module holds perturbed weights.
-        own = list(batchnorm.parameters(recurse=False))
-        if any(id(param) in perturbed for param in own):
-            return True
-        return holds_perturbed and not any(param.requires_grad for param in own)
 
     def refuse(batchnorm: _BatchNorm, where: str) -> None:
         is_armed = weak_armed()
         if is_armed is None or not is_armed():
             return
-        fix = (
-            f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
-            "between first_step() and restore(): pass a model= that contains every trained "
-            "BatchNorm"
-            if model_given
-            else f"Pass model= to {method} (it freezes them between first_step() and restore())"
-        )
-        raise RuntimeError(
-            f"{method}: a {type(batchnorm).__name__} in training mode{where} ran at the "
-            "perturbed weights θ+ε, and would update its running statistics a second time in "
-            f"this step. {fix}, or run the second pass inside tram.frozen_running_stats(model)"
-        )
+        raise running_stats_refusal(method, batchnorm, f"{where} ran", model_given=model_given)
 
     handle = register_module_forward_pre_hook(check)
     return weakref.finalize(armed.__self__, handle.remove)  # type: ignore[attr-defined]
+
+
+def running_stats_refusal(
+    method: str, batchnorm: _BatchNorm, where_it_ran: str, *, model_given: bool
+) -> RuntimeError:
+    """The error for a BatchNorm that runs, or would run, in training mode at θ+ε unfrozen."""
+    fix = (
+        f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
+        "between first_step() and restore(): pass a model= that contains every trained "
+        "BatchNorm"
+        if model_given
+        else f"Pass model= to {method} (it freezes them between first_step() and restore())"
+    )
+    return RuntimeError(
+        f"{method}: a {type(batchnorm).__name__} in training mode{where_it_ran} at the "
+        "perturbed weights θ+ε, and would update its running statistics a second time in "
+        f"this step. {fix}, or run the second pass inside tram.frozen_running_stats(model)"
+    )
+
+
+class _CompiledInPlace:
+    """The modules compiled in place (``module.compile()``), found among the objects the garbage
+    collector tracks.
+
+    The walk visits every tracked object (about 0.1 s in a process with transformers and a
+    BERT loaded), so its result is kept until dynamo compiles something again: a module
+    compiled in place compiles at its first call, and dynamo's compile-end callbacks
+    (``torch._dynamo.callback.callback_handler``) say when. ``torch._dynamo.reset()`` drops
+    the callback; its absence is noticed and the next search walks again. Nothing is walked
+    while dynamo has compiled nothing (since it was imported or reset). These are private
+    torch names: in a torch without them every search walks."""
+
+    def __init__(self) -> None:
+        self.compilations = 0  # dynamo compilations heard of, plus one per (re)registration
+        self.walks = 0
+        self._walked_at: int | None = None
+        self._found: list[weakref.ref[nn.Module]] = []
+
+    def modules(self) -> list[nn.Module]:
+        """The live modules compiled in place."""
+        if not _anything_compiled():
+            return []
+        if not self._listening() or self._walked_at != self.compilations:
+            self._walked_at = self.compilations
+            self.walks += 1
+            self._found = [
+                weakref.ref(candidate)
+                for candidate in gc.get_objects()
+                # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
+                if issubclass(type(candidate), nn.Module)
+                and compiled_in_place(candidate) is not None
+            ]
+        return [module for module in (reference() for reference in self._found) if module]
+
+    def _heard_a_compilation(self, arguments: Any) -> None:
+        self.compilations += 1
+
+    def _listening(self) -> bool:
+        handler = getattr(sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
+        callbacks = getattr(handler, "end_callbacks", None)
+        if handler is None or not isinstance(callbacks, list):
+            return False
+        if self._heard_a_compilation not in callbacks:  # first use, or after a reset
+            handler.register_end_callback(self._heard_a_compilation)
+            self.compilations += 1  # what was compiled unheard is found by a new walk
+        return True
+
+
+_compiled_in_place = _CompiledInPlace()
+
+
+def _anything_compiled() -> bool:
+    """False while dynamo has compiled no frame (since it was imported or reset): no module
+    can run a compiled graph then. True when that cannot be told."""
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+    if convert_frame is None:
+        return False  # not imported: nothing was compiled
+    frames = getattr(convert_frame, "FRAME_COUNTER", None)
+    return not isinstance(frames, int) or frames > 0
+
+
+@torch._disable_dynamo
+def batchnorms_compiled_in_place(
+    parameters: Iterable[Tensor], *, excluding: nn.Module | None = None
+) -> list[weakref.ref[_BatchNorm]]:
+    """The BatchNorms that :func:`refuse_running_stats_updates` cannot see: those of the model
+    whose ``parameters`` are perturbed, inside a module compiled in place
+    (``module.compile()``).
+
+    Such a module's call runs its compiled graph and no module hook at all, its own included,
+    and a graph does not run hooks added after it was compiled: when it is the model itself
+    (``model.compile()``), nothing calls the guard (a child compiled in place is judged when
+    its parent's hook runs). Without ``model=`` the wrapper does not know the module, so it
+    is found among the objects the garbage collector tracks (:class:`_CompiledInPlace`). A
+    BatchNorm is the model's when its affine weights are among ``parameters``, or when it has
+    no trainable weights of its own and the compiled module holds some of ``parameters``.
+    BatchNorms inside ``excluding`` (the ``model=`` whose BatchNorms the wrapper freezes) and
+    those built without running statistics are left out. Returns weak references: whether one
+    would update its statistics (training mode, momentum) is a question for each step.
+    """
+    modules = _compiled_in_place.modules()
+    if not modules:
+        return []
+    perturbed = {id(param) for param in parameters}
+    excluded = set() if excluding is None else {id(module) for module in excluding.modules()}
+    found: dict[int, weakref.ref[_BatchNorm]] = {}
+    for module in modules:
+        holds_perturbed = any(id(param) in perturbed for param in module.parameters())
+        for inner in module.modules():
+            if (
+                isinstance(inner, _BatchNorm)
+                and inner.running_mean is not None
+                and id(inner) not in excluded
+                and _is_the_models(inner, holds_perturbed, perturbed)
+            ):
+                found[id(inner)] = weakref.ref(inner)
+    return list(found.values())
+
+
+@torch._disable_dynamo
+def search_compiled_in_place() -> int:
+    """Walk the garbage collector's objects for modules compiled in place again if dynamo
+    compiled something since the last walk (:class:`_CompiledInPlace`), and return how many
+    walks there were: while it is unchanged, :func:`batchnorms_compiled_in_place` answers the
+    same for the same parameters."""
+    _compiled_in_place.modules()
+    return _compiled_in_place.walks
+
+
+def updating_running_stats(batchnorms: Iterable[weakref.ref[_BatchNorm]]) -> _BatchNorm | None:
+    """The first of ``batchnorms`` still alive whose forward now would update its running
+    statistics, or None."""
+    for reference in batchnorms:
+        batchnorm = reference()
+        if batchnorm is not None and _updates_running_stats(batchnorm):
+            return batchnorm
+    return None
 
 
 @torch._disable_dynamo
@@ -175,6 +302,17 @@ def disarm(guard: weakref.finalize) -> None:
     dictionary of global hooks failed inside dynamo ("dictionary changed size during
     iteration") when a dropped wrapper's finalizer removed its own hook during the trace."""
     guard()
+
+
+def _is_the_models(batchnorm: _BatchNorm, holds_perturbed: bool, perturbed: set[int]) -> bool:
+    """Whether a BatchNorm inside a compiled module belongs to the model whose ``perturbed``
+    weights are at θ+ε. Its input cannot be inspected inside a graph: one without trainable
+    weights of its own is taken as the model's when the compiled module holds perturbed
+    weights (``holds_perturbed``)."""
+    own = list(batchnorm.parameters(recurse=False))
+    if any(id(param) in perturbed for param in own):
+        return True
+    return holds_perturbed and not any(param.requires_grad for param in own)
 
 
 def _updates_running_stats(module: _BatchNorm) -> bool:
