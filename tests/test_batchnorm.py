@@ -635,7 +635,10 @@ def test_modules_compiled_in_place_are_searched_again_only_after_a_compilation(
 ) -> None:
     """The search walks every object the garbage collector tracks: not while dynamo has
     compiled nothing, and then again only after it compiled something (or after
-    ``torch._dynamo.reset()``, which drops the callback that tells), whatever wrapper asks."""
+    ``torch._dynamo.reset()``, which drops the callback that tells), whatever wrapper asks.
+    This is what fails when torch renames the private names the search relies on (dynamo's
+    compile-end callbacks, its frame counter): the refusals do not depend on them, the number
+    of walks does."""
     torch._dynamo.reset()  # nothing compiled since
     walks = []
     get_objects = tram.batchnorm.gc.get_objects
