@@ -565,6 +565,18 @@ def test_beside_a_model_compiled_in_place_other_models_pass() -> None:
     assert graphs
 
 
+def test_the_guard_passes_over_a_child_registered_as_none() -> None:
+    """``register_module(name, None)`` (Hugging Face's ``pooler = None``): the guard reads the
+    registered children itself and must skip the empty slot."""
+    model = Module(make_cnn())
+    model.register_module("pooler", None)
+    x, y = data()
+    model.eval()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    assert optimizer.steps == 1
+
+
 def compile_something() -> None:
     """Have dynamo compile a graph (a function's, not a module's)."""
     backend, graphs = counting_backend()

@@ -629,8 +629,8 @@ MUTANTS = [
     Mutant(
         "child-compiled-in-place-batchnorm-unseen",
         "tram/batchnorm.py",
-        "        if compiled_in_place(child) is not None and child is not inner",
-        "        if False",
+        "if child is not None and compiled_in_place(child) is not None and child is not inner",
+        "if False",
         ("tests/test_batchnorm.py@judged_by_its_parents_hook",),
     ),
     Mutant(
@@ -699,6 +699,13 @@ MUTANTS = [
         "@torch._disable_dynamo\ndef disarm(",
         "@torch.compiler.disable\ndef disarm(",
         ("tests/test_batchnorm.py@leaves_import_tram_light",),
+    ),
+    Mutant(
+        "guard-reads-an-empty-child-slot",
+        "tram/batchnorm.py",
+        "if child is not None and compiled_in_place(child) is not None and child is not inner",
+        "if compiled_in_place(child) is not None and child is not inner",
+        ("tests/test_batchnorm.py@child_registered_as_none",),
     ),
     Mutant(
         "compiled-in-place-batchnorm-not-refused",
