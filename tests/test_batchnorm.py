@@ -565,6 +565,115 @@ def test_beside_a_model_compiled_in_place_other_models_pass() -> None:
     assert graphs
 
 
+def batchnorm_mlp(*, affine: bool, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.BatchNorm1d(7, affine=affine, momentum=0.3), nn.Tanh(), nn.Linear(7, 3)
+    )
+
+
+@pytest.mark.parametrize("form", ["step(closure)", "explicit"])
+def test_a_compiled_function_that_runs_the_model_is_refused_with_the_statistics_put_back(
+    form: str,
+) -> None:
+    """``torch.compile(loss_fn)`` calling an eager model: dynamo inlines the model, and its
+    graph runs no module hook. Without ``model=`` the wrapper records the running statistics of
+    the BatchNorms that existed at the last compilation when it ascends, finds them updated at
+    θ+ε, puts them back as the first pass left them and refuses the base step: weights at θ,
+    no step taken. With ``model=`` the step is exact."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    model = batchnorm_mlp(affine=True, seed=2)
+    reference = copy.deepcopy(model)
+    loss_fn = torch.compile(lambda: nn.functional.cross_entropy(model(x), y), backend=backend)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    def explicit_step() -> None:
+        closure()
+        assert optimizer.first_step()
+        closure()
+        optimizer.second_step()
+
+    take_step = explicit_step if form == "explicit" else lambda: optimizer.step(closure)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a compiled graph"):
+        take_step()
+    with torch.no_grad():
+        reference(x)  # the first pass, alone
+    assert_same_buffers(buffers(model), buffers(reference))
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    assert optimizer.steps == 0
+    assert not optimizer.is_perturbed
+    # With model= the statistics are frozen at θ+ε and the step goes through, compiled.
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
+    optimizer.step(closure)
+    assert optimizer.steps == 1
+    assert graphs
+
+
+def test_in_a_compiled_function_a_batchnorm_without_trained_weights_is_judged_by_the_form() -> None:
+    """Inside a graph nothing tells whose input a BatchNorm without trainable weights normalised:
+    in ``step(closure)``'s second call every BatchNorm is the closure's and is refused (as the
+    eager guard does); in the explicit form it is left alone, as another model's (a teacher run
+    between the passes): there, pass ``model=``."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    model = batchnorm_mlp(affine=False, seed=2)
+    loss_fn = torch.compile(lambda: nn.functional.cross_entropy(model(x), y), backend=backend)
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode inside a compiled graph"):
+        optimizer.step(closure)
+    closure()
+    assert optimizer.first_step()
+    closure()
+    optimizer.second_step()
+    assert optimizer.steps == 1
+    assert graphs
+
+
+def test_a_compiled_teachers_batchnorm_between_the_passes_is_left_alone() -> None:
+    """In the explicit form a compiled teacher with trained BatchNorm weights of its own, not
+    perturbed, is another model's: its statistics move once per call of its own."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    x, y = mlp_data()
+    student = WithBatchNorm(affine=None, seed=2)
+    teacher = batchnorm_mlp(affine=True, seed=3)
+    twin = copy.deepcopy(teacher)
+    run_teacher = torch.compile(lambda: teacher(x), backend=backend)
+    with torch.no_grad():
+        run_teacher()
+        twin(x)
+    optimizer = tram.SAM(torch.optim.SGD(student.parameters(), lr=0.1), rho=0.3)
+    closure = cross_entropy_closure(optimizer, student, x, y)
+    for _ in range(2):
+        closure()
+        assert optimizer.first_step()
+        with torch.no_grad():
+            run_teacher()
+            twin(x)
+        closure()
+        optimizer.second_step()
+    assert_same_buffers(buffers(teacher), buffers(twin))
+    assert optimizer.steps == 2
+    assert graphs
+
+
 def test_the_guard_passes_over_a_child_registered_as_none() -> None:
     """``register_module(name, None)`` (Hugging Face's ``pooler = None``): the guard reads the
     registered children itself and must skip the empty slot."""

@@ -65,10 +65,12 @@ class _StepState:
         "replaying_the_closure",
         "resting_gradients",
         "restored_before_second_pass",
+        "running_stats_updated_twice",
         "skipped_ascents",
         "skipped_steps",
         "steps",
         "warned_lightning_logging",
+        "watched_running_stats",
         "zero_grad_calls",
         "zeroed_gradients",
     )
@@ -100,6 +102,10 @@ class _StepState:
         # Without a model to freeze, a hook that refuses BatchNorm updates while perturbed
         # (its finalizer removes it).
         self.batchnorm_guard: weakref.finalize | None = None
+        # With the guard: the running statistics that a compiled graph could update at θ+ε
+        # unseen, and those restore() found updated there (the base step refuses then).
+        self.watched_running_stats: list[Any] = []
+        self.running_stats_updated_twice: list[Any] = []
         self.warned_lightning_logging = False
 
     def still_perturbed(self) -> bool:

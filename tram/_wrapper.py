@@ -50,7 +50,9 @@ from tram.batchnorm import (
     running_stats_refusal,
     search_compiled_in_place,
     unfreeze_running_stats,
+    updated_a_second_time,
     updating_running_stats,
+    watch_running_stats,
 )
 
 __all__ = ["MissingAscentError", "TwoPassOptimizer"]
@@ -285,6 +287,7 @@ class TwoPassOptimizer(Optimizer):
             )
         state.ascent_attempted = True
         state.gradient_not_finite = False
+        state.running_stats_updated_twice = []
         state.ascent_params = []
         state.restored_before_second_pass = False
         if not self.ascent_due:
@@ -363,6 +366,9 @@ class TwoPassOptimizer(Optimizer):
                 model_given=self.model is not None,
                 replaying=state.in_the_closures_second_call,
             )
+            state.watched_running_stats = watch_running_stats(
+                state.ascent_params, excluding=self.model
+            )
         return True
 
     def _refuse_batchnorms_compiled_in_place(self, params: list[Tensor]) -> None:
@@ -416,6 +422,11 @@ class TwoPassOptimizer(Optimizer):
         if state.batchnorm_guard is not None:
             disarm(state.batchnorm_guard)
             state.batchnorm_guard = None
+        if state.watched_running_stats:
+            state.running_stats_updated_twice = updated_a_second_time(
+                state.watched_running_stats, replayed=state.replaying_the_closure
+            )
+            state.watched_running_stats = []
 
     def second_step(self) -> None:
         """Restore the weights and take the base optimizer step with the current gradient."""
@@ -495,8 +506,10 @@ class TwoPassOptimizer(Optimizer):
             state.abandon()  # the next step must start afresh, not finish this one
             raise
         finally:
-            state.replaying_the_closure = False
-            self.restore()
+            try:
+                self.restore()  # judges the closure's second call: still replaying
+            finally:
+                state.replaying_the_closure = False
         self._base_step()
         return loss
 
@@ -534,6 +547,18 @@ class TwoPassOptimizer(Optimizer):
         self._base_step()
 
     def _base_step(self) -> None:
+        state = self._step_state
+        if state.running_stats_updated_twice:
+            batchnorm = state.running_stats_updated_twice[0]
+            state.running_stats_updated_twice = []
+            state.abandon()
+            raise running_stats_refusal(
+                type(self).__name__,
+                batchnorm,
+                " inside a compiled graph (which runs no module hook; its statistics are put "
+                "back as the first pass left them, and no step was taken) ran",
+                model_given=self.model is not None,
+            )
         try:
             self._take_base_step()
         finally:

@@ -10,6 +10,14 @@ training mode PyTorch then normalises with the batch statistics exactly as befor
 running buffers to the kernel, so nothing is updated. This is exact for every ``momentum``
 (including ``None``, the cumulative average, which the common "set momentum to 0" trick gets
 wrong) and touches no buffer values.
+
+A wrapper built without ``model=`` cannot freeze what it cannot find; it refuses instead. Three
+mechanisms see the BatchNorms that would update at θ+ε: a global module hook, for every module
+that runs eagerly and for the compiled modules it can judge when they are called
+(:func:`refuse_running_stats_updates`); a search of the garbage collector's objects for modules
+compiled in place, whose call runs no hook (:func:`batchnorms_compiled_in_place`, before the
+ascent); and a record of the running statistics of the BatchNorms a compiled function may run
+(:func:`watch_running_stats`, checked after the second pass, the statistics put back).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +37,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from tram._model_io import compiled_in_place, compiled_wrapper_inner, uncompiled_forward
 
 __all__ = [
+    "WatchedRunningStats",
     "batchnorms_compiled_in_place",
     "disarm",
     "freeze_running_stats",
@@ -37,7 +46,9 @@ __all__ = [
     "running_stats_refusal",
     "search_compiled_in_place",
     "unfreeze_running_stats",
+    "updated_a_second_time",
     "updating_running_stats",
+    "watch_running_stats",
 ]
 
 
@@ -191,22 +202,37 @@ class _CompiledInPlace:
         self.walks = 0
         self._walked_at: int | None = None
         self._found: list[weakref.ref[nn.Module]] = []
+        self._batchnorms: list[weakref.ref[_BatchNorm]] = []
 
     def modules(self) -> list[nn.Module]:
         """The live modules compiled in place."""
-        if not _anything_compiled():
-            return []
-        if not self._listening() or self._walked_at != self.compilations:
-            self._walked_at = self.compilations
-            self.walks += 1
-            self._found = [
-                weakref.ref(candidate)
-                for candidate in gc.get_objects()
-                # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
-                if issubclass(type(candidate), nn.Module)
-                and compiled_in_place(candidate) is not None
-            ]
+        self._refresh()
         return [module for module in (reference() for reference in self._found) if module]
+
+    def batchnorms(self) -> list[_BatchNorm]:
+        """The live BatchNorms with running statistics that existed at the last compilation
+        (a BatchNorm inside a compiled graph was traced, so it did)."""
+        self._refresh()
+        return [module for module in (reference() for reference in self._batchnorms) if module]
+
+    def _refresh(self) -> None:
+        if not _anything_compiled():
+            self._found, self._batchnorms = [], []
+            return
+        if self._listening() and self._walked_at == self.compilations:
+            return
+        self._walked_at = self.compilations
+        self.walks += 1
+        self._found, self._batchnorms = [], []
+        for candidate in gc.get_objects():
+            # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
+            kind = type(candidate)
+            if not issubclass(kind, nn.Module):
+                continue
+            if compiled_in_place(candidate) is not None:
+                self._found.append(weakref.ref(candidate))
+            if issubclass(kind, _BatchNorm) and candidate.running_mean is not None:
+                self._batchnorms.append(weakref.ref(candidate))
 
     def _heard_a_compilation(self, arguments: Any) -> None:
         self.compilations += 1
@@ -281,6 +307,74 @@ def search_compiled_in_place() -> int:
     same for the same parameters."""
     _compiled_in_place.modules()
     return _compiled_in_place.walks
+
+
+class WatchedRunningStats(NamedTuple):
+    """A BatchNorm's running statistics as they were when the weights went to θ+ε."""
+
+    batchnorm: _BatchNorm
+    own_weights_perturbed: bool
+    versions: tuple[int, ...]
+    values: tuple[Tensor, ...]
+
+
+@torch._disable_dynamo
+@torch.no_grad()
+def watch_running_stats(
+    parameters: Iterable[Tensor], *, excluding: nn.Module | None = None
+) -> list[WatchedRunningStats]:
+    """Record the running statistics of every BatchNorm that would update them now, among
+    those that existed at dynamo's last compilation (:class:`_CompiledInPlace`), outside
+    ``excluding``: the ones a compiled graph may run at θ+ε, where the guard's hook does not
+    run (a compiled function that calls the model, ``torch.compile(step_fn)``). Nothing while
+    dynamo has compiled nothing. :func:`updated_a_second_time` tells which were updated."""
+    batchnorms = _compiled_in_place.batchnorms()
+    if not batchnorms:
+        return []
+    perturbed = {id(param) for param in parameters}
+    excluded = set() if excluding is None else {id(module) for module in excluding.modules()}
+    watched = []
+    for batchnorm in batchnorms:
+        if id(batchnorm) in excluded or not _updates_running_stats(batchnorm):
+            continue
+        buffers = _running_buffers(batchnorm)
+        watched.append(
+            WatchedRunningStats(
+                batchnorm,
+                any(id(param) in perturbed for param in batchnorm.parameters(recurse=False)),
+                tuple(buffer._version for buffer in buffers),
+                tuple(buffer.clone() for buffer in buffers),
+            )
+        )
+    return watched
+
+
+@torch._disable_dynamo
+@torch.no_grad()
+def updated_a_second_time(
+    watched: Iterable[WatchedRunningStats], *, replayed: bool
+) -> list[_BatchNorm]:
+    """The watched BatchNorms whose running statistics changed since
+    :func:`watch_running_stats`, at θ+ε, where each is a second update in the step: one with
+    its own weights perturbed, and any in ``step(closure)``'s second call of its closure
+    (``replayed``), as the guard's hook judges them. Their statistics are put back as the
+    first pass left them. Another model's BatchNorm run between the passes of the explicit
+    form is left alone."""
+    updated = []
+    for record in watched:
+        buffers = _running_buffers(record.batchnorm)
+        if tuple(buffer._version for buffer in buffers) == record.versions:
+            continue
+        if record.own_weights_perturbed or replayed:
+            for buffer, value in zip(buffers, record.values, strict=True):
+                buffer.copy_(value)
+            updated.append(record.batchnorm)
+    return updated
+
+
+def _running_buffers(batchnorm: _BatchNorm) -> list[Tensor]:
+    buffers = [batchnorm.running_mean, batchnorm.running_var, batchnorm.num_batches_tracked]
+    return [buffer for buffer in buffers if isinstance(buffer, Tensor)]
 
 
 def updating_running_stats(batchnorms: Iterable[weakref.ref[_BatchNorm]]) -> _BatchNorm | None:

@@ -708,6 +708,57 @@ MUTANTS = [
         ("tests/test_batchnorm.py@child_registered_as_none",),
     ),
     Mutant(
+        "compiled-graph-statistics-not-put-back",
+        "tram/batchnorm.py",
+        "                buffer.copy_(value)",
+        "                pass",
+        ("tests/test_batchnorm.py@compiled_function_that_runs_the_model",),
+    ),
+    Mutant(
+        "compiled-graph-own-weights-not-judged",
+        "tram/batchnorm.py",
+        "if record.own_weights_perturbed or replayed:",
+        "if replayed:",
+        ("tests/test_batchnorm.py@compiled_function_that_runs_the_model",),
+    ),
+    Mutant(
+        "compiled-graph-replay-not-judged",
+        "tram/batchnorm.py",
+        "if record.own_weights_perturbed or replayed:",
+        "if record.own_weights_perturbed:",
+        ("tests/test_batchnorm.py@judged_by_the_form",),
+    ),
+    Mutant(
+        "compiled-graph-teacher-judged",
+        "tram/batchnorm.py",
+        "if record.own_weights_perturbed or replayed:",
+        "if True:",
+        ("tests/test_batchnorm.py@compiled_teachers_batchnorm",),
+    ),
+    Mutant(
+        "compiled-graph-judged-after-the-replay",
+        "tram/_wrapper.py",
+        "                self.restore()  # judges the closure's second call: still replaying\n"
+        "            finally:\n                state.replaying_the_closure = False",
+        "                state.replaying_the_closure = False\n"
+        "            finally:\n                self.restore()",
+        ("tests/test_batchnorm.py@judged_by_the_form",),
+    ),
+    Mutant(
+        "compiled-graph-second-update-stepped",
+        "tram/_wrapper.py",
+        "        if state.running_stats_updated_twice:",
+        "        if False:",
+        ("tests/test_batchnorm.py@compiled_function_that_runs_the_model",),
+    ),
+    Mutant(
+        "compiled-graph-batchnorms-not-collected",
+        "tram/batchnorm.py",
+        "if issubclass(kind, _BatchNorm) and candidate.running_mean is not None:",
+        "if False:",
+        ("tests/test_batchnorm.py@compiled_function_that_runs_the_model",),
+    ),
+    Mutant(
         "compiled-in-place-batchnorm-not-refused",
         "tram/_wrapper.py",
         "        if batchnorm is not None:\n            raise running_stats_refusal(",
