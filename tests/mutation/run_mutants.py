@@ -636,8 +636,8 @@ MUTANTS = [
     Mutant(
         "compiled-teacher-batchnorm-refused",
         "tram/batchnorm.py",
-        "        return holds_perturbed and not any(param.requires_grad for param in own)",
-        "        return not any(param.requires_grad for param in own)",
+        "    return holds_perturbed and not any(param.requires_grad for param in own)",
+        "    return not any(param.requires_grad for param in own)",
         ("tests/test_batchnorm.py@judged_by_its_module",),
     ),
     Mutant(
@@ -775,15 +775,15 @@ MUTANTS = [
     Mutant(
         "compiled-in-place-search-asks-each-object",
         "tram/batchnorm.py",
-        "if issubclass(type(candidate), nn.Module)",
-        "if isinstance(candidate, nn.Module)",
+        "if not issubclass(kind, nn.Module):",
+        "if not isinstance(candidate, nn.Module):",
         ("tests/test_batchnorm.py@searched_again_only_after",),
     ),
     Mutant(
         "compiled-in-place-searched-at-every-step",
         "tram/batchnorm.py",
-        "if not self._listening() or self._walked_at != self.compilations:",
-        "if True:",
+        "if self._listening() and self._walked_at == self.compilations:",
+        "if False:",
         ("tests/test_batchnorm.py@searched_again_only_after",),
     ),
     Mutant(
@@ -810,8 +810,8 @@ MUTANTS = [
     Mutant(
         "compiled-in-place-searched-before-any-compilation",
         "tram/batchnorm.py",
-        "if not _anything_compiled():\n            return []",
-        "if False:\n            return []",
+        "if not _anything_compiled():\n            self._found",
+        "if False:\n            self._found",
         ("tests/test_batchnorm.py@searched_again_only_after",),
     ),
     Mutant(
