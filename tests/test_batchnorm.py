@@ -611,6 +611,10 @@ def test_a_compiled_function_that_runs_the_model_is_refused_with_the_statistics_
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     assert optimizer.steps == 0
     assert not optimizer.is_perturbed
+    model.eval()  # the same wrapper takes the next step: nothing of the refused one is left
+    optimizer.step(closure)
+    assert optimizer.steps == 1
+    model.train()
     # With model= the statistics are frozen at θ+ε and the step goes through, compiled.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
     optimizer.step(closure)

@@ -552,6 +552,7 @@ class TwoPassOptimizer(Optimizer):
             batchnorm = state.running_stats_updated_twice[0]
             state.running_stats_updated_twice = []
             state.abandon()
+            state.resting_gradients = gradients_at_rest(self._params())  # as after any step
             raise running_stats_refusal(
                 type(self).__name__,
                 batchnorm,
