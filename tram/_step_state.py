@@ -24,6 +24,7 @@ from tram._ascent import scaled_squared_norm
 
 if TYPE_CHECKING:
     from tram._buckets import Bucket
+    from tram.batchnorm import WatchedRunningStats
 
 __all__ = ["MissingAscentError", "refuse_foreign_state_dict"]
 
@@ -104,8 +105,8 @@ class _StepState:
         self.batchnorm_guard: weakref.finalize | None = None
         # With the guard: the running statistics that a compiled graph could update at θ+ε
         # unseen, and those restore() found updated there (the base step refuses then).
-        self.watched_running_stats: list[Any] = []
-        self.running_stats_updated_twice: list[Any] = []
+        self.watched_running_stats: list[WatchedRunningStats] = []
+        self.running_stats_updated_twice: list[_BatchNorm] = []
         self.warned_lightning_logging = False
 
     def still_perturbed(self) -> bool:

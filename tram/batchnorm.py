@@ -145,7 +145,7 @@ def refuse_running_stats_updates(
         # A compiled graph runs the BatchNorms inside it without calling this hook (hooks added
         # after compilation are not in the graph), so they are judged here, before it runs.
         for subtree in _compiled_subtrees(module):
-            holds_perturbed = any(id(param) in perturbed for param in subtree.parameters())
+            holds_perturbed = _holds_perturbed(subtree, perturbed)
             for inner in subtree.modules():
                 if (
                     isinstance(inner, _BatchNorm)
@@ -186,8 +186,8 @@ def running_stats_refusal(
 
 
 class _CompiledInPlace:
-    """The modules compiled in place (``module.compile()``), found among the objects the garbage
-    collector tracks.
+    """The modules compiled in place (``module.compile()``) and the BatchNorms with running
+    statistics, found among the objects the garbage collector tracks in one walk.
 
     The walk visits every tracked object (about 0.1 s in a process with transformers and a
     BERT loaded), so its result is kept until dynamo compiles something again: a module
@@ -287,7 +287,7 @@ def batchnorms_compiled_in_place(
     excluded = set() if excluding is None else {id(module) for module in excluding.modules()}
     found: dict[int, weakref.ref[_BatchNorm]] = {}
     for module in modules:
-        holds_perturbed = any(id(param) in perturbed for param in module.parameters())
+        holds_perturbed = _holds_perturbed(module, perturbed)
         for inner in module.modules():
             if (
                 isinstance(inner, _BatchNorm)
@@ -341,7 +341,7 @@ def watch_running_stats(
         watched.append(
             WatchedRunningStats(
                 batchnorm,
-                any(id(param) in perturbed for param in batchnorm.parameters(recurse=False)),
+                _holds_perturbed(batchnorm, perturbed, recurse=False),
                 tuple(buffer._version for buffer in buffers),
                 tuple(buffer.clone() for buffer in buffers),
             )
@@ -403,10 +403,16 @@ def _is_the_models(batchnorm: _BatchNorm, holds_perturbed: bool, perturbed: set[
     weights are at θ+ε. Its input cannot be inspected inside a graph: one without trainable
     weights of its own is taken as the model's when the compiled module holds perturbed
     weights (``holds_perturbed``)."""
-    own = list(batchnorm.parameters(recurse=False))
-    if any(id(param) in perturbed for param in own):
+    if _holds_perturbed(batchnorm, perturbed, recurse=False):
         return True
+    own = batchnorm.parameters(recurse=False)
     return holds_perturbed and not any(param.requires_grad for param in own)
+
+
+def _holds_perturbed(module: nn.Module, perturbed: set[int], *, recurse: bool = True) -> bool:
+    """Whether some of ``module``'s parameters (its own only, unless ``recurse``) are among the
+    ``perturbed`` ones (their ids)."""
+    return any(id(param) in perturbed for param in module.parameters(recurse=recurse))
 
 
 def _updates_running_stats(module: _BatchNorm) -> bool:
@@ -442,10 +448,9 @@ def _runs_at_perturbed_weights(module: nn.Module, args: Any, perturbed: set[int]
     θ+ε: its affine weights are among them, or, when it has no trainable weights of its own,
     its input's autograd graph reaches one of them. A BatchNorm with trainable weights that are
     not perturbed is another model's."""
-    own = list(module.parameters(recurse=False))
-    if any(id(param) in perturbed for param in own):
+    if _holds_perturbed(module, perturbed, recurse=False):
         return True
-    if any(param.requires_grad for param in own):
+    if any(param.requires_grad for param in module.parameters(recurse=False)):
         return False
     inputs = args[0] if args else None
     if not isinstance(inputs, Tensor) or inputs.grad_fn is None:
