@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from typing import Any
@@ -601,3 +602,42 @@ def test_fsdp2_two_pass_backward_is_the_hand_written_fsdp2_loop(tmp_path):
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
     torch.set_num_threads(1)
     _fsdp2_worker(sys.argv[2])
+
+
+@pytest.mark.parametrize("model_given", [False, True], ids=["without model=", "model="])
+def test_the_replay_counts_as_the_second_pass_for_batchnorm_statistics(model_given: bool):
+    """TwoPassBackward replays the window inside the wrapper's ``second_pass()``. A BatchNorm on
+    the raw inputs, which no perturbed weight feeds, runs in both passes: without ``model=`` its
+    second update is refused, naming ``model=`` (it used to pass, silently, as another model's);
+    with ``model=`` its statistics keep the first pass's update, one per micro-batch."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm1d(6, affine=False, momentum=0.3), nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)
+    )
+    reference = copy.deepcopy(model[0])
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = tram.SAM(base, rho=0.05, model=model if model_given else None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backward = TwoPassBackward(accelerator, model, optimizer, loss_fn)
+    batches = list(torch.utils.data.DataLoader(make_data(2), batch_size=BATCH))
+
+    def train() -> None:
+        for batch in batches:
+            with accelerator.accumulate(model):
+                backward(batch)
+                optimizer.step()
+                optimizer.zero_grad()
+
+    if not model_given:
+        with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the .*model="):
+            train()
+        assert not unwrap_optimizer(optimizer).is_perturbed
+        return
+    train()
+    with torch.no_grad():
+        for inputs, _ in batches:
+            reference(inputs)
+    assert torch.equal(model[0].running_mean, reference.running_mean)
+    assert torch.equal(model[0].running_var, reference.running_var)
+    assert int(model[0].num_batches_tracked) == len(batches)

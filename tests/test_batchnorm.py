@@ -12,7 +12,7 @@ import copy
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -336,6 +336,102 @@ def test_step_closure_refuses_any_batchnorm_its_second_call_updates(frozen: str)
     with torch.no_grad():
         reference(x)
     assert_same_buffers(buffers(model), buffers(reference))
+
+
+@pytest.mark.parametrize("form", ["eager", "compiled function", "compiled in place"])
+def test_step_closure_refuses_a_batchnorm_outside_a_model_that_holds_every_perturbed_weight(
+    form: str,
+) -> None:
+    """``model=`` the head, which holds every trained weight, and a frozen backbone left in
+    training mode: its BatchNorm runs in both calls of the closure and would update its
+    statistics twice in the step, silently (no guard is armed for a ``model=`` that holds every
+    perturbed weight). The wrapper records the statistics of the BatchNorms outside ``model=``
+    before the closure's second call, eager or compiled: updated there, they are put back and
+    the base step is refused, with the weights at θ. The explicit form takes the step."""
+    if form != "eager":
+        torch._dynamo.reset()
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    model = frozen_backbone_and_input_norm()
+    model[0].eval()  # only the frozen backbone's BatchNorm updates
+    head = model[4]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(x)
+    optimizer = tram.SAM(torch.optim.SGD(head.parameters(), lr=0.1), rho=0.3, model=head)
+    backend, graphs = counting_backend(aot=True)
+    forward = model
+    if form == "compiled function":
+        forward = torch.compile(lambda x: model(x), backend=backend)
+    elif form == "compiled in place":
+        forward = Module(model)
+        forward.compile(backend=backend)
+    weights = [p.detach().clone() for p in head.parameters()]
+    with pytest.raises(
+        RuntimeError,
+        match=r"BatchNorm1d in training mode ran in the second pass \(step\(closure\)'s second "
+        r"call of its closure, or second_pass\(\)\) \(its statistics are put back .*not inside "
+        r"the model= given to SAM",
+    ):
+        optimizer.step(cross_entropy_closure(optimizer, forward, x, y))
+    assert not optimizer.is_perturbed
+    assert optimizer.steps == 0
+    assert all(torch.equal(p, w) for p, w in zip(head.parameters(), weights, strict=True))
+    assert_same_buffers(buffers(model), buffers(reference))  # one update, the first call's
+    # The explicit form cannot tell the backbone from a teacher run between the passes.
+    closure = cross_entropy_closure(optimizer, forward, x, y)
+    closure()
+    assert optimizer.first_step()
+    closure()
+    optimizer.second_step()
+    assert optimizer.steps == 1
+    # With the whole model the step is exact.
+    optimizer = tram.SAM(torch.optim.SGD(head.parameters(), lr=0.1), rho=0.3, model=model)
+    optimizer.step(cross_entropy_closure(optimizer, forward, x, y))
+    with torch.no_grad():
+        reference(x)
+        reference(x)  # the explicit step's two passes, then this step's first
+        reference(x)
+    assert_same_buffers(buffers(model), buffers(reference))
+    assert bool(graphs) == (form != "eager")
+
+
+@pytest.mark.parametrize("model_given", [False, True], ids=["without model=", "model= the head"])
+def test_the_explicit_form_inside_second_pass_judges_as_step_closure(model_given: bool) -> None:
+    """``second_pass()`` declares the explicit form's second pass: a BatchNorm that no perturbed
+    weight feeds (on the raw inputs, in a frozen backbone left in training mode), which passes
+    there as another model's, is refused as in ``step(closure)``'s second call; without
+    ``model=`` by the guard's hook before it runs, with a ``model=`` that holds every perturbed
+    weight by the record, its statistics put back at ``second_step()``. Weights at θ, no step."""
+    generator = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 5, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    model = frozen_backbone_and_input_norm()
+    head = model[4]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(x)
+    optimizer = tram.SAM(
+        torch.optim.SGD(head.parameters(), lr=0.1), rho=0.3, model=head if model_given else None
+    )
+    weights = [p.detach().clone() for p in head.parameters()]
+    closure = cross_entropy_closure(optimizer, model, x, y)
+    at_theta = r"second_pass\(\) entered while the weights are at θ"
+    with pytest.raises(RuntimeError, match=at_theta), optimizer.second_pass():
+        pass
+
+    def second_pass_and_step() -> None:
+        with optimizer.second_pass():
+            closure()
+        optimizer.second_step()
+
+    closure()
+    assert optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode .*model="):
+        second_pass_and_step()
+    optimizer.restore()
+    assert optimizer.steps == 0
+    assert all(torch.equal(p, w) for p, w in zip(head.parameters(), weights, strict=True))
+    assert_same_buffers(buffers(model), buffers(reference))  # one update, the first pass's
 
 
 def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
@@ -755,15 +851,27 @@ def test_a_child_compiled_in_place_is_judged_by_its_parents_hook(monkeypatch) ->
     assert graphs
 
 
+@pytest.fixture
+def fresh_search(monkeypatch) -> Iterator[tram.batchnorm._CompiledInPlace]:
+    """A search that has not walked yet, in place of the process's for one test."""
+    search = tram.batchnorm._CompiledInPlace()
+    monkeypatch.setattr(tram.batchnorm, "_compiled_in_place", search)
+    yield search
+    if search._construction is not None:
+        search._construction.remove()
+
+
 def test_modules_compiled_in_place_are_searched_again_only_after_a_compilation(
-    monkeypatch,
+    monkeypatch, fresh_search
 ) -> None:
     """The search walks every object the garbage collector tracks: not while dynamo has
     compiled nothing, and then again only after it compiled something (or after
-    ``torch._dynamo.reset()``, which drops the callback that tells), whatever wrapper asks.
-    This is what fails when torch renames the private names the search relies on (dynamo's
-    compile-end callbacks, its frame counter): the refusals do not depend on them, the number
-    of walks does."""
+    ``torch._dynamo.reset()``, which drops the callback that tells), whatever wrapper asks. The
+    first second pass of a wrapper whose ``model=`` holds every perturbed weight walks once in
+    the process, for the BatchNorms outside the model, whatever was compiled; another such
+    wrapper does not. This is what fails when torch renames the private names the search relies
+    on (dynamo's compile-end callbacks, its frame counter): the refusals do not depend on them,
+    the number of walks does."""
     torch._dynamo.reset()  # nothing compiled since
     walks = []
     get_objects = tram.batchnorm.gc.get_objects
@@ -776,30 +884,57 @@ def test_modules_compiled_in_place_are_searched_again_only_after_a_compilation(
     model = make_cnn()
     x, y = data()
 
-    def sam_steps(steps: int, **options: Any) -> None:
-        optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, **options)
+    def sam_steps(steps: int, optimizer: tram.SAM | None = None, **options: Any) -> None:
+        if optimizer is None:
+            optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, **options)
         for _ in range(steps):
             optimizer.step(cross_entropy_closure(optimizer, model, x, y))
 
-    sam_steps(2, model=model)
+    with_model = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05, model=model)
+    sam_steps(3, with_model)
+    assert walks == [1]  # for the BatchNorms outside model=, at the first step only
+    torch._dynamo.reset()  # still nothing compiled
+    sam_steps(2, with_model)
     model.eval()
     sam_steps(3)
-    assert walks == []  # nothing compiled
+    assert walks == [1]  # nothing compiled
     compile_something()
     sam_steps(3)
-    sam_steps(2, model=model)  # model= holds every perturbed weight: nothing to search
     sam_steps(2)  # another wrapper: the same answer
-    assert walks == [1]
+    sam_steps(2, model=model)
+    assert walks == [1, 1]
     # A dead weak proxy among the collector's objects answers isinstance() with an error.
     proxy = weakref.proxy(nn.Linear(2, 2))
     compile_something()
     sam_steps(2)
-    assert walks == [1, 1]
+    assert walks == [1, 1, 1]
     del proxy
     torch._dynamo.reset()
     compile_something()
     sam_steps(2)
-    assert walks == [1, 1, 1]
+    assert walks == [1, 1, 1, 1]
+
+
+def test_a_batchnorm_built_after_the_walk_is_heard_of(fresh_search) -> None:
+    """The BatchNorms outside a ``model=`` that holds every perturbed weight are walked for
+    once per process; one built after the walk is heard of when its ``running_mean`` is
+    registered, without a walk: its second update is refused all the same."""
+    search = fresh_search
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 5, generator=generator)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    first = frozen_backbone_and_input_norm()
+    first.eval()
+    optimizer = tram.SAM(torch.optim.SGD(first[4].parameters(), lr=0.1), rho=0.3, model=first[4])
+    optimizer.step(cross_entropy_closure(optimizer, first, x, y))
+    assert search.walks == 1
+    model = frozen_backbone_and_input_norm()  # built after the walk
+    model[0].eval()
+    head = model[4]
+    optimizer = tram.SAM(torch.optim.SGD(head.parameters(), lr=0.1), rho=0.3, model=head)
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran in the second"):
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
+    assert search.walks == 1
 
 
 def test_keeping_the_guard_out_of_compiled_graphs_leaves_import_tram_light() -> None:

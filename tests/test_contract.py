@@ -3,6 +3,7 @@ each of its trust regions."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -111,8 +112,16 @@ def reference_run(case: WrapperCase, base_factory: BaseFactory, steps: int) -> n
 
 
 def library_run(
-    case: WrapperCase, base_factory: BaseFactory, steps: int, *, explicit: bool = False, **kwargs
+    case: WrapperCase,
+    base_factory: BaseFactory,
+    steps: int,
+    *,
+    explicit: bool = False,
+    declared: bool = False,
+    **kwargs,
 ) -> tuple[nn.Module, tram.TwoPassOptimizer]:
+    """``steps`` steps with ``step(closure)``, or the explicit form (its second pass inside
+    ``second_pass()`` when ``declared``)."""
     model = make_model()
     optimizer = case.make(base_factory(model.parameters()), model, **kwargs)
     for step in range(steps):
@@ -120,7 +129,8 @@ def library_run(
         if explicit:
             first_pass(optimizer, closure)
             if optimizer.first_step():
-                closure()
+                with optimizer.second_pass() if declared else contextlib.nullcontext():
+                    closure()
             optimizer.second_step()
         else:
             optimizer.step(closure)
@@ -145,10 +155,11 @@ EVERY_TRAM_WITH_D = pytest.mark.parametrize(
 
 @EVERY_WRAPPER
 @pytest.mark.parametrize("base_name", list(BASES))
-@pytest.mark.parametrize("explicit", [False, True], ids=["closure", "explicit"])
-def test_equals_reference_loop(case: WrapperCase, base_name: str, explicit: bool) -> None:
+@pytest.mark.parametrize("form", ["closure", "explicit", "explicit, second_pass()"])
+def test_equals_reference_loop(case: WrapperCase, base_name: str, form: str) -> None:
     reference = reference_run(case, BASES[base_name], steps=6)
-    model, _ = library_run(case, BASES[base_name], steps=6, explicit=explicit)
+    explicit, declared = form != "closure", form.endswith("second_pass()")
+    model, _ = library_run(case, BASES[base_name], steps=6, explicit=explicit, declared=declared)
     assert_same_params(model, reference)
     # The perturbation must matter, or this test could not fail.
     plain = make_model()

@@ -1300,3 +1300,41 @@ def test_example_hf_trainer_fine_tunes_minilm(tmp_path):
     stdout = run_example("hf_trainer.py", f"--output-dir={tmp_path}")
     assert "steps: 2" in stdout
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+class InputNormBert(torch.nn.Module):
+    """A tiny BERT whose logits are shifted by a BatchNorm of the raw token ids: a BatchNorm
+    with no trainable weights that no perturbed weight feeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = tiny_bert()
+        self.norm = torch.nn.BatchNorm1d(SEQ, affine=False, momentum=0.3)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.bert(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits + self.norm(input_ids.float()).mean(dim=1, keepdim=True)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("model_given", [False, True], ids=["without model=", "model="])
+def test_the_replay_counts_as_the_second_pass_for_batchnorm_statistics(tmp_path, model_given):
+    """TramTrainer replays the window inside the wrapper's ``second_pass()``. A BatchNorm on the
+    raw inputs would update its statistics in both passes, silently, as another model's: with a
+    ready-made wrapper built without ``model=`` it is refused, naming ``model=``; with the
+    wrapper TramTrainer builds (``model=`` the model) the statistics keep the first pass's
+    update, one per micro-batch."""
+    model = InputNormBert()
+    options: dict[str, Any] = {"method": "sam"}
+    if not model_given:
+        ready = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+        options = {"optimizers": (ready, None)}
+    args = make_args(tmp_path)
+    trainer = TramTrainer(model=model, args=args, train_dataset=TinyDataset(), **options)
+    if not model_given:
+        with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the .*model="):
+            trainer.train()
+        return
+    trainer.train()
+    micro_batches = args.max_steps * args.gradient_accumulation_steps
+    assert int(model.norm.num_batches_tracked) == micro_batches

@@ -1103,3 +1103,53 @@ def test_model_parallel_strategy_fsdp2_is_ddp_and_resumes_exactly(tmp_path: Any)
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
     torch.set_num_threads(1)
     _fsdp2_worker(sys.argv[2])
+
+
+class InputNormModule(Module):
+    """Its loss also normalises the raw tokens with a BatchNorm that has no trainable weights
+    and that no perturbed weight feeds: without ``model=`` the guard cannot tell it from another
+    model's outside the wrapper's ``second_pass()``."""
+
+    def __init__(self, *, manual: str | None, model_given: bool) -> None:
+        super().__init__("sam", manual=manual)
+        self.norm = nn.BatchNorm1d(LENGTH, affine=False, momentum=0.3)
+        self.model_given = model_given
+
+    def normalised_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        tokens, labels = batch
+        shift = self.norm(tokens.float()).mean(dim=1, keepdim=True)
+        return nn.functional.cross_entropy(self.net(tokens) + shift, labels)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        if self.manual == "manual_step":
+            return manual_step(self, lambda: self.normalised_loss(batch))
+        return self.normalised_loss(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return tram.SAM(make_base(self.net), rho=0.37, model=self if self.model_given else None)
+
+
+@pytest.mark.parametrize("model_given", [False, True], ids=["without model=", "model="])
+@pytest.mark.parametrize("manual", [None, "manual_step"], ids=["TramCallback", "manual_step"])
+def test_the_replay_counts_as_the_second_pass_for_batchnorm_statistics(
+    manual: str | None, model_given: bool
+) -> None:
+    """TramCallback and manual_step run the second pass inside the wrapper's ``second_pass()``:
+    a BatchNorm on the raw inputs would update its statistics in both passes, silently, as
+    another model's; without ``model=`` it is refused, naming ``model=``, and with it the
+    statistics keep the first pass's update, one per batch."""
+    data = make_data(3)
+    module = InputNormModule(manual=manual, model_given=model_given)
+    reference = copy.deepcopy(module.norm)
+    callbacks = [] if manual else [TramCallback()]
+    if not model_given:
+        with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode ran at the .*model="):
+            fit(module, data, max_epochs=1, callbacks=callbacks)
+        return
+    fit(module, data, max_epochs=1, callbacks=callbacks)
+    with torch.no_grad():
+        for tokens, _ in data:
+            reference(tokens.float())
+    assert torch.equal(module.norm.running_mean, reference.running_mean)
+    assert torch.equal(module.norm.running_var, reference.running_var)
+    assert int(module.norm.num_batches_tracked) == len(data)

@@ -61,16 +61,18 @@ class _StepState:
         "first_pass_depth",
         "frozen_batchnorms",
         "gradient_not_finite",
+        "in_second_pass",
         "last_ascent_norm",
         "perturbed_buckets",
-        "replaying_the_closure",
         "resting_gradients",
         "restored_before_second_pass",
         "running_stats_updated_twice",
+        "second_pass_entered",
         "skipped_ascents",
         "skipped_steps",
         "steps",
         "warned_lightning_logging",
+        "watched_outside_the_model",
         "watched_running_stats",
         "zero_grad_calls",
         "zeroed_gradients",
@@ -89,7 +91,11 @@ class _StepState:
         self.gradient_not_finite = False
         # How many first_pass() contexts are open: zero_grad() inside one keeps the pass.
         self.first_pass_depth = 0
-        self.replaying_the_closure = False
+        # Inside second_pass() (step(closure)'s second call of its closure, an integration's
+        # replay): every BatchNorm that runs there updates a second time in the step. The
+        # second flag stays set until restore() has judged the watched running statistics.
+        self.in_second_pass = False
+        self.second_pass_entered = False
         # The gradients as the last step or zero_grad() left them (weak references and version
         # counters): step(closure) tells from them whether a backward ran outside the closure.
         self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], _Version]] = {}
@@ -100,22 +106,25 @@ class _StepState:
         self.restored_before_second_pass = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
-        # Without a model to freeze, a hook that refuses BatchNorm updates while perturbed
-        # (its finalizer removes it).
+        # Without a model to freeze (or with one that leaves perturbed weights out), a hook that
+        # refuses BatchNorm updates while perturbed (its finalizer removes it).
         self.batchnorm_guard: weakref.finalize | None = None
         # With the guard: the running statistics that a compiled graph could update at θ+ε
         # unseen, and those restore() found updated there (the base step refuses then).
         self.watched_running_stats: list[WatchedRunningStats] = []
         self.running_stats_updated_twice: list[_BatchNorm] = []
+        # The record is of the BatchNorms outside a model= that holds every perturbed weight, for
+        # the second pass (no guard armed): not a compiled graph's.
+        self.watched_outside_the_model = False
         self.warned_lightning_logging = False
 
     def still_perturbed(self) -> bool:
         return bool(self.perturbed_buckets)
 
-    def in_the_closures_second_call(self) -> bool:
-        """Whether ``step(closure)`` is running its closure at θ+ε: every forward there is the
-        closure's second in this step."""
-        return self.replaying_the_closure
+    def in_the_second_pass(self) -> bool:
+        """Whether the second pass runs (``second_pass()``): every forward there is the
+        second of its kind in this step."""
+        return self.in_second_pass
 
     def abandon(self) -> None:
         """Forget a step that raised or was refused: the next step starts afresh."""

@@ -45,6 +45,7 @@ from tram._validation import (
 from tram.batchnorm import (
     batchnorms_compiled_in_place,
     disarm,
+    every_batchnorm,
     freeze_running_stats,
     refuse_running_stats_updates,
     running_stats_refusal,
@@ -288,6 +289,7 @@ class TwoPassOptimizer(Optimizer):
         state.ascent_attempted = True
         state.gradient_not_finite = False
         state.running_stats_updated_twice = []
+        state.watched_outside_the_model = False
         state.ascent_params = []
         state.restored_before_second_pass = False
         if not self.ascent_due:
@@ -364,12 +366,23 @@ class TwoPassOptimizer(Optimizer):
                 state.still_perturbed,
                 state.ascent_params,
                 model_given=self.model is not None,
-                replaying=state.in_the_closures_second_call,
+                replaying=state.in_the_second_pass,
             )
-            state.watched_running_stats = watch_running_stats(
-                state.ascent_params, excluding=self.model
-            )
+            state.watched_running_stats = watch_running_stats(state.ascent_params)
         return True
+
+    def _watch_the_second_pass(self) -> None:
+        """Record the running statistics of the BatchNorms outside ``model=`` on entering
+        :meth:`second_pass`, when ``model=`` holds every perturbed weight (no guard is armed
+        then). A hook would cost every module call of the second pass, and would make a model
+        compiled in place recompile at every step (its graph reads torch's global hooks); the
+        BatchNorms are found by walking the garbage collector's objects once per process (about
+        0.1 s) and heard of when built after that (:func:`tram.batchnorm.every_batchnorm`)."""
+        state = self._step_state
+        state.watched_running_stats = watch_running_stats(
+            state.ascent_params, batchnorms=every_batchnorm()
+        )
+        state.watched_outside_the_model = True
 
     def _refuse_batchnorms_compiled_in_place(self, params: list[Tensor]) -> None:
         """Raise ``RuntimeError`` before the ascent when a BatchNorm that the guard armed below
@@ -424,9 +437,10 @@ class TwoPassOptimizer(Optimizer):
             state.batchnorm_guard = None
         if state.watched_running_stats:
             state.running_stats_updated_twice = updated_a_second_time(
-                state.watched_running_stats, replayed=state.replaying_the_closure
+                state.watched_running_stats, replayed=state.second_pass_entered
             )
             state.watched_running_stats = []
+        state.second_pass_entered = False
 
     def second_step(self) -> None:
         """Restore the weights and take the base optimizer step with the current gradient."""
@@ -499,17 +513,13 @@ class TwoPassOptimizer(Optimizer):
             )
         try:
             if self.first_step():
-                state.replaying_the_closure = True
-                with torch.enable_grad():
+                with self.second_pass(), torch.enable_grad():
                     closure()
         except BaseException:
             state.abandon()  # the next step must start afresh, not finish this one
             raise
         finally:
-            try:
-                self.restore()  # judges the closure's second call: still replaying
-            finally:
-                state.replaying_the_closure = False
+            self.restore()
         self._base_step()
         return loss
 
@@ -553,11 +563,17 @@ class TwoPassOptimizer(Optimizer):
             state.running_stats_updated_twice = []
             state.abandon()
             state.resting_gradients = gradients_at_rest(self._params())  # as after any step
+            where = (
+                " ran in the second pass (step(closure)'s second call of its closure, or "
+                "second_pass())"
+                if state.watched_outside_the_model
+                else " inside a compiled graph (which runs no module hook) ran"
+            )
             raise running_stats_refusal(
                 type(self).__name__,
                 batchnorm,
-                " inside a compiled graph (which runs no module hook; its statistics are put "
-                "back as the first pass left them, and no step was taken) ran",
+                f"{where} (its statistics are put back as the first pass left them, and no step "
+                "was taken)",
                 model_given=self.model is not None,
             )
         try:
@@ -611,7 +627,8 @@ class TwoPassOptimizer(Optimizer):
             with optimizer.first_pass():
                 loss_fn(model(x), y).backward()
             if optimizer.first_step():
-                loss_fn(model(x), y).backward()
+                with optimizer.second_pass():
+                    loss_fn(model(x), y).backward()
             optimizer.second_step()
 
         It runs the pass under ``model.no_sync()`` when ``local_ascent=True``, and lets a method
@@ -651,6 +668,45 @@ class TwoPassOptimizer(Optimizer):
                 yield
         finally:
             state.first_pass_depth -= 1
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Context for the second forward and backward of a step, at θ+ε: the first pass run
+        again.
+
+        ``step(closure)`` enters it itself, and so do tram's integrations (``TramTrainer``,
+        ``TramCallback``, ``manual_step``, ``TwoPassBackward``). In the explicit form, wrap the
+        second pass in it, as :meth:`first_pass`'s example does.
+
+        Every BatchNorm in training mode that runs inside it updates its running statistics a
+        second time in the step, whatever feeds it, unless ``model=`` froze it: one outside
+        ``model=`` (on the raw inputs, in a frozen backbone left in training mode, a teacher's)
+        is refused. Without ``model=`` (or with one that leaves perturbed weights out) the
+        guard's hook refuses it before it runs; with a ``model=`` that holds every perturbed
+        weight, the running statistics of the BatchNorms outside it are recorded on entry, and
+        one updated inside has them put back and the base step refused. Outside this context
+        the explicit form cannot tell such a BatchNorm from another model's run between the
+        passes, and lets it pass.
+
+        Raises:
+            RuntimeError: when the weights are not perturbed (``first_step()`` returned False,
+                or was not called).
+        """
+        state = self._step_state
+        if not self.is_perturbed:
+            raise RuntimeError(
+                "second_pass() entered while the weights are at θ: enter it after first_step() "
+                "returned True (on an ascent_every off-step or a skipped ascent there is no "
+                "second pass)"
+            )
+        if not state.second_pass_entered and state.batchnorm_guard is None:
+            self._watch_the_second_pass()
+        state.second_pass_entered = True
+        outer, state.in_second_pass = state.in_second_pass, True
+        try:
+            yield
+        finally:
+            state.in_second_pass = outer
 
     def _observe_first_pass(self) -> contextlib.AbstractContextManager[Any]:
         """What a method does around the first pass (TRAM: record the forward)."""

@@ -17,7 +17,11 @@ that runs eagerly and for the compiled modules it can judge when they are called
 (:func:`refuse_running_stats_updates`); a search of the garbage collector's objects for modules
 compiled in place, whose call runs no hook (:func:`batchnorms_compiled_in_place`, before the
 ascent); and a record of the running statistics of the BatchNorms a compiled function may run
-(:func:`watch_running_stats`, checked after the second pass, the statistics put back).
+(:func:`watch_running_stats`, checked after the second pass, the statistics put back). A
+wrapper whose ``model=`` holds every perturbed weight freezes that model's BatchNorms and arms no
+hook; its ``second_pass()`` (``step(closure)``'s second call of its closure, an integration's
+replay) records those outside it (:func:`every_batchnorm`), since any update there is a second
+one.
 """
 
 from __future__ import annotations
@@ -32,7 +36,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_forward_pre_hook,
+)
+from torch.utils.hooks import RemovableHandle
 
 from tram._model_io import compiled_in_place, compiled_wrapper_inner, uncompiled_forward
 
@@ -40,6 +48,7 @@ __all__ = [
     "WatchedRunningStats",
     "batchnorms_compiled_in_place",
     "disarm",
+    "every_batchnorm",
     "freeze_running_stats",
     "frozen_running_stats",
     "refuse_running_stats_updates",
@@ -111,34 +120,35 @@ def refuse_running_stats_updates(
     ``RuntimeError`` (before it runs), while ``armed()`` is True.
 
     What a wrapper arms between ``first_step`` and ``restore``, with the parameters it
-    perturbed: without ``model=`` it cannot freeze statistics it cannot find, and the second pass
-    at θ+ε would update them a second time in the step; with ``model=`` (``model_given``), the
-    BatchNorms inside it are frozen and pass, and one outside it is refused. A BatchNorm in eval
-    mode, frozen (:func:`frozen_running_stats`) or with ``momentum=0`` updates nothing and
-    passes. A BatchNorm is taken as the perturbed model's when its affine weights are among
-    ``parameters``; one with no trainable weights of its own (``affine=False``, or frozen) when
-    its input was computed from them (its autograd graph reaches one). Others pass: another
-    model's, and one whose input does not depend on the perturbed weights (a BatchNorm on the
-    raw inputs, which cannot be told apart from another model's) — except while ``replaying()``
-    is True: ``step(closure)`` calling its closure a second time, where every BatchNorm that
-    runs is the closure's and updates a second time in the step, whatever feeds it (a frozen
-    backbone's, one on the raw inputs). The hook is global (torch's module forward pre-hook)
-    and holds ``armed`` and ``replaying`` (bound methods of one object) weakly: the finalizer
-    removes it when called, or when that object is collected (a wrapper dropped while
-    perturbed).
+    perturbed: without ``model=`` it cannot freeze statistics it cannot find, and the second
+    pass at θ+ε would update them a second time in the step; with a ``model=`` (``model_given``)
+    that leaves some of them out, the BatchNorms inside it are frozen and pass, and one outside
+    it is refused. A BatchNorm in eval mode, frozen (:func:`frozen_running_stats`) or with
+    ``momentum=0`` updates nothing and passes. A BatchNorm is taken as the perturbed model's
+    when its affine weights are among ``parameters``; one with no trainable weights of its own
+    (``affine=False``, or frozen) when its input was computed from them (its autograd graph
+    reaches one). Others pass: another model's, and one whose input does not depend on the
+    perturbed weights (a BatchNorm on the raw inputs, which cannot be told apart from another
+    model's) — except while ``replaying()`` is True: in the wrapper's ``second_pass()`` (which
+    ``step(closure)`` enters to call its closure a second time, and tram's integrations for
+    their replay), every BatchNorm that runs is the first pass's run again and updates a second
+    time in the step, whatever feeds it (a frozen backbone's, one on the raw inputs). The hook
+    is global (torch's module forward pre-hook) and holds ``armed`` and ``replaying`` (bound
+    methods of one object) weakly: the finalizer removes it when called, or when that object is
+    collected (a wrapper dropped while perturbed).
     """
     weak_armed = weakref.WeakMethod(armed)
     weak_replaying = None if replaying is None else weakref.WeakMethod(replaying)
     perturbed = {id(param) for param in parameters}
 
-    def in_the_closures_second_call() -> bool:
+    def in_the_second_pass() -> bool:
         is_replaying = None if weak_replaying is None else weak_replaying()
         return is_replaying is not None and is_replaying()
 
     def check(module: nn.Module, args: Any) -> None:
         if isinstance(module, _BatchNorm):
             if _updates_running_stats(module) and (
-                in_the_closures_second_call() or _runs_at_perturbed_weights(module, args, perturbed)
+                in_the_second_pass() or _runs_at_perturbed_weights(module, args, perturbed)
             ):
                 refuse(module, "")
             return
@@ -150,10 +160,7 @@ def refuse_running_stats_updates(
                 if (
                     isinstance(inner, _BatchNorm)
                     and _updates_running_stats(inner)
-                    and (
-                        in_the_closures_second_call()
-                        or _is_the_models(inner, holds_perturbed, perturbed)
-                    )
+                    and (in_the_second_pass() or _is_the_models(inner, holds_perturbed, perturbed))
                 ):
                     refuse(inner, " inside a torch.compile'd module")
 
@@ -172,9 +179,9 @@ def running_stats_refusal(
 ) -> RuntimeError:
     """The error for a BatchNorm that runs, or would run, in training mode at θ+ε unfrozen."""
     fix = (
-        f"it is not inside the model= given to {method}, whose BatchNorms are frozen "
-        "between first_step() and restore(): pass a model= that contains every trained "
-        "BatchNorm"
+        f"It is not inside the model= given to {method}, whose BatchNorms are frozen "
+        "between first_step() and restore(): pass a model= that contains every BatchNorm in "
+        "training mode (a frozen backbone's too), put the ones not trained in eval mode"
         if model_given
         else f"Pass model= to {method} (it freezes them between first_step() and restore())"
     )
@@ -194,8 +201,9 @@ class _CompiledInPlace:
     compiled in place compiles at its first call, and dynamo's compile-end callbacks
     (``torch._dynamo.callback.callback_handler``) say when. ``torch._dynamo.reset()`` drops
     the callback; its absence is noticed and the next search walks again. Nothing is walked
-    while dynamo has compiled nothing (since it was imported or reset). These are private
-    torch names: in a torch without them every search walks."""
+    while dynamo has compiled nothing (since it was imported or reset), except once for
+    :func:`every_batchnorm`, which then hears of every BatchNorm built. These are private torch
+    names: in a torch without them every search walks."""
 
     def __init__(self) -> None:
         self.compilations = 0  # dynamo compilations heard of, plus one per (re)registration
@@ -203,27 +211,56 @@ class _CompiledInPlace:
         self._walked_at: int | None = None
         self._found: list[weakref.ref[nn.Module]] = []
         self._batchnorms: list[weakref.ref[_BatchNorm]] = []
+        # Once every_batchnorm() was asked: the BatchNorms built since the last walk.
+        self._built: list[weakref.ref[_BatchNorm]] = []
+        self._construction: RemovableHandle | None = None
 
     def modules(self) -> list[nn.Module]:
         """The live modules compiled in place."""
+        if not _anything_compiled():
+            return []
         self._refresh()
         return [module for module in (reference() for reference in self._found) if module]
 
     def batchnorms(self) -> list[_BatchNorm]:
         """The live BatchNorms with running statistics that existed at the last compilation
-        (a BatchNorm inside a compiled graph was traced, so it did)."""
+        (a BatchNorm inside a compiled graph was traced, so it did); none while dynamo has
+        compiled nothing."""
+        if not _anything_compiled():
+            return []
         self._refresh()
         return [module for module in (reference() for reference in self._batchnorms) if module]
 
+    def every_batchnorm(self) -> list[_BatchNorm]:
+        """The live BatchNorms with running statistics: those found by the last walk (the first
+        call walks, whatever was compiled; the search for compiled modules walks again after a
+        compilation) and every one built since, heard of when its ``running_mean`` buffer is
+        registered (torch's global buffer registration hook, which runs when a module is built,
+        never in a forward)."""
+        if self._construction is None:
+            self._construction = register_module_buffer_registration_hook(self._heard_a_buffer)
+            self._walk()
+        live = {}
+        for reference in (*self._batchnorms, *self._built):
+            module = reference()
+            if module is not None and module.running_mean is not None:
+                live[id(module)] = module
+        self._built = [reference for reference in self._built if reference() is not None]
+        return list(live.values())
+
+    def _heard_a_buffer(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:
+        if name == "running_mean" and isinstance(module, _BatchNorm):
+            self._built.append(weakref.ref(module))
+
     def _refresh(self) -> None:
-        if not _anything_compiled():
-            self._found, self._batchnorms = [], []
-            return
-        if self._listening() and self._walked_at == self.compilations:
-            return
+        if not self._listening() or self._walked_at != self.compilations:
+            self._walk()
+
+    def _walk(self) -> None:
+        self._listening()  # a compilation from now on is heard of
         self._walked_at = self.compilations
         self.walks += 1
-        self._found, self._batchnorms = [], []
+        self._found, self._batchnorms, self._built = [], [], []
         for candidate in gc.get_objects():
             # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
             kind = type(candidate)
@@ -300,6 +337,16 @@ def batchnorms_compiled_in_place(
 
 
 @torch._disable_dynamo
+def every_batchnorm() -> list[_BatchNorm]:
+    """Every live BatchNorm with running statistics: found among the objects the garbage
+    collector tracks at the first call (one walk per process; the search for modules compiled
+    in place walks again after a compilation), and heard of when built after it
+    (:meth:`_CompiledInPlace.every_batchnorm`). One made after the last walk without being built
+    (``copy.deepcopy``, unpickled by ``torch.load``) is not among them."""
+    return _compiled_in_place.every_batchnorm()
+
+
+@torch._disable_dynamo
 def search_compiled_in_place() -> int:
     """Walk the garbage collector's objects for modules compiled in place again if dynamo
     compiled something since the last walk (:class:`_CompiledInPlace`), and return how many
@@ -321,22 +368,22 @@ class WatchedRunningStats(NamedTuple):
 @torch._disable_dynamo
 @torch.no_grad()
 def watch_running_stats(
-    parameters: Iterable[Tensor], *, excluding: nn.Module | None = None
+    parameters: Iterable[Tensor], *, batchnorms: Iterable[_BatchNorm] | None = None
 ) -> list[WatchedRunningStats]:
-    """Record the running statistics of every BatchNorm that would update them now, among
-    those that existed at dynamo's last compilation (:class:`_CompiledInPlace`), outside
-    ``excluding``: the ones a compiled graph may run at θ+ε, where the guard's hook does not
-    run (a compiled function that calls the model, ``torch.compile(step_fn)``). Nothing while
-    dynamo has compiled nothing. :func:`updated_a_second_time` tells which were updated."""
-    batchnorms = _compiled_in_place.batchnorms()
-    if not batchnorms:
+    """Record the running statistics of every BatchNorm that would update them now among
+    ``batchnorms`` (those of a ``model=`` are frozen then, and update nothing); by default
+    among those that existed at dynamo's last compilation (:class:`_CompiledInPlace`): the
+    ones a compiled graph may run at θ+ε, where the guard's hook does not run (a compiled
+    function that calls the model, ``torch.compile(step_fn)``), and none while dynamo has
+    compiled nothing. :func:`updated_a_second_time` tells which were updated."""
+    if batchnorms is None:
+        batchnorms = _compiled_in_place.batchnorms()
+    updating = [batchnorm for batchnorm in batchnorms if _updates_running_stats(batchnorm)]
+    if not updating:
         return []
     perturbed = {id(param) for param in parameters}
-    excluded = set() if excluding is None else {id(module) for module in excluding.modules()}
     watched = []
-    for batchnorm in batchnorms:
-        if id(batchnorm) in excluded or not _updates_running_stats(batchnorm):
-            continue
+    for batchnorm in updating:
         buffers = _running_buffers(batchnorm)
         watched.append(
             WatchedRunningStats(
@@ -356,10 +403,10 @@ def updated_a_second_time(
 ) -> list[_BatchNorm]:
     """The watched BatchNorms whose running statistics changed since
     :func:`watch_running_stats`, at θ+ε, where each is a second update in the step: one with
-    its own weights perturbed, and any in ``step(closure)``'s second call of its closure
+    its own weights perturbed, and any when the wrapper's ``second_pass()`` was entered
     (``replayed``), as the guard's hook judges them. Their statistics are put back as the
     first pass left them. Another model's BatchNorm run between the passes of the explicit
-    form is left alone."""
+    form outside ``second_pass()`` is left alone."""
     updated = []
     for record in watched:
         buffers = _running_buffers(record.batchnorm)

@@ -591,6 +591,78 @@ MUTANTS = [
         ("tests/test_batchnorm.py@outside_the_model_given",),
     ),
     Mutant(
+        "batchnorm-outside-a-whole-model-not-guarded-in-the-replay",
+        "tram/_wrapper.py",
+        "        if not state.second_pass_entered and state.batchnorm_guard is None:",
+        "        if False:",
+        ("tests/test_batchnorm.py@holds_every_perturbed_weight",),
+    ),
+    Mutant(
+        "batchnorm-outside-a-whole-model-judged-as-a-compiled-graphs",
+        "tram/_wrapper.py",
+        "        state.watched_outside_the_model = True",
+        "        pass",
+        ("tests/test_batchnorm.py@holds_every_perturbed_weight",),
+    ),
+    Mutant(
+        "every-batchnorm-never-walked-for",
+        "tram/batchnorm.py",
+        "register_module_buffer_registration_hook(self._heard_a_buffer)\n            self._walk()",
+        "register_module_buffer_registration_hook(self._heard_a_buffer)\n            pass",
+        ("tests/test_batchnorm.py@holds_every_perturbed_weight or searched_again_only_after",),
+    ),
+    Mutant(
+        "every-batchnorm-walked-at-every-second-pass",
+        "tram/batchnorm.py",
+        "        if self._construction is None:\n",
+        "        if True:\n",
+        ("tests/test_batchnorm.py@searched_again_only_after or built_after_the_walk",),
+    ),
+    Mutant(
+        "every-batchnorm-not-heard-of-when-built",
+        "tram/batchnorm.py",
+        '        if name == "running_mean" and isinstance(module, _BatchNorm):',
+        "        if False:",
+        ("tests/test_batchnorm.py@built_after_the_walk",),
+    ),
+    Mutant(
+        "hf-replay-outside-the-second-pass",
+        "tram/integrations/hf.py",
+        "            with optimizer.second_pass():",
+        "            with contextlib.nullcontext():",
+        ("tests/test_hf_trainer.py@second_pass_for_batchnorm",),
+    ),
+    Mutant(
+        "lightning-replay-outside-the-second-pass",
+        "tram/integrations/lightning.py",
+        "                with wrapper.second_pass():",
+        "                with contextlib.nullcontext():",
+        ("tests/test_lightning.py@second_pass_for_batchnorm and TramCallback",),
+    ),
+    Mutant(
+        "manual-step-replay-outside-the-second-pass",
+        "tram/integrations/lightning.py",
+        "            with wrapper.second_pass(), _muted_logging(pl_module), ",
+        "            with contextlib.nullcontext(), _muted_logging(pl_module), ",
+        ("tests/test_lightning.py@second_pass_for_batchnorm and manual_step",),
+    ),
+    Mutant(
+        "accelerate-replay-outside-the-second-pass",
+        "tram/integrations/accelerate.py",
+        "                    with optimizer.second_pass():",
+        "                    with contextlib.nullcontext():",
+        ("tests/test_accelerate.py@second_pass_for_batchnorm",),
+    ),
+    Mutant(
+        "second-pass-entered-at-theta",
+        "tram/_wrapper.py",
+        "        if not self.is_perturbed:\n            raise RuntimeError(\n"
+        '                "second_pass() entered',
+        "        if False:\n            raise RuntimeError(\n"
+        '                "second_pass() entered',
+        ("tests/test_batchnorm.py@inside_second_pass",),
+    ),
+    Mutant(
         "regularizer-reference-of-replaced-parameters",
         "tram/regularizers.py",
         "        self.reference.check_live(type(self).__name__)",
@@ -661,8 +733,9 @@ MUTANTS = [
     Mutant(
         "manual-step-second-call-logs",
         "tram/integrations/lightning.py",
-        "            with _muted_logging(pl_module), _metric_states_kept(pl_module):",
-        "            with _metric_states_kept(pl_module):",
+        "            with wrapper.second_pass(), _muted_logging(pl_module), "
+        "_metric_states_kept(pl_module):",
+        "            with wrapper.second_pass(), _metric_states_kept(pl_module):",
         ("tests/test_lightning.py@torchmetrics",),
     ),
     Mutant(
@@ -736,12 +809,10 @@ MUTANTS = [
         ("tests/test_batchnorm.py@compiled_teachers_batchnorm",),
     ),
     Mutant(
-        "compiled-graph-judged-after-the-replay",
+        "compiled-graph-judged-after-the-second-pass",
         "tram/_wrapper.py",
-        "                self.restore()  # judges the closure's second call: still replaying\n"
-        "            finally:\n                state.replaying_the_closure = False",
-        "                state.replaying_the_closure = False\n"
-        "            finally:\n                self.restore()",
+        "                state.watched_running_stats, replayed=state.second_pass_entered",
+        "                state.watched_running_stats, replayed=state.in_second_pass",
         ("tests/test_batchnorm.py@judged_by_the_form",),
     ),
     Mutant(
@@ -782,8 +853,8 @@ MUTANTS = [
     Mutant(
         "compiled-in-place-searched-at-every-step",
         "tram/batchnorm.py",
-        "if self._listening() and self._walked_at == self.compilations:",
-        "if False:",
+        "if not self._listening() or self._walked_at != self.compilations:",
+        "if True:",
         ("tests/test_batchnorm.py@searched_again_only_after",),
     ),
     Mutant(
@@ -810,8 +881,15 @@ MUTANTS = [
     Mutant(
         "compiled-in-place-searched-before-any-compilation",
         "tram/batchnorm.py",
-        "if not _anything_compiled():\n            self._found",
-        "if False:\n            self._found",
+        '"""The live modules compiled in place."""\n        if not _anything_compiled():',
+        '"""The live modules compiled in place."""\n        if False:',
+        ("tests/test_batchnorm.py@searched_again_only_after",),
+    ),
+    Mutant(
+        "compiled-graph-batchnorms-searched-before-any-compilation",
+        "tram/batchnorm.py",
+        '        compiled nothing."""\n        if not _anything_compiled():',
+        '        compiled nothing."""\n        if False:',
         ("tests/test_batchnorm.py@searched_again_only_after",),
     ),
     Mutant(
@@ -860,15 +938,15 @@ MUTANTS = [
     Mutant(
         "batchnorm-guard-ignores-the-closures-second-call",
         "tram/batchnorm.py",
-        "in_the_closures_second_call() or _runs_at_perturbed_weights(module, args, perturbed)",
+        "in_the_second_pass() or _runs_at_perturbed_weights(module, args, perturbed)",
         "_runs_at_perturbed_weights(module, args, perturbed)",
         ("tests/test_batchnorm.py@any_batchnorm",),
     ),
     Mutant(
-        "step-closure-second-call-not-flagged",
+        "second-pass-not-flagged",
         "tram/_wrapper.py",
-        "                state.replaying_the_closure = True\n",
-        "",
+        "        outer, state.in_second_pass = state.in_second_pass, True",
+        "        outer = state.in_second_pass",
         ("tests/test_batchnorm.py@any_batchnorm",),
     ),
     Mutant(

@@ -155,10 +155,11 @@ class TwoPassBackward:
             if self.last_perturbed:
                 try:
                     last = len(window) - 1
-                    for index, micro_batch in enumerate(window):
-                        replay = self._no_sync() if index < last else contextlib.nullcontext()
-                        with replay:
-                            self.accelerator.backward(self.loss_fn(self.model, micro_batch))
+                    with optimizer.second_pass():
+                        for index, micro_batch in enumerate(window):
+                            replay = self._no_sync() if index < last else contextlib.nullcontext()
+                            with replay:
+                                self.accelerator.backward(self.loss_fn(self.model, micro_batch))
                 finally:
                     optimizer.restore()
             return loss.detach()

@@ -526,9 +526,11 @@ class TramTrainer(Trainer):
         self._tram_step.phase = "replay"
         try:
             last = len(window) - 1
-            for index, micro_batch in enumerate(window):
-                with self.accelerator.no_sync(model) if index < last else contextlib.nullcontext():
-                    super().training_step(model, micro_batch, num_items_in_batch)
+            with optimizer.second_pass():
+                for index, micro_batch in enumerate(window):
+                    sync = self.accelerator.no_sync(model) if index < last else None
+                    with sync or contextlib.nullcontext():
+                        super().training_step(model, micro_batch, num_items_in_batch)
         finally:
             self._tram_step.phase = None
             optimizer.restore()

@@ -334,7 +334,8 @@ class TramCallback(pl.Callback):
         perturbed = wrapper.first_step(grad_scale=_grad_scale(trainer))
         if perturbed:
             try:
-                self._replay(trainer, pl_module, optimizer, window)
+                with wrapper.second_pass():
+                    self._replay(trainer, pl_module, optimizer, window)
             finally:
                 # Before the base step: clipping and on_before_optimizer_step see θ, and a
                 # GradScaler that skips step() on overflow leaves the weights at θ.
@@ -428,7 +429,7 @@ def manual_step(
     perturbed = wrapper.first_step(grad_scale=_grad_scale(trainer))
     if perturbed:
         try:
-            with _muted_logging(pl_module), _metric_states_kept(pl_module):
+            with wrapper.second_pass(), _muted_logging(pl_module), _metric_states_kept(pl_module):
                 pl_module.manual_backward(loss_fn())
         finally:
             wrapper.restore()
