@@ -528,8 +528,12 @@ class TramTrainer(Trainer):
             last = len(window) - 1
             with optimizer.second_pass():
                 for index, micro_batch in enumerate(window):
-                    sync = self.accelerator.no_sync(model) if index < last else None
-                    with sync or contextlib.nullcontext():
+                    replay = (
+                        self.accelerator.no_sync(model)
+                        if index < last
+                        else contextlib.nullcontext()
+                    )
+                    with replay:
                         super().training_step(model, micro_batch, num_items_in_batch)
         finally:
             self._tram_step.phase = None
