@@ -428,7 +428,9 @@ def test_the_explicit_form_inside_second_pass_judges_as_step_closure(model_given
     assert optimizer.first_step()
     with pytest.raises(RuntimeError, match=r"BatchNorm1d in training mode .*model="):
         second_pass_and_step()
-    optimizer.restore()
+    assert not optimizer.is_perturbed  # restored by second_pass() or by second_step()
+    with pytest.raises(RuntimeError, match=r"second_step\(\) called without first_step\(\)"):
+        optimizer.second_step()  # nothing of the refused step is left to finish
     assert optimizer.steps == 0
     assert all(torch.equal(p, w) for p, w in zip(head.parameters(), weights, strict=True))
     assert_same_buffers(buffers(model), buffers(reference))  # one update, the first pass's

@@ -688,6 +688,9 @@ class TwoPassOptimizer(Optimizer):
         the explicit form cannot tell such a BatchNorm from another model's run between the
         passes, and lets it pass.
 
+        When the block raises, the step is abandoned and the weights restored to θ before the
+        error propagates.
+
         Raises:
             RuntimeError: when the weights are not perturbed (``first_step()`` returned False,
                 or was not called).
@@ -705,6 +708,12 @@ class TwoPassOptimizer(Optimizer):
         outer, state.in_second_pass = state.in_second_pass, True
         try:
             yield
+        except BaseException:
+            # As step(closure) does: a second pass that raised (a refused BatchNorm, an error of
+            # the caller's) leaves no step to finish, and the weights at θ.
+            state.abandon()
+            self.restore()
+            raise
         finally:
             state.in_second_pass = outer
 

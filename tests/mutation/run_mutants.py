@@ -654,6 +654,13 @@ MUTANTS = [
         ("tests/test_accelerate.py@second_pass_for_batchnorm",),
     ),
     Mutant(
+        "second-pass-that-raised-left-perturbed",
+        "tram/_wrapper.py",
+        "            state.abandon()\n            self.restore()\n            raise\n",
+        "            raise\n",
+        ("tests/test_batchnorm.py@inside_second_pass",),
+    ),
+    Mutant(
         "second-pass-entered-at-theta",
         "tram/_wrapper.py",
         "        if not self.is_perturbed:\n            raise RuntimeError(\n"
