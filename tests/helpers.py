@@ -25,6 +25,23 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class NoiseDraws:
+    """The generators of a tram noise stream (TRAM-x, TRAM-Fisher, R3F with a seed), written out
+    for reference loops: draw ``k`` of rank ``rank`` is a fresh CPU generator seeded with
+    ``tram._noise_stream.draw_seed(seed, rank=rank, draw=k)``."""
+
+    def __init__(self, seed: int, *, rank: int = 0) -> None:
+        self.seed, self.rank, self.draws = seed, rank, 0
+
+    def next(self) -> torch.Generator:
+        """The generator of the next draw (a reference's noised forward block)."""
+        from tram._noise_stream import draw_seed
+
+        seed = draw_seed(self.seed, rank=self.rank, draw=self.draws)
+        self.draws += 1
+        return torch.Generator().manual_seed(seed)
+
+
 def tiny_bert_config(*, dropout: float = 0.0, **overrides: Any) -> Any:
     """A two-layer, 32-wide BERT config with a 100-token vocabulary and three labels."""
     import transformers

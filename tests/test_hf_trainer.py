@@ -902,10 +902,10 @@ def test_fp16_grad_scaler_equals_the_unscaled_run(tmp_path, case):
     method, method_kwargs = SCALE_DEPENDENT[case]
     scaled = scaled_fp16_run(tmp_path / "scaled", method, method_kwargs, 2.0**10)
     reference = scaled_fp16_run(tmp_path / "other", method, method_kwargs, 2.0**13)
-    # fp16 round-off of the backward at two scales: measured up to 3e-6.
-    torch.testing.assert_close(scaled, reference, rtol=0, atol=2e-5)
+    # fp16 round-off of the backward at two scales: measured up to 2.6e-5 (TRAM-Fisher).
+    torch.testing.assert_close(scaled, reference, rtol=0, atol=5e-5)
     no_ascent = scaled_fp16_run(tmp_path / "plain", method, {**method_kwargs, "rho": 0.0}, 2.0**10)
-    assert (scaled - no_ascent).abs().max() > 20 * 2e-5
+    assert (scaled - no_ascent).abs().max() > 20 * 5e-5
 
 
 def test_a_non_finite_first_pass_without_a_scaler_skips_the_step(tmp_path):

@@ -189,7 +189,9 @@ def test_invalid_distribution() -> None:
 
 def test_invalid_generator() -> None:
     with pytest.raises(
-        TypeError, match=r"generator must be a torch\.Generator or None, but got int"
+        TypeError,
+        match=r"generator must be a torch\.Generator, a tram\.noise\.NoiseStream or None, "
+        r"but got int",
     ):
         representation_noise(TinyNet(), sigma=0.1, generator=0)  # type: ignore[arg-type]
 

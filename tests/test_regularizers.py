@@ -22,7 +22,7 @@ from tram.regularizers import spectral_normalize
 
 transformers = pytest.importorskip("transformers")
 
-from tests.helpers import tiny_bert, tiny_gpt2  # noqa: E402
+from tests.helpers import NoiseDraws, tiny_bert, tiny_gpt2  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -109,14 +109,16 @@ def test_r3f_is_the_symmetric_kl_to_noised_embeddings_on_a_plain_module(noise: s
     r3f = tram.R3F(sigma=0.5, weight=0.3, noise=noise, seed=4)
     logits = model(ids)
     value = r3f(model, ids, logits)
-    generator = torch.Generator().manual_seed(4)
-    expected = symmetric_kl(logits, toy_noised(model, ids, draw((8, 5, 8), 0.5, generator, noise)))
+    draws = NoiseDraws(4)
+    expected = symmetric_kl(
+        logits, toy_noised(model, ids, draw((8, 5, 8), 0.5, draws.next(), noise))
+    )
     torch.testing.assert_close(value, 0.3 * expected, rtol=1e-6, atol=0)
     assert r3f.last_value == pytest.approx(expected.item(), rel=1e-6)
     assert expected.item() > 1e-4
-    # The next call draws fresh noise from the same generator.
+    # The next call is the stream's next draw.
     second = r3f(model, ids, logits)
-    z2 = draw((8, 5, 8), 0.5, generator, noise)
+    z2 = draw((8, 5, 8), 0.5, draws.next(), noise)
     torch.testing.assert_close(second, 0.3 * symmetric_kl(logits, toy_noised(model, ids, z2)))
 
 
@@ -126,7 +128,7 @@ def test_r3f_on_bert_matches_inputs_embeds_noise() -> None:
     r3f = tram.R3F(sigma=0.1, weight=1.0, seed=0)
     logits = model(**inputs).logits
     value = r3f(model, inputs, logits)
-    z = draw((3, 6, 32), 0.1, torch.Generator().manual_seed(0), "gaussian")
+    z = draw((3, 6, 32), 0.1, NoiseDraws(0).next(), "gaussian")
     expected = symmetric_kl(logits, hf_noised(model, inputs, z))
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-8)
     assert expected.item() > 1e-4
@@ -138,7 +140,7 @@ def test_r3f_on_a_causal_lm_counts_non_pad_tokens_only() -> None:
     r3f = tram.R3F(sigma=0.5, weight=1.0, seed=0)
     logits = model(**inputs).logits
     value = r3f(model, inputs, logits)
-    z = draw((3, 6, 32), 0.5, torch.Generator().manual_seed(0), "gaussian")
+    z = draw((3, 6, 32), 0.5, NoiseDraws(0).next(), "gaussian")
     noised = hf_noised(model, inputs, z)
     expected = symmetric_kl(logits, noised, inputs["attention_mask"])
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-8)
@@ -184,7 +186,7 @@ def test_r3f_state_dict_round_trip() -> None:
     torch.save(r3f.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert set(state) == {"generator"}
+    assert state == {"noise_draws": 1}
     resumed = tram.R3F(sigma=0.5, seed=3)
     resumed.load_state_dict(state)
     assert torch.equal(resumed(model, ids, logits), r3f(model, ids, logits))
@@ -282,7 +284,7 @@ def test_r4f_spectrally_normalises_the_head() -> None:
     assert r4f.last_value > 0
     # R4F's penalty is R3F's.
     logits = model(**inputs).logits
-    z = draw((3, 6, 32), 0.1, torch.Generator().manual_seed(0), "gaussian")
+    z = draw((3, 6, 32), 0.1, NoiseDraws(0).next(), "gaussian")
     fresh = tram.R4F.__new__(tram.R4F)
     tram.R3F.__init__(fresh, sigma=0.1, seed=0)
     torch.testing.assert_close(
@@ -622,11 +624,11 @@ def test_r3f_inside_a_sam_closure_equals_sam_by_hand() -> None:
 
     reference = Toy()
     sgd = torch.optim.SGD(reference.parameters(), lr=0.5)
-    generator = torch.Generator().manual_seed(2)
+    draws = NoiseDraws(2)
 
     def loss_by_hand() -> Tensor:
         logits = reference(ids)
-        noised = toy_noised(reference, ids, draw((16, 5, 8), 0.5, generator, "gaussian"))
+        noised = toy_noised(reference, ids, draw((16, 5, 8), 0.5, draws.next(), "gaussian"))
         return F.cross_entropy(logits, y) + symmetric_kl(logits, noised)
 
     for _ in range(2):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.helpers import launch_workers
+from tests.helpers import NoiseDraws, launch_workers
 from tests.helpers import scenario_records as records_of
 from tests.tram_distributed_worker import WEIGHT_TARGETS, EmbeddingClassifier
 
@@ -149,15 +149,22 @@ def reference(
     model = build(spec)
     pretrained = build(spec)
     base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
-    generator = torch.Generator().manual_seed(spec["seed"])
+    # Each rank's own stream: one draw per micro-batch, the ranks in lockstep.
+    draws = [NoiseDraws(spec["seed"], rank=rank) for rank in range(WORLD_SIZE)]
     out: dict[str, list[Any]] = {"after": [], "radius": []}
     for step in range(spec["steps"]):
         shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
-        # Every rank's generator makes one draw per micro-batch of its shape, in lockstep.
         shape = (spec["batch_per_rank"] // micro_batches, spec["length"], spec["width"])
-        zs = [torch.randn(shape, generator=generator) * spec["sigma"] for _ in range(micro_batches)]
+        zs = [
+            [
+                torch.randn(shape, generator=rank.next()) * spec["sigma"]
+                for _ in range(micro_batches)
+            ]
+            for rank in draws
+        ]
         radii = [
-            radius_over_micro_batches(trust_region, model, pretrained, ids, zs) for ids, _ in shards
+            radius_over_micro_batches(trust_region, model, pretrained, ids, z)
+            for (ids, _), z in zip(shards, zs, strict=True)
         ]
         grads = [gradient(model, ids, y) for ids, y in shards]
         if local:
@@ -191,14 +198,15 @@ def fisher_reference(spec: dict[str, Any], sigma: float) -> list[list[Tensor]]:
     the shards' clean gradients at θ + ε. Returns the weights after every step."""
     model = build(spec)
     base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
-    generator = torch.Generator().manual_seed(spec["seed"])
+    draws = [NoiseDraws(spec["seed"], rank=rank) for rank in range(WORLD_SIZE)]
     rho, eta = spec["fisher_rho"], spec["fisher_eta"]
     shape = (spec["batch_per_rank"], spec["length"], spec["width"])
     out = []
     for step in range(spec["steps"]):
         shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
-        z = torch.randn(shape, generator=generator) * sigma  # each rank's draw, in lockstep
-        grads = [noised_gradient(model, ids, y, z) for ids, y in shards]
+        # Each rank's own draw, the ranks in lockstep.
+        zs = [torch.randn(shape, generator=rank.next()) * sigma for rank in draws]
+        grads = [noised_gradient(model, ids, y, z) for (ids, y), z in zip(shards, zs, strict=True)]
         mean = [sum(gs) / WORLD_SIZE for gs in zip(*grads)]
         norm = torch.sqrt(sum((g * g / (1 + eta * g * g)).sum() for g in mean))
         epsilon = [rho * g / (1 + eta * g * g) / (norm + 1e-12) for g in mean]
@@ -248,15 +256,18 @@ def radii_from_recorded_weights(
 ) -> list[list[float]]:
     """Each rank's d on its own shard, from the weights the ranks had before each step."""
     pretrained = build(spec)
-    generator = torch.Generator().manual_seed(spec["seed"])
+    draws = [NoiseDraws(spec["seed"], rank=rank) for rank in range(WORLD_SIZE)]
     shape = (spec["batch_per_rank"], spec["length"], spec["width"])
     out = []
     for step in range(spec["steps"]):
-        z = torch.randn(shape, generator=generator) * spec["sigma"]
+        zs = [torch.randn(shape, generator=rank.next()) * spec["sigma"] for rank in draws]
         model = build(spec, records[0]["before"][step])
         ids = spec["ids"][step]
         out.append(
-            [radius_on_shard(trust_region, model, pretrained, ids[r], z) for r in range(WORLD_SIZE)]
+            [
+                radius_on_shard(trust_region, model, pretrained, ids[r], zs[r])
+                for r in range(WORLD_SIZE)
+            ]
         )
     return out
 
@@ -340,7 +351,9 @@ def test_accumulating_closure_is_global_batch_tram(
     assert_replicas_identical(records)
     ref = reference(spec, "noise", local=False, micro_batches=2)
     assert records[0]["radius"] == records[1]["radius"]
-    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=1e-5)
+    # d is a small KL (about 1e-3), so the float32 round-off of two steps' weights (DDP sums
+    # the ranks' gradients in another order than the reference) moves it by up to 2e-5 of it.
+    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=5e-5)
     assert_trajectory(records[0]["after"], ref["after"])
 
 

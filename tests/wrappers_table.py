@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
+from tests.helpers import NoiseDraws
 
 EPS = 1e-12
 
@@ -96,14 +97,16 @@ class TramAscent(Ascent):
         self.trust_region = trust_region
         self.sigma, self.eta, self.rho, self.fisher_eta = sigma, eta, rho, fisher_eta
         self.ema_decay = ema_decay
-        self.generator = torch.Generator().manual_seed(seed)  # TRAM's own noise stream
+        self.draws = NoiseDraws(seed)  # TRAM's own noise stream
         self.target = copy.deepcopy(model) if trust_region in TARGETS_WITH_WEIGHTS else None
 
     def noised_forward(self, model: nn.Module, x: Tensor) -> Tensor:
         """The model with z ~ N(0, σ²) added to its first layer's output, one draw per call."""
 
+        generator = self.draws.next()
+
         def add_noise(module: nn.Module, args: Any, output: Tensor) -> Tensor:
-            z = torch.randn(output.shape, generator=self.generator, dtype=output.dtype)
+            z = torch.randn(output.shape, generator=generator, dtype=output.dtype)
             return output + z * self.sigma
 
         handle = first_linear(model).register_forward_hook(add_noise)

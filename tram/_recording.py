@@ -138,8 +138,8 @@ class ForwardRecorder:
         :attr:`records` (or the call itself, when d must wait for ``first_step``)."""
         pending: list[_Pending] = []
         during_forward = self.measure_during_forward
-        # The target's state before its first reference forward of this pass (the noise
-        # generator's): a pass that fails is rolled back to it, so that the next step draws
+        # The target's state before its first reference forward of this pass (the count
+        # of noise draws): a pass that fails is rolled back to it, so that the next step draws
         # what it would have drawn had the failed one never run.
         rollback: list[dict[str, Any]] = []
 

@@ -43,10 +43,10 @@ How this implementation works, and the choices made where the paper is silent:
 - **Dropout is not the trust region.** By default the reference forward replays the dropout masks
   of the recorded forward (the RNG state is captured before it and restored for the reference
   pass, and the training stream is put back afterwards), and the input noise comes from TRAM's
-  own generator. Then d = 0 exactly when the target equals the model (σ = 0, or θt−1 at the first
-  step), and d measures the trust region only. Measured on all-MiniLM-L6-v2 with dropout 0.1 and
-  σ = 0.01, about 95% of an unreplayed d came from dropout. ``replay_dropout=False`` gives the
-  paper's behaviour (fresh masks for the reference pass).
+  own seeded stream. Then d = 0 exactly when the target equals the model (σ = 0, or θt−1 at the
+  first step), and d measures the trust region only. Measured on all-MiniLM-L6-v2 with dropout
+  0.1 and σ = 0.01, about 95% of an unreplayed d came from dropout. ``replay_dropout=False``
+  gives the paper's behaviour (fresh masks for the reference pass).
 - **The ascent** is Eq. 7 with the gradient (the paper's release ignored it), in the ASAM form
   with ``eta = 0`` by default (the paper's pure :math:`|\theta|`; ASAM's code uses 0.01), or the
   SAM form with ``adaptive=False``.
@@ -408,7 +408,7 @@ class TRAM(TwoPassOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        # The target's keys at the top level ("generator", "reference"), as before targets
+        # The target's keys at the top level ("noise_draws", "reference"), as before targets
         # were objects: checkpoints load both ways.
         state = {"target": self._target_identity(), **self.target.state_dict()}
         if self.radius_every > 1:  # the d reused until the next measurement

@@ -53,7 +53,7 @@ class TRAMFisher(FisherSAM):
         model: the model being trained (a DDP or ``torch.compile`` wrapper is unwrapped).
         sigma, noise, embeddings, seed: the noise of the first pass
             (:class:`tram.targets.NoisedInputs`: σ, its distribution, where it goes, the seed of
-            its generator, which is checkpointed).
+            its stream, whose count of draws is checkpointed).
         rho: the neighbourhood size γ of the Fisher SAM ascent.
         eta: the Fisher regularisation η.
         ascent_every, local_ascent, foreach: see :class:`tram.TwoPassOptimizer`.
@@ -181,7 +181,7 @@ class TRAMFisher(FisherSAM):
         return self.noised_inputs.state_dict()
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        if "generator" in state:
+        if "noise_draws" in state or "generator" in state:
             self.noised_inputs.load_state_dict(state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -785,7 +785,7 @@ class TwoPassOptimizer(Optimizer):
                 "StateDictOptions(flatten_optimizer_state_dict=True), which keeps only the keys "
                 "the live param groups have. The base optimizer's state is loaded; the step "
                 "counter (ascent_every, radius_every), TRAM's target state (reference weights, "
-                "noise generator) and the skip counters keep their current values, so a resume "
+                "noise stream) and the skip counters keep their current values, so a resume "
                 "is not exact. Save and load optimizer.state_dict() itself, or "
                 "get_optimizer_state_dict without flattening",
                 UserWarning,

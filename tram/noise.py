@@ -35,8 +35,10 @@ inputs. Numerically the two are identical (``tests/test_noise.py`` checks it on 
 
 **Randomness.** Noise is drawn from ``generator`` when one is given, and never touches the global
 RNG then. That matters for TRAM, which replays the dropout masks of the model's first forward by
-restoring the global RNG state: noise drawn from the global stream would shift those masks. With
-``generator=None`` the global RNG of the output's device is used (and advanced).
+restoring the global RNG state: noise drawn from the global stream would shift those masks. A
+:class:`NoiseStream` seeds one generator per hooked forward from its seed, the rank and the
+forward's number (``tram/_noise_stream.py``); TRAM-x, TRAM-Fisher and R3F with a seed draw so.
+With ``generator=None`` the global RNG of the output's device is used (and advanced).
 
 **Activation checkpointing.** The hooked module must run outside activation-checkpointed blocks
 (``torch.utils.checkpoint``): the backward recomputes such a block, with no noise once the ``with``
@@ -61,10 +63,12 @@ from torch import Tensor, nn
 from tram._auxiliary import in_auxiliary_forward
 from tram._checkpointing import checkpoint_phase
 from tram._model_io import compiled_in_place, uncompiled_forward, unwrap_model
+from tram._noise_stream import NoiseStream
 
 __all__ = [
     "NoiseDistribution",
     "NoiseHandle",
+    "NoiseStream",
     "eager_forward",
     "find_input_embeddings",
     "representation_noise",
@@ -215,7 +219,7 @@ def _check_tensor(value: object, what: str) -> Tensor:
     return value
 
 
-def _make_hook(handle: NoiseHandle, generator: torch.Generator | None) -> Any:
+def _make_hook(handle: NoiseHandle, source: torch.Generator | NoiseStream | None) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if handle.training_forwards_only and in_auxiliary_forward():
             return None
@@ -231,6 +235,9 @@ def _make_hook(handle: NoiseHandle, generator: torch.Generator | None) -> Any:
             return None
         if handle.builds_graph:
             _refuse_checkpointed(module)
+        generator = (
+            source.next_generator(first.device) if isinstance(source, NoiseStream) else source
+        )
         # Out of place: the module's output (and anything aliasing it) is never modified.
         noised = first + _draw(first, handle.sigma, handle.distribution, generator)
         if isinstance(output, Tensor):
@@ -262,9 +269,11 @@ def _refuse_checkpointed(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _scope(handle: NoiseHandle, generator: torch.Generator | None) -> Iterator[NoiseHandle]:
+def _scope(
+    handle: NoiseHandle, source: torch.Generator | NoiseStream | None
+) -> Iterator[NoiseHandle]:
     handle.builds_graph = torch.is_grad_enabled()
-    hook = handle.module.register_forward_hook(_make_hook(handle, generator))
+    hook = handle.module.register_forward_hook(_make_hook(handle, source))
     handle.active = True
     try:
         yield handle
@@ -289,7 +298,7 @@ def representation_noise(
     sigma: float,
     distribution: NoiseDistribution = "gaussian",
     module: nn.Module | str | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | NoiseStream | None = None,
 ) -> contextlib.AbstractContextManager[NoiseHandle]:
     r"""Add noise :math:`z` to the input embeddings of every forward inside a ``with`` block.
 
@@ -309,8 +318,11 @@ def representation_noise(
             by :func:`find_input_embeddings`.
         generator: Source of the noise. With a generator the global RNG is never touched (TRAM
             replays dropout from the global RNG). A generator on another device than the output
-            draws on its own device and the noise is then copied over. ``None`` uses (and
-            advances) the global RNG of the output's device.
+            draws on its own device and the noise is then copied over. A
+            :class:`NoiseStream` seeds a generator for every hooked forward from its seed, the
+            rank and the forward's number, and counts it: each data-parallel rank draws its
+            own noise, and its ``state_dict`` resumes the stream on every rank. ``None`` uses
+            (and advances) the global RNG of the output's device.
 
     Returns:
         A single-use context manager; entering it registers the hook and yields a
@@ -343,9 +355,10 @@ def representation_noise(
         raise ValueError(
             f"Invalid distribution: {distribution!r}. Expected 'gaussian' or 'uniform'"
         )
-    if generator is not None and not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, (torch.Generator, NoiseStream)):
         raise TypeError(
-            f"generator must be a torch.Generator or None, but got {type(generator).__name__}"
+            "generator must be a torch.Generator, a tram.noise.NoiseStream or None, but got "
+            f"{type(generator).__name__}"
         )
     handle = NoiseHandle(
         module=resolve_module(model, module), sigma=float(sigma), distribution=distribution

@@ -31,7 +31,13 @@ from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import get_divergence
-from tram.noise import NoiseDistribution, eager_forward, representation_noise, resolve_module
+from tram.noise import (
+    NoiseDistribution,
+    NoiseStream,
+    eager_forward,
+    representation_noise,
+    resolve_module,
+)
 from tram.targets import ReferenceWeights, call_model, extract_logits, logits_mask, unwrap_model
 
 __all__ = ["MESA", "R3F", "R4F", "TRPO", "Regularizer", "spectral_normalize"]
@@ -101,8 +107,9 @@ class R3F(Regularizer):
         embeddings: where the noise goes: a module or module name; by default the token
             embeddings (:func:`tram.noise.find_input_embeddings`).
         divergence: the divergence between clean and noised outputs (symmetric KL in R3F).
-        seed: seed of the regularizer's own noise generator (checkpointed); None draws from
-            torch's global generator.
+        seed: seed of the regularizer's own noise stream (its count of draws is checkpointed;
+            each penalty is a draw, independent across data-parallel ranks, see
+            :class:`tram.targets.NoisedInputs`); None draws from torch's global generator.
 
     References:
         Aghajanyan et al. Better Fine-Tuning by Reducing Representational Collapse. ICLR 2021.
@@ -124,12 +131,14 @@ class R3F(Regularizer):
         self.sigma = check_non_negative("sigma", sigma)
         self.noise: NoiseDistribution = noise
         self.embeddings = embeddings
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-        self._saved_generator_state: Tensor | None = None
+        self.stream = None if seed is None else NoiseStream(seed)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed of the noise stream; None: torch's global generator."""
+        return None if self.stream is None else self.stream.seed
 
     def penalty(self, model: nn.Module, inputs: Any, logits: Tensor) -> Tensor:
-        generator = self._generator_for(logits.device)
         # Eagerly: a compiled graph would not run the noise hook.
         with (
             representation_noise(
@@ -137,7 +146,7 @@ class R3F(Regularizer):
                 sigma=self.sigma,
                 distribution=self.noise,
                 module=self.embeddings,
-                generator=generator,
+                generator=self.stream,
             ),
             eager_forward(uncompiled(model)) as eager,
             frozen_running_stats(model),
@@ -145,32 +154,12 @@ class R3F(Regularizer):
             noised = extract_logits(call_model(eager, inputs))
         return self.divergence(logits, noised, mask=_mask_for(inputs, logits))
 
-    def _generator_for(self, device: torch.device) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        if self._generator is None:
-            # Created on first use, on the logits' device (a CUDA generator for a CUDA model).
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._saved_generator_state is not None:
-                self._generator.set_state(self._saved_generator_state)
-                self._saved_generator_state = None
-        return self._generator
-
     def state_dict(self) -> dict[str, Any]:
-        if self._generator is not None:
-            return {"generator": self._generator.get_state()}
-        if self._saved_generator_state is not None:
-            return {"generator": self._saved_generator_state}
-        return {}
+        return {} if self.stream is None else self.stream.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if "generator" not in state or self.seed is None:
-            return
-        if self._generator is None:
-            self._saved_generator_state = state["generator"]  # applied when the device is known
-        else:
-            self._generator.set_state(state["generator"])
+        if self.stream is not None and state:
+            self.stream.load_state_dict(state)
 
 
 def spectral_normalize(module: nn.Module) -> nn.Module:

@@ -40,7 +40,7 @@ from tram._model_io import (
     unwrap_model,
 )
 from tram._validation import check_non_negative, check_unit_interval
-from tram.noise import NoiseDistribution, representation_noise, resolve_module
+from tram.noise import NoiseDistribution, NoiseStream, representation_noise, resolve_module
 
 __all__ = [
     "EMA",
@@ -296,14 +296,17 @@ class NoisedInputs(Target):
     :math:`z \sim \mathcal{N}(0, \sigma^2)` or :math:`\mathcal{U}(-\sigma, \sigma)`, added to the
     token-embedding output through :func:`tram.noise.representation_noise` (paper Eq. 5). The
     paper gives no σ; the default 0.1 is its R3F value. The noise comes from the target's own
-    generator, seeded and checkpointed, so the training RNG stream is not consumed.
+    seeded stream (:class:`tram.noise.NoiseStream`), so the training RNG stream is not consumed:
+    every noised forward is a draw whose generator is seeded from ``seed``, the rank and the
+    draw's number, so that each data-parallel rank noises its shard with its own draw, and the
+    checkpointed count of draws resumes every rank exactly.
 
     Args:
         sigma: noise scale σ (standard deviation, or half-width for uniform noise).
         noise: ``"gaussian"`` or ``"uniform"``.
         embeddings: where the noise goes: a module or module name; by default the token
             embeddings (:func:`tram.noise.find_input_embeddings`).
-        seed: seed of the noise generator.
+        seed: seed of the noise stream.
     """
 
     name = "noise"
@@ -321,22 +324,28 @@ class NoisedInputs(Target):
             raise ValueError(f"Invalid noise: {noise!r}. Expected 'gaussian' or 'uniform'")
         self.noise: NoiseDistribution = noise
         self.embeddings_spec = embeddings
-        self.seed = seed
+        self.stream = NoiseStream(seed)
+
+    @property
+    def seed(self) -> int:
+        """The seed of the noise stream."""
+        return self.stream.seed
 
     def bind(self, model: nn.Module) -> None:
         super().bind(model)
         self.embeddings = resolve_module(model, self.embeddings_spec)
-        self.generator = torch.Generator(device=next(model.parameters()).device)
-        self.generator.manual_seed(self.seed)
+        # Drawn on the model's device when the optimizer is built: the noise stays the same if
+        # the model moves later (it is drawn there and copied over).
+        self.stream.device = next(model.parameters()).device
 
     def noised(self) -> Any:
-        """The noise hook with this target's σ, distribution and generator (a context manager)."""
+        """The noise hook with this target's σ, distribution and stream (a context manager)."""
         return representation_noise(
             self.model,
             sigma=self.sigma,
             distribution=self.noise,
             module=self.embeddings,
-            generator=self.generator,
+            generator=self.stream,
         )
 
     def output(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -344,23 +353,10 @@ class NoisedInputs(Target):
             return self.model(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if "generator" in state:
-            state["generator"] = state["generator"].get_state()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        generator_state = state.get("generator")
-        if generator_state is not None:
-            self.generator = torch.Generator(device=next(self.model.parameters()).device)
-            self.generator.set_state(generator_state)
+        self.stream.load_state_dict(state)
 
     def __repr__(self) -> str:
         return f"NoisedInputs(sigma={self.sigma}, noise={self.noise!r})"

@@ -1017,9 +1017,55 @@ MUTANTS = [
     Mutant(
         "tram-fisher-generator-not-loaded",
         "tram/_tram_fisher.py",
-        '        if "generator" in state:',
+        '        if "noise_draws" in state or "generator" in state:',
         "        if False:",
         ("tests/test_trl.py@resume_bit_exactly and rloo",),
+    ),
+    # The noise stream (tram/_noise_stream.py): each rank its own draw, the count its state.
+    Mutant(
+        "noise-stream-same-draws-on-every-rank",
+        "tram/_noise_stream.py",
+        "        seed = draw_seed(self.seed, rank=data_parallel_rank(), draw=self.draws)",
+        "        seed = draw_seed(self.seed, rank=0, draw=self.draws)",
+        (
+            "tests/test_tram_distributed.py@accumulating_closure and DDP",
+            "tests/test_tram_distributed.py@fisher",
+            "tests/test_noise_stream.py@rank",
+        ),
+    ),
+    Mutant(
+        "noise-stream-count-not-loaded",
+        "tram/_noise_stream.py",
+        "        self.draws = draws\n",
+        "        pass\n",
+        (
+            "tests/test_noise_stream.py@resume",
+            "tests/test_distributed.py@ddp_checkpoint_resume and tram_x",
+        ),
+    ),
+    Mutant(
+        "noise-stream-draw-not-counted",
+        "tram/_noise_stream.py",
+        "        self.draws += 1",
+        "        pass",
+        (
+            "tests/test_tram.py@radius_is_the_mean_over_micro_batches",
+            "tests/test_regularizers.py@plain_module",
+        ),
+    ),
+    Mutant(
+        "noise-stream-traced-by-dynamo",
+        "tram/_noise_stream.py",
+        "    @torch._disable_dynamo\n",
+        "",
+        ("tests/test_compile.py@accumulation_on_a_compiled_model_is_the_eager_run and noise",),
+    ),
+    Mutant(
+        "noise-stream-rank-and-draw-swapped",
+        "tram/_noise_stream.py",
+        "    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ rank) ^ draw)",
+        "    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ draw) ^ rank)",
+        ("tests/test_noise_stream.py@pinned",),
     ),
     Mutant(
         "step-counter-not-loaded",

@@ -1,0 +1,141 @@
+r"""Seeded noise for TRAM-x, TRAM-Fisher and R3F: a fresh draw on every rank, exactly resumable.
+
+Each noised forward (one call of the module that :func:`tram.noise.representation_noise` hooks,
+with σ > 0: a TRAM-x reference forward, a forward of TRAM-Fisher's first pass, one R3F penalty)
+is a *draw*, numbered from 0. Draw :math:`k` of the process of rank :math:`r` comes from a
+generator seeded with
+
+.. math::
+
+    s_{k,r} = h\big(h(h(\mathrm{seed}) \oplus r) \oplus k\big),
+
+where :math:`h` is the SplitMix64 finaliser (a bijection of 64-bit integers, Steele, Lea and
+Flood, "Fast splittable pseudorandom number generators", OOPSLA 2014) and :math:`r` is the rank in
+the default ``torch.distributed`` process group (0 without one). Why seed every draw instead of
+advancing one generator:
+
+- **Every rank draws its own noise.** One generator seeded alike on every rank would add the same
+  :math:`z` to every rank's shard: a data-parallel run would then have ``world_size`` times less
+  noise diversity than one process on the global batch. Folding in the rank gives each shard an
+  independent draw, as one process gives each example of its batch.
+- **The noise does not depend on how a client groups its forwards.** A draw is one forward, so
+  two micro-batches noised in one ``with`` block (``tram.accumulating_closure``) and in two
+  (a Trainer's accumulation loop) draw the same noise.
+- **A resume is exact on every rank from any one rank's checkpoint.** The whole state is the
+  number of draws made, :math:`k`, the same on every rank (ranks draw in lockstep: each runs the
+  same forwards of a step). A data-parallel checkpoint is written by rank 0 alone (Hugging Face's
+  Trainer, Lightning, a hand loop's ``if rank == 0: torch.save``) and loaded on every rank; and
+  ``torch.distributed.checkpoint`` keeps one copy of every replicated value, from whichever rank.
+  A generator's state saved by one rank would give every rank that rank's stream after a resume;
+  a count gives each rank back its own.
+
+This assumes data parallelism (DDP, FSDP, HSDP): every process of the default group trains its
+own examples. Ranks that share their inputs (tensor or pipeline parallelism) would need the same
+noise, and get different draws.
+
+The CPU generator (Mersenne Twister) keeps the low 32 bits of a seed: two draws of a long,
+many-rank run may then share one, which gives two of its thousands of noise tensors the same
+values, and is harmless. CUDA's generator keeps all 64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["NoiseStream", "draw_seed"]
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    """SplitMix64's output function of ``value`` (mod 2**64): a bijection that mixes every bit."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
+    return value ^ (value >> 31)
+
+
+def draw_seed(seed: int, *, rank: int, draw: int) -> int:
+    r"""The seed of draw ``draw`` on rank ``rank`` of a stream seeded with ``seed``:
+    :math:`h(h(h(\mathrm{seed}) \oplus r) \oplus k)`, an integer in :math:`[0, 2^{64})`."""
+    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ rank) ^ draw)
+
+
+def data_parallel_rank() -> int:
+    """This process's rank in the default process group; 0 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+class NoiseStream:
+    """A seeded stream of noise draws: give it as ``generator=`` to
+    :func:`tram.noise.representation_noise`, and each hooked forward draws from
+    :meth:`next_generator` (see the module docstring).
+
+    Args:
+        seed: the stream's seed (any Python int).
+        device: where the draws are made; by default on the hooked module's output device.
+    """
+
+    def __init__(self, seed: int, *, device: torch.device | str | None = None) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
+        self.seed = seed
+        self.device = None if device is None else torch.device(device)
+        self.draws = 0
+        self._generator: torch.Generator | None = None
+
+    # Outside any compiled graph: dynamo would trace the count and recompile when it changes.
+    # The lazy form of torch.compiler.disable, which imports dynamo at the first call, not at
+    # `import tram` (as in tram/batchnorm.py).
+    @torch._disable_dynamo
+    def next_generator(self, device: torch.device | str) -> torch.Generator:
+        """A generator seeded for the next draw (:func:`draw_seed` of this rank), on this
+        stream's device, else on ``device``; counts the draw. One generator object is reseeded
+        for every draw."""
+        where = self.device if self.device is not None else torch.device(device)
+        if self._generator is None or self._generator.device != where:
+            self._generator = torch.Generator(device=where)
+        seed = draw_seed(self.seed, rank=data_parallel_rank(), draw=self.draws)
+        self._generator.manual_seed(seed)
+        self.draws += 1
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"noise_draws": k}``: the same on every rank, and all a resume needs."""
+        return {"noise_draws": self.draws}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state_dict`. A state that holds a generator's state and no
+        count (saved by an earlier tram, which advanced one generator) is refused: this stream
+        cannot continue it."""
+        if "noise_draws" not in state:
+            raise ValueError(
+                "Invalid state_dict: it holds no 'noise_draws'. "
+                + (
+                    "It was saved by a tram version that advanced one noise generator (its "
+                    "'generator' entry), a stream this version does not continue. Resume from "
+                    "a checkpoint saved by this version, or add 'noise_draws': 0 beside "
+                    "'generator' to start this version's stream from its first draw"
+                    if "generator" in state
+                    else f"Its keys are {sorted(state)}"
+                )
+            )
+        draws = state["noise_draws"]
+        if isinstance(draws, torch.Tensor):  # torch.distributed.checkpoint may give a tensor
+            draws = draws.item()
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise ValueError(f"Invalid state_dict: noise_draws must be an int >= 0, got {draws!r}")
+        self.draws = draws
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A torch.Generator does not pickle; the next draw makes a fresh one.
+        return {**self.__dict__, "_generator": None}
+
+    def __repr__(self) -> str:
+        return f"NoiseStream(seed={self.seed}, draws={self.draws})"
