@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -890,6 +891,12 @@ def build_trainer(name: str, cls: Any, model: nn.Module, output_dir: Any, **opti
         config = {"grpo": trl.GRPOConfig, "rloo": trl.RLOOConfig}[name]
         kwargs.update(reward_funcs=distinct_words_reward)
         kwargs.setdefault("train_dataset", prompt_dataset())
+        if args["beta"] != 0.0:
+            # TRL loads the KL's reference model by the name in the model's config: the model
+            # as it starts, saved here (no hub).
+            reference = Path(output_dir) / "reference_model"
+            model.save_pretrained(reference)
+            model.config._name_or_path = str(reference)
     elif name == "kto":
         config = trl.KTOConfig
         kwargs.setdefault("ref_model", copy.deepcopy(model))
@@ -988,6 +995,9 @@ EXACT_CASES = {
         },
     ),
     "grpo-tram-fisher": ("grpo", "tram-fisher", {}),
+    # A KL to the reference model (beta > 0): its log-probabilities are computed with the
+    # generation, once per batch, and the replay at θ+ε must reuse them.
+    "grpo-sam-kl-to-the-reference": ("grpo", "sam", {"beta": 0.04}),
     "rloo-sam": ("rloo", "sam", {}),
     "distillation-sam": ("distillation", "sam", {}),
     "distillation-tram-fisher": ("distillation", "tram-fisher", {}),
@@ -1047,6 +1057,9 @@ def assert_exact_two_pass(
     assert len(windows) == steps
     micro_batches = sum(len(window) for window in windows)
     assert autocast == [bf16] * (2 * micro_batches)  # pass 1 and pass 2 (TRAM-Fisher: no twin)
+    if options.get("beta"):  # the KL's reference log-probabilities came with the batches
+        assert trainer.ref_model is not None
+        assert all("ref_per_token_logps" in batch for window in windows for batch in window)
     reference = copy.deepcopy(initial)
     plain = build_trainer(name, cls, reference, tmp_path / "plain", **options, **precision)
     wrapper_class = {"sam": tram.SAM, "tram": tram.TRAM}[method_name]
