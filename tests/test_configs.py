@@ -129,23 +129,25 @@ def test_paper_hyperparameters():
 
 
 # What the 0.1 configs (method by name + kwargs, regularizer by name) built: the new _target_
-# configs must build the same objects with the same arguments.
+# configs must build the same objects with the same arguments, but for the noise methods' seed,
+# which is now the run's (seed=1 by default): each run seed its own noise stream, and with it,
+# under torchrun, each rank its own draws (R3F and R4F drew from torch's global generator).
 OBJECTS_0_1 = {
     "adamw": (None, {}, None, {}),
     "sam": ("sam", {"rho": 0.05}, None, {}),
     "asam": ("asam", {"rho": 0.5, "eta": 0.01}, None, {}),
     "fsam": ("fisher_sam", {"rho": 0.1, "eta": 0.1}, None, {}),
-    "tram_x": ("tram", {"trust_region": "noise", "sigma": 0.1}, None, {}),
+    "tram_x": ("tram", {"trust_region": "noise", "sigma": 0.1, "seed": 1}, None, {}),
     "tram_theta0": ("tram", {"trust_region": "pretrained"}, None, {}),
     "tram_prev": ("tram", {"trust_region": "previous"}, None, {}),
     "tram_fisher": (
         "tram",
-        {"trust_region": "fisher", "sigma": 0.1, "rho": 0.1, "fisher_eta": 0.1},
+        {"trust_region": "fisher", "sigma": 0.1, "rho": 0.1, "fisher_eta": 0.1, "seed": 1},
         None,
         {},
     ),
-    "r3f": (None, {}, "R3F", {"sigma": 0.1, "weight": 0.1}),
-    "r4f": (None, {}, "R4F", {"sigma": 0.1, "weight": 0.1}),
+    "r3f": (None, {}, "R3F", {"sigma": 0.1, "weight": 0.1, "seed": 1}),
+    "r4f": (None, {}, "R4F", {"sigma": 0.1, "weight": 0.1, "seed": 1}),
     "trpo": (None, {}, "TRPO", {"weight": 0.1}),
     "mesa": (None, {}, "MESA", {"weight": 0.1, "decay": 0.999}),
 }
@@ -179,6 +181,18 @@ def _wrapped(method, kwargs):
         [{k: v for k, v in g.items() if k != "params"} for g in wrapper.param_groups],
         {k: v for k, v in vars(wrapper).items() if isinstance(v, plain)},
     )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "where"),
+    [("tram_x", "method"), ("tram_fisher", "method"), ("r3f", "r3f"), ("r4f", "r4f")],
+)
+def test_the_noise_methods_seed_their_noise_with_the_runs_seed(optimizer, where):
+    """Each run seed its own noise stream (and under torchrun each rank its own draws): the
+    method's or regularizer's ``seed`` is the run's."""
+    cfg = compose_config([f"optimizer={optimizer}", "seed=7"])
+    node = cfg.optimizer.method if where == "method" else cfg.optimizer.regularizers[where]
+    assert node.seed == 7
 
 
 @pytest.mark.parametrize("optimizer", sorted(OBJECTS_0_1))
