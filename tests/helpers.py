@@ -34,7 +34,7 @@ class NoiseDraws:
         self.seed, self.rank, self.draws = seed, rank, 0
 
     def next(self) -> torch.Generator:
-        """The generator of the next draw (a reference's noised forward block)."""
+        """The generator of the next draw (one noised forward of the reference)."""
         from tram._noise_stream import draw_seed
 
         seed = draw_seed(self.seed, rank=self.rank, draw=self.draws)
