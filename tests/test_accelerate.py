@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import sys
 import warnings
 from typing import Any
@@ -602,6 +604,126 @@ def test_fsdp2_two_pass_backward_is_the_hand_written_fsdp2_loop(tmp_path):
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
     torch.set_num_threads(1)
     _fsdp2_worker(sys.argv[2])
+
+
+# ------------------------------------------------------------------- uneven inputs, two ranks
+
+JOIN_STEPS = (3, 1)
+"""Optimizer steps (windows of GA micro-batches) of rank 0 and rank 1: rank 1 joins first."""
+
+
+@contextlib.contextmanager
+def join_uneven_inputs_on_cpu(accelerator, joinables):
+    """``accelerator.join_uneven_inputs(joinables, even_batches=False)`` entered as on GPUs.
+
+    accelerate 1.15 enters ``Join`` there only for accelerator devices (its ``multi_device``
+    property; a ``MULTI_CPU`` run gets a warning and no Join), although Join runs on CPU over
+    gloo. The property is forced while the context is entered, and only then: the rest of the
+    run is accelerate's CPU DDP."""
+    with contextlib.ExitStack() as stack:
+        original = Accelerator.multi_device
+        Accelerator.multi_device = property(lambda self: True)
+        try:
+            stack.enter_context(accelerator.join_uneven_inputs(joinables, even_batches=False))
+        finally:
+            Accelerator.multi_device = original
+        yield
+
+
+def accelerate_join_run(accelerator, make, batches) -> dict[str, Any]:
+    """TwoPassBackward inside accelerate's ``join_uneven_inputs``, over this rank's batches."""
+    accelerator.free_memory()
+    model = make_model()
+    optimizer = make(fsdp2_base(model), model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    backward = TwoPassBackward(accelerator, model, optimizer, loss_fn)
+    record: dict[str, Any] = {"wrapped": type(model).__name__, "message": None}
+    try:
+        with join_uneven_inputs_on_cpu(accelerator, [model]):
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    record["last_weights"] = full_flat(model)
+                    backward(batch)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad()
+    except RuntimeError as error:
+        record["message"] = str(error)
+    record["final"] = full_flat(model)
+    return record
+
+
+def _join_worker(out_path: str) -> None:
+    """Run under torchrun (two gloo ranks; accelerate runs DDP on CPU): TwoPassBackward inside
+    accelerate's ``join_uneven_inputs``, rank 1 out of batches after one step, with SAM, then
+    with TRAM-x, whose synchronised ascent rank 0 refuses. Rank 1 is then left inside Join's
+    collectives, which fail in gloo once rank 0's process is gone: the process group cannot be
+    closed, and both ranks exit at once."""
+    import torch.distributed as dist
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    rank = dist.get_rank()
+    batches = global_micro_batches(max(JOIN_STEPS), 2)[: JOIN_STEPS[rank] * GA]
+    mine = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in batches]
+    results = {"sam": accelerate_join_run(accelerator, FSDP2_METHODS["sam"], mine)}
+    dist.barrier()
+    results["tram_x"] = accelerate_join_run(accelerator, FSDP2_METHODS["tram_x"], mine)
+    torch.save(results, f"{out_path}.rank{rank}")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def one_process_join_reference(make) -> torch.Tensor:
+    """The steps of two ranks of which rank 1 runs out of windows after JOIN_STEPS[1], on one
+    process: the global micro-batches while both train, then rank 0's, with the loss halved as
+    DDP divides the sum of rank 0's gradient and the joined rank's zeros by the world size."""
+    model = make_model()
+    optimizer = make(fsdp2_base(model), model)
+    batches = global_micro_batches(max(JOIN_STEPS), 2)
+    for step in range(JOIN_STEPS[0]):
+        window, weight = batches[step * GA : (step + 1) * GA], 1 / GA
+        if step >= JOIN_STEPS[1]:
+            window, weight = [(x.chunk(2)[0], y.chunk(2)[0]) for x, y in window], 1 / (2 * GA)
+        for batch in window:
+            with optimizer.first_pass():
+                (loss_fn(model, batch) * weight).backward()
+        if optimizer.first_step():
+            for batch in window:
+                (loss_fn(model, batch) * weight).backward()
+            optimizer.restore()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return flat(model)
+
+
+@pytest.mark.distributed
+def test_join_uneven_inputs_trains_sam_as_ddp_and_refuses_tram_synchronised(tmp_path):
+    """accelerate's ``join_uneven_inputs`` with rank 1 out of batches after one step: SAM trains
+    on as DDP defines the step (the joined rank adds zero gradients, the sum is divided by the
+    world size), every rank ending with rank 0's weights; TRAM-x's synchronised ascent, whose
+    all-reduce of d Join does not shadow, raises on rank 0 at its next step with the fixes
+    named, weights at θ, instead of waiting forever."""
+    out = tmp_path / "join.pt"
+    torchrun(__file__, "--join-worker", str(out))
+    ranks = [torch.load(f"{out}.rank{rank}", weights_only=True) for rank in range(2)]
+    sam = [r["sam"] for r in ranks]
+    assert sam[0]["wrapped"] == "DistributedDataParallel"
+    assert [r["message"] for r in sam] == [None, None]
+    reference = one_process_join_reference(FSDP2_METHODS["sam"])
+    torch.testing.assert_close(sam[0]["final"], reference, **FSDP2_TOLERANCE)
+    assert torch.equal(sam[1]["final"], sam[0]["final"])
+    tram_x = ranks[0]["tram_x"]
+    assert tram_x["message"] is not None
+    assert "1 of the 2 ranks stopped stepping" in tram_x["message"]
+    assert "local_ascent=True" in tram_x["message"]
+    assert torch.equal(tram_x["final"], tram_x["last_weights"])  # the refused step moved nothing
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--join-worker":
+    torch.set_num_threads(1)
+    _join_worker(sys.argv[2])
 
 
 @pytest.mark.parametrize("model_given", [False, True], ids=["without model=", "model="])

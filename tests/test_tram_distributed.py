@@ -140,12 +140,20 @@ def radius_over_micro_batches(
 
 
 def reference(
-    spec: dict[str, Any], trust_region: str, local: bool, *, micro_batches: int = 1
+    spec: dict[str, Any],
+    trust_region: str,
+    local: bool,
+    *,
+    micro_batches: int = 1,
+    joined_after: int | None = None,
 ) -> dict[str, list[Any]]:
     """TRAM over two data shards in one process; returns the weights after every step and d.
 
     With ``micro_batches`` > 1 each rank accumulates its shard in that many micro-batches: the
-    gradient is the shard's, and each micro-batch has its own noise draw."""
+    gradient is the shard's, and each micro-batch has its own noise draw. With
+    ``joined_after=k`` rank 1 stops after k steps, as under ``DistributedDataParallel.join()``:
+    rank 0 goes on alone, and DDP still divides the summed gradient by the world size it was
+    built with (``divide_by_initial_world_size``, the joined rank adding zeros)."""
     model = build(spec)
     pretrained = build(spec)
     base = torch.optim.AdamW(model.parameters(), lr=spec["lr"], eps=spec["adam_eps"])
@@ -153,14 +161,15 @@ def reference(
     draws = [NoiseDraws(spec["seed"], rank=rank) for rank in range(WORLD_SIZE)]
     out: dict[str, list[Any]] = {"after": [], "radius": []}
     for step in range(spec["steps"]):
-        shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in range(WORLD_SIZE)]
+        ranks = range(WORLD_SIZE if joined_after is None or step < joined_after else 1)
+        shards = [(spec["ids"][step][r], spec["labels"][step][r]) for r in ranks]
         shape = (spec["batch_per_rank"] // micro_batches, spec["length"], spec["width"])
         zs = [
             [
                 torch.randn(shape, generator=rank.next()) * spec["sigma"]
                 for _ in range(micro_batches)
             ]
-            for rank in draws
+            for rank in draws[: len(ranks)]
         ]
         radii = [
             radius_over_micro_batches(trust_region, model, pretrained, ids, z)
@@ -171,6 +180,7 @@ def reference(
             epsilons = [ascent(model, g, d) for g, d in zip(grads, radii)]
             out["radius"].append(radii)
         else:
+            assert joined_after is None, "the synchronised ascent refuses a joined rank"
             mean_grad = [sum(gs) / WORLD_SIZE for gs in zip(*grads)]
             d = sum(radii) / WORLD_SIZE
             epsilons = [ascent(model, mean_grad, d)] * WORLD_SIZE
@@ -319,6 +329,49 @@ def test_local_ascent(spec: dict[str, Any], results: list[dict], trust_region: s
         max(float((p - q).abs().max()) for p, q in zip(records[0]["after"][-1], synchronised))
         > 3e-5  # d ~ sigma^2 is small at sigma = 0.3; still 30 times TOLERANCE's atol
     )
+
+
+# ----------------------------------------------------------------------------- uneven inputs
+def test_local_ascent_under_join_is_exact_with_uneven_inputs(
+    spec: dict[str, Any], results: list[dict]
+) -> None:
+    """``DistributedDataParallel.join()`` with rank 1 out of batches after one step: the local
+    ascent has no collective of its own, so DDP's shadowing of the joined rank covers both
+    passes. Rank 0 goes on with its own d and gradient, the update is DDP's (the joined rank adds
+    zeros, the sum is divided by the world size), and the join ends with the ranks alike."""
+    records = records_of(results, "noise_local_join")
+    assert [len(r["after"]) for r in records] == [spec["steps"], 1]
+    ref = reference(spec, "noise", local=True, joined_after=1)
+    assert_trajectory(records[0]["after"], ref["after"])
+    assert records[0]["radius"] == pytest.approx([r[0] for r in ref["radius"]], rel=5e-5)
+    assert records[1]["radius"] == pytest.approx(ref["radius"][0][1:], rel=5e-5)
+    for p, q in zip(records[1]["final"], records[0]["final"], strict=True):
+        assert torch.equal(p, q)
+    # Rank 0's later steps are not those of the even run: its gradient is halved.
+    even = reference(spec, "noise", local=True)["after"][-1]
+    assert max(float((p - q).abs().max()) for p, q in zip(ref["after"][-1], even)) > 1e-3
+
+
+def test_synchronised_ascent_under_join_is_refused_with_the_fix(results: list[dict]) -> None:
+    """TRAM's all-reduce of d has no twin on a rank that has joined (Join shadows DDP's
+    collectives only): before, it waited forever on gloo. Rank 0 now raises at the first
+    measured step after rank 1 joined, naming the three fixes, with its weights at θ."""
+    record = results[0]["noise_join"]
+    message = record["message"]
+    assert message is not None, "the synchronised ascent ran under Join with a joined rank"
+    assert message.startswith(
+        "TRAM's synchronised ascent all-reduces d over every rank, but 1 of the 2 ranks "
+        "stopped stepping"
+    )
+    for fix in ("drop_last=True", "even_batches=True", "local_ascent=True"):
+        assert fix in message
+    assert "throw_on_early_termination=True" in message
+    # One step with both ranks, then the refused one: no ascent and no update on rank 0.
+    assert (len(record["before"]), len(record["after"])) == (2, 1)
+    for p, q in zip(record["final"], record["before"][1], strict=True):
+        assert torch.equal(p, q)
+    # Rank 1, inside Join when rank 0 left, fails in gloo instead of waiting.
+    assert results[1]["noise_join"]["message"] is not None
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -18,6 +18,7 @@ Nothing here computes a reference: the test does that in one process with plain 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import traceback
@@ -42,7 +43,12 @@ SCENARIOS = {
     "fsdp2_noise_accumulate": {"trust_region": "noise", "sharded": True, "micro_batches": 2},
     "fsdp2_noise": {"trust_region": "noise", "sharded": True},
     "fsdp2_fisher": {"trust_region": "fisher", "sharded": True},
+    # Uneven inputs under DistributedDataParallel.join(): rank 1 has one batch, rank 0 all.
+    "noise_local_join": {"trust_region": "noise", "local_ascent": True, "joined_after": 1},
 }
+UNEVEN_SYNCHRONISED = {"trust_region": "noise", "local_ascent": False, "joined_after": 1}
+"""Refused once rank 1 has joined; run last: the refusal leaves rank 1 inside ``Join``'s
+collectives, and the process group cannot be used after it."""
 WEIGHT_TARGETS = ("pretrained", "previous", "ema")
 """The targets that keep reference weights, which FSDP2's sharded parameters cannot serve."""
 
@@ -102,9 +108,15 @@ def make_optimizer(
     return tram.TRAM(base, wrapped, **options)
 
 
-def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, Any]:
+def run(
+    spec: dict[str, Any], rank: int, options: dict[str, Any], record: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train ``spec["steps"]`` steps, or, with ``joined_after=k``, train inside
+    ``DistributedDataParallel.join()`` where rank 1 runs out of batches after k steps. The
+    record is filled as the steps go (a step that raises leaves the ones before it)."""
     options = dict(options)
     micro_batches = options.pop("micro_batches", 1)
+    joined_after = options.pop("joined_after", None)
     if options.pop("sharded", False):
         model = wrapped = fully_sharded(spec)
     else:
@@ -112,13 +124,35 @@ def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, A
         model.load_state_dict(spec["weights"])
         wrapped = DistributedDataParallel(model)
     optimizer = make_optimizer(spec, model, wrapped, options)
-    record: dict[str, Any] = {
-        "before": [],
-        "after": [],
-        "radius": [],
-        "param_types": sorted({type(p).__name__ for p in model.parameters()}),
-    }
-    for step in range(spec["steps"]):
+    record = {} if record is None else record
+    record |= {"before": [], "after": [], "radius": []}
+    record["param_types"] = sorted({type(p).__name__ for p in model.parameters()})
+    steps = spec["steps"] if joined_after is None or rank == 0 else joined_after
+    join: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if joined_after is not None:
+        assert isinstance(wrapped, DistributedDataParallel), "Join is DDP's"
+        join = wrapped.join()
+    try:
+        with join:
+            train(spec, rank, steps, wrapped, optimizer, micro_batches, record)
+    finally:
+        # After Join's post-hook, which gives every rank the last joiner's weights; after a
+        # step that raised, the weights it left.
+        record["final"] = snapshot(model)
+    return record
+
+
+def train(
+    spec: dict[str, Any],
+    rank: int,
+    steps: int,
+    wrapped: nn.Module,
+    optimizer: tram.TwoPassOptimizer,
+    micro_batches: int,
+    record: dict[str, Any],
+) -> None:
+    model = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+    for step in range(steps):
         ids, y = spec["ids"][step][rank], spec["labels"][step][rank]
 
         def closure(ids: Tensor = ids, y: Tensor = y) -> Tensor:
@@ -139,6 +173,16 @@ def run(spec: dict[str, Any], rank: int, options: dict[str, Any]) -> dict[str, A
         optimizer.step(closure)
         record["after"].append(snapshot(model))
         record["radius"].append(optimizer.last_radius)
+
+
+def uneven_synchronised_refusal(spec: dict[str, Any], rank: int) -> dict[str, Any]:
+    """TRAM's synchronised ascent under ``join()`` once rank 1 has joined: rank 0's error, and
+    its weights before and after the refused step (rank 1 fails in gloo when rank 0 exits)."""
+    record: dict[str, Any] = {"message": None}
+    try:
+        run(spec, rank, UNEVEN_SYNCHRONISED, record)
+    except RuntimeError as error:
+        record["message"] = str(error)
     return record
 
 
@@ -178,6 +222,9 @@ def main() -> None:
                 results[name] = {"error": traceback.format_exc()}
                 traceback.print_exc()
             dist.barrier()  # a failure stays inside its scenario
+        # Last: rank 0 refuses while rank 1 waits in Join's collectives, which fail in gloo
+        # once rank 0's process has exited; nothing can run on the group after it.
+        results["noise_join"] = uneven_synchronised_refusal(spec, rank)
         torch.save(results, out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -31,7 +31,10 @@ advancing one generator:
 
 This assumes data parallelism (DDP, FSDP, HSDP): every process of the default group trains its
 own examples. Ranks that share their inputs (tensor or pipeline parallelism) would need the same
-noise, and get different draws.
+noise, and get different draws. Under ``torch.distributed.algorithms.join.Join`` (uneven inputs)
+a rank that has run out of batches draws nothing while the others go on, so its count falls
+behind theirs; resumed from rank 0's checkpoint, it continues from rank 0's count: still its own
+draws, unlike any other rank's, but not the ones the uninterrupted run would have drawn.
 
 The CPU generator (Mersenne Twister) keeps the low 32 bits of a seed (checked: seeds 5 and
 2**32 + 5 draw alike), so among N draws about N**2 / 2**33 pairs share a seed: about one pair in

@@ -226,6 +226,7 @@ class ForwardRecorder:
         # micro-batches, or the ranks' shards, give the d of the whole batch.
         totals = torch.stack([(measured[:, 0] * measured[:, 1]).sum(), measured[:, 1].sum()])
         if synchronised:
+            _require_every_rank(totals.device)
             dist.all_reduce(totals)
         return _non_negative(float((totals[0] / totals[1].clamp_min(1.0)).item()))
 
@@ -370,6 +371,35 @@ def _recomputed_after_recording() -> bool:
     ``use_reentrant=True`` the first run had gradients disabled and was not recorded, so its
     recomputation is (with the same dropout masks: checkpoint restores the RNG state)."""
     return checkpoint_phase() == ("recomputation", False)
+
+
+def _require_every_rank(device: torch.device) -> None:
+    """Raise unless every rank of the default process group is about to all-reduce d too.
+
+    Under ``torch.distributed.algorithms.join.Join`` (``DistributedDataParallel.join()``,
+    accelerate's ``join_uneven_inputs``) a rank that has run out of inputs shadows the
+    collectives of the ranks still training: the ones DDP registers for its forward and
+    backward, not TRAM's all-reduce of d. That all-reduce would pair with the joined rank's own
+    all-reduce of how many ranks are left (a one-element float32 tensor) and wait forever, or,
+    on a backend that does not check sizes, read a wrong d. So each rank first all-reduces a
+    one-element float32 1, the shape of that count: a joined rank adds 0, and the ranks still
+    training see fewer than the world size and raise. Every rank of an even run calls this
+    once per measured step, so the extra collective always pairs with its twin.
+    """
+    present = torch.ones(1, device=device)
+    dist.all_reduce(present)
+    ranks, world_size = round(float(present.item())), dist.get_world_size()
+    if ranks != world_size:
+        raise RuntimeError(
+            f"TRAM's synchronised ascent all-reduces d over every rank, but {world_size - ranks} "
+            f"of the {world_size} ranks stopped stepping: they ran out of inputs under "
+            "torch.distributed.algorithms.join.Join (DistributedDataParallel.join(), "
+            "accelerate's join_uneven_inputs), which shadows DDP's collectives but not TRAM's. "
+            "Give every rank as many batches (DistributedSampler(drop_last=True), accelerate's "
+            "even_batches=True), build TRAM with local_ascent=True (each rank measures d on its "
+            "own shard, with no collective), or pass throw_on_early_termination=True to Join to "
+            "stop every rank when one runs out"
+        )
 
 
 def _non_negative(radius: float) -> float:

@@ -37,7 +37,10 @@ How this implementation works, and the choices made where the paper is silent:
   accumulation) it is the mean over all their examples or tokens, and under
   ``torch.distributed`` (synchronised ascent) over every rank's: a window of micro-batches, or
   the ranks' shards, measure the d of the whole batch (the Trainer's loss too is normalised by
-  the window's token count). It is detached; it is a radius, not a loss.
+  the window's token count). It is detached; it is a radius, not a loss. That all-reduce is not
+  one of DDP's, which ``torch.distributed.algorithms.join.Join`` shadows for a rank out of
+  inputs: once a rank has joined, the others refuse the step (``local_ascent=True`` has no
+  collective of its own and trains under ``Join``).
   Optionally clipped to ``max_radius`` (the paper assumes d ≤ ρ_ASAM but does not clip). A
   non-finite d skips the ascent.
 - **Dropout is not the trust region.** By default the reference forward replays the dropout masks

@@ -1093,6 +1093,20 @@ MUTANTS = [
         ("tests/test_tram_memory.py@recorded_forwards_autocast",),
     ),
     Mutant(
+        "joined-ranks-not-checked",
+        "tram/_recording.py",
+        "            _require_every_rank(totals.device)",
+        "            pass",
+        ("tests/test_tram_distributed.py@under_join",),
+    ),
+    Mutant(
+        "joined-ranks-counted-the-wrong-way",
+        "tram/_recording.py",
+        "    if ranks != world_size:",
+        "    if ranks > world_size:",
+        ("tests/test_tram_distributed.py@under_join",),
+    ),
+    Mutant(
         "radius-not-all-reduced",
         "tram/_recording.py",
         "            dist.all_reduce(totals)",
