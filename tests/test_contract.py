@@ -344,6 +344,35 @@ def test_scheduler_on_the_wrapper_drives_the_base_without_warnings(case: Wrapper
 
 
 @EVERY_WRAPPER
+@pytest.mark.parametrize("form", ["closure", "explicit"])
+def test_a_sparse_gradient_is_refused_before_the_ascent(case: WrapperCase, form: str) -> None:
+    """A sparse embedding (``nn.Embedding(sparse=True)``, which SGD trains) has no dense
+    gradient to take the norm and the ascent along: refused with the fix, nothing moved."""
+    model = make_model()
+    table = nn.Embedding(7, 3, sparse=True)
+    base = torch.optim.SGD([*model.parameters(), table.weight], lr=0.1)
+    optimizer = case.make(base, model)
+    before = [p.detach().clone() for p in [*model.parameters(), table.weight]]
+    x, y = batch(0)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model, x, y) + 0.01 * table(torch.tensor([1, 4])).sum()
+        loss.backward()
+        return loss
+
+    message = "does not support sparse gradients, but got one for a parameter of shape \\(7, 3\\)"
+    if form == "explicit":
+        first_pass(optimizer, closure)
+    with pytest.raises(RuntimeError, match=message) as raised:
+        optimizer.first_step() if form == "explicit" else optimizer.step(closure)
+    assert "sparse=False" in str(raised.value)
+    assert not optimizer.is_perturbed
+    for p, b in zip([*model.parameters(), table.weight], before, strict=True):
+        assert torch.equal(p, b)
+
+
+@EVERY_WRAPPER
 def test_weights_restored_when_the_second_pass_raises(case: WrapperCase) -> None:
     model = make_model()
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model)

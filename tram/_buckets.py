@@ -47,7 +47,12 @@ def collect_buckets(
             if grad is None:
                 continue
             if grad.is_sparse:
-                raise RuntimeError(f"{method} does not support sparse gradients")
+                raise RuntimeError(
+                    f"{method} does not support sparse gradients, but got one for a parameter "
+                    f"of shape {tuple(param.shape)} in param group {index}: the ascent is "
+                    "taken along the whole gradient. Build the embedding with sparse=False "
+                    "(nn.Embedding(..., sparse=False)) and a dense base optimizer"
+                )
             kind, eta = scaling(group, param)
             key = (index, kind, eta, param.device, param.dtype)
             bucket = buckets.get(key)

@@ -1093,6 +1093,13 @@ MUTANTS = [
         ("tests/test_tram_memory.py@recorded_forwards_autocast",),
     ),
     Mutant(
+        "sparse-gradient-not-refused",
+        "tram/_buckets.py",
+        "            if grad.is_sparse:",
+        "            if False:",
+        ("tests/test_contract.py@sparse_gradient",),
+    ),
+    Mutant(
         "joined-ranks-not-checked",
         "tram/_recording.py",
         "            _require_every_rank(totals.device)",
