@@ -657,6 +657,79 @@ def test_a_state_dict_of_another_shape_is_refused() -> None:
         optimizer.load_state_dict({"model": model.state_dict()})
 
 
+# ----------------------------------------------------------------------------- first_step raising
+@pytest.mark.parametrize("name", ["SAM", "ASAM", "FisherSAM"])
+def test_a_first_step_that_raises_forgets_the_step(name: str) -> None:
+    """A rho below 0 set after construction (a group added through the base optimizer, or a
+    schedule) is refused where it is used, by first_step(). The refusal leaves nothing behind:
+    the weights at θ, and a step() without a new first pass refused as one without an ascent.
+    Before, that step() took a plain base step along the first pass's gradient. Once the value
+    is fixed, step(closure) takes the step a fresh wrapper takes, bit for bit."""
+
+    def build(model: Net, rho: float) -> tuple[tram.TwoPassOptimizer, torch.optim.Optimizer]:
+        params = list(model.parameters())
+        base = torch.optim.SGD(params[:-1], lr=0.1, momentum=0.9)
+        optimizer = make_wrapper(name, model, base)
+        base.add_param_group({"params": params[-1:], "rho": rho})
+        return optimizer, base
+
+    model = Net()
+    optimizer, base = build(model, -0.5)
+    closure = NanOnSecondPass(optimizer, model, 1.0)  # finite in both passes
+    closure()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Invalid rho: -0\.5"):
+        optimizer.first_step()
+    assert not optimizer.is_perturbed
+    assert_unchanged(model, before)
+    with pytest.raises(tram.MissingAscentError):
+        optimizer.step()
+    assert_unchanged(model, before)
+    assert not base.state  # no base step was taken
+    base.param_groups[1]["rho"] = 0.02
+    optimizer.step(closure)
+    fresh = Net()
+    fresh.load_state_dict(before)
+    reference, _ = build(fresh, 0.02)
+    reference.step(NanOnSecondPass(reference, fresh, 1.0))
+    for (key, got), want in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(got, want), key
+
+
+def test_an_ascent_that_raises_part_way_puts_the_moved_weights_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of memory in the second bucket's ascent (injected into tram's own ascent function),
+    after the first bucket's weights moved: they are put back to θ, and the step is forgotten
+    as above."""
+    import tram._wrapper as wrapper_module
+
+    model = Net()
+    params = list(model.parameters())
+    base = torch.optim.SGD([{"params": params[:2]}, {"params": params[2:], "rho": 0.02}], lr=0.1)
+    optimizer = tram.SAM(base, rho=0.07, model=model)
+    real_ascent = wrapper_module.apply_ascent_
+    calls: list[int] = []
+
+    def ascent_out_of_memory_at_the_second_bucket(*args: Any, **kwargs: Any) -> None:
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected: out of memory")
+        real_ascent(*args, **kwargs)
+
+    monkeypatch.setattr(wrapper_module, "apply_ascent_", ascent_out_of_memory_at_the_second_bucket)
+    NanOnSecondPass(optimizer, model, 1.0)()
+    before = snapshot(model)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        optimizer.first_step()
+    assert calls == [0, 1]  # the first bucket had moved
+    assert not optimizer.is_perturbed
+    assert_unchanged(model, before)
+    with pytest.raises(tram.MissingAscentError):
+        optimizer.step()
+    assert_unchanged(model, before)
+
+
 # ----------------------------------------------------------------------------- docstrings
 def _documented_arguments(obj: Callable[..., Any]) -> list[str]:
     doc = inspect.getdoc(obj) or ""

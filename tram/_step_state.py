@@ -139,7 +139,7 @@ class _StepState:
             f"{method}: skipped the ascent because {reason} "
             f"({self.skipped_ascents} skipped so far)",
             RuntimeWarning,
-            stacklevel=4,  # past this, first_step and its no_grad decorator, to its caller
+            stacklevel=5,  # past this, _ascend, first_step and its no_grad decorator
         )
         return False
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
-from tram._buckets import backup_for, collect_buckets, use_foreach
+from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure
 from tram._step_state import (
     MissingAscentError,
@@ -292,6 +292,15 @@ class TwoPassOptimizer(Optimizer):
         state.watched_outside_the_model = False
         state.ascent_params = []
         state.restored_before_second_pass = False
+        try:
+            return self._ascend(buckets, inverse_scale)
+        except BaseException:
+            self._undo_first_step()
+            raise
+
+    def _ascend(self, buckets: list[Bucket], inverse_scale: float) -> bool:
+        """The part of :meth:`first_step` after its checks: d, the norm, the ascent."""
+        state = self._step_state
         if not self.ascent_due:
             # The off-step's base step takes this gradient as it is: never a non-finite one.
             grads = [grad for bucket in buckets for grad in bucket.grads]
@@ -353,7 +362,10 @@ class TwoPassOptimizer(Optimizer):
             # (set_to_none=True) then frees them before the second backward allocates new ones,
             # instead of the step's peak memory growing by one set of gradients.
             bucket.grads = []
-        state.perturbed_buckets[:] = buckets
+            # Bucket by bucket, so that a later one that raises (out of memory) leaves this
+            # one to be put back (apply_ascent_ moves a bucket's weights in its last,
+            # allocation-free pass).
+            state.perturbed_buckets.append(bucket)
         state.ascent_params = [param for bucket in buckets for param in bucket.params]
         state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
@@ -441,6 +453,18 @@ class TwoPassOptimizer(Optimizer):
             )
             state.watched_running_stats = []
         state.second_pass_entered = False
+
+    def _undo_first_step(self) -> None:
+        """Forget a :meth:`first_step` that raised (an invalid ``rho`` set by a schedule, TRAM's
+        refusals, running out of memory): the weights of the buckets it had moved are put back
+        to θ and the step is dropped, so that a base step without a new first pass is refused
+        (:class:`MissingAscentError`) instead of stepping along a gradient the ascent had half
+        consumed. The base class's restore: a subclass's bookkeeping of a completed ascent
+        does not apply."""
+        state = self._step_state
+        TwoPassOptimizer.restore(self)
+        state.running_stats_updated_twice = []
+        state.abandon()
 
     def second_step(self) -> None:
         """Restore the weights and take the base optimizer step with the current gradient."""

@@ -1093,6 +1093,20 @@ MUTANTS = [
         ("tests/test_tram_memory.py@recorded_forwards_autocast",),
     ),
     Mutant(
+        "first-step-that-raised-not-undone",
+        "tram/_wrapper.py",
+        "            self._undo_first_step()",
+        "            pass",
+        ("tests/test_guarantees.py@first_step_that_raises or part_way",),
+    ),
+    Mutant(
+        "first-step-that-raised-leaves-weights-moved",
+        "tram/_wrapper.py",
+        "        TwoPassOptimizer.restore(self)",
+        "        pass",
+        ("tests/test_guarantees.py@part_way",),
+    ),
+    Mutant(
         "sparse-gradient-not-refused",
         "tram/_buckets.py",
         "            if grad.is_sparse:",
