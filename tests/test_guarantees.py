@@ -650,6 +650,97 @@ def test_an_eta_set_after_construction_is_checked_where_it_is_used(method: str) 
         optimizer.first_step()
 
 
+def _cloned(value: Any) -> Any:
+    """A deep copy of a state dict whose tensors are cloned (state_dict() shares them)."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _cloned(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _assert_same(got: Any, want: Any, where: str = "state_dict") -> None:
+    if isinstance(want, Tensor):
+        assert isinstance(got, Tensor), where
+        assert torch.equal(got, want), where
+    elif isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_same(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), where
+        for index, (mine, theirs) in enumerate(zip(got, want, strict=True)):
+            _assert_same(mine, theirs, f"{where}[{index}]")
+    else:
+        assert got == want, where
+
+
+class WiderHead(Net):
+    """Net's parameter names with another head shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 4)
+
+
+REFUSED_LOADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], dict[str, Any], str]] = {
+    # name: (model saved from, saved TRAM options, loading TRAM options, error)
+    "another target": (Net, {"trust_region": "noise"}, {"trust_region": "pretrained"}, "target"),
+    "other shapes": (
+        WiderHead,
+        {"trust_region": "pretrained"},
+        {"trust_region": "pretrained"},
+        "shapes",
+    ),
+    "an earlier noise state": (
+        Net,
+        {"trust_region": "noise"},
+        {"trust_region": "noise"},
+        "noise_draws",
+    ),
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSED_LOADS))
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(refusal: str) -> None:
+    """tram's own part of a state dict is checked after torch loaded the base optimizer's part
+    (torch checks its own first). Before, a refusal there left the base optimizer with the
+    checkpoint's moments and step counts (of wrong shapes, for a model of other shapes) under
+    this optimizer's target: a caller that caught the error and trained on ("resume if you
+    can") trained from a mix. Now the optimizer is as it was, and trains as its untouched twin,
+    bit for bit."""
+    source, saved_options, options, error = REFUSED_LOADS[refusal]
+
+    def build(model: nn.Module, kwargs: dict[str, Any]) -> tram.TwoPassOptimizer:
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return tram.TRAM(base, model, **{**TRAM_KWARGS[kwargs["trust_region"]], **kwargs})
+
+    saved_model = source()
+    saved_optimizer = build(saved_model, saved_options)
+    train(saved_optimizer, saved_model, steps=2)
+    checkpoint = saved_optimizer.state_dict()
+    if refusal == "an earlier noise state":
+        entry = checkpoint["param_groups"][0]["tram"]
+        entry["generator"] = torch.Generator().get_state()
+        del entry["noise_draws"]
+    model, twin = Net(), Net()
+    optimizer, untouched = build(model, options), build(twin, options)
+    train(optimizer, model, steps=1)
+    train(untouched, twin, steps=1)
+    before = _cloned(optimizer.state_dict())
+    with pytest.raises((ValueError, KeyError), match=error):
+        optimizer.load_state_dict(checkpoint)
+    _assert_same(optimizer.state_dict(), before)
+    assert optimizer.param_groups is optimizer.base_optimizer.param_groups
+    train(optimizer, model, steps=2)
+    train(untouched, twin, steps=2)
+    for (key, got), want in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(got, want), key
+    _assert_same(optimizer.state_dict(), untouched.state_dict())
+
+
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     model = Net()
     optimizer = tram.SAM(torch.optim.AdamW(model.parameters(), lr=1e-2), model=model)

@@ -443,11 +443,13 @@ class TRAM(TwoPassOptimizer):
                 "by TRAM with this target, or load the base optimizer's state alone with "
                 "optimizer.base_optimizer.load_state_dict(...)"
             )
-        if own:
-            self.target.load_state_dict({key: state[key] for key in own})
+        last_radius = self.last_radius
         if "last_radius" in state:
             value = state["last_radius"]
-            self._radius_state.last_radius = None if value is None else float(value)
+            last_radius = None if value is None else float(value)
+        if own:
+            self.target.load_state_dict({key: state[key] for key in own})
+        self._radius_state.last_radius = last_radius
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -790,7 +790,13 @@ class TwoPassOptimizer(Optimizer):
         """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict).
 
         Checkpoints of earlier versions, which kept the wrapper's state beside ``state`` and
-        ``param_groups``, load too."""
+        ``param_groups``, load too.
+
+        A state dict that is refused leaves the optimizer as it was: torch checks the base
+        optimizer's part before loading it, and when tram's own part is refused after that (a
+        TRAM checkpoint of another target, a noise state of an earlier version) the base
+        optimizer gets its previous state and param groups back (torch's load replaces both
+        with new objects, so this copies nothing)."""
         self.restore()
         refuse_foreign_state_dict(state_dict)
         state_dict, wrapper_state = _split_wrapper_state(state_dict)
@@ -798,9 +804,20 @@ class TwoPassOptimizer(Optimizer):
             {key: group[key] for key in self._method_defaults if key in group}
             for group in self.param_groups
         ]
-        self.base_optimizer.load_state_dict(state_dict)
+        base = self.base_optimizer
+        previous_state, previous_groups = base.state, base.param_groups
+        base.load_state_dict(state_dict)
         self._relink()
+        try:
+            self._load_wrapper_state(wrapper_state)
+        except BaseException:
+            base.state, base.param_groups = previous_state, previous_groups
+            self._relink()
+            raise
         self._warn_replaced_hyperparameters(before)
+
+    def _load_wrapper_state(self, wrapper_state: dict[str, Any] | None) -> None:
+        """Load tram's own entry of a state dict; its checks come before any change."""
         if wrapper_state is None:
             warnings.warn(
                 f"{type(self).__name__}.load_state_dict() got a state dict without tram's own "
@@ -816,10 +833,15 @@ class TwoPassOptimizer(Optimizer):
                 stacklevel=2,
             )
         else:
-            self.steps = int(wrapper_state.get("steps", 0))
-            self.skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
-            self.skipped_steps = int(wrapper_state.get("skipped_steps", 0))
+            steps = int(wrapper_state.get("steps", 0))
+            skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
+            skipped_steps = int(wrapper_state.get("skipped_steps", 0))
             self._load_extra_state(wrapper_state)
+            self.steps, self.skipped_ascents, self.skipped_steps = (
+                steps,
+                skipped_ascents,
+                skipped_steps,
+            )
 
     def _warn_replaced_hyperparameters(self, before: list[dict[str, Any]]) -> None:
         """Say which of this optimizer's method hyperparameters a loaded state dict replaced.

@@ -207,19 +207,34 @@ class ReferenceWeights:
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Copy saved reference tensors in place; names must match, except that a saved tensor
-        of a parameter that was unfrozen after this copy was made is taken as its copy."""
+        of a parameter that was unfrozen after this copy was made is taken as its copy.
+
+        Names and shapes are checked before anything is copied: a state that does not match
+        leaves the reference as it was."""
         self.track_trainable()
         parameters = dict(self.model.named_parameters())
-        for name in state:
-            if name not in self.tensors and name in parameters:
-                self._copy(name, parameters[name])  # overwritten below with the saved tensor
+        # A saved tensor of a parameter unfrozen after this copy was made: copied below.
+        unfrozen = [name for name in state if name not in self.tensors and name in parameters]
         missing = set(self.tensors) - set(state)
-        unexpected = set(state) - set(self.tensors)
+        unexpected = set(state) - set(self.tensors) - set(unfrozen)
         if missing or unexpected:
             raise KeyError(
                 "reference weights do not match the model: "
                 f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+        shapes = {name: tensor.shape for name, tensor in self.tensors.items()}
+        shapes |= {name: parameters[name].shape for name in unfrozen}
+        mismatched = [
+            f"{name}: saved {tuple(state[name].shape)}, model {tuple(shape)}"
+            for name, shape in shapes.items()
+            if state[name].shape != shape
+        ]
+        if mismatched:
+            raise ValueError(
+                "reference weights do not match the model's shapes: " + "; ".join(mismatched)
+            )
+        for name in unfrozen:
+            self._copy(name, parameters[name])  # overwritten below with the saved tensor
         for name, tensor in self.tensors.items():
             tensor.copy_(state[name])
 

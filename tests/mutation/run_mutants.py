@@ -1070,8 +1070,8 @@ MUTANTS = [
     Mutant(
         "step-counter-not-loaded",
         "tram/_wrapper.py",
-        '            self.steps = int(wrapper_state.get("steps", 0))',
-        "            self.steps = 0",
+        '            steps = int(wrapper_state.get("steps", 0))',
+        "            steps = 0",
         ("tests/test_fabric.py@resume and SAM",),
     ),
     Mutant(
@@ -1105,6 +1105,20 @@ MUTANTS = [
         "        TwoPassOptimizer.restore(self)",
         "        pass",
         ("tests/test_guarantees.py@part_way",),
+    ),
+    Mutant(
+        "refused-state-dict-leaves-the-base-loaded",
+        "tram/_wrapper.py",
+        "            base.state, base.param_groups = previous_state, previous_groups",
+        "            pass",
+        ("tests/test_guarantees.py@refused_state_dict",),
+    ),
+    Mutant(
+        "reference-shapes-not-checked-before-copying",
+        "tram/targets.py",
+        "        if mismatched:",
+        "        if False:",
+        ("tests/test_guarantees.py@refused_state_dict and shapes",),
     ),
     Mutant(
         "sparse-gradient-not-refused",
