@@ -836,12 +836,10 @@ class TwoPassOptimizer(Optimizer):
             steps = int(wrapper_state.get("steps", 0))
             skipped_ascents = int(wrapper_state.get("skipped_ascents", 0))
             skipped_steps = int(wrapper_state.get("skipped_steps", 0))
-            self._load_extra_state(wrapper_state)
-            self.steps, self.skipped_ascents, self.skipped_steps = (
-                steps,
-                skipped_ascents,
-                skipped_steps,
-            )
+            self._load_extra_state(wrapper_state)  # its checks come before its changes
+            self.steps = steps
+            self.skipped_ascents = skipped_ascents
+            self.skipped_steps = skipped_steps
 
     def _warn_replaced_hyperparameters(self, before: list[dict[str, Any]]) -> None:
         """Say which of this optimizer's method hyperparameters a loaded state dict replaced.
