@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,25 @@ def tiny_llama_config(*, dropout: float = 0.0, **overrides: Any) -> Any:
     }
     settings.update(overrides)
     return transformers.LlamaConfig(**settings)
+
+
+def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
+    """Two (optimizer or model) states equal to the bit: tensors of the same dtype and values,
+    the same keys and lengths, the same other values; ``path`` names where they differ."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype, path
+        assert torch.equal(a, b), f"{path}: max diff {(a.double() - b.double()).abs().max()}"
+    elif isinstance(a, Mapping):
+        assert set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{index}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def scenario_records(results: list[dict], name: str) -> list[dict]:

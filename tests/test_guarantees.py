@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import counting_backend, cross_entropy_closure
+from tests.helpers import assert_same_state, counting_backend, cross_entropy_closure
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
@@ -650,33 +650,6 @@ def test_an_eta_set_after_construction_is_checked_where_it_is_used(method: str) 
         optimizer.first_step()
 
 
-def _cloned(value: Any) -> Any:
-    """A deep copy of a state dict whose tensors are cloned (state_dict() shares them)."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: _cloned(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cloned(item) for item in value)
-    return copy.deepcopy(value)
-
-
-def _assert_same(got: Any, want: Any, where: str = "state_dict") -> None:
-    if isinstance(want, Tensor):
-        assert isinstance(got, Tensor), where
-        assert torch.equal(got, want), where
-    elif isinstance(want, dict):
-        assert set(got) == set(want), where
-        for key in want:
-            _assert_same(got[key], want[key], f"{where}[{key!r}]")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for index, (mine, theirs) in enumerate(zip(got, want, strict=True)):
-            _assert_same(mine, theirs, f"{where}[{index}]")
-    else:
-        assert got == want, where
-
-
 class WiderHead(Net):
     """Net's parameter names with another head shape."""
 
@@ -729,16 +702,16 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(refusal: str) -> No
     optimizer, untouched = build(model, options), build(twin, options)
     train(optimizer, model, steps=1)
     train(untouched, twin, steps=1)
-    before = _cloned(optimizer.state_dict())
+    before = copy.deepcopy(optimizer.state_dict())
     with pytest.raises((ValueError, KeyError), match=error):
         optimizer.load_state_dict(checkpoint)
-    _assert_same(optimizer.state_dict(), before)
+    assert_same_state(optimizer.state_dict(), before)
     assert optimizer.param_groups is optimizer.base_optimizer.param_groups
     train(optimizer, model, steps=2)
     train(untouched, twin, steps=2)
     for (key, got), want in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(got, want), key
-    _assert_same(optimizer.state_dict(), untouched.state_dict())
+    assert_same_state(optimizer.state_dict(), untouched.state_dict())
 
 
 def test_a_state_dict_of_another_shape_is_refused() -> None:

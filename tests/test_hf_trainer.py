@@ -37,7 +37,13 @@ from transformers import (  # noqa: E402
 import tram  # noqa: E402
 import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
-from tests.helpers import read_scalars, some_fast, tiny_bert_config, torchrun  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    assert_same_state,
+    read_scalars,
+    some_fast,
+    tiny_bert_config,
+    torchrun,
+)
 from tram import factory  # noqa: E402
 from tram.integrations.hf import REGULARIZERS_NAME, TramTrainer  # noqa: E402
 
@@ -156,23 +162,6 @@ def method_ids() -> list[str]:
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype, path
-        assert torch.equal(a, b), f"{path}: max diff {(a.double() - b.double()).abs().max()}"
-    elif isinstance(a, Mapping):
-        assert set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
-        for key in a:
-            assert_same_state(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for index, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{index}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 # --------------------------------------------------------------------------- equivalence
