@@ -673,6 +673,12 @@ REFUSED_LOADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], dict[str
         {"trust_region": "noise"},
         "noise_draws",
     ),
+    "a noise state without its seed, into a stream whose seed was left out": (
+        Net,
+        {"trust_region": "noise"},
+        {"trust_region": "noise"},
+        "noise_seed",
+    ),
 }
 
 
@@ -698,6 +704,8 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(refusal: str) -> No
         entry = checkpoint["param_groups"][0]["tram"]
         entry["generator"] = torch.Generator().get_state()
         del entry["noise_draws"]
+    if refusal.startswith("a noise state without its seed"):
+        del checkpoint["param_groups"][0]["tram"]["noise_seed"]
     model, twin = Net(), Net()
     optimizer, untouched = build(model, options), build(twin, options)
     train(optimizer, model, steps=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -154,13 +155,96 @@ def test_a_resume_from_the_count_draws_what_the_uninterrupted_stream_draws() -> 
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state == {"noise_draws": 2}
+    assert state == {"noise_draws": 2, "noise_seed": 5}
     resumed = bound_target()
     resumed.load_state_dict(state)
     for expected in drawn[2:]:
         assert torch.equal(noised_embeddings(resumed), expected)
     # A fresh stream draws the first noise again, not the third.
     assert not torch.allclose(noised_embeddings(bound_target()), drawn[2])
+
+
+@pytest.mark.parametrize("built", ["with another seed", "with the seed left out"])
+def test_a_resume_continues_the_checkpoints_seed(built: str) -> None:
+    """The checkpoint's seed wins over the resumed stream's own, as a loaded optimizer state
+    dict's hyperparameters do: a resumed run whose seed was left out, in a process seeded
+    otherwise (or not at all), still continues the checkpointed noise."""
+    straight = bound_target(seed=5)
+    drawn = [noised_embeddings(straight) for _ in range(3)]
+    first = bound_target(seed=5)
+    noised_embeddings(first)
+    state = first.state_dict()
+    torch.manual_seed(1913)
+    resumed = NoisedInputs(sigma=0.3, seed=8 if built == "with another seed" else None)
+    resumed.bind(Embedded())
+    assert resumed.seed == (8 if built == "with another seed" else 1913)
+    resumed.load_state_dict(state)
+    assert resumed.seed == 5
+    for expected in drawn[1:]:
+        assert torch.equal(noised_embeddings(resumed), expected)
+
+
+# ----------------------------------------------------------------------------- the default seed
+def defaulted_target(manual_seed: int) -> tuple[NoisedInputs, torch.Tensor]:
+    """A target built with its seed left out after ``torch.manual_seed(manual_seed)``, and the
+    global generator's next draw after it was built."""
+    torch.manual_seed(manual_seed)
+    target = NoisedInputs(sigma=0.3)
+    after = torch.rand(3)
+    target.bind(Embedded())
+    return target, after
+
+
+def test_the_default_seed_follows_torch_manual_seed_without_drawing_from_it() -> None:
+    """Left out, the seed is torch.initial_seed(). Before, it was 0: a multi-seed study that did
+    not pass seed= gave every run the same noise, and its runs spread less than they should."""
+    target, after = defaulted_target(2027)
+    alike, _ = defaulted_target(2027)
+    other, _ = defaulted_target(31)
+    torch.manual_seed(2027)
+    assert torch.equal(after, torch.rand(3))  # building it drew nothing
+    assert (target.seed, other.seed) == (2027, 31)
+    noise = noised_embeddings(target)
+    expected = torch.randn(noise.shape, generator=NoiseDraws(2027).next()) * 0.3
+    torch.testing.assert_close(noise, expected, rtol=0, atol=1e-6)
+    assert torch.equal(noised_embeddings(alike), noise)
+    assert not torch.allclose(noised_embeddings(other), noise)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "torch.distributed.checkpoint"])
+def test_a_64_bit_default_seed_survives_the_checkpoint(writer: str, tmp_path: Any) -> None:
+    """An unseeded process's torch.initial_seed() is a random 64-bit integer, half the time
+    above int64's range; it goes through a weights-only torch.load and through
+    torch.distributed.checkpoint's save and load unchanged."""
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(2**64 - 59)
+    saved = NoiseStream()
+    saved.draws = 3
+    state = {"stream": saved.state_dict()}
+    if writer == "torch.save":
+        torch.save(state, tmp_path / "stream.pt")
+        loaded = torch.load(tmp_path / "stream.pt", weights_only=True)
+    else:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(state, checkpoint_id=tmp_path)
+            loaded = {"stream": NoiseStream(1).state_dict()}
+            dcp.load(loaded, checkpoint_id=tmp_path)
+    resumed = NoiseStream(1)
+    resumed.load_state_dict(loaded["stream"])
+    assert (resumed.seed, resumed.draws) == (2**64 - 59, 3)
+
+
+@pytest.mark.parametrize("trust_region", ["noise", "fisher"])
+def test_tram_x_and_tram_fisher_take_the_default_seed(trust_region: str) -> None:
+    model = Embedded()
+    torch.manual_seed(4099)
+    optimizer = tram.TRAM(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, trust_region=trust_region
+    )
+    optimizer.step(cross_entropy_closure(optimizer, model, IDS, torch.tensor([0, 1, 2, 0])))
+    assert optimizer.state_dict()["param_groups"][0]["tram"]["noise_seed"] == 4099
 
 
 @pytest.mark.parametrize("copier", [copy.deepcopy, lambda t: pickle.loads(pickle.dumps(t))])
@@ -192,8 +276,61 @@ def test_a_generator_state_from_an_earlier_version_is_refused_with_the_fix() -> 
         target.load_state_dict(legacy)
     target.load_state_dict({**legacy, "noise_draws": 0})  # the fix the message gives
     assert target.stream.draws == 0
+    assert target.seed == 5  # the state held no seed; the one given stays
     with pytest.raises(ValueError, match=r"no 'noise_draws'\. Its keys are \['draws'\]"):
         target.load_state_dict({"draws": 3})
+
+
+def test_a_state_without_a_seed_needs_the_seed_given() -> None:
+    """A checkpoint saved before the seed was checkpointed holds the count alone; its run's seed
+    was the one given, else 0 (the default then). A stream whose seed was left out cannot tell
+    which, and refuses it, unchanged; one given its seed continues it."""
+    legacy = {"noise_draws": 2}
+    torch.manual_seed(2027)
+    stream = NoiseStream()
+    with pytest.raises(ValueError, match=r"no 'noise_seed'.*seed=0 if it gave none"):
+        stream.load_state_dict(legacy)
+    assert (stream.seed, stream.draws) == (2027, 0)
+    given = bound_target(seed=0)
+    given.load_state_dict(legacy)
+    straight = bound_target(seed=0)
+    drawn = [noised_embeddings(straight) for _ in range(3)]
+    assert torch.equal(noised_embeddings(given), drawn[2])
+
+
+def test_a_tram_checkpoint_without_a_seed_continues_in_a_tram_given_one() -> None:
+    labels = torch.tensor([0, 1, 2, 0])
+
+    def build() -> tuple[nn.Module, tram.TwoPassOptimizer]:
+        model = Embedded()
+        return model, tram.TRAM(torch.optim.SGD(model.parameters(), lr=0.1), model, seed=0)
+
+    model, straight = build()
+    radii = []
+    for _ in range(3):
+        straight.step(cross_entropy_closure(straight, model, IDS, labels))
+        radii.append(straight.last_radius)
+    model, saved = build()
+    saved.step(cross_entropy_closure(saved, model, IDS, labels))
+    checkpoint = saved.state_dict()
+    del checkpoint["param_groups"][0]["tram"]["noise_seed"]
+    weights = copy.deepcopy(model.state_dict())
+    model, resumed = build()
+    model.load_state_dict(weights)
+    resumed.load_state_dict(checkpoint)
+    for expected in radii[1:]:
+        resumed.step(cross_entropy_closure(resumed, model, IDS, labels))
+        assert resumed.last_radius == expected
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True, None])
+def test_an_invalid_checkpointed_seed_is_refused(seed: Any) -> None:
+    stream = NoiseStream(6)
+    with pytest.raises(ValueError, match=r"noise_seed must be an int, got"):
+        stream.load_state_dict({"noise_draws": 1, "noise_seed": seed})
+    assert (stream.seed, stream.draws) == (6, 0)
+    stream.load_state_dict({"noise_draws": 1, "noise_seed": torch.tensor(9)})
+    assert (stream.seed, stream.draws) == (9, 1)
 
 
 @pytest.mark.parametrize("draws", [-1, 1.5, True, "3"])
@@ -208,9 +345,9 @@ def test_a_count_given_as_a_tensor_loads() -> None:
     assert stream.draws == 4
 
 
-@pytest.mark.parametrize("seed", [1.0, "0", None, True])
+@pytest.mark.parametrize("seed", [1.0, "0", True])
 def test_a_seed_that_is_not_an_int_is_refused(seed: Any) -> None:
-    with pytest.raises(TypeError, match=r"seed must be an int, but got"):
+    with pytest.raises(TypeError, match=r"seed must be an int or None, but got"):
         NoiseStream(seed)
-    with pytest.raises(TypeError, match=r"seed must be an int, but got"):
+    with pytest.raises(TypeError, match=r"seed must be an int or None, but got"):
         NoisedInputs(seed=seed)

@@ -186,7 +186,7 @@ def test_r3f_state_dict_round_trip() -> None:
     torch.save(r3f.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert state == {"noise_draws": 1}
+    assert state == {"noise_draws": 1, "noise_seed": 3}
     resumed = tram.R3F(sigma=0.5, seed=3)
     resumed.load_state_dict(state)
     assert torch.equal(resumed(model, ids, logits), r3f(model, ids, logits))

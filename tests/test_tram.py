@@ -342,10 +342,11 @@ def reference_tram(
 
 # ----------------------------------------------------------------------------- the library
 def make_tram(task: Task, model: nn.Module, trust_region: str, **kwargs: Any) -> tram.TRAM:
-    # Each trust region takes its own options only (others raise TypeError).
+    # Each trust region takes its own options only (others raise TypeError). The noise seed is
+    # the reference loop's (the default follows torch.manual_seed: test_noise_stream).
     defaults = {
-        "noise": {"sigma": SIGMA},
-        "fisher": {"sigma": SIGMA, "rho": RHO, "fisher_eta": FISHER_ETA},
+        "noise": {"sigma": SIGMA, "seed": 0},
+        "fisher": {"sigma": SIGMA, "rho": RHO, "fisher_eta": FISHER_ETA, "seed": 0},
         "ema": {"ema_decay": EMA_DECAY},
     }
     options = {**defaults.get(trust_region, {}), **kwargs}
@@ -976,7 +977,14 @@ def test_a_regularizer_inside_the_first_pass_is_not_the_training_forward(
 def test_checkpoint_holds_the_count_of_noise_draws_and_the_reference_weights() -> None:
     task = TASKS["plain"]
     noise = library_tram(task, "noise", steps=3).optimizer.state_dict()["param_groups"][0]["tram"]
-    assert set(noise) == {"steps", "skipped_ascents", "skipped_steps", "target", "noise_draws"}
+    assert set(noise) == {
+        "steps",
+        "skipped_ascents",
+        "skipped_steps",
+        "target",
+        "noise_draws",
+        "noise_seed",
+    }
     assert noise["target"] == "noise"
     assert noise["noise_draws"] == 3  # one reference forward a step
     previous = library_tram(task, "previous", steps=2)

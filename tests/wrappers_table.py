@@ -222,14 +222,15 @@ def _tram(trust_region: str) -> WrapperCase:
     ``tram.TRAMFisher``, a Fisher SAM whose groups hold ``rho`` and ``eta``.
     """
     values = {"sigma": 0.3, "eta": 0.02, "rho": 0.05, "fisher_eta": 0.5, "ema_decay": 0.8}
+    values["seed"] = 17  # given: the default seed follows torch.manual_seed (test_noise_stream)
     kwargs: dict[str, Any] = {"trust_region": trust_region}
     if trust_region == "fisher":
-        kwargs |= {"sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5}
+        kwargs |= {"sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5, "seed": 17}
         group, zero = {"rho": 0.05, "eta": 0.5}, {"rho": 0.0}
     else:
         kwargs["eta"] = 0.02
         if trust_region == "noise":
-            kwargs["sigma"] = 0.3
+            kwargs |= {"sigma": 0.3, "seed": 17}
         if trust_region == "ema":
             kwargs["ema_decay"] = 0.8
         group, zero = {"eta": 0.02}, {"max_radius": 0.0}

@@ -36,6 +36,20 @@ a rank that has run out of batches draws nothing while the others go on, so its 
 behind theirs; resumed from rank 0's checkpoint, it continues from rank 0's count: still its own
 draws, unlike any other rank's, but not the ones the uninterrupted run would have drawn.
 
+**The seed.** Given (``seed=``), it is that int. Left out, it is ``torch.initial_seed()`` when
+the stream is built: the seed of ``torch.manual_seed`` (or, without one, the random seed torch
+drew at start-up), read without drawing from the global generator. So runs seeded with
+different ``torch.manual_seed`` draw different noise, as they draw different dropout masks and
+batches, and a run seeded alike draws the same; a fixed default would give every seed of a
+multi-seed study the same noise and shrink the spread between its runs. The checkpoint holds
+the seed beside the count and a resume continues the checkpoint's stream, whatever this
+stream's own seed (as ``load_state_dict`` restores an optimizer's hyperparameters). Ranks
+seeded alike (Hugging Face's ``set_seed``, Lightning's ``seed_everything``) resume exactly from
+rank 0's checkpoint; ranks seeded apart (``seed + rank``) all take rank 0's seed after a resume
+and draw, each, its own noise but not the draws the uninterrupted run would have made. A
+checkpoint from a tram that did not save the seed (its default was 0) is refused by a stream
+whose seed was left out, and loads into one given ``seed=``.
+
 The CPU generator (Mersenne Twister) keeps the low 32 bits of a seed (checked: seeds 5 and
 2**32 + 5 draw alike), so among N draws about N**2 / 2**33 pairs share a seed: about one pair in
 a run of 100,000 noised forwards over all ranks, two equal noise tensors among all of them,
@@ -82,14 +96,20 @@ class NoiseStream:
     :meth:`next_generator` (see the module docstring).
 
     Args:
-        seed: the stream's seed (any Python int).
+        seed: the stream's seed (any Python int); by default ``torch.initial_seed()`` (see the
+            module docstring).
         device: where the draws are made; by default on the hooked module's output device.
     """
 
-    def __init__(self, seed: int, *, device: torch.device | str | None = None) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
-        self.seed = seed
+    def __init__(
+        self, seed: int | None = None, *, device: torch.device | str | None = None
+    ) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, but got {type(seed).__name__}")
+        # Whether the seed was chosen by the caller, or by a checkpoint: only then can a
+        # checkpoint without a seed be continued (see load_state_dict).
+        self.seed_given = seed is not None
+        self.seed = torch.initial_seed() if seed is None else seed
         self.device = None if device is None else torch.device(device)
         self.draws = 0
         self._generator: torch.Generator | None = None
@@ -111,13 +131,15 @@ class NoiseStream:
         return self._generator
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"noise_draws": k}``: the same on every rank, and all a resume needs."""
-        return {"noise_draws": self.draws}
+        """``{"noise_draws": k, "noise_seed": seed}``: all a resume needs; the count is the same
+        on every rank."""
+        return {"noise_draws": self.draws, "noise_seed": self.seed}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`. A state that holds a generator's state and no
-        count (saved by an earlier tram, which advanced one generator) is refused: this stream
-        cannot continue it."""
+        """Continue the stream of a :meth:`state_dict`: its seed and its count. Refused: a state
+        that holds a generator's state and no count (saved by an earlier tram, which advanced
+        one generator), and a state without a seed (saved before the seed was checkpointed)
+        when this stream's seed was left out. Nothing changes when a state is refused."""
         if "noise_draws" not in state:
             raise ValueError(
                 "Invalid state_dict: it holds no 'noise_draws'. "
@@ -135,7 +157,25 @@ class NoiseStream:
             draws = draws.item()
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
             raise ValueError(f"Invalid state_dict: noise_draws must be an int >= 0, got {draws!r}")
+        if "noise_seed" in state:
+            seed = state["noise_seed"]
+            if isinstance(seed, torch.Tensor) and seed.numel() == 1:
+                seed = seed.item()
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"Invalid state_dict: noise_seed must be an int, got {seed!r}")
+        elif self.seed_given:
+            seed = self.seed
+        else:
+            raise ValueError(
+                "Invalid state_dict: it holds no 'noise_seed' (it was saved by a tram version "
+                "that did not checkpoint the noise seed, whose default was 0), and this "
+                f"stream's seed was left out (it is torch.initial_seed() = {self.seed}), so "
+                "the checkpoint's noise cannot be continued. Pass the seed the checkpointed run "
+                "was built with: seed=0 if it gave none"
+            )
         self.draws = draws
+        self.seed = seed
+        self.seed_given = True
 
     def __getstate__(self) -> dict[str, Any]:
         # A torch.Generator does not pickle; the next draw makes a fresh one.

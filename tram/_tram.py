@@ -434,7 +434,9 @@ class TRAM(TwoPassOptimizer):
                 "over to another target"
             )
         own = self.target.state_dict()
-        missing = sorted(key for key in own if key not in state)
+        missing = sorted(
+            key for key in own if key not in state and key not in self.target.optional_state
+        )
         if missing:
             raise ValueError(
                 f"Invalid state_dict: the {self.target.name!r} target's state ("
@@ -448,7 +450,7 @@ class TRAM(TwoPassOptimizer):
             value = state["last_radius"]
             last_radius = None if value is None else float(value)
         if own:
-            self.target.load_state_dict({key: state[key] for key in own})
+            self.target.load_state_dict({key: state[key] for key in own if key in state})
         self._radius_state.last_radius = last_radius
 
     def __getstate__(self) -> dict[str, Any]:

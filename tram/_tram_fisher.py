@@ -53,7 +53,8 @@ class TRAMFisher(FisherSAM):
         model: the model being trained (a DDP or ``torch.compile`` wrapper is unwrapped).
         sigma, noise, embeddings, seed: the noise of the first pass
             (:class:`tram.targets.NoisedInputs`: σ, its distribution, where it goes, the seed of
-            its stream, whose count of draws is checkpointed).
+            its stream, by default ``torch.initial_seed()``; seed and count of draws are
+            checkpointed).
         rho: the neighbourhood size γ of the Fisher SAM ascent.
         eta: the Fisher regularisation η.
         ascent_every, local_ascent, foreach: see :class:`tram.TwoPassOptimizer`.
@@ -67,7 +68,7 @@ class TRAMFisher(FisherSAM):
         sigma: float = 0.1,
         noise: NoiseDistribution = "gaussian",
         embeddings: nn.Module | str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         rho: float = 0.1,
         eta: float = 0.1,
         ascent_every: int = 1,

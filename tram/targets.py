@@ -276,6 +276,10 @@ class Target:
     """
 
     name: ClassVar[str] = "target"
+    optional_state: ClassVar[frozenset[str]] = frozenset()
+    """Keys of :meth:`state_dict` that a checkpoint may lack (saved by an earlier version):
+    TRAM refuses a checkpoint that lacks any other key, and passes :meth:`load_state_dict` the
+    keys the checkpoint has."""
     model: nn.Module
 
     def bind(self, model: nn.Module) -> None:
@@ -321,10 +325,13 @@ class NoisedInputs(Target):
         noise: ``"gaussian"`` or ``"uniform"``.
         embeddings: where the noise goes: a module or module name; by default the token
             embeddings (:func:`tram.noise.find_input_embeddings`).
-        seed: seed of the noise stream.
+        seed: seed of the noise stream; by default ``torch.initial_seed()``, so the noise
+            follows ``torch.manual_seed`` without drawing from the global generator (see
+            :class:`tram.noise.NoiseStream`). The checkpoint holds it with the count of draws.
     """
 
     name = "noise"
+    optional_state = frozenset({"noise_seed"})  # checkpoints before the seed was saved
 
     def __init__(
         self,
@@ -332,7 +339,7 @@ class NoisedInputs(Target):
         sigma: float = 0.1,
         noise: NoiseDistribution = "gaussian",
         embeddings: nn.Module | str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         self.sigma = check_non_negative("sigma", sigma)
         if noise not in ("gaussian", "uniform"):
