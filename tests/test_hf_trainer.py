@@ -289,6 +289,27 @@ def test_the_trainer_configured_base_optimizer_is_wrapped(tmp_path):
     assert trainer.create_optimizer() is optimizer  # idempotent
 
 
+@pytest.mark.parametrize("trust_region", ["noise", "fisher"])
+def test_noise_left_unseeded_takes_the_trainers_seed(tmp_path, trust_region):
+    """TRAM-x's and TRAM-Fisher's noise, built without seed=, is seeded by the Trainer's own
+    set_seed(args.seed) (torch.initial_seed() when the optimizer is built): runs of other seeds
+    draw other noise, whatever the process was seeded with before."""
+    seeds = []
+    for seed in (17, 29):
+        torch.manual_seed(4)  # the Trainer reseeds
+        trainer = TramTrainer(
+            model=tiny_bert(),
+            args=make_args(tmp_path / str(seed), seed=seed),
+            train_dataset=TinyDataset(),
+            method="tram",
+            method_kwargs={"trust_region": trust_region, "sigma": 0.3},
+        )
+        optimizer = trainer.create_optimizer()
+        target = optimizer.noised_inputs if trust_region == "fisher" else optimizer.target
+        seeds.append(target.seed)
+    assert seeds == [17, 29]
+
+
 def test_optimizer_cls_and_kwargs_and_a_passed_optimizer_are_wrapped(tmp_path):
     model = tiny_bert()
     trainer = TramTrainer(

@@ -1065,7 +1065,10 @@ MUTANTS = [
         "tram/_noise_stream.py",
         "        self.seed = torch.initial_seed() if seed is None else seed",
         "        self.seed = 0 if seed is None else seed",
-        ("tests/test_noise_stream.py@default_seed",),
+        (
+            "tests/test_noise_stream.py@default_seed",
+            "tests/test_hf_trainer.py@unseeded_takes_the_trainers_seed",
+        ),
     ),
     Mutant(
         "noise-seed-default-drawn-from-the-global-generator",
