@@ -331,7 +331,9 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     ``state_dict()``, train on; then every rank loads that file into a fresh model, DDP and
     optimizer and trains the same steps. Records both runs' parameters after every step.
     SAM runs with ``ascent_every=2`` (the step counter decides which steps ascend); TRAM-x
-    ascends every step, so the noise generator's state decides its noise; TRAM-θ0's optimizer
+    ascends every step, so the noise stream's seed and count decide its noise: its seed is
+    left out, so it is torch.initial_seed(), alike on every rank in the first run and otherwise
+    on each rank in the resumed one, where the checkpoint's seed must win; TRAM-θ0's optimizer
     is built after the model loaded θ1, so only the checkpoint can give back its θ0."""
     path = Path(spec["checkpoint_dir"]) / f"ddp-{method}.pt"
 
@@ -344,9 +346,9 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
             ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
         )
         if method == "TRAM-x":
-            noise = NoisedInputs(
-                sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"]
-            )
+            resumed_seed = spec["noise_seed"] + 1 + rank  # a resumed process seeded otherwise
+            torch.manual_seed(spec["noise_seed"] if weights is None else resumed_seed)
+            noise = NoisedInputs(sigma=spec["sigma"], embeddings=ddp.module[0])
             return ddp, tram.TRAM(base, model=ddp, target=noise)
         if method == "TRAM-θ0":
             return ddp, tram.TRAM(base, model=ddp, trust_region="pretrained")

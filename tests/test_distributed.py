@@ -500,7 +500,8 @@ def test_fsdp2_gradient_accumulation_is_large_batch_sam(
 def test_ddp_checkpoint_resume_is_exact(results: list[dict], method: str) -> None:
     """Rank 0's model and optimizer state_dict(), loaded on every rank into a fresh model, DDP
     and optimizer, takes the steps the uninterrupted run took, bit for bit (SAM's step counter
-    with ascent_every=2, TRAM-x's noise generator, TRAM-θ0's reference weights)."""
+    with ascent_every=2, TRAM-x's noise stream, whose seed was left out and the resumed ranks
+    seeded otherwise, TRAM-θ0's reference weights)."""
     for rank, record in enumerate(scenario(results, f"ddp_checkpoint_resume_{method}")):
         for step, (straight, resumed) in enumerate(
             zip(record["straight"], record["resumed"], strict=True), start=1

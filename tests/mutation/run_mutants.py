@@ -1082,7 +1082,10 @@ MUTANTS = [
         "tram/_noise_stream.py",
         "        self.seed = seed\n        self.seed_given = True",
         "        self.seed_given = True",
-        ("tests/test_noise_stream.py@continues_the_checkpoints_seed",),
+        (
+            "tests/test_noise_stream.py@continues_the_checkpoints_seed",
+            "tests/test_distributed.py@ddp_checkpoint_resume and tram_x",
+        ),
     ),
     Mutant(
         "noise-state-without-seed-taken-silently",
