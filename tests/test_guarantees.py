@@ -802,6 +802,45 @@ def test_an_ascent_that_raises_part_way_puts_the_moved_weights_back(
     assert_unchanged(model, before)
 
 
+def test_an_ascent_interrupted_inside_a_bucket_puts_its_weights_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KeyboardInterrupt between two weights of one bucket's ascent (the loop path, foreach
+    off), after the first had moved: the bucket is put back to θ (every backup already held θ)
+    and the step is forgotten. Before, the moved weight stayed at θ+ε: a checkpoint written on
+    the interrupt (Lightning's OnExceptionCheckpoint) would have saved it."""
+    import tram._wrapper as wrapper_module
+
+    model = Net()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = tram.SAM(base, rho=0.07, model=model, foreach=False)
+    real_ascent, real_add = wrapper_module.apply_ascent_, torch.Tensor.add_
+    adds: list[int] = []
+
+    def add_interrupted_at_the_second_weight(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adds.append(len(adds))
+        if len(adds) == 2:
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    def ascent(*args: Any, **kwargs: Any) -> None:
+        with monkeypatch.context() as inside:
+            inside.setattr(torch.Tensor, "add_", add_interrupted_at_the_second_weight)
+            real_ascent(*args, **kwargs)
+
+    monkeypatch.setattr(wrapper_module, "apply_ascent_", ascent)
+    NanOnSecondPass(optimizer, model, 1.0)()
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        optimizer.first_step()
+    assert adds == [0, 1]  # the first weight had moved
+    assert not optimizer.is_perturbed
+    assert_unchanged(model, before)
+    with pytest.raises(tram.MissingAscentError):
+        optimizer.step()
+    assert_unchanged(model, before)
+
+
 # ----------------------------------------------------------------------------- docstrings
 def _documented_arguments(obj: Callable[..., Any]) -> list[str]:
     doc = inspect.getdoc(obj) or ""

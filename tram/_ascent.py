@@ -118,7 +118,8 @@ def apply_ascent_(
     inverse_scale: float = 1.0,
     foreach: bool = False,
 ) -> None:
-    r"""Save ``params`` into ``backups``, then move them by ``coefficient * T^2 g``.
+    r"""Save ``params`` into ``backups``, then move them by ``coefficient * T^2 g``; if this
+    raises, ``params`` are as they were.
 
     ``coefficient`` is :math:`\rho / (\lVert T g \rVert + 10^{-12})`. For the adaptive and
     Fisher operators ``backups`` must hold :math:`T g` as :func:`scaled_squared_norm` left it
@@ -155,10 +156,19 @@ def apply_ascent_(
     if foreach:
         foreach_copy_(backups, params)
         torch._foreach_add_(params, grads, alpha=coefficient)
-    else:
-        for p, g, backup in zip(params, grads, backups, strict=True):
-            backup.copy_(p)
+        return
+    for p, backup in zip(params, backups, strict=True):
+        backup.copy_(p)
+    # Every backup holds θ from here on, so a loop stopped part way (KeyboardInterrupt) can put
+    # the weights it had moved back: the bucket is at θ whenever this function raises. (The
+    # foreach path moves every weight in one call.)
+    try:
+        for p, g in zip(params, grads, strict=True):
             p.add_(g, alpha=coefficient)
+    except BaseException:
+        for p, backup in zip(params, backups, strict=True):
+            p.copy_(backup)
+        raise
 
 
 def _signed_adaptive(scaling: Scaling, eta: float, params: list[Tensor]) -> bool:

@@ -1151,6 +1151,13 @@ MUTANTS = [
         ("tests/test_guarantees.py@part_way",),
     ),
     Mutant(
+        "interrupted-ascent-leaves-weights-moved",
+        "tram/_ascent.py",
+        "            p.copy_(backup)\n        raise",
+        "            pass\n        raise",
+        ("tests/test_guarantees.py@interrupted_inside_a_bucket",),
+    ),
+    Mutant(
         "refused-state-dict-leaves-the-base-loaded",
         "tram/_wrapper.py",
         "            base.state, base.param_groups = previous_state, previous_groups",
