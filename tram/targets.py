@@ -303,7 +303,10 @@ class Target:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load what :meth:`state_dict` saved."""
+        """Load what :meth:`state_dict` saved. Check all of ``state`` before changing anything
+        and raise ``ValueError`` on what cannot be loaded: TRAM then puts the base optimizer's
+        state back, but the target's own part is the target's to leave as it was (as
+        :class:`NoisedInputs` and :class:`ReferenceWeights` do)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
