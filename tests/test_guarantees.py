@@ -790,18 +790,23 @@ def test_an_ascent_that_raises_part_way_puts_the_moved_weights_back(
         real_ascent(*args, **kwargs)
 
     monkeypatch.setattr(wrapper_module, "apply_ascent_", ascent_out_of_memory_at_the_second_bucket)
-    assert_a_raising_first_step_is_forgotten(optimizer, model, torch.OutOfMemoryError)
+    assert_a_raising_first_step_is_forgotten(
+        optimizer, model, torch.OutOfMemoryError, match="injected"
+    )
     assert calls == [0, 1]  # the first bucket had moved
 
 
 def assert_a_raising_first_step_is_forgotten(
-    optimizer: tram.TwoPassOptimizer, model: nn.Module, error: type[BaseException]
+    optimizer: tram.TwoPassOptimizer,
+    model: nn.Module,
+    error: type[BaseException],
+    match: str | None = None,
 ) -> None:
-    """After a first pass, first_step() raises ``error`` with the weights at θ, and a step()
-    that follows is refused and moves nothing."""
+    """After a first pass, first_step() raises ``error`` (its message matching ``match``) with
+    the weights at θ, and a step() that follows is refused and moves nothing."""
     NanOnSecondPass(optimizer, model, 1.0)()
     before = snapshot(model)
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         optimizer.first_step()
     assert not optimizer.is_perturbed
     assert_unchanged(model, before)
