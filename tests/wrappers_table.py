@@ -221,8 +221,15 @@ def _tram(trust_region: str) -> WrapperCase:
     Each target takes its own options only (``tram/_tram.py``); ``"fisher"`` builds a
     ``tram.TRAMFisher``, a Fisher SAM whose groups hold ``rho`` and ``eta``.
     """
-    values = {"sigma": 0.3, "eta": 0.02, "rho": 0.05, "fisher_eta": 0.5, "ema_decay": 0.8}
-    values["seed"] = 17  # given: the default seed follows torch.manual_seed (test_noise_stream)
+    # The noise seed is given: the default follows torch.manual_seed (test_noise_stream).
+    values = {
+        "sigma": 0.3,
+        "eta": 0.02,
+        "rho": 0.05,
+        "fisher_eta": 0.5,
+        "ema_decay": 0.8,
+        "seed": 17,
+    }
     kwargs: dict[str, Any] = {"trust_region": trust_region}
     if trust_region == "fisher":
         kwargs |= {"sigma": 0.3, "rho": 0.05, "fisher_eta": 0.5, "seed": 17}

@@ -83,6 +83,14 @@ def draw_seed(seed: int, *, rank: int, draw: int) -> int:
     return _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ rank) ^ draw)
 
 
+def _number(value: Any) -> Any:
+    """A checkpointed number as a Python number: torch.distributed.checkpoint may give back a
+    one-element tensor. Anything else is returned as it is, for the caller to check."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
 def data_parallel_rank() -> int:
     """This process's rank in the default process group; 0 without one."""
     if dist.is_available() and dist.is_initialized():
@@ -152,15 +160,11 @@ class NoiseStream:
                     else f"Its keys are {sorted(state)}"
                 )
             )
-        draws = state["noise_draws"]
-        if isinstance(draws, torch.Tensor):  # torch.distributed.checkpoint may give a tensor
-            draws = draws.item()
+        draws = _number(state["noise_draws"])
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
             raise ValueError(f"Invalid state_dict: noise_draws must be an int >= 0, got {draws!r}")
         if "noise_seed" in state:
-            seed = state["noise_seed"]
-            if isinstance(seed, torch.Tensor) and seed.numel() == 1:
-                seed = seed.item()
+            seed = _number(state["noise_seed"])
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ValueError(f"Invalid state_dict: noise_seed must be an int, got {seed!r}")
         elif self.seed_given:
