@@ -323,7 +323,7 @@ def test_a_tram_checkpoint_without_a_seed_continues_in_a_tram_given_one() -> Non
         assert resumed.last_radius == expected
 
 
-@pytest.mark.parametrize("seed", [1.5, "3", True, None])
+@pytest.mark.parametrize("seed", [1.5, "3", True, None, torch.tensor([6, 7])])
 def test_an_invalid_checkpointed_seed_is_refused(seed: Any) -> None:
     stream = NoiseStream(6)
     with pytest.raises(ValueError, match=r"noise_seed must be an int, got"):
@@ -333,7 +333,7 @@ def test_an_invalid_checkpointed_seed_is_refused(seed: Any) -> None:
     assert (stream.seed, stream.draws) == (9, 1)
 
 
-@pytest.mark.parametrize("draws", [-1, 1.5, True, "3"])
+@pytest.mark.parametrize("draws", [-1, 1.5, True, "3", torch.tensor([4, 5]), torch.tensor(2.5)])
 def test_an_invalid_count_is_refused(draws: Any) -> None:
     with pytest.raises(ValueError, match=r"noise_draws must be an int >= 0, got"):
         NoiseStream(0).load_state_dict({"noise_draws": draws})
