@@ -450,6 +450,17 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
         optimizer.step(cross_entropy_closure(optimizer, model, x, y))
     assert not optimizer.is_perturbed
     assert all(m.track_running_stats for m in batchnorms(model))  # body's unfrozen again
+    # The explicit form without second_pass(): only the guard's hook sees the head's BatchNorm
+    # (second_pass() would also catch it afterwards, by its statistics), and refuses it before
+    # it runs.
+    closure = cross_entropy_closure(optimizer, model, x, y)
+    closure()
+    after_first = buffers(head)
+    assert optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
+        closure()
+    assert_same_buffers(buffers(head), after_first)
+    optimizer.restore()
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
     optimizer.step(cross_entropy_closure(optimizer, model, x, y))
