@@ -1088,6 +1088,20 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "checkpointed-count-left-a-tensor",
+        "tram/_noise_stream.py",
+        "        return value.item()",
+        "        return value",
+        ("tests/test_noise_stream.py@given_as_a_tensor or invalid_checkpointed_seed",),
+    ),
+    Mutant(
+        "checkpointed-tensor-of-several-numbers-read-with-item",
+        "tram/_noise_stream.py",
+        "    if isinstance(value, torch.Tensor) and value.numel() == 1:",
+        "    if isinstance(value, torch.Tensor):",
+        ("tests/test_noise_stream.py@invalid_count or invalid_checkpointed_seed",),
+    ),
+    Mutant(
         "noise-state-without-seed-taken-silently",
         "tram/_noise_stream.py",
         "        elif self.seed_given:",
