@@ -254,6 +254,25 @@ def torchrun(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedPr
     return completed
 
 
+def layer_checkpointing(enabled: bool, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``TrainingArguments`` settings that turn the layers' activation checkpointing on or off,
+    under the name the installed transformers takes: ``activation_checkpointing`` where it
+    exists (``gradient_checkpointing`` is its deprecated alias there, to be removed in
+    transformers 6), ``gradient_checkpointing`` in the releases before it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing"
+    if name not in names:
+        name = "gradient_checkpointing"
+    settings: dict[str, Any] = {name: enabled}
+    if kwargs is not None:
+        settings[f"{name}_kwargs"] = kwargs
+    return settings
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

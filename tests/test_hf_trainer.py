@@ -39,6 +39,7 @@ import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_same_state,
+    layer_checkpointing,
     read_scalars,
     some_fast,
     tiny_bert_config,
@@ -558,11 +559,12 @@ def checkpointing_run(
     model.bert.encoder.layer[0].attention.register_forward_hook(
         lambda module, args, output: recomputed.append(tram._checkpointing.checkpoint_phase())
     )
-    settings: dict[str, Any] = {"gradient_checkpointing": gradient_checkpointing_kwargs is not None}
-    if gradient_checkpointing_kwargs is not None:
-        settings["gradient_checkpointing_kwargs"] = CHECKPOINTING_KWARGS[
-            gradient_checkpointing_kwargs
-        ]
+    settings = layer_checkpointing(
+        gradient_checkpointing_kwargs is not None,
+        None
+        if gradient_checkpointing_kwargs is None
+        else CHECKPOINTING_KWARGS[gradient_checkpointing_kwargs],
+    )
     trainer = TramTrainer(
         model=model,
         args=make_args(output_dir, max_steps=2, **settings),
@@ -580,10 +582,11 @@ def checkpointing_run(
 @pytest.mark.parametrize("kwargs", list(CHECKPOINTING_KWARGS))
 @pytest.mark.parametrize("case", list(CHECKPOINTED_METHODS))
 def test_gradient_checkpointing_trains_as_without_it(tmp_path, case, kwargs):
-    """``TrainingArguments(gradient_checkpointing=True)``: the same weights. Bit for bit, except
-    R3F under ``use_reentrant=True``: a reentrant block's weights get their gradient from a
-    backward of their own per forward, so the clean and the noised forward's gradients are
-    summed into ``.grad`` in another order (the plain Trainer with R3F differs the same, by
+    """``TrainingArguments(activation_checkpointing=True)`` (``gradient_checkpointing`` in
+    earlier transformers): the same weights. Bit for bit, except R3F under
+    ``use_reentrant=True``: a reentrant block's weights get their gradient from a backward of
+    their own per forward, so the clean and the noised forward's gradients are summed into
+    ``.grad`` in another order (the plain Trainer with R3F differs the same, by
     4e-9 after these steps); fp32 round-off, far below one step's change (lr 1e-3)."""
     expected, none = checkpointing_run(tmp_path / "plain", case, None)
     got, recomputations = checkpointing_run(tmp_path / "checkpointed", case, kwargs)
@@ -601,7 +604,7 @@ def test_gradient_checkpointing_refuses_r3f_noise_inside_a_checkpointed_layer(tm
     before = flat_params(model)
     trainer = TramTrainer(
         model=model,
-        args=make_args(tmp_path, max_steps=1, gradient_checkpointing=True),
+        args=make_args(tmp_path, max_steps=1, **layer_checkpointing(True)),
         train_dataset=TinyDataset(),
         method="sam",
         method_kwargs={"rho": 0.05},

@@ -22,7 +22,7 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from tests.helpers import tiny_llama_config  # noqa: E402
+from tests.helpers import layer_checkpointing, tiny_llama_config  # noqa: E402
 from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -751,7 +751,7 @@ TRL_CHECKPOINTED = {
 def test_sft_gradient_checkpointing_trains_as_without_it(
     tmp_path: Any, case: str, use_reentrant: bool | None
 ) -> None:
-    """SFTConfig checkpoints the layers by default (``gradient_checkpointing=True``): with
+    """SFTConfig checkpoints the layers by default (its ``gradient_checkpointing=True``): with
     dropout, TRAM's twin and reference forwards and TRAM-Fisher's noised forward train to the
     weights of the run without checkpointing, bit for bit."""
     runs = []
@@ -761,9 +761,12 @@ def test_sft_gradient_checkpointing_trains_as_without_it(
         model.model.layers[0].self_attn.register_forward_hook(
             lambda module, args, output, phases=phases: phases.append(checkpoint_phase())
         )
-        config: dict[str, Any] = {"gradient_checkpointing": checkpointing}
-        if checkpointing and use_reentrant is not None:
-            config["gradient_checkpointing_kwargs"] = {"use_reentrant": use_reentrant}
+        config = layer_checkpointing(
+            checkpointing,
+            {"use_reentrant": use_reentrant}
+            if checkpointing and use_reentrant is not None
+            else None,
+        )
         train_sft(
             tmp_path / str(checkpointing),
             model,
