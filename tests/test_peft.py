@@ -161,13 +161,17 @@ PEFT_CHECKPOINTED = {
 
 def checkpointed_lora_run(options: dict[str, Any], mode: str | None) -> tuple[Tensor, int]:
     """Three steps of TRAM on the LoRA Llama (dropout 0.15, LoRA dropout 0.2), its layers
-    checkpointed by ``gradient_checkpointing_enable`` in ``mode`` (None: not checkpointed): the
-    trainable weights, and how many forwards of the first layer's attention were recomputed."""
+    checkpointed by ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` in
+    earlier transformers) in ``mode`` (None: not checkpointed): the trainable weights, and how
+    many forwards of the first layer's attention were recomputed."""
     model = tiny_llama()
     if mode is not None:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"}
-        )
+        kwargs = {"use_reentrant": mode == "reentrant"}
+        if hasattr(model, "activation_checkpointing_enable"):
+            # The name in transformers 5.x, where gradient_checkpointing_enable is deprecated.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         # The embeddings are frozen: a reentrant block gives gradients to its adapters only if
         # its input requires grad (what PEFT's prepare_model_for_kbit_training also does).
         model.enable_input_require_grads()
