@@ -456,11 +456,15 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     closure = cross_entropy_closure(optimizer, model, x, y)
     closure()
     after_first = buffers(head)
+    weights = [p.detach().clone() for p in model.parameters()]
     assert optimizer.first_step()
     with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
         closure()
     assert_same_buffers(buffers(head), after_first)
+    # The wrapper does not see this pass end: the caller's restore() puts θ back.
+    assert optimizer.is_perturbed
     optimizer.restore()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
     optimizer.step(cross_entropy_closure(optimizer, model, x, y))
