@@ -461,9 +461,19 @@ def test_a_batchnorm_outside_the_model_given_is_refused() -> None:
     with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
         closure()
     assert_same_buffers(buffers(head), after_first)
-    # The wrapper does not see this pass end: the caller's restore() puts θ back.
+    # The wrapper does not see this pass end: as after any error the caller's forward raises,
+    # the weights stay at θ+ε until the caller's restore() ...
     assert optimizer.is_perturbed
     optimizer.restore()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    # ... while a base step without a second pass that went through is refused, with θ back.
+    closure()
+    assert optimizer.first_step()
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d .*not inside the model= given to SAM"):
+        closure()
+    with pytest.raises(RuntimeError, match=r"found no gradient from a second pass"):
+        optimizer.second_step()
+    assert not optimizer.is_perturbed
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
     # With the whole model, the step goes through.
     optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.3, model=model)
