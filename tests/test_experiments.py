@@ -612,6 +612,58 @@ def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path
     assert max((weights[k] - v).abs().max().item() for k, v in start.items()) > 1e-3
 
 
+def test_the_radius_of_a_step_is_the_mean_over_ranks_exact_where_they_agree():
+    """Under local ascent each rank measures its own d: a step's radius is their mean. Where
+    the ranks agree (the synchronised ascent) it is their value exactly: three ranks' 0.1
+    summed and divided by 3 would be 0.10000000000000002. Steps without a finite d on some rank
+    are left out."""
+    import torch
+
+    from tram.experiments.run import mean_over_ranks
+
+    nan = math.nan
+    per_rank = torch.tensor(
+        [[0.1, 1.0, nan, 0.7, 2.0], [0.1, 2.0, nan, nan, 3.0], [0.1, 4.5, nan, 0.7, 7.0]],
+        dtype=torch.float64,
+    )
+    assert mean_over_ranks(per_rank) == [0.1, 2.5, 4.0]
+    assert mean_over_ranks(per_rank[:1]) == [0.1, 1.0, 0.7, 2.0]
+    assert mean_over_ranks(torch.full((2, 3), nan)) == []
+
+
+def _radius_worker(out: str) -> None:
+    """One rank of :func:`test_the_runner_gathers_every_ranks_radius`: rank r's d of the three
+    steps is 0.25 + r, 1.5 (r + 1) and none."""
+    import torch
+    from accelerate import Accelerator
+
+    from tram.experiments.run import radius_over_ranks
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    values = radius_over_ranks([0.25 + rank, 1.5 * (rank + 1), math.nan], accelerator)
+    Path(out, f"rank{rank}.json").write_text(json.dumps([accelerator.num_processes, values]))
+    # A gloo group left to the interpreter's exit can abort it ("terminate called without an
+    # active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_runner_gathers_every_ranks_radius(tmp_path):
+    """What the runner writes as ``radius_per_step`` on two gloo ranks: each step's mean over
+    the ranks, in the order of the steps, the same on every rank (before, rank 0's own d)."""
+    torchrun(__file__, "--radius-worker", str(tmp_path))
+    for rank in (0, 1):
+        world, values = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert world == 2
+        assert values == [0.75, 2.25]
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--radius-worker":
+    _radius_worker(sys.argv[2])
+
+
 # ------------------------------------------------------------------------------ real assets
 
 

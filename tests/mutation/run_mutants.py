@@ -1102,6 +1102,20 @@ MUTANTS = [
         ("tests/test_noise_stream.py@invalid_count or invalid_checkpointed_seed",),
     ),
     Mutant(
+        "runner-radius-rank-0s-only",
+        "tram/experiments/run.py",
+        "    gathered = accelerator.gather(mine) if accelerator.num_processes > 1 else mine",
+        "    gathered = mine.repeat(accelerator.num_processes)",
+        ("tests/test_experiments.py@gathers_every_ranks_radius",),
+    ),
+    Mutant(
+        "runner-radius-agreeing-ranks-averaged",
+        "tram/experiments/run.py",
+        "    values = torch.where(agree, per_rank[0], per_rank.mean(dim=0))",
+        "    values = per_rank.mean(dim=0)",
+        ("tests/test_experiments.py@mean_over_ranks_exact",),
+    ),
+    Mutant(
         "noise-state-without-seed-taken-silently",
         "tram/_noise_stream.py",
         "        elif self.seed_given:",

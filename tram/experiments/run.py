@@ -202,15 +202,15 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
     from tram.integrations.accelerate import unwrap_optimizer
 
     class RadiusTracker(TrainerCallback):
-        """Collects the two-pass method's radius (TRAM's d) after every optimizer step."""
+        """Collects the two-pass method's radius (TRAM's d) after every optimizer step, NaN
+        where it has none, so that every rank holds one value per step."""
 
         def __init__(self) -> None:
             self.values: list[float] = []
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             radius = getattr(unwrap_optimizer(kwargs.get("optimizer")), "last_radius", None)
-            if radius is not None and math.isfinite(float(radius)):
-                self.values.append(float(radius))
+            self.values.append(math.nan if radius is None else float(radius))
 
     class LogTheLastStep(TrainerCallback):
         """Logs the last step whatever ``logging_steps`` is, so ``train_loss`` averages every
@@ -235,6 +235,35 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
     tracker = RadiusTracker()
     trainer.add_callback(tracker)
     return tracker
+
+
+def mean_over_ranks(per_rank: Any) -> list[float]:
+    """Each step's radius as the mean over ranks of ``per_rank`` (a tensor of shape
+    ``(ranks, steps)``), the steps without a finite one left out.
+
+    A step whose ranks agree (the synchronised ascent, and one process) keeps their value
+    exactly, which a sum over three or more ranks divided by their number need not; under
+    ``local_ascent=True`` each rank measures its own d on its shard, and the step's value is
+    their mean."""
+    import torch
+
+    per_rank = per_rank.to(torch.float64)
+    agree = (per_rank == per_rank[0]).all(dim=0)
+    values = torch.where(agree, per_rank[0], per_rank.mean(dim=0))
+    return [value for value in values.tolist() if math.isfinite(value)]
+
+
+def radius_over_ranks(values: list[float], accelerator: Any) -> list[float]:
+    """The radius of every step (:func:`mean_over_ranks`) from each rank's ``values`` (one per
+    optimizer step, the same number on every rank), gathered with ``accelerator``: a
+    collective that every rank of a distributed run reaches."""
+    import torch
+
+    if not values:  # no optimizer step, on every rank alike
+        return []
+    mine = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    gathered = accelerator.gather(mine) if accelerator.num_processes > 1 else mine
+    return mean_over_ranks(gathered.reshape(accelerator.num_processes, len(values)).cpu())
 
 
 def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -294,6 +323,7 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     train_output = trainer.train()
     train_time = time.perf_counter() - start
+    radius_per_step = radius_over_ranks(tracker.values, trainer.accelerator)
     start = time.perf_counter()
     predictions: dict[str, tuple[Any, Any]] = {}
     per_domain = (
@@ -324,10 +354,10 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         eval_time_s=round(eval_time, 3),
         steps=int(trainer.state.global_step),
         train_loss=float(train_output.training_loss),
-        mean_radius=(sum(tracker.values) / len(tracker.values)) if tracker.values else None,
+        mean_radius=(sum(radius_per_step) / len(radius_per_step)) if radius_per_step else None,
         # The d each optimizer step used (a reused one repeated under radius_every > 1): the
         # trajectory of the trust region over the run.
-        radius_per_step=tracker.values or None,
+        radius_per_step=radius_per_step or None,
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
