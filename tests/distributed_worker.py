@@ -369,6 +369,51 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     return {"straight": straight, "resumed": train_steps(spec, rank, model, resumed, resume_at)}
 
 
+def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
+    """TRAM-x with ``local_ascent=True`` and ``radius_every=2`` under DDP: each rank measures
+    its own d on steps 0 and 2 and reuses it on steps 1 and 3. Rank 0 saves after step 0; every
+    rank loads that checkpoint and trains steps 1 to 3 again. Records, after every step of both
+    runs, the d each rank used, how many it has measured, and the weights."""
+    path = Path(spec["checkpoint_dir"]) / "ddp-local-reused-radius.pt"
+
+    def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TRAM]:
+        model = build_model(spec)
+        if weights is not None:
+            model.load_state_dict(weights)
+        ddp = DistributedDataParallel(model)
+        base = torch.optim.AdamW(
+            ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
+        )
+        noise = NoisedInputs(sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"])
+        return ddp, tram.TRAM(base, model=ddp, target=noise, radius_every=2, local_ascent=True)
+
+    def run(model: nn.Module, optimizer: tram.TRAM, steps: range) -> Record:
+        record: Record = {"radius": [], "measured": [], "params": []}
+        for step in steps:
+            record["params"] += train_steps(spec, rank, model, optimizer, range(step, step + 1))
+            record["radius"].append(optimizer.last_radius)
+            record["measured"].append(len(optimizer.radius_history))
+        return record
+
+    model, optimizer = build()
+    first = run(model, optimizer, range(1))
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    dist.barrier()
+    straight = run(model, optimizer, range(1, spec["steps"]))
+    checkpoint = torch.load(path, weights_only=True)
+    model, resumed = build(checkpoint["model"])
+    resumed.load_state_dict(checkpoint["optimizer"])
+    saved = checkpoint["optimizer"]["param_groups"][0]["tram"]
+    return {
+        "first": first,
+        "straight": straight,
+        "resumed": run(model, resumed, range(1, spec["steps"])),
+        "saved": (saved["last_radius"], saved["last_radius_per_rank"]),
+    }
+
+
 def mixed_precision(spec: Spec, rank: int, dtype: torch.dtype, *, sharded: bool) -> Record:
     """SAM under DDP (or FSDP2 if ``sharded``) with CPU autocast: bf16 through
     ``step(closure)``; fp16 through ``tram.scaled_step`` with ``torch.amp.GradScaler("cpu")``.
@@ -448,6 +493,7 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "ddp_checkpoint_resume_tram_theta0": lambda spec, rank: ddp_checkpoint_resume(
         spec, rank, "TRAM-θ0"
     ),
+    "ddp_resume_local_reused_radius": ddp_resume_local_reused_radius,
     **{
         f"{kind}_sam_{name}": (
             lambda spec, rank, dtype=dtype, kind=kind: mixed_precision(

@@ -510,6 +510,29 @@ def test_ddp_checkpoint_resume_is_exact(results: list[dict], method: str) -> Non
                 assert torch.equal(a, b), f"rank {rank}, step {step}, parameter {index}"
 
 
+@pytest.mark.distributed
+@needs_gloo
+def test_a_resumed_local_ascent_measures_each_ranks_own_radius(results: list[dict]) -> None:
+    """With ``local_ascent=True`` and ``radius_every=2`` each rank reuses its own d, and rank
+    0's checkpoint holds rank 0's. Resumed in the group, every rank measures d afresh at its
+    first ascent (before, rank 1 reused rank 0's d), then on the schedule (step 2)."""
+    records = scenario(results, "ddp_resume_local_reused_radius")
+    own_first = [record["first"]["radius"][0] for record in records]
+    assert abs(own_first[0] - own_first[1]) > 1e-3 * max(own_first)  # each rank's own d
+    for rank, record in enumerate(records):
+        assert record["saved"] == (own_first[0], True)
+        straight, resumed = record["straight"], record["resumed"]
+        assert straight["measured"] == [1, 2, 2]  # steps 1 and 3 reuse the d of 0 and 2
+        assert straight["radius"][0] == own_first[rank]
+        assert resumed["measured"] == [1, 2, 2]  # step 1 measured afresh, then the schedule
+        assert resumed["radius"][0] not in own_first
+        assert resumed["radius"][2] == resumed["radius"][1]
+    assert records[0]["resumed"]["radius"][0] != records[1]["resumed"]["radius"][0]
+    for run in ("straight", "resumed"):  # DDP keeps the replicas equal
+        for a, b in zip(records[0][run]["params"], records[1][run]["params"], strict=True):
+            assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+
+
 # ---------------------------------------------------------------------------- DDP: precision
 def one_process_mixed_precision(spec: dict[str, Any], dtype: torch.dtype) -> dict[str, list]:
     """The run of ``ddp_mixed_precision`` in one process on the global batch: its loss is the

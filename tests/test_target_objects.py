@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -435,6 +436,53 @@ def test_radius_every_resumes_bit_exactly_between_measurements() -> None:
     for p, q in zip(model.parameters(), straight_model.parameters(), strict=True):
         assert torch.equal(p, q)
     assert resumed.radius_history == straight.radius_history[1:]
+
+
+def test_a_reused_radius_of_one_rank_resumes_in_one_process() -> None:
+    """A checkpoint whose reused d is the saving rank's own (``local_ascent=True`` in a group:
+    ``last_radius_per_rank``) gives it back in one process, which has no other rank to measure
+    for; in a group every rank measures afresh (``test_distributed``). A value that is not a
+    bool is refused, naming the key, with the optimizer left as it was."""
+
+    def build(model: nn.Module) -> tram.TRAM:
+        return tram.TRAM(
+            torch.optim.AdamW(model.parameters(), lr=0.05),
+            model,
+            trust_region="noise",
+            sigma=0.3,
+            radius_every=3,
+        )
+
+    data = batches(3)
+    first_model = CountingNet()
+    first = build(first_model)
+    for batch in data[:2]:
+        first.step(closure_of(first, first_model, batch))
+    state = copy.deepcopy(first.state_dict())
+    entry = state["param_groups"][0]["tram"]
+    assert entry["last_radius_per_rank"] is False  # one process: nobody else's d
+    entry["last_radius_per_rank"] = True  # as saved by rank 0 of a local ascent
+
+    model = CountingNet()
+    model.load_state_dict(first_model.state_dict())
+    resumed = build(model)
+    resumed.load_state_dict(state)
+    assert resumed.last_radius == first.last_radius
+    resumed.step(closure_of(resumed, model, data[2]))
+    assert resumed.radius_history == []  # reused, not measured
+    assert resumed.state_dict()["param_groups"][0]["tram"]["last_radius_per_rank"] is True
+
+    for bad in ("yes", 1, None, torch.tensor([True, False])):
+        entry["last_radius_per_rank"] = bad
+        fresh = build(CountingNet())
+        with pytest.raises(ValueError, match=r"'last_radius_per_rank' must be True or False"):
+            fresh.load_state_dict(state)
+        assert fresh.last_radius is None
+        assert fresh.steps == 0
+    entry["last_radius_per_rank"] = torch.tensor(True)  # torch.distributed.checkpoint's form
+    fresh = build(CountingNet())
+    fresh.load_state_dict(state)
+    assert fresh.last_radius == first.last_radius
 
 
 @pytest.mark.parametrize("value", [0, -2, 1.5, True])

@@ -73,6 +73,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -99,10 +100,13 @@ class _RadiusState:
     """TRAM's state across steps, in one object shared by copies of the optimizer's ``__dict__``
     (see :class:`tram._step_state._StepState` for why)."""
 
-    __slots__ = ("last_radius", "radius_history", "restored")
+    __slots__ = ("last_radius", "last_radius_per_rank", "radius_history", "restored")
 
     def __init__(self) -> None:
         self.last_radius: float | None = None
+        # Whether last_radius is this rank's own d: measured under local_ascent in a group of
+        # several ranks, where every rank measures its own.
+        self.last_radius_per_rank = False
         self.radius_history: list[float] = []
         # (parameter, backup, their versions) of the last restore(): see TRAM.restore.
         self.restored: list[tuple[Tensor, Tensor, int, int]] = []
@@ -155,7 +159,10 @@ class TRAM(TwoPassOptimizer):
             third from one step to the next on the repository's benchmark budgets) and a reused
             d is off the d of its own step by about as much; 8 brings the step within 1.05 x
             SAM's with no out-of-domain loss measured on those budgets, but with a hint of one in
-            domain on the longer one (README, "Cost of a step").
+            domain on the longer one (README, "Cost of a step"). The reused d is checkpointed;
+            with ``local_ascent=True`` in a group of several ranks each rank reuses its own,
+            which rank 0's checkpoint does not hold: a run resumed in a group then measures d
+            afresh on every rank at its first ascent instead of reusing another rank's.
         replay_dropout: replay the recorded forward's dropout masks in the reference pass.
         logits_fn: maps the model's output to its logits when it is neither a Tensor nor has
             ``.logits``.
@@ -355,6 +362,7 @@ class TRAM(TwoPassOptimizer):
         if self.max_radius is not None:
             radius = min(radius, self.max_radius)
         self._radius_state.last_radius = radius
+        self._radius_state.last_radius_per_rank = self.local_ascent and _world_size() > 1
         self.radius_history.append(radius)
         return [radius] * len(self.param_groups)
 
@@ -416,6 +424,7 @@ class TRAM(TwoPassOptimizer):
         state = {"target": self._target_identity(), **self.target.state_dict()}
         if self.radius_every > 1:  # the d reused until the next measurement
             state["last_radius"] = self.last_radius
+            state["last_radius_per_rank"] = self._radius_state.last_radius_per_rank
         return state
 
     def _target_identity(self) -> str:
@@ -446,20 +455,45 @@ class TRAM(TwoPassOptimizer):
                 "optimizer.base_optimizer.load_state_dict(...)"
             )
         last_radius = self.last_radius
+        per_rank = self._radius_state.last_radius_per_rank
         if "last_radius" in state:
             value = state["last_radius"]
             last_radius = None if value is None else float(value)
+            per_rank = _flag("last_radius_per_rank", state.get("last_radius_per_rank", False))
+            if per_rank and _world_size() > 1:
+                # The saving rank's own d (rank 0's, in the usual checkpoint): no other rank's
+                # to reuse. Every rank measures afresh, which also keeps their noise draws in
+                # step.
+                last_radius, per_rank = None, False
         if own:
             self.target.load_state_dict({key: state[key] for key in own if key in state})
         self._radius_state.last_radius = last_radius
+        self._radius_state.last_radius_per_rank = per_rank
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         recording = _RadiusState()
         recording.last_radius = self.last_radius
+        recording.last_radius_per_rank = self._radius_state.last_radius_per_rank
         recording.radius_history = list(self.radius_history)
         state["_radius_state"] = recording
         return state
+
+
+def _world_size() -> int:
+    """The number of ranks in the default process group; 1 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _flag(key: str, value: Any) -> bool:
+    """A checkpointed boolean (a one-element tensor from torch.distributed.checkpoint too)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid state_dict: '{key}' must be True or False, but got {value!r}")
+    return value
 
 
 def _resolve_target(

@@ -1116,6 +1116,27 @@ MUTANTS = [
         ("tests/test_experiments.py@mean_over_ranks_exact",),
     ),
     Mutant(
+        "local-reused-radius-of-rank-0-taken-by-every-rank",
+        "tram/_tram.py",
+        "            if per_rank and _world_size() > 1:",
+        "            if False:",
+        ("tests/test_distributed.py@resumed_local_ascent_measures",),
+    ),
+    Mutant(
+        "local-reused-radius-not-marked-as-one-ranks",
+        "tram/_tram.py",
+        "        self._radius_state.last_radius_per_rank = self.local_ascent and _world_size() > 1",
+        "        self._radius_state.last_radius_per_rank = False",
+        ("tests/test_distributed.py@resumed_local_ascent_measures",),
+    ),
+    Mutant(
+        "last-radius-per-rank-flag-not-checked",
+        "tram/_tram.py",
+        "    if not isinstance(value, bool):",
+        "    if False:",
+        ("tests/test_target_objects.py@one_rank_resumes",),
+    ),
+    Mutant(
         "noise-state-without-seed-taken-silently",
         "tram/_noise_stream.py",
         "        elif self.seed_given:",
