@@ -348,6 +348,33 @@ def test_console_sweep_then_report(assets, tmp_path, monkeypatch):
     assert (sweep / "report.png").stat().st_size > 0
 
 
+def test_a_sweeps_later_job_is_the_job_run_alone(assets, tmp_path, monkeypatch):
+    """Hydra runs a multirun's jobs one after another in one process: a job after another one
+    (here TRAM-x after R3F, whose hooks and noise stream came before it) trains exactly as the
+    same job run alone, dropout and TRAM-x's noise included: nothing of one job leaks into the
+    next."""
+    import numpy as np
+
+    from tram.experiments import run
+
+    overrides = [*tiny_overrides(assets), "seed=3", "train.lr=0.001"]
+    alone = finetune(compose_config([*overrides, "optimizer=tram_x"]), output_dir=tmp_path / "a")
+    sweep = tmp_path / "sweep"
+    argv = ["tram-finetune", "-m", *overrides, "optimizer=r3f,tram_x", f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.chdir(tmp_path)
+    run.main()
+    later = json.loads((sweep / "1_tram_x_seed3" / "results.json").read_text())
+    assert later["radius_per_step"] == alone["radius_per_step"]
+    assert min(alone["radius_per_step"]) > 0
+    for key in ("train_loss", "domains", "validation", "in_domain", "ood_average"):
+        assert later[key] == alone[key], key
+    paths = tmp_path / "a" / "predictions.npz", sweep / "1_tram_x_seed3" / "predictions.npz"
+    with np.load(paths[0]) as a, np.load(paths[1]) as b:
+        assert sorted(a.files) == sorted(b.files)
+        assert all(np.array_equal(a[key], b[key]) for key in a.files)
+
+
 def test_console_reports_bad_input_in_one_line(assets, tmp_path, monkeypatch):
     """examples/finetune.py (the same entry) exits with one line naming the cause."""
     import runpy
@@ -610,6 +637,40 @@ def test_torchrun_two_ranks_are_one_process_on_the_global_batch(assets, tmp_path
     weights, start = saved_weights(tmp_path / "one"), saved_weights_of(bert)
     assert max((w - saved_weights(rank0)[k]).abs().max().item() for k, w in weights.items()) < 1e-6
     assert max((weights[k] - v).abs().max().item() for k, v in start.items()) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_torchrun_sweep_runs_every_job_on_the_global_batch(assets, tmp_path):
+    """``torchrun ... -m tram.experiments.run -m optimizer=adamw,tram_theta0``: every rank runs
+    the jobs one after another in its one process group, and the job after AdamW is the
+    one-process TRAM-θ0 run on the global batch, as a lone torchrun run is
+    (:func:`test_torchrun_two_ranks_are_one_process_on_the_global_batch`); rank 0 writes each
+    job's results."""
+    bert = dropout_free_bert(assets, tmp_path / "bert")
+    overrides = [*tiny_overrides(assets), f"model.source={bert}", "train.lr=0.01"]
+    one = finetune(
+        compose_config([*overrides, "optimizer=tram_theta0", "train.batch_size=8"]),
+        output_dir=tmp_path / "one",
+    )
+    sweep = tmp_path / "sweep"
+    torchrun(
+        *("-m", "tram.experiments.run", "-m", *overrides, "optimizer=adamw,tram_theta0"),
+        *("train.batch_size=4", "trainer=ddp_cpu", f"hydra.sweep.dir={sweep}"),
+        cwd=tmp_path,
+    )
+    assert sorted(p.parent.name for p in sweep.rglob("results.json")) == [
+        "0_adamw_seed1",
+        "1_tram_theta0_seed1",
+    ]
+    two = json.loads((sweep / "1_tram_theta0_seed1" / "results.json").read_text())
+    assert two["steps"] == one["steps"]
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    assert two["radius_per_step"] == pytest.approx(one["radius_per_step"], rel=1e-4)
+    assert min(one["radius_per_step"][1:]) > 1e-6
+    for domain, metrics in one["domains"].items():
+        assert two["domains"][domain]["accuracy"] == metrics["accuracy"], domain
+        assert two["domains"][domain]["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
 
 
 def test_the_radius_of_a_step_is_the_mean_over_ranks_exact_where_they_agree():

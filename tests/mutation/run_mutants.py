@@ -1102,6 +1102,13 @@ MUTANTS = [
         ("tests/test_noise_stream.py@invalid_count or invalid_checkpointed_seed",),
     ),
     Mutant(
+        "runner-job-not-seeded",
+        "tram/experiments/run.py",
+        "    set_seed(int(cfg.seed))\n",
+        "",
+        ("tests/test_experiments.py@later_job_is_the_job_run_alone",),
+    ),
+    Mutant(
         "runner-radius-rank-0s-only",
         "tram/experiments/run.py",
         "    gathered = accelerator.gather(mine) if accelerator.num_processes > 1 else mine",
