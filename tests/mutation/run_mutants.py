@@ -1111,7 +1111,7 @@ MUTANTS = [
     Mutant(
         "runner-radius-rank-0s-only",
         "tram/experiments/run.py",
-        "    gathered = accelerator.gather(mine) if accelerator.num_processes > 1 else mine",
+        "    gathered = accelerator.gather(mine.to(accelerator.device))",
         "    gathered = mine.repeat(accelerator.num_processes)",
         ("tests/test_experiments.py@gathers_every_ranks_radius",),
     ),

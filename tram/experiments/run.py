@@ -261,8 +261,10 @@ def radius_over_ranks(values: list[float], accelerator: Any) -> list[float]:
 
     if not values:  # no optimizer step, on every rank alike
         return []
-    mine = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    gathered = accelerator.gather(mine) if accelerator.num_processes > 1 else mine
+    mine = torch.tensor(values, dtype=torch.float64)
+    if accelerator.num_processes == 1:  # on the CPU: MPS has no float64
+        return mean_over_ranks(mine.reshape(1, -1))
+    gathered = accelerator.gather(mine.to(accelerator.device))
     return mean_over_ranks(gathered.reshape(accelerator.num_processes, len(values)).cpu())
 
 
