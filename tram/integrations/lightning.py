@@ -37,6 +37,9 @@ checkpoints and ``self.log`` keep working. What the callback does, and why:
   first-pass loss at θ, comparable with a plain optimizer's curve. The callback logs
   ``tram/ascent_grad_norm`` (‖T∇L‖ at θ), ``tram/radius`` (the method's ``last_radius``, TRAM's d)
   on every optimizer step that ascended, and ``tram/skipped_ascents`` / ``tram/skipped_steps``.
+  They are logged without ``sync_dist``, so the loggers get rank 0's values: under
+  ``local_ascent=True`` rank 0's own d and norm. A reduction over the ranks would need every rank
+  to log the same keys at every step, which a rank whose ascent alone was skipped does not.
   The ``torchmetrics`` metrics of the module keep the state the first pass left (each
   metric's state is put back after the replay), so a metric updated in ``training_step`` counts
   each batch once, at θ. Other side effects of ``training_step`` run in both passes; guard them
