@@ -373,10 +373,13 @@ def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
     """TRAM-x with ``local_ascent=True`` and ``radius_every=2`` under DDP: each rank measures
     its own d on steps 0 and 2 and reuses it on steps 1 and 3. Rank 0 saves after step 0; every
     rank loads that checkpoint and trains steps 1 to 3 again. Records, after every step of both
-    runs, the d each rank used, how many it has measured, and the weights."""
+    runs, the d each rank used, how many it has measured, and the weights; and the d of steps 0
+    and 1 with ``radius_every=1``, which measures step 1 as the resumed run does."""
     path = Path(spec["checkpoint_dir"]) / "ddp-local-reused-radius.pt"
 
-    def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TRAM]:
+    def build(
+        weights: dict[str, Tensor] | None = None, radius_every: int = 2
+    ) -> tuple[nn.Module, tram.TRAM]:
         model = build_model(spec)
         if weights is not None:
             model.load_state_dict(weights)
@@ -385,7 +388,9 @@ def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
             ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
         )
         noise = NoisedInputs(sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"])
-        return ddp, tram.TRAM(base, model=ddp, target=noise, radius_every=2, local_ascent=True)
+        return ddp, tram.TRAM(
+            base, model=ddp, target=noise, radius_every=radius_every, local_ascent=True
+        )
 
     def run(model: nn.Module, optimizer: tram.TRAM, steps: range) -> Record:
         record: Record = {"radius": [], "measured": [], "params": []}
@@ -411,6 +416,7 @@ def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
         "straight": straight,
         "resumed": run(model, resumed, range(1, spec["steps"])),
         "saved": (saved["last_radius"], saved["last_radius_per_rank"]),
+        "every_step": run(*build(radius_every=1), range(2)),
     }
 
 

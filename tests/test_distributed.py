@@ -526,6 +526,10 @@ def test_a_resumed_local_ascent_measures_each_ranks_own_radius(results: list[dic
         assert straight["radius"][0] == own_first[rank]
         assert resumed["measured"] == [1, 2, 2]  # step 1 measured afresh, then the schedule
         assert resumed["radius"][0] not in own_first
+        # The rank's own d of step 1: its shard, θ1 and its noise draw, as measured by a run
+        # that measures every step.
+        assert record["every_step"]["radius"][0] == own_first[rank]
+        assert resumed["radius"][0] == record["every_step"]["radius"][1]
         assert resumed["radius"][2] == resumed["radius"][1]
     assert records[0]["resumed"]["radius"][0] != records[1]["resumed"]["radius"][0]
     for run in ("straight", "resumed"):  # DDP keeps the replicas equal
