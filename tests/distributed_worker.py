@@ -326,6 +326,20 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
     }
 
 
+def ddp_with_adamw(
+    spec: Spec, weights: dict[str, Tensor] | None = None
+) -> tuple[DistributedDataParallel, torch.optim.AdamW]:
+    """A fresh model (with ``weights`` loaded, if given) in DDP, and an AdamW over it."""
+    model = build_model(spec)
+    if weights is not None:
+        model.load_state_dict(weights)
+    ddp = DistributedDataParallel(model)
+    base = torch.optim.AdamW(
+        ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
+    )
+    return ddp, base
+
+
 def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     """Train a step under DDP, rank 0 ``torch.save``-s the model's and the optimizer's
     ``state_dict()``, train on; then every rank loads that file into a fresh model, DDP and
@@ -338,13 +352,7 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     path = Path(spec["checkpoint_dir"]) / f"ddp-{method}.pt"
 
     def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TwoPassOptimizer]:
-        model = build_model(spec)
-        if weights is not None:
-            model.load_state_dict(weights)
-        ddp = DistributedDataParallel(model)
-        base = torch.optim.AdamW(
-            ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
-        )
+        ddp, base = ddp_with_adamw(spec, weights)
         if method == "TRAM-x":
             resumed_seed = spec["noise_seed"] + 1 + rank  # a resumed process seeded otherwise
             torch.manual_seed(spec["noise_seed"] if weights is None else resumed_seed)
@@ -380,13 +388,7 @@ def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
     def build(
         weights: dict[str, Tensor] | None = None, radius_every: int = 2
     ) -> tuple[nn.Module, tram.TRAM]:
-        model = build_model(spec)
-        if weights is not None:
-            model.load_state_dict(weights)
-        ddp = DistributedDataParallel(model)
-        base = torch.optim.AdamW(
-            ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
-        )
+        ddp, base = ddp_with_adamw(spec, weights)
         noise = NoisedInputs(sigma=spec["sigma"], embeddings=ddp.module[0], seed=spec["noise_seed"])
         return ddp, tram.TRAM(
             base, model=ddp, target=noise, radius_every=radius_every, local_ascent=True

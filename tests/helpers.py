@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +109,25 @@ def some_fast(values: Any, *fast: Any) -> list[Any]:
     representative few, ``pytest -m slow`` the rest. Values are matched by ``str`` (wrapper
     cases, whose ids are their names)."""
     names = {str(value) for value in fast}
+    unknown = names - {str(value) for value in values}
+    if unknown:  # a misspelt name would quietly move its case out of the fast suite
+        raise ValueError(f"some_fast: no value is named {sorted(unknown)}")
     return [
         pytest.param(value, marks=() if str(value) in names else pytest.mark.slow, id=str(value))
         for value in values
+    ]
+
+
+def some_fast_rows(rows: Iterable[tuple[str, tuple[Any, ...]]], *fast: str) -> list[Any]:
+    """A matrix of several parameters as ``(id, values)`` rows, those whose id is not in
+    ``fast`` marked slow (``some_fast`` for one parameter)."""
+    rows = list(rows)
+    unknown = set(fast) - {name for name, _ in rows}
+    if unknown:  # a misspelt id would quietly move its row out of the fast suite
+        raise ValueError(f"some_fast_rows: no row is named {sorted(unknown)}")
+    return [
+        pytest.param(*values, marks=() if name in fast else pytest.mark.slow, id=name)
+        for name, values in rows
     ]
 
 

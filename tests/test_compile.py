@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import counting_backend, cross_entropy_closure, some_fast
+from tests.helpers import counting_backend, cross_entropy_closure, some_fast_rows
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 STEPS = 3
@@ -102,18 +102,21 @@ def fresh_dynamo_cache() -> None:
 
 @pytest.mark.parametrize(
     ("case", "autocast"),
-    [
-        *[pytest.param(case, None, id=f"{case}-float32") for case in WRAPPERS],
-        *[
-            pytest.param(
-                case,
-                torch.bfloat16,
-                id=f"{case}-bf16",
-                marks=() if case.name in ("SAM", "TRAM-noise", "TRAM-fisher") else pytest.mark.slow,
-            )
+    some_fast_rows(
+        (
+            (f"{case}-{name}", (case, autocast))
+            for name, autocast in (("float32", None), ("bf16", torch.bfloat16))
             for case in WRAPPERS
-        ],
-    ],
+        ),
+        # Every wrapper once in the fast suite.
+        *("SAM-bf16", "TRAM-noise-bf16", "TRAM-fisher-bf16", "ASAM-float32"),
+        *(
+            "FisherSAM-float32",
+            "TRAM-pretrained-float32",
+            "TRAM-previous-float32",
+            "TRAM-ema-float32",
+        ),
+    ),
 )
 def test_accumulation_on_a_compiled_model_is_the_eager_run(
     case: WrapperCase, autocast: torch.dtype | None
@@ -145,27 +148,17 @@ def test_accumulation_on_a_compiled_model_is_the_eager_run(
     assert graphs_after[-1] == graphs_after[0], f"recompiled after the first step: {graphs_after}"
 
 
-FAST_RESUMES = {
-    ("SAM", True),
-    ("TRAM-noise", True),
-    ("TRAM-previous", True),
-    ("TRAM-fisher", True),
-    ("TRAM-pretrained", False),
-}
-
-
 @pytest.mark.parametrize(
     ("case", "resumed_compiled"),
-    [
-        pytest.param(
-            case,
-            resumed_compiled,
-            id=f"{case}-{'compiled' if resumed_compiled else 'eager'}",
-            marks=() if (case.name, resumed_compiled) in FAST_RESUMES else pytest.mark.slow,
-        )
-        for case in WRAPPERS
-        for resumed_compiled in (True, False)
-    ],
+    some_fast_rows(
+        (
+            (f"{case}-{'compiled' if resumed_compiled else 'eager'}", (case, resumed_compiled))
+            for case in WRAPPERS
+            for resumed_compiled in (True, False)
+        ),
+        *("SAM-compiled", "TRAM-noise-compiled", "TRAM-previous-compiled"),
+        *("TRAM-fisher-compiled", "TRAM-pretrained-eager"),
+    ),
 )
 def test_resume_from_a_compiled_run_is_bit_exact(case: WrapperCase, resumed_compiled: bool) -> None:
     """The checkpoint of a compiled run (its model's keys start ``_orig_mod.``) resumes to the
@@ -233,8 +226,13 @@ def compiled_step_run(
     return model, optimizer, graphs
 
 
-@pytest.mark.parametrize("form", ["closure", "explicit"])
-@pytest.mark.parametrize("case", some_fast(WRAPPERS, "SAM", "TRAM-pretrained", "TRAM-fisher"))
+@pytest.mark.parametrize(
+    ("case", "form"),
+    some_fast_rows(
+        ((f"{case}-{form}", (case, form)) for case in WRAPPERS for form in ("closure", "explicit")),
+        *("SAM-explicit", "TRAM-pretrained-explicit", "TRAM-fisher-closure"),
+    ),
+)
 def test_a_compiled_optimizer_step_is_the_eager_step(case: WrapperCase, form: str) -> None:
     """``torch.compile(optimizer.step)``: dynamo traces the wrapper's step (and, in the closure
     form, both passes of the closure it calls), breaking the graph at the wrapper's bookkeeping;

@@ -42,6 +42,7 @@ from tests.helpers import (  # noqa: E402
     layer_checkpointing,
     read_scalars,
     some_fast,
+    some_fast_rows,
     tiny_bert_config,
     torchrun,
 )
@@ -579,8 +580,17 @@ def checkpointing_run(
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_kwargs` is deprecated:FutureWarning")
-@pytest.mark.parametrize("kwargs", list(CHECKPOINTING_KWARGS))
-@pytest.mark.parametrize("case", list(CHECKPOINTED_METHODS))
+@pytest.mark.parametrize(
+    ("case", "kwargs"),
+    some_fast_rows(
+        (
+            (f"{case}-{kwargs}", (case, kwargs))
+            for case in CHECKPOINTED_METHODS
+            for kwargs in CHECKPOINTING_KWARGS
+        ),
+        *("sam-default", "sam-non-reentrant", "tram-noise-r3f-reentrant"),
+    ),
+)
 def test_gradient_checkpointing_trains_as_without_it(tmp_path, case, kwargs):
     """``TrainingArguments(activation_checkpointing=True)`` (``gradient_checkpointing`` in
     earlier transformers): the same weights. Bit for bit, except R3F under
@@ -705,7 +715,7 @@ def logged(trainer: TramTrainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
-@pytest.mark.parametrize("case", some_fast(COMPILE_CASES, "tram-noise", "tram-fisher"))
+@pytest.mark.parametrize("case", some_fast(COMPILE_CASES, "tram-fisher"))
 def test_torch_compile_trains_as_the_eager_trainer(tmp_path, case):
     """With dropout and gradient accumulation; TRAM-x's and TRAM-θ0's d logged as the eager
     run's. Counted graphs show the compiled model ran (a test of nothing would pass too)."""
@@ -727,7 +737,8 @@ def test_torch_compile_trains_as_the_eager_trainer(tmp_path, case):
         assert max(radii) > 0
 
 
-@pytest.mark.parametrize("case", some_fast(COMPILE_CASES, "tram-pretrained"))
+@pytest.mark.slow  # 25 s; compiling through the Trainer stays in the fast suite (above)
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_torch_compile_under_bf16_equals_the_compiled_hand_loop(tmp_path, case):
     """Compiled under bf16 autocast, a graph rounds otherwise than the eager model (the plain
     ``Trainer`` ends ~2e-3 away from its eager run here): the reference is the hand-written loop

@@ -26,7 +26,13 @@ torchmetrics = pytest.importorskip("torchmetrics")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-from tests.helpers import counting_backend, run_example, some_fast, torchrun  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    counting_backend,
+    run_example,
+    some_fast,
+    some_fast_rows,
+    torchrun,
+)
 from tram.integrations.lightning import TramCallback, manual_step  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -657,9 +663,13 @@ def tram_radii(method: str) -> bool:
     return method.startswith("tram") and method != "tram_fisher"  # TRAM-Fisher measures no d
 
 
-@pytest.mark.parametrize("how", COMPILES)
 @pytest.mark.parametrize(
-    "method", some_fast(METHODS, "sam", "tram_noise", "tram_fisher", "tram_previous")
+    ("method", "how"),
+    some_fast_rows(
+        ((f"{method}-{how}", (method, how)) for how in COMPILES for method in METHODS),
+        *("sam-torch.compile(net)", "tram_noise-net.compile()"),
+        *("tram_fisher-torch.compile(net)", "tram_previous-net.compile()"),
+    ),
 )
 def test_compiled_net_accumulation_equals_the_eager_loop(method: str, how: str) -> None:
     """The network compiled inside the LightningModule, k = 2: the eager loop's weights and d,
@@ -803,8 +813,13 @@ def test_compiled_net_resume_is_bit_exact(tmp_path: Any, how: str) -> None:
     assert run.optimizers[0].radius_history[-2:] == history[-2:]
 
 
-@pytest.mark.parametrize("how", COMPILES)
-@pytest.mark.parametrize("method", some_fast(METHODS, "fisher_sam", "tram_noise"))
+@pytest.mark.parametrize(
+    ("method", "how"),
+    some_fast_rows(
+        ((f"{method}-{how}", (method, how)) for how in COMPILES for method in METHODS),
+        *("fisher_sam-torch.compile(net)", "tram_noise-net.compile()"),
+    ),
+)
 def test_compiled_net_manual_step_equals_step_closure(method: str, how: str) -> None:
     """manual_step with a compiled net: the eager ``step(closure)`` loop's weights and d."""
     data = make_data(3)
@@ -849,8 +864,17 @@ def scaled_step_loop(method: str, data: list[tuple[Tensor, Tensor]]) -> Net:
     return net
 
 
-@pytest.mark.parametrize("how", COMPILES)
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    ("precision", "how"),
+    some_fast_rows(
+        (
+            (f"{precision}-{how}", (precision, how))
+            for how in COMPILES
+            for precision in ("bf16-mixed", "16-mixed")
+        ),
+        *("bf16-mixed-torch.compile(net)", "16-mixed-net.compile()"),
+    ),
+)
 def test_compiled_net_manual_step_under_mixed_precision(precision: str, how: str) -> None:
     """manual_step with a compiled net under bf16-mixed (the eager ``step(closure)`` loop
     under bf16 autocast) and "16-mixed" (the eager ``tram.scaled_step`` loop), bit for bit."""

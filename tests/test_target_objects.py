@@ -404,16 +404,18 @@ def test_radius_every_with_ascent_every_measures_every_kth_ascent() -> None:
     assert len(optimizer.radius_history) == 3
 
 
-def test_radius_every_resumes_bit_exactly_between_measurements() -> None:
-    def build(model: nn.Module) -> tram.TRAM:
-        return tram.TRAM(
-            torch.optim.AdamW(model.parameters(), lr=0.05),
-            model,
-            trust_region="noise",
-            sigma=0.3,
-            radius_every=3,
-        )
+def noise_tram_measuring_every_third_step(model: nn.Module) -> tram.TRAM:
+    return tram.TRAM(
+        torch.optim.AdamW(model.parameters(), lr=0.05),
+        model,
+        trust_region="noise",
+        sigma=0.3,
+        radius_every=3,
+    )
 
+
+def test_radius_every_resumes_bit_exactly_between_measurements() -> None:
+    build = noise_tram_measuring_every_third_step
     data = batches(6)
     straight_model = CountingNet()
     straight = build(straight_model)
@@ -443,16 +445,7 @@ def test_a_reused_radius_of_one_rank_resumes_in_one_process() -> None:
     ``last_radius_per_rank``) gives it back in one process, which has no other rank to measure
     for; in a group every rank measures afresh (``test_distributed``). A value that is not a
     bool is refused, naming the key, with the optimizer left as it was."""
-
-    def build(model: nn.Module) -> tram.TRAM:
-        return tram.TRAM(
-            torch.optim.AdamW(model.parameters(), lr=0.05),
-            model,
-            trust_region="noise",
-            sigma=0.3,
-            radius_every=3,
-        )
-
+    build = noise_tram_measuring_every_third_step
     data = batches(3)
     first_model = CountingNet()
     first = build(first_model)

@@ -22,7 +22,7 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from tests.helpers import layer_checkpointing, tiny_llama_config  # noqa: E402
+from tests.helpers import layer_checkpointing, some_fast, tiny_llama_config  # noqa: E402
 from tram.integrations.trl import TramDPOTrainer, TramSFTTrainer, with_tram  # noqa: E402
 
 MissingAscentError = tram.MissingAscentError
@@ -1101,7 +1101,7 @@ BF16_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BF16_CASES))
+@pytest.mark.parametrize("case", some_fast(BF16_CASES, "dpo-tram-fisher", "grpo-sam"))
 def test_trl_trainers_under_bf16_take_the_hand_loops_step(tmp_path: Any, case: str) -> None:
     """``bf16=True`` on CPU: accelerate runs every forward under bf16 autocast, the replay at
     θ+ε included; the weights equal the hand loop's under the same autocast, bit for bit (the
@@ -1124,7 +1124,9 @@ RESUME_CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(RESUME_CASES))
+@pytest.mark.parametrize(
+    "case", some_fast(RESUME_CASES, "dpo-tram", "grpo-tram", "rloo-tram-fisher")
+)
 def test_trl_trainers_resume_bit_exactly(tmp_path: Any, case: str) -> None:
     """Four steps, or two, a checkpoint, and two more from it on a model built with other
     weights (all must come from the files: the weights, the optimizer's state with TRAM's
@@ -1159,7 +1161,10 @@ def test_trl_trainers_resume_bit_exactly(tmp_path: Any, case: str) -> None:
         assert torch.equal(p, q), f"{key}: max difference {(p - q).abs().max()}"
 
 
-@pytest.mark.parametrize("name", ["grpo", "rloo", "distillation", "reward", "kto", "orpo", "cpo"])
+@pytest.mark.parametrize(
+    "name",
+    some_fast(["grpo", "rloo", "distillation", "reward", "kto", "orpo", "cpo"], "grpo", "orpo"),
+)
 def test_other_trl_trainers_log_the_first_pass_once(tmp_path: Any, name: str) -> None:
     """At learning rate 0 the weights never move, so everything TRL logs and counts must be what
     its plain trainer logs and counts: the replay at θ+ε goes through the trainer's training_step
