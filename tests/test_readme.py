@@ -8,6 +8,7 @@ would leave a "yes" that nothing checks.
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def cited_tests(text: str) -> list[tuple[str, str]]:
     return cited
 
 
+@functools.cache  # the README cites hundreds of tests in a few dozen files
 def defined_tests(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     return {
