@@ -36,7 +36,8 @@ test: lint
 	$(VENV)/bin/pytest -m "$(TEST_MARKERS)"
 
 # The periodic job: the slow tests CI leaves out (real SmolLM2 GGUF->Llama conversion and its
-# language-modelling run, the other real-asset runs); 40 to 110 s each on 2 CPU cores.
+# language-modelling run, the other real-asset runs; 40 to 110 s each on 2 CPU cores), and the
+# rest of the test matrices whose representative few `make test` runs.
 test-slow: setup
 	$(VENV)/bin/pytest -m "slow and not representative"
 
