@@ -392,6 +392,48 @@ def test_scaled_squared_norm_loop_and_foreach_agree_with_the_formula(case: tuple
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_scaled_squared_norm_of_dtensors_is_the_plain_tensors_one(
+    case: tuple, one_process_group: None
+) -> None:
+    """FSDP2 hands the wrappers ``DTensor`` parameters and gradients; both paths give the norm
+    they give the same values as plain tensors. The fused norm is given no dtype it does not
+    need: with one, torch 2.14's sharding rule for ``_foreach_norm`` on ``DTensor`` raises
+    ``TypeError`` (it reads the dtype as a dimension), which broke every FSDP2 step on CUDA,
+    where the fused path is the default."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    dtype, (scaling, eta), inverse_scale = case
+    mesh = init_device_mesh("cpu", (1,))
+    params, grads = random_tensors(dtype, seed=5)
+
+    def sharded(tensors: list[Tensor]) -> list[Tensor]:
+        return [distribute_tensor(t, mesh, [Shard(0) if t.dim() else Replicate()]) for t in tensors]
+
+    for foreach in (False, True):
+        plain = scaled_squared_norm(
+            params,
+            grads,
+            [torch.empty_like(p) for p in params],
+            scaling=scaling,
+            eta=eta,
+            inverse_scale=inverse_scale,
+            foreach=foreach,
+        )
+        distributed = scaled_squared_norm(
+            sharded(params),
+            sharded(grads),
+            sharded([torch.empty_like(p) for p in params]),
+            scaling=scaling,
+            eta=eta,
+            inverse_scale=inverse_scale,
+            foreach=foreach,
+        )
+        assert type(distributed).__name__ == "DTensor"
+        torch.testing.assert_close(distributed.full_tensor(), plain, **PATHS_AGREE[dtype])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_apply_ascent_and_restore_loop_and_foreach_agree(case: tuple) -> None:
     dtype, (scaling, eta), inverse_scale = case
     params, grads = random_tensors(dtype, seed=11)

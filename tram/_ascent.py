@@ -71,11 +71,7 @@ def scaled_squared_norm(
     # At least float32; float64 stays float64 (a norm may not narrow its input's dtype).
     dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
     if scaling == "identity":
-        norms = (
-            list(torch._foreach_norm(grads, 2, dtype=dtype))
-            if foreach
-            else [torch.linalg.vector_norm(g, dtype=dtype) for g in grads]
-        )
+        norms = _norms(grads, dtype=dtype, foreach=foreach)
     else:
         signed = _signed_adaptive(scaling, eta, params)
         if not signed:
@@ -93,7 +89,7 @@ def scaled_squared_norm(
             if signed:
                 foreach_copy_(scratch, params)
             torch._foreach_mul_(scratch, grads)
-            norms = list(torch._foreach_norm(scratch, 2, dtype=dtype))
+            norms = _norms(scratch, dtype=dtype, foreach=True)
         else:
             norms = []
             for work, p, g in zip(scratch, params, grads, strict=True):
@@ -105,6 +101,23 @@ def scaled_squared_norm(
     device = norms[0].device
     stacked = torch.stack([n.to(device) for n in norms])
     return (stacked * stacked).sum()
+
+
+def _norms(tensors: list[Tensor], *, dtype: torch.dtype, foreach: bool) -> list[Tensor]:
+    """Each tensor's 2-norm in ``dtype`` (at least its own precision).
+
+    The fused norm is given ``dtype`` only where some tensor differs from it: with ``dtype``,
+    torch 2.14's sharding rule for ``_foreach_norm`` on ``DTensor`` (FSDP2's parameters and
+    gradients) takes the dtype for a dimension and raises ``TypeError: '>=' not supported
+    between instances of 'torch.dtype' and 'int'``; without it, the kernel and its result are
+    the same. Narrower ``DTensor`` values (bf16 under FSDP2) take the per-tensor norm, which
+    accepts ``dtype`` there.
+    """
+    if foreach and all(t.dtype == dtype for t in tensors):
+        return list(torch._foreach_norm(tensors, 2))
+    if foreach and not any(type(t).__name__ == "DTensor" for t in tensors):
+        return list(torch._foreach_norm(tensors, 2, dtype=dtype))
+    return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
 
 def apply_ascent_(
