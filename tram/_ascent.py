@@ -103,6 +103,12 @@ def scaled_squared_norm(
     return (stacked * stacked).sum()
 
 
+def _any_dtensor(tensors: list[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (FSDP2's parameters and gradients), told by
+    name as ``tram._model_io`` tells sharded parameters, without importing torch.distributed."""
+    return any(type(t).__name__ == "DTensor" for t in tensors)
+
+
 def _norms(tensors: list[Tensor], *, dtype: torch.dtype, foreach: bool) -> list[Tensor]:
     """Each tensor's 2-norm in ``dtype`` (at least its own precision).
 
@@ -115,7 +121,7 @@ def _norms(tensors: list[Tensor], *, dtype: torch.dtype, foreach: bool) -> list[
     """
     if foreach and all(t.dtype == dtype for t in tensors):
         return list(torch._foreach_norm(tensors, 2))
-    if foreach and not any(type(t).__name__ == "DTensor" for t in tensors):
+    if foreach and not _any_dtensor(tensors):
         return list(torch._foreach_norm(tensors, 2, dtype=dtype))
     return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
 
@@ -249,7 +255,13 @@ def _write_operator_(
                 torch._foreach_mul_(out, grads)
             torch._foreach_mul_(out, factor)
             torch._foreach_add_(out, 1.0)
-            torch._foreach_rsqrt_(out)
+            if _any_dtensor(out):
+                # torch 2.12 has no sharding rule for _foreach_rsqrt_ on DTensor (FSDP2); the
+                # per-tensor rsqrt computes the same values.
+                for o in out:
+                    o.rsqrt_()
+            else:
+                torch._foreach_rsqrt_(out)
         else:
             for o, g in zip(out, grads, strict=True):
                 (o.mul_(g) if o is g else o.copy_(g).mul_(g)).mul_(factor).add_(1.0).rsqrt_()
