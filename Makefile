@@ -7,21 +7,24 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= dev,test,hf,experiments
+# A pip constraints file for both installs (test-oldest passes .ci/oldest.txt).
+CONSTRAINTS ?=
+CONSTRAINT_FLAG := $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # Tests that CI runs: everything fast, plus the representative slow ones.
 TEST_MARKERS ?= not slow or representative
 
-.PHONY: setup run test test-slow test-all lint format bench bench-cuda clean
+.PHONY: setup run test test-slow test-oldest test-all lint format bench bench-cuda clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, so that nothing below can pull in another build.
-	$(PIP) install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[$(EXTRAS)]"
+	$(PIP) install --quiet $(TORCH_INDEX) $(CONSTRAINT_FLAG) "$(TORCH_SPEC)"
+	$(PIP) install --quiet $(CONSTRAINT_FLAG) -e ".[$(EXTRAS)]"
 	touch $@
 
 run: setup
@@ -41,6 +44,12 @@ test: lint
 test-slow: setup
 	$(VENV)/bin/pytest -m "slow and not representative"
 
+# The periodic job's other half: the same tests on the oldest torch and client libraries that
+# setup.cfg allows (.ci/oldest.txt), in .venv-oldest. torch comes from PyPI, a CUDA build that
+# also runs on the CPU (about 4 GB with its CUDA libraries).
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest TORCH_SPEC=torch CONSTRAINTS=.ci/oldest.txt
+
 test-all: lint
 	$(VENV)/bin/pytest
 
@@ -57,4 +66,4 @@ bench-cuda:
 	bash benchmarks/cuda.sh $(BENCH_CUDA_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info
+	rm -rf $(VENV) .venv-oldest .pytest_cache .ruff_cache .mypy_cache build dist *.egg-info

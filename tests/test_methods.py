@@ -399,7 +399,8 @@ def test_scaled_squared_norm_of_dtensors_is_the_plain_tensors_one(
     they give the same values as plain tensors. The fused norm is given no dtype it does not
     need: with one, torch 2.14's sharding rule for ``_foreach_norm`` on ``DTensor`` raises
     ``TypeError`` (it reads the dtype as a dimension), which broke every FSDP2 step on CUDA,
-    where the fused path is the default."""
+    where the fused path is the default; torch 2.12 has no such rule for ``_foreach_rsqrt_``
+    (the Fisher operator), which takes the per-tensor ``rsqrt_`` there."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from tram._versions import require_installed
 from tram.targets import Target, unwrap_model
 
 __all__ = ["AdapterOff"]
@@ -76,6 +77,7 @@ class AdapterOff(Target):
     name = "adapter_off"
 
     def bind(self, model: nn.Module) -> None:
+        require_installed("peft", needed_by="tram.adapters.AdapterOff")
         model = unwrap_model(model)
         if not callable(getattr(model, "disable_adapter", None)) or not hasattr(
             model, "peft_config"

@@ -107,12 +107,16 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from tram._versions import require_installed
 from tram._wrapper import TwoPassOptimizer
 from tram.factory import check_method_args, wrap_optimizer
 from tram.integrations.accelerate import grad_scale_of, unwrap_optimizer
 from tram.targets import extract_logits
 
 __all__ = ["REGULARIZERS_NAME", "MissingLogitsError", "TramTrainer", "find_logits"]
+
+require_installed("transformers", needed_by=__name__)
+require_installed("accelerate", needed_by=__name__)
 
 logger = logging.getLogger(__name__)
 

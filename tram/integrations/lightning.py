@@ -89,6 +89,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tram._versions import require
 from tram._wrapper import TwoPassOptimizer
 
 try:  # Lightning 2.x ships as `lightning` (lightning.pytorch) and as `pytorch_lightning`.
@@ -97,6 +98,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 __all__ = ["TramCallback", "manual_step", "two_pass_optimizer"]
+
+require("lightning", pl.__version__, needed_by=__name__)
 
 _PREFIX = "tram/"
 

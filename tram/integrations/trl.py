@@ -84,10 +84,13 @@ from torch import nn
 from trl import DPOTrainer, SFTTrainer
 
 from tram._tram import TRAM
+from tram._versions import require_installed
 from tram._wrapper import TwoPassOptimizer
 from tram.integrations.hf import TramTrainer
 
 __all__ = ["TramDPOTrainer", "TramSFTTrainer", "with_tram"]
+
+require_installed("trl", needed_by=__name__)
 
 _LOSS_ONLY_KWARGS = ("fused_lm_head", "labels", "shift_labels", "num_items_in_batch")
 """Arguments of a TRL forward that only select the fused head or its loss: the twin drops them."""
