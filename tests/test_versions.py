@@ -105,10 +105,19 @@ def test_the_installed_frameworks_meet_the_floors() -> None:
         assert release(importlib.metadata.version(package)) >= release(minimum), package
 
 
+# One release below each floor, as each check is told it.
+BELOW_THE_FLOOR = {
+    "transformers": "5.5.0",
+    "accelerate": "1.13.0",
+    "trl": "1.15.2",
+    "lightning": "2.5.3",
+    "peft": "0.13.2",
+}
+
 CHECKS_AT_IMPORT = r"""
 import importlib, importlib.metadata, json, sys
 real_version = importlib.metadata.version
-old = {"transformers": "5.5.0", "accelerate": "1.13.0", "trl": "1.15.2", "peft": "0.13.2"}
+old = json.loads(sys.argv[1])
 outcome = {}
 
 def importing(module, package):
@@ -127,7 +136,7 @@ importing("tram.integrations.hf", "transformers")
 importing("tram.integrations.hf", "accelerate")
 importing("tram.integrations.trl", "trl")
 import lightning.pytorch as pl
-installed, pl.__version__ = pl.__version__, "2.5.3"
+installed, pl.__version__ = pl.__version__, old["lightning"]
 for name in [m for m in sys.modules if m.startswith("tram.integrations")]:
     del sys.modules[name]
 try:
@@ -158,14 +167,17 @@ def test_each_integration_refuses_a_release_older_than_its_floor() -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-c", CHECKS_AT_IMPORT], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", CHECKS_AT_IMPORT, json.dumps(BELOW_THE_FLOOR)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    found = {"transformers": "5.5.0", "accelerate": "1.13.0", "trl": "1.15.2", "peft": "0.13.2"}
-    found["lightning"] = "2.5.3"
-    for package, installed in found.items():
+    assert set(outcome) == set(BELOW_THE_FLOOR)
+    for package, installed in BELOW_THE_FLOOR.items():
         minimum = MINIMUM_VERSIONS[package]
+        assert release(installed) < release(minimum), package
         assert outcome[package] is not None, f"{package} {installed} was not refused"
         assert f"needs {package}>={minimum}" in outcome[package]
         assert f"but found {package} {installed}; upgrade it" in outcome[package]

@@ -41,7 +41,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Scaling", "apply_ascent_", "foreach_copy_", "restore_", "scaled_squared_norm"]
+__all__ = [
+    "Scaling",
+    "apply_ascent_",
+    "foreach_copy_",
+    "is_dtensor",
+    "restore_",
+    "scaled_squared_norm",
+]
 
 Scaling = Literal["identity", "adaptive", "fisher"]
 
@@ -103,10 +110,14 @@ def scaled_squared_norm(
     return (stacked * stacked).sum()
 
 
+def is_dtensor(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (FSDP2's parameters and gradients), told by its
+    class name so that torch.distributed is not imported."""
+    return type(tensor).__name__ == "DTensor"
+
+
 def _any_dtensor(tensors: list[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a ``DTensor`` (FSDP2's parameters and gradients), told by
-    name as ``tram._model_io`` tells sharded parameters, without importing torch.distributed."""
-    return any(type(t).__name__ == "DTensor" for t in tensors)
+    return any(is_dtensor(t) for t in tensors)
 
 
 def _norms(tensors: list[Tensor], *, dtype: torch.dtype, foreach: bool) -> list[Tensor]:

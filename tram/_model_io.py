@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from tram._ascent import is_dtensor
+
 __all__ = ["call_model", "extract_logits", "logits_mask", "unwrap_model"]
 
 LogitsFn = Callable[[Any], Tensor]
@@ -165,7 +167,7 @@ def parameters_are_sharded(model: nn.Module, module: nn.Module) -> bool:
         names = {cls.__name__ for cls in type(child).__mro__}
         if names & set(sharding) or any(name.startswith("FSDP") for name in names):
             return True  # FSDP1 inside, or FSDP2's fully_shard (which renames the class FSDP...)
-    return any(type(param).__name__ == "DTensor" for param in module.parameters())
+    return any(is_dtensor(param) for param in module.parameters())
 
 
 def _replicating_wrapper_inner(wrapper: nn.Module) -> nn.Module | None:

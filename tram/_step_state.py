@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from tram._ascent import scaled_squared_norm
+from tram._ascent import is_dtensor, scaled_squared_norm
 
 if TYPE_CHECKING:
     from tram._buckets import Bucket
@@ -207,7 +207,7 @@ def _version(grad: Tensor) -> _Version:
     local shard for a ``DTensor``. FSDP2 adds a backward's gradient to an existing one with
     ``grad._local_tensor += ...`` (``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``,
     ``foreach_reduce``), which bumps the local tensor's counter only."""
-    if type(grad).__name__ != "DTensor":  # by name, as _model_io.parameters_are_sharded tells it
+    if not is_dtensor(grad):
         return grad._version, 0
     with torch.no_grad():  # to_local() then returns the shard itself, not a view
         local = grad.to_local()  # type: ignore[attr-defined]
