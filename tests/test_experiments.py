@@ -210,6 +210,69 @@ def test_tiny_sentiment(assets, tmp_path, optimizer):
         assert not any(tag.endswith("r3f") for tag in tb)
 
 
+def test_the_radius_of_each_ascent_is_recorded_and_off_steps_are_left_out(assets, tmp_path):
+    """With ``ascent_every=2`` steps 1 and 3 ascend and step 2 does not: the run's d per step
+    is TensorBoard's (logged on the ascents only), not step 1's d repeated for step 2."""
+    overrides = ["optimizer=tram_x", "+optimizer.method.ascent_every=2"]
+    cfg = compose_config([*tiny_overrides(assets), *overrides])
+    results = finetune(cfg, output_dir=tmp_path)
+    radii = scalars(tmp_path)["train/tram/radius"]
+    assert results["steps"] == 3
+    assert len(radii) == 2
+    assert results["radius_per_step"] == pytest.approx(radii, rel=1e-5)
+    assert results["mean_radius"] == pytest.approx(sum(radii) / 2, rel=1e-5)
+
+
+def test_a_skipped_ascent_records_no_radius():
+    """A step whose ascent is skipped (d not finite) or not due records NaN, not the last
+    ascent's d, which ``last_radius`` still holds; a d reused under ``radius_every`` is kept."""
+    import torch
+    from torch import nn
+
+    import tram
+    from tram.experiments.run import AscentRadii
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+    spoil = [False]
+
+    def logits_fn(output):
+        return output * math.nan if spoil[0] and not torch.is_grad_enabled() else output
+
+    base = torch.optim.AdamW(model.parameters(), lr=0.05)
+    optimizer = tram.TRAM(
+        base, model, trust_region="noise", sigma=0.3, seed=5, logits_fn=logits_fn, radius_every=2
+    )
+    inputs, labels = torch.randint(0, 10, (6, 2)), torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    radii = AscentRadii()
+    for step in range(5):
+        spoil[0] = step == 2  # the third step measures d (radius_every=2), and finds it nan
+        radii.step_begins(optimizer)
+        if spoil[0]:
+            with pytest.warns(RuntimeWarning, match="radius is not finite"):
+                optimizer.step(closure)
+        else:
+            optimizer.step(closure)
+        radii.step_ends(optimizer)
+    assert optimizer.skipped_ascents == 1
+    measured, reused, skipped, reused_again, last = radii.values
+    assert measured == optimizer.radius_history[0] > 0
+    assert reused == reused_again == measured
+    assert math.isnan(skipped)
+    assert last == optimizer.radius_history[1] != measured
+    assert optimizer.last_radius == last
+    # Without step_begins (a step the tracker did not see begin) nothing is claimed.
+    radii.step_ends(optimizer)
+    assert math.isnan(radii.values[-1])
+
+
 def test_validation_is_reported_next_to_the_test_sets(assets, tmp_path):
     cfg = compose_config(tiny_overrides(assets))
     results = finetune(cfg, output_dir=tmp_path)
@@ -676,20 +739,25 @@ def test_a_torchrun_sweep_runs_every_job_on_the_global_batch(assets, tmp_path):
 def test_the_radius_of_a_step_is_the_mean_over_ranks_exact_where_they_agree():
     """Under local ascent each rank measures its own d: a step's radius is their mean. Where
     the ranks agree (the synchronised ascent) it is their value exactly: three ranks' 0.1
-    summed and divided by 3 would be 0.10000000000000002. Steps without a finite d on some rank
-    are left out."""
+    summed and divided by 3 would be 0.10000000000000002. A rank without a finite d on a step
+    did not ascend and is left out of its mean; a step where no rank ascended, altogether."""
     import torch
 
     from tram.experiments.run import mean_over_ranks
 
     nan = math.nan
     per_rank = torch.tensor(
-        [[0.1, 1.0, nan, 0.7, 2.0], [0.1, 2.0, nan, nan, 3.0], [0.1, 4.5, nan, 0.7, 7.0]],
+        [[0.1, 1.0, nan, 0.7, 2.0], [0.1, 2.0, nan, nan, 3.0], [0.1, 4.5, nan, 0.3, 7.0]],
         dtype=torch.float64,
     )
-    assert mean_over_ranks(per_rank) == [0.1, 2.5, 4.0]
+    assert mean_over_ranks(per_rank) == [0.1, 2.5, 0.5, 4.0]
     assert mean_over_ranks(per_rank[:1]) == [0.1, 1.0, 0.7, 2.0]
     assert mean_over_ranks(torch.full((2, 3), nan)) == []
+    # A rank that skipped its ascent (local_ascent) leaves the others' d, exact where they agree.
+    skipped = torch.tensor([[nan, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]], dtype=torch.float64)
+    assert mean_over_ranks(skipped) == [0.1, 0.1]
+    differ = torch.tensor([[nan], [0.1], [0.3], [0.5]], dtype=torch.float64)
+    assert mean_over_ranks(differ) == [pytest.approx(0.3, rel=1e-12)]
 
 
 def _radius_worker(out: str) -> None:

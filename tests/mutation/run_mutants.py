@@ -1118,9 +1118,26 @@ MUTANTS = [
     Mutant(
         "runner-radius-agreeing-ranks-averaged",
         "tram/experiments/run.py",
-        "    values = torch.where(agree, per_rank[0], per_rank.mean(dim=0))",
-        "    values = per_rank.mean(dim=0)",
+        "    values = torch.where(agree, first, mean)",
+        "    values = mean",
         ("tests/test_experiments.py@mean_over_ranks_exact",),
+    ),
+    Mutant(
+        "runner-radius-step-dropped-when-one-rank-skipped-its-ascent",
+        "tram/experiments/run.py",
+        "    return [value for value, count in kept if count > 0]",
+        "    return [value for value, count in kept if count == len(per_rank)]",
+        ("tests/test_experiments.py@mean_over_ranks_exact",),
+    ),
+    Mutant(
+        "runner-radius-of-the-last-ascent-repeated-on-a-step-without-one",
+        "tram/experiments/run.py",
+        "        ascended = at_begin == (True, int(optimizer.skipped_ascents))",
+        "        ascended = True",
+        (
+            "tests/test_experiments.py@each_ascent_is_recorded",
+            "tests/test_experiments.py@skipped_ascent_records_no_radius",
+        ),
     ),
     Mutant(
         "local-reused-radius-of-rank-0-taken-by-every-rank",

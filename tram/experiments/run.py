@@ -193,6 +193,34 @@ def training_arguments(cfg: Any, output_dir: Path) -> Any:
 # ------------------------------------------------------------------------------ the run
 
 
+class AscentRadii:
+    """The radius (TRAM's d) each optimizer step's ascent used, NaN for a step without an
+    ascent, so that every rank holds one value per step.
+
+    ``last_radius`` is the d of the *last* ascent: read after a step that did not ascend (an
+    ``ascent_every`` off-step, an ascent skipped for a non-finite gradient or d) it is an
+    earlier step's, which this records as NaN instead. A step ascended when it was due one at
+    its start (``ascent_due``) and no ascent was skipped during it (``skipped_ascents``). A d
+    reused under ``radius_every > 1`` is the one the step's ascent used, and is kept.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+        self._at_begin: tuple[bool, int] | None = None
+
+    def step_begins(self, optimizer: Any) -> None:
+        """Before the step's first pass."""
+        if hasattr(optimizer, "last_radius"):
+            self._at_begin = (bool(optimizer.ascent_due), int(optimizer.skipped_ascents))
+
+    def step_ends(self, optimizer: Any) -> None:
+        """After the step's base step: append its d, or NaN."""
+        at_begin, self._at_begin = self._at_begin, None
+        radius = getattr(optimizer, "last_radius", None)
+        ascended = at_begin == (True, int(optimizer.skipped_ascents))
+        self.values.append(float(radius) if ascended and radius is not None else math.nan)
+
+
 def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
     """Point TensorBoard (when reported to) at ``<run dir>/tensorboard``; track the radius; log
     the last step."""
@@ -202,15 +230,20 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
     from tram.integrations.accelerate import unwrap_optimizer
 
     class RadiusTracker(TrainerCallback):
-        """Collects the two-pass method's radius (TRAM's d) after every optimizer step, NaN
-        where it has none, so that every rank holds one value per step."""
+        """:class:`AscentRadii` as a Trainer callback: one value per optimizer step."""
 
         def __init__(self) -> None:
-            self.values: list[float] = []
+            self.radii = AscentRadii()
+
+        @property
+        def values(self) -> list[float]:
+            return self.radii.values
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.radii.step_begins(unwrap_optimizer(kwargs.get("optimizer")))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            radius = getattr(unwrap_optimizer(kwargs.get("optimizer")), "last_radius", None)
-            self.values.append(math.nan if radius is None else float(radius))
+            self.radii.step_ends(unwrap_optimizer(kwargs.get("optimizer")))
 
     class LogTheLastStep(TrainerCallback):
         """Logs the last step whatever ``logging_steps`` is, so ``train_loss`` averages every
@@ -238,19 +271,25 @@ def _add_callbacks(trainer: Any, output_dir: Path) -> Any:
 
 
 def mean_over_ranks(per_rank: Any) -> list[float]:
-    """Each step's radius as the mean over ranks of ``per_rank`` (a tensor of shape
-    ``(ranks, steps)``), the steps without a finite one left out.
+    """Each step's radius as the mean of ``per_rank`` (a tensor of shape ``(ranks, steps)``)
+    over the ranks that ascended on it (a finite value), the steps where none did left out.
 
     A step whose ranks agree (the synchronised ascent, and one process) keeps their value
     exactly, which a sum over three or more ranks divided by their number need not; under
     ``local_ascent=True`` each rank measures its own d on its shard, and the step's value is
-    their mean."""
+    their mean. A rank can skip its own ascent there (a non-finite gradient of its shard)
+    while the others ascend: the step's d is then the mean of the ascents taken."""
     import torch
 
     per_rank = per_rank.to(torch.float64)
-    agree = (per_rank == per_rank[0]).all(dim=0)
-    values = torch.where(agree, per_rank[0], per_rank.mean(dim=0))
-    return [value for value in values.tolist() if math.isfinite(value)]
+    finite = per_rank.isfinite()
+    ascents = finite.sum(dim=0)
+    first = per_rank.gather(0, finite.to(torch.uint8).argmax(dim=0, keepdim=True))[0]
+    agree = ((per_rank == first) | ~finite).all(dim=0)
+    mean = torch.where(finite, per_rank, 0.0).sum(dim=0) / ascents.clamp(min=1)
+    values = torch.where(agree, first, mean)
+    kept = zip(values.tolist(), ascents.tolist(), strict=True)
+    return [value for value, count in kept if count > 0]
 
 
 def radius_over_ranks(values: list[float], accelerator: Any) -> list[float]:
@@ -357,8 +396,8 @@ def finetune(cfg: Any, output_dir: str | Path | None = None) -> dict[str, Any]:
         steps=int(trainer.state.global_step),
         train_loss=float(train_output.training_loss),
         mean_radius=(sum(radius_per_step) / len(radius_per_step)) if radius_per_step else None,
-        # The d each optimizer step used (a reused one repeated under radius_every > 1): the
-        # trajectory of the trust region over the run.
+        # The d of each step's ascent, in order (a reused one repeated under radius_every > 1;
+        # steps without an ascent left out): the trajectory of the trust region over the run.
         radius_per_step=radius_per_step or None,
         parameters=sum(p.numel() for p in model.parameters()),
         trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
