@@ -216,8 +216,11 @@ class AscentRadii:
     def step_ends(self, optimizer: Any) -> None:
         """After the step's base step: append its d, or NaN."""
         at_begin, self._at_begin = self._at_begin, None
-        radius = getattr(optimizer, "last_radius", None)
+        if at_begin is None:  # no radius (not TRAM), or a step not seen to begin
+            self.values.append(math.nan)
+            return
         ascended = at_begin == (True, int(optimizer.skipped_ascents))
+        radius = optimizer.last_radius
         self.values.append(float(radius) if ascended and radius is not None else math.nan)
 
 
