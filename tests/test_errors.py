@@ -86,6 +86,17 @@ def _step_with_the_ascent(env: Any) -> None:
     env.optimizer.step(env.closure_returning(torch.tensor(0.0)))
 
 
+def _closure_with_a_default(env: Any) -> Any:
+    """A schedule-free closure optimizer as schedulefree 1.2 declared it: ``step(closure=None)``,
+    a default its step cannot run with (it calls the closure unconditionally)."""
+
+    class DefaultedClosure(pytest.importorskip("schedulefree").SGDScheduleFreeClosure):
+        def step(self, closure: Any = None) -> Any:
+            return super().step(closure)
+
+    return DefaultedClosure(env.model.parameters(), lr=0.1)
+
+
 def _literal(message: str) -> str:
     return re.escape(message)
 
@@ -227,6 +238,12 @@ CASES: list[ErrorCase] = [
         ),
         TypeError,
         _literal("SAM cannot wrap SGDScheduleFreeClosure: its step() needs a closure"),
+    ),
+    ErrorCase(
+        "base-is-a-schedule-free-closure-optimizer-whose-step-declares-a-default",
+        lambda env: tram.SAM(_closure_with_a_default(env)),
+        TypeError,
+        _literal("SAM cannot wrap DefaultedClosure: its step() needs a closure"),
     ),
     ErrorCase(
         "base-lists-a-parameter-twice",

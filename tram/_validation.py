@@ -115,7 +115,13 @@ def check_base_optimizer(
 
 
 def _step_needs_a_closure(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer.step`` has a ``closure`` argument without a default (LBFGS)."""
+    """Whether ``optimizer.step`` has a ``closure`` argument without a default (LBFGS), or is
+    one of the schedule-free package's ``*Closure`` optimizers: before schedulefree 1.3 their
+    ``step(closure=None)`` declared a default yet called the closure unconditionally, after
+    moving the weights to its extrapolated point (a subclass of one is one too)."""
+    for cls in type(optimizer).__mro__:
+        if cls.__module__.split(".")[0] == "schedulefree" and cls.__name__.endswith("Closure"):
+            return True
     try:
         parameter = inspect.signature(optimizer.step).parameters.get("closure")
     except (TypeError, ValueError):  # no signature to read: assume torch's contract

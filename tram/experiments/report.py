@@ -226,7 +226,12 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     mean difference, its 95% CI half-width and sample standard deviation, and the p-values.
 
     Which differences are zero, equal to each other (ties of the Wilcoxon ranks) or all the same
-    (no variance for the t-test) is judged up to float rounding (:func:`_without_rounding`)."""
+    (no variance for the t-test) is judged up to float rounding (:func:`_without_rounding`).
+    The Wilcoxon signed-rank p is SciPy's default method (SciPy 1.15 and later, the floor in
+    ``setup.cfg``): up to 50 differences without ties or zeros, the exact distribution; with
+    them, a complete permutation test over the signs up to 13 differences and the normal
+    approximation above; zeros are dropped (``zero_method="wilcox"``). SciPy 1.14 applied the
+    untied exact distribution to tied ranks too."""
     from scipy import stats
 
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
