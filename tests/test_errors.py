@@ -86,6 +86,14 @@ def _step_with_the_ascent(env: Any) -> None:
     env.optimizer.step(env.closure_returning(torch.tensor(0.0)))
 
 
+class _HandWrittenSAM(torch.optim.SGD):
+    """The shape of the SAM paper's reference optimizer: the two passes as methods."""
+
+    def first_step(self, zero_grad: bool = False) -> None: ...
+
+    def second_step(self, zero_grad: bool = False) -> None: ...
+
+
 def _closure_with_a_default(env: Any) -> Any:
     """A schedule-free closure optimizer as schedulefree 1.2 declared it: ``step(closure=None)``,
     a default its step cannot run with (it calls the closure unconditionally)."""
@@ -222,6 +230,27 @@ CASES: list[ErrorCase] = [
         lambda env: tram.SAM(tram.FisherSAM(env.sgd())),
         TypeError,
         _literal("base_optimizer is already a two-pass optimizer (FisherSAM)"),
+    ),
+    ErrorCase(
+        "base-is-another-librarys-sam",
+        lambda env: tram.TRAM(
+            pytest.importorskip("pytorch_optimizer").SAM(
+                env.model.parameters(), torch.optim.SGD, lr=0.1
+            ),
+            env.model,
+            trust_region="pretrained",
+        ),
+        TypeError,
+        _literal(
+            "base_optimizer is already a two-pass optimizer (pytorch_optimizer.optimizer.sam.SAM, "
+            "with first_step() and second_step()): TRAM would take a third pass"
+        ),
+    ),
+    ErrorCase(
+        "base-is-a-sam-written-by-hand",
+        lambda env: tram.ASAM(_HandWrittenSAM(env.model.parameters())),
+        TypeError,
+        r"already a two-pass optimizer \(.*_HandWrittenSAM, with first_step\(\) and second_step",
     ),
     ErrorCase(
         "base-is-lbfgs",

@@ -84,10 +84,21 @@ def check_base_optimizer(
             "base_optimizer must be a torch.optim.Optimizer instance, but got "
             f"{type(base_optimizer).__name__}"
         )
+    cls = type(base_optimizer)
     if isinstance(base_optimizer, TwoPassOptimizer):
         raise TypeError(
-            "base_optimizer is already a two-pass optimizer "
-            f"({type(base_optimizer).__name__}); wrap the underlying optimizer instead"
+            f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
+            "underlying optimizer instead"
+        )
+    if callable(getattr(base_optimizer, "first_step", None)) and callable(
+        getattr(base_optimizer, "second_step", None)
+    ):
+        # Another library's sharpness-aware optimizer (pytorch_optimizer's SAM, WSAM, LookSAM,
+        # the SAM paper's reference code): its step() runs both passes itself from a closure.
+        raise TypeError(
+            f"base_optimizer is already a two-pass optimizer ({cls.__module__}.{cls.__qualname__}"
+            f", with first_step() and second_step()): {method} would take a third pass; wrap the "
+            "optimizer it wraps instead"
         )
     if not any(group["params"] for group in base_optimizer.param_groups):
         raise ValueError("base_optimizer has an empty parameter list")
