@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -287,6 +287,24 @@ def layer_checkpointing(enabled: bool, kwargs: dict[str, Any] | None = None) -> 
     if kwargs is not None:
         settings[f"{name}_kwargs"] = kwargs
     return settings
+
+
+def end_distributed_worker() -> NoReturn:
+    """End a torchrun worker whose results are written: wait for every rank, destroy the process
+    groups, and exit without the interpreter's teardown.
+
+    Left to interpreter exit, gloo's threads can be torn down while still joinable and abort a
+    worker after a successful run (SIGABRT, "terminate called without an active exception");
+    CI saw it under load even after ``destroy_process_group()``. The results are on disk by then,
+    and nothing the tests check runs during the teardown ``os._exit`` skips.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

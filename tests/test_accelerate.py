@@ -20,7 +20,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 import tram  # noqa: E402
-from tests.helpers import run_example, torchrun  # noqa: E402
+from tests.helpers import end_distributed_worker, run_example, torchrun  # noqa: E402
 from tram.integrations.accelerate import TwoPassBackward, unwrap_optimizer  # noqa: E402
 
 GA = 2
@@ -569,8 +569,7 @@ def _fsdp2_worker(out_path: str) -> None:
         }
     if rank == 0:
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 # float32 round-off only (measured up to 3e-8); the mutant and the bug it guards move TRAM-x by

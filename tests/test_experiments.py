@@ -19,7 +19,7 @@ pytest.importorskip("tensorboard")
 
 from hydra import compose, initialize_config_dir
 
-from tests.helpers import read_scalars, torchrun
+from tests.helpers import end_distributed_worker, read_scalars, torchrun
 from tram.experiments import report
 from tram.experiments.run import CONFIG_DIR, finetune
 from tram.experiments.tasks import ExperimentError
@@ -763,7 +763,6 @@ def test_the_radius_of_a_step_is_the_mean_over_ranks_exact_where_they_agree():
 def _radius_worker(out: str) -> None:
     """One rank of :func:`test_the_runner_gathers_every_ranks_radius`: rank r's d of the three
     steps is 0.25 + r, 1.5 (r + 1) and none."""
-    import torch
     from accelerate import Accelerator
 
     from tram.experiments.run import radius_over_ranks
@@ -772,10 +771,7 @@ def _radius_worker(out: str) -> None:
     rank = accelerator.process_index
     values = radius_over_ranks([0.25 + rank, 1.5 * (rank + 1), math.nan], accelerator)
     Path(out, f"rank{rank}.json").write_text(json.dumps([accelerator.num_processes, values]))
-    # A gloo group left to the interpreter's exit can abort it ("terminate called without an
-    # active exception").
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    end_distributed_worker()
 
 
 @pytest.mark.distributed

@@ -39,6 +39,7 @@ import tram._checkpointing  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import (  # noqa: E402
     assert_same_state,
+    end_distributed_worker,
     layer_checkpointing,
     read_scalars,
     some_fast,
@@ -1136,11 +1137,8 @@ def _ddp_worker(out_path: str) -> None:
     results["mode_diff"] = (finals["sync"] - finals["local"]).abs().max().item()
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results))
-    # The Trainer's accelerator created the process group and never destroys it; left to
-    # interpreter exit, gloo's threads can be torn down while joinable and abort the worker
-    # (SIGABRT, "terminate called without an active exception") after a successful run.
-    dist.barrier()
-    dist.destroy_process_group()
+    # The Trainer's accelerator created the process group and never destroys it.
+    end_distributed_worker()
 
 
 @pytest.mark.distributed
@@ -1250,8 +1248,7 @@ def _fsdp2_worker(out_path: str) -> None:
         one, _ = reference_run(method, method_kwargs, args, dataset, ga_divisor=0.5)
         results["sam"]["one_process"] = flat_params(one)
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 def test_local_ascent_under_fsdp2_is_refused(tmp_path):

@@ -28,6 +28,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from tests.helpers import (  # noqa: E402
     counting_backend,
+    end_distributed_worker,
     run_example,
     some_fast,
     some_fast_rows,
@@ -1094,8 +1095,7 @@ def _fsdp2_worker(out_path: str) -> None:
     results["world"] = dist.get_world_size()
     if dist.get_rank() == 0:
         torch.save(results, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed_worker()
 
 
 @pytest.mark.distributed
