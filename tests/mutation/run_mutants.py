@@ -1109,6 +1109,20 @@ MUTANTS = [
         ("tests/test_experiments.py@later_job_is_the_job_run_alone",),
     ),
     Mutant(
+        "schedule-free-closure-optimizer-with-a-defaulted-closure-accepted",
+        "tram/_validation.py",
+        'and cls.__name__.endswith("Closure"):',
+        'and cls.__name__.endswith("Closure") and False:',
+        ("tests/test_errors.py@whose-step-declares-a-default",),
+    ),
+    Mutant(
+        "another-librarys-two-pass-optimizer-accepted-as-the-base",
+        "tram/_validation.py",
+        '    if callable(getattr(base_optimizer, "first_step", None)) and callable(',
+        '    if False and callable(getattr(base_optimizer, "first_step", None)) and callable(',
+        ("tests/test_errors.py@another-librarys-sam or sam-written-by-hand",),
+    ),
+    Mutant(
         "runner-radius-rank-0s-only",
         "tram/experiments/run.py",
         "    gathered = accelerator.gather(mine.to(accelerator.device))",
