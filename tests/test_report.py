@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,42 @@ def test_paired_tests_edge_cases():
     assert same["wilcoxon_p"] is None
     assert report.paired_tests({1: 1.0}, {2: 1.0})["n"] == 0
     assert report.mean_ci([3.0]) == (3.0, None)
+
+
+def _brute_force_signed_rank_p(differences: list[float]) -> float:
+    """Every sign pattern enumerated: the definition :func:`report.signed_rank_p` counts."""
+    import itertools
+
+    nonzero = [d for d in differences if d != 0]
+    ranks = scipy_stats.rankdata([abs(d) for d in nonzero])
+    observed = sum(r for r, d in zip(ranks, nonzero, strict=True) if d > 0)
+    sums = [
+        sum(r for r, sign in zip(ranks, signs, strict=True) if sign)
+        for signs in itertools.product([False, True], repeat=len(nonzero))
+    ]
+    lower = sum(w <= observed + 1e-9 for w in sums)
+    upper = sum(w >= observed - 1e-9 for w in sums)
+    return min(1.0, 2 * min(lower, upper) / len(sums))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_signed_rank_p_is_exact_with_ties_and_zeros(seed: int) -> None:
+    """Against SciPy's exact distribution (no ties), SciPy's permutation test (ties and zeros,
+    up to 13 differences: SciPy 1.15's default there) and every sign pattern enumerated (16
+    tied differences, where SciPy's default takes the normal approximation)."""
+    rng = random.Random(seed)
+    untied = [rng.uniform(-3, 2) for _ in range(9 + seed)]
+    assert report.signed_rank_p(untied) == pytest.approx(
+        scipy_stats.wilcoxon(untied, method="exact").pvalue, rel=1e-12
+    )
+    tied = [rng.choice([-0.3, -0.1, 0.0, 0.1, 0.2, 0.3, 0.5]) for _ in range(8 + seed)]
+    if any(tied):
+        permutation = scipy_stats.wilcoxon(tied, method=scipy_stats.PermutationMethod()).pvalue
+        assert report.signed_rank_p(tied) == pytest.approx(permutation, rel=1e-12)
+    many = [rng.choice([-0.2, 0.0, 0.1, 0.2, 0.4, 0.7]) for _ in range(16)]
+    assert report.signed_rank_p(many) == pytest.approx(_brute_force_signed_rank_p(many), rel=1e-12)
+    assert report.signed_rank_p([0.0, 0.0]) is None
+    assert report.signed_rank_p([0.4]) == 1.0
 
 
 def test_wilcoxon_ranks_differences_that_are_equal_up_to_float_rounding_as_ties():

@@ -58,6 +58,7 @@ __all__ = [
     "seed_counts",
     "seed_notes",
     "seeds_label",
+    "signed_rank_p",
     "summarize",
 ]
 
@@ -221,17 +222,43 @@ def _without_rounding(diffs: Sequence[float], scale: float) -> list[float]:
     return snapped
 
 
+def signed_rank_p(differences: Sequence[float]) -> float | None:
+    """Two-sided p of Wilcoxon's signed-rank test on ``differences``, exact with ties and zeros.
+
+    Zeros are dropped (Wilcoxon's own treatment, SciPy's ``zero_method="wilcox"``); the others
+    are ranked by magnitude with tied magnitudes sharing their mean rank; the statistic is the
+    sum W of the positive differences' ranks. Under the null hypothesis each sign is + or −
+    with probability 1/2 independently, so W's distribution is that of the rank sums of all
+    2^n sign patterns: counted exactly here, over doubled ranks (integers, since a mean rank is
+    a multiple of 1/2), by adding one rank at a time. The p-value is twice the smaller tail,
+    at most 1, as SciPy's exact and permutation methods give. It is exact for every n, where
+    SciPy's default switches to the normal approximation with ties above 13 differences, and
+    it does not depend on the SciPy release (1.14 and older gave tied ranks the untied exact
+    distribution). None when no difference is non-zero.
+    """
+    from scipy.stats import rankdata
+
+    nonzero = [d for d in differences if d != 0]
+    if not nonzero:
+        return None
+    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]
+    observed = sum(r for r, d in zip(doubled, nonzero, strict=True) if d > 0)
+    counts = [1] + [0] * sum(doubled)  # counts[w]: sign patterns whose doubled W is w
+    for rank in doubled:
+        counts = [c + (counts[w - rank] if w >= rank else 0) for w, c in enumerate(counts)]
+    total = 2 ** len(doubled)
+    lower = sum(counts[: observed + 1])
+    upper = sum(counts[observed:])
+    return min(1.0, 2 * min(lower, upper) / total)
+
+
 def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
     """Paired comparison of ``a`` against ``b`` over their common seeds with finite values: the
     mean difference, its 95% CI half-width and sample standard deviation, and the p-values.
 
     Which differences are zero, equal to each other (ties of the Wilcoxon ranks) or all the same
     (no variance for the t-test) is judged up to float rounding (:func:`_without_rounding`).
-    The Wilcoxon signed-rank p is SciPy's default method (SciPy 1.15 and later, the floor in
-    ``setup.cfg``): up to 50 differences without ties or zeros, the exact distribution; with
-    them, a complete permutation test over the signs up to 13 differences and the normal
-    approximation above; zeros are dropped (``zero_method="wilcox"``). SciPy 1.14 applied the
-    untied exact distribution to tied ranks too."""
+    The Wilcoxon p is :func:`signed_rank_p`'s, exact with ties and zeros."""
     from scipy import stats
 
     seeds = sorted(s for s in set(a) & set(b) if math.isfinite(a[s]) and math.isfinite(b[s]))
@@ -260,8 +287,7 @@ def paired_tests(a: dict[int, float], b: dict[int, float]) -> dict[str, Any]:
             out["t_p"] = 1.0
         else:  # a constant, non-zero difference: no variance, the t statistic is infinite
             out["t_p"] = 0.0
-        if any(d != 0 for d in exact):
-            out["wilcoxon_p"] = float(stats.wilcoxon(exact).pvalue)
+        out["wilcoxon_p"] = signed_rank_p(exact)
     return out
 
 
