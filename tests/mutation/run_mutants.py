@@ -1123,6 +1123,20 @@ MUTANTS = [
         ("tests/test_errors.py@another-librarys-sam or sam-written-by-hand",),
     ),
     Mutant(
+        "signed-rank-p-ties-ranked-as-whole-numbers",
+        "tram/experiments/report.py",
+        "    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]",
+        "    doubled = [2 * round(r) for r in rankdata([abs(d) for d in nonzero])]",
+        ("tests/test_report.py@exact_with_ties",),
+    ),
+    Mutant(
+        "signed-rank-p-one-tail-without-the-observed-value",
+        "tram/experiments/report.py",
+        "    upper = sum(counts[observed:])",
+        "    upper = sum(counts[observed + 1 :])",
+        ("tests/test_report.py@exact_with_ties",),
+    ),
+    Mutant(
         "runner-radius-rank-0s-only",
         "tram/experiments/run.py",
         "    gathered = accelerator.gather(mine.to(accelerator.device))",
