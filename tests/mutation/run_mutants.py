@@ -1146,15 +1146,15 @@ MUTANTS = [
     Mutant(
         "runner-radius-agreeing-ranks-averaged",
         "tram/experiments/run.py",
-        "    values = torch.where(agree, first, mean)",
+        "    values = torch.where(lowest == highest, lowest, mean)",
         "    values = mean",
         ("tests/test_experiments.py@mean_over_ranks_exact",),
     ),
     Mutant(
         "runner-radius-step-dropped-when-one-rank-skipped-its-ascent",
         "tram/experiments/run.py",
-        "    return [value for value, count in kept if count > 0]",
-        "    return [value for value, count in kept if count == len(per_rank)]",
+        "    mean = per_rank.masked_fill(~finite, math.nan).nanmean(dim=0)",
+        "    mean = per_rank.mean(dim=0)",
         ("tests/test_experiments.py@mean_over_ranks_exact",),
     ),
     Mutant(

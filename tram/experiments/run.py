@@ -286,13 +286,11 @@ def mean_over_ranks(per_rank: Any) -> list[float]:
 
     per_rank = per_rank.to(torch.float64)
     finite = per_rank.isfinite()
-    ascents = finite.sum(dim=0)
-    first = per_rank.gather(0, finite.to(torch.uint8).argmax(dim=0, keepdim=True))[0]
-    agree = ((per_rank == first) | ~finite).all(dim=0)
-    mean = torch.where(finite, per_rank, 0.0).sum(dim=0) / ascents.clamp(min=1)
-    values = torch.where(agree, first, mean)
-    kept = zip(values.tolist(), ascents.tolist(), strict=True)
-    return [value for value, count in kept if count > 0]
+    lowest = per_rank.masked_fill(~finite, math.inf).amin(dim=0)
+    highest = per_rank.masked_fill(~finite, -math.inf).amax(dim=0)
+    mean = per_rank.masked_fill(~finite, math.nan).nanmean(dim=0)
+    values = torch.where(lowest == highest, lowest, mean)  # NaN where no rank ascended
+    return [value for value in values.tolist() if math.isfinite(value)]
 
 
 def radius_over_ranks(values: list[float], accelerator: Any) -> list[float]:
