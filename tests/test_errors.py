@@ -94,6 +94,22 @@ class _HandWrittenSAM(torch.optim.SGD):
     def second_step(self, zero_grad: bool = False) -> None: ...
 
 
+def _gsam(env: Any) -> Any:
+    """pytorch_optimizer's GSAM around SGD, its surrogate gap weight at a value of its own."""
+
+    class ConstantRadius:
+        def step(self) -> float:
+            return 0.03
+
+    return pytest.importorskip("pytorch_optimizer").GSAM(
+        env.model.parameters(),
+        base_optimizer=torch.optim.SGD(env.model.parameters(), lr=0.1),
+        model=env.model,
+        rho_scheduler=ConstantRadius(),
+        alpha=0.3,
+    )
+
+
 def _closure_with_a_default(env: Any) -> Any:
     """A schedule-free closure optimizer as schedulefree 1.2 declared it: ``step(closure=None)``,
     a default its step cannot run with (it calls the closure unconditionally)."""
@@ -244,6 +260,15 @@ CASES: list[ErrorCase] = [
         _literal(
             "base_optimizer is already a two-pass optimizer (pytorch_optimizer.optimizer.sam.SAM, "
             "with first_step() and second_step()): TRAM would take a third pass"
+        ),
+    ),
+    ErrorCase(
+        "base-is-another-librarys-gsam",
+        lambda env: tram.TRAM(_gsam(env), env.model, trust_region="pretrained"),
+        TypeError,
+        _literal(
+            "base_optimizer is already a two-pass optimizer (pytorch_optimizer.optimizer.sam.GSAM, "
+            "with perturb_weights() and un_perturb()): TRAM would take a third pass"
         ),
     ),
     ErrorCase(

@@ -90,15 +90,15 @@ def check_base_optimizer(
             f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
             "underlying optimizer instead"
         )
-    if callable(getattr(base_optimizer, "first_step", None)) and callable(
-        getattr(base_optimizer, "second_step", None)
-    ):
+    own_passes = _own_two_pass_methods(base_optimizer)
+    if own_passes:
         # Another library's sharpness-aware optimizer (pytorch_optimizer's SAM, WSAM, LookSAM,
-        # the SAM paper's reference code): its step() runs both passes itself from a closure.
+        # GSAM, the SAM paper's reference code): its step() runs both passes itself from a
+        # closure.
         raise TypeError(
             f"base_optimizer is already a two-pass optimizer ({cls.__module__}.{cls.__qualname__}"
-            f", with first_step() and second_step()): {method} would take a third pass; wrap the "
-            "optimizer it wraps instead"
+            f", with {' and '.join(name + '()' for name in own_passes)}): {method} would take a "
+            "third pass; wrap the optimizer it wraps instead"
         )
     if not any(group["params"] for group in base_optimizer.param_groups):
         raise ValueError("base_optimizer has an empty parameter list")
@@ -123,6 +123,19 @@ def check_base_optimizer(
             "groups: the ascent would use the base optimizer's value, and setting the method's "
             "would change the base optimizer. This base optimizer cannot be wrapped by this method"
         )
+
+
+_OWN_TWO_PASS_METHODS = (("first_step", "second_step"), ("perturb_weights", "un_perturb"))
+
+
+def _own_two_pass_methods(optimizer: Optimizer) -> tuple[str, ...]:
+    """The pair of methods by which ``optimizer`` moves to its own ascent point and back, or ()
+    when it has none: ``first_step``/``second_step`` (the SAM paper's code and most libraries
+    that follow it), ``perturb_weights``/``un_perturb`` (pytorch_optimizer's GSAM)."""
+    for pair in _OWN_TWO_PASS_METHODS:
+        if all(callable(getattr(optimizer, name, None)) for name in pair):
+            return pair
+    return ()
 
 
 def _step_needs_a_closure(optimizer: Optimizer) -> bool:

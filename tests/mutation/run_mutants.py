@@ -1118,9 +1118,16 @@ MUTANTS = [
     Mutant(
         "another-librarys-two-pass-optimizer-accepted-as-the-base",
         "tram/_validation.py",
-        '    if callable(getattr(base_optimizer, "first_step", None)) and callable(',
-        '    if False and callable(getattr(base_optimizer, "first_step", None)) and callable(',
-        ("tests/test_errors.py@another-librarys-sam or sam-written-by-hand",),
+        "    if own_passes:",
+        "    if False and own_passes:",
+        ("tests/test_errors.py@another-librarys or sam-written-by-hand",),
+    ),
+    Mutant(
+        "gsam-accepted-as-the-base",
+        "tram/_validation.py",
+        '("perturb_weights", "un_perturb"))',
+        '("first_step", "second_step"))',
+        ("tests/test_errors.py@another-librarys-gsam",),
     ),
     Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
