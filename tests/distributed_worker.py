@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 import tram
@@ -148,11 +149,13 @@ def ddp_scenario(
     local_ascent: bool = False,
     micro_batches: int = 1,
     compiled: bool = False,
+    zero: bool = False,
 ) -> Record:
     """DDP with a comm hook that counts the bucket all-reduces; with ``compiled``, the
     ``torch.compile(DDP(model))`` of torch's DDP tutorial (dynamo splits the graph at the
     buckets, whose all-reduces run between the pieces), with ``aot_eager`` so the steps are
-    the eager ones bit for bit."""
+    the eager ones bit for bit; with ``zero``, the SGD sharded by ``ZeroRedundancyOptimizer``
+    (each rank steps the parameters it owns and broadcasts them)."""
     model: nn.Module = build_model(spec)
     if compiled:
         model = OwnForward(model)
@@ -171,13 +174,24 @@ def ddp_scenario(
     if compiled:
         torch._dynamo.reset()
         called = torch.compile(ddp, backend=backend)  # type: ignore[assignment]
-    base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+    base: torch.optim.Optimizer
+    if zero:
+        base = ZeroRedundancyOptimizer(
+            ddp.parameters(),
+            optimizer_class=torch.optim.SGD,
+            lr=spec["lr"],
+            momentum=spec["momentum"],
+        )
+    else:
+        base = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
     optimizer = make_wrapper(spec, method, base, model=called, local_ascent=local_ascent)
     record = run_steps(
         spec, rank, called, optimizer, micro_batches=micro_batches, allreduce_counter=counter
     )
     record["buckets"] = sorted(counter["buckets"])
     record["graphs"] = len(graphs)
+    if zero:  # the parameters this rank's local optimizer steps
+        record["owned"] = [p.numel() for g in base.optim.param_groups for p in g["params"]]  # type: ignore[attr-defined]
     return record
 
 
@@ -327,20 +341,24 @@ def fsdp_checkpoint_resume(spec: Spec, rank: int, method: str, layout: str) -> R
 
 
 def ddp_with_adamw(
-    spec: Spec, weights: dict[str, Tensor] | None = None
-) -> tuple[DistributedDataParallel, torch.optim.AdamW]:
-    """A fresh model (with ``weights`` loaded, if given) in DDP, and an AdamW over it."""
+    spec: Spec, weights: dict[str, Tensor] | None = None, *, zero: bool = False
+) -> tuple[DistributedDataParallel, torch.optim.Optimizer]:
+    """A fresh model (with ``weights`` loaded, if given) in DDP, and an AdamW over it (sharded
+    by ``ZeroRedundancyOptimizer`` with ``zero``)."""
     model = build_model(spec)
     if weights is not None:
         model.load_state_dict(weights)
     ddp = DistributedDataParallel(model)
-    base = torch.optim.AdamW(
-        ddp.parameters(), lr=spec["adam_lr"], weight_decay=spec["weight_decay"]
-    )
-    return ddp, base
+    options = {"lr": spec["adam_lr"], "weight_decay": spec["weight_decay"]}
+    if zero:
+        sharded = ZeroRedundancyOptimizer(
+            ddp.parameters(), optimizer_class=torch.optim.AdamW, **options
+        )
+        return ddp, sharded
+    return ddp, torch.optim.AdamW(ddp.parameters(), **options)
 
 
-def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
+def ddp_checkpoint_resume(spec: Spec, rank: int, method: str, *, zero: bool = False) -> Record:
     """Train a step under DDP, rank 0 ``torch.save``-s the model's and the optimizer's
     ``state_dict()``, train on; then every rank loads that file into a fresh model, DDP and
     optimizer and trains the same steps. Records both runs' parameters after every step.
@@ -348,11 +366,13 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     ascends every step, so the noise stream's seed and count decide its noise: its seed is
     left out, so it is torch.initial_seed(), alike on every rank in the first run and otherwise
     on each rank in the resumed one, where the checkpoint's seed must win; TRAM-θ0's optimizer
-    is built after the model loaded θ1, so only the checkpoint can give back its θ0."""
-    path = Path(spec["checkpoint_dir"]) / f"ddp-{method}.pt"
+    is built after the model loaded θ1, so only the checkpoint can give back its θ0. With
+    ``zero`` the AdamW is sharded by ``ZeroRedundancyOptimizer``, whose state every rank
+    consolidates on rank 0 before rank 0 saves."""
+    path = Path(spec["checkpoint_dir"]) / f"ddp-{method}{'-zero' if zero else ''}.pt"
 
     def build(weights: dict[str, Tensor] | None = None) -> tuple[nn.Module, tram.TwoPassOptimizer]:
-        ddp, base = ddp_with_adamw(spec, weights)
+        ddp, base = ddp_with_adamw(spec, weights, zero=zero)
         if method == "TRAM-x":
             resumed_seed = spec["noise_seed"] + 1 + rank  # a resumed process seeded otherwise
             torch.manual_seed(spec["noise_seed"] if weights is None else resumed_seed)
@@ -365,6 +385,8 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     resume_at = range(1, spec["steps"])
     model, optimizer = build()
     train_steps(spec, rank, model, optimizer, range(1))
+    if zero:
+        optimizer.base_optimizer.consolidate_state_dict(to=0)  # type: ignore[operator]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, path)
@@ -374,7 +396,12 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str) -> Record:
     checkpoint = torch.load(path, weights_only=True)
     model, resumed = build(checkpoint["model"])
     resumed.load_state_dict(checkpoint["optimizer"])
-    return {"straight": straight, "resumed": train_steps(spec, rank, model, resumed, resume_at)}
+    return {
+        "straight": straight,
+        "resumed": train_steps(spec, rank, model, resumed, resume_at),
+        # ZeroRedundancyOptimizer's load sets the entries of other ranks' parameters to None.
+        "checkpoint_intact": all(v is not None for v in checkpoint["optimizer"]["state"].values()),
+    }
 
 
 def ddp_resume_local_reused_radius(spec: Spec, rank: int) -> Record:
@@ -479,6 +506,7 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "ddp_asam_local": lambda spec, rank: ddp_scenario(spec, rank, "ASAM", local_ascent=True),
     "ddp_sam_accumulate": lambda spec, rank: ddp_scenario(spec, rank, "SAM", micro_batches=2),
     "ddp_compiled_sam_sync": lambda spec, rank: ddp_scenario(spec, rank, "SAM", compiled=True),
+    "ddp_zero_sam_sync": lambda spec, rank: ddp_scenario(spec, rank, "SAM", zero=True),
     "ddp_compiled_sam_local": lambda spec, rank: ddp_scenario(
         spec, rank, "SAM", local_ascent=True, compiled=True
     ),
@@ -500,6 +528,12 @@ SCENARIOS: dict[str, Callable[[Spec, int], Record]] = {
     "ddp_checkpoint_resume_tram_x": lambda spec, rank: ddp_checkpoint_resume(spec, rank, "TRAM-x"),
     "ddp_checkpoint_resume_tram_theta0": lambda spec, rank: ddp_checkpoint_resume(
         spec, rank, "TRAM-θ0"
+    ),
+    "ddp_checkpoint_resume_zero_sam": lambda spec, rank: ddp_checkpoint_resume(
+        spec, rank, "SAM", zero=True
+    ),
+    "ddp_checkpoint_resume_zero_tram_x": lambda spec, rank: ddp_checkpoint_resume(
+        spec, rank, "TRAM-x", zero=True
     ),
     "ddp_resume_local_reused_radius": ddp_resume_local_reused_radius,
     **{

@@ -624,6 +624,60 @@ def test_fsdp1_wrapping_after_the_optimizer_is_refused_at_the_first_ascent(
     assert all(torch.equal(p, b) for p, b in zip(inner.parameters(), before))
 
 
+def zero_redundancy_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """torch's ZeroRedundancyOptimizer around ``BASES["AdamW"]``'s AdamW, in the process group
+    that the ``one_process_group`` fixture creates."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(
+        params, optimizer_class=torch.optim.AdamW, lr=1e-2, weight_decay=0.01, **kwargs
+    )
+
+
+@EVERY_WRAPPER
+def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_shards(
+    case: WrapperCase, one_process_group: None
+) -> None:
+    """Around ZeroRedundancyOptimizer(AdamW) (one rank here; two ranks, each stepping its
+    own shard, in ``tests/test_distributed.py``) the wrapper takes AdamW's steps, bit for bit.
+    Its ``state_dict()`` needs ``consolidate_state_dict()`` first, and the refusal says to call
+    it on ``base_optimizer``; the consolidated state dict resumes bit for bit."""
+    straight, _ = library_run(case, BASES["AdamW"], steps=5)
+    model, optimizer = library_run(case, zero_redundancy_adamw, steps=3)
+    with pytest.raises(
+        RuntimeError,
+        match=r"optimizer\.base_optimizer\.consolidate_state_dict\(to=rank\) on every rank",
+    ):
+        optimizer.state_dict()
+    optimizer.base_optimizer.consolidate_state_dict(to=0)
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    resumed = make_model(seed=123)
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = case.make(zero_redundancy_adamw(resumed.parameters()), resumed)
+    resumed_optimizer.load_state_dict(checkpoint)
+    assert resumed_optimizer.steps == 3
+    for step in range(3, 5):
+        resumed_optimizer.step(closure_for(resumed_optimizer, resumed, step))
+    assert_same_params(resumed, straight, exact=True)
+
+
+@EVERY_WRAPPER
+def test_a_zero_redundancy_optimizer_that_steps_inside_the_backward_is_refused(
+    case: WrapperCase, one_process_group: None
+) -> None:
+    """With ``overlap_with_ddp=True`` ZeroRedundancyOptimizer updates the weights in DDP's
+    communication hook, during each backward: in a two-pass step, at θ and again at θ+ε.
+    Refused at construction (this also pins the private flag it is read from)."""
+    model = make_model()
+    base = zero_redundancy_adamw(model.parameters(), overlap_with_ddp=True)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{case.cls.__name__}(Fisher)? cannot wrap a ZeroRedundancyOptimizer built with "
+        r"overlap_with_ddp=True: .* Build it with overlap_with_ddp=False$",
+    ):
+        case.make(base, model)
+
+
 def fsdp2(module: nn.Module) -> nn.Module:
     """``module`` under FSDP2 (``fully_shard``, every layer and the root) on the CPU, in the
     process group of one rank that the ``one_process_group`` fixture creates."""

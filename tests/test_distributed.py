@@ -319,8 +319,13 @@ def test_local_ascent_without_no_sync_raises() -> None:
 @needs_gloo
 @pytest.mark.parametrize(
     ("name", "method"),
-    [("ddp_sam_sync", "SAM"), ("ddp_asam_sync", "ASAM"), ("ddp_compiled_sam_sync", "SAM")],
-    ids=["SAM", "ASAM", "SAM-torch.compile(DDP(model))"],
+    [
+        ("ddp_sam_sync", "SAM"),
+        ("ddp_asam_sync", "ASAM"),
+        ("ddp_compiled_sam_sync", "SAM"),
+        ("ddp_zero_sam_sync", "SAM"),
+    ],
+    ids=["SAM", "ASAM", "SAM-torch.compile(DDP(model))", "SAM-ZeroRedundancyOptimizer(SGD)"],
 )
 def test_ddp_synchronised_ascent_is_global_batch_sam(
     results: list[dict], spec: dict[str, Any], name: str, method: str
@@ -340,6 +345,11 @@ def test_ddp_synchronised_ascent_is_global_batch_sam(
         # One bucket; it is all-reduced in both passes.
         assert record["buckets"] == [0]
         assert record["allreduces"] == [2] * spec["steps"]
+    if "zero" in name:  # each rank stepped a shard of the parameters, together all of them
+        owned = [record["owned"] for record in records]
+        assert all(owned)
+        every = sorted(p.numel() for p in spec["weights"].values())
+        assert sorted(numel for shard in owned for numel in shard) == every
 
 
 @pytest.mark.distributed
@@ -496,13 +506,15 @@ def test_fsdp2_gradient_accumulation_is_large_batch_sam(
 # ---------------------------------------------------------------------------- DDP: resume
 @pytest.mark.distributed
 @needs_gloo
-@pytest.mark.parametrize("method", ["sam", "tram_x", "tram_theta0"])
+@pytest.mark.parametrize("method", ["sam", "tram_x", "tram_theta0", "zero_sam", "zero_tram_x"])
 def test_ddp_checkpoint_resume_is_exact(results: list[dict], method: str) -> None:
     """Rank 0's model and optimizer state_dict(), loaded on every rank into a fresh model, DDP
     and optimizer, takes the steps the uninterrupted run took, bit for bit (SAM's step counter
     with ascent_every=2, TRAM-x's noise stream, whose seed was left out and the resumed ranks
-    seeded otherwise, TRAM-θ0's reference weights)."""
+    seeded otherwise, TRAM-θ0's reference weights); also with the AdamW sharded by
+    ZeroRedundancyOptimizer, its state consolidated on rank 0 for the save."""
     for rank, record in enumerate(scenario(results, f"ddp_checkpoint_resume_{method}")):
+        assert record["checkpoint_intact"], "load_state_dict() changed the caller's state dict"
         for step, (straight, resumed) in enumerate(
             zip(record["straight"], record["resumed"], strict=True), start=1
         ):

@@ -682,24 +682,47 @@ REFUSED_LOADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], dict[str
 }
 
 
+def consolidated_state_dict(optimizer: tram.TwoPassOptimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()``, its ``ZeroRedundancyOptimizer`` base consolidated first."""
+    consolidate = getattr(optimizer.base_optimizer, "consolidate_state_dict", None)
+    if consolidate is not None:
+        consolidate(to=0)
+    return optimizer.state_dict()
+
+
+def zero_redundancy_adamw(params: Any, *, lr: float) -> torch.optim.Optimizer:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr)
+
+
+@pytest.mark.parametrize("base_kind", ["AdamW", "ZeroRedundancyOptimizer"])
 @pytest.mark.parametrize("refusal", list(REFUSED_LOADS))
-def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(refusal: str) -> None:
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(
+    refusal: str, base_kind: str, request: pytest.FixtureRequest
+) -> None:
     """tram's own part of a state dict is checked after torch loaded the base optimizer's part
     (torch checks its own first). Before, a refusal there left the base optimizer with the
     checkpoint's moments and step counts (of wrong shapes, for a model of other shapes) under
     this optimizer's target: a caller that caught the error and trained on ("resume if you
     can") trained from a mix. Now the optimizer is as it was, and trains as its untouched twin,
-    bit for bit."""
+    bit for bit; also over a ZeroRedundancyOptimizer (one rank), whose load writes into its
+    local optimizer in place."""
     source, saved_options, options, error = REFUSED_LOADS[refusal]
+    if base_kind == "ZeroRedundancyOptimizer":
+        request.getfixturevalue("one_process_group")
 
     def build(model: nn.Module, kwargs: dict[str, Any]) -> tram.TwoPassOptimizer:
-        base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if base_kind == "AdamW":
+            base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        else:
+            base = zero_redundancy_adamw(model.parameters(), lr=1e-2)
         return tram.TRAM(base, model, **{**TRAM_KWARGS[kwargs["trust_region"]], **kwargs})
 
     saved_model = source()
     saved_optimizer = build(saved_model, saved_options)
     train(saved_optimizer, saved_model, steps=2)
-    checkpoint = saved_optimizer.state_dict()
+    checkpoint = consolidated_state_dict(saved_optimizer)
     if refusal == "an earlier noise state":
         entry = checkpoint["param_groups"][0]["tram"]
         entry["generator"] = torch.Generator().get_state()
@@ -710,16 +733,16 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(refusal: str) -> No
     optimizer, untouched = build(model, options), build(twin, options)
     train(optimizer, model, steps=1)
     train(untouched, twin, steps=1)
-    before = copy.deepcopy(optimizer.state_dict())
+    before = copy.deepcopy(consolidated_state_dict(optimizer))
     with pytest.raises((ValueError, KeyError), match=error):
         optimizer.load_state_dict(checkpoint)
-    assert_same_state(optimizer.state_dict(), before)
+    assert_same_state(consolidated_state_dict(optimizer), before)
     assert optimizer.param_groups is optimizer.base_optimizer.param_groups
     train(optimizer, model, steps=2)
     train(untouched, twin, steps=2)
     for (key, got), want in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(got, want), key
-    assert_same_state(optimizer.state_dict(), untouched.state_dict())
+    assert_same_state(consolidated_state_dict(optimizer), consolidated_state_dict(untouched))
 
 
 def test_a_state_dict_of_another_shape_is_refused() -> None:

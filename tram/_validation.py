@@ -14,6 +14,8 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from tram._zero_redundancy import refuse_overlap_with_ddp
+
 __all__ = [
     "check_base_optimizer",
     "check_non_negative",
@@ -100,6 +102,7 @@ def check_base_optimizer(
             f", with {' and '.join(name + '()' for name in own_passes)}): {method} would take a "
             "third pass; wrap the optimizer it wraps instead"
         )
+    refuse_overlap_with_ddp(method, base_optimizer)
     if not any(group["params"] for group in base_optimizer.param_groups):
         raise ValueError("base_optimizer has an empty parameter list")
     if _step_needs_a_closure(base_optimizer):

@@ -42,6 +42,11 @@ from tram._validation import (
     check_positive_int,
     inverse_grad_scale,
 )
+from tram._zero_redundancy import (
+    LocalOptimizerSnapshot,
+    is_zero_redundancy_optimizer,
+    unconsolidated_state_error,
+)
 from tram.batchnorm import (
     batchnorms_compiled_in_place,
     disarm,
@@ -776,7 +781,12 @@ class TwoPassOptimizer(Optimizer):
         are never saved. Everything is loadable with ``weights_only=True``.
         """
         self._relink()
-        state_dict = self.base_optimizer.state_dict()
+        try:
+            state_dict = self.base_optimizer.state_dict()
+        except RuntimeError as error:
+            if is_zero_redundancy_optimizer(self.base_optimizer):
+                raise unconsolidated_state_error(type(self).__name__, error) from error
+            raise
         # torch packs each group into a new dict: the live param groups never see this entry.
         state_dict["param_groups"][0][WRAPPER_STATE_KEY] = {
             "steps": self.steps,
@@ -793,10 +803,12 @@ class TwoPassOptimizer(Optimizer):
         ``param_groups``, load too.
 
         A state dict that is refused leaves the optimizer as it was: torch checks the base
-        optimizer's part before loading it, and when tram's own part is refused after that (a
+        optimizer's part before loading it (``ZeroRedundancyOptimizer`` loads some of it into
+        its local optimizer first), and when tram's own part is refused after that (a
         TRAM checkpoint of another target, a noise state of an earlier version) the base
         optimizer gets its previous state and param groups back (torch's load replaces both
-        with new objects, so this copies nothing)."""
+        with new objects, so this copies nothing; a ``ZeroRedundancyOptimizer``'s local
+        optimizer, which its load changes in place, gets its own back from a shallow copy)."""
         self.restore()
         refuse_foreign_state_dict(state_dict)
         state_dict, wrapper_state = _split_wrapper_state(state_dict)
@@ -806,12 +818,14 @@ class TwoPassOptimizer(Optimizer):
         ]
         base = self.base_optimizer
         previous_state, previous_groups = base.state, base.param_groups
-        base.load_state_dict(state_dict)
-        self._relink()
+        previous_local = LocalOptimizerSnapshot(base)
         try:
+            base.load_state_dict(state_dict)
+            self._relink()
             self._load_wrapper_state(wrapper_state)
         except BaseException:
             base.state, base.param_groups = previous_state, previous_groups
+            previous_local.restore()
             self._relink()
             raise
         self._warn_replaced_hyperparameters(before)
@@ -902,6 +916,10 @@ def _split_wrapper_state(
     every group, so that the base optimizer's ``load_state_dict`` never copies it into the live
     param groups."""
     state_dict = dict(state_dict)
+    if isinstance(state_dict.get("state"), dict):
+        # ZeroRedundancyOptimizer's load writes None into the entries of the parameters that
+        # other ranks own: the caller's checkpoint stays whole.
+        state_dict["state"] = dict(state_dict["state"])
     found = []
     if WRAPPER_STATE_KEY in state_dict:
         found.append(state_dict.pop(WRAPPER_STATE_KEY))
