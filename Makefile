@@ -34,6 +34,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	# The other Pythons setup.cfg declares, checked statically (syntax and standard library):
+	# no interpreter for them is at hand to run the suite.
+	$(VENV)/bin/mypy --python-version 3.10
+	$(VENV)/bin/mypy --python-version 3.12
 
 test: lint
 	$(VENV)/bin/pytest -m "$(TEST_MARKERS)"

@@ -166,7 +166,8 @@ def collect(paths: Sequence[str | Path]) -> list[Group]:
             )
         elif metric != group.metric or str(results["train_domain"]) != group.train_domain:
             raise ValueError(f"{file}: its metric or training domain differs from the other runs")
-        previous = mtimes.get((*key, optimizer, seed))
+        run = (*key, optimizer, seed)
+        previous = mtimes.get(run)
         mtime = file.stat().st_mtime
         if previous is not None:
             warnings.warn(
@@ -176,7 +177,7 @@ def collect(paths: Sequence[str | Path]) -> list[Group]:
             )
             if mtime < previous:
                 continue
-        mtimes[(*key, optimizer, seed)] = mtime
+        mtimes[run] = mtime
         group.runs[optimizer][seed] = results
     return [groups[key] for key in sorted(groups)]
 
