@@ -386,7 +386,7 @@ def ddp_checkpoint_resume(spec: Spec, rank: int, method: str, *, zero: bool = Fa
     model, optimizer = build()
     train_steps(spec, rank, model, optimizer, range(1))
     if zero:
-        optimizer.base_optimizer.consolidate_state_dict(to=0)  # type: ignore[operator]
+        optimizer.consolidate_state_dict(to=0)
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}, path)

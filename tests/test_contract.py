@@ -640,16 +640,16 @@ def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_
 ) -> None:
     """Around ZeroRedundancyOptimizer(AdamW) (one rank here; two ranks, each stepping its
     own shard, in ``tests/test_distributed.py``) the wrapper takes AdamW's steps, bit for bit.
-    Its ``state_dict()`` needs ``consolidate_state_dict()`` first, and the refusal says to call
-    it on ``base_optimizer``; the consolidated state dict resumes bit for bit."""
+    Its ``state_dict()`` needs ``consolidate_state_dict()`` first, which the wrapper has as its
+    base does, and the refusal says so; the consolidated state dict resumes bit for bit."""
     straight, _ = library_run(case, BASES["AdamW"], steps=5)
     model, optimizer = library_run(case, zero_redundancy_adamw, steps=3)
     with pytest.raises(
         RuntimeError,
-        match=r"optimizer\.base_optimizer\.consolidate_state_dict\(to=rank\) on every rank",
+        match=r"Call optimizer\.consolidate_state_dict\(to=rank\) \(the base optimizer.s\) on",
     ):
         optimizer.state_dict()
-    optimizer.base_optimizer.consolidate_state_dict(to=0)
+    optimizer.consolidate_state_dict(to=0)
     checkpoint = copy.deepcopy(optimizer.state_dict())
     resumed = make_model(seed=123)
     resumed.load_state_dict(model.state_dict())
@@ -659,6 +659,22 @@ def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_
     for step in range(3, 5):
         resumed_optimizer.step(closure_for(resumed_optimizer, resumed, step))
     assert_same_params(resumed, straight, exact=True)
+
+
+@EVERY_WRAPPER
+def test_consolidate_state_dict_is_there_exactly_when_the_base_has_it(
+    case: WrapperCase, one_process_group: None
+) -> None:
+    """Lightning and Fabric save ``consolidate_state_dict()``'s rank-0 state when the optimizer
+    has that method, and every rank's ``state_dict()`` otherwise: the wrapper must answer
+    ``hasattr`` as its base optimizer does."""
+    model = make_model()
+    plain = case.make(BASES["AdamW"](model.parameters()), model)
+    assert not hasattr(plain, "consolidate_state_dict")
+    with pytest.raises(AttributeError, match=r"its base optimizer, AdamW, has none"):
+        plain.consolidate_state_dict(to=0)
+    sharded = case.make(zero_redundancy_adamw(model.parameters()), model)
+    assert sharded.consolidate_state_dict == sharded.base_optimizer.consolidate_state_dict
 
 
 @EVERY_WRAPPER

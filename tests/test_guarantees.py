@@ -684,7 +684,7 @@ REFUSED_LOADS: dict[str, tuple[Callable[[], nn.Module], dict[str, Any], dict[str
 
 def consolidated_state_dict(optimizer: tram.TwoPassOptimizer) -> dict[str, Any]:
     """``optimizer.state_dict()``, its ``ZeroRedundancyOptimizer`` base consolidated first."""
-    consolidate = getattr(optimizer.base_optimizer, "consolidate_state_dict", None)
+    consolidate = getattr(optimizer, "consolidate_state_dict", None)
     if consolidate is not None:
         consolidate(to=0)
     return optimizer.state_dict()

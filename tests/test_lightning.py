@@ -1124,9 +1124,102 @@ def test_model_parallel_strategy_fsdp2_is_ddp_and_resumes_exactly(tmp_path: Any)
     torch.testing.assert_close(sam["lightning"], sam["one_process"], rtol=1e-5, atol=1e-6)
 
 
+# ---------------------------------------------------------------------- ZeroRedundancyOptimizer
+ZERO_METHODS = ("sam", "tram_noise")
+
+
+class ZeroModule(Module):
+    """``Module`` whose base optimizer, ``make_base``'s SGD, is sharded over the ranks by torch's
+    ``ZeroRedundancyOptimizer``."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        base = ZeroRedundancyOptimizer(
+            self.net.parameters(),
+            optimizer_class=torch.optim.SGD,
+            lr=0.43,
+            momentum=0.6,
+            weight_decay=0.01,
+        )
+        assert self.method is not None
+        return METHODS[self.method](base, self.net)
+
+
+def _zero_worker(out_path: str) -> None:
+    """Run under torchrun (two gloo ranks): Lightning's DDP strategy with TramCallback, the
+    wrapper around ZeroRedundancyOptimizer(SGD) and around SGD itself, on each rank's batches;
+    and the sharded run saved after its first epoch and resumed from Lightning's checkpoint."""
+    import torch.distributed as dist
+
+    data = make_data(16)
+    mine = data[int(os.environ["RANK"]) :: 2]
+
+    def fit_ddp(module: Module, epochs: int, resume: str | None = None) -> Any:
+        run = trainer(
+            devices=2,
+            strategy="ddp",
+            max_epochs=epochs,
+            use_distributed_sampler=False,  # each rank's batches are `mine`
+            callbacks=[TramCallback()],
+            default_root_dir=f"{out_path}-{type(module).__name__}",
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run.fit(module, loader(mine), ckpt_path=resume)
+        return run
+
+    results: dict[str, Any] = {}
+    for method in ZERO_METHODS:
+        sharded, plain, resumed = ZeroModule(method), Module(method), ZeroModule(method)
+        fit_ddp(sharded, 2)
+        fit_ddp(plain, 2)
+        checkpoint = f"{out_path}-{method}.ckpt"
+        fit_ddp(ZeroModule(method), 1).save_checkpoint(checkpoint)
+        fit_ddp(resumed, 2, resume=checkpoint)
+        results[method] = {
+            "sharded": full_parameters(sharded.net),
+            "plain": full_parameters(plain.net),
+            "resumed": full_parameters(resumed.net),
+            "steps": [m.optimizers().optimizer.steps for m in (sharded, resumed)],
+            "owned": len(
+                sharded.optimizers().optimizer.base_optimizer.optim.param_groups[0]["params"]
+            ),
+        }
+    results["world"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    end_distributed_worker()
+
+
+@pytest.mark.distributed
+def test_ddp_with_a_zero_redundancy_optimizer_is_ddp_and_resumes_exactly(tmp_path: Any) -> None:
+    """Lightning's DDP strategy (two gloo ranks) with TramCallback and the wrapper around
+    ZeroRedundancyOptimizer(SGD), each rank stepping the parameters it owns: the same weights
+    as around SGD itself, bit for bit. Lightning saves such an optimizer through
+    ``consolidate_state_dict()`` on every rank and rank 0's ``state_dict()``, which it looks for
+    on the wrapper; the run resumed from that checkpoint ends where the run does, bit for bit."""
+    out = tmp_path / "zero.pt"
+    torchrun(__file__, "--zero-worker", str(out))
+    results = torch.load(out, weights_only=True)
+    assert results["world"] == 2
+    torch.manual_seed(0)
+    initial = full_parameters(Net())
+    for method in ZERO_METHODS:
+        result = results[method]
+        assert result["steps"] == [16, 16]  # 8 batches a rank, 2 epochs
+        assert 0 < result["owned"] < len(list(Net().parameters()))
+        assert (result["sharded"] - initial).abs().max() > 1e-2
+        assert torch.equal(result["sharded"], result["plain"])
+        assert torch.equal(result["resumed"], result["sharded"])
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--fsdp2-worker":
     torch.set_num_threads(1)
     _fsdp2_worker(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--zero-worker":
+    torch.set_num_threads(1)
+    _zero_worker(sys.argv[2])
 
 
 class InputNormModule(Module):

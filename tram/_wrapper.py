@@ -796,6 +796,23 @@ class TwoPassOptimizer(Optimizer):
         }
         return state_dict
 
+    @property
+    def consolidate_state_dict(self) -> Callable[..., None]:
+        """The base optimizer's ``consolidate_state_dict``, where it has one.
+
+        ``ZeroRedundancyOptimizer`` shards its state over the ranks: every rank calls
+        ``consolidate_state_dict(to=rank)`` (a collective), then ``state_dict()`` on that rank
+        returns the whole state. Lightning and Fabric ask ``hasattr(optimizer,
+        "consolidate_state_dict")`` before they save, so the wrapper has the attribute exactly
+        when its base optimizer does (``AttributeError`` otherwise, as for the base)."""
+        method = getattr(self.base_optimizer, "consolidate_state_dict", None)
+        if not callable(method):
+            raise AttributeError(
+                f"'{type(self).__name__}' object has no attribute 'consolidate_state_dict' "
+                f"(its base optimizer, {type(self.base_optimizer).__name__}, has none)"
+            )
+        return method
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain base-optimizer state dict).
 

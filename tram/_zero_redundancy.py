@@ -10,8 +10,9 @@ so a two-pass step around it is the one around the unsharded optimizer, bit for 
 - ``overlap_with_ddp=True`` moves the step into DDP's gradient communication hook, inside the
   backward: each of the two passes would update the weights (at θ, then at θ+ε), and the
   restore after the second would undo both. It is refused at construction.
-- ``state_dict()`` needs ``consolidate_state_dict(to=rank)`` on every rank first; the wrapper's
-  error says to call it on ``optimizer.base_optimizer``.
+- ``state_dict()`` needs ``consolidate_state_dict(to=rank)`` on every rank first: the wrapper
+  has that method when its base optimizer does (Lightning and Fabric look for it before they
+  save), and its error says so.
 - ``load_state_dict()`` writes the loaded state into the local optimizer in place, so undoing a
   refused load (``TwoPassOptimizer.load_state_dict``) must put the local optimizer's state and
   hyperparameters back as well (:class:`LocalOptimizerSnapshot`).
@@ -59,10 +60,10 @@ def refuse_overlap_with_ddp(method: str, optimizer: Optimizer) -> None:
 
 def unconsolidated_state_error(method: str, error: RuntimeError) -> RuntimeError:
     """The error of the wrapper's ``state_dict()`` when the base ``ZeroRedundancyOptimizer``'s
-    state was not consolidated: the fix goes through ``base_optimizer``."""
+    state was not consolidated, with the fix."""
     return RuntimeError(
         f"{method}.state_dict(): the base ZeroRedundancyOptimizer refused ({error}). Call "
-        "optimizer.base_optimizer.consolidate_state_dict(to=rank) on every rank, then "
+        "optimizer.consolidate_state_dict(to=rank) (the base optimizer's) on every rank, then "
         "optimizer.state_dict() on that rank"
     )
 

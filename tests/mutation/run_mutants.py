@@ -1158,6 +1158,16 @@ MUTANTS = [
         ("tests/test_distributed.py@checkpoint_resume",),
     ),
     Mutant(
+        "consolidate-state-dict-not-offered-by-the-wrapper",
+        "tram/_wrapper.py",
+        '        method = getattr(self.base_optimizer, "consolidate_state_dict", None)\n',
+        "        method = None\n",
+        (
+            "tests/test_lightning.py@zero_redundancy",
+            "tests/test_contract.py@there_exactly_when_the_base_has_it",
+        ),
+    ),
+    Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
         "tram/experiments/report.py",
         "    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]",
