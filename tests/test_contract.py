@@ -678,6 +678,31 @@ def test_consolidate_state_dict_is_there_exactly_when_the_base_has_it(
 
 
 @EVERY_WRAPPER
+def test_a_post_local_sgd_optimizer_is_refused_with_the_averaging_recipe(
+    case: WrapperCase, one_process_group: None
+) -> None:
+    """torch's PostLocalSGDOptimizer never runs Optimizer.__init__ (no ``defaults``) and keeps
+    its inner optimizer's param groups as they were at construction, which its
+    ``load_state_dict`` replaces: a scheduler on a resumed wrapper would drive groups nothing
+    reads. Refused at construction (before, an ``AttributeError`` from inside the checks), naming
+    the averager call that takes its place."""
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    model = make_model()
+    base = PostLocalSGDOptimizer(
+        BASES["SGD"](model.parameters()), PeriodicModelAverager(period=3, warmup_steps=0)
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"cannot wrap torch\.distributed\.optim\.post_localSGD_optimizer\."
+        r"PostLocalSGDOptimizer: it is not a complete torch\.optim\.Optimizer \(it has no "
+        r"defaults;.* averager\.average_parameters\(model\.parameters\(\)\)$",
+    ):
+        case.make(base, model)
+
+
+@EVERY_WRAPPER
 def test_a_zero_redundancy_optimizer_that_steps_inside_the_backward_is_refused(
     case: WrapperCase, one_process_group: None
 ) -> None:

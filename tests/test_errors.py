@@ -94,6 +94,13 @@ class _HandWrittenSAM(torch.optim.SGD):
     def second_step(self, zero_grad: bool = False) -> None: ...
 
 
+class _InitSkipped(torch.optim.SGD):
+    """An optimizer whose __init__ keeps its own fields and never runs Optimizer.__init__."""
+
+    def __init__(self, params: Any) -> None:
+        self.param_groups = [{"params": list(params), "lr": 0.1}]
+
+
 def _gsam(env: Any) -> Any:
     """pytorch_optimizer's GSAM around SGD, its surrogate gap weight at a value of its own."""
 
@@ -270,6 +277,13 @@ CASES: list[ErrorCase] = [
             "base_optimizer is already a two-pass optimizer (pytorch_optimizer.optimizer.sam.GSAM, "
             "with perturb_weights() and un_perturb()): TRAM would take a third pass"
         ),
+    ),
+    ErrorCase(
+        "base-skipped-optimizer-init",
+        lambda env: tram.SAM(_InitSkipped(env.model.parameters())),
+        TypeError,
+        r"^SAM cannot wrap .*_InitSkipped: it is not a complete torch\.optim\.Optimizer \(it has "
+        r"no defaults, state; its __init__ does not run Optimizer\.__init__\)",
     ),
     ErrorCase(
         "base-is-a-sam-written-by-hand",

@@ -87,6 +87,7 @@ def check_base_optimizer(
             f"{type(base_optimizer).__name__}"
         )
     cls = type(base_optimizer)
+    _refuse_incomplete_optimizer(method, base_optimizer)
     if isinstance(base_optimizer, TwoPassOptimizer):
         raise TypeError(
             f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
@@ -126,6 +127,31 @@ def check_base_optimizer(
             "groups: the ascent would use the base optimizer's value, and setting the method's "
             "would change the base optimizer. This base optimizer cannot be wrapped by this method"
         )
+
+
+_PARTS_OF_AN_OPTIMIZER = ("defaults", "state", "param_groups")
+
+
+def _refuse_incomplete_optimizer(method: str, optimizer: Optimizer) -> None:
+    """Refuse a subclass of ``Optimizer`` that never ran ``Optimizer.__init__``, so lacks part
+    of what the wrapper shares with it (torch's ``PostLocalSGDOptimizer`` has no ``defaults``
+    and re-exposes its inner optimizer's ``param_groups`` as they were at construction: after
+    ``load_state_dict`` a scheduler would drive groups the inner optimizer no longer reads)."""
+    missing = [name for name in _PARTS_OF_AN_OPTIMIZER if not hasattr(optimizer, name)]
+    if not missing:
+        return
+    cls = type(optimizer)
+    advice = ""
+    if cls.__name__ == "PostLocalSGDOptimizer":
+        advice = (
+            ". Wrap the optimizer it wraps, and after each optimizer.step() average the weights "
+            "with its averager: averager.average_parameters(model.parameters())"
+        )
+    raise TypeError(
+        f"{method} cannot wrap {cls.__module__}.{cls.__qualname__}: it is not a complete "
+        f"torch.optim.Optimizer (it has no {', '.join(missing)}; its __init__ does not run "
+        f"Optimizer.__init__), and the wrapper shares its param groups and state{advice}"
+    )
 
 
 _OWN_TWO_PASS_METHODS = (("first_step", "second_step"), ("perturb_weights", "un_perturb"))

@@ -1168,6 +1168,16 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "incomplete-optimizer-accepted-as-the-base",
+        "tram/_validation.py",
+        "    missing = [name for name in _PARTS_OF_AN_OPTIMIZER if not hasattr(optimizer, name)]\n",
+        "    missing = []\n",
+        (
+            "tests/test_errors.py@skipped-optimizer-init",
+            "tests/test_contract.py@post_local_sgd",
+        ),
+    ),
+    Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
         "tram/experiments/report.py",
         "    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]",
