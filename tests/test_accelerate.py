@@ -134,6 +134,102 @@ def accelerate_run(method, steps: int, accelerator: Accelerator, inject=None, fo
     return accelerator.unwrap_model(model), wrapper, history
 
 
+def closure_of(accelerator: Accelerator, optimizer: Any, model: nn.Module, batch: Any) -> Any:
+    """The classic SAM closure, its backward through accelerate."""
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        accelerator.backward(loss)
+        return loss
+
+    return closure
+
+
+def test_step_closure_on_the_prepared_optimizer_inside_accumulation_is_refused() -> None:
+    """accelerate's prepared optimizer calls ``step(closure)`` only on the micro-batch that
+    closes the accumulation window: the closure of the first micro-batch never runs, and the
+    step would train on the last alone. Refused there, with the weights untouched and the
+    fix named; with ``gradient_accumulation_steps=1`` the closure form is the two-pass step."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    model = make_model()
+    model, optimizer = accelerator.prepare(model, make_optimizer(tram.SAM, model))
+    before = flat(model)
+    data = make_data(1)
+    batches = [
+        (
+            torch.stack([x for x, _ in data[i : i + BATCH]]),
+            torch.stack([y for _, y in data[i : i + BATCH]]),
+        )
+        for i in range(0, len(data), BATCH)
+    ]
+    with accelerator.accumulate(model):  # the first micro-batch: accelerate calls nothing
+        optimizer.step(closure_of(accelerator, optimizer, model, batches[0]))
+    with (
+        pytest.raises(RuntimeError, match=r"gradient_accumulation_steps=2: .*TwoPassBackward"),
+        accelerator.accumulate(model),
+    ):
+        optimizer.step(closure_of(accelerator, optimizer, model, batches[1]))
+    assert torch.equal(flat(model), before)
+    assert not optimizer.optimizer.is_perturbed
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model, twin = make_model(), make_model()
+    model, optimizer = accelerator.prepare(model, make_optimizer(tram.SAM, model))
+    plain = make_optimizer(tram.SAM, twin)
+    for batch in batches:
+        optimizer.step(closure_of(accelerator, optimizer, model, batch))
+        plain.step(closure_of(accelerator, plain, twin, batch))
+    assert torch.equal(flat(model), flat(twin))
+    assert not torch.equal(flat(model), before)
+
+
+def test_step_closure_through_the_prepared_optimizers_grad_scaler_is_refused() -> None:
+    """Under fp16 accelerate's prepared optimizer steps through
+    ``GradScaler.step(optimizer, closure)``, which unscales the gradients left before the
+    closure runs: both passes would step with scaled gradients (SGD's step 1024 times too
+    large). accelerate has no fp16 on CPU, so its AcceleratedOptimizer is given a CPU scaler."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerator = Accelerator(cpu=True)
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(make_optimizer(tram.SAM, model), scaler=scaler)
+    data = make_data(1)
+    batch = (torch.stack([x for x, _ in data[:BATCH]]), torch.stack([y for _, y in data[:BATCH]]))
+
+    def scaled_closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(model, batch)
+        scaler.scale(loss).backward()
+        return loss
+
+    scaled_closure()  # the gradients a previous step leaves
+    before = flat(model)
+    with pytest.raises(RuntimeError, match=r"GradScaler\.step\(optimizer, closure\).*by 1024"):
+        optimizer.step(scaled_closure)
+    assert torch.equal(flat(model), before)
+    del accelerator
+
+
+def test_accelerates_prepared_optimizer_is_refused_as_the_base() -> None:
+    """Wrapping after ``prepare`` runs the two passes inside accelerate's step rules: in an
+    accumulation window its zero_grad() and step() do nothing, so the second pass adds to the
+    first and the window's earlier micro-batches are zeroed away at its close."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
+    model = make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, prepared = accelerator.prepare(model, base)
+    with pytest.raises(
+        TypeError,
+        match=r"^base_optimizer is accelerate's prepared optimizer \(AcceleratedOptimizer\): "
+        r"FisherSAM .* then accelerator\.prepare\(\) the FisherSAM",
+    ):
+        tram.FisherSAM(prepared)
+
+
 @pytest.mark.parametrize("method", [tram.SAM, tram.ASAM, tram.FisherSAM])
 def test_accelerate_loop_equals_the_hand_written_loop(method):
     steps = 3

@@ -231,6 +231,46 @@ def test_update_is_unscaled_exactly_once() -> None:
     assert ((update - expected).norm() / expected.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda base, model: tram.SAM(base, rho=RHO),
+        lambda base, model: tram.FisherSAM(base, rho=0.1, eta=0.3),
+        lambda base, model: tram.TRAM(base, model, trust_region="pretrained"),
+    ],
+    ids=["SAM", "FisherSAM", "TRAM-θ0"],
+)
+def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
+    """``scaler.step(optimizer, closure)`` (by position; torch refuses the keyword only)
+    unscales the gradients left before the closure runs, then calls ``step(closure)``: both
+    passes' gradients stay scaled and SGD stepped 4096 times too far, silently. Refused, the
+    weights untouched; the next ``tram.scaled_step`` is the one a fresh run takes."""
+    model, twin = make_model(), make_model()
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    untouched = make(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
+    grad_scaler, twin_scaler = scaler(), scaler()
+    x, y = batch(0)
+    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+        tram.scaled_step(opt, sc, lambda mod=mod: loss_of(mod, x, y, torch.float16))
+    before = weights(model)
+
+    def scaled_closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model, *batch(1), torch.float16)
+        grad_scaler.scale(loss).backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"GradScaler\.step\(optimizer, closure\).*by 4096"):
+        grad_scaler.step(optimizer, scaled_closure)
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    grad_scaler.update()  # the refused step had unscaled; the scale stays (no inf)
+    assert grad_scaler.get_scale() == twin_scaler.get_scale()
+    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+        tram.scaled_step(opt, sc, lambda mod=mod: loss_of(mod, *batch(2), torch.float16))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
 # ---------------------------------------------------------------------------------- (e)
 def closure_for(
     optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, dtype

@@ -13,13 +13,28 @@ value-clipped or Fisher step) and logs the loss of the last call, at θ+ε.
 ``lightning/pytorch/plugins/precision/precision.py``) and refuses the steps that would differ, or
 warns once where only the logged loss differs. ``tram.integrations.lightning.TramCallback`` calls
 ``first_step()`` itself before the step, so it never reaches this check.
+
+Two more callers hand a closure to ``step`` that the two passes cannot honour, and are recognised
+from the frames that call it (their own ``self``):
+
+- ``torch.amp.GradScaler.step(optimizer, closure)`` (the closure passed by position; torch
+  refuses it by keyword only) unscales the gradients that are there *before* the closure runs,
+  then calls ``optimizer.step(closure)``: both passes' gradients stay scaled, and the update is
+  the scale times too large. accelerate's prepared optimizer does exactly this under fp16.
+- accelerate's ``AcceleratedOptimizer.step(closure)`` inside ``accelerator.accumulate`` with
+  ``gradient_accumulation_steps=k > 1`` calls the optimizer only on the micro-batch that closes
+  the window: the closures of the other k−1 never ran.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
+from types import FrameType
 from typing import Any
+
+from torch.amp import GradScaler
 
 __all__ = ["check_step_closure"]
 
@@ -40,17 +55,67 @@ def _lightning_trainer(closure: Any) -> Any:
     return getattr(module, "_trainer", None)
 
 
+# How far above ``TwoPassOptimizer.step`` to look for the caller: torch's step hooks, an LR
+# scheduler's step counter and accelerate's patched step each wrap it in a frame of their own.
+_CALLER_FRAMES = 8
+
+
+def _callers(frame: FrameType | None) -> list[Any]:
+    """The ``self`` of each frame from ``frame`` up, ``_CALLER_FRAMES`` of them at most."""
+    owners = []
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            break
+        owners.append(frame.f_locals.get("self"))
+        frame = frame.f_back
+    return owners
+
+
+def _refuse_closure_callers(name: str, owners: list[Any]) -> None:
+    """Refuse a ``GradScaler.step(optimizer, closure)`` or an accelerate
+    ``AcceleratedOptimizer.step(closure)`` under gradient accumulation."""
+    fix = (
+        "Run the passes with tram.scaled_step(optimizer, scaler, loss_fn), or in an accelerate "
+        "loop with tram.integrations.accelerate.TwoPassBackward and optimizer.step() without a "
+        "closure. No step was taken; the weights are at θ"
+    )
+    for owner in owners:
+        if isinstance(owner, GradScaler):
+            raise RuntimeError(
+                f"{name}.step(closure) is called by torch.amp.GradScaler.step(optimizer, "
+                "closure) (as accelerate's prepared optimizer does under fp16): the scaler "
+                "unscales the gradients left before the closure runs (and judges overflow from "
+                "them), so both passes' gradients would stay scaled, by "
+                f"{owner.get_scale():g}, when the base optimizer steps with them. {fix}"
+            )
+        cls = type(owner)
+        if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith("accelerate"):
+            steps = int(getattr(getattr(owner, "gradient_state", None), "num_steps", 1))
+            if steps > 1:
+                raise RuntimeError(
+                    f"{name}.step(closure) is called by accelerate's prepared optimizer with "
+                    f"gradient_accumulation_steps={steps}: it calls the optimizer, closure "
+                    "included, only on the micro-batch that closes the accumulation window, so "
+                    f"the closures of the other {steps - 1} micro-batches never ran. {fix}"
+                )
+
+
 def check_step_closure(optimizer: Any, closure: Any) -> None:
-    """Refuse a ``step(closure)`` from Lightning's automatic optimization without ``TramCallback``.
+    """Refuse a ``step(closure)`` whose caller would make it differ from the two-pass step:
+    Lightning's automatic optimization without ``TramCallback``, ``GradScaler.step(optimizer,
+    closure)``, accelerate's prepared optimizer under gradient accumulation.
 
     Raises:
-        RuntimeError: ``accumulate_grad_batches > 1`` or gradient clipping (the step would differ
+        RuntimeError: Lightning with ``accumulate_grad_batches > 1`` or gradient clipping, a
+            ``GradScaler`` or an accumulating accelerate optimizer calling (the step would differ
             from the two-pass step, silently).
 
     Warns:
-        UserWarning: once per optimizer otherwise: the step is exact, but Lightning logs the loss
-            at θ+ε.
+        UserWarning: once per optimizer under Lightning otherwise: the step is exact, but
+            Lightning logs the loss at θ+ε.
     """
+    # Skip this function's frame and TwoPassOptimizer.step's.
+    _refuse_closure_callers(type(optimizer).__name__, _callers(sys._getframe(2)))
     trainer = _lightning_trainer(closure)
     if trainer is None:
         return

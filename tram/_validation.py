@@ -93,6 +93,16 @@ def check_base_optimizer(
             f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
             "underlying optimizer instead"
         )
+    if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith("accelerate"):
+        # Its step() and zero_grad() do nothing on the micro-batches that do not close an
+        # accumulation window, and under fp16 its step() unscales: inside the two passes.
+        raise TypeError(
+            f"base_optimizer is accelerate's prepared optimizer (AcceleratedOptimizer): {method} "
+            "would run its two passes inside accelerate's step rules (steps and zero_grad() "
+            "skipped inside an accumulation window, gradients unscaled at the base step). Build "
+            f"the {method} around the optimizer first, then accelerator.prepare() the {method}, "
+            "and drive it with tram.integrations.accelerate.TwoPassBackward"
+        )
     own_passes = _own_two_pass_methods(base_optimizer)
     if own_passes:
         # Another library's sharpness-aware optimizer (pytorch_optimizer's SAM, WSAM, LookSAM,

@@ -1178,6 +1178,30 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "grad-scaler-step-with-a-closure-accepted",
+        "tram/_callers.py",
+        "        if isinstance(owner, GradScaler):\n",
+        "        if False:\n",
+        (
+            "tests/test_amp.py@grad_scaler_step_with_a_closure",
+            "tests/test_accelerate.py@grad_scaler_is_refused",
+        ),
+    ),
+    Mutant(
+        "accelerate-step-closure-inside-accumulation-accepted",
+        "tram/_callers.py",
+        "            if steps > 1:\n",
+        "            if False:\n",
+        ("tests/test_accelerate.py@inside_accumulation_is_refused",),
+    ),
+    Mutant(
+        "accelerates-prepared-optimizer-accepted-as-the-base",
+        "tram/_validation.py",
+        '    if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith(',
+        "    if False and cls.__module__.startswith(",
+        ("tests/test_accelerate.py@prepared_optimizer_is_refused_as_the_base",),
+    ),
+    Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
         "tram/experiments/report.py",
         "    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]",
