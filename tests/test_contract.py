@@ -287,6 +287,52 @@ def test_resume_is_bit_exact(case: WrapperCase, base_name: str) -> None:
 
 
 @EVERY_WRAPPER
+def test_state_dict_hooks_registered_on_the_wrapper_run_as_torch_runs_them(
+    case: WrapperCase,
+) -> None:
+    """torch runs an optimizer's state-dict hooks inside ``Optimizer.state_dict`` and
+    ``load_state_dict``, which the wrapper overrides: before, hooks registered on the wrapper
+    were never called, silently. Now the save hooks run around the whole state dict (tram's
+    entry included) and may replace it; a load pre-hook gets a shallow copy, before any check,
+    and may replace it; the load post-hook runs after a load that went through only."""
+    _, optimizer = library_run(case, BASES["AdamW"], steps=2)
+    calls: list[tuple[Any, ...]] = []
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append(("save-pre", opt)))
+
+    def stamp(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        calls.append(("save-post", opt, "tram" in state_dict["param_groups"][0]))
+        return {**state_dict, "stamp": 7}
+
+    optimizer.register_state_dict_post_hook(stamp)
+    saved = optimizer.state_dict()
+    assert saved["stamp"] == 7
+    assert calls == [("save-pre", optimizer), ("save-post", optimizer, True)]
+
+    model = make_model(seed=5)
+    fresh = case.make(BASES["AdamW"](model.parameters()), model)
+
+    def adapt(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        calls.append(("load-pre", opt))
+        del state_dict["stamp"]  # an entry of the copy; the caller's dict keeps it
+        groups = [{**group, "lr": 0.0123} for group in state_dict.get("param_groups", [])]
+        return {**state_dict, "param_groups": groups} if groups else None
+
+    fresh.register_load_state_dict_pre_hook(adapt)
+    fresh.register_load_state_dict_post_hook(
+        lambda opt: calls.append(("load-post", opt, opt.param_groups[0]["lr"]))
+    )
+    calls.clear()
+    fresh.load_state_dict(saved)
+    assert saved["stamp"] == 7
+    assert calls == [("load-pre", fresh), ("load-post", fresh, 0.0123)]
+    assert fresh.steps == 2
+    calls.clear()
+    with pytest.raises(ValueError, match="Invalid state_dict"):
+        fresh.load_state_dict({"stamp": 7, "model": model.state_dict()})
+    assert calls == [("load-pre", fresh)]
+
+
+@EVERY_WRAPPER
 def test_state_dict_holds_base_state_and_no_weight_backup(case: WrapperCase) -> None:
     model, optimizer = library_run(case, BASES["AdamW"], steps=2)
     state_dict = optimizer.state_dict()

@@ -779,7 +779,13 @@ class TwoPassOptimizer(Optimizer):
         those two entries only, with every key of every param group, so the step counter and
         TRAM's target state travel with them and an FSDP2 resume is exact. The weight backups
         are never saved. Everything is loadable with ``weights_only=True``.
+
+        Hooks registered on the wrapper (``register_state_dict_pre_hook``, ``..._post_hook``)
+        run as ``Optimizer.state_dict`` runs them: the post-hooks see tram's entry, and a
+        returned dict replaces the state dict. Those of the base optimizer run inside its own.
         """
+        for pre_hook in _hooks(self, "_optimizer_state_dict_pre_hooks"):
+            pre_hook(self)
         self._relink()
         try:
             state_dict = self.base_optimizer.state_dict()
@@ -794,6 +800,10 @@ class TwoPassOptimizer(Optimizer):
             "skipped_steps": self.skipped_steps,
             **self._extra_state(),
         }
+        for post_hook in _hooks(self, "_optimizer_state_dict_post_hooks"):
+            replaced = post_hook(self, state_dict)
+            if replaced is not None:
+                state_dict = replaced
         return state_dict
 
     @property
@@ -825,7 +835,18 @@ class TwoPassOptimizer(Optimizer):
         TRAM checkpoint of another target, a noise state of an earlier version) the base
         optimizer gets its previous state and param groups back (torch's load replaces both
         with new objects, so this copies nothing; a ``ZeroRedundancyOptimizer``'s local
-        optimizer, which its load changes in place, gets its own back from a shallow copy)."""
+        optimizer, which its load changes in place, gets its own back from a shallow copy).
+
+        Hooks registered on the wrapper (``register_load_state_dict_pre_hook``,
+        ``..._post_hook``) run as ``Optimizer.load_state_dict`` runs them: a pre-hook gets a
+        shallow copy of ``state_dict`` and may return a replacement, before any check; the
+        post-hooks run after a load that went through."""
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre_hook in _hooks(self, "_optimizer_load_state_dict_pre_hooks"):
+            replaced = pre_hook(self, state_dict)
+            if replaced is not None:
+                state_dict = replaced
         self.restore()
         refuse_foreign_state_dict(state_dict)
         state_dict, wrapper_state = _split_wrapper_state(state_dict)
@@ -846,6 +867,8 @@ class TwoPassOptimizer(Optimizer):
             self._relink()
             raise
         self._warn_replaced_hyperparameters(before)
+        for post_hook in _hooks(self, "_optimizer_load_state_dict_post_hooks"):
+            post_hook(self)
 
     def _load_wrapper_state(self, wrapper_state: dict[str, Any] | None) -> None:
         """Load tram's own entry of a state dict; its checks come before any change."""
@@ -914,6 +937,13 @@ class TwoPassOptimizer(Optimizer):
             f"{key}={group.get(key, value)}" for key, value in self._method_defaults.items()
         )
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _hooks(optimizer: Optimizer, registry: str) -> list[Callable[..., Any]]:
+    """The hooks registered on ``optimizer`` in one of ``Optimizer``'s state-dict registries
+    (absent from an optimizer unpickled from an older torch, as ``Optimizer.__setstate__``
+    allows)."""
+    return list(getattr(optimizer, registry, {}).values())
 
 
 def _any_outside(params: list[Tensor], model: nn.Module) -> bool:

@@ -1202,6 +1202,27 @@ MUTANTS = [
         ("tests/test_accelerate.py@prepared_optimizer_is_refused_as_the_base",),
     ),
     Mutant(
+        "state-dict-post-hooks-on-the-wrapper-ignored",
+        "tram/_wrapper.py",
+        'for post_hook in _hooks(self, "_optimizer_state_dict_post_hooks"):',
+        "for post_hook in []:",
+        ("tests/test_contract.py@state_dict_hooks",),
+    ),
+    Mutant(
+        "load-state-dict-pre-hooks-on-the-wrapper-ignored",
+        "tram/_wrapper.py",
+        'for pre_hook in _hooks(self, "_optimizer_load_state_dict_pre_hooks"):',
+        "for pre_hook in []:",
+        ("tests/test_contract.py@state_dict_hooks",),
+    ),
+    Mutant(
+        "load-state-dict-pre-hooks-change-the-callers-dict",
+        "tram/_wrapper.py",
+        "            state_dict = state_dict.copy()\n",
+        "            pass\n",
+        ("tests/test_contract.py@state_dict_hooks",),
+    ),
+    Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
         "tram/experiments/report.py",
         "    doubled = [round(2 * r) for r in rankdata([abs(d) for d in nonzero])]",
