@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from torch.amp import GradScaler
@@ -56,31 +56,40 @@ def _lightning_trainer(closure: Any) -> Any:
 
 
 # How far above ``TwoPassOptimizer.step`` to look for the caller: torch's step hooks, an LR
-# scheduler's step counter and accelerate's patched step each wrap it in a frame of their own.
+# scheduler's step counter, accelerate's patched step and GradScaler's _maybe_opt_step each
+# put a frame of their own between the two.
 _CALLER_FRAMES = 8
 
 
-def _callers(frame: FrameType | None) -> list[Any]:
-    """The ``self`` of each frame from ``frame`` up, ``_CALLER_FRAMES`` of them at most."""
-    owners = []
-    for _ in range(_CALLER_FRAMES):
-        if frame is None:
-            break
-        owners.append(frame.f_locals.get("self"))
-        frame = frame.f_back
-    return owners
+def _closure_callers() -> dict[CodeType, str]:
+    """The code of the ``step`` methods that call ``optimizer.step(closure)`` in a way the two
+    passes cannot honour, named: torch's ``GradScaler.step`` and, when accelerate is imported,
+    its ``AcceleratedOptimizer.step``."""
+    codes = {GradScaler.step.__code__: "GradScaler"}
+    accelerate = sys.modules.get("accelerate.optimizer")
+    prepared = getattr(accelerate, "AcceleratedOptimizer", None)
+    if prepared is not None:
+        codes[prepared.step.__code__] = "AcceleratedOptimizer"
+    return codes
 
 
-def _refuse_closure_callers(name: str, owners: list[Any]) -> None:
+def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
     """Refuse a ``GradScaler.step(optimizer, closure)`` or an accelerate
-    ``AcceleratedOptimizer.step(closure)`` under gradient accumulation."""
+    ``AcceleratedOptimizer.step(closure)`` under gradient accumulation among the
+    ``_CALLER_FRAMES`` frames from ``frame`` up (recognised by their code: only theirs have
+    their locals read)."""
     fix = (
         "Run the passes with tram.scaled_step(optimizer, scaler, loss_fn), or in an accelerate "
         "loop with tram.integrations.accelerate.TwoPassBackward and optimizer.step() without a "
         "closure. No step was taken; the weights are at θ"
     )
-    for owner in owners:
-        if isinstance(owner, GradScaler):
+    callers = _closure_callers()
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            return
+        caller = callers.get(frame.f_code)
+        owner = frame.f_locals.get("self") if caller is not None else None
+        if caller == "GradScaler" and isinstance(owner, GradScaler):
             raise RuntimeError(
                 f"{name}.step(closure) is called by torch.amp.GradScaler.step(optimizer, "
                 "closure) (as accelerate's prepared optimizer does under fp16): the scaler "
@@ -88,8 +97,7 @@ def _refuse_closure_callers(name: str, owners: list[Any]) -> None:
                 "them), so both passes' gradients would stay scaled, by "
                 f"{owner.get_scale():g}, when the base optimizer steps with them. {fix}"
             )
-        cls = type(owner)
-        if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith("accelerate"):
+        if caller == "AcceleratedOptimizer":
             steps = int(getattr(getattr(owner, "gradient_state", None), "num_steps", 1))
             if steps > 1:
                 raise RuntimeError(
@@ -98,6 +106,7 @@ def _refuse_closure_callers(name: str, owners: list[Any]) -> None:
                     "included, only on the micro-batch that closes the accumulation window, so "
                     f"the closures of the other {steps - 1} micro-batches never ran. {fix}"
                 )
+        frame = frame.f_back
 
 
 def check_step_closure(optimizer: Any, closure: Any) -> None:
@@ -115,7 +124,7 @@ def check_step_closure(optimizer: Any, closure: Any) -> None:
             Lightning logs the loss at θ+ε.
     """
     # Skip this function's frame and TwoPassOptimizer.step's.
-    _refuse_closure_callers(type(optimizer).__name__, _callers(sys._getframe(2)))
+    _refuse_closure_callers(type(optimizer).__name__, sys._getframe(2))
     trainer = _lightning_trainer(closure)
     if trainer is None:
         return

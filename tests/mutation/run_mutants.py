@@ -1180,7 +1180,7 @@ MUTANTS = [
     Mutant(
         "grad-scaler-step-with-a-closure-accepted",
         "tram/_callers.py",
-        "        if isinstance(owner, GradScaler):\n",
+        '        if caller == "GradScaler" and isinstance(owner, GradScaler):\n',
         "        if False:\n",
         (
             "tests/test_amp.py@grad_scaler_step_with_a_closure",
