@@ -8,8 +8,9 @@ so a two-pass step around it is the one around the unsharded optimizer, bit for 
 (``tests/test_distributed.py``). Three of its ways need the wrapper's care:
 
 - ``overlap_with_ddp=True`` moves the step into DDP's gradient communication hook, inside the
-  backward: each of the two passes would update the weights (at θ, then at θ+ε), and the
-  restore after the second would undo both. It is refused at construction.
+  backward: the first pass would take a plain step along the gradient at θ before the ascent
+  (which then saves and perturbs the stepped weights), the second pass another one that the
+  restore overwrites, and ``step()`` does nothing. It is refused at construction.
 - ``state_dict()`` needs ``consolidate_state_dict(to=rank)`` on every rank first: the wrapper
   has that method when its base optimizer does (Lightning and Fabric look for it before they
   save), and its error says so.
