@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -1044,30 +1044,75 @@ def wrapped_loop(method: str, batches: list[tuple[Tensor, Tensor]], wrap: Callab
     return full_parameters(net)
 
 
+def this_ranks_batches() -> list[tuple[Tensor, Tensor]]:
+    """Under torchrun: every other batch of ``make_data(16)``, from this rank's index."""
+    return make_data(16)[int(os.environ["RANK"]) :: 2]
+
+
+def fit_on_two_ranks(
+    module: Module, batches: list[tuple[Tensor, Tensor]], root: str, **options: Any
+) -> Any:
+    """``fit`` under torchrun's two ranks with TramCallback, each rank on ``batches`` (no
+    distributed sampler); ``resume`` is the checkpoint to start from, the rest Trainer options."""
+    resume = options.pop("resume", None)
+    run = trainer(
+        devices=2,
+        use_distributed_sampler=False,
+        callbacks=[TramCallback()],
+        default_root_dir=root,
+        **options,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.fit(module, loader(batches), ckpt_path=resume)
+    return run
+
+
+def save_on_rank_zero_and_end(results: dict[str, Any], out_path: str) -> NoReturn:
+    """Write a torchrun worker's ``results`` (with the world size) from rank 0 and end it."""
+    import torch.distributed as dist
+
+    results["world"] = dist.get_world_size()
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    end_distributed_worker()
+
+
+def launch_worker(tmp_path: Any, flag: str) -> dict[str, Any]:
+    """Run this file's worker ``flag`` under torchrun on two ranks; rank 0's results."""
+    out = tmp_path / "results.pt"
+    torchrun(__file__, flag, str(out))
+    results = torch.load(out, weights_only=True)
+    assert results["world"] == 2
+    return results
+
+
+def initial_parameters() -> Tensor:
+    """The parameters every ``Module`` starts from (seed 0), flat."""
+    torch.manual_seed(0)
+    return full_parameters(Net())
+
+
 def _fsdp2_worker(out_path: str) -> None:
     """Run under torchrun (two gloo ranks): Lightning's ModelParallelStrategy with TramCallback,
     then the written-out loop under FSDP2 and DDP on the same batches of each rank."""
-    import torch.distributed as dist
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
 
     data = make_data(16)
-    mine = data[int(os.environ["RANK"]) :: 2]
+    mine = this_ranks_batches()
 
     def fit_sharded(method: str, epochs: int, resume: str | None = None) -> tuple[Any, Any]:
         module = ShardedModule(method)
-        run = trainer(
-            devices=2,
+        run = fit_on_two_ranks(
+            module,
+            mine,
+            f"{out_path}-{method}",
             strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
             max_epochs=epochs,
             accumulate_grad_batches=2,
-            use_distributed_sampler=False,  # each rank's batches are `mine`
-            callbacks=[TramCallback()],
-            default_root_dir=f"{out_path}-{method}",
+            resume=resume,
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run.fit(module, loader(mine), ckpt_path=resume)
         return run, module
 
     results: dict[str, Any] = {}
@@ -1092,10 +1137,7 @@ def _fsdp2_worker(out_path: str) -> None:
     ]
     net, _, _ = hand_loop("sam", global_batches * 2, accumulate=2)
     results["sam"]["one_process"] = full_parameters(net)
-    results["world"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        torch.save(results, out_path)
-    end_distributed_worker()
+    save_on_rank_zero_and_end(results, out_path)
 
 
 @pytest.mark.distributed
@@ -1105,12 +1147,8 @@ def test_model_parallel_strategy_fsdp2_is_ddp_and_resumes_exactly(tmp_path: Any)
     FSDP2 loop (bit for bit) and as DDP, SAM as one process on the global batch; a resume from
     Lightning's sharded checkpoint ends where the run does, bit for bit. Before the root's
     gathered parameters were freed after TRAM's reference forward, TRAM-x moved 1e-5 off DDP."""
-    out = tmp_path / "fsdp2.pt"
-    torchrun(__file__, "--fsdp2-worker", str(out))
-    results = torch.load(out, weights_only=True)
-    assert results["world"] == 2
-    torch.manual_seed(0)
-    initial = full_parameters(Net())
+    results = launch_worker(tmp_path, "--fsdp2-worker")
+    initial = initial_parameters()
     for method in FSDP2_METHODS:
         result = results[method]
         assert result["sharded"] == "DTensor"
@@ -1150,24 +1188,13 @@ def _zero_worker(out_path: str) -> None:
     """Run under torchrun (two gloo ranks): Lightning's DDP strategy with TramCallback, the
     wrapper around ZeroRedundancyOptimizer(SGD) and around SGD itself, on each rank's batches;
     and the sharded run saved after its first epoch and resumed from Lightning's checkpoint."""
-    import torch.distributed as dist
-
-    data = make_data(16)
-    mine = data[int(os.environ["RANK"]) :: 2]
+    mine = this_ranks_batches()
 
     def fit_ddp(module: Module, epochs: int, resume: str | None = None) -> Any:
-        run = trainer(
-            devices=2,
-            strategy="ddp",
-            max_epochs=epochs,
-            use_distributed_sampler=False,  # each rank's batches are `mine`
-            callbacks=[TramCallback()],
-            default_root_dir=f"{out_path}-{type(module).__name__}",
+        root = f"{out_path}-{type(module).__name__}"
+        return fit_on_two_ranks(
+            module, mine, root, strategy="ddp", max_epochs=epochs, resume=resume
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run.fit(module, loader(mine), ckpt_path=resume)
-        return run
 
     results: dict[str, Any] = {}
     for method in ZERO_METHODS:
@@ -1186,10 +1213,7 @@ def _zero_worker(out_path: str) -> None:
                 sharded.optimizers().optimizer.base_optimizer.optim.param_groups[0]["params"]
             ),
         }
-    results["world"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        torch.save(results, out_path)
-    end_distributed_worker()
+    save_on_rank_zero_and_end(results, out_path)
 
 
 @pytest.mark.distributed
@@ -1199,12 +1223,8 @@ def test_ddp_with_a_zero_redundancy_optimizer_is_ddp_and_resumes_exactly(tmp_pat
     as around SGD itself, bit for bit. Lightning saves such an optimizer through
     ``consolidate_state_dict()`` on every rank and rank 0's ``state_dict()``, which it looks for
     on the wrapper; the run resumed from that checkpoint ends where the run does, bit for bit."""
-    out = tmp_path / "zero.pt"
-    torchrun(__file__, "--zero-worker", str(out))
-    results = torch.load(out, weights_only=True)
-    assert results["world"] == 2
-    torch.manual_seed(0)
-    initial = full_parameters(Net())
+    results = launch_worker(tmp_path, "--zero-worker")
+    initial = initial_parameters()
     for method in ZERO_METHODS:
         result = results[method]
         assert result["steps"] == [16, 16]  # 8 batches a rank, 2 epochs
