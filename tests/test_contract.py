@@ -681,15 +681,21 @@ def zero_redundancy_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 @EVERY_WRAPPER
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["", "parameters_as_bucket_view"])
 def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_shards(
-    case: WrapperCase, one_process_group: None
+    case: WrapperCase, bucket_view: bool, one_process_group: None
 ) -> None:
     """Around ZeroRedundancyOptimizer(AdamW) (one rank here; two ranks, each stepping its
-    own shard, in ``tests/test_distributed.py``) the wrapper takes AdamW's steps, bit for bit.
+    own shard, in ``tests/test_distributed.py``) the wrapper takes AdamW's steps, bit for bit,
+    also with ``parameters_as_bucket_view=True`` (the weights become views of flat buckets).
     Its ``state_dict()`` needs ``consolidate_state_dict()`` first, which the wrapper has as its
     base does, and the refusal says so; the consolidated state dict resumes bit for bit."""
+
+    def sharded(params: Any) -> torch.optim.Optimizer:
+        return zero_redundancy_adamw(params, parameters_as_bucket_view=bucket_view)
+
     straight, _ = library_run(case, BASES["AdamW"], steps=5)
-    model, optimizer = library_run(case, zero_redundancy_adamw, steps=3)
+    model, optimizer = library_run(case, sharded, steps=3)
     with pytest.raises(
         RuntimeError,
         match=r"Call optimizer\.consolidate_state_dict\(to=rank\) \(the base optimizer.s\) on",
@@ -699,7 +705,7 @@ def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_
     checkpoint = copy.deepcopy(optimizer.state_dict())
     resumed = make_model(seed=123)
     resumed.load_state_dict(model.state_dict())
-    resumed_optimizer = case.make(zero_redundancy_adamw(resumed.parameters()), resumed)
+    resumed_optimizer = case.make(sharded(resumed.parameters()), resumed)
     resumed_optimizer.load_state_dict(checkpoint)
     assert resumed_optimizer.steps == 3
     for step in range(3, 5):
