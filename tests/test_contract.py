@@ -681,7 +681,7 @@ def zero_redundancy_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
 
 
 @EVERY_WRAPPER
-@pytest.mark.parametrize("bucket_view", [False, True], ids=["", "parameters_as_bucket_view"])
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["own-storage", "bucket-view"])
 def test_a_zero_redundancy_optimizer_base_steps_and_resumes_as_the_optimizer_it_shards(
     case: WrapperCase, bucket_view: bool, one_process_group: None
 ) -> None:
