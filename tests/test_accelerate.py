@@ -217,17 +217,26 @@ def test_step_closure_through_the_prepared_optimizers_grad_scaler_is_refused() -
 def test_accelerates_prepared_optimizer_is_refused_as_the_base() -> None:
     """Wrapping after ``prepare`` runs the two passes inside accelerate's step rules: in an
     accumulation window its zero_grad() and step() do nothing, so the second pass adds to the
-    first and the window's earlier micro-batches are zeroed away at its close."""
+    first and the window's earlier micro-batches are zeroed away at its close. Its subclasses
+    (accelerate's DeepSpeed and Megatron-LM optimizers) too."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=GA)
     model = make_model()
     base = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, prepared = accelerator.prepare(model, base)
-    with pytest.raises(
-        TypeError,
-        match=r"^base_optimizer is accelerate's prepared optimizer \(AcceleratedOptimizer\): "
-        r"FisherSAM .* then accelerator\.prepare\(\) the FisherSAM",
-    ):
+    refused = (
+        r"^base_optimizer is accelerate's prepared optimizer \(AcceleratedOptimizer\): "
+        r"FisherSAM .* then accelerator\.prepare\(\) the FisherSAM"
+    )
+    with pytest.raises(TypeError, match=refused):
         tram.FisherSAM(prepared)
+
+    class FrameworkOptimizer(AcceleratedOptimizer):
+        pass
+
+    with pytest.raises(TypeError, match=refused):
+        tram.FisherSAM(FrameworkOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2)))
 
 
 @pytest.mark.parametrize("method", [tram.SAM, tram.ASAM, tram.FisherSAM])

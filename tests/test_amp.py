@@ -260,7 +260,10 @@ def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
         grad_scaler.scale(loss).backward()
         return loss
 
-    with pytest.raises(RuntimeError, match=r"GradScaler\.step\(optimizer, closure\).*by 4096"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"GradScaler\.step\(optimizer, closure\).*by 4096.*call scaler\.update\(\) before",
+    ):
         grad_scaler.step(optimizer, scaled_closure)
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
@@ -269,6 +272,26 @@ def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
     for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
         tram.scaled_step(opt, sc, lambda mod=mod: loss_of(mod, *batch(2), torch.float16))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["positional", "keyword"])
+def test_a_disabled_grad_scalers_step_with_a_closure_is_the_closure_step(by_keyword: bool) -> None:
+    """``GradScaler(enabled=False)`` (the ``enabled=use_amp`` pattern) only calls
+    ``optimizer.step(closure)``: nothing is unscaled, so it is accepted and takes the step
+    ``step(closure)`` takes, bit for bit."""
+    model, twin = make_model(), make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=RHO)
+    direct = tram.SAM(torch.optim.SGD(twin.parameters(), lr=0.1), rho=RHO)
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    for step in range(2):
+        closure = closure_for(optimizer, model, *batch(step), None)
+        if by_keyword:
+            disabled.step(optimizer, closure=closure)
+        else:
+            disabled.step(optimizer, closure)
+        direct.step(closure_for(direct, twin, *batch(step), None))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert optimizer.steps == 2
 
 
 # ---------------------------------------------------------------------------------- (e)

@@ -320,6 +320,30 @@ def test_tram_fisher_loads_a_checkpoint_of_the_shorthand_era() -> None:
     assert "fisher_eta" not in base.param_groups[0]
 
 
+def test_tram_fisher_converts_a_shorthand_era_state_dict_a_load_pre_hook_returns() -> None:
+    """Load pre-hooks run first, as torch runs them; the dict a hook returns (here: one in the
+    shorthand era's names) is the one converted and loaded. Before, the conversion ran before
+    the hooks, so this dict's ``fisher_eta`` was loaded as an unknown key and ``eta`` silently
+    kept the constructor's value."""
+    model = Net()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = tram.TRAMFisher(base, model, rho=0.07, eta=0.2)
+    state = optimizer.state_dict()
+
+    def to_the_shorthand_era(opt: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        groups = [
+            {**{k: v for k, v in g.items() if k != "eta"}, "fisher_eta": 0.3}
+            for g in state_dict["param_groups"]
+        ]
+        return {**state_dict, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(to_the_shorthand_era)
+    with pytest.warns(UserWarning, match=r"eta=0.2 -> 0.3 \(param group 0\)"):
+        optimizer.load_state_dict(state)
+    assert base.param_groups[0]["eta"] == 0.3
+    assert "fisher_eta" not in base.param_groups[0]
+
+
 # ----------------------------------------------------------------------------- radius_every
 class CountingNet(Net):
     def __init__(self) -> None:

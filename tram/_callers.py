@@ -17,13 +17,16 @@ warns once where only the logged loss differs. ``tram.integrations.lightning.Tra
 Two more callers hand a closure to ``step`` that the two passes cannot honour, and are recognised
 from the frames that call it (their own ``self``):
 
-- ``torch.amp.GradScaler.step(optimizer, closure)`` (the closure passed by position; torch
-  refuses it by keyword only) unscales the gradients that are there *before* the closure runs,
-  then calls ``optimizer.step(closure)``: both passes' gradients stay scaled, and the update is
-  the scale times too large. accelerate's prepared optimizer does exactly this under fp16.
+- an enabled ``torch.amp.GradScaler``'s ``step(optimizer, closure)`` (the closure passed by
+  position; an enabled scaler refuses it by keyword only) unscales the gradients that are there
+  *before* the closure runs, then calls ``optimizer.step(closure)``: both passes' gradients stay
+  scaled, and the update is the scale times too large. accelerate's prepared optimizer does
+  exactly this under fp16. A disabled scaler only calls ``optimizer.step(closure)``: accepted.
 - accelerate's ``AcceleratedOptimizer.step(closure)`` inside ``accelerator.accumulate`` with
   ``gradient_accumulation_steps=k > 1`` calls the optimizer only on the micro-batch that closes
-  the window: the closures of the other k−1 never ran.
+  the window: the closures of the other k−1 never ran. Outside ``accumulate()`` it calls it
+  every time, but accelerate keeps nothing that tells the two apart, so any ``k > 1`` is
+  refused.
 """
 
 from __future__ import annotations
@@ -89,22 +92,29 @@ def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
             return
         caller = callers.get(frame.f_code)
         owner = frame.f_locals.get("self") if caller is not None else None
-        if caller == "GradScaler" and isinstance(owner, GradScaler):
+        if caller == "GradScaler" and isinstance(owner, GradScaler) and owner.is_enabled():
+            # A disabled scaler calls optimizer.step(closure) and nothing else.
             raise RuntimeError(
                 f"{name}.step(closure) is called by torch.amp.GradScaler.step(optimizer, "
                 "closure) (as accelerate's prepared optimizer does under fp16): the scaler "
                 "unscales the gradients left before the closure runs (and judges overflow from "
                 "them), so both passes' gradients would stay scaled, by "
-                f"{owner.get_scale():g}, when the base optimizer steps with them. {fix}"
+                f"{owner.get_scale():g}, when the base optimizer steps with them. The scaler "
+                "has unscaled those earlier gradients in place: call scaler.update() before the "
+                f"next step. {fix}"
             )
         if caller == "AcceleratedOptimizer":
             steps = int(getattr(getattr(owner, "gradient_state", None), "num_steps", 1))
             if steps > 1:
+                # Outside accelerator.accumulate() accelerate would call it every time, but
+                # nothing it keeps tells the two apart.
                 raise RuntimeError(
                     f"{name}.step(closure) is called by accelerate's prepared optimizer with "
-                    f"gradient_accumulation_steps={steps}: it calls the optimizer, closure "
-                    "included, only on the micro-batch that closes the accumulation window, so "
-                    f"the closures of the other {steps - 1} micro-batches never ran. {fix}"
+                    f"gradient_accumulation_steps={steps}: inside accelerator.accumulate() it "
+                    "calls the optimizer, closure included, only on the micro-batch that closes "
+                    f"the accumulation window, so the closures of the other {steps - 1} "
+                    "micro-batches never ran (refused whenever gradient_accumulation_steps > 1, "
+                    f"as accelerate does not say whether accumulate() is active). {fix}"
                 )
         frame = frame.f_back
 

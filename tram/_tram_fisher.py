@@ -185,9 +185,9 @@ class TRAMFisher(FisherSAM):
         if "noise_draws" in state or "generator" in state:
             self.noised_inputs.load_state_dict(state)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; also one saved by ``TRAM(trust_region="fisher")`` before
-        TRAM-Fisher was its own class (its groups named this class's ``eta`` ``fisher_eta``)."""
+    def _upgrade_state_dict(self, state_dict: Any) -> Any:
+        """A state dict saved by ``TRAM(trust_region="fisher")`` before TRAM-Fisher was its own
+        class (its groups named this class's ``eta`` ``fisher_eta``), in this class's names."""
         groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if groups and all("fisher_eta" in group for group in groups):
             state_dict = dict(state_dict)
@@ -198,7 +198,7 @@ class TRAMFisher(FisherSAM):
                 }
                 for group in groups
             ]
-        super().load_state_dict(state_dict)
+        return state_dict
 
 
 _SHARED = ("ascent_every", "local_ascent", "foreach")

@@ -93,8 +93,12 @@ def check_base_optimizer(
             f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
             "underlying optimizer instead"
         )
-    if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith("accelerate"):
-        # Its step() and zero_grad() do nothing on the micro-batches that do not close an
+    if any(
+        base.__name__ == "AcceleratedOptimizer" and base.__module__.startswith("accelerate")
+        for base in cls.__mro__
+    ):
+        # accelerate's prepared optimizer, or a subclass (its DeepSpeed and Megatron-LM ones):
+        # its step() and zero_grad() do nothing on the micro-batches that do not close an
         # accumulation window, and under fp16 its step() unscales: inside the two passes.
         raise TypeError(
             f"base_optimizer is accelerate's prepared optimizer (AcceleratedOptimizer): {method} "

@@ -847,6 +847,7 @@ class TwoPassOptimizer(Optimizer):
             replaced = pre_hook(self, state_dict)
             if replaced is not None:
                 state_dict = replaced
+        state_dict = self._upgrade_state_dict(state_dict)
         self.restore()
         refuse_foreign_state_dict(state_dict)
         state_dict, wrapper_state = _split_wrapper_state(state_dict)
@@ -869,6 +870,11 @@ class TwoPassOptimizer(Optimizer):
         self._warn_replaced_hyperparameters(before)
         for post_hook in _hooks(self, "_optimizer_load_state_dict_post_hooks"):
             post_hook(self)
+
+    def _upgrade_state_dict(self, state_dict: Any) -> Any:
+        """A state dict of an earlier layout of this method, in its current one (after the
+        load pre-hooks, before any check); the same dict when there is nothing to convert."""
+        return state_dict
 
     def _load_wrapper_state(self, wrapper_state: dict[str, Any] | None) -> None:
         """Load tram's own entry of a state dict; its checks come before any change."""

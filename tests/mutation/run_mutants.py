@@ -1180,8 +1180,8 @@ MUTANTS = [
     Mutant(
         "grad-scaler-step-with-a-closure-accepted",
         "tram/_callers.py",
-        '        if caller == "GradScaler" and isinstance(owner, GradScaler):\n',
-        "        if False:\n",
+        'if caller == "GradScaler" and isinstance(owner, GradScaler) and owner.is_enabled():',
+        "if False:",
         (
             "tests/test_amp.py@grad_scaler_step_with_a_closure",
             "tests/test_accelerate.py@grad_scaler_is_refused",
@@ -1197,8 +1197,8 @@ MUTANTS = [
     Mutant(
         "accelerates-prepared-optimizer-accepted-as-the-base",
         "tram/_validation.py",
-        '    if cls.__name__ == "AcceleratedOptimizer" and cls.__module__.startswith(',
-        "    if False and cls.__module__.startswith(",
+        'base.__name__ == "AcceleratedOptimizer" and base.__module__.startswith("accelerate")',
+        "False",
         ("tests/test_accelerate.py@prepared_optimizer_is_refused_as_the_base",),
     ),
     Mutant(
@@ -1221,6 +1221,27 @@ MUTANTS = [
         "            state_dict = state_dict.copy()\n",
         "            pass\n",
         ("tests/test_contract.py@state_dict_hooks",),
+    ),
+    Mutant(
+        "disabled-grad-scaler-refused",
+        "tram/_callers.py",
+        "isinstance(owner, GradScaler) and owner.is_enabled():",
+        "isinstance(owner, GradScaler):",
+        ("tests/test_amp.py@disabled_grad_scaler",),
+    ),
+    Mutant(
+        "accelerated-optimizer-subclass-accepted-as-the-base",
+        "tram/_validation.py",
+        "        for base in cls.__mro__\n",
+        "        for base in (cls,)\n",
+        ("tests/test_accelerate.py@prepared_optimizer_is_refused_as_the_base",),
+    ),
+    Mutant(
+        "shorthand-era-state-dict-not-converted-after-the-pre-hooks",
+        "tram/_wrapper.py",
+        "        state_dict = self._upgrade_state_dict(state_dict)\n",
+        "",
+        ("tests/test_target_objects.py@shorthand_era",),
     ),
     Mutant(
         "signed-rank-p-ties-ranked-as-whole-numbers",
