@@ -41,7 +41,7 @@ _MAX_WRAPPER_DEPTH = 16
 def _wrapped_module(model: nn.Module) -> nn.Module | None:
     """The module a known wrapper holds, or None when ``model`` is not one."""
     inner: Any = None
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or _is_instance_of(
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or is_instance_of(
         model, "torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel"
     ):
         inner = model.module
@@ -68,7 +68,7 @@ def uncompiled(model: nn.Module) -> nn.Module:
 def compiled_wrapper_inner(module: nn.Module) -> nn.Module | None:
     """The module a ``torch.compile(module)`` wrapper (``OptimizedModule``) compiles, or None
     when ``module`` is not such a wrapper."""
-    if not _is_instance_of(module, "torch._dynamo.eval_frame", "OptimizedModule"):
+    if not is_instance_of(module, "torch._dynamo.eval_frame", "OptimizedModule"):
         return None
     inner = module._orig_mod
     return inner if isinstance(inner, nn.Module) else None
@@ -89,9 +89,10 @@ def uncompiled_forward(module: nn.Module) -> Callable[..., Any] | None:
     return original
 
 
-def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:
-    # Only when the defining module is already imported: an instance cannot exist otherwise,
-    # and importing FSDP or dynamo here would cost seconds on every call.
+def is_instance_of(value: object, module_name: str, class_name: str) -> bool:
+    """Whether ``value`` is an instance of ``module_name.class_name`` (or a subclass), looked up
+    only when that module is already imported: an instance cannot exist otherwise, and
+    importing FSDP, dynamo or accelerate here would cost seconds on every call."""
     module = sys.modules.get(module_name)
     cls = getattr(module, class_name, None) if module is not None else None
     return isinstance(cls, type) and isinstance(value, cls)

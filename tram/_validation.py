@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from tram._model_io import is_instance_of
 from tram._zero_redundancy import refuse_overlap_with_ddp
 
 __all__ = [
@@ -93,10 +94,7 @@ def check_base_optimizer(
             f"base_optimizer is already a two-pass optimizer ({cls.__name__}); wrap the "
             "underlying optimizer instead"
         )
-    if any(
-        base.__name__ == "AcceleratedOptimizer" and base.__module__.startswith("accelerate")
-        for base in cls.__mro__
-    ):
+    if is_instance_of(base_optimizer, "accelerate.optimizer", "AcceleratedOptimizer"):
         # accelerate's prepared optimizer, or a subclass (its DeepSpeed and Megatron-LM ones):
         # its step() and zero_grad() do nothing on the micro-batches that do not close an
         # accumulation window, and under fp16 its step() unscales: inside the two passes.

@@ -23,10 +23,11 @@ so a two-pass step around it is the one around the unsharded optimizer, bit for 
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from torch.optim import Optimizer
+
+from tram._model_io import is_instance_of
 
 __all__ = [
     "LocalOptimizerSnapshot",
@@ -39,12 +40,9 @@ _MODULE = "torch.distributed.optim.zero_redundancy_optimizer"
 
 
 def is_zero_redundancy_optimizer(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` is a ``ZeroRedundancyOptimizer`` (or a subclass of it).
-
-    Read from ``sys.modules``: an optimizer of that class exists only once its module was
-    imported, and ``import tram`` stays clear of ``torch.distributed.optim``."""
-    cls = getattr(sys.modules.get(_MODULE), "ZeroRedundancyOptimizer", None)
-    return cls is not None and isinstance(optimizer, cls)
+    """Whether ``optimizer`` is a ``ZeroRedundancyOptimizer`` (or a subclass of it); ``import
+    tram`` stays clear of ``torch.distributed.optim``."""
+    return is_instance_of(optimizer, _MODULE, "ZeroRedundancyOptimizer")
 
 
 def refuse_overlap_with_ddp(method: str, optimizer: Optimizer) -> None:
