@@ -155,14 +155,7 @@ def test_step_closure_on_the_prepared_optimizer_inside_accumulation_is_refused()
     model = make_model()
     model, optimizer = accelerator.prepare(model, make_optimizer(tram.SAM, model))
     before = flat(model)
-    data = make_data(1)
-    batches = [
-        (
-            torch.stack([x for x, _ in data[i : i + BATCH]]),
-            torch.stack([y for _, y in data[i : i + BATCH]]),
-        )
-        for i in range(0, len(data), BATCH)
-    ]
+    batches = list(torch.utils.data.DataLoader(make_data(1), batch_size=BATCH))
     with accelerator.accumulate(model):  # the first micro-batch: accelerate calls nothing
         optimizer.step(closure_of(accelerator, optimizer, model, batches[0]))
     with (
@@ -197,8 +190,7 @@ def test_step_closure_through_the_prepared_optimizers_grad_scaler_is_refused() -
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     optimizer = AcceleratedOptimizer(make_optimizer(tram.SAM, model), scaler=scaler)
-    data = make_data(1)
-    batch = (torch.stack([x for x, _ in data[:BATCH]]), torch.stack([y for _, y in data[:BATCH]]))
+    batch = next(iter(torch.utils.data.DataLoader(make_data(1), batch_size=BATCH)))
 
     def scaled_closure() -> torch.Tensor:
         optimizer.zero_grad()
