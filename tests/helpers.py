@@ -227,6 +227,16 @@ def tiny_llama_config(*, dropout: float = 0.0, **overrides: Any) -> Any:
     return transformers.LlamaConfig(**settings)
 
 
+def zero_redundancy_adamw(params: Any, **options: Any) -> torch.optim.Optimizer:
+    """torch's ZeroRedundancyOptimizer around AdamW (lr 1e-2, weight decay 0.01 unless
+    ``options`` say otherwise), in the process group the caller set up."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(
+        params, optimizer_class=torch.optim.AdamW, **{"lr": 1e-2, "weight_decay": 0.01, **options}
+    )
+
+
 def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
     """Two (optimizer or model) states equal to the bit: tensors of the same dtype and values,
     the same keys and lengths, the same other values; ``path`` names where they differ."""

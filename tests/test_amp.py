@@ -241,7 +241,7 @@ def test_update_is_unscaled_exactly_once() -> None:
     ids=["SAM", "FisherSAM", "TRAM-θ0"],
 )
 def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
-    """``scaler.step(optimizer, closure)`` (by position; torch refuses the keyword only)
+    """``scaler.step(optimizer, closure)`` (by position; an enabled scaler refuses the keyword)
     unscales the gradients left before the closure runs, then calls ``step(closure)``: both
     passes' gradients stay scaled and SGD stepped 4096 times too far, silently. Refused, the
     weights untouched; the next ``tram.scaled_step`` is the one a fresh run takes."""

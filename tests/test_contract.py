@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
+from tests.helpers import zero_redundancy_adamw
 from tests.wrappers_table import TRAMS, WRAPPERS, WrapperCase
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
@@ -668,16 +669,6 @@ def test_fsdp1_wrapping_after_the_optimizer_is_refused_at_the_first_ascent(
         optimizer.first_step()
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, b) for p, b in zip(inner.parameters(), before))
-
-
-def zero_redundancy_adamw(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
-    """torch's ZeroRedundancyOptimizer around ``BASES["AdamW"]``'s AdamW, in the process group
-    that the ``one_process_group`` fixture creates."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer(
-        params, optimizer_class=torch.optim.AdamW, lr=1e-2, weight_decay=0.01, **kwargs
-    )
 
 
 @EVERY_WRAPPER

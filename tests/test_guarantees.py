@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import assert_same_state, counting_backend, cross_entropy_closure
+from tests.helpers import (
+    assert_same_state,
+    counting_backend,
+    cross_entropy_closure,
+    zero_redundancy_adamw,
+)
 from tests.wrappers_table import WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
@@ -688,12 +693,6 @@ def consolidated_state_dict(optimizer: tram.TwoPassOptimizer) -> dict[str, Any]:
     if consolidate is not None:
         consolidate(to=0)
     return optimizer.state_dict()
-
-
-def zero_redundancy_adamw(params: Any, *, lr: float) -> torch.optim.Optimizer:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr)
 
 
 @pytest.mark.parametrize("base_kind", ["AdamW", "ZeroRedundancyOptimizer"])
