@@ -192,6 +192,140 @@ def test_second_pass_gradient_check_costs_one_norm_not_a_copy() -> None:
         assert torch.equal(p.grad, g)
 
 
+# ------------------------------------------------------------ weights the passes reach differently
+class RoutedNet(nn.Module):
+    """An embedding and two experts, the second used only where asked (top-k routing, LayerDrop
+    and stochastic depth change which weights a pass reaches); ``gate`` joins the output only
+    where asked, with a nan gradient and a finite loss (``sqrt`` at 0, times 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(20, 8)
+        self.expert = nn.Linear(8, 3)
+        self.routed = nn.Linear(8, 3)
+        self.gate = nn.Parameter(torch.full((3,), 0.7))
+
+    def forward(self, tokens: Tensor, routed: bool = False, gate: bool = False) -> Tensor:
+        hidden = self.embed(tokens).mean(dim=1)
+        out = self.expert(hidden)
+        if routed:
+            out = out + self.routed(hidden)
+        if gate:
+            out = out + 0.0 * torch.sqrt(self.gate - self.gate)
+        return out
+
+
+def routed_step(
+    optimizer: tram.TwoPassOptimizer, model: RoutedNet, form: str, first: dict, second: dict
+) -> None:
+    """One step whose first pass runs ``model(tokens, **first)`` and second ``**second``: by
+    ``step(closure)`` (its closure zeroes the gradients) or in the explicit form (no zeroing
+    between the passes, as the README's loop and the integrations' replays)."""
+    tokens, labels = tokens_and_labels()
+
+    def backward(routing: dict) -> Tensor:
+        loss = F.cross_entropy(model(tokens, **routing), labels)
+        loss.backward()
+        return loss
+
+    if form == "step(closure)":
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            return backward(second if optimizer.is_perturbed else first)
+
+        optimizer.step(closure)
+        return
+    optimizer.zero_grad()
+    with optimizer.first_pass():
+        backward(first)
+    if optimizer.first_step():
+        backward(second)
+    optimizer.second_step()
+
+
+FORMS = ["step(closure)", "explicit"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_weight_the_second_pass_does_not_reach_is_left_alone_in_every_form(name: str) -> None:
+    """A weight with a gradient at θ and none at θ+ε: ``first_step`` zeroed its gradient in
+    place, and the explicit form (no ``zero_grad`` between the passes) used to step it on those
+    zeros: AdamW decayed it and created its state, where ``step(closure)`` and the hand loop
+    leave it alone. Every form now takes ``step(closure)``'s step, bit for bit."""
+    finals = []
+    for form in FORMS:
+        model = RoutedNet()
+        start = model.routed.weight.detach().clone()
+        torch.manual_seed(11)  # TRAM's noise streams: the same in both forms
+        base = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
+        optimizer = make_wrapper(name, model, base)
+        for _ in range(3):
+            routed_step(optimizer, model, form, {"routed": True}, {})
+        assert optimizer.steps == 3
+        assert torch.equal(model.routed.weight, start), form
+        assert model.routed.weight not in base.state, form
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for explicit, closure in zip(finals[1], finals[0], strict=True):
+        assert torch.equal(explicit, closure)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_a_non_finite_gradient_on_a_weight_only_the_second_pass_reaches_skips_the_step(
+    name: str, form: str
+) -> None:
+    """The second-pass check covers every gradient, not only the perturbed weights': a weight
+    with no gradient at θ (no ascent moved it) used to take its nan into the weights."""
+    model = RoutedNet()
+    optimizer = make_wrapper(name, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"skipped the base step .* second pass"):
+        routed_step(optimizer, model, form, {}, {"gate": True})
+    assert optimizer.skipped_steps == 1
+    assert optimizer.steps == 0
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_a_batch_with_a_zero_gradient_takes_the_base_step(name: str, form: str) -> None:
+    """A flat batch (every margin met, every label masked): the gradient is zero at θ, so
+    ε = 0, and zero again at θ+ε. The base step is AdamW's on a zero gradient (its weight decay),
+    as without the wrapper; the second-pass check used to read the zeros as a missing second
+    backward and raise."""
+    model = RoutedNet()
+    plain = copy.deepcopy(model)
+    start = model.expert.weight.detach().clone()
+    optimizer = make_wrapper(
+        name, model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
+    )
+    reference = torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.3)
+    tokens, _ = tokens_and_labels()
+
+    def flat_closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = (model(tokens) * 0.0).sum()
+        loss.backward()
+        return loss
+
+    if form == "step(closure)":
+        optimizer.step(flat_closure)
+    else:
+        with optimizer.first_pass():
+            flat_closure()
+        assert optimizer.first_step()
+        (model(tokens) * 0.0).sum().backward()
+        optimizer.second_step()
+    (plain(tokens) * 0.0).sum().backward()
+    reference.step()
+    assert optimizer.steps == 1
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert not torch.equal(model.expert.weight, start)  # the weight decay moved it
+
+
 # ----------------------------------------------------------------------------- no second backward
 @pytest.mark.parametrize("set_to_none", [False, True])
 @pytest.mark.parametrize("name", ALL)

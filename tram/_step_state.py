@@ -4,7 +4,7 @@
 wrapper's ``__dict__``; :class:`_SharedField` exposes its counters as wrapper attributes. The
 refusals listed in the README's "Guarantees" that do not need the step's control flow live here
 too: the skip warnings (:meth:`_StepState.skip_ascent`, :meth:`_StepState.skip_base_step`),
-:func:`refuse_missing_ascent`, :func:`second_pass_gradient_is_finite` and
+:func:`refuse_missing_ascent`, :func:`refuse_missing_second_pass` and
 :func:`refuse_foreign_state_dict`; :mod:`tram._wrapper` decides when each applies.
 """
 
@@ -257,23 +257,22 @@ def zero_learning_rate_and_gradient(
     return squared_gradient_norm(grads, foreach) == 0.0
 
 
-def second_pass_gradient_is_finite(params: list[Tensor], *, method: str, foreach: bool) -> bool:
-    """Check the gradient a base step is about to use after an ascent.
+def gradients_are_finite(params: list[Tensor], *, foreach: bool) -> bool:
+    """Whether every gradient of ``params`` (those that have one) is finite: one fused norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return math.isfinite(squared_gradient_norm(grads, foreach))
 
-    ``first_step`` zeroed the gradients in place, so a gradient that is still all zeros (or
-    None) means that no backward ran at θ+ε: stepping would apply weight decay and momentum
-    to a zero gradient, silently; that raises ``RuntimeError``. One fused norm over the
-    gradients answers both questions.
-    """
-    squared_norm = squared_gradient_norm([p.grad for p in params if p.grad is not None], foreach)
-    if squared_norm == 0.0:
-        raise RuntimeError(
-            f"{method}: the base step after first_step() found no gradient from a second pass "
-            "(the gradients are still the zeros first_step() left): run the forward and "
-            "backward at the perturbed weights between first_step() and second_step(). No step "
-            "was taken and the weights are at θ"
-        )
-    return math.isfinite(squared_norm)
+
+def refuse_missing_second_pass(method: str) -> NoReturn:
+    """Raise for a base step after an ascent whose gradients no backward wrote since
+    ``first_step()`` zeroed them: stepping would apply weight decay and momentum to a zero
+    gradient, silently."""
+    raise RuntimeError(
+        f"{method}: the base step after first_step() found no gradient from a second pass "
+        "(no backward wrote the gradients first_step() zeroed): run the forward and backward at "
+        "the perturbed weights between first_step() and second_step(). No step was taken and "
+        "the weights are at θ"
+    )
 
 
 def to_float(value: Tensor) -> float:

@@ -27,11 +27,12 @@ from tram._step_state import (
     MissingAscentError,
     _SharedField,
     _StepState,
+    gradients_are_finite,
     gradients_at_rest,
     gradients_written_since,
     refuse_foreign_state_dict,
     refuse_missing_ascent,
-    second_pass_gradient_is_finite,
+    refuse_missing_second_pass,
     squared_gradient_norm,
     to_float,
     zero_learning_rate_and_gradient,
@@ -198,6 +199,9 @@ class TwoPassOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         state.zero_grad_calls += 1
         state.resting_gradients = gradients_at_rest(self._params())
+        if state.perturbed_buckets:
+            # Zeroed again while perturbed: only a backward after this call is a second pass.
+            state.zeroed_gradients = gradients_at_rest(state.ascent_params)
 
     # ------------------------------------------------------------------ what a method chooses
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -439,10 +443,8 @@ class TwoPassOptimizer(Optimizer):
     def restore(self) -> None:
         """Copy the saved weights θ back (exact in every dtype). A no-op when not perturbed."""
         state = self._step_state
-        if state.perturbed_buckets and not gradients_written_since(
-            state.zeroed_gradients, state.ascent_params
-        ):
-            state.restored_before_second_pass = True
+        if state.perturbed_buckets:
+            self._keep_the_second_passes_gradients()
         state.zeroed_gradients = {}
         for bucket in state.perturbed_buckets:
             restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
@@ -458,6 +460,22 @@ class TwoPassOptimizer(Optimizer):
             )
             state.watched_running_stats = []
         state.second_pass_entered = False
+
+    def _keep_the_second_passes_gradients(self) -> None:
+        """Before the weights go back to θ: note whether any backward wrote the gradients
+        :meth:`first_step` zeroed (none did: the weights are restored before the second pass),
+        and drop the zeros it left on weights the second pass did not reach (an expert routed
+        to at θ only, a layer dropped at θ+ε). ``step(closure)``'s ``zero_grad()`` leaves those
+        gradients None, so the base optimizer skips such a weight; a zero gradient would apply
+        its weight decay and momentum to it, and create its state. Every form of the step
+        (explicit, the integrations' replays) then takes ``step(closure)``'s step."""
+        state = self._step_state
+        written = gradients_written_since(state.zeroed_gradients, state.ascent_params)
+        if not written:
+            state.restored_before_second_pass = True
+        for param in state.ascent_params:
+            if param not in written:
+                param.grad = None
 
     def _undo_first_step(self) -> None:
         """Forget a :meth:`first_step` that raised (an invalid ``rho`` set by a schedule, TRAM's
@@ -624,15 +642,10 @@ class TwoPassOptimizer(Optimizer):
             state.gradient_not_finite = False
             state.skip_base_step(type(self).__name__, "the gradient is not finite")
             return
-        if ascent_params and not second_pass_gradient_is_finite(
-            ascent_params, method=type(self).__name__, foreach=self._use_foreach(ascent_params)
-        ):
-            state.skip_base_step(
-                type(self).__name__, "the gradient of the second pass (at θ+ε) is not finite"
-            )
-            return
-        # After the check above, which names a step with no second backward at all.
         if ascent_params and restored_early:
+            if all(param.grad is None for param in ascent_params):
+                refuse_missing_second_pass(type(self).__name__)
+            # A backward ran after the restore: at θ.
             raise RuntimeError(
                 f"{type(self).__name__}: the weights were restored to θ (restore(), eval(), "
                 "load_state_dict()) after first_step() and before any backward at the perturbed "
@@ -640,6 +653,15 @@ class TwoPassOptimizer(Optimizer):
                 "θ+ε). Run the second forward and backward before restoring, or start the step "
                 "again with a first pass and first_step(). No step was taken; the weights are at θ"
             )
+        if ascent_params:
+            # Every gradient, not only the perturbed weights': a weight with no gradient at θ
+            # may have one from the second pass alone.
+            params = self._params()
+            if not gradients_are_finite(params, foreach=self._use_foreach(params)):
+                state.skip_base_step(
+                    type(self).__name__, "the gradient of the second pass (at θ+ε) is not finite"
+                )
+                return
         self._before_base_step()
         self.base_optimizer.step()
         state.steps += 1

@@ -200,9 +200,38 @@ MUTANTS = [
     Mutant(
         "second-pass-not-checked",
         "tram/_wrapper.py",
-        "        if ascent_params and not second_pass_gradient_is_finite(",
-        "        if False and not second_pass_gradient_is_finite(",
+        "            if not gradients_are_finite(params, foreach=self._use_foreach(params)):",
+        "            if False:",
         ("tests/test_guarantees.py@second_pass or second_backward",),
+    ),
+    Mutant(
+        "second-pass-check-on-the-perturbed-weights-only",
+        "tram/_wrapper.py",
+        "            params = self._params()",
+        "            params = ascent_params",
+        ("tests/test_guarantees.py@only_the_second_pass_reaches",),
+    ),
+    Mutant(
+        "zeros-of-first-step-stepped-on-a-weight-the-second-pass-missed",
+        "tram/_wrapper.py",
+        "                param.grad = None",
+        "                pass",
+        ("tests/test_guarantees.py@second_pass_does_not_reach",),
+    ),
+    Mutant(
+        "a-zero-second-pass-gradient-read-as-no-second-pass",
+        "tram/_wrapper.py",
+        "        written = gradients_written_since(state.zeroed_gradients, state.ascent_params)",
+        "        written = {p: g for p, g in gradients_written_since(state.zeroed_gradients, "
+        "state.ascent_params).items() if p.grad.count_nonzero()}",
+        ("tests/test_guarantees.py@zero_gradient_takes",),
+    ),
+    Mutant(
+        "zero-grad-while-perturbed-read-as-a-second-pass",
+        "tram/_wrapper.py",
+        "            state.zeroed_gradients = gradients_at_rest(state.ascent_params)",
+        "            pass",
+        ("tests/test_guarantees.py@second_backward_raises",),
     ),
     Mutant(
         "reference-forward-updates-batchnorm",
