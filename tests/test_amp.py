@@ -231,7 +231,7 @@ def test_update_is_unscaled_exactly_once() -> None:
     assert ((update - expected).norm() / expected.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize(
+SCALED_WRAPPERS = pytest.mark.parametrize(
     "make",
     [
         lambda base, model: tram.SAM(base, rho=RHO),
@@ -240,6 +240,9 @@ def test_update_is_unscaled_exactly_once() -> None:
     ],
     ids=["SAM", "FisherSAM", "TRAM-θ0"],
 )
+
+
+@SCALED_WRAPPERS
 def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
     """``scaler.step(optimizer, closure)`` (by position; an enabled scaler refuses the keyword)
     unscales the gradients left before the closure runs, then calls ``step(closure)``: both
@@ -272,6 +275,116 @@ def test_grad_scaler_step_with_a_closure_is_refused(make: Callable) -> None:
     for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
         tram.scaled_step(opt, sc, lambda mod=mod: loss_of(mod, *batch(2), torch.float16))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def explicit_scaled_step(
+    optimizer: tram.TwoPassOptimizer,
+    model: nn.Module,
+    grad_scaler: torch.amp.GradScaler,
+    step: int,
+    *,
+    unscale: str,
+    grad_scale: bool = True,
+) -> None:
+    """The explicit fp16 loop, with ``scaler.unscale_`` (and clipping) where ``unscale`` says:
+    ``"before first_step"`` (the usual AMP clipping recipe kept before the ascent),
+    ``"after restore"`` (``tram.scaled_step``'s order) or ``"in scaler.step"`` (not called)."""
+    x, y = batch(step)
+    optimizer.zero_grad()
+    with optimizer.first_pass():
+        grad_scaler.scale(loss_of(model, x, y, torch.float16)).backward()
+    if unscale == "before first_step":
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    if optimizer.first_step(grad_scale=grad_scaler.get_scale() if grad_scale else None):
+        grad_scaler.scale(loss_of(model, x, y, torch.float16)).backward()
+    optimizer.restore()
+    if unscale == "after restore":
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    grad_scaler.step(optimizer)
+    grad_scaler.update()
+
+
+@pytest.mark.parametrize("unscale", ["after restore", "in scaler.step"])
+@SCALED_WRAPPERS
+def test_the_explicit_scaled_loop_is_scaled_step(make: Callable, unscale: str) -> None:
+    """``restore()``, then ``unscale_`` (and clipping) or none (``scaler.step`` unscales): the
+    explicit loop takes ``tram.scaled_step``'s steps, bit for bit."""
+    model, twin = make_model(), make_model()
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    reference = make(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
+    grad_scaler, twin_scaler = scaler(), scaler()
+    for step in range(2):
+        explicit_scaled_step(optimizer, model, grad_scaler, step, unscale=unscale)
+        x, y = batch(step)
+        tram.scaled_step(
+            reference,
+            twin_scaler,
+            lambda x=x, y=y: loss_of(twin, x, y, torch.float16),
+            max_grad_norm=10.0 if unscale == "after restore" else None,
+        )
+    assert optimizer.steps == 2
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@SCALED_WRAPPERS
+def test_unscaling_before_the_second_pass_is_refused_at_the_scalers_step(make: Callable) -> None:
+    """The usual AMP clipping recipe kept before the ascent: ``scaler.unscale_(optimizer)`` and
+    clipping after the first backward, then ``first_step()``, the second backward,
+    ``restore()`` and ``scaler.step()``. The scaler unscales once per step, so the second
+    pass's gradients reached the base step still scaled: SGD stepped 4096 times too far,
+    silently. Refused at ``scaler.step()``, the weights at θ; after ``scaler.update()`` the
+    next step is a fresh run's."""
+    model, twin = make_model(), make_model()
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    untouched = make(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
+    grad_scaler, twin_scaler = scaler(), scaler()
+    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+        explicit_scaled_step(opt, mod, sc, 0, unscale="after restore")
+    before = weights(model)
+    with pytest.raises(
+        RuntimeError,
+        match=r"no gradient was unscaled after restore\(\).*by 4096.*call scaler\.update\(\)",
+    ):
+        explicit_scaled_step(
+            optimizer, model, grad_scaler, 1, unscale="before first_step", grad_scale=False
+        )
+    assert optimizer.steps == 1
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    grad_scaler.update()
+    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+        explicit_scaled_step(opt, mod, sc, 2, unscale="after restore")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_fisher_ascent_without_grad_scale_is_refused_at_the_scalers_step() -> None:
+    """Fisher SAM's T = (1 + η g²)^(-1/2) depends on the gradient's scale: an explicit fp16
+    loop without ``first_step(grad_scale=scaler.get_scale())`` ascended along T of the 4096
+    times scaled gradient (cosine 0.08 to the Fisher ε in the case measured), silently. Refused
+    at ``scaler.step()``; SAM's and ASAM's operators do not depend on the scale and pass."""
+    model = make_model()
+    optimizer = tram.FisherSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.1, eta=0.3)
+    grad_scaler = scaler()
+    before = weights(model)
+    with pytest.raises(RuntimeError, match=r"first_step\(\) was called without grad_scale.*4096"):
+        explicit_scaled_step(
+            optimizer, model, grad_scaler, 0, unscale="after restore", grad_scale=False
+        )
+    assert optimizer.steps == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    grad_scaler.update()
+    for make in (
+        lambda m: tram.SAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=RHO),
+        lambda m: tram.ASAM(torch.optim.SGD(m.parameters(), lr=0.1), rho=0.4, eta=0.02),
+    ):
+        plain = make_model()
+        accepted = make(plain)
+        explicit_scaled_step(
+            accepted, plain, scaler(), 0, unscale="after restore", grad_scale=False
+        )
+        assert accepted.steps == 1
 
 
 @pytest.mark.parametrize("by_keyword", [False, True], ids=["positional", "keyword"])

@@ -32,7 +32,7 @@ from tests.helpers import (
     cross_entropy_closure,
     zero_redundancy_adamw,
 )
-from tests.wrappers_table import WRAPPERS, WrapperCase
+from tests.wrappers_table import SAM_FAMILY, WRAPPERS, WrapperCase
 from tram.targets import unwrap_model
 
 # Every wrapper in the contract table plus TRAM's trust regions, with values that are not fixed
@@ -324,6 +324,43 @@ def test_a_batch_with_a_zero_gradient_takes_the_base_step(name: str, form: str) 
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
     assert not torch.equal(model.expert.weight, start)  # the weight decay moved it
+
+
+@pytest.mark.parametrize("name", [case.name for case in SAM_FAMILY])
+def test_a_closure_that_backpropagates_a_loss_computed_before_it_is_refused(name: str) -> None:
+    """``loss = f(model(x))`` outside, ``closure = lambda: (zero_grad(), loss.backward(
+    retain_graph=True), loss)[-1]``: the second backward runs through the graph built at θ.
+    On a linear model autograd saves no weight for it, so it silently gave the first pass's
+    gradient and a plain base step (MLPs get autograd's in-place error instead; TRAM refuses
+    it at ``first_step``, its first pass having recorded no forward)."""
+    torch.manual_seed(4)
+    model = nn.Linear(5, 3)
+    optimizer = make_wrapper(name, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    inputs, labels = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    before = snapshot(model)
+    loss = F.cross_entropy(model(inputs), labels)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss.backward(retain_graph=True)
+        return loss
+
+    with pytest.raises(RuntimeError, match="second call returned its first call's loss"):
+        optimizer.step(closure)
+    assert optimizer.steps == 0
+    assert not optimizer.is_perturbed
+    assert_unchanged(model, before)
+    optimizer.step(cross_entropy_closure(optimizer, model, inputs, labels))  # and then trains
+    assert optimizer.steps == 1
+    placeholder = torch.zeros(())  # one tensor returned by both calls, with no graph: accepted
+
+    def placeholder_closure() -> Tensor:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        return placeholder
+
+    optimizer.step(placeholder_closure)
+    assert optimizer.steps == 2
 
 
 # ----------------------------------------------------------------------------- no second backward

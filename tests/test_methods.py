@@ -578,7 +578,8 @@ def test_complex_weights_take_the_ascent_of_their_magnitudes(name: str, foreach:
     """A complex weight beside a real one: ε = ρ T² g / ‖T g‖ over both, with T = |θ| + η
     (ASAM) or (1 + η |g|²)^(-1/2) (Fisher SAM), by hand in complex128. ASAM's η = 0 shortcut
     (θ (θ g) for |θ| (|θ| g)) would rotate a complex ε by twice θ's phase; Fisher's g² would not
-    be |g|²."""
+    be |g|². The base step's check of the second pass's gradient takes the norm over both (it
+    used to ask a real tensor for a complex norm and raise)."""
     make, scaling, eta = COMPLEX_CASES[name]
     generator = torch.Generator().manual_seed(5)
     z = torch.randn(6, dtype=torch.complex64, generator=generator).requires_grad_()
@@ -600,3 +601,28 @@ def test_complex_weights_take_the_ascent_of_their_magnitudes(name: str, foreach:
     for param, weight, epsilon in zip((z, r), weights, expected, strict=True):
         moved = param.detach().to(weight.dtype) - weight
         torch.testing.assert_close(moved, epsilon, rtol=1e-4, atol=1e-6)
+    ((z * x).abs().square().sum() + (r * r.sin()).sum()).backward()
+    second = [z.grad.to(torch.complex128), r.grad.double()]
+    optimizer.second_step()
+    assert optimizer.steps == 1
+    for param, weight, grad in zip((z, r), weights, second, strict=True):
+        torch.testing.assert_close(param.detach().to(weight.dtype), weight - 0.1 * grad)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
+def test_fisher_operator_of_float16_gradients_above_256(foreach: bool) -> None:
+    """Pure float16 weights (``model.half()``): g² overflows float16 above |g| = 256, which made
+    T = (1 + η g²)^(-1/2) zero there, dropping those components from ε and inflating the rest
+    (‖T g‖ 4× too small). T is small there, not zero: ε and ‖T g‖ as in float64, to float16's
+    rounding."""
+    weight = torch.zeros(4, dtype=torch.float16, requires_grad=True)
+    optimizer = tram.FisherSAM(torch.optim.SGD([weight], lr=0.1), rho=0.3, eta=0.6, foreach=foreach)
+    weight.grad = torch.tensor([300.0, -1.5, 0.5, 1000.0], dtype=torch.float16)
+    grad = weight.grad.double()
+    scale = (1 + 0.6 * grad.square()).rsqrt()
+    norm = (scale * grad).norm()
+    assert optimizer.first_step()
+    torch.testing.assert_close(
+        weight.detach().double(), 0.3 * scale.square() * grad / norm, rtol=5e-3, atol=0.0
+    )
+    assert optimizer.last_ascent_norm == pytest.approx(float(norm), rel=2e-3)

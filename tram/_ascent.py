@@ -71,12 +71,14 @@ def scaled_squared_norm(
     ``params`` and ``grads`` are not modified. ``scratch`` (same shapes as ``params``) is
     overwritten: with :math:`T g` for the adaptive and Fisher operators, which
     :func:`apply_ascent_` then reuses; not at all for the identity. The result is a 0-dim
-    tensor on the device of the first parameter, in float32 (float64 for float64 gradients).
+    tensor on the device of the first parameter, in float32 (float64 for float64 gradients,
+    complex ones included).
     """
     if not params:
         raise ValueError("scaled_squared_norm() needs at least one tensor")
-    # At least float32; float64 stays float64 (a norm may not narrow its input's dtype).
-    dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads), torch.float32)
+    # At least float32; float64 stays float64 (a norm may not narrow its input's dtype). Over
+    # the real dtypes: a complex gradient's norm is real, and its own dtype is taken per tensor.
+    dtype = functools.reduce(torch.promote_types, (g.dtype.to_real() for g in grads), torch.float32)
     if scaling == "identity":
         norms = _norms(grads, dtype=dtype, foreach=foreach)
     else:
@@ -104,7 +106,7 @@ def scaled_squared_norm(
                     torch.mul(p, g, out=work)
                 else:
                     work.mul_(g)
-                norms.append(torch.linalg.vector_norm(work, dtype=dtype))
+                norms.append(torch.linalg.vector_norm(work, dtype=_norm_dtype(work, dtype)))
     device = norms[0].device
     stacked = torch.stack([n.to(device) for n in norms])
     return (stacked * stacked).sum()
@@ -120,21 +122,30 @@ def _any_dtensor(tensors: list[Tensor]) -> bool:
     return any(is_dtensor(t) for t in tensors)
 
 
+def _norm_dtype(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The ``dtype`` argument of ``vector_norm`` for a norm in the real ``dtype``: its complex
+    counterpart for a complex tensor (torch requires a complex one there and returns a real
+    norm)."""
+    return dtype.to_complex() if tensor.is_complex() else dtype
+
+
 def _norms(tensors: list[Tensor], *, dtype: torch.dtype, foreach: bool) -> list[Tensor]:
-    """Each tensor's 2-norm in ``dtype`` (at least its own precision).
+    """Each tensor's 2-norm in the real ``dtype`` (at least its own precision).
 
     The fused norm is given ``dtype`` only where some tensor differs from it: with ``dtype``,
     torch 2.14's sharding rule for ``_foreach_norm`` on ``DTensor`` (FSDP2's parameters and
     gradients) takes the dtype for a dimension and raises ``TypeError: '>=' not supported
     between instances of 'torch.dtype' and 'int'``; without it, the kernel and its result are
     the same. Narrower ``DTensor`` values (bf16 under FSDP2) take the per-tensor norm, which
-    accepts ``dtype`` there.
+    accepts ``dtype`` there, as do complex tensors beside real ones (one fused norm takes one
+    ``dtype``, and a real tensor refuses a complex one).
     """
-    if foreach and all(t.dtype == dtype for t in tensors):
+    dtypes = [_norm_dtype(t, dtype) for t in tensors]
+    if foreach and all(t.dtype == d for t, d in zip(tensors, dtypes, strict=True)):
         return list(torch._foreach_norm(tensors, 2))
-    if foreach and not _any_dtensor(tensors):
+    if foreach and not _any_dtensor(tensors) and not any(t.is_complex() for t in tensors):
         return list(torch._foreach_norm(tensors, 2, dtype=dtype))
-    return [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+    return [torch.linalg.vector_norm(t, dtype=d) for t, d in zip(tensors, dtypes, strict=True)]
 
 
 def apply_ascent_(
@@ -258,6 +269,12 @@ def _write_operator_(
             # |g|^2 = g conj(g), not g^2 (a bucket holds one dtype). Rare: no fused path.
             for o, g in zip(out, grads, strict=True):
                 o.copy_(g.abs().square()).mul_(factor).add_(1.0).rsqrt_()
+        elif grads[0].dtype == torch.float16:
+            # g^2 overflows float16 above |g| = 256 (65504), and T = 0 there where it is small
+            # but not 0 (T g ~ 1/√η): T is computed in float32, one tensor at a time, and
+            # rounded once. bfloat16 has float32's range.
+            for o, g in zip(out, grads, strict=True):
+                o.copy_(g.float().square_().mul_(factor).add_(1.0).rsqrt_())
         elif foreach:
             if out is grads:
                 torch._foreach_mul_(out, grads)

@@ -39,7 +39,7 @@ from typing import Any
 
 from torch.amp import GradScaler
 
-__all__ = ["check_step_closure"]
+__all__ = ["check_step_closure", "grad_scaler_stepping"]
 
 _LIGHTNING_MODULES = ("lightning.", "pytorch_lightning.")
 
@@ -74,6 +74,19 @@ def _closure_callers() -> dict[CodeType, str]:
     if prepared is not None:
         codes[prepared.step.__code__] = "AcceleratedOptimizer"
     return codes
+
+
+def grad_scaler_stepping(frame: FrameType | None) -> GradScaler | None:
+    """The enabled ``torch.amp.GradScaler`` whose ``step(optimizer)`` called the optimizer's
+    ``step``, among the ``_CALLER_FRAMES`` frames from ``frame`` up, else None."""
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is GradScaler.step.__code__:
+            owner = frame.f_locals.get("self")
+            return owner if isinstance(owner, GradScaler) and owner.is_enabled() else None
+        frame = frame.f_back
+    return None
 
 
 def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:

@@ -59,6 +59,7 @@ class _StepState:
         "ascent_params",
         "batchnorm_guard",
         "first_pass_depth",
+        "first_step_unscaled_fisher",
         "frozen_batchnorms",
         "gradient_not_finite",
         "in_second_pass",
@@ -66,6 +67,7 @@ class _StepState:
         "perturbed_buckets",
         "resting_gradients",
         "restored_before_second_pass",
+        "restored_gradient_sample",
         "running_stats_updated_twice",
         "second_pass_entered",
         "skipped_ascents",
@@ -104,6 +106,12 @@ class _StepState:
         # wrote them (the second pass then ran at θ, not θ+ε).
         self.zeroed_gradients: dict[Tensor, tuple[weakref.ref[Tensor], _Version]] = {}
         self.restored_before_second_pass = False
+        # A gradient of the second pass as restore() left it, and its largest magnitude (a
+        # GradScaler's unscale_ changes it without bumping the version counter), and whether
+        # first_step() took a Fisher ascent without being told the gradients' loss scale: a
+        # GradScaler stepping after either is refused (the step would differ, silently).
+        self.restored_gradient_sample: tuple[weakref.ref[Tensor], float] | None = None
+        self.first_step_unscaled_fisher = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         # Without a model to freeze (or with one that leaves perturbed weights out), a hook that
@@ -131,6 +139,8 @@ class _StepState:
         self.ascent_attempted = False
         self.ascent_params = []
         self.restored_before_second_pass = False
+        self.restored_gradient_sample = None
+        self.first_step_unscaled_fisher = False
 
     def skip_ascent(self, method: str, reason: str) -> bool:
         """Count and warn an ascent skipped by ``first_step``; returns False, its result."""
@@ -219,6 +229,28 @@ def gradients_at_rest(
 ) -> dict[Tensor, tuple[weakref.ref[Tensor], _Version]]:
     """Each parameter's gradient, held weakly, with its version (see :func:`_version`)."""
     return {p: (weakref.ref(p.grad), _version(p.grad)) for p in params if p.grad is not None}
+
+
+def largest_magnitude(grad: Tensor) -> float:
+    """``max |g|`` over ``grad`` (its local shard for a ``DTensor``: no collective), 0 if empty."""
+    with torch.no_grad():
+        local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+        return float(local.abs().max()) if local.numel() else 0.0
+
+
+def gradient_sample(params: Iterable[Tensor]) -> tuple[weakref.ref[Tensor], float] | None:
+    """The smallest gradient of ``params`` (fewest elements), held weakly, with its largest
+    magnitude: a witness, costing one small reduction, of an in-place rescaling of the gradients
+    after this call (a ``GradScaler``'s ``unscale_``, which bumps no version counter). None
+    when that magnitude is 0 or not finite, which a rescaling leaves unchanged."""
+    grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
+    if not grads:
+        return None
+    grad = min(grads, key=lambda g: g.numel())
+    value = largest_magnitude(grad)
+    if value == 0.0 or not math.isfinite(value):
+        return None
+    return weakref.ref(grad), value
 
 
 def gradients_written_since(

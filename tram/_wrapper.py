@@ -12,24 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
 import torch
 from torch import Tensor, nn
+from torch.amp import GradScaler
 from torch.optim import Optimizer
 
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
 from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
-from tram._callers import check_step_closure
+from tram._callers import check_step_closure, grad_scaler_stepping
 from tram._step_state import (
     MissingAscentError,
     _SharedField,
     _StepState,
+    gradient_sample,
     gradients_are_finite,
     gradients_at_rest,
     gradients_written_since,
+    largest_magnitude,
     refuse_foreign_state_dict,
     refuse_missing_ascent,
     refuse_missing_second_pass,
@@ -301,6 +305,11 @@ class TwoPassOptimizer(Optimizer):
         state.watched_outside_the_model = False
         state.ascent_params = []
         state.restored_before_second_pass = False
+        state.restored_gradient_sample = None
+        # T = (1 + η g²)^(-1/2) depends on the gradient's scale: see _refuse_a_grad_scaler_step.
+        state.first_step_unscaled_fisher = grad_scale is None and any(
+            bucket.scaling == "fisher" and bucket.eta > 0 for bucket in buckets
+        )
         try:
             return self._ascend(buckets, inverse_scale)
         except BaseException:
@@ -445,6 +454,7 @@ class TwoPassOptimizer(Optimizer):
         state = self._step_state
         if state.perturbed_buckets:
             self._keep_the_second_passes_gradients()
+            state.restored_gradient_sample = gradient_sample(state.ascent_params)
         state.zeroed_gradients = {}
         for bucket in state.perturbed_buckets:
             restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
@@ -523,6 +533,8 @@ class TwoPassOptimizer(Optimizer):
                 return None
             if not state.ascent_attempted and self.ascent_due:
                 refuse_missing_ascent(type(self).__name__, type(self.base_optimizer).__name__)
+            if state.ascent_params:
+                self._refuse_a_grad_scaler_step(grad_scaler_stepping(sys._getframe(1)))
             self.restore()
             self._base_step()
             return None
@@ -561,7 +573,15 @@ class TwoPassOptimizer(Optimizer):
         try:
             if self.first_step():
                 with self.second_pass(), torch.enable_grad():
-                    closure()
+                    second = closure()
+                if _same_graph(second, loss):
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step(closure): the closure's second call returned "
+                        "its first call's loss (the same autograd graph), so its backward ran "
+                        "through the graph built at θ: the gradient is the first pass's, not "
+                        "the one at θ+ε, and the step would be a plain base step. Run the "
+                        "forward inside the closure. No step was taken; the weights are at θ"
+                    )
         except BaseException:
             state.abandon()  # the next step must start afresh, not finish this one
             raise
@@ -569,6 +589,60 @@ class TwoPassOptimizer(Optimizer):
             self.restore()
         self._base_step()
         return loss
+
+    def _refuse_a_grad_scaler_step(self, scaler: GradScaler | None) -> None:
+        """Refuse ``scaler.step(optimizer)`` (``scaler`` the enabled ``GradScaler`` calling, if
+        any) after an ascent whose explicit fp16 loop would make the step differ, silently:
+
+        - ``scaler.unscale_(optimizer)`` before the second backward (the usual clipping recipe,
+          kept before ``first_step()``): the scaler then unscales nothing more, and the base
+          step takes the second pass's gradients still scaled (SGD the scale times too far).
+          Seen when ``restore()`` came before ``step()`` and the gradient it sampled is
+          unchanged; an ``unscale_`` between the second backward and ``restore()`` looks the
+          same and is refused too (the message gives the order that works).
+        - a Fisher ascent (``FisherSAM``, η > 0) from ``first_step()`` without ``grad_scale``:
+          T = (1 + η g²)^(-1/2) of the scaled gradient is not the Fisher operator's.
+        """
+        if scaler is None:
+            return
+        state = self._step_state
+        scale = float(scaler.get_scale())
+        if scale == 1.0:
+            return  # unscaling by 1 changes nothing, nor is any gradient scaled
+        problem = None
+        sample = state.restored_gradient_sample
+        grad = sample[0]() if sample is not None else None
+        if (
+            sample is not None
+            and grad is not None
+            and any(param.grad is grad for param in state.ascent_params)
+            and largest_magnitude(grad) == sample[1]
+        ):
+            problem = (
+                "no gradient was unscaled after restore(): scaler.unscale_(optimizer) ran "
+                "before it (before first_step(), as a clipping recipe puts it?), so the scaler "
+                "will not unscale the second pass's gradients and the base step would take "
+                f"them still scaled, by {scale:g}. Call restore() right after the second "
+                "backward, then scaler.unscale_(optimizer) (and clip), then scaler.step()"
+            )
+        elif state.first_step_unscaled_fisher:
+            problem = (
+                "first_step() was called without grad_scale while this GradScaler scales the "
+                f"gradients by {scale:g}: the Fisher operator T = (1 + eta g^2)^(-1/2) was "
+                "computed on the scaled gradient, so the ascent was not the Fisher ascent. Pass "
+                "grad_scale=scaler.get_scale() to first_step(), and do not unscale before it"
+            )
+        if problem is None:
+            return
+        self.restore()
+        state.abandon()
+        state.resting_gradients = gradients_at_rest(self._params())
+        raise RuntimeError(
+            f"{type(self).__name__} stepped by torch.amp.GradScaler.step(): {problem}; "
+            "tram.scaled_step(optimizer, scaler, loss_fn) runs the passes in that order. No "
+            "step was taken; the weights are at θ. The scaler has marked this optimizer as "
+            "unscaled: call scaler.update() before the next step"
+        )
 
     def _initialises_the_base_state(self) -> bool:
         """Whether this ``step()`` only makes the base optimizer create its state, as
@@ -965,6 +1039,17 @@ class TwoPassOptimizer(Optimizer):
             f"{key}={group.get(key, value)}" for key, value in self._method_defaults.items()
         )
         return f"{type(self).__name__}({options}, base_optimizer={self.base_optimizer!r})"
+
+
+def _same_graph(second: Any, first: Any) -> bool:
+    """Whether a closure's two losses are one autograd graph: the closure backpropagated a
+    loss computed before it (``loss.backward(retain_graph=True)`` on an outer forward). Where
+    the perturbed weights are saved for the backward, autograd refuses that itself (they were
+    modified in place); where they are not (a linear model, a head on frozen features), the
+    second backward silently returns the first pass's gradient."""
+    if not isinstance(second, Tensor) or not isinstance(first, Tensor):
+        return False
+    return first.grad_fn is not None and second.grad_fn is first.grad_fn
 
 
 def _hooks(optimizer: Optimizer, registry: str) -> list[Callable[..., Any]]:
