@@ -8,8 +8,10 @@ and a two-pass step must respect how ``GradScaler`` works:
    synchronisation);
 2. ``optimizer.first_step(grad_scale=scaler.get_scale())``: the ascent is computed from the
    *scaled* gradients (the direction is scale-invariant; the Fisher operator is unscaled
-   internally). Never ``unscale_`` here: ``unscale_`` may run once per step. A non-finite
-   first pass skips the ascent and leaves the gradients alone;
+   internally). Never ``unscale_`` here: ``unscale_`` may run once per step, so the second
+   pass's gradients would reach the base step still scaled (``scaler.step`` refuses that, and
+   a Fisher ascent without ``grad_scale``). A non-finite first pass skips the ascent and leaves
+   the gradients alone;
 3. if it perturbed: ``scaler.scale(loss).backward()`` at θ+ε, then ``optimizer.restore()``
    *before* ``scaler.step``, which skips ``optimizer.step()`` on overflow and would otherwise
    leave the weights perturbed;
@@ -18,8 +20,8 @@ and a two-pass step must respect how ``GradScaler`` works:
 5. ``scaler.step(optimizer)`` and ``scaler.update()``: an overflow in either pass skips the step
    and backs the scale off, with the weights at θ.
 
-Never pass a closure through ``scaler.step``: torch rejects ``closure=`` as a keyword, but a
-positional closure slips through and applies still-scaled second-pass gradients.
+Never pass a closure through ``scaler.step``: torch rejects ``closure=`` as a keyword, and the
+wrapper refuses a positional one (both passes' gradients would stay scaled).
 :func:`scaled_step` runs steps 1-5.
 """
 
