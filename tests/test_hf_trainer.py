@@ -1069,14 +1069,59 @@ def test_training_step_refuses_a_window_that_never_synchronises(tmp_path):
     gradient_state._set_sync_gradients(False)  # inside an accumulation window
     try:
         trainer.model.train()
-        for _ in range(trainer.args.gradient_accumulation_steps):
+        # Up to 2k - 1 micro-batches: an epoch's carried ones and the next step's (below).
+        for _ in range(2 * trainer.args.gradient_accumulation_steps - 1):
             trainer.training_step(trainer.model, batch)
         with pytest.raises(
-            RuntimeError, match=r"more micro-batches than gradient_accumulation_steps=2 without"
+            RuntimeError,
+            match=r"received 4 micro-batches since the last optimizer step "
+            r"\(gradient_accumulation_steps=2\) without one that synchronises",
         ):
             trainer.training_step(trainer.model, batch)
     finally:
         gradient_state._set_sync_gradients(True)
+
+
+class StreamedTinyDataset(torch.utils.data.IterableDataset):
+    """``TinyDataset`` streamed: the Trainer knows no length, so an epoch that does not fill
+    its last accumulation window ends without a step, and the Trainer adds its micro-batches to
+    the next epoch's first step (each normalised as in its own, shorter window)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = TinyDataset(size=size)
+
+    def __iter__(self) -> Any:
+        return (self.data[index] for index in range(len(self.data)))
+
+
+def test_micro_batches_an_iterable_epoch_carried_over_are_replayed_as_they_ran(tmp_path):
+    """20 examples, 4 per micro-batch, 2 per step: every epoch leaves one micro-batch that the
+    Trainer adds to the next epoch's first step, normalised as in its own window: divided by 1,
+    the other two by 2 (``model_accepts_loss_kwargs = False``, as for a model whose forward
+    takes no loss keywords; BERT's classification loss is the batch mean whatever the item
+    count, so the division is what tells the windows apart). ρ = 0 takes the plain Trainer's
+    steps bit for bit, so the replay normalised each micro-batch as its first pass did;
+    TramTrainer used to refuse the third micro-batch."""
+    finals = []
+    for name, kwargs in (
+        ("plain", {}),
+        ("rho0", {"method": "sam", "method_kwargs": {"rho": 0.0}}),
+        ("sam", {"method": "sam", "method_kwargs": {"rho": 0.05}}),
+    ):
+        model = tiny_bert()
+        trainer_class = Trainer if name == "plain" else TramTrainer
+        trainer = trainer_class(
+            model=model,
+            args=make_args(tmp_path / name, max_steps=6),
+            train_dataset=StreamedTinyDataset(20),
+            **kwargs,
+        )
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        assert trainer.state.global_step == 6
+        finals.append(flat_params(model))
+    assert torch.equal(finals[0], finals[1])
+    assert not torch.equal(finals[0], finals[2])
 
 
 def test_a_regularizer_on_a_model_without_logits_fails_before_the_first_step(tmp_path):

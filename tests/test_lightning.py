@@ -260,6 +260,94 @@ def test_accumulation_short_last_window() -> None:
     assert_same_weights(module.net, net)
 
 
+class WithoutBatchIndex(Module):
+    def training_step(self, batch: Any) -> Tensor:  # type: ignore[override]
+        return loss_of(self.net, batch)
+
+
+def test_a_training_step_without_batch_idx_is_replayed_as_lightning_calls_it() -> None:
+    """``training_step(self, batch)`` (Lightning passes ``batch_idx`` only when the signature
+    takes it): the replay used to pass it anyway and raise ``TypeError``."""
+    data = make_data(4)
+    module = WithoutBatchIndex("sam")
+    fit(module, data, max_epochs=1, accumulate_grad_batches=2, callbacks=[TramCallback()])
+    net, _, _ = hand_loop("sam", data, accumulate=2)
+    assert_same_weights(module.net, net)
+
+
+class SkippingBatches(Module):
+    """Returns None from ``training_step`` on the batches named: Lightning's way to skip one."""
+
+    def __init__(self, method: str, skipped: set[int]) -> None:
+        super().__init__(method)
+        self.skipped = skipped
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        return None if batch_idx in self.skipped else loss_of(self.net, batch)
+
+
+@pytest.mark.parametrize(("accumulate", "skipped"), [(1, {1}), (2, {2, 3})])
+@pytest.mark.parametrize("method", ["sam", "tram_previous"])
+def test_windows_whose_training_steps_return_none_take_no_step(
+    method: str, accumulate: int, skipped: set[int]
+) -> None:
+    """A window where every ``training_step`` returned None has no gradient: no ascent and no
+    step, as a plain optimizer moves nothing there (it used to raise from ``first_step()``,
+    finding no gradients). The run is the hand loop over the other windows."""
+    data = make_data(6)
+    module = SkippingBatches(method, skipped)
+    fit(module, data, max_epochs=1, accumulate_grad_batches=accumulate, callbacks=[TramCallback()])
+    kept = [batch for index, batch in enumerate(data) if index not in skipped]
+    net, optimizer, _ = hand_loop(method, kept, accumulate=accumulate)
+    assert_same_weights(module.net, net)
+    assert module.trainer.optimizers[0].steps == optimizer.steps
+
+
+class WithBatchNorm(Module):
+    def __init__(self) -> None:
+        super().__init__("sam")
+        self.norm = nn.BatchNorm1d(CLASSES)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self.norm(self.net(tokens)), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return tram.SAM(make_base(self), rho=0.37, model=self)
+
+
+def test_stochastic_weight_averagings_batchnorm_epoch_takes_no_step() -> None:
+    """With a BatchNorm, ``StochasticWeightAveraging`` adds an epoch that only recomputes the
+    running statistics of the averaged weights: no backward, and no step by its own account.
+    The callback used to ascend from the last real step's gradient, replay and step there,
+    ending 0.013 off the average; the weights are now the average, bit for bit (a plain
+    optimizer steps on the stale gradient there: 0.034 off)."""
+    averaging = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    module = WithBatchNorm()
+    fit(module, make_data(5), max_epochs=3, callbacks=[averaging, TramCallback()])
+    assert averaging._average_model is not None
+    for p, q in zip(module.parameters(), averaging._average_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_lr_find_runs_its_steps_without_the_callback() -> None:
+    """``Tuner.lr_find`` swaps the Trainer's callbacks for its own while it trains: the
+    callback's step hook, still on the module, used to raise (it saw no batch start). Its
+    steps are now the wrapper's own, exact ``step(closure)`` under Lightning's closure, and the
+    weights are put back after."""
+    module = Module("sam")
+    before = [p.detach().clone() for p in module.parameters()]
+    run = trainer(max_epochs=1, callbacks=[TramCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        finder = pl.tuner.Tuner(run).lr_find(
+            module, train_dataloaders=loader(make_data(8)), num_training=5, update_attr=False
+        )
+    assert finder is not None
+    assert len(finder.results["lr"]) == 5
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before, strict=True))
+
+
 def test_gradient_clipping_clips_the_descent_gradient() -> None:
     data = make_data(4)
     module = Module("asam")

@@ -218,6 +218,11 @@ class _StepState:
 
     window: list[Any] = field(default_factory=list)
     """The micro-batches ``training_step`` received in this optimizer step so far."""
+    normalisations: list[tuple[Any, int]] = field(default_factory=list)
+    """Each micro-batch's ``num_items_in_batch`` and the Trainer's
+    ``current_gradient_accumulation_steps`` when it ran, which its replay takes again: a
+    micro-batch carried over from an epoch that ended without a step (an ``IterableDataset``)
+    was normalised with its own window's."""
     phase: Literal["first", "replay"] | None = None
     """The pass ``compute_loss`` runs in; None outside ``training_step``."""
     observed: bool = False
@@ -472,23 +477,36 @@ class TramTrainer(Trainer):
         if optimizer.is_perturbed:
             optimizer.restore()
         window = self._tram_step.window
+        normalisations = self._tram_step.normalisations
         window.append(inputs)
-        if len(window) > self.args.gradient_accumulation_steps:
+        accumulation = self.args.gradient_accumulation_steps
+        normalisations.append(
+            (num_items_in_batch, getattr(self, "current_gradient_accumulation_steps", accumulation))
+        )
+        # The Trainer carries the micro-batches of an epoch that ended without a step into the
+        # next step (an IterableDataset, whose length it does not know): fewer than
+        # `accumulation` of them, so a window is shorter than twice that.
+        if len(window) >= 2 * accumulation:
             window.clear()
+            normalisations.clear()
             raise RuntimeError(
-                "TramTrainer.training_step received more micro-batches than "
-                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} without "
-                "one that synchronises the gradients (accelerator.gradient_state.sync_gradients); "
-                "the two-pass step needs the Trainer's training loop to mark the last one"
+                f"TramTrainer.training_step received {2 * accumulation} micro-batches since the "
+                "last optimizer step (gradient_accumulation_steps="
+                f"{accumulation}) without one that synchronises the gradients "
+                "(accelerator.gradient_state.sync_gradients): the two-pass step needs the "
+                "Trainer's training loop to mark the last micro-batch of each step. An "
+                "IterableDataset whose epoch is shorter than gradient_accumulation_steps "
+                "batches never gets one (the plain Trainer takes no step there either)"
             )
         loss = self._first_pass(model, optimizer, inputs, num_items_in_batch)
         if not self.accelerator.gradient_state.sync_gradients:
             return loss
         self._tram_step.window = []
+        self._tram_step.normalisations = []
         perturbed = optimizer.first_step(grad_scale=grad_scale_of(self.accelerator))
         self._tram_metrics.record_ascent(optimizer, perturbed)
         if perturbed:
-            self._replay(model, optimizer, window, num_items_in_batch)
+            self._replay(model, optimizer, window, normalisations)
         return loss
 
     def _first_pass(
@@ -522,24 +540,30 @@ class TramTrainer(Trainer):
         model: nn.Module,
         optimizer: TwoPassOptimizer,
         window: Sequence[dict[str, Any]],
-        num_items_in_batch: Tensor | int | None,
+        normalisations: Sequence[tuple[Any, int]],
     ) -> None:
-        """Pass 2: every micro-batch of the step at θ+ε, ``no_sync`` on all but the last; then
-        restore θ, before the optimizer step (a GradScaler skips step() on overflow, and
-        clipping and callbacks should see θ)."""
+        """Pass 2: every micro-batch of the step at θ+ε, each normalised as in its first pass,
+        ``no_sync`` on all but the last; then restore θ, before the optimizer step (a GradScaler
+        skips step() on overflow, and clipping and callbacks should see θ)."""
         self._tram_step.phase = "replay"
+        accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         try:
             last = len(window) - 1
             with optimizer.second_pass():
-                for index, micro_batch in enumerate(window):
+                for index, (micro_batch, (num_items_in_batch, steps)) in enumerate(
+                    zip(window, normalisations, strict=True)
+                ):
                     replay = (
                         self.accelerator.no_sync(model)
                         if index < last
                         else contextlib.nullcontext()
                     )
+                    self.current_gradient_accumulation_steps = steps
                     with replay:
                         super().training_step(model, micro_batch, num_items_in_batch)
         finally:
+            if accumulation is not None:
+                self.current_gradient_accumulation_steps = accumulation
             self._tram_step.phase = None
             optimizer.restore()
 

@@ -69,13 +69,28 @@ Manual optimization (``self.automatic_optimization = False``) takes the step in
 
 DeepSpeed (whose engine accumulates gradients itself) is refused.
 
+Lightning's other ways of running ``training_step``, as the callback meets them:
+
+- a window whose every ``training_step`` returned None (Lightning's way to skip a batch) has no
+  gradient: no ascent and no step, as a plain optimizer moves nothing; a window with some
+  batches skipped is the two-pass step of the others;
+- ``training_step(self, batch)`` without ``batch_idx`` is replayed as Lightning calls it;
+- ``StochasticWeightAveraging``'s BatchNorm epoch (a model with BatchNorm) runs ``training_step``
+  for the running statistics of the averaged weights only: the callback takes no step there, as
+  SWA intends (a plain optimizer steps on the last real step's gradient, moving the weights off
+  the average);
+- ``Tuner.lr_find`` trains with the Trainer's callbacks swapped for its own: its steps are the
+  wrapper's own ``step(closure)`` under Lightning's closure (exact with one batch per step).
+
 What of Lightning this relies on beyond its documented API, each checked by
 ``tests/test_lightning.py``: the ``optimizer_step`` hook is looked up on the module instance when
 Lightning calls it (an instance attribute overrides it; every callback test fails otherwise); the
 ``"16-mixed"`` plugin's ``optimizer_step`` skips the step when the closure returns None
 (``test_fp16_mixed_equals_scaled_step``); ``tram._callers`` recognises the automatic
 optimization's closure as ``functools.partial(Precision._wrap_closure, module, optimizer,
-closure)`` and reads the module's ``_trainer`` (``test_lightning_closure_is_recognised``).
+closure)`` and reads the module's ``_trainer`` (``test_lightning_closure_is_recognised``);
+SWA's BatchNorm epoch is told by ``trainer.fit_loop._skip_backward``
+(``test_stochastic_weight_averagings_batchnorm_epoch_takes_no_step``).
 """
 
 from __future__ import annotations
@@ -94,8 +109,10 @@ from tram._wrapper import TwoPassOptimizer
 
 try:  # Lightning 2.x ships as `lightning` (lightning.pytorch) and as `pytorch_lightning`.
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 except ImportError:  # pragma: no cover - depends on what is installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
+    from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
 __all__ = ["TramCallback", "manual_step", "two_pass_optimizer"]
 
@@ -124,6 +141,22 @@ def _loss_of(output: Any) -> Tensor | None:
         loss = output.get("loss")
         return loss if isinstance(loss, Tensor) else None
     return output if isinstance(output, Tensor) else None
+
+
+def _skipping_backward(trainer: Any) -> bool:
+    """Whether the fit loop runs ``training_step`` with no backward: ``StochasticWeightAveraging``'s
+    last epoch, which only recomputes the BatchNorm statistics of the averaged weights and, in its
+    own words, needs neither a backward nor an optimizer step (Lightning's private
+    ``fit_loop._skip_backward``)."""
+    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+
+
+def _training_step_arguments(pl_module: Any, batch: Any, batch_idx: int) -> tuple[Any, ...]:
+    """The arguments Lightning's loop gives ``training_step``: ``batch_idx`` only when the
+    signature takes it (``training_step(self, batch)`` is allowed)."""
+    if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+        return batch, batch_idx
+    return (batch,)
 
 
 def _no_sync(strategy: Any) -> contextlib.AbstractContextManager[Any]:
@@ -291,7 +324,7 @@ class TramCallback(pl.Callback):
         if self._installed is None:
             return
         wrapper = self._wrapper(trainer)
-        if wrapper is None:
+        if wrapper is None or _skipping_backward(trainer):
             return
         self._window.append((batch, batch_idx))
         self._close_first_pass()
@@ -324,9 +357,17 @@ class TramCallback(pl.Callback):
     ) -> Any:
         wrapper = two_pass_optimizer(optimizer)
         window, self._window = self._window, []
-        if wrapper is None or closure is None:
+        if wrapper is None or closure is None or self not in trainer.callbacks:
+            # Not this callback's step: another optimizer, or a Trainer whose callbacks were
+            # swapped out (Tuner.lr_find runs its steps with its own): the wrapper's own rules
+            # for a Lightning closure apply.
             self._close_first_pass()
             return original(epoch, batch_idx, optimizer, closure)
+        if _skipping_backward(trainer):
+            # StochasticWeightAveraging's BatchNorm epoch: its training_step runs for the
+            # running statistics, and no step is taken (a plain optimizer would step on the
+            # last real step's gradient here, moving the weights off the average).
+            return closure()
         if not window or window[-1][1] != batch_idx:
             raise RuntimeError(
                 "TramCallback did not see this batch in on_train_batch_start; a "
@@ -337,6 +378,11 @@ class TramCallback(pl.Callback):
             loss = closure()  # pass 1 of the last micro-batch: the window's gradient is complete
         finally:
             self._close_first_pass()
+        if all(param.grad is None for param in wrapper._params()):
+            # Every training_step of the window returned None (Lightning's way to skip a
+            # batch): no gradient, so no ascent and no step, as a plain optimizer moves nothing.
+            wrapper.zero_grad()  # forgets the recorded first passes
+            return loss
         perturbed = wrapper.first_step(grad_scale=_grad_scale(trainer))
         if perturbed:
             try:
@@ -370,7 +416,8 @@ class TramCallback(pl.Callback):
                 for index, (batch, index_in_epoch) in enumerate(window):
                     sync = contextlib.nullcontext() if index == last else _no_sync(strategy)
                     with sync:
-                        loss = _loss_of(strategy.training_step(batch, index_in_epoch))
+                        arguments = _training_step_arguments(pl_module, batch, index_in_epoch)
+                        loss = _loss_of(strategy.training_step(*arguments))
                         if loss is not None:
                             strategy.backward(loss / normalize, optimizer)
         finally:

@@ -279,7 +279,7 @@ class _TRLMixin:
         model: nn.Module,
         optimizer: TwoPassOptimizer,
         window: Sequence[dict[str, Any]],
-        num_items_in_batch: torch.Tensor | int | None,
+        normalisations: Sequence[tuple[Any, int]],
     ) -> None:
         """Pass 2 through TRL's ``training_step`` and ``compute_loss``, which update the trainer's
         state as the first pass did (:data:`_TRAINER_STATE`: the metrics, the token count, GRPO's
@@ -289,7 +289,7 @@ class _TRLMixin:
         trainer does."""
         after_first_pass = _trainer_state(self)
         try:
-            super()._replay(model, optimizer, window, num_items_in_batch)  # type: ignore[misc]
+            super()._replay(model, optimizer, window, normalisations)  # type: ignore[misc]
         finally:
             _set_trainer_state(self, after_first_pass)
             self._tram_loss_states = []
