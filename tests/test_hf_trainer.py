@@ -1124,6 +1124,41 @@ def test_micro_batches_an_iterable_epoch_carried_over_are_replayed_as_they_ran(t
     assert not torch.equal(finals[0], finals[2])
 
 
+class StreamedTokens(torch.utils.data.IterableDataset):
+    """Causal-LM rows whose label counts differ (the rest masked with -100), streamed."""
+
+    def __init__(self, size: int) -> None:
+        generator = torch.Generator().manual_seed(2)
+        self.input_ids = torch.randint(2, 100, (size, 12), generator=generator)
+        self.kept = torch.randint(3, 12, (size,), generator=generator)
+
+    def __iter__(self) -> Any:
+        for ids, kept in zip(self.input_ids, self.kept, strict=True):
+            labels = ids.clone()
+            labels[kept:] = -100
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_carried_micro_batches_keep_their_own_label_counts(tmp_path):
+    """The same with a causal LM, whose loss the Trainer normalises by the label tokens of the
+    micro-batch's window (``num_items_in_batch``): the carried micro-batch keeps its own
+    window's count in the replay. ρ = 0 takes the plain Trainer's steps bit for bit."""
+    finals = []
+    for name, kwargs in (("plain", {}), ("rho0", {"method": "sam", "method_kwargs": {"rho": 0.0}})):
+        model = helpers.tiny_gpt2()
+        trainer_class = Trainer if name == "plain" else TramTrainer
+        trainer = trainer_class(
+            model=model,
+            args=make_args(tmp_path / name, max_steps=6),
+            train_dataset=StreamedTokens(20),
+            **kwargs,
+        )
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        finals.append(flat_params(model))
+    assert torch.equal(finals[0], finals[1])
+
+
 def test_a_regularizer_on_a_model_without_logits_fails_before_the_first_step(tmp_path):
     torch.manual_seed(0)
     model = BertModel(tiny_config(), add_pooling_layer=True)

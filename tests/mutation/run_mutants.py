@@ -212,6 +212,13 @@ MUTANTS = [
         ("tests/test_hf_trainer.py@carried_over",),
     ),
     Mutant(
+        "hf-carried-micro-batch-replayed-with-the-windows-item-count",
+        "tram/integrations/hf.py",
+        "                        super().training_step(model, micro_batch, num_items_in_batch)",
+        "                        super().training_step(model, micro_batch, normalisations[-1][0])",
+        ("tests/test_hf_trainer.py@label_counts",),
+    ),
+    Mutant(
         "hf-carried-micro-batches-refused",
         "tram/integrations/hf.py",
         "        if len(window) >= 2 * accumulation:",
