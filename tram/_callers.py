@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+from collections.abc import Iterator
 from types import CodeType, FrameType
 from typing import Any
 
@@ -76,16 +77,25 @@ def _closure_callers() -> dict[CodeType, str]:
     return codes
 
 
+def _callers_above(
+    frame: FrameType | None, codes: dict[CodeType, str]
+) -> Iterator[tuple[str, Any]]:
+    """The callers named in ``codes`` (by their code) among the ``_CALLER_FRAMES`` frames from
+    ``frame`` up, innermost first, each with its ``self``: only their locals are read."""
+    for _ in range(_CALLER_FRAMES):
+        if frame is None:
+            return
+        caller = codes.get(frame.f_code)
+        if caller is not None:
+            yield caller, frame.f_locals.get("self")
+        frame = frame.f_back
+
+
 def grad_scaler_stepping(frame: FrameType | None) -> GradScaler | None:
     """The enabled ``torch.amp.GradScaler`` whose ``step(optimizer)`` called the optimizer's
     ``step``, among the ``_CALLER_FRAMES`` frames from ``frame`` up, else None."""
-    for _ in range(_CALLER_FRAMES):
-        if frame is None:
-            return None
-        if frame.f_code is GradScaler.step.__code__:
-            owner = frame.f_locals.get("self")
-            return owner if isinstance(owner, GradScaler) and owner.is_enabled() else None
-        frame = frame.f_back
+    for _, owner in _callers_above(frame, {GradScaler.step.__code__: "GradScaler"}):
+        return owner if isinstance(owner, GradScaler) and owner.is_enabled() else None
     return None
 
 
@@ -99,12 +109,7 @@ def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
         "loop with tram.integrations.accelerate.TwoPassBackward and optimizer.step() without a "
         "closure. No step was taken; the weights are at θ"
     )
-    callers = _closure_callers()
-    for _ in range(_CALLER_FRAMES):
-        if frame is None:
-            return
-        caller = callers.get(frame.f_code)
-        owner = frame.f_locals.get("self") if caller is not None else None
+    for caller, owner in _callers_above(frame, _closure_callers()):
         if caller == "GradScaler" and isinstance(owner, GradScaler) and owner.is_enabled():
             # A disabled scaler calls optimizer.step(closure) and nothing else.
             raise RuntimeError(
@@ -129,7 +134,6 @@ def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
                     "micro-batches never ran (refused whenever gradient_accumulation_steps > 1, "
                     f"as accelerate does not say whether accumulate() is active). {fix}"
                 )
-        frame = frame.f_back
 
 
 def check_step_closure(optimizer: Any, closure: Any) -> None:

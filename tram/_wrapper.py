@@ -37,7 +37,6 @@ from tram._step_state import (
     refuse_foreign_state_dict,
     refuse_missing_ascent,
     refuse_missing_second_pass,
-    squared_gradient_norm,
     to_float,
     zero_learning_rate_and_gradient,
 )
@@ -321,9 +320,8 @@ class TwoPassOptimizer(Optimizer):
         state = self._step_state
         if not self.ascent_due:
             # The off-step's base step takes this gradient as it is: never a non-finite one.
-            grads = [grad for bucket in buckets for grad in bucket.grads]
             params = [param for bucket in buckets for param in bucket.params]
-            if not math.isfinite(squared_gradient_norm(grads, self._use_foreach(params))):
+            if not gradients_are_finite(params, foreach=self._use_foreach(params)):
                 state.gradient_not_finite = True
             return False
         # Measured before the gradient is checked, so that TRAM's records of this pass are
@@ -716,18 +714,19 @@ class TwoPassOptimizer(Optimizer):
             state.gradient_not_finite = False
             state.skip_base_step(type(self).__name__, "the gradient is not finite")
             return
-        if ascent_params and restored_early:
-            if all(param.grad is None for param in ascent_params):
-                refuse_missing_second_pass(type(self).__name__)
-            # A backward ran after the restore: at θ.
-            raise RuntimeError(
-                f"{type(self).__name__}: the weights were restored to θ (restore(), eval(), "
-                "load_state_dict()) after first_step() and before any backward at the perturbed "
-                "weights, so the gradient this step would take is not the second pass's (at "
-                "θ+ε). Run the second forward and backward before restoring, or start the step "
-                "again with a first pass and first_step(). No step was taken; the weights are at θ"
-            )
         if ascent_params:
+            if restored_early:
+                if all(param.grad is None for param in ascent_params):
+                    refuse_missing_second_pass(type(self).__name__)
+                # A backward ran after the restore: at θ.
+                raise RuntimeError(
+                    f"{type(self).__name__}: the weights were restored to θ (restore(), eval(), "
+                    "load_state_dict()) after first_step() and before any backward at the "
+                    "perturbed weights, so the gradient this step would take is not the second "
+                    "pass's (at θ+ε). Run the second forward and backward before restoring, or "
+                    "start the step again with a first pass and first_step(). No step was taken; "
+                    "the weights are at θ"
+                )
             # Every gradient, not only the perturbed weights': a weight with no gradient at θ
             # may have one from the second pass alone.
             params = self._params()

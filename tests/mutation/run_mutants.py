@@ -200,8 +200,9 @@ MUTANTS = [
     Mutant(
         "second-pass-not-checked",
         "tram/_wrapper.py",
+        "            params = self._params()\n"
         "            if not gradients_are_finite(params, foreach=self._use_foreach(params)):",
-        "            if False:",
+        "            params = self._params()\n            if False:",
         ("tests/test_guarantees.py@second_pass or second_backward",),
     ),
     Mutant(
@@ -423,8 +424,9 @@ MUTANTS = [
     Mutant(
         "off-step-gradient-unchecked",
         "tram/_wrapper.py",
-        "            if not math.isfinite(squared_gradient_norm(grads, "
-        "self._use_foreach(params))):",
+        "            params = [param for bucket in buckets for param in bucket.params]\n"
+        "            if not gradients_are_finite(params, foreach=self._use_foreach(params)):",
+        "            params = [param for bucket in buckets for param in bucket.params]\n"
         "            if False:",
         ("tests/test_contract.py@never_reaches",),
     ),
