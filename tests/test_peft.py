@@ -365,6 +365,145 @@ def test_adapter_off_after_training_is_still_theta0() -> None:
         assert torch.equal(reference.output((), batch).logits, expected)
 
 
+def two_adapter_bert(second: dict[str, Any]) -> nn.Module:
+    """The tiny BERT with adapter "default" (no LoRA dropout) active and a second adapter "b"
+    added with ``second``'s LoRA options (inactive until ``set_adapter("b")``)."""
+    model = tiny_bert(lora={"lora_dropout": 0.0})
+    options = {"r": 4, "lora_alpha": 12, "lora_dropout": 0.25, "target_modules": ["query", "value"]}
+    options.update(second)
+    torch.manual_seed(99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("b", peft.LoraConfig(task_type="SEQ_CLS", **options))
+    return model.train()
+
+
+def every_adapter_tram(model: nn.Module, *, adapter_off: bool) -> tram.TRAM:
+    """TRAM-θ0 over the weights of every adapter (active or not), as a user who switches
+    adapters during training builds it."""
+    weights = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+    base = torch.optim.AdamW(weights, lr=3e-2, weight_decay=0.01)
+    return tram.TRAM(base, model, target=AdapterOff() if adapter_off else "pretrained")
+
+
+def test_adapter_off_follows_an_adapter_set_active_after_it_was_built() -> None:
+    """``set_adapter("b")`` after TRAM is built: b's LoRA dropout (p = 0.25, where the adapter
+    active at construction has none) is replayed by the reference from then on, so d and the
+    weights are the copied θ0's, d = 0 exactly at the first step. Checked when b was active at
+    construction only, the reference skipped b's dropout draws: every later mask shifted and d
+    measured dropout (1.5e-5 at the first step)."""
+    data = batches("bert", 3)
+    runs = []
+    for adapter_off in (False, True):
+        model = two_adapter_bert({})
+        optimizer = every_adapter_tram(model, adapter_off=adapter_off)
+        model.set_adapter("b")
+        runs.append((train(model, optimizer, data), optimizer.radius_history))
+    (copied_weights, copied_radii), (off_weights, off_radii) = runs
+    assert copied_radii[0] == 0.0
+    assert off_radii[0] == 0.0
+    assert min(copied_radii[1:]) > 0
+    assert off_radii == pytest.approx(copied_radii, rel=1e-6, abs=0)
+    for a, b in zip(copied_weights, off_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_adapter_off_refuses_a_trained_adapter_set_active_after_it_was_built() -> None:
+    """An adapter with non-zero factors (a loaded one) made active after TRAM is built is
+    refused at the next step, as when it is active at construction, and again at every retry:
+    TRAM's rollback of the failed pass restores the target's state, which carries the refusal.
+    (Before, d was measured against the base model, and a retry went through.)"""
+    model = two_adapter_bert({"init_lora_weights": False})
+    optimizer = every_adapter_tram(model, adapter_off=True)
+    train(model, optimizer, batches("bert", 1))  # "default": at its initialisation
+    model.set_adapter("b")
+    weights = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="adapter 'b' had non-zero lora factors"):
+            train(model, optimizer, batches("bert", 1, seed=8))
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
+
+    loaded = every_adapter_tram(tiny_bert(lora={"init_lora_weights": False}), adapter_off=True)
+    for _ in range(2):  # active at construction: refused at every retry too
+        with pytest.raises(ValueError, match="adapter 'default' had non-zero lora factors"):
+            train(loaded.target.model, loaded, batches("bert", 1))
+
+
+def test_adapter_off_checks_an_adapter_set_active_on_a_step_without_d() -> None:
+    """With ``radius_every=2`` the step after ``set_adapter("b")`` measures no d and trains b
+    from B = 0: b is checked at that step's base step, before its update, so the next measured
+    step takes it (as the copied θ0 does) instead of refusing its trained factors."""
+    data = batches("bert", 3)
+    runs = []
+    for adapter_off in (False, True):
+        model = two_adapter_bert({})
+        weights = [p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+        base = torch.optim.AdamW(weights, lr=3e-2, weight_decay=0.01)
+        target = AdapterOff() if adapter_off else "pretrained"
+        optimizer = tram.TRAM(base, model, target=target, radius_every=2)
+        torch.manual_seed(1234)
+        train(model, optimizer, data[:1], torch.get_rng_state())
+        model.set_adapter("b")
+        b_factor = next(p for n, p in model.named_parameters() if ".lora_B.b." in n)
+        train(model, optimizer, data[1:2], torch.get_rng_state())  # no d; b's first update
+        assert torch.count_nonzero(b_factor) > 0
+        train(model, optimizer, data[2:], torch.get_rng_state())
+        runs.append(optimizer.radius_history)
+    copied, off = runs
+    assert len(copied) == 2
+    assert copied[1] > 0
+    assert off == pytest.approx(copied, rel=1e-6, abs=0)
+
+
+def test_adapter_off_resumes_across_adapter_switches() -> None:
+    """The checkpoint carries the adapters checked: a run resumed with adapter b active that
+    switches back to the trained "default" goes on bit for bit, where a marker alone would
+    refuse "default" (its factors are no longer zero)."""
+    data = batches("bert", 5)
+
+    def switched(model: nn.Module, optimizer: tram.TRAM, steps: range) -> None:
+        for index in steps:
+            model.set_adapter("b" if index in (2, 3) else "default")
+            train(model, optimizer, [data[index]], torch.get_rng_state())
+
+    torch.manual_seed(1234)
+    straight_model = two_adapter_bert({})
+    straight = every_adapter_tram(straight_model, adapter_off=True)
+    torch.manual_seed(1234)
+    switched(straight_model, straight, range(5))
+
+    model = two_adapter_bert({})
+    optimizer = every_adapter_tram(model, adapter_off=True)
+    torch.manual_seed(1234)
+    switched(model, optimizer, range(3))
+    rng_state = torch.get_rng_state()
+    state = copy.deepcopy(optimizer.state_dict())
+    weights = copy.deepcopy(model.state_dict())
+    assert state["param_groups"][0]["tram"]["not_initial"] is None
+
+    resumed_model = two_adapter_bert({})
+    resumed_model.load_state_dict(weights)
+    resumed_model.set_adapter("b")
+    resumed = every_adapter_tram(resumed_model, adapter_off=True)
+    resumed.load_state_dict(state)
+    torch.set_rng_state(rng_state)
+    switched(resumed_model, resumed, range(3, 5))
+    assert resumed.radius_history == straight.radius_history[3:]
+    for a, b in zip(resumed_model.parameters(), straight_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_adapter_off_refuses_a_layer_merged_after_it_was_bound() -> None:
+    model = tiny_bert()
+    reference = adapter_off(model)
+    batch = batches("bert", 1)[0]
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        reference.output((), batch)
+    model.unmerge_adapter()
+    reference.output((), batch)
+
+
 @pytest.mark.slow
 def test_example_peft_lora_fine_tunes_minilm() -> None:
     stdout = run_example("peft_lora.py", None, "--model=minilm")

@@ -1543,6 +1543,48 @@ MUTANTS = [
         "            pass",
         ("tests/test_tram_distributed.py@synchronised or fsdp2_tram_x",),
     ),
+    Mutant(
+        "adapter-off-output-ignores-set-adapter",
+        "tram/adapters.py",
+        "        self._follow_active_adapters()\n        if self._unsupported is not None:\n"
+        "            raise ValueError(self._unsupported)\n"
+        "        if self._not_initial is not None:",
+        "        if self._unsupported is not None:\n"
+        "            raise ValueError(self._unsupported)\n"
+        "        if self._not_initial is not None:",
+        ("tests/test_peft.py@set_active_after_it_was_built",),
+    ),
+    Mutant(
+        "adapter-off-unchecked-before-base-step",
+        "tram/adapters.py",
+        'a skipped ascent)."""\n        self._follow_active_adapters()',
+        'a skipped ascent)."""',
+        ("tests/test_peft.py::test_adapter_off_checks_an_adapter_set_active_on_a_step_without_d",),
+    ),
+    Mutant(
+        "adapter-off-rollback-forgets-refusal",
+        "tram/adapters.py",
+        '            "not_initial": self._not_initial,',
+        '            "not_initial": None,',
+        (
+            "tests/test_peft.py::"
+            "test_adapter_off_refuses_a_trained_adapter_set_active_after_it_was_built",
+        ),
+    ),
+    Mutant(
+        "adapter-off-checked-not-saved",
+        "tram/adapters.py",
+        '            "checked": [[index, adapter] for index, adapter in sorted(self._checked)],',
+        "",
+        ("tests/test_peft.py::test_adapter_off_resumes_across_adapter_switches",),
+    ),
+    Mutant(
+        "adapter-off-merge-unwatched",
+        "tram/adapters.py",
+        "(tuple(layer.active_adapters), bool(layer.merged))",
+        "(tuple(layer.active_adapters), False)",
+        ("tests/test_peft.py::test_adapter_off_refuses_a_layer_merged_after_it_was_bound",),
+    ),
 ]
 
 
