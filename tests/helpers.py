@@ -417,3 +417,38 @@ def accelerate_fsdp2_on_cpu(accelerator: Any, plugin: Any) -> None:
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     assert accelerator.is_fsdp2
+
+
+class StatefulForward(nn.Module):
+    """Keeps state in buffers that each training forward writes: a count of its calls and a
+    running mean of its input (in place), and the last input's mean (a buffer replaced)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("input_mean", torch.zeros(width))
+        self.register_buffer("last_input_mean", torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.calls += 1
+                self.input_mean.mul_(0.7).add_(x.mean(0), alpha=0.3)
+                self.last_input_mean = x.mean(0)
+        return x
+
+
+def stateful_model() -> nn.Module:
+    """The contract model with forward-written state: :class:`StatefulForward` after the first
+    layer, an InstanceNorm with running statistics (not a BatchNorm) and a spectrally
+    normalised head (one power iteration of its vectors per training forward)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 8),
+        StatefulForward(8),
+        nn.Unflatten(1, (2, 4)),
+        nn.InstanceNorm1d(2, track_running_stats=True, momentum=0.3),
+        nn.Flatten(),
+        nn.Tanh(),
+        nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3)),
+    )

@@ -12,6 +12,7 @@ compile options (``TrainingArguments(torch_compile=True)``, Lightning, Fabric) i
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import counting_backend, cross_entropy_closure, some_fast_rows
+from tests.helpers import counting_backend, cross_entropy_closure, some_fast_rows, stateful_model
 from tests.wrappers_table import WRAPPERS, WrapperCase
 
 STEPS = 3
@@ -268,3 +269,46 @@ def test_a_compiled_optimizer_step_refuses_as_the_eager_one() -> None:
         step()
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
+class _Outer(nn.Module):
+    """:func:`tests.helpers.stateful_model` under a forward of its own: dynamo compiles no
+    ``torch.nn`` container's forward, so the graph would not hold the model otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = stateful_model()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("bind_model", [True, False], ids=["model", "no-model"])
+def test_a_compiled_models_forward_written_buffers_come_from_the_first_pass_only(
+    bind_model: bool,
+) -> None:
+    """The buffers that the compiled graph writes at θ+ε (a counter, a running mean, a spectral
+    norm's vectors, an InstanceNorm's running statistics) are put back as in the eager model:
+    with ``model=`` from the copy ``first_step()`` takes, without it from the copies the guard
+    takes of the compiled module's inner modules (whose own hooks do not run in the graph)."""
+    torch._dynamo.reset()
+    backend, graphs = counting_backend(aot=True)
+    model = _Outer()
+    compiled = torch.compile(model, backend=backend)
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = tram.SAM(base, rho=0.05, model=model if bind_model else None)
+    twin = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(3):
+        x, y = (
+            torch.randn(16, 5, generator=generator),
+            torch.randint(0, 3, (16,), generator=generator),
+        )
+        twin.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            twin(x)
+        optimizer.step(cross_entropy_closure(optimizer, compiled, x, y))
+        for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
+            assert torch.equal(got, want), f"step {step}: {name}"
+    assert graphs
+    assert int(model.net[1].calls) == 3

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tram
-from tests.helpers import zero_redundancy_adamw
+from tests.helpers import stateful_model, zero_redundancy_adamw
 from tests.wrappers_table import TRAMS, WRAPPERS, WrapperCase
 
 BaseFactory = Callable[..., torch.optim.Optimizer]
@@ -1152,6 +1152,39 @@ def test_batchnorm_statistics_come_from_the_first_pass_only(case: WrapperCase) -
             assert torch.equal(got, want), f"step {step}: {name}"
         assert int(model[1].num_batches_tracked) == step + 1
         assert model[1].track_running_stats
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("form", ["closure", "explicit"])
+@pytest.mark.parametrize("bind_model", [True, False], ids=["model", "no-model"])
+def test_forward_written_buffers_come_from_the_first_pass_only(
+    case: WrapperCase, form: str, bind_model: bool
+) -> None:
+    """Every buffer a training forward writes (not only BatchNorm's) is, after a step, as one
+    training-mode forward at θ left it: what the second pass and TRAM's reference forward
+    write is put back (a counter counts one call per step, the spectral norm iterates once).
+    Without ``model=`` the SAM family puts back what the modules that ran at θ+ε wrote."""
+    model = stateful_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, bind_model=bind_model)
+    twin = copy.deepcopy(model)
+    ascent = case.ascent(twin)  # draws the noise of TRAM-Fisher's first passes, in step
+    for step in range(3):
+        twin.load_state_dict(model.state_dict())
+        x, _ = batch(step)
+        with torch.no_grad():
+            ascent.first_forward(twin, x)
+        closure = closure_for(optimizer, model, step)
+        if form == "explicit":
+            first_pass(optimizer, closure)
+            assert optimizer.first_step()
+            closure()
+            optimizer.second_step()
+        else:
+            optimizer.step(closure)
+        for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
+            assert torch.equal(got, want), f"step {step}: {name}"
+        assert int(model[1].calls) == step + 1
+    assert not torch.equal(model[1].input_mean, torch.zeros(8))
 
 
 class Named(nn.Module):

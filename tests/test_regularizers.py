@@ -292,6 +292,25 @@ def test_r4f_spectrally_normalises_the_head() -> None:
     )
 
 
+def test_the_r4f_noised_forward_leaves_the_spectral_norm_to_the_clean_forward() -> None:
+    """The noised forward writes no state: the head's power-iteration vectors after a penalty
+    are those one training forward left (one iteration per step, in the clean forward), and
+    its backward still runs through the noised logits."""
+    model = bert()
+    r4f = tram.R4F(model, sigma=0.1, seed=0)
+    twin = copy.deepcopy(model)
+    inputs = hf_batch()
+    logits = model(**inputs).logits
+    with torch.no_grad():
+        twin(**inputs)
+    penalty = r4f(model, inputs, logits)
+    penalty.backward()
+    assert penalty.item() > 0
+    for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
+        assert torch.equal(got, want), name
+    assert model.classifier.parametrizations.weight.original.grad is not None
+
+
 def test_r4f_head_by_name_and_errors() -> None:
     model = Toy()
     del model.classifier

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from tram._auxiliary import in_auxiliary_forward
 from tram._checkpointing import checkpoint_phase
+from tram._forward_state import buffers_put_back
 from tram._model_io import extract_logits, logits_mask, parameters_are_sharded
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
@@ -281,8 +282,9 @@ class ForwardRecorder:
 
         The reference forward runs like the recorded forward (train mode, the same autocast
         state, the same dropout masks unless ``replay_dropout=False``) except that BatchNorm
-        running statistics are not updated: they come from the first pass only, as for every
-        two-pass step.
+        running statistics are not updated, and any other buffer it writes (a spectral norm's
+        power-iteration vectors) is put back after it: the training forward that follows finds
+        the model's state as without TRAM (:mod:`tram._forward_state`).
         """
         self.in_reference = True
         try:
@@ -294,6 +296,7 @@ class ForwardRecorder:
                     if replay.cuda_rng is not None:
                         torch.cuda.set_rng_state(replay.cuda_rng, devices[0])
                 stack.enter_context(frozen_running_stats(self.module))
+                stack.enter_context(buffers_put_back(self.module))
                 stack.enter_context(replay.autocast.context())
                 output = self.target.output(tuple(args), dict(kwargs))
                 return extract_logits(output, self.logits_fn).detach()

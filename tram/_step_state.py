@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tram._ascent import is_dtensor, scaled_squared_norm
+from tram._forward_state import SavedBuffer
 
 if TYPE_CHECKING:
     from tram._buckets import Bucket
@@ -69,6 +70,7 @@ class _StepState:
         "restored_before_second_pass",
         "restored_gradient_sample",
         "running_stats_updated_twice",
+        "saved_buffers",
         "second_pass_entered",
         "skipped_ascents",
         "skipped_steps",
@@ -114,6 +116,8 @@ class _StepState:
         self.first_step_unscaled_fisher = False
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
+        # The model's other buffers as the first pass left them, put back by restore().
+        self.saved_buffers: list[SavedBuffer] = []
         # Without a model to freeze (or with one that leaves perturbed weights out), a hook that
         # refuses BatchNorm updates while perturbed (its finalizer removes it).
         self.batchnorm_guard: weakref.finalize | None = None

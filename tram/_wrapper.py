@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
 from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure, grad_scaler_stepping
+from tram._forward_state import restore_buffers, save_buffers
 from tram._step_state import (
     MissingAscentError,
     _SharedField,
@@ -386,6 +387,7 @@ class TwoPassOptimizer(Optimizer):
         state.zeroed_gradients = gradients_at_rest(state.ascent_params)
         if self.model is not None:
             state.frozen_batchnorms[:] = freeze_running_stats(self.model)
+            state.saved_buffers = save_buffers(self.model)
         if self.model is None or self._perturbs_outside_the_model(state.ascent_params):
             # With model= too when it does not hold every perturbed weight: a BatchNorm outside
             # it is not frozen (the frozen ones pass the guard).
@@ -395,6 +397,7 @@ class TwoPassOptimizer(Optimizer):
                 state.ascent_params,
                 model_given=self.model is not None,
                 replaying=state.in_the_second_pass,
+                saved_buffers=state.saved_buffers,
             )
             state.watched_running_stats = watch_running_stats(state.ascent_params)
         return True
@@ -448,7 +451,8 @@ class TwoPassOptimizer(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy the saved weights θ back (exact in every dtype). A no-op when not perturbed."""
+        """Copy the saved weights θ back (exact in every dtype), and the buffers the forwards
+        at θ+ε wrote (:mod:`tram._forward_state`). A no-op when not perturbed."""
         state = self._step_state
         if state.perturbed_buckets:
             self._keep_the_second_passes_gradients()
@@ -459,6 +463,8 @@ class TwoPassOptimizer(Optimizer):
         state.perturbed_buckets.clear()
         unfreeze_running_stats(state.frozen_batchnorms)
         state.frozen_batchnorms.clear()
+        restore_buffers(state.saved_buffers)
+        state.saved_buffers = []
         if state.batchnorm_guard is not None:
             disarm(state.batchnorm_guard)
             state.batchnorm_guard = None

@@ -42,6 +42,7 @@ from torch.nn.modules.module import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from tram._forward_state import SavedBuffer, save_own_buffers
 from tram._model_io import compiled_in_place, compiled_wrapper_inner, uncompiled_forward
 
 __all__ = [
@@ -114,6 +115,7 @@ def refuse_running_stats_updates(
     *,
     model_given: bool = False,
     replaying: Callable[[], bool] | None = None,
+    saved_buffers: list[SavedBuffer] | None = None,
 ) -> weakref.finalize:
     """Until the returned finalizer is called (:func:`disarm`), a forward of a BatchNorm whose
     affine weights are among ``parameters`` and that would update its running statistics raises
@@ -136,6 +138,11 @@ def refuse_running_stats_updates(
     is global (torch's module forward pre-hook) and holds ``armed`` and ``replaying`` (bound
     methods of one object) weakly: the finalizer removes it when called, or when that object is
     collected (a wrapper dropped while perturbed).
+
+    With ``saved_buffers``, every module that runs while armed has its other buffers copied
+    into it before its first run (:func:`tram._forward_state.save_own_buffers`; a compiled
+    module's inner modules all at once), for the wrapper to put back what the forwards at θ+ε
+    wrote (a spectral norm's power-iteration vectors); modules already in it are skipped.
     """
     weak_armed = weakref.WeakMethod(armed)
     weak_replaying = None if replaying is None else weakref.WeakMethod(replaying)
@@ -145,7 +152,18 @@ def refuse_running_stats_updates(
         is_replaying = None if weak_replaying is None else weak_replaying()
         return is_replaying is not None and is_replaying()
 
+    saved_modules = {id(entry.module) for entry in saved_buffers or ()}
+
+    def save(module: nn.Module) -> None:
+        if saved_buffers is None or id(module) in saved_modules:
+            return
+        is_armed = weak_armed()
+        if is_armed is not None and is_armed():
+            saved_modules.add(id(module))
+            saved_buffers.extend(save_own_buffers(module))
+
     def check(module: nn.Module, args: Any) -> None:
+        save(module)
         if isinstance(module, _BatchNorm):
             if _updates_running_stats(module) and (
                 in_the_second_pass() or _runs_at_perturbed_weights(module, args, perturbed)
@@ -157,6 +175,7 @@ def refuse_running_stats_updates(
         for subtree in _compiled_subtrees(module):
             holds_perturbed = _holds_perturbed(subtree, perturbed)
             for inner in subtree.modules():
+                save(inner)
                 if (
                     isinstance(inner, _BatchNorm)
                     and _updates_running_stats(inner)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tram._auxiliary import auxiliary_forwards
+from tram._forward_state import buffers_put_back
 from tram._model_io import uncompiled
 from tram._step_watch import OptimizerStepWatch
 from tram._validation import check_non_negative, check_unit_interval
@@ -96,7 +97,11 @@ class R3F(Regularizer):
     hook on the token embeddings; gradients flow through both logits, as in the original. It
     normalises with its own batch statistics but leaves BatchNorm running statistics alone
     (:func:`tram.frozen_running_stats`): they are updated once per step, by the clean forward,
-    as with every auxiliary forward in tram. The original's transformers have no BatchNorm.
+    as with every auxiliary forward in tram. Any other buffer it writes is put back after it
+    (``tram/_forward_state.py``): R4F's spectral norm iterates its vectors once per step, in the
+    clean forward, where the original's, called in training mode twice, iterates twice (a
+    deliberate departure: the noised forward measures the penalty, and leaves no state). The
+    original's transformers have no BatchNorm.
     Defaults are the TRAM paper's baseline (σ = 0.1, λ = 0.1); the original's fairseq code uses
     σ = 1e-5, λ = 1.0 and uniform noise for classification.
 
@@ -150,6 +155,7 @@ class R3F(Regularizer):
             ),
             eager_forward(uncompiled(model)) as eager,
             frozen_running_stats(model),
+            buffers_put_back(model),
         ):
             noised = extract_logits(call_model(eager, inputs))
         return self.divergence(logits, noised, mask=_mask_for(inputs, logits))

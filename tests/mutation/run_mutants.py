@@ -1585,6 +1585,58 @@ MUTANTS = [
         "(tuple(layer.active_adapters), False)",
         ("tests/test_peft.py::test_adapter_off_refuses_a_layer_merged_after_it_was_bound",),
     ),
+    Mutant(
+        "second-pass-buffers-kept",
+        "tram/_wrapper.py",
+        "            state.saved_buffers = save_buffers(self.model)",
+        "            pass",
+        ("tests/test_contract.py@forward_written and model-closure and SAM",),
+    ),
+    Mutant(
+        "reference-forward-buffers-kept",
+        "tram/_recording.py",
+        "                stack.enter_context(buffers_put_back(self.module))",
+        "                pass",
+        ("tests/test_contract.py@forward_written and model-closure and TRAM",),
+    ),
+    Mutant(
+        "guard-saves-no-buffers",
+        "tram/batchnorm.py",
+        "        save(module)\n",
+        "",
+        ("tests/test_contract.py@forward_written and no-model and SAM",),
+    ),
+    Mutant(
+        "replaced-buffer-left-replaced",
+        "tram/_forward_state.py",
+        "            entry.module._buffers[entry.name] = entry.tensor",
+        "            pass",
+        ("tests/test_contract.py@forward_written and model-closure and SAM",),
+    ),
+    Mutant(
+        "written-buffer-left-written",
+        "tram/_forward_state.py",
+        "        if entry.tensor._version != entry.version:",
+        "        if False:",
+        ("tests/test_contract.py@forward_written and model-closure and SAM",),
+    ),
+    Mutant(
+        "guard-saves-no-compiled-inner-buffers",
+        "tram/batchnorm.py",
+        "                save(inner)\n",
+        "",
+        ("tests/test_compile.py@forward_written and no-model",),
+    ),
+    Mutant(
+        "r3f-noised-forward-buffers-kept",
+        "tram/regularizers.py",
+        "            buffers_put_back(model),\n",
+        "",
+        (
+            "tests/test_regularizers.py::"
+            "test_the_r4f_noised_forward_leaves_the_spectral_norm_to_the_clean_forward",
+        ),
+    ),
 ]
 
 
