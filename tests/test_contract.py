@@ -1133,13 +1133,12 @@ def batchnorm_model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
 
 
-@EVERY_WRAPPER
-def test_batchnorm_statistics_come_from_the_first_pass_only(case: WrapperCase) -> None:
-    """With the model given, the running statistics after a step are those of one
-    training-mode forward at θ (on the noised inputs for TRAM-Fisher, whose first pass is
-    noised): neither the second pass nor TRAM's reference forward may update them."""
-    model = batchnorm_model()
-    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, bind_model=True)
+def assert_steps_leave_one_forwards_buffers(
+    case: WrapperCase, model: nn.Module, take_step: Callable[[int], object]
+) -> None:
+    """Three steps (``take_step(step)``); after each, every buffer of ``model`` is as one
+    training-mode forward at θ left it (on the noised inputs for TRAM-Fisher, whose first pass
+    is noised)."""
     twin = copy.deepcopy(model)
     ascent = case.ascent(twin)  # draws the noise of TRAM-Fisher's first passes, in step
     for step in range(3):
@@ -1147,11 +1146,23 @@ def test_batchnorm_statistics_come_from_the_first_pass_only(case: WrapperCase) -
         x, _ = batch(step)
         with torch.no_grad():
             ascent.first_forward(twin, x)
-        optimizer.step(closure_for(optimizer, model, step))
+        take_step(step)
         for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
             assert torch.equal(got, want), f"step {step}: {name}"
-        assert int(model[1].num_batches_tracked) == step + 1
-        assert model[1].track_running_stats
+
+
+@EVERY_WRAPPER
+def test_batchnorm_statistics_come_from_the_first_pass_only(case: WrapperCase) -> None:
+    """With the model given, the running statistics after a step are those of one
+    training-mode forward at θ: neither the second pass nor TRAM's reference forward may
+    update them."""
+    model = batchnorm_model()
+    optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, bind_model=True)
+    assert_steps_leave_one_forwards_buffers(
+        case, model, lambda step: optimizer.step(closure_for(optimizer, model, step))
+    )
+    assert int(model[1].num_batches_tracked) == 3
+    assert model[1].track_running_stats
 
 
 @EVERY_WRAPPER
@@ -1166,13 +1177,8 @@ def test_forward_written_buffers_come_from_the_first_pass_only(
     Without ``model=`` the SAM family puts back what the modules that ran at θ+ε wrote."""
     model = stateful_model()
     optimizer = case.make(torch.optim.SGD(model.parameters(), lr=0.1), model, bind_model=bind_model)
-    twin = copy.deepcopy(model)
-    ascent = case.ascent(twin)  # draws the noise of TRAM-Fisher's first passes, in step
-    for step in range(3):
-        twin.load_state_dict(model.state_dict())
-        x, _ = batch(step)
-        with torch.no_grad():
-            ascent.first_forward(twin, x)
+
+    def take_step(step: int) -> None:
         closure = closure_for(optimizer, model, step)
         if form == "explicit":
             first_pass(optimizer, closure)
@@ -1181,9 +1187,9 @@ def test_forward_written_buffers_come_from_the_first_pass_only(
             optimizer.second_step()
         else:
             optimizer.step(closure)
-        for (name, got), want in zip(model.named_buffers(), twin.buffers(), strict=True):
-            assert torch.equal(got, want), f"step {step}: {name}"
-        assert int(model[1].calls) == step + 1
+
+    assert_steps_leave_one_forwards_buffers(case, model, take_step)
+    assert int(model[1].calls) == 3
     assert not torch.equal(model[1].input_mean, torch.zeros(8))
 
 
