@@ -419,15 +419,27 @@ def accelerate_fsdp2_on_cpu(accelerator: Any, plugin: Any) -> None:
     assert accelerator.is_fsdp2
 
 
+class _Tally(nn.Module):
+    """A buffer its parent writes without calling this module."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("largest", torch.zeros(width))
+
+
 class StatefulForward(nn.Module):
     """Keeps state in buffers that each training forward writes: a count of its calls and a
-    running mean of its input (in place), and the last input's mean (a buffer replaced)."""
+    running mean of its input (in place), the last input's mean (a buffer replaced), a running
+    mean of the squared input written through ``.data`` (no version counter moves), and a
+    child's buffer written without calling the child."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("input_mean", torch.zeros(width))
         self.register_buffer("last_input_mean", torch.zeros(width))
+        self.register_buffer("square_mean", torch.zeros(width))
+        self.tally = _Tally(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -435,6 +447,8 @@ class StatefulForward(nn.Module):
                 self.calls += 1
                 self.input_mean.mul_(0.7).add_(x.mean(0), alpha=0.3)
                 self.last_input_mean = x.mean(0)
+                self.square_mean.data.mul_(0.6).add_(x.square().mean(0), alpha=0.4)
+                torch.maximum(self.tally.largest, x.abs().amax(0), out=self.tally.largest)
         return x
 
 

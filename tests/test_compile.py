@@ -290,7 +290,8 @@ def test_a_compiled_models_forward_written_buffers_come_from_the_first_pass_only
     """The buffers that the compiled graph writes at θ+ε (a counter, a running mean, a spectral
     norm's vectors, an InstanceNorm's running statistics) are put back as in the eager model:
     with ``model=`` from the copy ``first_step()`` takes, without it from the copies the guard
-    takes of the compiled module's inner modules (whose own hooks do not run in the graph)."""
+    takes at the compiled module's call of its inner modules (whose own hooks do not run in the
+    graph)."""
     torch._dynamo.reset()
     backend, graphs = counting_backend(aot=True)
     model = _Outer()

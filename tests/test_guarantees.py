@@ -766,6 +766,43 @@ def test_a_state_dict_without_trams_state_says_the_resume_is_not_exact() -> None
     assert resumed.steps == 2
 
 
+def test_trams_state_saved_again_by_a_plain_optimizer_that_stepped_is_ignored() -> None:
+    """A TRAM checkpoint loaded into a plain AdamW (switching TRAM off) leaves tram's entry in
+    its param groups, and the AdamW's next checkpoint carries it again: after AdamW's own
+    steps, its θt−1 and step counter are stale. Loaded back into TRAM, the entry is ignored
+    with a warning, as a missing one is; before, it was loaded silently (θt−1 three steps old).
+    Saved again before any plain step, it still describes the base state and loads."""
+    model = Net()
+    optimizer = tram.TRAM(
+        torch.optim.AdamW(model.parameters(), lr=0.1), model, trust_region="previous"
+    )
+    for _ in range(2):
+        optimizer.step(NanOnSecondPass(optimizer, model, 1.0))
+    plain = torch.optim.AdamW(model.parameters(), lr=0.1)
+    plain.load_state_dict(optimizer.state_dict())
+    untouched = copy.deepcopy(plain.state_dict())
+    tokens, labels = tokens_and_labels()
+    for _ in range(3):
+        plain.zero_grad()
+        F.cross_entropy(model(tokens), labels).backward()
+        plain.step()
+    stepped = plain.state_dict()
+    assert "tram" in stepped["param_groups"][0]  # torch kept it in the live group
+
+    resumed = tram.TRAM(
+        torch.optim.AdamW(model.parameters(), lr=0.1), model, trust_region="previous"
+    )
+    with pytest.warns(UserWarning, match=r"ignored tram's own state .* had taken 2 steps.* 5"):
+        resumed.load_state_dict(stepped)
+    assert resumed.steps == 0
+    for reference, weight in zip(resumed.reference.tensors.values(), model.parameters()):
+        assert torch.equal(reference, weight)  # θt−1 built from the weights, not the stale one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.load_state_dict(untouched)
+    assert resumed.steps == 2
+
+
 def test_checkpoints_of_earlier_versions_load() -> None:
     """Checkpoints of earlier versions kept the wrapper's state beside 'state' and
     'param_groups'; such a checkpoint loads exactly, and one that holds the entry twice is

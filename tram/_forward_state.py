@@ -13,16 +13,19 @@ would start from the vector iterated at θ0).
 
 BatchNorm's running statistics are frozen instead, so that no forward writes them
 (:mod:`tram.batchnorm`). Every other buffer of the model is copied before such a forward and put
-back after it when it was written (its version counter moved) or replaced: the second pass and
-the reference forwards compute as before, with the state as they find it, and leave none
-behind. This is the rule the original SAM code applies to BatchNorm (statistics of the first
-pass only), for every buffer. The copy is of the model's buffers, which in the usual models are
-small beside its weights (a transformer's position ids, a rotary embedding's frequencies, the
-power-iteration vectors): it costs one copy of them per ascent and per reference forward.
+back after it (under its name, if replaced): the second pass and the reference forwards
+compute as before, with the state as they find it, and leave none behind. This is the rule the
+original SAM code applies to BatchNorm (statistics of the first pass only), for every buffer.
+The copy is of the model's buffers, which in the usual models are small beside its weights (a
+transformer's position ids, a rotary embedding's frequencies, the power-iteration vectors): it
+costs a copy of them per ascent and per reference forward, and a comparison of each with its
+copy where its version counter did not move (some writes move none).
 """
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -30,12 +33,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.module import register_module_buffer_registration_hook
+from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "SavedBuffer",
     "buffers_put_back",
     "restore_buffers",
     "save_buffers",
+    "save_buffers_outside",
     "save_own_buffers",
 ]
 
@@ -44,7 +50,8 @@ class SavedBuffer(NamedTuple):
     module: nn.Module
     name: str
     tensor: Tensor
-    copy: Tensor
+    copy: Tensor | None
+    """None for a buffer no write can reach in place (see :func:`_writable_in_place`)."""
     version: int
 
 
@@ -68,7 +75,13 @@ def save_own_buffers(module: nn.Module) -> list[SavedBuffer]:
         return []
     frozen_batchnorm = isinstance(module, _BatchNorm)
     return [
-        SavedBuffer(module, name, buffer, buffer.detach().clone(), buffer._version)
+        SavedBuffer(
+            module,
+            name,
+            buffer,
+            buffer.detach().clone() if _writable_in_place(buffer) else None,
+            buffer._version,
+        )
         for name, buffer in buffers.items()
         if buffer is not None
         and not buffer.is_inference()
@@ -76,15 +89,84 @@ def save_own_buffers(module: nn.Module) -> list[SavedBuffer]:
     ]
 
 
+def _writable_in_place(buffer: Tensor) -> bool:
+    """False for an expanded tensor (a dimension longer than 1 with stride 0, as
+    ``torch.arange(n).expand(b, n)`` makes), whose elements share memory: torch refuses an
+    in-place write into it, and its copy would be the expanded size; and for a layout other
+    than strided (a sparse buffer is replaced, not written in place)."""
+    if buffer.layout != torch.strided:
+        return False
+    return all(
+        stride != 0 or size <= 1 for size, stride in zip(buffer.shape, buffer.stride(), strict=True)
+    )
+
+
+def save_buffers_outside(model: nn.Module) -> list[SavedBuffer]:
+    """:func:`save_buffers` of every live module with buffers that is not ``model``'s (another
+    network that runs in the second pass: a GAN's other half, a teacher), as
+    :func:`tram.batchnorm.every_batchnorm` finds BatchNorms: among the garbage collector's
+    objects at the first call (one walk per process), and heard of when built after it. One
+    copied or unpickled after that walk, never built, is not seen."""
+    inside = {id(module) for module in model.modules()}
+    return [
+        entry
+        for module in _modules_with_buffers.live()
+        if id(module) not in inside
+        for entry in save_own_buffers(module)
+    ]
+
+
+class _ModulesWithBuffers:
+    """The live modules that have buffers (weakly): a walk of the garbage collector's objects
+    at the first call, then torch's global buffer registration hook, which runs when a module
+    registers a buffer (when it is built), never in a forward."""
+
+    def __init__(self) -> None:
+        self._hook: RemovableHandle | None = None
+        self._modules: dict[int, weakref.ref[nn.Module]] = {}
+
+    def live(self) -> list[nn.Module]:
+        if self._hook is None:
+            self._hook = register_module_buffer_registration_hook(self._heard)
+            for candidate in gc.get_objects():
+                # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
+                if issubclass(type(candidate), nn.Module) and getattr(candidate, "_buffers", None):
+                    self._modules[id(candidate)] = weakref.ref(candidate)
+        live = []
+        for key, reference in list(self._modules.items()):
+            module = reference()
+            if module is None:
+                del self._modules[key]
+            else:
+                live.append(module)
+        return live
+
+    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:
+        self._modules[id(module)] = weakref.ref(module)
+
+
+_modules_with_buffers = _ModulesWithBuffers()
+
+
 @torch.no_grad()
 def restore_buffers(saved: list[SavedBuffer]) -> None:
-    """Put back every buffer of ``saved`` written in place (its version moved) or replaced
-    (another tensor, or none, under its name) since :func:`save_buffers`."""
+    """Put back every buffer of ``saved`` that changed since :func:`save_buffers`: the tensor
+    under its name (another one, or none, may have replaced it), and its values when they were
+    written. Written is told by the version counter, and where it did not move by the values:
+    a fused kernel (the fake-quantise observers of ``torch.ao.quantization``'s default QAT
+    configuration) and a write through ``.data`` change a buffer without moving its version. An
+    unchanged buffer is not written: a graph still to be backpropagated (R3F's noised forward
+    comes before the backward) may hold it (an embedding's position ids), and a write would
+    move the version its backward checks."""
     for entry in saved:
         if entry.module._buffers.get(entry.name) is not entry.tensor:
             entry.module._buffers[entry.name] = entry.tensor
-        if entry.tensor._version != entry.version:
-            entry.tensor.copy_(entry.copy)
+        copy, live = entry.copy, entry.tensor
+        if copy is None or (live._version == entry.version and torch.equal(live, copy)):
+            continue
+        if live.shape != copy.shape:  # resized in place (an observer's minimum starts empty)
+            live.resize_(copy.shape)
+        live.copy_(copy)
 
 
 @contextmanager

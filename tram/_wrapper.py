@@ -22,10 +22,17 @@ from torch import Tensor, nn
 from torch.amp import GradScaler
 from torch.optim import Optimizer
 
-from tram._ascent import NORM_EPSILON, Scaling, apply_ascent_, restore_, scaled_squared_norm
+from tram._ascent import (
+    NORM_EPSILON,
+    Scaling,
+    apply_ascent_,
+    is_dtensor,
+    restore_,
+    scaled_squared_norm,
+)
 from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure, grad_scaler_stepping
-from tram._forward_state import restore_buffers, save_buffers
+from tram._forward_state import restore_buffers, save_buffers, save_buffers_outside
 from tram._step_state import (
     MissingAscentError,
     _SharedField,
@@ -405,15 +412,19 @@ class TwoPassOptimizer(Optimizer):
     def _watch_the_second_pass(self) -> None:
         """Record the running statistics of the BatchNorms outside ``model=`` on entering
         :meth:`second_pass`, when ``model=`` holds every perturbed weight (no guard is armed
-        then). A hook would cost every module call of the second pass, and would make a model
-        compiled in place recompile at every step (its graph reads torch's global hooks); the
-        BatchNorms are found by walking the garbage collector's objects once per process (about
-        0.1 s) and heard of when built after that (:func:`tram.batchnorm.every_batchnorm`)."""
+        then), and copy the other buffers of every live module outside it, for :meth:`restore`
+        to put back (:func:`tram._forward_state.save_buffers_outside`). A hook would cost every
+        module call of the second pass, and would make a model compiled in place recompile at
+        every step (its graph reads torch's global hooks); the BatchNorms are found by walking
+        the garbage collector's objects once per process (about 0.1 s) and heard of when built
+        after that (:func:`tram.batchnorm.every_batchnorm`)."""
         state = self._step_state
         state.watched_running_stats = watch_running_stats(
             state.ascent_params, batchnorms=every_batchnorm()
         )
         state.watched_outside_the_model = True
+        assert self.model is not None
+        state.saved_buffers.extend(save_buffers_outside(self.model))
 
     def _refuse_batchnorms_compiled_in_place(self, params: list[Tensor]) -> None:
         """Raise ``RuntimeError`` before the ascent when a BatchNorm that the guard armed below
@@ -895,12 +906,16 @@ class TwoPassOptimizer(Optimizer):
                 raise unconsolidated_state_error(type(self).__name__, error) from error
             raise
         # torch packs each group into a new dict: the live param groups never see this entry.
-        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = {
+        entry: dict[str, Any] = {
             "steps": self.steps,
             "skipped_ascents": self.skipped_ascents,
             "skipped_steps": self.skipped_steps,
             **self._extra_state(),
         }
+        base_steps = _base_step_count(state_dict.get("state"))
+        if base_steps is not None:
+            entry["base_steps"] = base_steps
+        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = entry
         for post_hook in _hooks(self, "_optimizer_state_dict_post_hooks"):
             replaced = post_hook(self, state_dict)
             if replaced is not None:
@@ -952,6 +967,7 @@ class TwoPassOptimizer(Optimizer):
         self.restore()
         refuse_foreign_state_dict(state_dict)
         state_dict, wrapper_state = _split_wrapper_state(state_dict)
+        wrapper_state = self._unless_stale(wrapper_state, state_dict)
         before = [
             {key: group[key] for key in self._method_defaults if key in group}
             for group in self.param_groups
@@ -976,6 +992,34 @@ class TwoPassOptimizer(Optimizer):
         """A state dict of an earlier layout of this method, in its current one (after the
         load pre-hooks, before any check); the same dict when there is nothing to convert."""
         return state_dict
+
+    def _unless_stale(
+        self, wrapper_state: dict[str, Any] | None, state_dict: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """tram's entry, or None when the base optimizer's state stepped on without it: a
+        plain optimizer that loaded a tram checkpoint keeps the entry in its param groups
+        (torch copies every saved group key into the live groups) and saves it again after its
+        own steps, so the entry would bring back a step counter and a TRAM reference (θt−1, the
+        EMA) from before those steps. Told by the base optimizer's step count (the largest
+        ``step`` of its state, for the optimizers that keep one), saved beside the entry."""
+        if wrapper_state is None or "base_steps" not in wrapper_state:
+            return wrapper_state
+        saved = float(wrapper_state["base_steps"])
+        current = _base_step_count(state_dict.get("state"))
+        if current is None or current == saved:
+            return wrapper_state
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict() ignored tram's own state (the "
+            f"'{WRAPPER_STATE_KEY}' entry): it was saved when the base optimizer had taken "
+            f"{saved:g} steps, and this state dict's base optimizer has taken {current:g}, so "
+            "an optimizer without tram (which keeps the entry in its param groups) stepped and "
+            "saved it again. Its step counter and TRAM's target state (θt−1, the EMA) are of "
+            "that earlier step; they keep their current values instead, as for a state dict "
+            "without the entry, so the resume is not exact",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
 
     def _load_wrapper_state(self, wrapper_state: dict[str, Any] | None) -> None:
         """Load tram's own entry of a state dict; its checks come before any change."""
@@ -1068,6 +1112,23 @@ def _any_outside(params: list[Tensor], model: nn.Module) -> bool:
     """Whether some of ``params`` are not parameters of ``model``."""
     inside = {id(param) for param in model.parameters()}
     return any(id(param) not in inside for param in params)
+
+
+def _base_step_count(state: Any) -> float | None:
+    """The largest ``step`` in a base optimizer's per-parameter state (Adam, AdamW, Adagrad,
+    RMSprop, ... keep one; SGD keeps none: None), read from the local shard of a ``DTensor``."""
+    if not isinstance(state, dict):
+        return None
+    steps = []
+    for entry in state.values():
+        step = entry.get("step") if isinstance(entry, dict) else None
+        if isinstance(step, Tensor):
+            local = step.to_local() if is_dtensor(step) else step  # type: ignore[attr-defined]
+            if local.numel() == 1:
+                steps.append(float(local))
+        elif isinstance(step, (int, float)):
+            steps.append(float(step))
+    return max(steps) if steps else None
 
 
 def _split_wrapper_state(

@@ -139,10 +139,11 @@ def refuse_running_stats_updates(
     methods of one object) weakly: the finalizer removes it when called, or when that object is
     collected (a wrapper dropped while perturbed).
 
-    With ``saved_buffers``, every module that runs while armed has its other buffers copied
-    into it before its first run (:func:`tram._forward_state.save_own_buffers`; a compiled
-    module's inner modules all at once), for the wrapper to put back what the forwards at θ+ε
-    wrote (a spectral norm's power-iteration vectors); modules already in it are skipped.
+    With ``saved_buffers``, every module that runs while armed has its other buffers, and its
+    descendants', copied into it before its first run
+    (:func:`tram._forward_state.save_own_buffers`), for the wrapper to put back what the
+    forwards at θ+ε wrote (a spectral norm's power-iteration vectors); modules already in it are
+    skipped.
     """
     weak_armed = weakref.WeakMethod(armed)
     weak_replaying = None if replaying is None else weakref.WeakMethod(replaying)
@@ -157,10 +158,15 @@ def refuse_running_stats_updates(
     def save(module: nn.Module) -> None:
         if saved_buffers is None or id(module) in saved_modules:
             return
-        is_armed = weak_armed()
-        if is_armed is not None and is_armed():
-            saved_modules.add(id(module))
-            saved_buffers.extend(save_own_buffers(module))
+        armed_now = weak_armed()
+        if armed_now is None or not armed_now():
+            return
+        # The whole subtree: a module may write its children's buffers without calling them
+        # (a fused fake-quantise module writes its observer's minima and maxima).
+        for inner in module.modules():
+            if id(inner) not in saved_modules:
+                saved_modules.add(id(inner))
+                saved_buffers.extend(save_own_buffers(inner))
 
     def check(module: nn.Module, args: Any) -> None:
         save(module)
@@ -175,7 +181,6 @@ def refuse_running_stats_updates(
         for subtree in _compiled_subtrees(module):
             holds_perturbed = _holds_perturbed(subtree, perturbed)
             for inner in subtree.modules():
-                save(inner)
                 if (
                     isinstance(inner, _BatchNorm)
                     and _updates_running_stats(inner)

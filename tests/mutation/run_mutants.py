@@ -635,8 +635,8 @@ MUTANTS = [
     Mutant(
         "wrapper-state-beside-param-groups",
         "tram/_wrapper.py",
-        '        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = {',
-        "        state_dict[WRAPPER_STATE_KEY] = {",
+        '        state_dict["param_groups"][0][WRAPPER_STATE_KEY] = entry',
+        "        state_dict[WRAPPER_STATE_KEY] = entry",
         (
             "tests/test_guarantees.py@resume_exactly",
             "tests/test_distributed.py@checkpoint_resume",
@@ -1614,20 +1614,6 @@ MUTANTS = [
         ("tests/test_contract.py@forward_written and model-closure and SAM",),
     ),
     Mutant(
-        "written-buffer-left-written",
-        "tram/_forward_state.py",
-        "        if entry.tensor._version != entry.version:",
-        "        if False:",
-        ("tests/test_contract.py@forward_written and model-closure and SAM",),
-    ),
-    Mutant(
-        "guard-saves-no-compiled-inner-buffers",
-        "tram/batchnorm.py",
-        "                save(inner)\n",
-        "",
-        ("tests/test_compile.py@forward_written and no-model",),
-    ),
-    Mutant(
         "r3f-noised-forward-buffers-kept",
         "tram/regularizers.py",
         "            buffers_put_back(model),\n",
@@ -1635,6 +1621,46 @@ MUTANTS = [
         (
             "tests/test_regularizers.py::"
             "test_the_r4f_noised_forward_leaves_the_spectral_norm_to_the_clean_forward",
+        ),
+    ),
+    Mutant(
+        "guard-saves-the-called-module-only",
+        "tram/batchnorm.py",
+        "        for inner in module.modules():\n            if id(inner) not in saved_modules:",
+        "        for inner in (module,):\n            if id(inner) not in saved_modules:",
+        ("tests/test_contract.py@forward_written and no-model and SAM",),
+    ),
+    Mutant(
+        "restore-copies-only-versioned-writes",
+        "tram/_forward_state.py",
+        "live._version == entry.version and torch.equal(live, copy)",
+        "live._version == entry.version",
+        ("tests/test_forward_state.py::test_quantisation_observers_come_from_the_first_pass_only",),
+    ),
+    Mutant(
+        "second-pass-outside-buffers-kept",
+        "tram/_wrapper.py",
+        "        state.saved_buffers.extend(save_buffers_outside(self.model))",
+        "        pass",
+        ("tests/test_forward_state.py@another_networks",),
+    ),
+    Mutant(
+        "buffer-registry-deaf-to-new-modules",
+        "tram/_forward_state.py",
+        "    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:\n"
+        "        self._modules[id(module)] = weakref.ref(module)",
+        "    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:\n"
+        "        pass",
+        ("tests/test_forward_state.py@another_networks",),
+    ),
+    Mutant(
+        "stale-tram-entry-loaded",
+        "tram/_wrapper.py",
+        "        wrapper_state = self._unless_stale(wrapper_state, state_dict)\n",
+        "",
+        (
+            "tests/test_guarantees.py::"
+            "test_trams_state_saved_again_by_a_plain_optimizer_that_stepped_is_ignored",
         ),
     ),
 ]
