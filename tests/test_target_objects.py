@@ -483,7 +483,9 @@ def test_a_reused_radius_of_one_rank_resumes_in_one_process() -> None:
     model = CountingNet()
     model.load_state_dict(first_model.state_dict())
     resumed = build(model)
-    resumed.load_state_dict(state)
+    # A copy: torch's load keeps the state's tensors (the step counts among them), which the
+    # resumed steps then advance, and the entry would no longer match the base state after.
+    resumed.load_state_dict(copy.deepcopy(state))
     assert resumed.last_radius == first.last_radius
     resumed.step(closure_of(resumed, model, data[2]))
     assert resumed.radius_history == []  # reused, not measured

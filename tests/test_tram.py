@@ -984,7 +984,9 @@ def test_checkpoint_holds_the_count_of_noise_draws_and_the_reference_weights() -
         "target",
         "noise_draws",
         "noise_seed",
+        "base_steps",  # the base optimizer's step count, which tells a stale entry
     }
+    assert noise["base_steps"] == 3
     assert noise["target"] == "noise"
     assert noise["noise_draws"] == 3  # one reference forward a step
     previous = library_tram(task, "previous", steps=2)

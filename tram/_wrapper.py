@@ -1011,11 +1011,13 @@ class TwoPassOptimizer(Optimizer):
         warnings.warn(
             f"{type(self).__name__}.load_state_dict() ignored tram's own state (the "
             f"'{WRAPPER_STATE_KEY}' entry): it was saved when the base optimizer had taken "
-            f"{saved:g} steps, and this state dict's base optimizer has taken {current:g}, so "
-            "an optimizer without tram (which keeps the entry in its param groups) stepped and "
-            "saved it again. Its step counter and TRAM's target state (θt−1, the EMA) are of "
-            "that earlier step; they keep their current values instead, as for a state dict "
-            "without the entry, so the resume is not exact",
+            f"{saved:g} steps, and this state dict's base optimizer has taken {current:g}: an "
+            "optimizer without tram (which keeps the entry in its param groups) stepped and "
+            "saved it again, or the state dict was kept in memory without a copy while the "
+            "optimizer stepped (state_dict() holds the live state tensors; copy.deepcopy it). "
+            "Its step counter and TRAM's target state (θt−1, the EMA) are of that earlier "
+            "step; they keep their current values instead, as for a state dict without the "
+            "entry, so the resume is not exact",
             UserWarning,
             stacklevel=3,
         )
