@@ -140,3 +140,35 @@ def test_another_networks_buffers_in_the_second_pass_come_from_the_first_pass_on
             optimizer.second_step()
         assert_buffers_equal(discriminator, twin, f"step {step}")
     assert int(discriminator[1].calls) == 3
+
+
+class _ScriptedCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls.add_(1.0)
+        return x + self.calls
+
+
+@pytest.mark.parametrize("bind_model", [True, False], ids=["model", "no-model"])
+def test_a_scripted_modules_buffers_are_put_back(bind_model: bool) -> None:
+    """A TorchScript module (whose ``_buffers`` is torch's ``OrderedDictWrapper``, without
+    ``get``) run in both passes, outside ``model=`` or with none: its counter counts one call
+    per step. Before, a ScriptModule anywhere in the process made every step with ``model=``
+    raise ``AttributeError`` at the restore."""
+    scripted = torch.jit.script(_ScriptedCounter())
+    model = nn.Linear(3, 2)
+    optimizer = tram.SAM(_sgd(model), rho=0.07, model=model if bind_model else None)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = model(scripted(x)).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    assert torch.equal(scripted.calls, torch.full((3,), 2.0))

@@ -159,8 +159,10 @@ def restore_buffers(saved: list[SavedBuffer]) -> None:
     comes before the backward) may hold it (an embedding's position ids), and a write would
     move the version its backward checks."""
     for entry in saved:
-        if entry.module._buffers.get(entry.name) is not entry.tensor:
-            entry.module._buffers[entry.name] = entry.tensor
+        buffers = entry.module._buffers  # a ScriptModule's has no get()
+        current = buffers[entry.name] if entry.name in buffers else None  # noqa: SIM401
+        if current is not entry.tensor:
+            buffers[entry.name] = entry.tensor
         copy, live = entry.copy, entry.tensor
         if copy is None or (live._version == entry.version and torch.equal(live, copy)):
             continue

@@ -1663,6 +1663,13 @@ MUTANTS = [
             "test_trams_state_saved_again_by_a_plain_optimizer_that_stepped_is_ignored",
         ),
     ),
+    Mutant(
+        "buffer-restore-asks-get",
+        "tram/_forward_state.py",
+        "        current = buffers[entry.name] if entry.name in buffers else None  # noqa: SIM401",
+        "        current = buffers.get(entry.name)",
+        ("tests/test_forward_state.py@scripted",),
+    ),
 ]
 
 
