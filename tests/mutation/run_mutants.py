@@ -1609,7 +1609,7 @@ MUTANTS = [
     Mutant(
         "replaced-buffer-left-replaced",
         "tram/_forward_state.py",
-        "            entry.module._buffers[entry.name] = entry.tensor",
+        "            buffers[entry.name] = entry.tensor",
         "            pass",
         ("tests/test_contract.py@forward_written and model-closure and SAM",),
     ),
