@@ -17,11 +17,10 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.ao.quantization as quantization
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tram
-from tests.helpers import stateful_model
+from tests.helpers import cross_entropy_closure, stateful_model
 from tram._forward_state import save_buffers_outside
 
 
@@ -85,14 +84,7 @@ def test_quantisation_observers_come_from_the_first_pass_only(wrapper: str) -> N
         twin = copy.deepcopy(model)
         with torch.no_grad():
             twin(x)
-
-        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        optimizer.step(cross_entropy_closure(optimizer, model, x, y))
         assert_buffers_equal(model, twin, f"step {step}")
     observer = model.hidden.activation_post_process.activation_post_process
     assert observer.min_val.numel() > 0  # the observers did run
