@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import tram
 from tests.helpers import cross_entropy_closure, stateful_model
-from tram._forward_state import save_buffers_outside
+from tram.batchnorm import every_module_with_buffers
 
 
 class _QuantisedNet(nn.Module):
@@ -107,7 +107,7 @@ def test_another_networks_buffers_in_the_second_pass_come_from_the_first_pass_on
     optimizer = tram.SAM(
         torch.optim.SGD(generator.parameters(), lr=0.05), rho=0.07, model=generator
     )
-    save_buffers_outside(generator)  # the process's walk for modules with buffers has run
+    every_module_with_buffers()  # the process's walk for modules with buffers has run
     noise = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
     discriminator = stateful_model()
     for step in range(3):

@@ -24,17 +24,13 @@ copy where its version counter did not move (some writes move none).
 
 from __future__ import annotations
 
-import gc
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.module import register_module_buffer_registration_hook
-from torch.utils.hooks import RemovableHandle
 
 __all__ = [
     "SavedBuffer",
@@ -101,51 +97,13 @@ def _writable_in_place(buffer: Tensor) -> bool:
     )
 
 
-def save_buffers_outside(model: nn.Module) -> list[SavedBuffer]:
-    """:func:`save_buffers` of every live module with buffers that is not ``model``'s (another
-    network that runs in the second pass: a GAN's other half, a teacher), as
-    :func:`tram.batchnorm.every_batchnorm` finds BatchNorms: among the garbage collector's
-    objects at the first call (one walk per process), and heard of when built after it. One
-    copied or unpickled after that walk, never built, is not seen."""
+def save_buffers_outside(model: nn.Module, modules: Iterable[nn.Module]) -> list[SavedBuffer]:
+    """:func:`save_buffers` of each of ``modules`` that is not ``model``'s (another network
+    that runs in the second pass: a GAN's other half, a teacher); the caller passes every live
+    module with buffers (:func:`tram.batchnorm.every_module_with_buffers`)."""
     inside = {id(module) for module in model.modules()}
-    return [
-        entry
-        for module in _modules_with_buffers.live()
-        if id(module) not in inside
-        for entry in save_own_buffers(module)
-    ]
-
-
-class _ModulesWithBuffers:
-    """The live modules that have buffers (weakly): a walk of the garbage collector's objects
-    at the first call, then torch's global buffer registration hook, which runs when a module
-    registers a buffer (when it is built), never in a forward."""
-
-    def __init__(self) -> None:
-        self._hook: RemovableHandle | None = None
-        self._modules: dict[int, weakref.ref[nn.Module]] = {}
-
-    def live(self) -> list[nn.Module]:
-        if self._hook is None:
-            self._hook = register_module_buffer_registration_hook(self._heard)
-            for candidate in gc.get_objects():
-                # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
-                if issubclass(type(candidate), nn.Module) and getattr(candidate, "_buffers", None):
-                    self._modules[id(candidate)] = weakref.ref(candidate)
-        live = []
-        for key, reference in list(self._modules.items()):
-            module = reference()
-            if module is None:
-                del self._modules[key]
-            else:
-                live.append(module)
-        return live
-
-    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:
-        self._modules[id(module)] = weakref.ref(module)
-
-
-_modules_with_buffers = _ModulesWithBuffers()
+    outside = (module for module in modules if id(module) not in inside)
+    return [entry for module in outside for entry in save_own_buffers(module)]
 
 
 @torch.no_grad()

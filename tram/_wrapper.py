@@ -63,6 +63,7 @@ from tram.batchnorm import (
     batchnorms_compiled_in_place,
     disarm,
     every_batchnorm,
+    every_module_with_buffers,
     freeze_running_stats,
     refuse_running_stats_updates,
     running_stats_refusal,
@@ -415,16 +416,16 @@ class TwoPassOptimizer(Optimizer):
         then), and copy the other buffers of every live module outside it, for :meth:`restore`
         to put back (:func:`tram._forward_state.save_buffers_outside`). A hook would cost every
         module call of the second pass, and would make a model compiled in place recompile at
-        every step (its graph reads torch's global hooks); the BatchNorms are found by walking
-        the garbage collector's objects once per process (about 0.1 s) and heard of when built
-        after that (:func:`tram.batchnorm.every_batchnorm`)."""
+        every step (its graph reads torch's global hooks); the BatchNorms and the modules with
+        buffers are found by one walk of the garbage collector's objects per process (about
+        0.1 s) and heard of when built after that (:func:`tram.batchnorm.every_batchnorm`)."""
         state = self._step_state
         state.watched_running_stats = watch_running_stats(
             state.ascent_params, batchnorms=every_batchnorm()
         )
         state.watched_outside_the_model = True
         assert self.model is not None
-        state.saved_buffers.extend(save_buffers_outside(self.model))
+        state.saved_buffers.extend(save_buffers_outside(self.model, every_module_with_buffers()))
 
     def _refuse_batchnorms_compiled_in_place(self, params: list[Tensor]) -> None:
         """Raise ``RuntimeError`` before the ascent when a BatchNorm that the guard armed below

@@ -50,6 +50,7 @@ __all__ = [
     "batchnorms_compiled_in_place",
     "disarm",
     "every_batchnorm",
+    "every_module_with_buffers",
     "freeze_running_stats",
     "frozen_running_stats",
     "refuse_running_stats_updates",
@@ -237,6 +238,9 @@ class _CompiledInPlace:
         self._batchnorms: list[weakref.ref[_BatchNorm]] = []
         # Once every_batchnorm() was asked: the BatchNorms built since the last walk.
         self._built: list[weakref.ref[_BatchNorm]] = []
+        # Every module with buffers, by id: found by the walk, and once every_batchnorm() or
+        # every_module_with_buffers() was asked, heard of when it registers a buffer.
+        self._with_buffers: dict[int, weakref.ref[nn.Module]] = {}
         self._construction: RemovableHandle | None = None
 
     def modules(self) -> list[nn.Module]:
@@ -261,9 +265,7 @@ class _CompiledInPlace:
         compilation) and every one built since, heard of when its ``running_mean`` buffer is
         registered (torch's global buffer registration hook, which runs when a module is built,
         never in a forward)."""
-        if self._construction is None:
-            self._construction = register_module_buffer_registration_hook(self._heard_a_buffer)
-            self._walk()
+        self._listen_to_construction()
         live = {}
         for reference in (*self._batchnorms, *self._built):
             module = reference()
@@ -272,7 +274,27 @@ class _CompiledInPlace:
         self._built = [reference for reference in self._built if reference() is not None]
         return list(live.values())
 
+    def every_module_with_buffers(self) -> list[nn.Module]:
+        """The live modules that have buffers: found by the last walk (the first call of this
+        or :meth:`every_batchnorm` walks) and heard of when built since, as
+        :meth:`every_batchnorm` finds BatchNorms."""
+        self._listen_to_construction()
+        live = []
+        for key, reference in list(self._with_buffers.items()):
+            module = reference()
+            if module is None:
+                del self._with_buffers[key]
+            else:
+                live.append(module)
+        return live
+
+    def _listen_to_construction(self) -> None:
+        if self._construction is None:
+            self._construction = register_module_buffer_registration_hook(self._heard_a_buffer)
+            self._walk()
+
     def _heard_a_buffer(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:
+        self._with_buffers[id(module)] = weakref.ref(module)
         if name == "running_mean" and isinstance(module, _BatchNorm):
             self._built.append(weakref.ref(module))
 
@@ -285,11 +307,14 @@ class _CompiledInPlace:
         self._walked_at = self.compilations
         self.walks += 1
         self._found, self._batchnorms, self._built = [], [], []
+        self._with_buffers = {}
         for candidate in gc.get_objects():
             # type(), not isinstance(): the latter asks the object (a dead weak proxy raises).
             kind = type(candidate)
             if not issubclass(kind, nn.Module):
                 continue
+            if getattr(candidate, "_buffers", None):
+                self._with_buffers[id(candidate)] = weakref.ref(candidate)
             if compiled_in_place(candidate) is not None:
                 self._found.append(weakref.ref(candidate))
             if issubclass(kind, _BatchNorm) and candidate.running_mean is not None:
@@ -361,6 +386,12 @@ def batchnorms_compiled_in_place(
 
 
 @torch._disable_dynamo
+def every_module_with_buffers() -> list[nn.Module]:
+    """Every live module that has buffers, found and heard of as :func:`every_batchnorm` finds
+    BatchNorms (the same walk and the same hook)."""
+    return _compiled_in_place.every_module_with_buffers()
+
+
 def every_batchnorm() -> list[_BatchNorm]:
     """Every live BatchNorm with running statistics: found among the objects the garbage
     collector tracks at the first call (one walk per process; the search for modules compiled

@@ -1640,17 +1640,16 @@ MUTANTS = [
     Mutant(
         "second-pass-outside-buffers-kept",
         "tram/_wrapper.py",
-        "        state.saved_buffers.extend(save_buffers_outside(self.model))",
+        "        state.saved_buffers.extend(save_buffers_outside(self.model, "
+        "every_module_with_buffers()))",
         "        pass",
         ("tests/test_forward_state.py@another_networks",),
     ),
     Mutant(
         "buffer-registry-deaf-to-new-modules",
-        "tram/_forward_state.py",
-        "    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:\n"
-        "        self._modules[id(module)] = weakref.ref(module)",
-        "    def _heard(self, module: nn.Module, name: str, buffer: Tensor | None) -> None:\n"
-        "        pass",
+        "tram/batchnorm.py",
+        "        self._with_buffers[id(module)] = weakref.ref(module)\n        if name ==",
+        "        if name ==",
         ("tests/test_forward_state.py@another_networks",),
     ),
     Mutant(
