@@ -285,10 +285,12 @@ def explicit_scaled_step(
     *,
     unscale: str,
     grad_scale: bool = True,
+    restore: bool = True,
 ) -> None:
     """The explicit fp16 loop, with ``scaler.unscale_`` (and clipping) where ``unscale`` says:
     ``"before first_step"`` (the usual AMP clipping recipe kept before the ascent),
-    ``"after restore"`` (``tram.scaled_step``'s order) or ``"in scaler.step"`` (not called)."""
+    ``"after restore"`` (``tram.scaled_step``'s order) or ``"in scaler.step"`` (not called).
+    Without ``restore``, ``scaler.step()`` restores (the step after the second backward)."""
     x, y = batch(step)
     optimizer.zero_grad()
     with optimizer.first_pass():
@@ -298,7 +300,8 @@ def explicit_scaled_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
     if optimizer.first_step(grad_scale=grad_scaler.get_scale() if grad_scale else None):
         grad_scaler.scale(loss_of(model, x, y, torch.float16)).backward()
-    optimizer.restore()
+    if restore:
+        optimizer.restore()
     if unscale == "after restore":
         grad_scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -330,33 +333,139 @@ def test_the_explicit_scaled_loop_is_scaled_step(make: Callable, unscale: str) -
 
 @SCALED_WRAPPERS
 def test_unscaling_before_the_second_pass_is_refused_at_the_scalers_step(make: Callable) -> None:
-    """The usual AMP clipping recipe kept before the ascent: ``scaler.unscale_(optimizer)`` and
-    clipping after the first backward, then ``first_step()``, the second backward,
-    ``restore()`` and ``scaler.step()``. The scaler unscales once per step, so the second
-    pass's gradients reached the base step still scaled: SGD stepped 4096 times too far,
-    silently. Refused at ``scaler.step()``, the weights at θ; after ``scaler.update()`` the
-    next step is a fresh run's."""
+    """The usual AMP clipping recipe kept before the ascent, in a scaler's first step:
+    ``scaler.unscale_(optimizer)`` and clipping after the first backward, then
+    ``first_step()``, the second backward, ``restore()`` and ``scaler.step()``. The scaler
+    unscales once per step, so the second pass's gradients reached the base step still scaled:
+    SGD stepped 4096 times too far, silently. ``first_step()`` has not met this scaler yet, so
+    the refusal comes at ``scaler.step()``, the weights at θ; after ``scaler.update()`` the next
+    step is a fresh run's."""
     model, twin = make_model(), make_model()
     optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model)
     untouched = make(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
     grad_scaler, twin_scaler = scaler(), scaler()
-    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
-        explicit_scaled_step(opt, mod, sc, 0, unscale="after restore")
     before = weights(model)
     with pytest.raises(
         RuntimeError,
         match=r"no gradient was unscaled after restore\(\).*by 4096.*call scaler\.update\(\)",
     ):
         explicit_scaled_step(
-            optimizer, model, grad_scaler, 1, unscale="before first_step", grad_scale=False
+            optimizer, model, grad_scaler, 0, unscale="before first_step", grad_scale=False
         )
+    assert optimizer.steps == 0
+    assert not optimizer.is_perturbed
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    grad_scaler.update()
+    for step in (1, 2):
+        for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+            explicit_scaled_step(opt, mod, sc, step, unscale="after restore")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restore", "no-restore"])
+@SCALED_WRAPPERS
+def test_unscaling_before_the_ascent_is_refused_at_first_step(
+    make: Callable, restore: bool
+) -> None:
+    """The same recipe after a scaler's first step, whether or not ``restore()`` comes before
+    ``scaler.step()`` (without it nothing sampled the gradient after the second pass, and
+    the step went 4096 times too far, silently): ``first_step()`` asks the scaler last seen
+    stepping whether it has unscaled already, and refuses before moving anything. The
+    gradients are left as they were; after ``scaler.update()`` the loop in the right order
+    takes the reference's steps."""
+    model, twin = make_model(), make_model()
+    optimizer = make(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    untouched = make(torch.optim.SGD(twin.parameters(), lr=0.1), twin)
+    grad_scaler, twin_scaler = scaler(), scaler()
+    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+        explicit_scaled_step(opt, mod, sc, 0, unscale="after restore", restore=restore)
+    before = weights(model)
+    with pytest.raises(
+        RuntimeError,
+        match=r"first_step\(\) after scaler\.unscale_\(optimizer\) in the same step.*"
+        r"by 4096.*call scaler\.update\(\)",
+    ) as refused:
+        explicit_scaled_step(
+            optimizer, model, grad_scaler, 1, unscale="before first_step", restore=restore
+        )
+    assert type(optimizer).__name__ in str(refused.value)
     assert optimizer.steps == 1
     assert not optimizer.is_perturbed
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     grad_scaler.update()
-    for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
-        explicit_scaled_step(opt, mod, sc, 2, unscale="after restore")
+    for step in (2, 3):
+        for opt, mod, sc in ((optimizer, model, grad_scaler), (untouched, twin, twin_scaler)):
+            explicit_scaled_step(opt, mod, sc, step, unscale="after restore", restore=restore)
+    assert optimizer.steps == 3
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_scaler_first_met_on_an_off_step_is_remembered() -> None:
+    """A run resumed with a new ``GradScaler`` whose first step is an ``ascent_every``
+    off-step: that step had no ascent to check, but the scaler it met is the one the next
+    ``first_step()`` asks."""
+    model = make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=RHO, ascent_every=2)
+    x, y = batch(0)
+
+    def closure() -> Tensor:  # before the resume: fp32
+        loss = loss_of(model, x, y, None)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    grad_scaler = scaler()
+    explicit_scaled_step(optimizer, model, grad_scaler, 1, unscale="after restore")
+    assert optimizer.steps == 2
+    with pytest.raises(RuntimeError, match=r"after scaler\.unscale_\(optimizer\).*by 4096"):
+        explicit_scaled_step(optimizer, model, grad_scaler, 2, unscale="before first_step")
+    assert not optimizer.is_perturbed
+
+
+def test_unscaling_before_an_off_step_is_the_base_step() -> None:
+    """On an ``ascent_every`` off-step ``first_step()`` moves nothing and the base step takes
+    the first pass's gradient, which the early ``unscale_`` unscaled once, as it must: accepted,
+    and the step is the base optimizer's under the same scaler."""
+    model, twin = make_model(), make_model()
+    optimizer = tram.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=RHO, ascent_every=2)
+    base = torch.optim.SGD(twin.parameters(), lr=0.1)
+    grad_scaler, twin_scaler = scaler(), scaler()
+    explicit_scaled_step(optimizer, model, grad_scaler, 0, unscale="after restore")
+    hand_sam_step(twin, base, *batch(0), grad_scaler=twin_scaler)
+    explicit_scaled_step(optimizer, model, grad_scaler, 1, unscale="before first_step")
+    x, y = batch(1)
+    base.zero_grad()
+    twin_scaler.scale(loss_of(twin, x, y, torch.float16)).backward()
+    twin_scaler.unscale_(base)
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 10.0)
+    twin_scaler.step(base)
+    twin_scaler.update()
+    assert optimizer.steps == 2
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_the_scalers_private_stage_names_exist() -> None:
+    """``first_step()`` reads a ``GradScaler``'s stage per optimizer from the private
+    ``_per_optimizer_states`` (keyed by ``id``) and ``OptState.UNSCALED``: renamed in a torch
+    release, the refusal above would go quiet, so this fails first."""
+    from torch.amp.grad_scaler import OptState
+
+    from tram._callers import has_unscaled
+
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    grad_scaler = scaler()
+    grad_scaler.scale(loss_of(model, *batch(0), torch.float16)).backward()
+    assert not has_unscaled(grad_scaler, id(base))
+    assert id(base) not in grad_scaler._per_optimizer_states  # get() created no entry
+    grad_scaler.unscale_(base)
+    assert grad_scaler._per_optimizer_states[id(base)]["stage"] is OptState.UNSCALED
+    assert has_unscaled(grad_scaler, id(base))
+    grad_scaler.step(base)
+    assert not has_unscaled(grad_scaler, id(base))
+    grad_scaler.update()
+    assert not has_unscaled(grad_scaler, id(base))
 
 
 def test_a_fisher_ascent_without_grad_scale_is_refused_at_the_scalers_step() -> None:

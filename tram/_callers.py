@@ -39,8 +39,9 @@ from types import CodeType, FrameType
 from typing import Any
 
 from torch.amp import GradScaler
+from torch.amp.grad_scaler import OptState
 
-__all__ = ["check_step_closure", "grad_scaler_stepping"]
+__all__ = ["check_step_closure", "grad_scaler_stepping", "has_unscaled"]
 
 _LIGHTNING_MODULES = ("lightning.", "pytorch_lightning.")
 
@@ -79,24 +80,38 @@ def _closure_callers() -> dict[CodeType, str]:
 
 def _callers_above(
     frame: FrameType | None, codes: dict[CodeType, str]
-) -> Iterator[tuple[str, Any]]:
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """The callers named in ``codes`` (by their code) among the ``_CALLER_FRAMES`` frames from
-    ``frame`` up, innermost first, each with its ``self``: only their locals are read."""
+    ``frame`` up, innermost first, each with its locals: only theirs are read."""
     for _ in range(_CALLER_FRAMES):
         if frame is None:
             return
         caller = codes.get(frame.f_code)
         if caller is not None:
-            yield caller, frame.f_locals.get("self")
+            yield caller, frame.f_locals
         frame = frame.f_back
 
 
-def grad_scaler_stepping(frame: FrameType | None) -> GradScaler | None:
+def grad_scaler_stepping(frame: FrameType | None) -> tuple[GradScaler, Any] | None:
     """The enabled ``torch.amp.GradScaler`` whose ``step(optimizer)`` called the optimizer's
-    ``step``, among the ``_CALLER_FRAMES`` frames from ``frame`` up, else None."""
-    for _, owner in _callers_above(frame, {GradScaler.step.__code__: "GradScaler"}):
-        return owner if isinstance(owner, GradScaler) and owner.is_enabled() else None
+    ``step``, among the ``_CALLER_FRAMES`` frames from ``frame`` up, with the ``optimizer`` it
+    was given (the wrapper, or a framework's proxy of it); else None."""
+    for _, caller_locals in _callers_above(frame, {GradScaler.step.__code__: "GradScaler"}):
+        owner = caller_locals.get("self")
+        if isinstance(owner, GradScaler) and owner.is_enabled():
+            return owner, caller_locals.get("optimizer")
+        return None
     return None
+
+
+def has_unscaled(scaler: GradScaler, optimizer_id: int) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` ran since the scaler's last ``update()``, for the
+    optimizer whose ``id`` is ``optimizer_id``. The scaler keeps each optimizer's stage in its
+    private ``_per_optimizer_states``, keyed by ``id(optimizer)`` (tests/test_amp.py pins both
+    names); ``get`` leaves that defaultdict as it was for an optimizer it has not seen."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    entry = states.get(optimizer_id) if isinstance(states, dict) else None
+    return entry is not None and entry.get("stage") is OptState.UNSCALED
 
 
 def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
@@ -109,7 +124,8 @@ def _refuse_closure_callers(name: str, frame: FrameType | None) -> None:
         "loop with tram.integrations.accelerate.TwoPassBackward and optimizer.step() without a "
         "closure. No step was taken; the weights are at θ"
     )
-    for caller, owner in _callers_above(frame, _closure_callers()):
+    for caller, caller_locals in _callers_above(frame, _closure_callers()):
+        owner = caller_locals.get("self")
         if caller == "GradScaler" and isinstance(owner, GradScaler) and owner.is_enabled():
             # A disabled scaler calls optimizer.step(closure) and nothing else.
             raise RuntimeError(

@@ -24,6 +24,8 @@ from tram._ascent import is_dtensor, scaled_squared_norm
 from tram._forward_state import SavedBuffer
 
 if TYPE_CHECKING:
+    from torch.amp import GradScaler
+
     from tram._buckets import Bucket
     from tram.batchnorm import WatchedRunningStats
 
@@ -62,6 +64,7 @@ class _StepState:
         "first_pass_depth",
         "first_step_unscaled_fisher",
         "frozen_batchnorms",
+        "grad_scaler",
         "gradient_not_finite",
         "in_second_pass",
         "last_ascent_norm",
@@ -114,6 +117,10 @@ class _StepState:
         # GradScaler stepping after either is refused (the step would differ, silently).
         self.restored_gradient_sample: tuple[weakref.ref[Tensor], float] | None = None
         self.first_step_unscaled_fisher = False
+        # The last enabled GradScaler seen stepping this optimizer, held weakly, and the id of
+        # the object it stepped (the wrapper or a framework's proxy): first_step() asks it
+        # whether it has unscaled the gradients already in this step.
+        self.grad_scaler: tuple[weakref.ref[GradScaler], int] | None = None
         self.perturbed_buckets: list[Bucket] = []
         self.frozen_batchnorms: list[_BatchNorm] = []
         # The model's other buffers as the first pass left them, put back by restore().

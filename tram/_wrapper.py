@@ -14,6 +14,7 @@ import contextlib
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar, overload
 
@@ -31,7 +32,7 @@ from tram._ascent import (
     scaled_squared_norm,
 )
 from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
-from tram._callers import check_step_closure, grad_scaler_stepping
+from tram._callers import check_step_closure, grad_scaler_stepping, has_unscaled
 from tram._forward_state import restore_buffers, save_buffers, save_buffers_outside
 from tram._step_state import (
     MissingAscentError,
@@ -298,6 +299,8 @@ class TwoPassOptimizer(Optimizer):
                 "first_step() called while the weights are perturbed; call second_step() or "
                 "restore() first"
             )
+        if self.ascent_due:
+            self._refuse_unscaled_before_the_ascent()
         buckets = collect_buckets(self.param_groups, self._scaling, method=type(self).__name__)
         if not buckets:
             raise RuntimeError(
@@ -551,6 +554,8 @@ class TwoPassOptimizer(Optimizer):
                 refuse_missing_ascent(type(self).__name__, type(self.base_optimizer).__name__)
             if state.ascent_params:
                 self._refuse_a_grad_scaler_step(grad_scaler_stepping(sys._getframe(1)))
+            else:
+                self._remember_the_grad_scaler(grad_scaler_stepping(sys._getframe(1)))
             self.restore()
             self._base_step()
             return None
@@ -606,9 +611,47 @@ class TwoPassOptimizer(Optimizer):
         self._base_step()
         return loss
 
-    def _refuse_a_grad_scaler_step(self, scaler: GradScaler | None) -> None:
-        """Refuse ``scaler.step(optimizer)`` (``scaler`` the enabled ``GradScaler`` calling, if
-        any) after an ascent whose explicit fp16 loop would make the step differ, silently:
+    def _remember_the_grad_scaler(self, stepping: tuple[GradScaler, Any] | None) -> None:
+        """Keep (weakly) the enabled ``GradScaler`` stepping this optimizer, and the object it
+        was given, for :meth:`_refuse_unscaled_before_the_ascent`."""
+        if stepping is not None:
+            scaler, optimizer = stepping
+            self._step_state.grad_scaler = (weakref.ref(scaler), id(optimizer))
+
+    def _refuse_unscaled_before_the_ascent(self) -> None:
+        """Refuse ``first_step()`` after ``scaler.unscale_(optimizer)`` in the same step, by the
+        ``GradScaler`` last seen stepping this optimizer. The scaler unscales once per step, so
+        the second pass's gradients would reach the base step still scaled (SGD the scale
+        times too far), silently. The first step a scaler takes is not covered: it is seen
+        only at its first ``scaler.step()``, where this order and the right one (the second
+        backward, ``unscale_``, ``scaler.step()``) leave the same trace unless ``restore()``
+        came first (:meth:`_refuse_a_grad_scaler_step`)."""
+        remembered = self._step_state.grad_scaler
+        if remembered is None:
+            return
+        scaler = remembered[0]()
+        if scaler is None or not scaler.is_enabled():
+            return
+        if not has_unscaled(scaler, remembered[1]):
+            return
+        scale = float(scaler.get_scale())
+        if scale == 1.0:
+            return  # unscaling by 1 changes nothing, nor is any gradient scaled
+        raise RuntimeError(
+            f"{type(self).__name__}.first_step() after scaler.unscale_(optimizer) in the same "
+            "step (before the ascent, as the usual AMP clipping recipe puts it): the GradScaler "
+            "unscales once per step, so it would not unscale the second pass's gradients, and "
+            f"the base step would take them still scaled, by {scale:g}. Call "
+            "scaler.unscale_(optimizer) (and clip) after the second backward and restore(), "
+            "then scaler.step(); tram.scaled_step(optimizer, scaler, loss_fn) runs the passes in "
+            "that order. Nothing was done; the weights are at θ. The scaler has marked this "
+            "optimizer as unscaled: call scaler.update() before the next step"
+        )
+
+    def _refuse_a_grad_scaler_step(self, stepping: tuple[GradScaler, Any] | None) -> None:
+        """Refuse ``scaler.step(optimizer)`` (``stepping``: the enabled ``GradScaler`` calling,
+        if any, and the object it was given) after an ascent whose explicit fp16 loop would
+        make the step differ, silently:
 
         - ``scaler.unscale_(optimizer)`` before the second backward (the usual clipping recipe,
           kept before ``first_step()``): the scaler then unscales nothing more, and the base
@@ -618,9 +661,14 @@ class TwoPassOptimizer(Optimizer):
           same and is refused too (the message gives the order that works).
         - a Fisher ascent (``FisherSAM``, η > 0) from ``first_step()`` without ``grad_scale``:
           T = (1 + η g²)^(-1/2) of the scaled gradient is not the Fisher operator's.
+
+        From the second step on, :meth:`_refuse_unscaled_before_the_ascent` refuses the first
+        case at ``first_step()`` already, whether or not ``restore()`` came before ``step()``.
         """
-        if scaler is None:
+        if stepping is None:
             return
+        self._remember_the_grad_scaler(stepping)
+        scaler = stepping[0]
         state = self._step_state
         scale = float(scaler.get_scale())
         if scale == 1.0:

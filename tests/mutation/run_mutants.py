@@ -269,6 +269,34 @@ MUTANTS = [
         ("tests/test_amp.py@unscaling_before",),
     ),
     Mutant(
+        "unscaled-before-the-ascent-accepted",
+        "tram/_wrapper.py",
+        "            self._refuse_unscaled_before_the_ascent()",
+        "            pass",
+        ("tests/test_amp.py@before_the_ascent",),
+    ),
+    Mutant(
+        "unscaled-before-an-off-step-refused",
+        "tram/_wrapper.py",
+        "        if self.ascent_due:\n            self._refuse_unscaled_before_the_ascent()",
+        "        if True:\n            self._refuse_unscaled_before_the_ascent()",
+        ("tests/test_amp.py@off_step",),
+    ),
+    Mutant(
+        "grad-scaler-not-remembered-without-an-ascent",
+        "tram/_wrapper.py",
+        "                self._remember_the_grad_scaler(grad_scaler_stepping(sys._getframe(1)))",
+        "                pass",
+        ("tests/test_amp.py@first_met_on_an_off_step",),
+    ),
+    Mutant(
+        "scalers-stage-misread",
+        "tram/_callers.py",
+        '    return entry is not None and entry.get("stage") is OptState.UNSCALED',
+        '    return entry is not None and entry.get("stage") is OptState.STEPPED',
+        ("tests/test_amp.py@before_the_ascent", "tests/test_amp.py@private_stage"),
+    ),
+    Mutant(
         "fisher-ascent-without-grad-scale-accepted",
         "tram/_wrapper.py",
         "        elif state.first_step_unscaled_fisher:",
@@ -1347,8 +1375,8 @@ MUTANTS = [
     Mutant(
         "disabled-grad-scaler-refused",
         "tram/_callers.py",
-        "isinstance(owner, GradScaler) and owner.is_enabled():",
-        "isinstance(owner, GradScaler):",
+        'caller == "GradScaler" and isinstance(owner, GradScaler) and owner.is_enabled():',
+        'caller == "GradScaler" and isinstance(owner, GradScaler):',
         ("tests/test_amp.py@disabled_grad_scaler",),
     ),
     Mutant(
