@@ -317,6 +317,21 @@ def test_command_line_rejects_bad_jobs(capsys):
     assert "--jobs must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_the_protocol_keeps_each_distinct_invocation_once_latest_last(tmp_path, monkeypatch):
+    """A sweep resumed by a loop over two stages records two invocations, not one per resume,
+    and the last entry is the latest one (the one ``status`` reads)."""
+    monkeypatch.setattr(generalization, "run", lambda out, **kwargs: 0)
+    common = ["run", "--out", str(tmp_path), "--curve", "50,100", "--methods"]
+    stage_a = [*common, "adamw,sam", "--seeds", "1-10"]
+    stage_b = [*common, "adamw", "--seeds", "11-20"]
+    for argv in (stage_a, stage_b, stage_a, stage_b, stage_a):
+        assert generalization.main(argv) == 0
+    protocol = json.loads((tmp_path / "protocol.json").read_text())
+    prefix = "python -m tram.experiments.generalization "
+    assert protocol["invocations"] == [prefix + " ".join(stage_b), prefix + " ".join(stage_a)]
+    assert protocol["primary_metric"] == "auroc"
+
+
 def test_power_table_reads_paired_differences_in_points():
     """Accuracies 0.80 vs 0.81/0.80/0.82: paired differences +1, 0, +2 points, sd exactly 1."""
     from collections import defaultdict

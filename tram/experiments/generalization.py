@@ -1208,9 +1208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         protocol_file = args.out / "protocol.json"
         protocol = json.loads(protocol_file.read_text()) if protocol_file.exists() else {}
         protocol.update(task=args.task, primary_metric=PRIMARY_METRICS[args.task])
-        protocol.setdefault("invocations", []).append(
-            " ".join(["python -m tram.experiments.generalization", *(argv or sys.argv[1:])])
+        invocation = " ".join(
+            ["python -m tram.experiments.generalization", *(argv or sys.argv[1:])]
         )
+        # A resumed sweep repeats its invocations; the list keeps each distinct one once, in
+        # the order of its latest use, so its last entry stays the one ``status`` reads.
+        protocol["invocations"] = [
+            *(earlier for earlier in protocol.get("invocations", []) if earlier != invocation),
+            invocation,
+        ]
         protocol_file.write_text(json.dumps(protocol, indent=2) + "\n")
     failed = run(
         args.out,
