@@ -1109,16 +1109,27 @@ def test_deepcopy_keeps_working(case: WrapperCase) -> None:
 
 
 @EVERY_WRAPPER
+@pytest.mark.parametrize("scheduled", [False, True], ids=["", "after-an-lr-scheduler"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_copy_then_steps_like_the_original(case: WrapperCase, how: str) -> None:
+def test_a_copy_then_steps_like_the_original(case: WrapperCase, how: str, scheduled: bool) -> None:
     """Model and optimizer copied together (so that they still share the parameters) take the
-    same next steps as the originals: TRAM's generator, targets and hooks come along."""
+    same next steps as the originals: TRAM's generator, targets and hooks come along. An LR
+    scheduler replaces ``step`` on the optimizer it is given by a closure over that optimizer;
+    a copy that kept it stepped the original (and pickle refused it), as torch's own
+    optimizers drop it."""
     model, optimizer = library_run(case, BASES["AdamW"], steps=2)
+    resume = 2
+    if scheduled:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.7**epoch)
+        assert "step" in vars(optimizer)
+        optimizer.step(closure_for(optimizer, model, resume))
+        scheduler.step()
+        resume += 1
     bundle = {"model": model, "optimizer": optimizer}
     clone = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
     clone_model, clone_optimizer = clone["model"], clone["optimizer"]
     assert clone_optimizer.param_groups[0]["params"][0] is next(clone_model.parameters())
-    for step in range(2, 5):
+    for step in range(resume, 5):
         optimizer.step(closure_for(optimizer, model, step))
         clone_optimizer.step(closure_for(clone_optimizer, clone_model, step))
     assert_same_params(clone_model, model, exact=True)

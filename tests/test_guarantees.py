@@ -217,11 +217,18 @@ class RoutedNet(nn.Module):
 
 
 def routed_step(
-    optimizer: tram.TwoPassOptimizer, model: RoutedNet, form: str, first: dict, second: dict
+    optimizer: tram.TwoPassOptimizer,
+    model: RoutedNet,
+    form: str,
+    first: dict,
+    second: dict,
+    *,
+    set_to_none: bool = True,
 ) -> None:
     """One step whose first pass runs ``model(tokens, **first)`` and second ``**second``: by
     ``step(closure)`` (its closure zeroes the gradients) or in the explicit form (no zeroing
-    between the passes, as the README's loop and the integrations' replays)."""
+    between the passes, as the README's loop and the integrations' replays); every
+    ``zero_grad`` with ``set_to_none``."""
     tokens, labels = tokens_and_labels()
 
     def backward(routing: dict) -> Tensor:
@@ -232,12 +239,12 @@ def routed_step(
     if form == "step(closure)":
 
         def closure() -> Tensor:
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=set_to_none)
             return backward(second if optimizer.is_perturbed else first)
 
         optimizer.step(closure)
         return
-    optimizer.zero_grad()
+    optimizer.zero_grad(set_to_none=set_to_none)
     with optimizer.first_pass():
         backward(first)
     if optimizer.first_step():
@@ -269,6 +276,33 @@ def test_a_weight_the_second_pass_does_not_reach_is_left_alone_in_every_form(nam
         finals.append([p.detach().clone() for p in model.parameters()])
     for explicit, closure in zip(finals[1], finals[0], strict=True):
         assert torch.equal(explicit, closure)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_after_zero_grad_without_set_to_none_an_unreached_weight_steps_on_zeros(
+    name: str, form: str
+) -> None:
+    """``zero_grad(set_to_none=False)`` keeps a zero gradient on a weight no backward reaches
+    (frozen mid-run, an expert not routed to), and the base optimizer alone then moves it by
+    its weight decay and momentum. The wrapper leaves the same zeros on a weight the second
+    pass does not reach (it used to drop them, so that weight stood still): here AdamW's
+    decoupled decay, ``w ← w·(1 − lr·λ)`` three times, and its state created."""
+    model = RoutedNet()
+    expected = model.routed.weight.detach().clone()
+    lr, weight_decay = 1e-2, 0.3
+    for _ in range(3):
+        expected.mul_(1 - lr * weight_decay)
+    torch.manual_seed(11)
+    base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_wrapper(name, model, base)
+    for _ in range(3):
+        routed_step(optimizer, model, form, {"routed": True}, {}, set_to_none=False)
+    assert optimizer.steps == 3
+    assert torch.equal(model.routed.weight, expected)
+    assert torch.equal(base.state[model.routed.weight]["exp_avg"], torch.zeros_like(expected))
+    assert model.routed.weight.grad is not None
+    assert not model.routed.weight.grad.any()
 
 
 @pytest.mark.parametrize("form", FORMS)

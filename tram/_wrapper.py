@@ -11,6 +11,7 @@ checkpoints.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import warnings
@@ -46,6 +47,7 @@ from tram._step_state import (
     refuse_foreign_state_dict,
     refuse_missing_ascent,
     refuse_missing_second_pass,
+    squared_gradient_norm,
     to_float,
     zero_learning_rate_and_gradient,
 )
@@ -211,6 +213,7 @@ class TwoPassOptimizer(Optimizer):
             self._forget_first_passes()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         state.zero_grad_calls += 1
+        state.zero_grad_sets_to_none = set_to_none
         state.resting_gradients = gradients_at_rest(self._params())
         if state.perturbed_buckets:
             # Zeroed again while perturbed: only a backward after this call is a second pass.
@@ -493,15 +496,20 @@ class TwoPassOptimizer(Optimizer):
     def _keep_the_second_passes_gradients(self) -> None:
         """Before the weights go back to θ: note whether any backward wrote the gradients
         :meth:`first_step` zeroed (none did: the weights are restored before the second pass),
-        and drop the zeros it left on weights the second pass did not reach (an expert routed
-        to at θ only, a layer dropped at θ+ε). ``step(closure)``'s ``zero_grad()`` leaves those
-        gradients None, so the base optimizer skips such a weight; a zero gradient would apply
-        its weight decay and momentum to it, and create its state. Every form of the step
-        (explicit, the integrations' replays) then takes ``step(closure)``'s step."""
+        and leave the gradients of weights the second pass did not reach (an expert routed to
+        at θ only, a layer frozen or dropped at θ+ε) as the last :meth:`zero_grad` leaves
+        gradients. With torch's default ``set_to_none=True`` they are dropped, as
+        ``step(closure)``'s ``zero_grad()`` drops them: the base optimizer skips such a weight,
+        where a zero gradient would apply its weight decay and momentum and create its state.
+        After ``zero_grad(set_to_none=False)`` they stay zero, as they do around the base
+        optimizer alone, which then moves such a weight by its momentum and weight decay. Every
+        form of the step (explicit, the integrations' replays) takes ``step(closure)``'s step."""
         state = self._step_state
         written = gradients_written_since(state.zeroed_gradients, state.ascent_params)
         if not written:
             state.restored_before_second_pass = True
+        if not state.zero_grad_sets_to_none:
+            return
         for param in state.ascent_params:
             if param not in written:
                 param.grad = None
@@ -782,7 +790,10 @@ class TwoPassOptimizer(Optimizer):
             return
         if ascent_params:
             if restored_early:
-                if all(param.grad is None for param in ascent_params):
+                # None (dropped by restore()) or still the zeros first_step() or a
+                # zero_grad(set_to_none=False) left: no backward ran at all.
+                grads = [param.grad for param in ascent_params if param.grad is not None]
+                if squared_gradient_norm(grads, self._use_foreach(ascent_params)) == 0.0:
                     refuse_missing_second_pass(type(self).__name__)
                 # A backward ran after the restore: at θ.
                 raise RuntimeError(
@@ -1120,7 +1131,14 @@ class TwoPassOptimizer(Optimizer):
             )
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        # Methods replaced on the instance (an LR scheduler's wrapper of ``step``, a closure
+        # over this optimizer) would step the original from a copy, and do not pickle:
+        # torch's ``Optimizer.__getstate__`` leaves them out too.
+        state = {
+            name: value
+            for name, value in self.__dict__.items()
+            if not inspect.isroutine(inspect.getattr_static(type(self), name, None))
+        }
         # Backups and perturbed buckets are scratch space tied to live parameters; never
         # pickle them.
         state["_backups"] = {}

@@ -1697,6 +1697,34 @@ MUTANTS = [
         "        current = buffers.get(entry.name)",
         ("tests/test_forward_state.py@scripted",),
     ),
+    Mutant(
+        "unreached-gradient-dropped-after-zero-grad-without-set-to-none",
+        "tram/_wrapper.py",
+        "        if not state.zero_grad_sets_to_none:\n            return\n",
+        "",
+        ("tests/test_guarantees.py@unreached_weight_steps_on_zeros",),
+    ),
+    Mutant(
+        "missing-second-pass-told-by-none-gradients-alone",
+        "tram/_wrapper.py",
+        "                if squared_gradient_norm(grads, self._use_foreach(ascent_params)) == 0.0:",
+        "                if all(param.grad is None for param in ascent_params):",
+        ("tests/test_guarantees.py@second_step_without_a_second_backward_raises",),
+    ),
+    Mutant(
+        "copy-keeps-a-schedulers-step-closure",
+        "tram/_wrapper.py",
+        "            if not inspect.isroutine(inspect.getattr_static(type(self), name, None))",
+        "            if name",
+        ("tests/test_contract.py@copy_then_steps_like_the_original and scheduler",),
+    ),
+    Mutant(
+        "zero-grad-mode-not-recorded",
+        "tram/_wrapper.py",
+        "        state.zero_grad_sets_to_none = set_to_none\n",
+        "",
+        ("tests/test_guarantees.py@unreached_weight_steps_on_zeros",),
+    ),
 ]
 
 
