@@ -359,9 +359,9 @@ def test_shares_groups_and_state_with_the_base_and_relinks(case: WrapperCase) ->
     assert optimizer.state is base.state
     optimizer.load_state_dict(optimizer.state_dict())
     assert optimizer.param_groups is base.param_groups
-    # accelerate's prepare() reloads the base directly; the next step must re-link.
+    # accelerate's prepare() reloads the base directly: the wrapper re-links at once.
     base.load_state_dict(base.state_dict())
-    assert optimizer.param_groups is not base.param_groups
+    assert optimizer.param_groups is base.param_groups
     optimizer.step(closure_for(optimizer, model, 0))
     assert optimizer.param_groups is base.param_groups
     for key in case.group_defaults:
@@ -1106,6 +1106,31 @@ def test_deepcopy_keeps_working(case: WrapperCase) -> None:
     clone = copy.deepcopy(optimizer)
     assert clone.param_groups is clone.base_optimizer.param_groups
     assert clone.steps == 1
+
+
+@EVERY_WRAPPER
+@pytest.mark.parametrize("copied", [False, True], ids=["", "copied"])
+def test_a_load_into_the_base_optimizer_alone_relinks_the_param_groups(
+    case: WrapperCase, copied: bool
+) -> None:
+    """``optimizer.base_optimizer.load_state_dict(...)`` gives the base new group dicts: a
+    scheduler stepping the wrapper's ``param_groups`` before its next call used to write to the
+    old ones, silently (SAM at ρ = 0 then left the schedule behind plain Adam's)."""
+    model, optimizer = library_run(case, BASES["AdamW"], steps=2)
+    if copied:
+        model, optimizer = copy.deepcopy((model, optimizer))
+    base = optimizer.base_optimizer
+    base.load_state_dict(copy.deepcopy(base.state_dict()))
+    assert optimizer.param_groups is base.param_groups
+    assert optimizer.state is base.state
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.3**epoch)
+    lr = base.param_groups[0]["initial_lr"]
+    optimizer.step(closure_for(optimizer, model, 2))
+    base.load_state_dict(copy.deepcopy(base.state_dict()))
+    scheduler.step()  # before any call of the wrapper
+    assert base.param_groups[0]["lr"] == pytest.approx(0.3 * lr)
+    for key, value in optimizer._method_defaults.items():
+        assert base.param_groups[0][key] == value
 
 
 @EVERY_WRAPPER

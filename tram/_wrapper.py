@@ -150,6 +150,7 @@ class TwoPassOptimizer(Optimizer):
         super().__init__(base_optimizer.param_groups, {**base_optimizer.defaults, **defaults})
         self._initializing = False
         self._relink()
+        self._follow_the_base_optimizers_loads()
         self._backups: dict[Tensor, Tensor] = {}
         self._step_state = _StepState()
 
@@ -180,6 +181,24 @@ class TwoPassOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self._method_defaults.items():
                 group.setdefault(key, value)
+
+    def _follow_the_base_optimizers_loads(self) -> None:
+        """Relink as soon as the base optimizer loads a state dict by itself
+        (``optimizer.base_optimizer.load_state_dict(...)``, a plain-optimizer checkpoint loaded
+        into it): a scheduler or a manual ``lr`` written through the wrapper's ``param_groups``
+        before its next call would otherwise go to the dead group dicts, silently. The hook holds
+        the wrapper weakly; torch leaves hooks out of a copied or unpickled optimizer, so
+        :meth:`__setstate__` registers it again."""
+        wrapper = weakref.ref(self)
+
+        def relink(base: Optimizer) -> None:
+            live = wrapper()
+            if live is not None and live.base_optimizer is base:
+                live._relink()
+
+        register = getattr(self.base_optimizer, "register_load_state_dict_post_hook", None)
+        if register is not None:
+            register(relink)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group through the base optimizer, which fills in its own defaults."""
@@ -1150,6 +1169,7 @@ class TwoPassOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._relink()
+        self._follow_the_base_optimizers_loads()
 
     def __repr__(self) -> str:
         group = self.param_groups[0] if self.param_groups else {}

@@ -1719,6 +1719,20 @@ MUTANTS = [
         ("tests/test_contract.py@copy_then_steps_like_the_original and scheduler",),
     ),
     Mutant(
+        "base-optimizers-loads-not-followed",
+        "tram/_wrapper.py",
+        "        self._follow_the_base_optimizers_loads()\n        self._backups",
+        "        self._backups",
+        ("tests/test_contract.py@base_optimizer_alone_relinks",),
+    ),
+    Mutant(
+        "base-optimizers-loads-not-followed-by-a-copy",
+        "tram/_wrapper.py",
+        "        self._relink()\n        self._follow_the_base_optimizers_loads()\n\n",
+        "        self._relink()\n\n",
+        ("tests/test_contract.py@base_optimizer_alone_relinks",),
+    ),
+    Mutant(
         "zero-grad-mode-not-recorded",
         "tram/_wrapper.py",
         "        state.zero_grad_sets_to_none = set_to_none\n",
