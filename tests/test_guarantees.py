@@ -9,6 +9,7 @@ foreign state dict failing deep inside torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -24,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 import tram
 from tests.helpers import (
@@ -303,6 +305,79 @@ def test_after_zero_grad_without_set_to_none_an_unreached_weight_steps_on_zeros(
     assert torch.equal(base.state[model.routed.weight]["exp_avg"], torch.zeros_like(expected))
     assert model.routed.weight.grad is not None
     assert not model.routed.weight.grad.any()
+
+
+class Scaled(nn.Module):
+    """A parametrization whose backward saves no tensor: a cached value computed at θ gives
+    its gradient again at θ+ε without autograd noticing."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return 1.5 * weight
+
+
+def parametrized_net() -> Net:
+    model = Net()
+    parametrize.register_parametrization(model.head, "weight", Scaled())
+    return model
+
+
+def parametrized_step(optimizer: tram.TwoPassOptimizer, model: Net, *, cache_each_pass: bool):
+    tokens, labels = tokens_and_labels()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        with parametrize.cached() if cache_each_pass else contextlib.nullcontext():
+            loss = F.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    return optimizer.step(closure)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("name", ALL)
+def test_a_step_inside_parametrize_cached_is_refused_before_the_ascent(
+    name: str, form: str
+) -> None:
+    """``parametrize.cached()`` around the whole step: the second pass would reuse the
+    parametrized weight computed at θ and take a plain step, silently. ``first_step()`` refuses
+    before moving anything, and the step then runs outside the context."""
+    model = parametrized_net()
+    optimizer = make_wrapper(name, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with parametrize.cached(), pytest.raises(RuntimeError, match=r"parametrize\.cached\(\)"):
+        routed_step(optimizer, model, form, {}, {})  # type: ignore[arg-type]
+    assert not optimizer.is_perturbed
+    assert optimizer.steps == 0
+    for param, start in zip(model.parameters(), before, strict=True):
+        assert torch.equal(param, start)
+    routed_step(optimizer, model, form, {}, {})  # type: ignore[arg-type]
+    assert optimizer.steps == 1
+
+
+def test_the_parametrize_caches_private_names_exist() -> None:
+    """tram._parametrize_cache reads and sets them: a torch that renames them fails here."""
+    assert parametrize._cache_enabled == 0
+    with parametrize.cached():
+        assert parametrize._cache_enabled == 1
+        model = parametrized_net()
+        assert model.head.weight is parametrize._cache[(id(model.head), "weight")]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_parametrize_cached_inside_the_closure_is_the_uncached_step(name: str) -> None:
+    """Entered around each forward, the cache holds one pass's values: the step is bit for bit
+    the one without it."""
+    finals = []
+    for cache_each_pass in (False, True):
+        model = parametrized_net()
+        torch.manual_seed(11)
+        optimizer = make_wrapper(name, model, torch.optim.SGD(model.parameters(), lr=0.1))
+        for _ in range(2):
+            parametrized_step(optimizer, model, cache_each_pass=cache_each_pass)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for cached, uncached in zip(finals[1], finals[0], strict=True):
+        assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -25,6 +25,7 @@ from tram._auxiliary import in_auxiliary_forward
 from tram._checkpointing import checkpoint_phase
 from tram._forward_state import buffers_put_back
 from tram._model_io import extract_logits, logits_mask, parameters_are_sharded
+from tram._parametrize_cache import uncached
 from tram.batchnorm import frozen_running_stats
 from tram.divergence import forward_kl_rows, get_divergence
 from tram.targets import Target
@@ -298,6 +299,9 @@ class ForwardRecorder:
                 stack.enter_context(frozen_running_stats(self.module))
                 stack.enter_context(buffers_put_back(self.module))
                 stack.enter_context(replay.autocast.context())
+                # The target's weights, not the training forward's cached ones, and nothing
+                # cached for the training forward that follows to reuse.
+                stack.enter_context(uncached())
                 output = self.target.output(tuple(args), dict(kwargs))
                 return extract_logits(output, self.logits_fn).detach()
         finally:

@@ -35,6 +35,7 @@ from tram._ascent import (
 from tram._buckets import Bucket, backup_for, collect_buckets, use_foreach
 from tram._callers import check_step_closure, grad_scaler_stepping, has_unscaled
 from tram._forward_state import restore_buffers, save_buffers, save_buffers_outside
+from tram._parametrize_cache import refuse_a_filled_cache
 from tram._step_state import (
     MissingAscentError,
     _SharedField,
@@ -323,6 +324,7 @@ class TwoPassOptimizer(Optimizer):
             )
         if self.ascent_due:
             self._refuse_unscaled_before_the_ascent()
+            refuse_a_filled_cache(type(self).__name__)
         buckets = collect_buckets(self.param_groups, self._scaling, method=type(self).__name__)
         if not buckets:
             raise RuntimeError(

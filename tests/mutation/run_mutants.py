@@ -1733,6 +1733,20 @@ MUTANTS = [
         ("tests/test_contract.py@base_optimizer_alone_relinks",),
     ),
     Mutant(
+        "first-step-inside-a-filled-parametrize-cache-accepted",
+        "tram/_wrapper.py",
+        "            refuse_a_filled_cache(type(self).__name__)\n",
+        "",
+        ("tests/test_guarantees.py@step_inside_parametrize_cached_is_refused",),
+    ),
+    Mutant(
+        "reference-forward-shares-the-parametrize-cache",
+        "tram/_recording.py",
+        "                stack.enter_context(uncached())\n",
+        "",
+        ("tests/test_guarantees.py@parametrize_cached_inside_the_closure",),
+    ),
+    Mutant(
         "zero-grad-mode-not-recorded",
         "tram/_wrapper.py",
         "        state.zero_grad_sets_to_none = set_to_none\n",
