@@ -233,7 +233,7 @@ class TwoPassOptimizer(Optimizer):
             self._forget_first_passes()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         state.zero_grad_calls += 1
-        state.zero_grad_sets_to_none = set_to_none
+        state.zero_grad_sets_to_none = bool(set_to_none)  # torch reads it as a truth value
         state.resting_gradients = gradients_at_rest(self._params())
         if state.perturbed_buckets:
             # Zeroed again while perturbed: only a backward after this call is a second pass.
