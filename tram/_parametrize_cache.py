@@ -24,9 +24,12 @@ __all__ = ["refuse_a_filled_cache", "uncached"]
 
 def refuse_a_filled_cache(method: str) -> None:
     """Raise when ``first_step()`` runs inside ``cached()`` after a forward cached parametrized
-    weights at θ: the second pass would reuse them and take the gradient at θ instead of θ+ε,
-    a plain step, silently."""
-    if getattr(parametrize, "_cache_enabled", 0) and getattr(parametrize, "_cache", None):
+    weights at θ that need a gradient: the second pass would reuse them and take the gradient at
+    θ instead of θ+ε, a plain step, silently."""
+    cache = getattr(parametrize, "_cache", None) or {}
+    # A frozen network's cached weights (a teacher's) need no gradient and do not move.
+    trained = any(getattr(value, "requires_grad", False) for value in cache.values())
+    if getattr(parametrize, "_cache_enabled", 0) and trained:
         raise RuntimeError(
             f"{method}: first_step() was called inside torch.nn.utils.parametrize.cached() "
             "after a forward had cached parametrized weights at θ: the second pass would "

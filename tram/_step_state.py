@@ -108,9 +108,9 @@ class _StepState:
         # counters): step(closure) tells from them whether a backward ran outside the closure.
         self.resting_gradients: dict[Tensor, tuple[weakref.ref[Tensor], _Version]] = {}
         self.zero_grad_calls = 0
-        # Whether the last zero_grad() through the wrapper freed the gradients (torch's default)
-        # or zeroed them in place: a gradient the second pass does not reach is left as it
-        # would leave it.
+        # Whether a zero_grad() through the wrapper while perturbed (a closure's, before its
+        # second pass) freed the gradients (torch's default) or zeroed them in place: a gradient
+        # the second pass does not reach is left as it left it. Reset by restore().
         self.zero_grad_sets_to_none = True
         # The gradients first_step() zeroed, and whether restore() came before any backward
         # wrote them (the second pass then ran at θ, not θ+ε).
@@ -187,7 +187,6 @@ class _StepState:
         copy.skipped_steps = self.skipped_steps
         copy.last_ascent_norm = self.last_ascent_norm
         copy.warned_lightning_logging = self.warned_lightning_logging
-        copy.zero_grad_sets_to_none = self.zero_grad_sets_to_none
         return copy
 
 

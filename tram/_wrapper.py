@@ -233,9 +233,10 @@ class TwoPassOptimizer(Optimizer):
             self._forget_first_passes()
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
         state.zero_grad_calls += 1
-        state.zero_grad_sets_to_none = bool(set_to_none)  # torch reads it as a truth value
         state.resting_gradients = gradients_at_rest(self._params())
         if state.perturbed_buckets:
+            # torch reads set_to_none as a truth value.
+            state.zero_grad_sets_to_none = bool(set_to_none)
             # Zeroed again while perturbed: only a backward after this call is a second pass.
             state.zeroed_gradients = gradients_at_rest(state.ascent_params)
 
@@ -497,6 +498,7 @@ class TwoPassOptimizer(Optimizer):
             self._keep_the_second_passes_gradients()
             state.restored_gradient_sample = gradient_sample(state.ascent_params)
         state.zeroed_gradients = {}
+        state.zero_grad_sets_to_none = True
         for bucket in state.perturbed_buckets:
             restore_(bucket.params, bucket.backups, foreach=self._use_foreach(bucket.params))
         state.perturbed_buckets.clear()
@@ -517,14 +519,14 @@ class TwoPassOptimizer(Optimizer):
     def _keep_the_second_passes_gradients(self) -> None:
         """Before the weights go back to θ: note whether any backward wrote the gradients
         :meth:`first_step` zeroed (none did: the weights are restored before the second pass),
-        and leave the gradients of weights the second pass did not reach (an expert routed to
-        at θ only, a layer frozen or dropped at θ+ε) as the last :meth:`zero_grad` leaves
-        gradients. With torch's default ``set_to_none=True`` they are dropped, as
-        ``step(closure)``'s ``zero_grad()`` drops them: the base optimizer skips such a weight,
-        where a zero gradient would apply its weight decay and momentum and create its state.
-        After ``zero_grad(set_to_none=False)`` they stay zero, as they do around the base
-        optimizer alone, which then moves such a weight by its momentum and weight decay. Every
-        form of the step (explicit, the integrations' replays) takes ``step(closure)``'s step."""
+        and drop the zeros it left on weights the second pass did not reach (an expert routed
+        to at θ only, a layer frozen or dropped at θ+ε), as ``step(closure)``'s ``zero_grad()``
+        drops them: the base optimizer skips such a weight, where a zero gradient would apply
+        its weight decay and momentum and create its state. Every form of the step (explicit,
+        the integrations' replays) takes ``step(closure)``'s step. Where that closure zeroes
+        with ``zero_grad(set_to_none=False)`` through the wrapper, the zeros stay, as the
+        closure left them (the base optimizer alone would then move such a weight too); a
+        zeroing the wrapper does not see (``model.zero_grad``) counts as the default."""
         state = self._step_state
         written = gradients_written_since(state.zeroed_gradients, state.ascent_params)
         if not written:

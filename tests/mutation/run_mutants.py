@@ -1749,8 +1749,8 @@ MUTANTS = [
     Mutant(
         "zero-grad-mode-not-recorded",
         "tram/_wrapper.py",
-        "        state.zero_grad_sets_to_none = bool(set_to_none)",
-        "        state.zero_grad_sets_to_none = True",
+        "            state.zero_grad_sets_to_none = bool(set_to_none)",
+        "            state.zero_grad_sets_to_none = True",
         ("tests/test_guarantees.py@unreached_weight_steps_on_zeros",),
     ),
 ]
