@@ -7,6 +7,7 @@ problem training with the regularizer must lower the divergence it penalises.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 from collections.abc import Callable
@@ -410,6 +411,44 @@ def test_trpo_first_step_and_after_step_without_a_call() -> None:
         model.classifier.bias[0] += 1.0
     trpo.after_step(model)  # a step without a penalty call keeps the target
     assert trpo(model, ids, model(ids)) > 0
+
+
+@pytest.mark.parametrize("make", [tram.MESA, tram.TRPO])
+def test_the_reference_forward_inside_parametrize_cached_uses_the_reference_weights(
+    make: Callable[..., Any],
+) -> None:
+    """Inside ``parametrize.cached()`` around the loss, the reference forward (the same modules
+    with the reference weights) used to reuse the live parametrized weight: the penalty was
+    0.011 instead of 0.065 after a step. Each penalty and the weights equal the uncached run."""
+
+    class Scaled(nn.Module):
+        def forward(self, weight: Tensor) -> Tensor:
+            return 1.5 * weight
+
+    runs = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        torch.nn.utils.parametrize.register_parametrization(model[2], "weight", Scaled())
+        regularizer = make(model, weight=1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        inputs, labels = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        penalties = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            with torch.nn.utils.parametrize.cached() if cached else contextlib.nullcontext():
+                logits = model(inputs)
+                penalty = regularizer(model, inputs, logits)
+                (F.cross_entropy(logits, labels) + penalty).backward()
+            optimizer.step()
+            regularizer.after_step(model)
+            penalties.append(penalty.item())
+        runs.append((penalties, [p.detach().clone() for p in model.parameters()]))
+    (uncached_penalties, uncached_weights), (cached_penalties, cached_weights) = runs
+    assert uncached_penalties[1] > 0.03
+    assert cached_penalties == uncached_penalties
+    for cached_weight, uncached_weight in zip(cached_weights, uncached_weights, strict=True):
+        assert torch.equal(cached_weight, uncached_weight)
 
 
 def test_trpo_and_mesa_state_dict_round_trip() -> None:

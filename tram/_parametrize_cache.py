@@ -26,10 +26,11 @@ def refuse_a_filled_cache(method: str) -> None:
     """Raise when ``first_step()`` runs inside ``cached()`` after a forward cached parametrized
     weights at θ that need a gradient: the second pass would reuse them and take the gradient at
     θ instead of θ+ε, a plain step, silently."""
+    if not getattr(parametrize, "_cache_enabled", 0):
+        return
     cache = getattr(parametrize, "_cache", None) or {}
     # A frozen network's cached weights (a teacher's) need no gradient and do not move.
-    trained = any(getattr(value, "requires_grad", False) for value in cache.values())
-    if getattr(parametrize, "_cache_enabled", 0) and trained:
+    if any(getattr(value, "requires_grad", False) for value in cache.values()):
         raise RuntimeError(
             f"{method}: first_step() was called inside torch.nn.utils.parametrize.cached() "
             "after a forward had cached parametrized weights at θ: the second pass would "

@@ -39,6 +39,7 @@ from tram._model_io import (
     parameters_are_sharded,
     unwrap_model,
 )
+from tram._parametrize_cache import uncached
 from tram._validation import check_non_negative, check_unit_interval
 from tram.noise import NoiseDistribution, NoiseStream, representation_noise, resolve_module
 
@@ -190,13 +191,19 @@ class ReferenceWeights:
         return self.call(args, kwargs)
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Run the live module with the reference weights on ``(args, kwargs)``."""
+        """Run the live module with the reference weights on ``(args, kwargs)``.
+
+        Inside ``torch.nn.utils.parametrize.cached()`` the parametrized weights are computed
+        from the reference tensors afresh (:func:`tram._parametrize_cache.uncached`): the cache
+        is keyed by module, so it would hand this forward the live weights, or hand the live
+        forward these."""
         self.track_trainable()
         live_dtype = self.live[0].dtype
-        if self.dtype is None or self.dtype == live_dtype:
-            return functional_call(self.model, self.tensors, args, kwargs, strict=False)
-        device_type = self.live[0].device.type
-        with torch.autocast(device_type=device_type, dtype=self.dtype):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(uncached())
+            if self.dtype is not None and self.dtype != live_dtype:
+                device_type = self.live[0].device.type
+                stack.enter_context(torch.autocast(device_type=device_type, dtype=self.dtype))
             return functional_call(self.model, self.tensors, args, kwargs, strict=False)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -1747,6 +1747,13 @@ MUTANTS = [
         ("tests/test_guarantees.py@parametrize_cached_inside_the_closure",),
     ),
     Mutant(
+        "reference-weights-forward-shares-the-parametrize-cache",
+        "tram/targets.py",
+        "            stack.enter_context(uncached())\n",
+        "",
+        ("tests/test_regularizers.py@parametrize_cached",),
+    ),
+    Mutant(
         "zero-grad-mode-not-recorded",
         "tram/_wrapper.py",
         "            state.zero_grad_sets_to_none = bool(set_to_none)",
